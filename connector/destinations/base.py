@@ -1,0 +1,24 @@
+"""What the sync engine needs from a destination, whatever protocol it speaks."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from connector.message import FetchedMessage
+
+
+class DestinationSession(Protocol):
+    """One logged-in connection to a destination, used for one poll of one account.
+
+    ``deliver`` returns a reference string that the ledger keeps (for IMAP
+    ``imap:<folder>;UIDVALIDITY=<v>;UID=<u>`` when the server has UIDPLUS, else ``imap:<folder>``).
+    ``find`` is for crash recovery only: it looks for a message with the same Message-ID, size and SHA-256
+    in the target folder and returns its reference, or None. Errors are the project's own
+    ``DestinationError`` subclasses.
+    """
+
+    def deliver(self, message: FetchedMessage) -> str: ...
+
+    def find(self, message: FetchedMessage) -> str | None: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,129 @@
+"""The project's own exceptions.
+
+Driver errors (socket, ssl, imaplib, SQLAlchemy, ...) are translated into these at the boundary of the
+module that talks to the driver (``raise SourceConnectError(...) from exc``), so that the sync engine and
+the policies only ever reason about these types.
+
+Two orthogonal axes:
+
+* where the failure happened: ``SourceError`` (POP3 side), ``DestinationError``, ``LedgerError``,
+  ``ConfigError``;
+* whether trying again later can help: ``TemporaryError`` (busy, timeout, quota, in-use) or
+  ``PermanentError`` (rejected content, unknown mailbox). Authentication failures are neither: retrying at
+  the normal rate could lock the user out, so they have their own type.
+"""
+
+from __future__ import annotations
+
+
+class ConnectorError(Exception):
+    """Base of every error this project raises on purpose."""
+
+    def __init__(self, message: str, *, account: str | None = None, uidl: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.account = account
+        self.uidl = uidl
+
+    def __str__(self) -> str:
+        where = []
+        if self.account is not None:
+            where.append(f"account {self.account!r}")
+        if self.uidl is not None:
+            where.append(f"message {self.uidl!r}")
+        prefix = ", ".join(where)
+        return f"{prefix}: {self.message}" if prefix else self.message
+
+
+class TemporaryError(ConnectorError):
+    """Trying again later may succeed (busy server, timeout, full mailbox)."""
+
+
+class PermanentError(ConnectorError):
+    """Trying again will fail the same way until something is changed by a person."""
+
+
+class AuthenticationError(ConnectorError):
+    """A server refused the credentials. Not retried at the normal rate."""
+
+
+class ConfigError(ConnectorError):
+    """The configuration file is missing, unreadable or invalid."""
+
+
+class LedgerError(ConnectorError):
+    """The ledger database could not be read or written."""
+
+
+# --- POP3 source -------------------------------------------------------------------------------------
+
+
+class SourceError(ConnectorError):
+    """Something went wrong talking to the POP3 server."""
+
+
+class SourceConnectError(SourceError, TemporaryError):
+    """Could not connect, TLS handshake failed, the connection dropped or timed out."""
+
+
+class SourceTLSError(SourceError, PermanentError):
+    """The server's certificate did not verify, or STLS was required and not offered."""
+
+
+class SourceProtocolError(SourceError, TemporaryError):
+    """The server sent something that is not valid POP3 (garbage, an oversized line, a bad listing)."""
+
+
+class SourceAuthError(SourceError, AuthenticationError):
+    """USER/PASS or APOP was refused ([AUTH] or a plain -ERR at login)."""
+
+
+class SourceInUseError(SourceError, TemporaryError):
+    """[IN-USE]: another session holds the maildrop lock."""
+
+
+class SourceLoginDelayError(SourceError, TemporaryError):
+    """[LOGIN-DELAY]: logged in too soon after the last session."""
+
+
+class SourceTempError(SourceError, TemporaryError):
+    """[SYS/TEMP] or any other -ERR the server says is temporary."""
+
+
+class SourcePermError(SourceError, PermanentError):
+    """[SYS/PERM], or an -ERR on a command that cannot succeed as sent."""
+
+
+class SourceMessageError(SourceError, TemporaryError):
+    """One message could not be retrieved (-ERR to RETR/TOP); the rest of the mailbox goes on."""
+
+
+# --- Destinations -------------------------------------------------------------------------------------
+
+
+class DestinationError(ConnectorError):
+    """Something went wrong delivering into the destination."""
+
+
+class DestinationConnectError(DestinationError, TemporaryError):
+    """Could not connect, TLS failed, the connection dropped or timed out."""
+
+
+class DestinationTLSError(DestinationError, PermanentError):
+    """The destination's certificate did not verify, or STARTTLS was required and not offered."""
+
+
+class DestinationAuthError(DestinationError, AuthenticationError):
+    """The destination refused the credentials."""
+
+
+class DestinationFullError(DestinationError, TemporaryError):
+    """The target mailbox is over quota: pause the account rather than burn the message's attempts."""
+
+
+class DestinationTempError(DestinationError, TemporaryError):
+    """The destination is busy or failed in a way that may pass ([UNAVAILABLE], [INUSE], 5xx)."""
+
+
+class DestinationRejectedError(DestinationError, PermanentError):
+    """The destination refused this message or folder for good (bad content, too large, no such mailbox)."""

@@ -1,0 +1,222 @@
+"""One fetched message: spooled to memory or disk, hashed, with the few headers the connector needs.
+
+The POP3 client writes the RETR body (already dot-unstuffed, CRLF line endings) into a ``MessageSpool``.
+The spool keeps the header section in memory until it ends, so that a missing ``Message-ID`` can be added
+at the top before anything is written; everything after that streams into a ``SpooledTemporaryFile``
+(memory up to ``SPOOL_MEMORY_LIMIT``, then disk), hashed on the way. Only one copy of a large message
+is ever held, and only when a destination asks for it as bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+from email.utils import parsedate_to_datetime
+from typing import IO
+
+SPOOL_MEMORY_LIMIT = 1024 * 1024
+# A header section larger than this is not parsed for Message-ID/dates; the message is still delivered.
+HEADER_PARSE_LIMIT = 1024 * 1024
+_READ_CHUNK = 256 * 1024
+
+
+@dataclass(frozen=True)
+class MessageHeaders:
+    """What the connector reads from a message's header section."""
+
+    message_id: str | None
+    date: datetime | None
+    received: datetime | None
+
+    @property
+    def arrival_time(self) -> datetime | None:
+        """When the hosted server received it: newest Received:, else Date:."""
+        return self.received or self.date
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def parse_header_date(value: str) -> datetime | None:
+    """RFC 5322 date, or None for anything unparsable (no exception escapes)."""
+    try:
+        parsed = parsedate_to_datetime(value.strip())
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if parsed is None:
+        return None
+    try:
+        return _aware(parsed)
+    except (ValueError, OverflowError):
+        return None
+
+
+def received_date(received_header: str) -> datetime | None:
+    """The date of one Received: header: whatever follows its last ';' (RFC 5321 §4.4)."""
+    _, sep, tail = received_header.rpartition(";")
+    if not sep:
+        return None
+    return parse_header_date(tail)
+
+
+def parse_headers(header_bytes: bytes) -> MessageHeaders:
+    """Read Message-ID, Date and the newest Received: date from a raw header section."""
+    parsed = BytesHeaderParser(policy=compat32).parsebytes(header_bytes)
+
+    def text(name: str) -> str | None:
+        try:
+            value = parsed.get(name)
+        except Exception:  # a malformed header must not stop delivery
+            return None
+        return None if value is None else str(value)
+
+    message_id = text("Message-ID")
+    if message_id is not None:
+        message_id = " ".join(message_id.split()) or None
+    date_value = text("Date")
+    received_at = None
+    try:
+        received_headers = parsed.get_all("Received") or []
+    except Exception:
+        received_headers = []
+    # The topmost Received: was added last, by the hosted server itself; fall back to older ones.
+    for header in received_headers:
+        received_at = received_date(str(header))
+        if received_at is not None:
+            break
+    return MessageHeaders(
+        message_id=message_id,
+        date=parse_header_date(date_value) if date_value else None,
+        received=received_at,
+    )
+
+
+def _find_header_end(data: bytes | bytearray) -> int:
+    """Index just past the blank line that ends the header section, or -1."""
+    if data.startswith(b"\r\n"):
+        return 2
+    end = data.find(b"\r\n\r\n")
+    return -1 if end < 0 else end + 4
+
+
+@dataclass
+class FetchedMessage:
+    """A message ready to deliver. Owns its spool file: call ``close()`` (or use ``with``)."""
+
+    uidl: str
+    spool: IO[bytes]
+    size: int
+    sha256: str
+    headers: MessageHeaders
+    message_id: str
+    message_id_added: bool
+    fetched_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    @property
+    def internal_date(self) -> datetime:
+        """The date a destination should file the message under (never the import time if known)."""
+        return self.headers.arrival_time or self.fetched_at
+
+    def chunks(self, size: int = _READ_CHUNK) -> Iterator[bytes]:
+        self.spool.seek(0)
+        while chunk := self.spool.read(size):
+            yield chunk
+
+    def read_bytes(self) -> bytes:
+        """The whole message as one bytes object: the single in-memory copy."""
+        self.spool.seek(0)
+        return self.spool.read()
+
+    def close(self) -> None:
+        self.spool.close()
+
+    def __enter__(self) -> FetchedMessage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class MessageSpool:
+    """A write-only sink for RETR that yields a ``FetchedMessage``.
+
+    ``fallback_message_id`` is prepended as a ``Message-ID:`` header when the message has none, so the
+    message can be found in the destination again after a crash. It must be deterministic for one POP3
+    message (derive it from the account and UIDL), so a re-fetch produces the same bytes.
+    """
+
+    def __init__(self, uidl: str, fallback_message_id: str, *, memory_limit: int = SPOOL_MEMORY_LIMIT) -> None:
+        self.uidl = uidl
+        self._fallback_id = fallback_message_id
+        self._file: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=memory_limit)  # noqa: SIM115
+        self._hash = hashlib.sha256()
+        self._size = 0
+        self._header_buf: bytearray | None = bytearray()
+        self._headers = MessageHeaders(None, None, None)
+        self._added = False
+        self._closed = False
+
+    def write(self, data: bytes) -> int:
+        if self._header_buf is not None:
+            self._header_buf += data
+            end = _find_header_end(self._header_buf)
+            if end >= 0:
+                self._flush_headers(end)
+            elif len(self._header_buf) > HEADER_PARSE_LIMIT:
+                self._flush_headers(None)
+            return len(data)
+        self._emit(data)
+        return len(data)
+
+    def _emit(self, data: bytes | bytearray) -> None:
+        if data:
+            self._file.write(data)
+            self._hash.update(data)
+            self._size += len(data)
+
+    def _flush_headers(self, end: int | None) -> None:
+        """Parse the header section (or, when it never ended, its first HEADER_PARSE_LIMIT bytes), add a
+        Message-ID if there is none, and start streaming."""
+        buf = self._header_buf
+        assert buf is not None
+        self._header_buf = None
+        if end is None:
+            end = buf.rfind(b"\r\n", 0, HEADER_PARSE_LIMIT) + 2
+        self._headers = parse_headers(bytes(buf[:end]))
+        if self._headers.message_id is None:
+            self._emit(b"Message-ID: " + self._fallback_id.encode("ascii") + b"\r\n")
+            self._added = True
+        self._emit(buf)
+
+    def finish(self) -> FetchedMessage:
+        """Close the sink and hand over the spooled message (positioned at its start)."""
+        if self._header_buf is not None:
+            # The whole message was header section (no blank line): parse what there is.
+            self._flush_headers(None)
+        self._file.seek(0)
+        message_id = self._fallback_id if self._added else (self._headers.message_id or self._fallback_id)
+        return FetchedMessage(
+            uidl=self.uidl,
+            spool=self._file,
+            size=self._size,
+            sha256=self._hash.hexdigest(),
+            headers=self._headers,
+            message_id=message_id,
+            message_id_added=self._added,
+        )
+
+    def abort(self) -> None:
+        self._file.close()
+
+
+def fallback_message_id(account: str, pop_host: str, username: str, uidl: str) -> str:
+    """A stable Message-ID for a message that has none: the same POP3 message always gets the same one."""
+    digest = hashlib.sha256(f"{account}\0{pop_host}\0{username}\0{uidl}".encode()).hexdigest()[:32]
+    host = pop_host.strip("[]") or "localhost"
+    return f"<pop-connector.{digest}@{host}>"
