@@ -151,7 +151,9 @@ class MessageSpool:
     message (derive it from the account and UIDL), so a re-fetch produces the same bytes.
     """
 
-    def __init__(self, uidl: str, fallback_message_id: str, *, memory_limit: int = SPOOL_MEMORY_LIMIT) -> None:
+    def __init__(
+        self, uidl: str, fallback_message_id: str, *, memory_limit: int = SPOOL_MEMORY_LIMIT
+    ) -> None:
         self.uidl = uidl
         self._fallback_id = fallback_message_id
         self._file: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=memory_limit)  # noqa: SIM115

@@ -1,0 +1,139 @@
+"""``pop-connector``: sync, run, status, check, db upgrade.
+
+Exit codes: 0 everything succeeded, 1 an account or message failed, 2 configuration or usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from types import FrameType
+
+from connector import __version__
+from connector.config import Account, Config, config_path, load_config
+from connector.connections import Connections
+from connector.engine import PollResult, SyncEngine
+from connector.errors import ConfigError, ConnectorError
+from connector.ledger.database import open_database
+from connector.ledger.store import Ledger
+from connector.report import dry_run_lines, poll_line, status_json, status_records, status_text
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+log = logging.getLogger("connector")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pop-connector", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", "-c", help="configuration file (default: $POP_CONNECTOR_CONFIG)")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sync = commands.add_parser("sync", help="poll accounts once and exit")
+    sync.add_argument("--account", "-a", action="append", metavar="NAME", help="only this account (repeatable)")
+    sync.add_argument("--dry-run", action="store_true", help="show what would be delivered and deleted")
+    commands.add_parser("run", help="run the service: poll every account on its schedule")
+    status = commands.add_parser("status", help="show each account's last poll, counts and errors")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    commands.add_parser("check", help="validate the config and log in to every server; changes nothing")
+    db = commands.add_parser("db", help="ledger database maintenance")
+    db_commands = db.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")
+    db_commands.add_parser("upgrade", help="apply pending schema migrations")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        config = load_config(config_path(args.config))
+    except ConfigError as exc:
+        print(f"configuration error:\n{exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        return _dispatch(args, config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except ConnectorError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _dispatch(args: argparse.Namespace, config: Config) -> int:
+    if args.command == "check":
+        from connector.check import run_checks
+
+        return EXIT_OK if run_checks(config, print) else EXIT_FAILED
+    assert config.service.database is not None
+    engine = open_database(config.service.database)
+    ledger = Ledger(engine)
+    if args.command == "db":
+        print(f"ledger database is up to date: {engine.url.render_as_string(hide_password=True)}")
+        return EXIT_OK
+    if args.command == "status":
+        records = status_records(config.accounts, ledger.statuses())
+        print(status_json(records) if args.json else status_text(records))
+        return EXIT_OK
+    sync_engine = SyncEngine(config, ledger, Connections())
+    if args.command == "run":
+        return _run_service(config, sync_engine, ledger)
+    return _sync(config, sync_engine, args)
+
+
+def _selected_accounts(config: Config, names: list[str] | None) -> list[Account]:
+    if names:
+        return [config.account(name) for name in names]
+    return [account for account in config.accounts if account.enabled]
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        log.warning("received %s: finishing the current message of each poll, then stopping",
+                    signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def _sync(config: Config, engine: SyncEngine, args: argparse.Namespace) -> int:
+    accounts = _selected_accounts(config, args.account)
+    if not accounts:
+        print("no enabled accounts in the configuration", file=sys.stderr)
+        return EXIT_OK
+    stop = threading.Event()
+    _stop_on_signals(stop)
+
+    def poll(account: Account) -> PollResult:
+        return engine.poll(account, dry_run=args.dry_run, stop=stop)
+
+    with ThreadPoolExecutor(max_workers=config.service.max_workers) as pool:
+        results = list(pool.map(poll, accounts))
+    for result in results:
+        print("\n".join(dry_run_lines(result)) if args.dry_run else poll_line(result))
+    failed = any(not r.ok or r.failed or r.skipped or r.problems for r in results)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _run_service(config: Config, engine: SyncEngine, ledger: Ledger) -> int:
+    from connector.scheduler import Service
+
+    service = Service(config, engine, ledger, on_result=lambda result: log.info("%s", poll_line(result)))
+    _stop_on_signals(service.stop)
+    service.run_until_stopped()
+    return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

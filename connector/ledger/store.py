@@ -1,0 +1,317 @@
+"""The ledger's operations. Every write is its own committed transaction: one message, one transaction.
+
+Database driver errors are translated into ``LedgerError`` here, so that the engine can stop a poll
+cleanly (a poll that cannot record what it did must not go on delivering or deleting).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import Engine, delete, func, select, update
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from connector.errors import LedgerError
+from connector.ledger.models import AccountRow, MessageRow, MessageState
+
+Clock = Callable[[], datetime]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class KnownMessage:
+    """What the ledger remembers of one UIDL, as the sync planner needs it."""
+
+    uidl: str
+    state: MessageState
+    attempts: int
+    delivered_at: datetime | None
+    message_id: str | None
+    size: int | None
+    sha256: str | None
+
+
+@dataclass(frozen=True)
+class PollOutcome:
+    result: str
+    error: str | None
+    delivered: int
+    failed: int
+    deleted: int
+    next_poll_at: datetime | None
+
+
+@dataclass(frozen=True)
+class AccountStatus:
+    name: str
+    last_poll_started_at: datetime | None
+    last_poll_finished_at: datetime | None
+    last_success_at: datetime | None
+    last_result: str | None
+    last_error: str | None
+    consecutive_failures: int
+    next_poll_at: datetime | None
+    last_delivered: int
+    last_failed: int
+    last_deleted: int
+    counts: dict[str, int]
+
+
+_STATUS_FIELDS = (
+    "last_poll_started_at",
+    "last_poll_finished_at",
+    "last_success_at",
+    "last_result",
+    "last_error",
+    "consecutive_failures",
+    "next_poll_at",
+    "last_delivered",
+    "last_failed",
+    "last_deleted",
+)
+
+
+class Ledger:
+    def __init__(self, engine: Engine, *, clock: Clock = utcnow) -> None:
+        self.engine = engine
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self._clock = clock
+
+    @contextmanager
+    def _transaction(self, what: str) -> Iterator[Session]:
+        try:
+            with self._sessions.begin() as session:
+                yield session
+        except SQLAlchemyError as exc:
+            raise LedgerError(f"ledger: cannot {what}: {exc.__class__.__name__}: {exc}") from exc
+
+    # --- accounts ------------------------------------------------------------------------------------
+
+    def account_id(self, name: str, *, create: bool = True) -> int | None:
+        with self._transaction("look up account") as session:
+            found = session.scalar(select(AccountRow.id).where(AccountRow.name == name))
+            if found is not None or not create:
+                return found
+        try:
+            with self._transaction("add account") as session:
+                row = AccountRow(name=name, created_at=self._clock())
+                session.add(row)
+                session.flush()
+                return row.id
+        except LedgerError as exc:
+            # Two workers adding the same new account at once: the other one won, use its row.
+            if not isinstance(exc.__cause__, IntegrityError):
+                raise
+            return self.account_id(name, create=False)
+
+    def poll_started(self, account_id: int) -> None:
+        with self._transaction("record poll start") as session:
+            session.execute(
+                update(AccountRow)
+                .where(AccountRow.id == account_id)
+                .values(last_poll_started_at=self._clock())
+            )
+
+    def poll_finished(self, account_id: int, outcome: PollOutcome) -> None:
+        now = self._clock()
+        values: dict[str, object] = {
+            "last_poll_finished_at": now,
+            "last_result": outcome.result,
+            "last_error": outcome.error,
+            "next_poll_at": outcome.next_poll_at,
+            "last_delivered": outcome.delivered,
+            "last_failed": outcome.failed,
+            "last_deleted": outcome.deleted,
+        }
+        if outcome.result == "ok":
+            values["last_success_at"] = now
+            values["consecutive_failures"] = 0
+        else:
+            values["consecutive_failures"] = AccountRow.consecutive_failures + 1
+        with self._transaction("record poll result") as session:
+            session.execute(update(AccountRow).where(AccountRow.id == account_id).values(**values))
+
+    def consecutive_failures(self, account_id: int) -> int:
+        with self._transaction("read account") as session:
+            return (
+                session.scalar(select(AccountRow.consecutive_failures).where(AccountRow.id == account_id))
+                or 0
+            )
+
+    def set_next_poll(self, account_id: int, when: datetime | None) -> None:
+        with self._transaction("record next poll") as session:
+            session.execute(update(AccountRow).where(AccountRow.id == account_id).values(next_poll_at=when))
+
+    def statuses(self) -> list[AccountStatus]:
+        """Every account with its message counts per state: two queries, whatever the number."""
+        with self._transaction("read status") as session:
+            accounts = session.scalars(select(AccountRow).order_by(AccountRow.name)).all()
+            counts: dict[int, dict[str, int]] = {}
+            rows = session.execute(
+                select(MessageRow.account_id, MessageRow.state, func.count()).group_by(
+                    MessageRow.account_id, MessageRow.state
+                )
+            )
+            for account_id, state, count in rows:
+                counts.setdefault(account_id, {})[state] = count
+            return [
+                AccountStatus(
+                    name=row.name,
+                    counts={
+                        state.value: counts.get(row.id, {}).get(state.value, 0) for state in MessageState
+                    },
+                    **{field: getattr(row, field) for field in _STATUS_FIELDS},
+                )
+                for row in accounts
+            ]
+
+    # --- messages ------------------------------------------------------------------------------------
+
+    def known_messages(self, account_id: int) -> dict[str, KnownMessage]:
+        """Everything the ledger knows of one account, in one query (100,000 rows is fine)."""
+        with self._transaction("read messages") as session:
+            rows = session.execute(
+                select(
+                    MessageRow.uidl,
+                    MessageRow.state,
+                    MessageRow.attempts,
+                    MessageRow.delivered_at,
+                    MessageRow.message_id,
+                    MessageRow.size,
+                    MessageRow.sha256,
+                ).where(MessageRow.account_id == account_id)
+            )
+            return {
+                row.uidl: KnownMessage(
+                    uidl=row.uidl,
+                    state=MessageState(row.state),
+                    attempts=row.attempts,
+                    delivered_at=row.delivered_at,
+                    message_id=row.message_id,
+                    size=row.size,
+                    sha256=row.sha256,
+                )
+                for row in rows
+            }
+
+    def record_pending(
+        self,
+        account_id: int,
+        uidl: str,
+        *,
+        pop_size: int | None,
+        size: int,
+        message_id: str,
+        sha256: str,
+    ) -> int:
+        """Mark a fetched message as about to be delivered and count the attempt; returns attempts.
+
+        The attempt is counted before delivery so that a message that crashes the process every time
+        still ends in quarantine instead of looping forever.
+        """
+        now = self._clock()
+        with self._transaction(f"record message {uidl!r} as pending") as session:
+            row = session.scalar(
+                select(MessageRow).where(MessageRow.account_id == account_id, MessageRow.uidl == uidl)
+            )
+            if row is None:
+                row = MessageRow(
+                    account_id=account_id, uidl=uidl, attempts=0, first_seen_at=now, updated_at=now
+                )
+                session.add(row)
+            row.state = MessageState.PENDING
+            row.pop_size = pop_size
+            row.size = size
+            row.message_id = message_id
+            row.sha256 = sha256
+            row.attempts = (row.attempts or 0) + 1
+            row.updated_at = now
+            session.flush()
+            return row.attempts
+
+    def record_delivered(self, account_id: int, uidl: str, destination_ref: str) -> datetime:
+        now = self._clock()
+        with self._transaction(f"record message {uidl!r} as delivered") as session:
+            session.execute(
+                update(MessageRow)
+                .where(MessageRow.account_id == account_id, MessageRow.uidl == uidl)
+                .values(
+                    state=MessageState.DELIVERED,
+                    destination_ref=destination_ref,
+                    delivered_at=now,
+                    last_error=None,
+                    updated_at=now,
+                )
+            )
+        return now
+
+    def record_failure(
+        self, account_id: int, uidl: str, error: str, *, counted: bool, max_attempts: int
+    ) -> MessageState:
+        """Keep the error; quarantine (``failed``) once the counted attempts reach ``max_attempts``.
+
+        ``counted=False`` gives back the attempt taken by ``record_pending``: the failure was the
+        destination's (full, unreachable), not the message's.
+        """
+        now = self._clock()
+        with self._transaction(f"record failure of message {uidl!r}") as session:
+            row = session.scalar(
+                select(MessageRow).where(MessageRow.account_id == account_id, MessageRow.uidl == uidl)
+            )
+            if row is None:
+                return MessageState.PENDING
+            if not counted:
+                row.attempts = max(0, row.attempts - 1)
+            row.state = MessageState.FAILED if row.attempts >= max_attempts else MessageState.PENDING
+            row.last_error = error
+            row.updated_at = now
+            return MessageState(row.state)
+
+    def record_quarantined(self, account_id: int, uidl: str, error: str) -> None:
+        now = self._clock()
+        with self._transaction(f"quarantine message {uidl!r}") as session:
+            session.execute(
+                update(MessageRow)
+                .where(MessageRow.account_id == account_id, MessageRow.uidl == uidl)
+                .values(state=MessageState.FAILED, last_error=error, updated_at=now)
+            )
+
+    def record_deleted(self, account_id: int, uidls: Iterable[str]) -> None:
+        """After QUIT was answered +OK: the server has really removed these."""
+        uidl_list = list(uidls)
+        if not uidl_list:
+            return
+        now = self._clock()
+        with self._transaction("record deletions") as session:
+            for chunk in _chunks(uidl_list, 500):
+                session.execute(
+                    update(MessageRow)
+                    .where(MessageRow.account_id == account_id, MessageRow.uidl.in_(chunk))
+                    .values(state=MessageState.DELETED, deleted_at=now, updated_at=now)
+                )
+
+    def prune(self, account_id: int, uidls: Iterable[str]) -> int:
+        """Forget messages that are no longer on the server."""
+        uidl_list = list(uidls)
+        removed = 0
+        if not uidl_list:
+            return 0
+        with self._transaction("prune messages") as session:
+            for chunk in _chunks(uidl_list, 500):
+                result = session.execute(
+                    delete(MessageRow).where(MessageRow.account_id == account_id, MessageRow.uidl.in_(chunk))
+                )
+                removed += int(getattr(result, "rowcount", 0) or 0)
+        return removed
+
+
+def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

@@ -1,0 +1,102 @@
+"""Text and JSON renderings of poll results and account status for the CLI."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+from connector.config import Account
+from connector.engine import PollResult
+from connector.ledger.store import AccountStatus
+
+
+def _when(value: datetime | None) -> str:
+    return value.isoformat(timespec="seconds") if value is not None else "-"
+
+
+def poll_line(result: PollResult) -> str:
+    counts = (
+        f"delivered={result.delivered} recovered={result.recovered} deleted={result.deleted} "
+        f"failed={result.failed} quarantined={result.quarantined} skipped={result.skipped}"
+    )
+    line = f"{result.account}: {result.status} {counts}"
+    if result.error:
+        line += f"\n  error: {result.error}"
+    for problem in result.problems:
+        line += f"\n  problem: {problem}"
+    return line
+
+
+def dry_run_lines(result: PollResult) -> list[str]:
+    if result.plan is None:
+        return [f"{result.account}: {result.status}: {result.error}"]
+    plan = result.plan
+    lines = [
+        f"{result.account}: would deliver {len(plan.deliver)} ({plan.new_count} new, "
+        f"{len(plan.deliver) - plan.new_count} to recover or retry), would delete {len(plan.delete)}, "
+        f"would forget {len(plan.gone)} gone from the server, {plan.quarantined} quarantined"
+    ]
+    lines += [
+        f"  deliver #{d.info.number} uidl={d.info.uidl} size={d.info.size}"
+        + (" (check destination first)" if d.recover else "")
+        for d in plan.deliver
+    ]
+    lines += [f"  delete  #{i.number} uidl={i.uidl}" for i in plan.delete]
+    lines += [f"  skip    uidl={uidl} (listed more than once)" for uidl in plan.duplicates]
+    return lines
+
+
+def status_records(accounts: Sequence[Account], statuses: Iterable[AccountStatus]) -> list[dict[str, Any]]:
+    """One record per configured account, in config order, plus ledger accounts no longer configured."""
+    by_name = {status.name: status for status in statuses}
+    records = []
+    names = [account.name for account in accounts]
+    for name in names + sorted(set(by_name) - set(names)):
+        status = by_name.get(name)
+        record: dict[str, Any] = {"account": name, "configured": name in names}
+        if status is None:
+            record.update(last_result="never polled")
+        else:
+            record.update(
+                last_poll=_when(status.last_poll_finished_at),
+                last_success=_when(status.last_success_at),
+                last_result=status.last_result or "never polled",
+                last_error=status.last_error,
+                consecutive_failures=status.consecutive_failures,
+                next_poll=_when(status.next_poll_at),
+                last_poll_counts={
+                    "delivered": status.last_delivered,
+                    "failed": status.last_failed,
+                    "deleted": status.last_deleted,
+                },
+                messages=status.counts,
+            )
+        records.append(record)
+    return records
+
+
+def status_text(records: list[dict[str, Any]]) -> str:
+    lines = []
+    for record in records:
+        head = f"{record['account']}: {record['last_result']}"
+        if not record["configured"]:
+            head += " (no longer in the configuration)"
+        lines.append(head)
+        if "last_poll" in record:
+            counts = record["messages"]
+            lines.append(
+                f"  last poll {record['last_poll']}, last success {record['last_success']}, "
+                f"next poll {record['next_poll']}"
+            )
+            lines.append(
+                "  messages: " + ", ".join(f"{state} {count}" for state, count in counts.items())
+            )
+            if record["last_error"]:
+                lines.append(f"  last error: {record['last_error']}")
+    return "\n".join(lines)
+
+
+def status_json(records: list[dict[str, Any]]) -> str:
+    return json.dumps(records, indent=2)

@@ -1,0 +1,160 @@
+"""The ledger on real databases: SQLite and PostgreSQL, migrated by Alembic."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import Engine, inspect, text
+
+from connector.ledger.database import make_engine, open_database, upgrade
+from connector.ledger.models import Base, MessageState
+from connector.ledger.store import Ledger, PollOutcome
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest) -> str:
+    return str(request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "postgres_url"))
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[Engine]:
+    engine = open_database(database_url)
+    yield engine
+    if engine.dialect.name == "postgresql":
+        # The PostgreSQL database is shared by the session: leave it empty for the next test.
+        with engine.begin() as connection:
+            connection.execute(text("DROP TABLE IF EXISTS messages, accounts, alembic_version CASCADE"))
+    engine.dispose()
+
+
+def test_upgrade_of_empty_database_equals_models(engine: Engine) -> None:
+    with engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        assert compare_metadata(context, Base.metadata) == []
+
+
+def test_upgrade_is_idempotent(engine: Engine) -> None:
+    upgrade(engine)
+    upgrade(engine)
+    assert {"accounts", "messages", "alembic_version"} <= set(inspect(engine).get_table_names())
+
+
+def test_sqlite_runs_in_wal_mode(sqlite_url: str) -> None:
+    engine = make_engine(sqlite_url)
+    with engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
+
+
+def test_message_lifecycle(engine: Engine) -> None:
+    ledger = Ledger(engine)
+    account = ledger.account_id("alice")
+    assert account is not None and ledger.account_id("alice") == account
+    attempts = ledger.record_pending(account, "U1", pop_size=10, size=12, message_id="<a@b>", sha256="f" * 64)
+    assert attempts == 1
+    row = ledger.known_messages(account)["U1"]
+    assert row.state is MessageState.PENDING and row.size == 12 and row.message_id == "<a@b>"
+    delivered_at = ledger.record_delivered(account, "U1", "imap:INBOX;UIDVALIDITY=1;UID=7")
+    row = ledger.known_messages(account)["U1"]
+    assert row.state is MessageState.DELIVERED and row.delivered_at == delivered_at
+    assert row.delivered_at is not None and row.delivered_at.tzinfo is not None
+    ledger.record_deleted(account, ["U1"])
+    assert ledger.known_messages(account)["U1"].state is MessageState.DELETED
+    assert ledger.prune(account, ["U1"]) == 1
+    assert ledger.known_messages(account) == {}
+
+
+def test_failures_count_until_quarantine(engine: Engine) -> None:
+    ledger = Ledger(engine)
+    account = ledger.account_id("bob")
+    assert account is not None
+    for attempt in range(1, 4):
+        ledger.record_pending(account, "U2", pop_size=1, size=1, message_id="<x@y>", sha256="0" * 64)
+        state = ledger.record_failure(account, "U2", f"rejected {attempt}", counted=True, max_attempts=3)
+        assert state is (MessageState.FAILED if attempt == 3 else MessageState.PENDING)
+    assert ledger.known_messages(account)["U2"].attempts == 3
+
+
+def test_uncounted_failure_gives_the_attempt_back(engine: Engine) -> None:
+    ledger = Ledger(engine)
+    account = ledger.account_id("carol")
+    assert account is not None
+    for _ in range(5):
+        ledger.record_pending(account, "U3", pop_size=1, size=1, message_id="<x@y>", sha256="0" * 64)
+        assert ledger.record_failure(account, "U3", "quota", counted=False, max_attempts=2) is MessageState.PENDING
+    assert ledger.known_messages(account)["U3"].attempts == 0
+
+
+def test_known_messages_of_a_large_mailbox_is_one_query(engine: Engine) -> None:
+    ledger = Ledger(engine)
+    account = ledger.account_id("big")
+    assert account is not None
+    now = datetime.now(UTC)
+    with engine.begin() as connection:
+        connection.execute(
+            Base.metadata.tables["messages"].insert(),
+            [
+                {"account_id": account, "uidl": f"u{i}", "state": "delivered", "attempts": 1,
+                 "first_seen_at": now, "updated_at": now, "delivered_at": now}
+                for i in range(20_000)
+            ],
+        )
+    statements: list[str] = []
+    from sqlalchemy import event
+
+    def count(*args: object) -> None:
+        statements.append(str(args[2]))
+
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        known = ledger.known_messages(account)
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    assert len(known) == 20_000
+    assert sum("messages" in s for s in statements) == 1
+
+
+def test_poll_status_and_counts(engine: Engine) -> None:
+    ledger = Ledger(engine)
+    account = ledger.account_id("dave")
+    assert account is not None
+    ledger.poll_started(account)
+    ledger.poll_finished(account, PollOutcome("error", "boom", 0, 0, 0, None))
+    ledger.poll_finished(account, PollOutcome("error", "boom", 0, 0, 0, None))
+    assert ledger.consecutive_failures(account) == 2
+    ledger.record_pending(account, "U", pop_size=1, size=1, message_id="<x@y>", sha256="0" * 64)
+    ledger.poll_finished(account, PollOutcome("ok", None, 1, 0, 0, None))
+    (status,) = [s for s in ledger.statuses() if s.name == "dave"]
+    assert status.consecutive_failures == 0 and status.last_result == "ok"
+    assert status.last_success_at is not None and status.counts["pending"] == 1
+
+
+def test_parallel_writers_on_one_database(engine: Engine) -> None:
+    """Several accounts polled at once write to the same ledger without 'database is locked'."""
+    ledger = Ledger(engine)
+    errors: list[BaseException] = []
+
+    def worker(index: int) -> None:
+        try:
+            account = ledger.account_id(f"w{index}")
+            assert account is not None
+            for n in range(30):
+                ledger.record_pending(account, f"u{n}", pop_size=1, size=1, message_id="<x@y>", sha256="0" * 64)
+                ledger.record_delivered(account, f"u{n}", "ref")
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert sum(s.counts["delivered"] for s in ledger.statuses()) == 180

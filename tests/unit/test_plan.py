@@ -1,0 +1,84 @@
+"""The poll plan: what is new, what is recovered, what is deleted and what is forgotten."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from connector.config import RetentionPolicy
+from connector.ledger.models import MessageState
+from connector.ledger.store import KnownMessage
+from connector.plan import plan_poll
+from connector.pop3 import MessageInfo
+
+NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+DELETE = RetentionPolicy(mode="delete")
+
+
+def known(uidl: str, state: MessageState, *, attempts: int = 1, delivered_days_ago: float | None = None) -> KnownMessage:
+    delivered_at = None if delivered_days_ago is None else NOW - timedelta(days=delivered_days_ago)
+    return KnownMessage(uidl, state, attempts, delivered_at, "<id@x>", 10, "0" * 64)
+
+
+def listing(*uidls: str) -> list[MessageInfo]:
+    return [MessageInfo(number, uidl, 100 * number) for number, uidl in enumerate(uidls, start=1)]
+
+
+def test_everything_new_on_first_poll_in_server_order() -> None:
+    plan = plan_poll(listing("a", "b", "c"), {}, DELETE, NOW)
+    assert [d.info.uidl for d in plan.deliver] == ["a", "b", "c"]
+    assert not any(d.recover for d in plan.deliver)
+    assert plan.new_count == 3 and plan.delete == [] and plan.gone == []
+
+
+def test_second_poll_delivers_nothing_for_delivered_and_kept() -> None:
+    rows = {u: known(u, MessageState.DELIVERED, delivered_days_ago=0) for u in "ab"}
+    plan = plan_poll(listing("a", "b"), rows, RetentionPolicy(mode="keep"), NOW)
+    assert plan.deliver == [] and plan.delete == []
+
+
+def test_delivered_but_still_on_server_is_deleted_under_delete() -> None:
+    rows = {"a": known("a", MessageState.DELIVERED, delivered_days_ago=0)}
+    plan = plan_poll(listing("a", "b"), rows, DELETE, NOW)
+    assert [i.uidl for i in plan.delete] == ["a"]
+    assert [d.info.uidl for d in plan.deliver] == ["b"]
+
+
+def test_days_retention() -> None:
+    rows = {
+        "old": known("old", MessageState.DELIVERED, delivered_days_ago=20),
+        "young": known("young", MessageState.DELIVERED, delivered_days_ago=2),
+    }
+    plan = plan_poll(listing("old", "young"), rows, RetentionPolicy(mode="days", days=14), NOW)
+    assert [i.uidl for i in plan.delete] == ["old"]
+
+
+def test_pending_is_recovered_with_its_attempts() -> None:
+    rows = {"a": known("a", MessageState.PENDING, attempts=3)}
+    plan = plan_poll(listing("a"), rows, DELETE, NOW)
+    assert plan.deliver[0].recover and plan.deliver[0].attempts == 3
+    assert plan.new_count == 0
+
+
+def test_failed_stays_quarantined() -> None:
+    rows = {"a": known("a", MessageState.FAILED, attempts=5)}
+    plan = plan_poll(listing("a"), rows, DELETE, NOW)
+    assert plan.deliver == [] and plan.delete == [] and plan.quarantined == 1
+
+
+def test_gone_rows_are_pruned() -> None:
+    rows = {u: known(u, MessageState.DELETED, delivered_days_ago=1) for u in ("x", "y")}
+    plan = plan_poll(listing("x"), rows, RetentionPolicy(mode="keep"), NOW)
+    assert plan.gone == ["y"]
+
+
+def test_duplicate_uidls_are_left_alone() -> None:
+    plan = plan_poll(listing("a", "dup", "b", "dup"), {}, DELETE, NOW)
+    assert [d.info.uidl for d in plan.deliver] == ["a", "b"]
+    assert plan.duplicates == ["dup"]
+
+
+def test_large_mailbox_is_a_set_difference() -> None:
+    uidls = [f"u{i:06d}" for i in range(100_000)]
+    rows = {u: known(u, MessageState.DELIVERED, delivered_days_ago=0) for u in uidls[:-10]}
+    plan = plan_poll(listing(*uidls), rows, RetentionPolicy(mode="keep"), NOW)
+    assert [d.info.uidl for d in plan.deliver] == uidls[-10:]
