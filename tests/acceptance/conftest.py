@@ -1,0 +1,42 @@
+"""Acceptance fixtures: a config file for the real Dovecot and a way to run the CLI as a process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.configs import config_toml, write_config
+from tests.servers.dovecot import Dovecot, MailUsers
+
+ROOT = Path(__file__).resolve().parents[2]
+
+RunCli = Callable[..., subprocess.CompletedProcess[str]]
+
+
+@pytest.fixture
+def write_cfg(tmp_path: Path, dovecot: Dovecot, mail_users: MailUsers, sqlite_url: str) -> Callable[..., Path]:
+    def write(**kwargs: Any) -> Path:
+        kwargs.setdefault("name", "alice")
+        return write_config(tmp_path / "config.toml", config_toml(dovecot, mail_users, sqlite_url, **kwargs))
+
+    return write
+
+
+@pytest.fixture
+def run_cli() -> RunCli:
+    def run(*args: str, module: str = "connector", timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", module, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=ROOT,
+            check=False,
+        )
+
+    return run

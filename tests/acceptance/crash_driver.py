@@ -1,0 +1,53 @@
+"""Runs ``pop-connector`` in this process, killing it with SIGKILL at a chosen point of the Nth message.
+
+Usage: python -m tests.acceptance.crash_driver POINT N -- CLI ARGS...
+POINT is one of: before-pending, before-append, before-delivered-record, before-quit.
+The kill is a real SIGKILL of this process: no finally block, no atexit, no flush runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from connector import cli
+from connector.destinations import imap
+from connector.ledger.store import Ledger
+from connector.pop3 import Pop3Client
+
+TARGETS: dict[str, tuple[Any, str]] = {
+    "before-pending": (Ledger, "record_pending"),
+    "before-append": (imap.ImapSession, "deliver"),
+    "before-delivered-record": (Ledger, "record_delivered"),
+    "before-quit": (Pop3Client, "quit"),
+}
+
+
+def _killing(original: Callable[..., Any], nth: int) -> Callable[..., Any]:
+    calls = 0
+
+    @functools.wraps(original)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == nth:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(*args, **kwargs)
+
+    return wrapper
+
+
+def main() -> int:
+    point, nth, separator, *cli_args = sys.argv[1:]
+    assert separator == "--", __doc__
+    owner, name = TARGETS[point]
+    setattr(owner, name, _killing(getattr(owner, name), int(nth)))
+    return cli.main(cli_args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""Integration fixtures: a ledger on SQLite or PostgreSQL and a sync engine wired to the real Dovecot."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine
+
+from connector.config import Config
+from connector.engine import SyncEngine
+from connector.ledger.database import open_database
+from connector.ledger.store import Ledger
+from tests.configs import make_config
+from tests.servers.dovecot import Dovecot, MailUsers
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest) -> str:
+    """Each sync test runs once per ledger backend (a module may override this with one backend)."""
+    return str(request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "postgres_url"))
+
+
+@pytest.fixture
+def ledger_engine(database: str) -> Iterator[Engine]:
+    engine = open_database(database)
+    yield engine
+    engine.dispose()
+
+
+SyncFactory = Callable[..., tuple[Config, SyncEngine]]
+
+
+@pytest.fixture
+def make_sync(
+    tmp_path: Path, dovecot: Dovecot, mail_users: MailUsers, database: str
+) -> Iterator[SyncFactory]:
+    """``make_sync(account={...}, ...)`` -> (config, engine); the account is named after its POP3 user so
+    that tests sharing one PostgreSQL database never share ledger rows."""
+    engines: list[Engine] = []
+
+    def factory(**kwargs: Any) -> tuple[Config, SyncEngine]:
+        kwargs.setdefault("name", mail_users.source.name)
+        config = make_config(tmp_path, dovecot, mail_users, database, **kwargs)
+        assert config.service.database is not None
+        engine = open_database(config.service.database)
+        engines.append(engine)
+        return config, SyncEngine(config, Ledger(engine))
+
+    yield factory
+    for engine in engines:
+        engine.dispose()
