@@ -72,4 +72,6 @@ def write_config(path: Path, text: str) -> Path:
 
 
 def make_config(tmp_path: Path, dovecot: Dovecot, users: MailUsers, database: str, **kwargs: Any) -> Config:
-    return load_config(write_config(tmp_path / "config.toml", config_toml(dovecot, users, database, **kwargs)))
+    return load_config(
+        write_config(tmp_path / "config.toml", config_toml(dovecot, users, database, **kwargs))
+    )

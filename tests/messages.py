@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 
-def simple(n: int, *, size: int = 0, message_id: bool = True, date: str = "Tue, 03 Jun 2025 07:58:00 +0000") -> bytes:
+def simple(
+    n: int, *, size: int = 0, message_id: bool = True, date: str = "Tue, 03 Jun 2025 07:58:00 +0000"
+) -> bytes:
     headers = [
         f"Received: from mx.hosted.example by pop.hosted.example; Tue, 03 Jun 2025 08:{n % 60:02d}:05 +0000",
         "From: Sender <sender@example.net>",

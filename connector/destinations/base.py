@@ -21,8 +21,8 @@ class DestinationSession(Protocol):
 
     def find(self, message: FetchedMessage) -> str | None: ...
 
-    def check(self) -> str:
-        """Verify login and folder access without writing anything; a short description of what was found."""
+    def check(self) -> object:
+        """Verify login and folder access without writing anything; returns what it found (for str())."""
         ...
 
     def close(self) -> None: ...

@@ -22,7 +22,8 @@ def account_backoff(
     exponent = min(consecutive_failures - 1, 32)
     base = min(policy.initial_backoff * (2**exponent), policy.max_backoff)
     factor = 1 + JITTER_FRACTION * (2 * rand() - 1)
-    return min(base * factor, policy.max_backoff)
+    jittered: timedelta = base * factor
+    return min(jittered, policy.max_backoff)
 
 
 def jittered_interval(

@@ -19,7 +19,9 @@ RunCli = Callable[..., subprocess.CompletedProcess[str]]
 
 
 @pytest.fixture
-def write_cfg(tmp_path: Path, dovecot: Dovecot, mail_users: MailUsers, sqlite_url: str) -> Callable[..., Path]:
+def write_cfg(
+    tmp_path: Path, dovecot: Dovecot, mail_users: MailUsers, sqlite_url: str
+) -> Callable[..., Path]:
     def write(**kwargs: Any) -> Path:
         kwargs.setdefault("name", "alice")
         return write_config(tmp_path / "config.toml", config_toml(dovecot, mail_users, sqlite_url, **kwargs))

@@ -43,8 +43,13 @@ def test_config_from_environment_variable(
 ) -> None:
     config = write_cfg()
     result = subprocess.run(
-        [sys.executable, "-m", "connector", "sync"], capture_output=True, text=True, cwd=ROOT, timeout=60,
-        env={**__import__("os").environ, "POP_CONNECTOR_CONFIG": str(config)}, check=False,
+        [sys.executable, "-m", "connector", "sync"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        env={**__import__("os").environ, "POP_CONNECTOR_CONFIG": str(config)},
+        check=False,
     )
     assert result.returncode == 0, result.stderr
 
@@ -111,7 +116,10 @@ def test_run_service_polls_and_stops_cleanly_on_sigterm(
     config = write_cfg(defaults={"poll_interval": "1s", "poll_jitter": 0})
     process = subprocess.Popen(
         [sys.executable, "-m", "connector", "--config", str(config), "run"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 60

@@ -88,7 +88,10 @@ def test_uncounted_failure_gives_the_attempt_back(engine: Engine) -> None:
     assert account is not None
     for _ in range(5):
         ledger.record_pending(account, "U3", pop_size=1, size=1, message_id="<x@y>", sha256="0" * 64)
-        assert ledger.record_failure(account, "U3", "quota", counted=False, max_attempts=2) is MessageState.PENDING
+        assert (
+            ledger.record_failure(account, "U3", "quota", counted=False, max_attempts=2)
+            is MessageState.PENDING
+        )
     assert ledger.known_messages(account)["U3"].attempts == 0
 
 
@@ -101,8 +104,15 @@ def test_known_messages_of_a_large_mailbox_is_one_query(engine: Engine) -> None:
         connection.execute(
             Base.metadata.tables["messages"].insert(),
             [
-                {"account_id": account, "uidl": f"u{i}", "state": "delivered", "attempts": 1,
-                 "first_seen_at": now, "updated_at": now, "delivered_at": now}
+                {
+                    "account_id": account,
+                    "uidl": f"u{i}",
+                    "state": "delivered",
+                    "attempts": 1,
+                    "first_seen_at": now,
+                    "updated_at": now,
+                    "delivered_at": now,
+                }
                 for i in range(20_000)
             ],
         )
@@ -146,7 +156,9 @@ def test_parallel_writers_on_one_database(engine: Engine) -> None:
             account = ledger.account_id(f"w{index}")
             assert account is not None
             for n in range(30):
-                ledger.record_pending(account, f"u{n}", pop_size=1, size=1, message_id="<x@y>", sha256="0" * 64)
+                ledger.record_pending(
+                    account, f"u{n}", pop_size=1, size=1, message_id="<x@y>", sha256="0" * 64
+                )
                 ledger.record_delivered(account, f"u{n}", "ref")
         except BaseException as exc:
             errors.append(exc)

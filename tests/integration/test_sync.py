@@ -38,7 +38,9 @@ def test_fresh_sync_delivers_everything_in_order_and_deletes(
     assert all(row.sha256 and row.message_id for row in rows.values())
 
 
-def test_second_sync_delivers_nothing(dovecot: Dovecot, mail_users: MailUsers, make_sync: SyncFactory) -> None:
+def test_second_sync_delivers_nothing(
+    dovecot: Dovecot, mail_users: MailUsers, make_sync: SyncFactory
+) -> None:
     dovecot.seed(mail_users.source.name, [simple(n) for n in range(3)])
     config, engine = make_sync(account={"retention": "keep"})
     assert engine.poll(config.accounts[0]).delivered == 3
@@ -95,7 +97,9 @@ def test_wrong_pop3_password_is_an_auth_error(
     assert status.last_result == "auth_error" and status.consecutive_failures == 1
 
 
-def test_missing_nested_folder_is_created(dovecot: Dovecot, mail_users: MailUsers, make_sync: SyncFactory) -> None:
+def test_missing_nested_folder_is_created(
+    dovecot: Dovecot, mail_users: MailUsers, make_sync: SyncFactory
+) -> None:
     dovecot.seed(mail_users.source.name, [simple(1)])
     config, engine = make_sync(account={"folder": "Imported/Hosted", "mark_seen": True})
     assert engine.poll(config.accounts[0]).delivered == 1
@@ -108,8 +112,12 @@ def test_missing_nested_folder_is_created(dovecot: Dovecot, mail_users: MailUser
     [
         pytest.param(b"Subject: no final newline\nMessage-ID: <nf@x>\n\nlast line", None, id="no-final-crlf"),
         pytest.param(b"Subject: lf\nMessage-ID: <lf@x>\n\none\ntwo\n", None, id="bare-lf"),
-        pytest.param(b"Subject: dots\nMessage-ID: <dot@x>\n\n.\n..two\n.three\n...\n", None, id="leading-dots"),
-        pytest.param("Subject: Grüße\nFrom: Jörg <j@x>\nMessage-ID: <8@x>\n\nÄÖÜ\n".encode("latin-1"), None, id="8bit"),
+        pytest.param(
+            b"Subject: dots\nMessage-ID: <dot@x>\n\n.\n..two\n.three\n...\n", None, id="leading-dots"
+        ),
+        pytest.param(
+            "Subject: Grüße\nFrom: Jörg <j@x>\nMessage-ID: <8@x>\n\nÄÖÜ\n".encode("latin-1"), None, id="8bit"
+        ),
     ],
 )
 def test_awkward_messages_arrive_byte_for_byte(

@@ -41,7 +41,7 @@ class _Refusing:
     def find(self, message: FetchedMessage) -> str | None:
         return self.inner.find(message)
 
-    def check(self) -> str:
+    def check(self) -> object:
         return self.inner.check()
 
     def close(self) -> None:
@@ -86,12 +86,16 @@ def test_full_destination_stops_the_poll_without_burning_attempts(
     assert 1 <= result.delivered < 5
     assert dovecot.maildir_count(users.source.name) == 5 - result.delivered
     account_id = engine.ledger.account_id(account.name) or 0
-    pending = [r for r in engine.ledger.known_messages(account_id).values() if r.state is MessageState.PENDING]
+    pending = [
+        r for r in engine.ledger.known_messages(account_id).values() if r.state is MessageState.PENDING
+    ]
     assert len(pending) == 1 and pending[0].attempts == 0
     dovecot.remove_user(full.name)
 
 
-def test_tls_everywhere_with_the_test_ca(dovecot: Dovecot, mail_users: MailUsers, make_sync: SyncFactory) -> None:
+def test_tls_everywhere_with_the_test_ca(
+    dovecot: Dovecot, mail_users: MailUsers, make_sync: SyncFactory
+) -> None:
     dovecot.seed(mail_users.source.name, [simple(1), simple(2)])
     config, engine = make_sync(
         account={"tls": "implicit", "port": dovecot.ports.pop3s, "ca_file": str(dovecot.ca_file)},
@@ -107,7 +111,9 @@ def test_tls_everywhere_with_the_test_ca(dovecot: Dovecot, mail_users: MailUsers
     assert len(dovecot.imap_messages(mail_users.destination.name)) == 3
 
 
-def test_untrusted_certificate_is_refused(dovecot: Dovecot, mail_users: MailUsers, make_sync: SyncFactory) -> None:
+def test_untrusted_certificate_is_refused(
+    dovecot: Dovecot, mail_users: MailUsers, make_sync: SyncFactory
+) -> None:
     dovecot.seed(mail_users.source.name, [simple(1)])
     config, engine = make_sync(account={"tls": "implicit", "port": dovecot.ports.pop3s})
     result = engine.poll(config.accounts[0])
@@ -139,9 +145,10 @@ def test_per_account_destination_login(
 ) -> None:
     other = dovecot.new_user("own")
     dovecot.seed(mail_users.source.name, [simple(1)])
-    config, engine = make_sync(account={"destination_username": other.name, "destination_password": other.password})
+    config, engine = make_sync(
+        account={"destination_username": other.name, "destination_password": other.password}
+    )
     assert engine.poll(config.accounts[0]).delivered == 1
     assert len(dovecot.imap_messages(other.name)) == 1
     assert dovecot.imap_messages(mail_users.destination.name) == []
     dovecot.remove_user(other.name)
-

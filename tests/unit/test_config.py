@@ -113,16 +113,30 @@ def test_missing_secret_file(tmp_path: Path) -> None:
     ("extra", "expected"),
     [
         ('retention = { mode = "days" }', 'accounts[0].retention: mode "days" needs days = N'),
-        ('retention = { mode = "days", days = 0 }', "accounts[0].retention.days: Input should be greater than 0"),
-        ('retention = { mode = "keep", days = 3 }', 'accounts[0].retention: days is only used with mode = "days"'),
+        (
+            'retention = { mode = "days", days = 0 }',
+            "accounts[0].retention.days: Input should be greater than 0",
+        ),
+        (
+            'retention = { mode = "keep", days = 3 }',
+            'accounts[0].retention: days is only used with mode = "days"',
+        ),
         ('tls = "ssl"', "accounts[0].tls: Input should be 'implicit', 'starttls' or 'none'"),
         ("port = 0", "accounts[0].port: Input should be greater than or equal to 1"),
         ('poll_interval = "soon"', "accounts[0].poll_interval: 'soon' is not a duration"),
         ("colour = 1", "accounts[0].colour: unknown field (check the spelling)"),
-        ('retry = { max_attempts = 0 }', "accounts[0].retry.max_attempts: Input should be greater than or equal to 1"),
-        ('retry = { initial_backoff = "2h", max_backoff = "1h" }',
-         "accounts[0].retry: max_backoff must not be shorter than initial_backoff"),
-        ('destination_username = "x"', "accounts[0]: destination_username and destination_password go together"),
+        (
+            "retry = { max_attempts = 0 }",
+            "accounts[0].retry.max_attempts: Input should be greater than or equal to 1",
+        ),
+        (
+            'retry = { initial_backoff = "2h", max_backoff = "1h" }',
+            "accounts[0].retry: max_backoff must not be shorter than initial_backoff",
+        ),
+        (
+            'destination_username = "x"',
+            "accounts[0]: destination_username and destination_password go together",
+        ),
     ],
 )
 def test_account_errors_name_the_field(tmp_path: Path, extra: str, expected: str) -> None:
@@ -141,7 +155,7 @@ def test_unknown_destination(tmp_path: Path) -> None:
 
 
 def test_duplicate_account_names(tmp_path: Path) -> None:
-    second = BASE[BASE.index("[[accounts]]"):]
+    second = BASE[BASE.index("[[accounts]]") :]
     assert "accounts[1].name: duplicate name 'alice'" in error_of(tmp_path, BASE + second)
 
 

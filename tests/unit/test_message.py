@@ -101,7 +101,10 @@ def test_large_message_spills_to_disk_and_stays_intact() -> None:
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
-        ("Tue, 03 Jun 2025 10:00:05 +0200", datetime(2025, 6, 3, 10, 0, 5, tzinfo=timezone(timedelta(hours=2)))),
+        (
+            "Tue, 03 Jun 2025 10:00:05 +0200",
+            datetime(2025, 6, 3, 10, 0, 5, tzinfo=timezone(timedelta(hours=2))),
+        ),
         ("3 Jun 2025 10:00:05 GMT", datetime(2025, 6, 3, 10, 0, 5, tzinfo=UTC)),
         ("garbage", None),
         ("", None),

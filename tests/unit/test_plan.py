@@ -14,7 +14,9 @@ NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 DELETE = RetentionPolicy(mode="delete")
 
 
-def known(uidl: str, state: MessageState, *, attempts: int = 1, delivered_days_ago: float | None = None) -> KnownMessage:
+def known(
+    uidl: str, state: MessageState, *, attempts: int = 1, delivered_days_ago: float | None = None
+) -> KnownMessage:
     delivered_at = None if delivered_days_ago is None else NOW - timedelta(days=delivered_days_ago)
     return KnownMessage(uidl, state, attempts, delivered_at, "<id@x>", 10, "0" * 64)
 

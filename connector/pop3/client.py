@@ -1,0 +1,590 @@
+"""A POP3 client (RFC 1939, CAPA/PIPELINING from RFC 2449, STLS from RFC 2595).
+
+``Pop3Client`` wraps one connected socket; ``connect_pop3`` builds it (TCP, TLS, greeting, CAPA) and is
+the one place tests replace. Replies are parsed by the pure functions in ``replies``. Every socket or TLS
+failure leaves here as one of the project's ``Source*`` errors, never as a driver exception.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import socket
+import ssl
+from collections.abc import Callable, Iterator, Sequence
+from types import TracebackType
+from typing import Literal, Protocol, TypeVar
+
+from connector.errors import (
+    SourceAuthError,
+    SourceConnectError,
+    SourcePermError,
+    SourceProtocolError,
+    SourceTempError,
+    SourceTLSError,
+)
+from connector.pop3.replies import (
+    MAX_STATUS_LINE,
+    Capabilities,
+    Greeting,
+    ListEntry,
+    MessageInfo,
+    Reply,
+    UidlEntry,
+    error_for,
+    is_terminator,
+    join_listings,
+    parse_capabilities,
+    parse_greeting,
+    parse_list_listing,
+    parse_stat,
+    parse_status,
+    parse_uidl_listing,
+    printable,
+    strip_eol,
+    unstuff_line,
+)
+from connector.tls import TlsMode, make_ssl_context
+
+_T = TypeVar("_T")
+
+log = logging.getLogger("connector.pop3")
+wire_log = logging.getLogger("connector.pop3.wire")
+
+# Bodies are read in pieces of this size, so a single enormous line never has to fit in memory.
+_BODY_CHUNK = 64 * 1024
+# Lines of CAPA/UIDL/LIST replies are short; a longer one is a broken or hostile server.
+_MAX_LISTING_LINE = MAX_STATUS_LINE
+# About 1.5 million messages with RFC-maximum unique-ids: far beyond any real maildrop, yet a server that
+# streams listing lines forever is stopped before it exhausts memory.
+DEFAULT_MAX_LISTING_BYTES = 128 * 1024 * 1024
+_SECRET_COMMANDS = frozenset({"PASS", "APOP", "AUTH"})
+_FORBIDDEN_IN_ARGUMENTS = ("\r", "\n", "\0")
+
+
+class Sink(Protocol):
+    """Where a message body goes: a ``MessageSpool``, an open file, a ``BytesIO``."""
+
+    def write(self, data: bytes, /) -> object: ...
+
+
+def _cause(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return str(exc.reason)
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def _format_peer(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _trace_line(verb: str, args: Sequence[str]) -> str:
+    if args and verb in _SECRET_COMMANDS:
+        return f"{verb} ****"
+    return " ".join((verb, *args))
+
+
+class _BodyDecoder:
+    """Turns the wire form of a multi-line reply into message bytes, one ``readline`` chunk at a time.
+
+    Dot-unstuffing applies only at the start of a line, and a chunk may end mid-line, so the decoder
+    remembers whether the next chunk starts a line. A CR at the very end of a chunk is held back: only the
+    next chunk tells whether it starts a CRLF or is a bare CR.
+    """
+
+    def __init__(self) -> None:
+        self.at_line_start = True
+        self._pending_cr = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self.at_line_start:
+            chunk = unstuff_line(chunk)
+        if self._pending_cr:
+            chunk = b"\r" + chunk
+            self._pending_cr = False
+        complete = chunk.endswith(b"\n")
+        content = strip_eol(chunk) if complete else chunk
+        if not complete and content.endswith(b"\r"):
+            content = content[:-1]
+            self._pending_cr = True
+        content = content.replace(b"\r", b"\r\n")
+        self.at_line_start = complete
+        return content + b"\r\n" if complete else content
+
+
+class Pop3Client:
+    """One POP3 session over a connected socket. Build it with ``connect_pop3``.
+
+    The constructor reads the greeting and sends CAPA. Any error that leaves the byte stream in an
+    unknown place (a dropped connection, garbage, an oversized reply, a failing sink) marks the session
+    broken: later commands raise ``SourceConnectError`` and ``__exit__`` closes without QUIT.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        peer: str | None = None,
+        max_listing_bytes: int = DEFAULT_MAX_LISTING_BYTES,
+    ) -> None:
+        self._sock = sock
+        self._file = sock.makefile("rb")
+        self._peer = peer if peer is not None else self._peer_of(sock)
+        self._max_listing_bytes = max_listing_bytes
+        self._broken = False
+        self._closed = False
+        self._capabilities = Capabilities()
+        try:
+            self._greeting = self._read_greeting()
+            self._capabilities = self.capa()
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def _peer_of(sock: socket.socket) -> str:
+        try:
+            address = sock.getpeername()
+        except OSError:
+            return "pop3 server"
+        if isinstance(address, tuple) and len(address) >= 2:
+            return _format_peer(str(address[0]), int(address[1]))
+        return str(address) or "pop3 server"
+
+    # --- state ------------------------------------------------------------------------------------
+
+    @property
+    def peer(self) -> str:
+        return self._peer
+
+    @property
+    def greeting(self) -> Greeting:
+        return self._greeting
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self._capabilities
+
+    @property
+    def usable(self) -> bool:
+        """True while commands can still be sent (not closed, stream position known)."""
+        return not self._closed and not self._broken
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise SourceConnectError(f"{self._peer}: the POP3 connection is closed")
+        if self._broken:
+            raise SourceConnectError(f"{self._peer}: the POP3 connection is unusable after an earlier error")
+
+    @contextlib.contextmanager
+    def _exchange(self) -> Iterator[None]:
+        """Brackets one command and its whole reply. Until the reply has been read to its end the stream
+        position is unknown, so anything escaping in between (including a KeyboardInterrupt or a sink
+        error) leaves the session broken."""
+        self._check_usable()
+        self._broken = True
+        yield
+        self._broken = False
+
+    # --- wire ---------------------------------------------------------------------------------------
+
+    def _encode(self, verb: str, args: Sequence[str]) -> bytes:
+        for arg in args:
+            if any(bad in arg for bad in _FORBIDDEN_IN_ARGUMENTS):
+                # The argument itself is not quoted: it may be a password.
+                raise SourcePermError(f"{self._peer}: {verb} argument contains a line break or NUL")
+        wire_log.debug("C: %s", _trace_line(verb, args))
+        return " ".join((verb, *args)).encode("utf-8") + b"\r\n"
+
+    def _send(self, *commands: tuple[str, ...]) -> None:
+        """Send one or more commands in a single write (several only when pipelining)."""
+        data = b"".join(self._encode(command[0], command[1:]) for command in commands)
+        try:
+            self._sock.sendall(data)
+        except OSError as exc:
+            verb = commands[0][0]
+            raise SourceConnectError(f"{self._peer}: sending {verb} failed: {_cause(exc)}") from exc
+
+    def _readline(self, limit: int, during: str) -> bytes:
+        try:
+            data = self._file.readline(limit)
+        except OSError as exc:
+            raise SourceConnectError(f"{self._peer}: reading the reply to {during}: {_cause(exc)}") from exc
+        if not data:
+            raise SourceConnectError(f"{self._peer}: server closed the connection during {during}")
+        return data
+
+    def _read_full_line(self, limit: int, during: str) -> bytes:
+        line = self._readline(limit + 2, during)
+        if line.endswith(b"\n"):
+            return line
+        if len(line) < limit + 2:
+            raise SourceConnectError(f"{self._peer}: server closed the connection during {during}")
+        raise SourceProtocolError(f"{self._peer}: {during}: reply line longer than {limit} bytes")
+
+    def _read_status_line(self, during: str) -> bytes:
+        line = self._read_full_line(MAX_STATUS_LINE, during)
+        wire_log.debug("S: %s", printable(strip_eol(line)))
+        return line
+
+    def _read_status(self, verb: str) -> Reply:
+        line = self._read_status_line(verb)
+        try:
+            return parse_status(line)
+        except SourceProtocolError as exc:
+            raise SourceProtocolError(f"{self._peer}: {verb}: {exc.message}") from exc
+
+    def _read_lines(self, verb: str) -> list[bytes]:
+        """The body of a short multi-line reply (CAPA, UIDL, LIST), unstuffed, terminator removed."""
+        lines: list[bytes] = []
+        total = 0
+        while True:
+            line = self._read_full_line(_MAX_LISTING_LINE, verb)
+            if is_terminator(line):
+                wire_log.debug("S: <%d lines>", len(lines))
+                return lines
+            total += len(line)
+            if total > self._max_listing_bytes:
+                raise SourceProtocolError(
+                    f"{self._peer}: {verb} reply longer than {self._max_listing_bytes} bytes"
+                )
+            lines.append(unstuff_line(line))
+
+    def _stream_body(self, verb: str, sink: Sink, max_bytes: int | None) -> int:
+        decoder = _BodyDecoder()
+        received = 0
+        written = 0
+        pending = bytearray()
+        while True:
+            chunk = self._readline(_BODY_CHUNK, verb)
+            if not chunk.endswith(b"\n") and len(chunk) < _BODY_CHUNK:
+                raise SourceConnectError(f"{self._peer}: server closed the connection during {verb}")
+            if decoder.at_line_start and is_terminator(chunk):
+                break
+            received += len(chunk)
+            if max_bytes is not None and received > max_bytes:
+                raise SourceProtocolError(f"{self._peer}: {verb} reply longer than {max_bytes} bytes")
+            pending += decoder.feed(chunk)
+            # Many short lines are gathered into one write; a long line is written as it arrives.
+            if len(pending) >= _BODY_CHUNK:
+                written += self._flush(sink, pending)
+        written += self._flush(sink, pending)
+        wire_log.debug("S: <%s body, %d bytes>", verb, written)
+        return written
+
+    @staticmethod
+    def _flush(sink: Sink, pending: bytearray) -> int:
+        if not pending:
+            return 0
+        size = len(pending)
+        sink.write(bytes(pending))
+        pending.clear()
+        return size
+
+    # --- session setup --------------------------------------------------------------------------------
+
+    def _read_greeting(self) -> Greeting:
+        with self._exchange():
+            line = self._read_status_line("greeting")
+            try:
+                greeting = parse_greeting(line)
+            except SourceProtocolError as exc:
+                raise SourceProtocolError(f"{self._peer}: greeting: {exc.message}") from exc
+        if not greeting.reply.ok:
+            raise error_for("GREETING", greeting.reply, peer=self._peer)
+        return greeting
+
+    def capa(self) -> Capabilities:
+        """Ask for (and remember) the capabilities; a server that answers -ERR simply has none."""
+        with self._exchange():
+            self._send(("CAPA",))
+            reply = self._read_status("CAPA")
+            lines = self._read_lines("CAPA") if reply.ok else []
+        try:
+            self._capabilities = parse_capabilities(lines)
+        except SourceProtocolError as exc:
+            raise SourceProtocolError(f"{self._peer}: CAPA: {exc.message}") from exc
+        return self._capabilities
+
+    def starttls(self, context: ssl.SSLContext, server_hostname: str) -> None:
+        """STLS, then the TLS handshake, then CAPA again (capabilities seen in plaintext are discarded)."""
+        if not self._capabilities.has("STLS"):
+            raise SourceTLSError(f"{self._peer}: server does not offer STLS")
+        with self._exchange():
+            self._send(("STLS",))
+            reply = self._read_status("STLS")
+        if not reply.ok:
+            if reply.code is not None:
+                raise error_for("STLS", reply, peer=self._peer)
+            # Going on in plaintext would be the silent downgrade that tls = "starttls" forbids.
+            raise SourceTLSError(f"{self._peer}: server refused STLS: {reply.describe()}")
+        with self._exchange():
+            self._refuse_injected_data()
+            self._file.close()
+            self._sock = _wrap_socket(self._sock, context, server_hostname, self._peer)
+            self._file = self._sock.makefile("rb")
+        self._capabilities = Capabilities()
+        self.capa()
+
+    def _refuse_injected_data(self) -> None:
+        """Anything already received after the STLS reply was sent in plaintext by someone who hopes it
+        will be read as if it came over TLS (the CVE-2011-0411 family): refuse the session."""
+        timeout = self._sock.gettimeout()
+        self._sock.settimeout(0)  # peek must not wait for data that is not there
+        try:
+            leftover = self._file.peek(1)
+        except OSError:
+            leftover = b""
+        finally:
+            self._sock.settimeout(timeout)
+        if leftover:
+            raise SourceTLSError(f"{self._peer}: server sent plaintext data after STLS; refusing to continue")
+
+    # --- commands ---------------------------------------------------------------------------------------
+
+    def _command(self, verb: str, *args: str, secrets: Sequence[str] = ()) -> Reply:
+        with self._exchange():
+            self._send((verb, *args))
+            reply = self._read_status(verb)
+        if not reply.ok:
+            raise error_for(verb, reply, peer=self._peer, secrets=secrets)
+        return reply
+
+    def login(self, username: str, password: str, *, method: Literal["user", "apop"] = "user") -> None:
+        """USER/PASS or APOP. The password never appears in an exception or in the wire trace."""
+        for what, value in (("username", username), ("password", password)):
+            if any(bad in value for bad in _FORBIDDEN_IN_ARGUMENTS):
+                raise SourceAuthError(f"{self._peer}: the {what} contains a line break or NUL")
+        if method == "apop":
+            self._apop(username, password)
+        elif method == "user":
+            self._command("USER", username, secrets=(password,))
+            self._command("PASS", password, secrets=(password,))
+        else:
+            raise ValueError(f"unknown POP3 login method {method!r}")
+
+    def _apop(self, username: str, password: str) -> None:
+        timestamp = self._greeting.apop_timestamp
+        if timestamp is None:
+            raise SourceAuthError(
+                f"{self._peer}: server does not offer APOP (its greeting has no <timestamp>); use USER/PASS"
+            )
+        # MD5 is what RFC 1939 §7 specifies for APOP; it is not our choice of hash.
+        digest = hashlib.md5((timestamp + password).encode("utf-8"), usedforsecurity=False).hexdigest()
+        self._command("APOP", username, digest, secrets=(password, digest))
+
+    def stat(self) -> tuple[int, int]:
+        """(message count, maildrop size in octets)."""
+        reply = self._command("STAT")
+        try:
+            return parse_stat(reply)
+        except SourceProtocolError as exc:
+            raise SourceProtocolError(f"{self._peer}: STAT: {exc.message}") from exc
+
+    def _check_listing_reply(self, verb: str, reply: Reply) -> None:
+        if reply.ok:
+            return
+        if verb == "UIDL" and reply.code is None:
+            raise SourcePermError(f"{self._peer}: server does not support UIDL ({reply.describe()})")
+        raise error_for(verb, reply, peer=self._peer)
+
+    def _listing_lines(self, verb: str) -> list[bytes]:
+        with self._exchange():
+            self._send((verb,))
+            reply = self._read_status(verb)
+            lines = self._read_lines(verb) if reply.ok else []
+        self._check_listing_reply(verb, reply)
+        return lines
+
+    def uidl(self) -> list[UidlEntry]:
+        return self._parse_listing("UIDL", parse_uidl_listing, self._listing_lines("UIDL"))
+
+    def list_sizes(self) -> list[ListEntry]:
+        return self._parse_listing("LIST", parse_list_listing, self._listing_lines("LIST"))
+
+    def _parse_listing(self, verb: str, parser: Callable[[list[bytes]], _T], lines: list[bytes]) -> _T:
+        try:
+            return parser(lines)
+        except SourceProtocolError as exc:
+            raise SourceProtocolError(f"{self._peer}: {verb}: {exc.message}") from exc
+
+    def listing(self) -> list[MessageInfo]:
+        """Every message's number, unique-id and size, in server order (oldest first)."""
+        if self._capabilities.has("PIPELINING"):
+            uidl_lines, list_lines = self._pipelined_listing()
+        else:
+            uidl_lines = self._listing_lines("UIDL")
+            list_lines = self._listing_lines("LIST")
+        uidls = self._parse_listing("UIDL", parse_uidl_listing, uidl_lines)
+        sizes = self._parse_listing("LIST", parse_list_listing, list_lines)
+        try:
+            return join_listings(uidls, sizes)
+        except SourceProtocolError as exc:
+            raise SourceProtocolError(f"{self._peer}: {exc.message}") from exc
+
+    def _pipelined_listing(self) -> tuple[list[bytes], list[bytes]]:
+        with self._exchange():
+            self._send(("UIDL",), ("LIST",))
+            # Both replies are read before either is judged, so an -ERR to UIDL leaves the stream in step.
+            uidl_reply = self._read_status("UIDL")
+            uidl_lines = self._read_lines("UIDL") if uidl_reply.ok else []
+            list_reply = self._read_status("LIST")
+            list_lines = self._read_lines("LIST") if list_reply.ok else []
+        self._check_listing_reply("UIDL", uidl_reply)
+        self._check_listing_reply("LIST", list_reply)
+        return uidl_lines, list_lines
+
+    def retr(self, number: int, sink: Sink, *, max_bytes: int | None = None) -> int:
+        """Stream message ``number`` into ``sink`` (unstuffed, CRLF line endings); returns bytes written.
+
+        ``max_bytes`` bounds what is read from the wire; past it the session is broken, since the rest
+        of the reply can no longer be skipped reliably.
+        """
+        return self._fetch("RETR", (_positive(number, "message number"),), sink, max_bytes)
+
+    def top(self, number: int, lines: int, sink: Sink, *, max_bytes: int | None = None) -> int:
+        """The header section and the first ``lines`` body lines of a message, like ``retr``."""
+        args = (_positive(number, "message number"), _non_negative(lines, "line count"))
+        return self._fetch("TOP", args, sink, max_bytes)
+
+    def _fetch(self, verb: str, args: tuple[str, ...], sink: Sink, max_bytes: int | None) -> int:
+        with self._exchange():
+            self._send((verb, *args))
+            reply = self._read_status(verb)
+            written = self._stream_body(verb, sink, max_bytes) if reply.ok else 0
+        if not reply.ok:
+            raise error_for(verb, reply, peer=self._peer)
+        return written
+
+    def dele(self, number: int) -> None:
+        """Mark a message deleted; the server deletes it only at a successful QUIT."""
+        self._command("DELE", _positive(number, "message number"))
+
+    def noop(self) -> None:
+        self._command("NOOP")
+
+    def rset(self) -> None:
+        """Unmark every message marked deleted in this session."""
+        self._command("RSET")
+
+    # --- ending the session -----------------------------------------------------------------------------
+
+    def quit(self) -> None:
+        """QUIT and close. Raises ``SourceTempError`` unless the server confirms: then no deletion of this
+        session happened (RFC 1939 §6), and the caller must not record any as done."""
+        try:
+            self._command("QUIT")
+        except SourceTempError as exc:
+            raise SourceTempError(f"{exc.message}; messages marked for deletion were not deleted") from exc
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Drop the connection without QUIT: the server forgets every DELE of this session."""
+        if self._closed:
+            return
+        self._closed = True
+        for resource in (self._file, self._sock):
+            # The connection is being abandoned: a failure to close it has no one to be reported to.
+            with contextlib.suppress(OSError):
+                resource.close()
+
+    def __enter__(self) -> Pop3Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if not self.usable:
+            self.close()
+            return
+        if exc is None:
+            self.quit()
+            return
+        # QUIT even on an error: the caller DELEs only what is already safe. A failure here must not
+        # replace the exception that is already unwinding.
+        try:
+            self.quit()
+        except Exception as quit_error:
+            log.warning("%s: QUIT after an earlier error failed: %s", self._peer, quit_error)
+
+
+def _positive(value: int, what: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what} must be a positive integer, not {value!r}")
+    return str(value)
+
+
+def _non_negative(value: int, what: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{what} must be a non-negative integer, not {value!r}")
+    return str(value)
+
+
+# --- connection factory -------------------------------------------------------------------------------
+
+
+def _open_socket(host: str, port: int, timeout: float, peer: str) -> socket.socket:
+    try:
+        return socket.create_connection((host, port), timeout=timeout)
+    except OSError as exc:
+        raise SourceConnectError(f"cannot connect to {peer}: {_cause(exc)}") from exc
+
+
+def _wrap_socket(sock: socket.socket, context: ssl.SSLContext, host: str, peer: str) -> socket.socket:
+    """TLS handshake on ``sock`` (which keeps its timeout). On failure the socket is closed."""
+    try:
+        return context.wrap_socket(sock, server_hostname=host)
+    except ssl.SSLCertVerificationError as exc:
+        sock.close()
+        reason = exc.verify_message or _cause(exc)
+        raise SourceTLSError(f"{peer}: certificate verification failed: {reason}") from exc
+    except OSError as exc:
+        sock.close()
+        raise SourceConnectError(f"{peer}: TLS handshake failed: {_cause(exc)}") from exc
+
+
+def connect_pop3(
+    host: str,
+    port: int,
+    *,
+    tls: TlsMode,
+    ssl_context: ssl.SSLContext | None,
+    timeout: float,
+) -> Pop3Client:
+    """Connect, secure the connection as ``tls`` says, read the greeting and the capabilities.
+
+    ``starttls`` never falls back to plaintext: a server without STLS is a ``SourceTLSError``. Without an
+    ``ssl_context`` the default verifying one is used.
+    """
+    if tls not in ("implicit", "starttls", "none"):
+        raise ValueError(f"unknown TLS mode {tls!r}")
+    peer = _format_peer(host, port)
+    context = ssl_context
+    if context is None and tls != "none":
+        context = make_ssl_context()
+    sock = _open_socket(host, port, timeout, peer)
+    try:
+        if tls == "implicit":
+            assert context is not None
+            sock = _wrap_socket(sock, context, host, peer)
+        client = Pop3Client(sock, peer=peer)
+    except BaseException:
+        sock.close()
+        raise
+    if tls == "starttls":
+        assert context is not None
+        try:
+            client.starttls(context, host)
+        except BaseException:
+            client.close()
+            raise
+    return client

@@ -1,0 +1,335 @@
+"""Pure parsers for POP3 replies (RFC 1939, RFC 2449 CAPA, RFC 3206 response codes).
+
+Every function here takes bytes (or an already parsed ``Reply``) and either returns a small frozen value
+or raises ``SourceProtocolError``. Nothing else may escape, whatever a hostile server sends: the client
+relies on that to turn every oddity into one retryable error type.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from connector.errors import (
+    SourceAuthError,
+    SourceError,
+    SourceInUseError,
+    SourceLoginDelayError,
+    SourceMessageError,
+    SourcePermError,
+    SourceProtocolError,
+    SourceTempError,
+)
+
+# RFC 2449 caps responses at 512 octets; real servers stay far below. The bound is generous so that a
+# chatty server still works, yet a server that never sends a line ending cannot exhaust memory.
+MAX_STATUS_LINE = 8 * 1024
+# RFC 1939 §7: a unique-id is 1 to 70 characters in 0x21..0x7E. The ledger may rely on this bound.
+MAX_UIDL_LENGTH = 70
+# Message numbers and sizes are bounded so a hostile number cannot reach int()'s digit limit.
+_MAX_NUMBER_DIGITS = 18
+
+_CODE_RE = re.compile(rb"\[([\x21-\x5a\x5c\x5e-\x7e]+)\]")
+# The part before "@" excludes "@" itself so that the match is linear on hostile input.
+_TIMESTAMP_RE = re.compile(rb"<[\x21-\x3b\x3d\x3f\x41-\x7e]*@[\x21-\x3b\x3d\x3f-\x7e]*>")
+_DIGITS_RE = re.compile(rb"[0-9]{1,%d}" % _MAX_NUMBER_DIGITS)
+_CAPA_NAME_RE = re.compile(rb"[\x21-\x7e]+")
+_UIDL_RE = re.compile(rb"[\x21-\x7e]{1,%d}" % MAX_UIDL_LENGTH)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A status line: ``+OK``/``-ERR``, the RFC 2449 response code if any, and the human text."""
+
+    ok: bool
+    code: str | None
+    text: str
+
+    def describe(self) -> str:
+        """The reply as a server would have written it, safe to put in an error message."""
+        status = "+OK" if self.ok else "-ERR"
+        parts = [status]
+        if self.code is not None:
+            parts.append(f"[{self.code}]")
+        if self.text:
+            parts.append(self.text)
+        return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class Greeting:
+    reply: Reply
+    apop_timestamp: str | None
+
+
+@dataclass(frozen=True)
+class UidlEntry:
+    number: int
+    uidl: str
+
+
+@dataclass(frozen=True)
+class ListEntry:
+    number: int
+    size: int
+
+
+@dataclass(frozen=True)
+class MessageInfo:
+    number: int
+    uidl: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What CAPA announced: upper-case capability name -> its arguments, in the server's spelling."""
+
+    # A read-only mapping cannot be hashed; leaving it out of the hash keeps the dataclass hashable.
+    entries: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({}), hash=False)
+
+    def has(self, name: str) -> bool:
+        return name.upper() in self.entries
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.has(name)
+
+    def args(self, name: str) -> tuple[str, ...]:
+        return self.entries.get(name.upper(), ())
+
+    @property
+    def login_delay(self) -> int | None:
+        """Minimum seconds between logins (``LOGIN-DELAY n``), or None when not announced."""
+        return _first_int(self.args("LOGIN-DELAY"))
+
+    @property
+    def expire(self) -> int | None:
+        """Days the server keeps retrieved messages (``EXPIRE n``); 0 means it deletes them on RETR.
+
+        None when not announced or ``NEVER``: see ``expire_never`` to tell these apart.
+        """
+        return _first_int(self.args("EXPIRE"))
+
+    @property
+    def expire_never(self) -> bool:
+        values = self.args("EXPIRE")
+        return bool(values) and values[0].upper() == "NEVER"
+
+    @property
+    def sasl_mechanisms(self) -> tuple[str, ...]:
+        return tuple(mechanism.upper() for mechanism in self.args("SASL"))
+
+    @property
+    def implementation(self) -> str | None:
+        values = self.args("IMPLEMENTATION")
+        return " ".join(values) if values else None
+
+
+def _first_int(values: tuple[str, ...]) -> int | None:
+    # Arguments were decoded from bytes, so ASCII digits are checked explicitly: str.isdigit() would
+    # also accept other scripts' digits, which int() then rejects or misreads.
+    if values and _DIGITS_RE.fullmatch(values[0].encode("utf-8", "replace")):
+        return int(values[0])
+    return None
+
+
+def printable(data: bytes) -> str:
+    """Server text for messages and logs: never raises, control characters made visible."""
+    decoded = data.decode("utf-8", "replace")
+    return "".join(ch if ch.isprintable() or ch == "\t" else "?" for ch in decoded)
+
+
+def strip_eol(line: bytes) -> bytes:
+    if line.endswith(b"\r\n"):
+        return line[:-2]
+    if line.endswith(b"\n"):
+        return line[:-1]
+    return line
+
+
+def parse_status(line: bytes) -> Reply:
+    """Parse ``+OK text`` or ``-ERR [CODE] text`` (line ending optional)."""
+    body = strip_eol(line)
+    if len(body) > MAX_STATUS_LINE:
+        raise SourceProtocolError(f"status line longer than {MAX_STATUS_LINE} bytes")
+    upper = body[:4].upper()
+    if upper.startswith(b"+OK"):
+        ok, rest = True, body[3:]
+    elif upper == b"-ERR":
+        ok, rest = False, body[4:]
+    else:
+        raise SourceProtocolError(f"expected +OK or -ERR, got {printable(body[:80])!r}")
+    # "+OKAY" is not "+OK": the status must end at a space or the end of the line.
+    if rest and rest[:1] not in (b" ", b"\t"):
+        raise SourceProtocolError(f"expected +OK or -ERR, got {printable(body[:80])!r}")
+    rest = rest.strip(b" \t")
+    code: str | None = None
+    match = _CODE_RE.match(rest)
+    if match is not None:
+        code = match.group(1).decode("ascii").upper()
+        rest = rest[match.end() :].lstrip(b" \t")
+    return Reply(ok=ok, code=code, text=printable(rest))
+
+
+def parse_greeting(line: bytes) -> Greeting:
+    """The status line plus the APOP timestamp ``<...@...>`` if the server offers APOP."""
+    reply = parse_status(line)
+    match = _TIMESTAMP_RE.search(strip_eol(line))
+    timestamp = match.group(0).decode("ascii") if match is not None else None
+    return Greeting(reply=reply, apop_timestamp=timestamp)
+
+
+def parse_capabilities(lines: Iterable[bytes]) -> Capabilities:
+    """The lines of a CAPA reply (terminator removed, already unstuffed)."""
+    entries: dict[str, tuple[str, ...]] = {}
+    for line in lines:
+        words = strip_eol(line).split()
+        if not words:
+            continue  # a blank line carries no capability; not worth failing the session over
+        name = words[0]
+        if _CAPA_NAME_RE.fullmatch(name) is None:
+            raise SourceProtocolError(f"invalid capability name {printable(name[:80])!r}")
+        # The first announcement wins so that a later duplicate cannot change what was negotiated.
+        entries.setdefault(name.decode("ascii").upper(), tuple(printable(word) for word in words[1:]))
+    return Capabilities(MappingProxyType(entries))
+
+
+def _number(token: bytes, what: str) -> int:
+    if _DIGITS_RE.fullmatch(token) is None:
+        raise SourceProtocolError(f"invalid {what} {printable(token[:80])!r}")
+    return int(token)
+
+
+def _message_number(token: bytes) -> int:
+    number = _number(token, "message number")
+    if number < 1:
+        raise SourceProtocolError("message number 0 in listing")
+    return number
+
+
+def parse_uidl_line(line: bytes) -> UidlEntry:
+    """``n uidl`` from a UIDL listing (or the text of a single-message UIDL reply)."""
+    words = strip_eol(line).split()
+    if len(words) != 2:
+        raise SourceProtocolError(f"malformed UIDL line {printable(line[:80])!r}")
+    number = _message_number(words[0])
+    if _UIDL_RE.fullmatch(words[1]) is None:
+        raise SourceProtocolError(f"invalid unique-id {printable(words[1][:80])!r} for message {number}")
+    return UidlEntry(number=number, uidl=words[1].decode("ascii"))
+
+
+def parse_list_line(line: bytes) -> ListEntry:
+    """``n size`` from a LIST listing; RFC 1939 lets servers append more information, which is ignored."""
+    words = strip_eol(line).split()
+    if len(words) < 2:
+        raise SourceProtocolError(f"malformed LIST line {printable(line[:80])!r}")
+    return ListEntry(number=_message_number(words[0]), size=_number(words[1], "message size"))
+
+
+def _check_unique_numbers(numbers: Iterable[int], command: str) -> None:
+    seen: set[int] = set()
+    for number in numbers:
+        if number in seen:
+            raise SourceProtocolError(f"{command} lists message {number} twice")
+        seen.add(number)
+
+
+def parse_uidl_listing(lines: Iterable[bytes]) -> list[UidlEntry]:
+    """A whole UIDL reply body. Duplicate message numbers are refused (the listing is broken).
+
+    A unique-id given to several messages is passed on: the poll planner leaves exactly those messages on
+    the server and reports them, so one bad id does not stop the rest of the mailbox."""
+    entries = [parse_uidl_line(line) for line in lines]
+    _check_unique_numbers((entry.number for entry in entries), "UIDL")
+    return entries
+
+
+def parse_list_listing(lines: Iterable[bytes]) -> list[ListEntry]:
+    entries = [parse_list_line(line) for line in lines]
+    _check_unique_numbers((entry.number for entry in entries), "LIST")
+    return entries
+
+
+def parse_stat(reply: Reply) -> tuple[int, int]:
+    """``+OK count size`` -> (count, size)."""
+    words = reply.text.encode("utf-8", "replace").split()
+    if len(words) < 2:
+        raise SourceProtocolError(f"malformed STAT reply {reply.text[:80]!r}")
+    return _number(words[0], "message count"), _number(words[1], "maildrop size")
+
+
+def join_listings(uidls: Iterable[UidlEntry], sizes: Iterable[ListEntry]) -> list[MessageInfo]:
+    """Pair UIDL and LIST entries by message number, in UIDL (server) order."""
+    size_by_number = {entry.number: entry.size for entry in sizes}
+    infos: list[MessageInfo] = []
+    for entry in uidls:
+        size = size_by_number.pop(entry.number, None)
+        if size is None:
+            raise SourceProtocolError(f"message {entry.number} is in UIDL but not in LIST")
+        infos.append(MessageInfo(number=entry.number, uidl=entry.uidl, size=size))
+    if size_by_number:
+        number = min(size_by_number)
+        raise SourceProtocolError(f"message {number} is in LIST but not in UIDL")
+    return infos
+
+
+def is_terminator(line: bytes) -> bool:
+    """The ``.`` line that ends a multi-line reply (a bare-LF variant is accepted from sloppy servers)."""
+    return line in (b".\r\n", b".\n")
+
+
+def unstuff_line(line: bytes) -> bytes:
+    """Undo RFC 1939 byte-stuffing: a line starting with ``.`` loses that first dot.
+
+    Check ``is_terminator`` first; this function treats the terminator as an ordinary stuffed line.
+    """
+    return line[1:] if line.startswith(b".") else line
+
+
+_AUTH_COMMANDS = frozenset({"USER", "PASS", "APOP", "AUTH"})
+_MESSAGE_COMMANDS = frozenset({"RETR", "TOP"})
+_CODE_ERRORS: tuple[tuple[str, type[SourceError]], ...] = (
+    ("IN-USE", SourceInUseError),
+    ("LOGIN-DELAY", SourceLoginDelayError),
+    ("SYS/TEMP", SourceTempError),
+    ("SYS/PERM", SourcePermError),
+    ("AUTH", SourceAuthError),
+)
+
+
+def _error_type(command: str, code: str | None) -> type[SourceError]:
+    if command == "QUIT":
+        # RFC 1939 §6: a failed QUIT means the deletions were not made; whatever the code says, the
+        # next session can try again.
+        return SourceTempError
+    if code is not None:
+        for known, error_type in _CODE_ERRORS:
+            # RFC 2449 codes are hierarchical: "SYS/TEMP/DISK" is still a SYS/TEMP.
+            if code == known or code.startswith(known + "/"):
+                return error_type
+    if command in _AUTH_COMMANDS:
+        return SourceAuthError
+    if command in _MESSAGE_COMMANDS:
+        return SourceMessageError
+    if command == "GREETING":
+        return SourceTempError  # a server refusing to greet is nearly always overloaded
+    return SourcePermError
+
+
+def error_for(
+    command: str, reply: Reply, *, peer: str | None = None, secrets: Iterable[str] = ()
+) -> SourceError:
+    """The typed error for an ``-ERR`` reply to ``command`` (the verb only, never its arguments).
+
+    ``secrets`` are cut out of the server's text, in case a server echoes what it was sent.
+    """
+    verb = command.upper()
+    description = reply.describe()
+    for secret in secrets:
+        if secret:
+            description = description.replace(secret, "****")
+    subject = "server greeting" if verb == "GREETING" else verb
+    prefix = f"{peer}: " if peer else ""
+    return _error_type(verb, reply.code)(f"{prefix}{subject} failed: {description}")

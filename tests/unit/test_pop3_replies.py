@@ -1,0 +1,333 @@
+"""The pure POP3 reply parsers: typed results for good input, SourceProtocolError for anything else."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from connector.errors import (
+    SourceAuthError,
+    SourceError,
+    SourceInUseError,
+    SourceLoginDelayError,
+    SourceMessageError,
+    SourcePermError,
+    SourceProtocolError,
+    SourceTempError,
+)
+from connector.pop3.replies import (
+    MAX_STATUS_LINE,
+    Capabilities,
+    ListEntry,
+    MessageInfo,
+    Reply,
+    UidlEntry,
+    error_for,
+    is_terminator,
+    join_listings,
+    parse_capabilities,
+    parse_greeting,
+    parse_list_line,
+    parse_list_listing,
+    parse_stat,
+    parse_status,
+    parse_uidl_line,
+    parse_uidl_listing,
+    unstuff_line,
+)
+
+# --- status lines -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (b"+OK\r\n", Reply(True, None, "")),
+        (b"+OK 2 320\r\n", Reply(True, None, "2 320")),
+        (b"-ERR no such message\r\n", Reply(False, None, "no such message")),
+        (b"-ERR [IN-USE] maildrop locked\r\n", Reply(False, "IN-USE", "maildrop locked")),
+        (b"-ERR [sys/temp] try later\n", Reply(False, "SYS/TEMP", "try later")),
+        (b"-ERR [AUTH]\r\n", Reply(False, "AUTH", "")),
+        (b"+ok lower case", Reply(True, None, "lower case")),
+        (b"-ERR not [A] code", Reply(False, None, "not [A] code")),
+    ],
+)
+def test_parse_status(line: bytes, expected: Reply) -> None:
+    assert parse_status(line) == expected
+
+
+@pytest.mark.parametrize("line", [b"", b"\r\n", b"OK fine", b"+OKAY", b"-ERROR x", b"* 1 EXISTS", b"+"])
+def test_parse_status_rejects_non_status(line: bytes) -> None:
+    with pytest.raises(SourceProtocolError):
+        parse_status(line)
+
+
+def test_status_line_length_limit() -> None:
+    assert parse_status(b"+OK " + b"x" * (MAX_STATUS_LINE - 4) + b"\r\n").ok
+    with pytest.raises(SourceProtocolError, match="longer than"):
+        parse_status(b"+OK " + b"x" * (MAX_STATUS_LINE - 3) + b"\r\n")
+
+
+def test_status_text_is_printable_even_for_hostile_bytes() -> None:
+    reply = parse_status(b"-ERR bad\x00\x1b[31m\xff\xfe text")
+    assert reply.text.isprintable()
+    assert "bad" in reply.text and "text" in reply.text
+
+
+def test_describe_round_trips_the_parts() -> None:
+    assert Reply(False, "IN-USE", "locked").describe() == "-ERR [IN-USE] locked"
+    assert Reply(True, None, "").describe() == "+OK"
+
+
+# --- greeting -----------------------------------------------------------------------------------------------
+
+
+def test_greeting_with_apop_timestamp() -> None:
+    greeting = parse_greeting(b"+OK POP3 server ready <1896.697170952@dbc.mtview.ca.us>\r\n")
+    assert greeting.reply.ok
+    assert greeting.apop_timestamp == "<1896.697170952@dbc.mtview.ca.us>"
+
+
+@pytest.mark.parametrize(
+    "line", [b"+OK ready\r\n", b"+OK <no-at-sign>\r\n", b"+OK <a@b c>\r\n", b"+OK <\xff@x>\r\n"]
+)
+def test_greeting_without_usable_timestamp(line: bytes) -> None:
+    assert parse_greeting(line).apop_timestamp is None
+
+
+def test_error_greeting_is_parsed_not_raised() -> None:
+    greeting = parse_greeting(b"-ERR [SYS/TEMP] too many connections\r\n")
+    assert not greeting.reply.ok
+    assert greeting.reply.code == "SYS/TEMP"
+
+
+def test_greeting_timestamp_search_is_fast_on_hostile_input() -> None:
+    # Quadratic backtracking here would take seconds; the regex must stay linear.
+    line = b"+OK <" + b"@" * (MAX_STATUS_LINE - 10) + b"\r\n"
+    assert parse_greeting(line).apop_timestamp is None
+
+
+# --- CAPA ---------------------------------------------------------------------------------------------------
+
+
+def test_parse_capabilities() -> None:
+    caps = parse_capabilities(
+        [
+            b"TOP\r\n",
+            b"uidl\r\n",
+            b"SASL PLAIN login\r\n",
+            b"LOGIN-DELAY 900\r\n",
+            b"EXPIRE 30 USER\r\n",
+            b"PIPELINING\r\n",
+            b"IMPLEMENTATION Shlemazle Mail\r\n",
+            b"\r\n",
+        ]
+    )
+    assert caps.has("PIPELINING") and caps.has("pipelining") and "UIDL" in caps
+    assert not caps.has("STLS")
+    assert caps.login_delay == 900
+    assert caps.expire == 30 and not caps.expire_never
+    assert caps.sasl_mechanisms == ("PLAIN", "LOGIN")
+    assert caps.implementation == "Shlemazle Mail"
+    assert caps.args("EXPIRE") == ("30", "USER")
+    assert hash(caps) == hash(Capabilities())
+
+
+def test_capabilities_expire_never_and_absent_values() -> None:
+    caps = parse_capabilities([b"EXPIRE NEVER", b"LOGIN-DELAY soon"])
+    assert caps.expire is None and caps.expire_never
+    assert caps.login_delay is None
+    empty = Capabilities()
+    assert empty.login_delay is None and empty.expire is None and not empty.expire_never
+    assert empty.implementation is None and empty.sasl_mechanisms == ()
+
+
+def test_first_capability_announcement_wins() -> None:
+    assert parse_capabilities([b"EXPIRE 0", b"EXPIRE NEVER"]).expire == 0
+
+
+def test_capability_name_must_be_ascii() -> None:
+    with pytest.raises(SourceProtocolError):
+        parse_capabilities([b"\xffTOP"])
+
+
+def test_capability_arguments_may_be_8bit() -> None:
+    caps = parse_capabilities([b"IMPLEMENTATION M\xc3\xbcller \xff"])
+    assert caps.implementation is not None and caps.implementation.startswith("Müller")
+
+
+# --- UIDL / LIST / STAT -------------------------------------------------------------------------------------
+
+
+def test_parse_uidl_and_list_lines() -> None:
+    assert parse_uidl_line(b"1 whqtswO00WBw418f9t5JxYwZ\r\n") == UidlEntry(1, "whqtswO00WBw418f9t5JxYwZ")
+    assert parse_uidl_line(b"2  QhdPYR:00WBw1Ph7x7\n") == UidlEntry(2, "QhdPYR:00WBw1Ph7x7")
+    assert parse_list_line(b"3 120\r\n") == ListEntry(3, 120)
+    assert parse_list_line(b"3 120 extra info\r\n") == ListEntry(3, 120)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"",
+        b"1",
+        b"1 a b",
+        b"0 abc",
+        b"-1 abc",
+        b"x abc",
+        b"1_0 abc",
+        b"\xd9\xa1 abc",  # an Arabic-Indic digit: int() would accept it
+        b"1 " + b"a" * 71,
+        b"1 caf\xc3\xa9",
+        b"9" * 19 + b" abc",
+    ],
+)
+def test_malformed_uidl_lines(line: bytes) -> None:
+    with pytest.raises(SourceProtocolError):
+        parse_uidl_line(line)
+
+
+@pytest.mark.parametrize("line", [b"", b"1", b"1 -5", b"1 12k", b"a 1", b"0 1", b"1 " + b"9" * 40])
+def test_malformed_list_lines(line: bytes) -> None:
+    with pytest.raises(SourceProtocolError):
+        parse_list_line(line)
+
+
+def test_listings_refuse_duplicate_numbers_but_pass_on_duplicate_ids() -> None:
+    with pytest.raises(SourceProtocolError, match="twice"):
+        parse_uidl_listing([b"1 a", b"1 b"])
+    # The planner leaves messages sharing an id on the server and reports them.
+    assert [e.uidl for e in parse_uidl_listing([b"1 a", b"2 a"])] == ["a", "a"]
+    with pytest.raises(SourceProtocolError, match="twice"):
+        parse_list_listing([b"1 10", b"1 20"])
+
+
+def test_join_listings_keeps_server_order() -> None:
+    uidls = parse_uidl_listing([b"1 a", b"3 c", b"4 d"])
+    sizes = parse_list_listing([b"4 40", b"1 10", b"3 30"])
+    assert join_listings(uidls, sizes) == [
+        MessageInfo(1, "a", 10),
+        MessageInfo(3, "c", 30),
+        MessageInfo(4, "d", 40),
+    ]
+
+
+def test_join_listings_detects_disagreement() -> None:
+    with pytest.raises(SourceProtocolError, match="not in LIST"):
+        join_listings([UidlEntry(1, "a"), UidlEntry(2, "b")], [ListEntry(1, 10)])
+    with pytest.raises(SourceProtocolError, match="not in UIDL"):
+        join_listings([UidlEntry(1, "a")], [ListEntry(1, 10), ListEntry(2, 20)])
+
+
+def test_parse_stat() -> None:
+    assert parse_stat(Reply(True, None, "2 320")) == (2, 320)
+    assert parse_stat(Reply(True, None, "0 0 more")) == (0, 0)
+    for text in ("", "2", "two 320", "2 -1"):
+        with pytest.raises(SourceProtocolError):
+            parse_stat(Reply(True, None, text))
+
+
+# --- multi-line helpers -------------------------------------------------------------------------------------
+
+
+def test_terminator_and_unstuffing() -> None:
+    assert is_terminator(b".\r\n") and is_terminator(b".\n")
+    assert not is_terminator(b"..\r\n") and not is_terminator(b". \r\n") and not is_terminator(b".")
+    assert unstuff_line(b"..\r\n") == b".\r\n"
+    assert unstuff_line(b"...dots\r\n") == b"..dots\r\n"
+    assert unstuff_line(b"plain\r\n") == b"plain\r\n"
+    assert unstuff_line(b"") == b""
+
+
+# --- error mapping ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("command", "code", "expected"),
+    [
+        ("PASS", "IN-USE", SourceInUseError),
+        ("USER", "LOGIN-DELAY", SourceLoginDelayError),
+        ("STAT", "SYS/TEMP", SourceTempError),
+        ("RETR", "SYS/TEMP/DISK", SourceTempError),
+        ("PASS", "SYS/PERM", SourcePermError),
+        ("APOP", "AUTH", SourceAuthError),
+        ("USER", None, SourceAuthError),
+        ("PASS", None, SourceAuthError),
+        ("APOP", None, SourceAuthError),
+        ("RETR", None, SourceMessageError),
+        ("TOP", None, SourceMessageError),
+        ("DELE", None, SourcePermError),
+        ("STAT", "UNKNOWN-CODE", SourcePermError),
+        ("RETR", "SYSTEM", SourceMessageError),
+        ("QUIT", "SYS/PERM", SourceTempError),
+        ("GREETING", None, SourceTempError),
+    ],
+)
+def test_error_for(command: str, code: str | None, expected: type[SourceError]) -> None:
+    error = error_for(command, Reply(False, code, "server says no"), peer="pop.example:110")
+    assert type(error) is expected
+    assert command.upper() in str(error) or command == "GREETING"
+    assert "server says no" in str(error)
+    assert "pop.example:110" in str(error)
+
+
+def test_error_for_cuts_out_secrets() -> None:
+    error = error_for("PASS", Reply(False, None, "bad password hunter2"), secrets=("hunter2", ""))
+    assert "hunter2" not in str(error)
+    assert "****" in str(error)
+
+
+# --- properties: hostile bytes only ever produce SourceProtocolError ----------------------------------------
+
+_PARSERS: list[Callable[[bytes], object]] = [
+    parse_status,
+    parse_greeting,
+    parse_uidl_line,
+    parse_list_line,
+    unstuff_line,
+    is_terminator,
+    lambda data: parse_capabilities(data.split(b"\n")),
+    lambda data: parse_uidl_listing(data.split(b"\n")),
+    lambda data: parse_list_listing(data.split(b"\n")),
+    lambda data: parse_stat(parse_status(data)),
+]
+
+_pop3ish = st.one_of(
+    st.binary(max_size=300),
+    st.lists(
+        st.sampled_from(
+            [b"+OK", b"-ERR", b" ", b"[", b"]", b"<", b">", b"@", b"1", b"0", b"9" * 30, b"\xff"]
+        ),
+        max_size=30,
+    ).map(b"".join),
+)
+
+
+@pytest.mark.parametrize("parser", _PARSERS)
+@given(data=_pop3ish)
+def test_parsers_raise_only_protocol_errors(parser: Callable[[bytes], object], data: bytes) -> None:
+    with contextlib.suppress(SourceProtocolError):
+        parser(data)
+
+
+@given(
+    verb=st.sampled_from(["USER", "PASS", "APOP", "RETR", "TOP", "DELE", "QUIT", "STAT", "GREETING"]),
+    line=st.binary(max_size=200),
+)
+def test_any_error_reply_maps_to_a_source_error(verb: str, line: bytes) -> None:
+    try:
+        reply = parse_status(b"-ERR " + line)
+    except SourceProtocolError:
+        return
+    assert isinstance(error_for(verb, reply), SourceError)
+
+
+@given(st.lists(st.binary(max_size=40).filter(lambda b: b"\n" not in b), max_size=10))
+def test_unstuffing_undoes_stuffing(lines: list[bytes]) -> None:
+    for line in lines:
+        stuffed = b"." + line if line.startswith(b".") else line
+        assert unstuff_line(stuffed + b"\r\n") == line + b"\r\n"
