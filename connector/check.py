@@ -19,8 +19,10 @@ def run_checks(config: Config, out: Callable[[str], None], connections: Connecti
         try:
             with connections.open_source(account) as pop:
                 count, size = pop.stat()
-            out(f"{account.name}: POP3 {account.host}:{account.effective_port} OK ({count} messages, "
-                f"{size} bytes)")
+            out(
+                f"{account.name}: POP3 {account.host}:{account.effective_port} OK ({count} messages, "
+                f"{size} bytes)"
+            )
         except ConnectorError as exc:
             all_ok = False
             out(f"{account.name}: POP3 {account.host}:{account.effective_port} FAILED: {exc.message}")

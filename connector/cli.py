@@ -36,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sync = commands.add_parser("sync", help="poll accounts once and exit")
-    sync.add_argument("--account", "-a", action="append", metavar="NAME", help="only this account (repeatable)")
+    sync.add_argument(
+        "--account", "-a", action="append", metavar="NAME", help="only this account (repeatable)"
+    )
     sync.add_argument("--dry-run", action="store_true", help="show what would be delivered and deleted")
     commands.add_parser("run", help="run the service: poll every account on its schedule")
     status = commands.add_parser("status", help="show each account's last poll, counts and errors")
@@ -99,8 +101,10 @@ def _selected_accounts(config: Config, names: list[str] | None) -> list[Account]
 
 def _stop_on_signals(stop: threading.Event) -> None:
     def handler(signum: int, _frame: FrameType | None) -> None:
-        log.warning("received %s: finishing the current message of each poll, then stopping",
-                    signal.Signals(signum).name)
+        log.warning(
+            "received %s: finishing the current message of each poll, then stopping",
+            signal.Signals(signum).name,
+        )
         stop.set()
 
     signal.signal(signal.SIGTERM, handler)

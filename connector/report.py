@@ -90,9 +90,7 @@ def status_text(records: list[dict[str, Any]]) -> str:
                 f"  last poll {record['last_poll']}, last success {record['last_success']}, "
                 f"next poll {record['next_poll']}"
             )
-            lines.append(
-                "  messages: " + ", ".join(f"{state} {count}" for state, count in counts.items())
-            )
+            lines.append("  messages: " + ", ".join(f"{state} {count}" for state, count in counts.items()))
             if record["last_error"]:
                 lines.append(f"  last error: {record['last_error']}")
     return "\n".join(lines)

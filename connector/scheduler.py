@@ -53,8 +53,11 @@ class Service:
             when = next_polls.get(account.name)
             self._schedule(account, when if when is not None and when > now else now)
         self._scheduler.start()
-        log.info("service started: %d accounts, at most %d polled at once",
-                 len(self.accounts()), self.config.service.max_workers)
+        log.info(
+            "service started: %d accounts, at most %d polled at once",
+            len(self.accounts()),
+            self.config.service.max_workers,
+        )
 
     def run_until_stopped(self) -> None:
         self.start()
