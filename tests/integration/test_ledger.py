@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import stat
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -170,3 +172,14 @@ def test_parallel_writers_on_one_database(engine: Engine) -> None:
         thread.join()
     assert errors == []
     assert sum(s.counts["delivered"] for s in ledger.statuses()) == 180
+
+
+def test_sqlite_file_is_private(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "state.db"
+    engine = open_database(f"sqlite:///{path}")
+    engine.dispose()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    for suffix in ("-wal", "-shm"):
+        extra = path.with_name(path.name + suffix)
+        if extra.exists():
+            assert stat.S_IMODE(extra.stat().st_mode) & 0o077 == 0
