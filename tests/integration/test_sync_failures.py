@@ -6,12 +6,7 @@ import tracemalloc
 
 import pytest
 
-from connector.config import Account, Destination
-from connector.connections import Connections, open_destination
-from connector.destinations.base import DestinationSession
-from connector.errors import DestinationRejectedError
 from connector.ledger.models import MessageState
-from connector.message import FetchedMessage
 from tests.integration.conftest import SyncFactory
 from tests.messages import simple
 from tests.servers.dovecot import Dovecot, MailUsers
@@ -24,44 +19,20 @@ def database(sqlite_url: str) -> str:
     return sqlite_url
 
 
-class _Refusing:
-    """The real IMAP session, except that it refuses one Message-ID the way a server refuses content.
-
-    No Dovecot setting refuses a single message permanently, so this one wrapper stands in for it."""
-
-    def __init__(self, inner: DestinationSession, refused: str) -> None:
-        self.inner = inner
-        self.refused = refused
-
-    def deliver(self, message: FetchedMessage) -> str:
-        if message.message_id == self.refused:
-            raise DestinationRejectedError("APPEND refused: [CANNOT] message rejected by content filter")
-        return self.inner.deliver(message)
-
-    def find(self, message: FetchedMessage) -> str | None:
-        return self.inner.find(message)
-
-    def check(self) -> object:
-        return self.inner.check()
-
-    def close(self) -> None:
-        self.inner.close()
-
-
 def test_refused_message_stays_on_server_and_the_rest_goes_on(
     dovecot: Dovecot, mail_users: MailUsers, make_sync: SyncFactory
 ) -> None:
-    dovecot.seed(mail_users.source.name, [simple(n) for n in range(3)])
-    config, engine = make_sync(account={"retry": {"max_attempts": 2}})
-
-    def refusing(destination: Destination, account: Account) -> DestinationSession:
-        return _Refusing(open_destination(destination, account), "<msg1@example.net>")
-
-    engine.connections = Connections(open_destination=refusing)
+    # Dovecot refuses any APPEND over quota_max_mail_size with NO [LIMIT]: a permanent, per-message refusal.
+    limited = dovecot.new_user("limited", userdb_fields={"quota_max_mail_size": "10K"})
+    dovecot.seed(mail_users.source.name, [simple(0), simple(1, size=30_000), simple(2)])
+    config, engine = make_sync(
+        account={"retry": {"max_attempts": 2}},
+        destination={"username": limited.name, "password": limited.password},
+    )
     account = config.accounts[0]
     first = engine.poll(account)
     assert (first.delivered, first.failed, first.quarantined, first.status) == (2, 1, 0, "ok")
-    assert any("content filter" in problem for problem in first.problems)
+    assert any("LIMIT" in problem for problem in first.problems), first.problems
     assert dovecot.maildir_count(mail_users.source.name) == 1
     second = engine.poll(account)
     assert (second.delivered, second.failed, second.quarantined) == (0, 1, 1)
@@ -71,6 +42,7 @@ def test_refused_message_stays_on_server_and_the_rest_goes_on(
     third = engine.poll(account)
     assert (third.delivered, third.failed) == (0, 0)  # quarantined: not tried again
     assert dovecot.maildir_count(mail_users.source.name) == 1  # and never deleted
+    dovecot.remove_user(limited.name)
 
 
 def test_full_destination_stops_the_poll_without_burning_attempts(

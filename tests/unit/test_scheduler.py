@@ -52,7 +52,9 @@ class RecordingEngine:
         with self.lock:
             self.running[account.name] -= 1
         if account.name in self.fail:
-            return PollResult(account.name, status="error", error="x", next_poll_at=self.clock() + timedelta(hours=1))
+            return PollResult(
+                account.name, status="error", error="x", next_poll_at=self.clock() + timedelta(hours=1)
+            )
         return PollResult(account.name, next_poll_at=self.clock() + timedelta(milliseconds=10))
 
 

@@ -1,0 +1,536 @@
+"""IMAP destination: APPEND each message into one folder, and find it again after a crash.
+
+``open_imap`` is the only place a connection is built (tests replace it). Everything imapclient, imaplib,
+ssl and socket raise is translated here into the project's ``DestinationError`` types, with messages that
+name the server, the folder and what the server said, and never the password.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import imaplib
+import re
+import ssl
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from imapclient import IMAPClient
+from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
+from imapclient.imap_utf7 import encode as encode_utf7
+
+from connector.errors import (
+    DestinationAuthError,
+    DestinationConnectError,
+    DestinationError,
+    DestinationFullError,
+    DestinationRejectedError,
+    DestinationTempError,
+    DestinationTLSError,
+)
+from connector.message import FetchedMessage
+from connector.tls import TlsMode, make_ssl_context
+
+# The separator of folder levels in the configured folder name, whatever the server's delimiter is.
+FOLDER_SEPARATOR = "/"
+# find() hashes candidates in slices of this size so that a large message is never held whole.
+_FETCH_SLICE = 1024 * 1024
+_MAX_TEXT = 400
+
+_CODE_RE = re.compile(r"\[([A-Za-z0-9.-]+)[^\]]*\]")
+_APPENDUID_RE = re.compile(r"\[APPENDUID\s+(\d+)\s+(\d+)\]", re.IGNORECASE)
+_BYTES_REPR_RE = re.compile(r"b(['\"])(.*)\1", re.DOTALL)
+_FAILED_PREFIX_RE = re.compile(r"^\w+ failed: ")
+# Codes that say "this message/folder can never go in" even if the text also mentions a quota.
+_REJECT_CODES = frozenset({"TOOBIG", "CANNOT", "LIMIT"})
+_TEMP_CODES = frozenset({"UNAVAILABLE", "INUSE", "SERVERBUG"})
+_LOGIN_TEMP_CODES = frozenset({"UNAVAILABLE", "SERVERBUG"})
+# Servers without RFC 5530 codes (Cyrus, some hosted ones) only say it in words.
+_FULL_TEXTS = (
+    "quota exceeded",
+    "over quota",
+    "exceeds quota",
+    "quota exceed",
+    "mailbox is full",
+    "mailbox full",
+)
+
+
+@dataclass(frozen=True)
+class Where:
+    """What an error message says about where it happened."""
+
+    host: str
+    port: int
+    folder: str
+
+    def say(self, detail: str) -> str:
+        return f"IMAP {self.host}:{self.port}, folder {self.folder!r}: {detail}"
+
+
+# A way to turn a server's refusal (tagged NO or BAD) of one command into the project's error.
+Refusal = Callable[[Where, str, str], DestinationError]
+
+
+@dataclass(frozen=True)
+class ImapCheck:
+    """What ``ImapSession.check`` found: the server-side name and the folders a delivery would create."""
+
+    folder: str
+    mailbox: str
+    exists: bool
+    to_create: tuple[str, ...]
+
+    def __str__(self) -> str:
+        if self.exists:
+            return f"folder {self.folder!r} exists as {self.mailbox!r}"
+        created = ", ".join(self.to_create)
+        return f"folder {self.folder!r} does not exist; the first delivery will create {created}"
+
+
+def _clip(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= _MAX_TEXT else text[:_MAX_TEXT] + "..."
+
+
+def _server_text(exc: BaseException) -> str:
+    """The server's words from an imaplib/imapclient error, without Python's ``b'...'`` wrapping."""
+    raw = exc.args[0] if exc.args else exc
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+    unwrapped = _BYTES_REPR_RE.fullmatch(text)
+    if unwrapped:
+        text = unwrapped.group(2)
+    return _clip(_FAILED_PREFIX_RE.sub("", text))
+
+
+def _response_text(data: list[Any]) -> str:
+    parts = [
+        item.decode("utf-8", "replace") if isinstance(item, bytes) else str(item) for item in data if item
+    ]
+    return _clip(" ".join(parts))
+
+
+def response_code(text: str) -> str | None:
+    """The RFC 5530 response code at the start of a server's text, upper-cased (``OVERQUOTA``)."""
+    match = _CODE_RE.match(text.lstrip())
+    return match.group(1).upper() if match else None
+
+
+def is_quota_text(text: str) -> bool:
+    lowered = text.lower()
+    return any(phrase in lowered for phrase in _FULL_TEXTS)
+
+
+def command_refused(where: Where, action: str, text: str) -> DestinationError:
+    """Classify a NO/BAD: over quota pauses the account, busy retries, anything else is permanent."""
+    code = response_code(text)
+    message = where.say(f"{action} refused: {text}")
+    if code in _REJECT_CODES:
+        return DestinationRejectedError(message)
+    if code == "OVERQUOTA" or is_quota_text(text):
+        return DestinationFullError(message)
+    if code in _TEMP_CODES:
+        return DestinationTempError(message)
+    return DestinationRejectedError(message)
+
+
+def _login_refused(where: Where, action: str, text: str) -> DestinationError:
+    if response_code(text) in _LOGIN_TEMP_CODES:
+        return DestinationTempError(where.say(f"{action}: server cannot log in now: {text}"))
+    return DestinationAuthError(where.say(f"{action} refused: {text}"))
+
+
+def _connect_refused(where: Where, action: str, text: str) -> DestinationError:
+    # A greeting other than OK (typically "* BYE too many connections") is a busy server, not a verdict.
+    return DestinationConnectError(where.say(f"{action}: the server turned us away: {text}"))
+
+
+def _tls_refused(where: Where, action: str, text: str) -> DestinationError:
+    return DestinationTLSError(where.say(f"{action} refused, not continuing without TLS: {text}"))
+
+
+@contextlib.contextmanager
+def _driver_errors(
+    where: Where,
+    action: str,
+    *,
+    refused: Refusal = command_refused,
+    secret: str | None = None,
+    uidl: str | None = None,
+) -> Iterator[None]:
+    """Turn driver exceptions raised inside the block into ``DestinationError``s.
+
+    ``secret`` is blanked out of every message, in case a server echoes what it was sent.
+    """
+
+    def clean(text: str) -> str:
+        return text.replace(secret, "***") if secret else text
+
+    try:
+        yield
+    except DestinationError:
+        raise
+    except ssl.SSLCertVerificationError as exc:
+        detail = exc.verify_message or str(exc)
+        raise DestinationTLSError(
+            where.say(f"{action}: certificate not trusted: {clean(detail)}"), uidl=uidl
+        ) from exc
+    except ssl.SSLError as exc:
+        raise DestinationConnectError(
+            where.say(f"{action}: TLS failed: {clean(str(exc))}"), uidl=uidl
+        ) from exc
+    except TimeoutError as exc:
+        raise DestinationConnectError(where.say(f"{action}: timed out"), uidl=uidl) from exc
+    except OSError as exc:
+        raise DestinationConnectError(
+            where.say(f"{action}: {clean(str(exc) or type(exc).__name__)}"), uidl=uidl
+        ) from exc
+    except IMAPClientAbortError as exc:
+        # BYE, a dropped connection or garbage from the server: the session is gone.
+        raise DestinationConnectError(
+            where.say(f"{action}: connection lost: {clean(_server_text(exc))}"), uidl=uidl
+        ) from exc
+    except IMAPClientError as exc:
+        error = refused(where, action, clean(_server_text(exc)))
+        error.uidl = uidl
+        raise error from exc
+
+
+def _quote_mailbox(name: str) -> bytes:
+    """A mailbox name as an IMAP quoted string in modified UTF-7 (RFC 3501 §5.1.3)."""
+    encoded = bytes(encode_utf7(name))
+    return b'"' + encoded.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
+def _quote_search_string(value: str) -> bytes:
+    return b'"' + value.encode("ascii").replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
+def _searchable_part(message_id: str) -> str:
+    """The longest run of printable ASCII in a Message-ID.
+
+    SEARCH HEADER matches substrings, so a part finds the message too; this keeps odd (8-bit or control)
+    characters out of the command, and the size and SHA-256 checks weed out any extra hits.
+    """
+    runs = re.findall(r"[\x21-\x7e]+", message_id)
+    return max(runs, key=len) if runs else ""
+
+
+class ImapSession:
+    """One logged-in IMAP connection that delivers into one folder (a ``DestinationSession``).
+
+    ``folder`` uses "/" between levels ("Imported/Hosted"); the server's own delimiter and personal
+    namespace prefix (from NAMESPACE, else LIST) are applied when talking to it.
+    """
+
+    def __init__(
+        self, client: Any, *, host: str, port: int, folder: str, mark_seen: bool, create_folder: bool
+    ) -> None:
+        self._client = client
+        self._where = Where(host, port, folder)
+        self.folder = folder
+        self.mark_seen = mark_seen
+        self.create_folder = create_folder
+        self._levels: list[str] | None = None
+        self._folder_ready = False
+
+    def __enter__(self) -> ImapSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- DestinationSession ---------------------------------------------------------------------------
+
+    def deliver(self, message: FetchedMessage) -> str:
+        """APPEND the message and return its reference.
+
+        ``imap:<folder>;UIDVALIDITY=<v>;UID=<u>`` when the server answers with APPENDUID (UIDPLUS), else
+        ``imap:<folder>``.
+        """
+        if self.create_folder:
+            self._ensure_folder(message.uidl)
+        status, text = self._append(message)
+        if status != "OK" and response_code(text) == "TRYCREATE" and self.create_folder:
+            # Someone deleted the folder since we looked: make it again, once.
+            self._folder_ready = False
+            self._ensure_folder(message.uidl)
+            status, text = self._append(message)
+        if status != "OK":
+            raise self._append_refused(text, message.uidl)
+        match = _APPENDUID_RE.search(text)
+        return self._reference(match.group(1), match.group(2)) if match else self._reference(None, None)
+
+    def find(self, message: FetchedMessage) -> str | None:
+        """Look for a copy of ``message`` (same Message-ID, size and SHA-256) after a crash.
+
+        Read-only: EXAMINE and BODY.PEEK, so nothing is marked \\Seen.
+        """
+        mailbox = self.mailbox
+        if not self._folder_ready and not self._exists(mailbox, message.uidl):
+            return None
+        with self._guard("EXAMINE", uidl=message.uidl):
+            selected = self._client.select_folder(mailbox, readonly=True)
+        validity = selected.get(b"UIDVALIDITY")
+        for uid in self._same_size_candidates(message):
+            if self._sha256(uid, message.size, message.uidl) == message.sha256:
+                return self._reference(validity, uid)
+        return None
+
+    def close(self) -> None:
+        """LOGOUT; errors are swallowed because the connection is often already broken when we get here."""
+        client, self._client = self._client, None
+        if client is None:
+            return
+        try:
+            client.logout()
+        except (IMAPClientError, OSError, ValueError):
+            with contextlib.suppress(IMAPClientError, OSError, ValueError):
+                client.shutdown()
+
+    # --- checks -----------------------------------------------------------------------------------------
+
+    def check(self) -> ImapCheck:
+        """Report whether the folder exists and what a delivery would create; writes nothing.
+
+        Login was already verified by ``open_imap``. Raises ``DestinationRejectedError`` when the folder
+        is missing and may not be created, or exists but cannot hold messages.
+        """
+        mailbox = self.mailbox
+        flags = self._list_flags(mailbox, None)
+        if _present(flags):
+            self._require_selectable(flags, None)
+            return ImapCheck(self.folder, mailbox, True, ())
+        if not self.create_folder:
+            raise DestinationRejectedError(
+                self._where.say(f"folder {mailbox!r} does not exist and create_folder is off")
+            )
+        missing = tuple(level for level in self._mailbox_levels() if not self._exists(level, None))
+        return ImapCheck(self.folder, mailbox, False, missing)
+
+    # --- folder -------------------------------------------------------------------------------------------
+
+    @property
+    def mailbox(self) -> str:
+        """The folder's name on the server: "Imported.Hosted" on Dovecot, "INBOX.Imported.Hosted" on Cyrus."""
+        return self._mailbox_levels()[-1]
+
+    def _mailbox_levels(self) -> list[str]:
+        """Server names of the folder and each of its parents, outermost first."""
+        if self._levels is None:
+            parts = [part for part in self.folder.split(FOLDER_SEPARATOR) if part] or ["INBOX"]
+            if len(parts) == 1 and parts[0].upper() == "INBOX":
+                self._levels = ["INBOX"]
+            else:
+                prefix, delimiter = self._personal_namespace()
+                names = [delimiter.join(parts[: i + 1]) for i in range(len(parts))]
+                self._levels = [self._with_prefix(prefix, name) for name in names]
+        return self._levels
+
+    @staticmethod
+    def _with_prefix(prefix: str, name: str) -> str:
+        if not prefix or name.startswith(prefix) or name.upper() == "INBOX":
+            return name
+        return prefix + name
+
+    def _personal_namespace(self) -> tuple[str, str]:
+        """(prefix, delimiter) of the user's own folders; a flat server gets "/" (never used to split)."""
+        with self._guard("NAMESPACE"):
+            if self._client.has_capability("NAMESPACE"):
+                personal = self._client.namespace().personal
+                if personal:
+                    prefix, delimiter = personal[0]
+                    return _text(prefix), _text(delimiter) or FOLDER_SEPARATOR
+            listing = self._client.list_folders("", "")
+        delimiter = _text(listing[0][1]) if listing else ""
+        return "", delimiter or FOLDER_SEPARATOR
+
+    def _list_flags(self, mailbox: str, uidl: str | None) -> tuple[bytes, ...] | None:
+        """LIST flags of exactly ``mailbox``, or None when the server has no such folder."""
+        with self._guard("LIST", uidl=uidl):
+            listing = self._client.list_folders("", mailbox)
+        for flags, _delimiter, name in listing:
+            if name == mailbox or (mailbox.upper() == "INBOX" and str(name).upper() == "INBOX"):
+                return tuple(flag.lower() if isinstance(flag, bytes) else flag for flag in flags)
+        return None
+
+    def _exists(self, mailbox: str, uidl: str | None) -> bool:
+        return _present(self._list_flags(mailbox, uidl))
+
+    def _ensure_folder(self, uidl: str | None) -> None:
+        """Create the folder and its missing parents, once per session."""
+        if self._folder_ready:
+            return
+        levels = self._mailbox_levels()
+        flags = self._list_flags(levels[-1], uidl)
+        if not _present(flags):
+            for level in levels:
+                if not self._exists(level, uidl):
+                    self._create(level, uidl)
+            flags = self._list_flags(levels[-1], uidl)
+        self._require_selectable(flags, uidl)
+        self._folder_ready = True
+
+    def _require_selectable(self, flags: tuple[bytes, ...] | None, uidl: str | None) -> None:
+        if flags is not None and b"\\noselect" in flags:
+            raise DestinationRejectedError(
+                self._where.say(f"folder {self.mailbox!r} exists but cannot hold messages (\\Noselect)"),
+                uidl=uidl,
+            )
+
+    def _create(self, mailbox: str, uidl: str | None) -> None:
+        try:
+            with self._guard(f"CREATE {mailbox!r}", uidl=uidl):
+                self._client.create_folder(mailbox)
+        except (DestinationRejectedError, DestinationTempError):
+            # Another client (or a parallel poll) may have created it in between: that is success.
+            if not self._exists(mailbox, uidl):
+                raise
+            return
+        # Subscribing makes the folder show up in clients that only list subscribed folders; optional.
+        with contextlib.suppress(IMAPClientError):
+            self._client.subscribe_folder(mailbox)
+
+    # --- APPEND -------------------------------------------------------------------------------------------
+
+    def _append(self, message: FetchedMessage) -> tuple[str, str]:
+        """Send APPEND; returns the tagged status ("OK"/"NO") and the server's text.
+
+        imaplib's ``append()`` runs the whole message through a CRLF-normalising regex, which makes a
+        second full copy (40 MB held for a 20 MB message). The spool is CRLF already, so the command
+        is sent through imaplib's own literal machinery instead: ``.literal`` is handed to the socket
+        as it is, and the message is only ever held once (the ``read_bytes()`` copy).
+        """
+        flags = r"(\Seen)" if self.mark_seen else None
+        when = imaplib.Time2Internaldate(message.internal_date)
+        mailbox = _quote_mailbox(self.mailbox)
+        with self._guard("APPEND", uidl=message.uidl):
+            imap = self._client._imap
+            imap.literal = message.read_bytes()
+            try:
+                status, data = imap._simple_command("APPEND", mailbox, flags, when)
+            finally:
+                imap.literal = None
+        return str(status), _response_text(data)
+
+    def _append_refused(self, text: str, uidl: str) -> DestinationError:
+        if response_code(text) == "TRYCREATE":
+            return DestinationRejectedError(
+                self._where.say(f"APPEND refused, folder {self.mailbox!r} does not exist: {text}"), uidl=uidl
+            )
+        error = command_refused(self._where, "APPEND", text)
+        error.uidl = uidl
+        return error
+
+    def _reference(self, validity: object, uid: object) -> str:
+        if validity is None or uid is None:
+            return f"imap:{self.folder}"
+        return f"imap:{self.folder};UIDVALIDITY={validity};UID={uid}"
+
+    # --- find ---------------------------------------------------------------------------------------------
+
+    def _same_size_candidates(self, message: FetchedMessage) -> list[int]:
+        criteria = b"HEADER Message-ID " + _quote_search_string(_searchable_part(message.message_id))
+        with self._guard("SEARCH", uidl=message.uidl):
+            uids = sorted(self._client.search(criteria))
+            if not uids:
+                return []
+            sizes = self._client.fetch(uids, ["RFC822.SIZE"])
+        return [uid for uid in uids if sizes.get(uid, {}).get(b"RFC822.SIZE") == message.size]
+
+    def _sha256(self, uid: int, size: int, uidl: str) -> str | None:
+        """SHA-256 of one stored message, fetched in slices (BODY.PEEK leaves \\Seen alone)."""
+        digest = hashlib.sha256()
+        for offset in range(0, size, _FETCH_SLICE):
+            with self._guard("FETCH", uidl=uidl):
+                response = self._client.fetch([uid], [f"BODY.PEEK[]<{offset}.{_FETCH_SLICE}>"])
+            chunk = response.get(uid, {}).get(f"BODY[]<{offset}>".encode())
+            if chunk is None:
+                return None  # expunged meanwhile
+            digest.update(chunk)
+        return digest.hexdigest()
+
+    def _guard(self, action: str, *, uidl: str | None = None) -> contextlib.AbstractContextManager[None]:
+        if self._client is None:
+            raise DestinationConnectError(self._where.say(f"{action}: the session is closed"), uidl=uidl)
+        return _driver_errors(self._where, action, uidl=uidl)
+
+
+def _present(flags: tuple[bytes, ...] | None) -> bool:
+    """LIST answered for the name, and not just because a child exists (\\NonExistent, RFC 5258)."""
+    return flags is not None and b"\\nonexistent" not in flags
+
+
+def _text(value: object) -> str:
+    if value is None:
+        return ""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def open_imap(
+    *,
+    host: str,
+    port: int,
+    tls: TlsMode,
+    ssl_context: ssl.SSLContext | None,
+    timeout: float,
+    username: str,
+    password: str,
+    folder: str,
+    mark_seen: bool,
+    create_folder: bool = True,
+) -> ImapSession:
+    """Connect, secure and log in; the one place an IMAP destination connection is built.
+
+    ``ssl_context`` defaults to a verifying context (``connector.tls.make_ssl_context``). With
+    ``tls="starttls"`` a server that does not offer STARTTLS is refused, never used in clear text.
+    """
+    where = Where(host, port, folder)
+    context = ssl_context if ssl_context is not None else make_ssl_context()
+    client = _connect(where, tls, context, timeout)
+    try:
+        if tls == "starttls":
+            _starttls(client, where, context)
+        _login(client, where, username, password)
+    except BaseException:
+        _discard(client)
+        raise
+    return ImapSession(
+        client, host=host, port=port, folder=folder, mark_seen=mark_seen, create_folder=create_folder
+    )
+
+
+def _connect(where: Where, tls: TlsMode, context: ssl.SSLContext, timeout: float) -> Any:
+    implicit = tls == "implicit"
+    with _driver_errors(where, "connect", refused=_connect_refused):
+        return IMAPClient(
+            where.host,
+            port=where.port,
+            ssl=implicit,
+            ssl_context=context if implicit else None,
+            timeout=timeout,
+        )
+
+
+def _starttls(client: Any, where: Where, context: ssl.SSLContext) -> None:
+    with _driver_errors(where, "STARTTLS", refused=_tls_refused):
+        offered = client.has_capability("STARTTLS")
+    if not offered:
+        raise DestinationTLSError(where.say("the server does not offer STARTTLS; not continuing without TLS"))
+    with _driver_errors(where, "STARTTLS", refused=_tls_refused):
+        client.starttls(context)
+
+
+def _login(client: Any, where: Where, username: str, password: str) -> None:
+    action = f"LOGIN as {username!r}"
+    if not (username.isascii() and password.isascii()):
+        # imaplib sends LOGIN arguments as ASCII quoted strings; it would fail with a bare UnicodeError.
+        raise DestinationAuthError(where.say(f"{action}: user name and password must be ASCII for LOGIN"))
+    with _driver_errors(where, action, refused=_login_refused, secret=password):
+        client.login(username, password)
+
+
+def _discard(client: Any) -> None:
+    with contextlib.suppress(IMAPClientError, OSError, ValueError):
+        client.shutdown()
