@@ -57,6 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if args.log_level != "DEBUG":
+        # Alembic announces every migration context at INFO on each start; only its warnings matter.
+        logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         config = load_config(config_path(args.config))
     except ConfigError as exc:

@@ -67,10 +67,18 @@ def make_engine(url: str) -> Engine:
         raise ConfigError(f"service.database: cannot use {parsed.render_as_string()}: {exc}") from exc
 
 
+def migrations_dir() -> str:
+    """The source tree's migrations/ when running from a checkout (so a work tree uses its own), else the
+    copy installed as the package ``connector.migrations``."""
+    checkout = Path(__file__).resolve().parents[2] / "migrations"
+    if (checkout / "env.py").is_file():
+        return str(checkout)
+    return str(resources.files("connector.migrations"))
+
+
 def alembic_config(engine: Engine) -> AlembicConfig:
-    script_location = resources.files("connector.migrations")
     config = AlembicConfig()
-    config.set_main_option("script_location", str(script_location))
+    config.set_main_option("script_location", migrations_dir())
     config.attributes["engine"] = engine
     return config
 
