@@ -24,8 +24,8 @@ from connector.errors import (
     AuthenticationError,
     ConnectorError,
     DestinationError,
+    DestinationRejectedError,
     LedgerError,
-    PermanentError,
     SourceMessageError,
 )
 from connector.ledger.models import MessageState
@@ -123,6 +123,9 @@ class _Poll:
             self._session()
         except ConnectorError as exc:
             self._fail(exc)
+        except Exception as exc:  # a bug must cost one account's poll, not the whole run
+            log.exception("account %s: internal error during the poll", self.account.name)
+            self._fail(ConnectorError(f"internal error: {exc.__class__.__name__}: {exc}"))
         self._finish()
         return self.result
 
@@ -285,11 +288,13 @@ class _Poll:
         """
         try:
             return action(self._open_destination())
-        except (PermanentError, DestinationError) as exc:
-            permanent = isinstance(exc, PermanentError) and not isinstance(exc, AuthenticationError)
-            self._message_failed(fetched, exc, counted=counted and permanent, pending=pending)
-            if permanent and self.destination is not None:
-                return None
+        except DestinationRejectedError as exc:
+            # This message was refused; the destination itself is fine: go on with the next one.
+            self._message_failed(fetched, exc, counted=counted, pending=pending)
+            return None
+        except DestinationError as exc:
+            # Full, unreachable, TLS or login trouble: not the message's fault, and no use trying more.
+            self._message_failed(fetched, exc, counted=False, pending=pending)
             self._close_destination()
             raise _DestinationDown from exc
         except LedgerError:
@@ -317,7 +322,7 @@ class _Poll:
             if state is MessageState.FAILED:
                 self.result.quarantined += 1
         self.result.failed += 1
-        if isinstance(exc, ConnectorError) and not isinstance(exc, PermanentError):
+        if isinstance(exc, ConnectorError) and not isinstance(exc, DestinationRejectedError):
             self.result.status = "auth_error" if isinstance(exc, AuthenticationError) else "error"
             self.result.error = self.result.error or text
         self._problem(f"message {fetched.uidl!r}: {text}")
