@@ -8,11 +8,18 @@ from dataclasses import dataclass
 from connector.config import Account, Destination
 from connector.destinations.base import DestinationSession
 from connector.destinations.imap import ImapSession, open_imap
+from connector.errors import (
+    OAuthError,
+    OAuthRefusedError,
+    SourceAuthError,
+    SourceConnectError,
+)
+from connector.oauth import DEFAULT_PROVIDERS, TokenProviders, login_with_token
 from connector.pop3 import Pop3Client, connect_pop3
 from connector.tls import make_ssl_context
 
 
-def open_source(account: Account) -> Pop3Client:
+def open_source(account: Account, providers: TokenProviders = DEFAULT_PROVIDERS) -> Pop3Client:
     """Connect and log in to the account's POP3 server."""
     context = None
     if account.tls != "none":
@@ -25,20 +32,52 @@ def open_source(account: Account) -> Pop3Client:
         timeout=account.timeout.total_seconds(),
     )
     try:
-        client.login(account.username, account.password.get_secret_value(), method=account.auth)
+        if account.auth == "oauth2":
+            _login_oauth2(client, account, providers)
+        else:
+            assert account.password is not None  # config validated
+            client.login(account.username, account.password.get_secret_value(), method=account.auth)
     except BaseException:
         client.close()
         raise
     return client
 
 
-def open_imap_destination(destination: Destination, account: Account) -> ImapSession:
-    """Log in to the IMAP destination, as the account's own user when it names one."""
-    if account.destination_username is not None and account.destination_password is not None:
-        username, secret = account.destination_username, account.destination_password
+def _login_oauth2(client: Pop3Client, account: Account, providers: TokenProviders) -> None:
+    assert account.oauth is not None  # config validated
+    provider = providers.get(account.oauth.credentials())
+
+    def login(token: str) -> None:
+        client.authenticate_xoauth2(account.username, token, initial_response=account.auth_initial_response)
+
+    try:
+        login_with_token(provider, login, SourceAuthError)
+    except OAuthError as exc:
+        # A refused app registration is a login failure of this account; an unreachable token
+        # endpoint is a temporary one, like an unreachable server.
+        error_type = SourceAuthError if isinstance(exc, OAuthRefusedError) else SourceConnectError
+        raise error_type(f"{client.peer}: no OAuth token: {exc.message}") from exc
+
+
+def open_imap_destination(
+    destination: Destination, account: Account, providers: TokenProviders = DEFAULT_PROVIDERS
+) -> ImapSession:
+    """Log in to the IMAP destination, as the account's own user when it names one.
+
+    With ``auth = "oauth2"`` the user is the target mailbox (for Exchange Online app-only access, the
+    mailbox the app was given FullAccess to) and the password is a token from the destination's app.
+    """
+    username = account.destination_username or destination.username
+    assert username is not None  # config validated
+    password = None
+    token_provider = None
+    if destination.auth == "oauth2":
+        assert destination.oauth is not None  # config validated
+        token_provider = providers.get(destination.oauth.credentials())
     else:
-        assert destination.username is not None and destination.password is not None  # config validated
-        username, secret = destination.username, destination.password
+        secret = account.destination_password or destination.password
+        assert secret is not None  # config validated
+        password = secret.get_secret_value()
     context = None
     if destination.tls != "none":
         context = make_ssl_context(verify=destination.tls_verify, ca_file=destination.ca_file)
@@ -49,7 +88,8 @@ def open_imap_destination(destination: Destination, account: Account) -> ImapSes
         ssl_context=context,
         timeout=account.timeout.total_seconds(),
         username=username,
-        password=secret.get_secret_value(),
+        password=password,
+        token_provider=token_provider,
         folder=account.folder,
         mark_seen=account.mark_seen,
         create_folder=destination.create_folders,
