@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import ipaddress
 import json
 import logging
@@ -418,7 +419,9 @@ class EntraFetcher:
 
         creds = self._credentials
         session = requests.Session()
-        session.verify = str(creds.ca_file) if creds.ca_file else True
+        if creds.ca_file is not None:
+            # Per request: requests lets REQUESTS_CA_BUNDLE in the environment win over session.verify.
+            session.request = functools.partial(session.request, verify=str(creds.ca_file))
         authority = f"{creds.authority_host.rstrip('/')}/{creds.tenant_id}"
         try:
             self._app = msal.ConfidentialClientApplication(

@@ -5,9 +5,9 @@ HTTP Basic; a certificate-signed client assertion as msal sends it; a refresh to
 token introspection for Dovecot's ``oauth2`` passdb, and serves an OpenID discovery document so that msal
 can be pointed at it. Tests count requests, expire and revoke tokens, and grant mailboxes.
 
-Introspection models Exchange Online's app-only access: a token carries no user, so Dovecot passes the
-login name in the introspection URL (``?user=%u``) and the server answers ``active`` only when the token's
-client was granted that mailbox (``Add-MailboxPermission`` in Exchange).
+Introspection models Exchange Online's app-only access: a token carries no user; the client is granted a
+mailbox (``Add-MailboxPermission`` in Exchange) and introspection names it, so Dovecot accepts the token
+for that mailbox only.
 """
 
 from __future__ import annotations
@@ -27,17 +27,18 @@ from urllib.parse import parse_qs, urlsplit
 
 HOST = "127.0.0.1"
 TENANT = "test-tenant"
+TOKEN_PATH = f"/{TENANT}/oauth2/v2.0/token"
 CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 
 
 @dataclass
 class Client:
-    """A registered application. ``mailboxes`` None means it may open any mailbox."""
+    """A registered application, granted one ``mailbox`` (introspection names it)."""
 
     client_id: str
     secret: str | None = None
     certificate_pem: bytes | None = None
-    mailboxes: set[str] | None = None
+    mailbox: str | None = None
 
 
 @dataclass
@@ -63,7 +64,9 @@ class Recorded:
 
 class TokenServer:
     """``with TokenServer() as server:``; ``server.add_client("app", secret="s")``; tokens last ``lifetime``
-    seconds. With ``tls_context`` it speaks HTTPS (msal only talks to https authorities)."""
+    seconds. It listens on plain HTTP (``base_url``: the generic provider, Dovecot's introspection) and,
+    with ``tls_context``, on HTTPS too (``https_base_url``: msal only talks to https authorities); both
+    share the same clients and tokens."""
 
     def __init__(self, *, lifetime: int = 3600, tls_context: ssl.SSLContext | None = None) -> None:
         self.lifetime = lifetime
@@ -74,8 +77,7 @@ class TokenServer:
         self.recorded = Recorded()
         self.fail_next: list[tuple[int, dict[str, Any]]] = []
         self._lock = threading.Lock()
-        self._httpd: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._servers: list[tuple[ThreadingHTTPServer, threading.Thread]] = []
 
     # --- set-up -----------------------------------------------------------------------------------------
 
@@ -85,9 +87,9 @@ class TokenServer:
         *,
         secret: str | None = None,
         certificate_pem: bytes | None = None,
-        mailboxes: set[str] | None = None,
+        mailbox: str | None = None,
     ) -> Client:
-        client = Client(client_id, secret, certificate_pem, mailboxes)
+        client = Client(client_id, secret, certificate_pem, mailbox)
         with self._lock:
             self.clients[client_id] = client
         return client
@@ -131,13 +133,21 @@ class TokenServer:
 
     @property
     def base_url(self) -> str:
-        assert self._httpd is not None, "server not started"
-        scheme = "https" if self.tls_context else "http"
-        return f"{scheme}://{HOST}:{self._httpd.server_address[1]}"
+        assert self._servers, "server not started"
+        return f"http://{HOST}:{self._servers[0][0].server_address[1]}"
+
+    @property
+    def https_base_url(self) -> str:
+        assert len(self._servers) == 2, "server not started with a tls_context"
+        return f"https://{HOST}:{self._servers[1][0].server_address[1]}"
 
     @property
     def token_url(self) -> str:
-        return f"{self.base_url}/{TENANT}/oauth2/v2.0/token"
+        return f"{self.base_url}{TOKEN_PATH}"
+
+    @property
+    def https_token_url(self) -> str:
+        return f"{self.https_base_url}{TOKEN_PATH}"
 
     @property
     def introspection_url(self) -> str:
@@ -146,28 +156,28 @@ class TokenServer:
     @property
     def authority_host(self) -> str:
         """What msal calls the authority host; the authority is ``{authority_host}/{tenant}``."""
-        return self.base_url
+        return self.https_base_url
 
     # --- lifecycle ----------------------------------------------------------------------------------------
 
     def start(self) -> TokenServer:
         handler = type("Handler", (_Handler,), {"token_server": self})
-        httpd = ThreadingHTTPServer((HOST, 0), handler)
-        httpd.daemon_threads = True
-        if self.tls_context is not None:
-            httpd.socket = self.tls_context.wrap_socket(httpd.socket, server_side=True)
-        self._httpd = httpd
-        self._thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05})
-        self._thread.daemon = True
-        self._thread.start()
+        for context in (None, self.tls_context) if self.tls_context else (None,):
+            httpd = ThreadingHTTPServer((HOST, 0), handler)
+            httpd.daemon_threads = True
+            if context is not None:
+                httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+            thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+            thread.start()
+            self._servers.append((httpd, thread))
         return self
 
     def stop(self) -> None:
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        for httpd, thread in self._servers:
+            httpd.shutdown()
+            httpd.server_close()
+            thread.join(timeout=5)
+        self._servers.clear()
 
     def __enter__(self) -> TokenServer:
         return self.start()
@@ -178,11 +188,11 @@ class TokenServer:
     # --- behaviour ------------------------------------------------------------------------------------
 
     def discovery(self) -> dict[str, Any]:
-        base = f"{self.base_url}/{TENANT}"
+        base = f"{self.https_base_url}/{TENANT}"
         return {
             "issuer": f"{base}/v2.0",
             "authorization_endpoint": f"{base}/oauth2/v2.0/authorize",
-            "token_endpoint": self.token_url,
+            "token_endpoint": self.https_token_url,
             "jwks_uri": f"{base}/discovery/v2.0/keys",
         }
 
@@ -212,9 +222,7 @@ class TokenServer:
             self.tokens[token.value] = token
         return 200, {"access_token": token.value, "token_type": "Bearer", "expires_in": self.lifetime}
 
-    def _authenticate_client(
-        self, form: dict[str, str], authorization: str | None
-    ) -> tuple[str, str | None]:
+    def _authenticate_client(self, form: dict[str, str], authorization: str | None) -> tuple[str, str | None]:
         client_id, secret = form.get("client_id", ""), form.get("client_secret")
         if authorization and authorization.startswith("Basic "):
             decoded = base64.b64decode(authorization[6:]).decode()
@@ -242,29 +250,27 @@ class TokenServer:
                 assertion,
                 public_key,  # type: ignore[arg-type]
                 algorithms=["PS256", "RS256"],
-                audience=self.token_url,
+                audience=[self.https_token_url, self.token_url],
                 issuer=client.client_id,
             )
         except jwt.PyJWTError as exc:
             return f"client assertion rejected: {exc}"
         return None if claims.get("sub") == client.client_id else "assertion subject is not the client"
 
-    def introspect(self, form: dict[str, str], query: dict[str, str]) -> dict[str, Any]:
-        user = query.get("user", "")
+    def introspect(self, form: dict[str, str]) -> dict[str, Any]:
+        """RFC 7662. Dovecot checks ``username`` against the login name; it cannot say which mailbox the
+        login is for, so the answer names the one mailbox the token's client was granted."""
         with self._lock:
-            self.recorded.introspections.append({**form, **query})
+            self.recorded.introspections.append(form)
             token = self.tokens.get(form.get("token", ""))
             client = self.clients.get(token.client_id) if token else None
         if token is None or client is None or not token.active(time.time()):
             return {"active": "false"}
-        if user:
-            if client.mailboxes is not None and user not in client.mailboxes:
-                return {"active": "false"}
-        elif client.mailboxes is not None and len(client.mailboxes) == 1:
-            # Dovecot does not say which mailbox the login is for: a client granted one mailbox names it.
-            user = next(iter(client.mailboxes))
+        answer = {"active": "true", "client_id": token.client_id, "scope": token.scope}
+        if client.mailbox is not None:
+            answer["username"] = client.mailbox
         # Dovecot compares active_value as a string, so "true" rather than JSON true.
-        return {"active": "true", "username": user, "client_id": token.client_id, "scope": token.scope}
+        return answer
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -289,32 +295,20 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_GET(self) -> None:
-        parts = urlsplit(self.path)
-        if parts.path.endswith("/.well-known/openid-configuration"):
+        if urlsplit(self.path).path.endswith("/.well-known/openid-configuration"):
             self.token_server.recorded.discoveries += 1
             self._reply(200, self.token_server.discovery())
-        elif parts.path == "/tokeninfo":
-            query = {key: values[0] for key, values in parse_qs(parts.query).items()}
-            form = {"token": query.pop("access_token", "")}
-            self._reply(200, self.token_server.introspect(form, query))
-        elif parts.path == "/introspect":
-            # Dovecot's introspection_mode = auth: the token comes as a bearer Authorization header.
-            query = {key: values[0] for key, values in parse_qs(parts.query).items()}
-            authorization = self.headers.get("Authorization") or ""
-            form = {"token": authorization.removeprefix("Bearer ").strip()}
-            self._reply(200, self.token_server.introspect(form, query))
         else:
             self._reply(404, {"error": "not_found"})
 
     def do_POST(self) -> None:
         parts = urlsplit(self.path)
         form = self._form()
-        if parts.path == urlsplit(self.token_server.token_url).path:
+        if parts.path == TOKEN_PATH:
             status, payload = self.token_server.token_response(form, self.headers.get("Authorization"))
             self._reply(status, payload)
         elif parts.path == "/introspect":
-            query = {key: values[0] for key, values in parse_qs(parts.query).items()}
-            self._reply(200, self.token_server.introspect(form, query))
+            self._reply(200, self.token_server.introspect(form))
         else:
             self._reply(404, {"error": "not_found"})
 
