@@ -421,7 +421,7 @@ class EntraFetcher:
         session = requests.Session()
         if creds.ca_file is not None:
             # Per request: requests lets REQUESTS_CA_BUNDLE in the environment win over session.verify.
-            session.request = functools.partial(session.request, verify=str(creds.ca_file))
+            session.request = functools.partial(session.request, verify=str(creds.ca_file))  # type: ignore[method-assign]
         authority = f"{creds.authority_host.rstrip('/')}/{creds.tenant_id}"
         try:
             self._app = msal.ConfidentialClientApplication(

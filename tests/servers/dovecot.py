@@ -567,6 +567,37 @@ class Dovecot:
         return result
 
 
+@contextlib.contextmanager
+def running_for_tests(**kwargs: Any) -> Iterator[Dovecot]:
+    """A running Dovecot for a fixture; a missing or broken server fails the test (never skips it)."""
+    import pytest
+
+    try:
+        server = Dovecot(**kwargs)
+    except DovecotError as exc:
+        pytest.fail(f"cannot run the Dovecot test server: {exc}", pytrace=False)
+    try:
+        server.start()
+    except DovecotError as exc:
+        server.stop()
+        pytest.fail(f"cannot run the Dovecot test server: {exc}", pytrace=False)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def fresh_users(server: Dovecot) -> Iterator[MailUsers]:
+    """A new POP3 source user and IMAP destination user, removed (with their mail) afterwards."""
+    users = MailUsers(source=server.new_user("src"), destination=server.new_user("dst"))
+    try:
+        yield users
+    finally:
+        server.remove_user(users.source.name)
+        server.remove_user(users.destination.name)
+
+
 def _read_greeting(port: int, context: ssl.SSLContext | None) -> bytes:
     with socket.create_connection((HOST, port), timeout=2.0) as raw:
         if context is None:

@@ -22,7 +22,8 @@ from connector.engine import PollResult, SyncEngine
 from connector.ledger.database import open_database
 from connector.ledger.store import Ledger
 from connector.oauth import TokenProviders
-from tests.servers.dovecot import Dovecot, DovecotError, MailUsers
+from tests.messages import simple
+from tests.servers.dovecot import Dovecot, MailUsers, fresh_users, running_for_tests
 from tests.servers.scripted_pop3 import tls_contexts
 from tests.servers.token_server import TokenServer
 
@@ -43,23 +44,14 @@ def token_peer() -> Iterator[TokenPeer]:
 
 @pytest.fixture(scope="session")
 def oauth_dovecot(token_peer: TokenPeer) -> Iterator[Dovecot]:
-    try:
-        server = Dovecot(oauth2_introspection_url=token_peer.server.introspection_url)
-        server.start()
-    except DovecotError as exc:
-        pytest.fail(f"cannot run the OAuth Dovecot test server: {exc}", pytrace=False)
-    try:
+    with running_for_tests(oauth2_introspection_url=token_peer.server.introspection_url) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
 def oauth_users(oauth_dovecot: Dovecot) -> Iterator[MailUsers]:
-    users = MailUsers(source=oauth_dovecot.new_user("src"), destination=oauth_dovecot.new_user("dst"))
-    yield users
-    oauth_dovecot.remove_user(users.source.name)
-    oauth_dovecot.remove_user(users.destination.name)
+    with fresh_users(oauth_dovecot) as users:
+        yield users
 
 
 @dataclass(frozen=True)
@@ -108,6 +100,8 @@ class OAuthSync:
     dovecot: Dovecot
     users: MailUsers
     database: str
+    peer: TokenPeer
+    register: Callable[[str], App]
     clock: FakeClock = field(default_factory=FakeClock)
     engines: list[Engine] = field(default_factory=list)
 
@@ -152,6 +146,35 @@ class OAuthSync:
         }
         return parse_config(data, self.tmp_path / "config.toml")
 
+    @property
+    def token_server(self) -> TokenServer:
+        return self.peer.server
+
+    def destination_app(self) -> tuple[App, dict[str, Any]]:
+        """An app granted the destination mailbox, and the destination settings that use it."""
+        app = self.register(self.users.destination.name)
+        return app, {"auth": "oauth2", "oauth": app.table(self.token_server)}
+
+    def source_app(self, *, initial_response: bool = False) -> tuple[App, dict[str, Any]]:
+        """An app granted the POP3 mailbox, and the account settings that use it."""
+        app = self.register(self.users.source.name)
+        account = {
+            "auth": "oauth2",
+            "password": None,
+            "oauth": app.table(self.token_server),
+            "auth_initial_response": initial_response,
+        }
+        return app, account
+
+    def all_oauth(self, *, initial_response: bool = False) -> tuple[Config, App, App]:
+        """(config, source app, destination app): both sides log in with XOAUTH2."""
+        source_app, account = self.source_app(initial_response=initial_response)
+        destination_app, destination = self.destination_app()
+        return self.config(destination=destination, account=account), source_app, destination_app
+
+    def seed(self, *numbers: int) -> None:
+        self.dovecot.seed(self.users.source.name, [simple(n) for n in numbers])
+
     def poll(self, config: Config, account: int = 0) -> PollResult:
         assert config.service.database is not None
         engine = open_database(config.service.database)
@@ -166,9 +189,14 @@ def _merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.fixture
 def oauth_sync(
-    tmp_path: Path, oauth_dovecot: Dovecot, oauth_users: MailUsers, sqlite_url: str
+    tmp_path: Path,
+    oauth_dovecot: Dovecot,
+    oauth_users: MailUsers,
+    sqlite_url: str,
+    token_peer: TokenPeer,
+    register_app: Callable[[str], App],
 ) -> Iterator[OAuthSync]:
-    sync = OAuthSync(tmp_path, oauth_dovecot, oauth_users, sqlite_url)
+    sync = OAuthSync(tmp_path, oauth_dovecot, oauth_users, sqlite_url, token_peer, register_app)
     yield sync
     for engine in sync.engines:
         engine.dispose()

@@ -3,15 +3,13 @@ secret, certificate with and without thumbprint) and the generic endpoint's gran
 
 from __future__ import annotations
 
-import datetime
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import hashes
 
 from connector.errors import OAuthRefusedError, OAuthUnavailableError
 from connector.oauth import (
@@ -21,8 +19,6 @@ from connector.oauth import (
     TokenEndpointFetcher,
 )
 from tests.integration.oauth.conftest import App, OAuthSync, TokenPeer
-from tests.messages import simple
-from tests.servers.dovecot import Dovecot, MailUsers
 from tests.servers.token_server import TENANT
 
 pytestmark = pytest.mark.integration
@@ -31,27 +27,19 @@ Register = Callable[[str], App]
 
 
 def make_certificate(directory: Path) -> tuple[Path, bytes, str]:
-    """(PEM file with key and certificate, the certificate PEM, its SHA-1 thumbprint) for an app."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pop-connector test app")])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    certificate_pem = certificate.public_bytes(serialization.Encoding.PEM)
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
+    """(PEM file with key and certificate, the certificate PEM, its SHA-1 thumbprint), made with the
+    openssl commands docs/exchange-online.md gives administrators."""
+    key, cer = directory / "app.key", directory / "app.cer"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-sha256", "-days", "2", "-nodes",
+         "-subj", "/CN=POP Connector", "-keyout", str(key), "-out", str(cer)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    certificate_pem = cer.read_bytes()
     path = directory / "app.pem"
-    path.write_bytes(key_pem + certificate_pem)
-    return path, certificate_pem, certificate.fingerprint(hashes.SHA1()).hex()
+    path.write_bytes(key.read_bytes() + certificate_pem)
+    thumbprint = x509.load_pem_x509_certificate(certificate_pem).fingerprint(hashes.SHA1())
+    return path, certificate_pem, thumbprint.hex()
 
 
 def entra(peer: TokenPeer, client_id: str, **extra: object) -> EntraCredentials:
@@ -107,26 +95,19 @@ def test_msal_untrusted_authority_certificate(token_peer: TokenPeer, register_ap
         EntraFetcher(credentials)()
 
 
-def test_delivery_with_an_msal_token(
-    oauth_sync: OAuthSync,
-    oauth_dovecot: Dovecot,
-    oauth_users: MailUsers,
-    token_peer: TokenPeer,
-    register_app: Register,
-) -> None:
-    app = register_app(oauth_users.destination.name)
+def test_delivery_with_an_msal_token(oauth_sync: OAuthSync) -> None:
+    app = oauth_sync.register(oauth_sync.users.destination.name)
     oauth = {
         "tenant_id": TENANT,
         "client_id": app.client_id,
         "client_secret": app.secret,
-        "authority_host": token_peer.server.authority_host,
-        "ca_file": str(token_peer.ca_file),
+        "authority_host": oauth_sync.token_server.authority_host,
+        "ca_file": str(oauth_sync.peer.ca_file),
     }
-    config = oauth_sync.config(destination={"auth": "oauth2", "oauth": oauth})
-    oauth_dovecot.seed(oauth_users.source.name, [simple(1)])
-    result = oauth_sync.poll(config)
+    oauth_sync.seed(1)
+    result = oauth_sync.poll(oauth_sync.config(destination={"auth": "oauth2", "oauth": oauth}))
     assert (result.status, result.delivered) == ("ok", 1), result.problems
-    assert app.requests(token_peer.server) == 1
+    assert app.requests(oauth_sync.token_server) == 1
 
 
 # --- the generic token endpoint -----------------------------------------------------------------------
