@@ -318,6 +318,14 @@ def check_token_url(url: str) -> str:
     raise ValueError("must be an https:// URL (http:// only for a loopback address such as 127.0.0.1)")
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A token endpoint has no business redirecting, and urllib would carry the Authorization header
+    along (even to http://): a redirect is answered as the error it is."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
 class TokenEndpointFetcher:
     """POSTs the grant to a token endpoint with the standard library (TLS verified)."""
 
@@ -349,11 +357,12 @@ class TokenEndpointFetcher:
 
     def __call__(self) -> tuple[str, float]:
         creds = self._credentials
-        context = None
+        handlers: list[urllib.request.BaseHandler] = [_NoRedirects()]
         if creds.token_url.startswith("https:"):
-            context = make_ssl_context(ca_file=creds.ca_file)
+            handlers.append(urllib.request.HTTPSHandler(context=make_ssl_context(ca_file=creds.ca_file)))
+        opener = urllib.request.build_opener(*handlers)
         try:
-            with urllib.request.urlopen(self._request(), timeout=creds.timeout, context=context) as response:
+            with opener.open(self._request(), timeout=creds.timeout) as response:
                 status, raw = response.status, response.read(_MAX_RESPONSE)
         except urllib.error.HTTPError as exc:
             status, raw = exc.code, exc.read(_MAX_RESPONSE)

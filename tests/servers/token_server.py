@@ -76,6 +76,8 @@ class TokenServer:
         self.refresh_tokens: dict[str, str] = {}
         self.recorded = Recorded()
         self.fail_next: list[tuple[int, dict[str, Any]]] = []
+        # When set, token requests are answered "307 Temporary Redirect" to this URL.
+        self.redirect_to: str | None = None
         self._lock = threading.Lock()
         self._servers: list[tuple[ThreadingHTTPServer, threading.Thread]] = []
 
@@ -304,7 +306,13 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         parts = urlsplit(self.path)
         form = self._form()
-        if parts.path == TOKEN_PATH:
+        if parts.path == TOKEN_PATH and self.token_server.redirect_to:
+            self.token_server.recorded.token_requests.append(form)
+            self.send_response(307)
+            self.send_header("Location", self.token_server.redirect_to)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif parts.path == TOKEN_PATH:
             status, payload = self.token_server.token_response(form, self.headers.get("Authorization"))
             self._reply(status, payload)
         elif parts.path == "/introspect":

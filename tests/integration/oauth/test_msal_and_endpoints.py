@@ -183,3 +183,18 @@ def test_nothing_listening(register_app: Register) -> None:
     credentials = TokenEndpointCredentials(f"http://127.0.0.1:{port}/token", "c", "s", timeout=5)
     with pytest.raises(OAuthUnavailableError, match="cannot connect"):
         TokenEndpointFetcher(credentials)()
+
+
+def test_redirects_are_not_followed(token_peer: TokenPeer, register_app: Register) -> None:
+    app = register_app("box")
+    before = token_peer.server.token_request_count
+    token_peer.server.redirect_to = f"{token_peer.server.token_url}?again=1"
+    try:
+        credentials = TokenEndpointCredentials(
+            token_peer.server.token_url, app.client_id, app.secret, client_auth="basic"
+        )
+        with pytest.raises(OAuthUnavailableError, match="HTTP 307"):
+            TokenEndpointFetcher(credentials)()
+    finally:
+        token_peer.server.redirect_to = None
+    assert token_peer.server.token_request_count == before + 1
