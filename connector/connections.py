@@ -19,44 +19,57 @@ from connector.pop3 import Pop3Client, connect_pop3
 from connector.tls import make_ssl_context
 
 
-def open_source(account: Account, providers: TokenProviders = DEFAULT_PROVIDERS) -> Pop3Client:
-    """Connect and log in to the account's POP3 server."""
+def _connect_source(account: Account) -> Pop3Client:
     context = None
     if account.tls != "none":
         context = make_ssl_context(verify=account.tls_verify, ca_file=account.ca_file)
-    client = connect_pop3(
+    return connect_pop3(
         account.host,
         account.effective_port,
         tls=account.tls,
         ssl_context=context,
         timeout=account.timeout.total_seconds(),
     )
+
+
+def open_source(account: Account, providers: TokenProviders = DEFAULT_PROVIDERS) -> Pop3Client:
+    """Connect and log in to the account's POP3 server."""
+    if account.auth == "oauth2":
+        return _open_source_oauth2(account, providers)
+    assert account.password is not None  # config validated
+    client = _connect_source(account)
     try:
-        if account.auth == "oauth2":
-            _login_oauth2(client, account, providers)
-        else:
-            assert account.password is not None  # config validated
-            client.login(account.username, account.password.get_secret_value(), method=account.auth)
+        client.login(account.username, account.password.get_secret_value(), method=account.auth)
     except BaseException:
         client.close()
         raise
     return client
 
 
-def _login_oauth2(client: Pop3Client, account: Account, providers: TokenProviders) -> None:
+def _open_source_oauth2(account: Account, providers: TokenProviders) -> Pop3Client:
+    """AUTH XOAUTH2 as the account's user. A retry with a new token uses a new connection: some servers
+    hang up after a failed AUTH."""
     assert account.oauth is not None  # config validated
     provider = providers.get(account.oauth.credentials())
 
-    def login(token: str) -> None:
-        client.authenticate_xoauth2(account.username, token, initial_response=account.auth_initial_response)
+    def attempt(token: str) -> Pop3Client:
+        client = _connect_source(account)
+        try:
+            initial = account.auth_initial_response
+            client.authenticate_xoauth2(account.username, token, initial_response=initial)
+        except BaseException:
+            client.close()
+            raise
+        return client
 
     try:
-        login_with_token(provider, login, SourceAuthError)
+        return login_with_token(provider, attempt, SourceAuthError)
     except OAuthError as exc:
         # A refused app registration is a login failure of this account; an unreachable token
         # endpoint is a temporary one, like an unreachable server.
         error_type = SourceAuthError if isinstance(exc, OAuthRefusedError) else SourceConnectError
-        raise error_type(f"{client.peer}: no OAuth token: {exc.message}") from exc
+        where = f"{account.host}:{account.effective_port}"
+        raise error_type(f"{where}: no OAuth token: {exc.message}") from exc
 
 
 def open_imap_destination(

@@ -11,6 +11,7 @@ import pytest
 from connector.check import run_checks
 from tests.integration.oauth.conftest import OAuthSync
 from tests.messages import simple
+from tests.servers.scripted_pop3 import CloseConnection, Pop3Session, ScriptedPop3Server, StoredMessage
 
 pytestmark = pytest.mark.integration
 
@@ -170,3 +171,44 @@ def test_check_logs_in_with_oauth_and_writes_nothing(oauth_sync: OAuthSync) -> N
     assert "POP3" in text and "OK" in text
     assert "the first delivery will create" in text
     assert oauth_sync.dovecot.folders(oauth_sync.users.destination.name) == ["INBOX"]
+
+
+def test_pop3_retry_uses_a_new_connection(oauth_sync: OAuthSync) -> None:
+    """A server that hangs up after a refused AUTH (the scripted server, checking tokens with the token
+    server) still gets the retry with a new token, on a new connection."""
+    app = oauth_sync.register("hosted-box")
+    token_server = oauth_sync.token_server
+
+    def auth(session: Pop3Session, argument: str) -> None:
+        session.send_line("+ ")
+        response = base64.b64decode(session.rfile.readline().strip()).decode()
+        token = response.split("auth=Bearer ", 1)[1].split("\x01", 1)[0]
+        if token_server.introspect({"token": token}).get("active") == "true":
+            session.server._authenticate(session, True)
+            return
+        session.err("Authentication failure: unknown user name or bad password.")
+        raise CloseConnection
+
+    pop3 = ScriptedPop3Server([StoredMessage("u1", simple(1))], username="hosted-box")
+    pop3.on("AUTH", auth)
+    with pop3:
+        account = {
+            "host": pop3.host,
+            "port": pop3.port,
+            "username": "hosted-box",
+            "auth": "oauth2",
+            "password": None,
+            "oauth": app.table(token_server),
+            "retention": "keep",
+        }
+        config = oauth_sync.config(
+            account=account, destination={"password": oauth_sync.users.destination.password}
+        )
+        assert oauth_sync.poll(config).delivered == 1
+        token_server.expire_all()
+        pop3.messages.append(StoredMessage("u2", simple(2)))
+        result = oauth_sync.poll(config)
+        assert (result.status, result.delivered) == ("ok", 1), result.error
+    assert pop3.recorded.connections == 3
+    assert app.requests(token_server) == 2
+    assert pop3.recorded.errors == []
