@@ -27,6 +27,14 @@ from pydantic import (
 )
 
 from connector.errors import ConfigError
+from connector.oauth import (
+    ENTRA_AUTHORITY_HOST,
+    EXCHANGE_ONLINE_SCOPE,
+    Credentials,
+    EntraCredentials,
+    TokenEndpointCredentials,
+    check_token_url,
+)
 from connector.tls import TlsMode
 
 CONFIG_ENV = "POP_CONNECTOR_CONFIG"
@@ -151,6 +159,89 @@ class Defaults(_Model):
         return value
 
 
+class OAuthSettings(_Model):
+    """Where XOAUTH2 logins get their token: Microsoft Entra (``tenant_id``) or any token endpoint
+    (``token_url``). See docs/exchange-online.md."""
+
+    tenant_id: str | None = Field(default=None, min_length=1)
+    token_url: str | None = None
+    client_id: str = Field(min_length=1)
+    client_secret: Secret | None = None
+    certificate_file: Path | None = None
+    certificate_thumbprint: str | None = Field(default=None, pattern=r"^[0-9A-Fa-f:]{40,59}$")
+    certificate_password: Secret | None = None
+    scope: str | None = None
+    authority_host: str = ENTRA_AUTHORITY_HOST
+    refresh_token: Secret | None = None
+    client_auth: Literal["body", "basic"] = "body"
+    ca_file: Path | None = None
+    timeout: Duration = timedelta(seconds=30)
+
+    @field_validator("token_url", "authority_host")
+    @classmethod
+    def _secure_url(cls, value: str | None) -> str | None:
+        return None if value is None else check_token_url(value)
+
+    @model_validator(mode="after")
+    def _one_provider(self) -> OAuthSettings:
+        if (self.tenant_id is None) == (self.token_url is None):
+            raise ValueError("set either tenant_id (Microsoft Entra) or token_url (another provider)")
+        if self.tenant_id is not None:
+            if (self.client_secret is None) == (self.certificate_file is None):
+                raise ValueError("Microsoft Entra needs either client_secret or certificate_file")
+            if self.refresh_token is not None:
+                raise ValueError("refresh_token is only used with token_url")
+        else:
+            if self.certificate_file is not None:
+                raise ValueError("certificate_file is only used with tenant_id (Microsoft Entra)")
+            if self.client_secret is None and self.refresh_token is None:
+                raise ValueError("token_url needs client_secret (or refresh_token)")
+        if self.certificate_file is None and (self.certificate_thumbprint or self.certificate_password):
+            raise ValueError("certificate_thumbprint and certificate_password go with certificate_file")
+        return self
+
+    def credentials(self) -> Credentials:
+        """The provider's key: equal settings share one token cache."""
+        secret = self.client_secret.get_secret_value() if self.client_secret else None
+        timeout = self.timeout.total_seconds()
+        if self.tenant_id is not None:
+            password = self.certificate_password
+            return EntraCredentials(
+                tenant_id=self.tenant_id,
+                client_id=self.client_id,
+                client_secret=secret,
+                certificate_file=self.certificate_file,
+                certificate_thumbprint=self.certificate_thumbprint,
+                certificate_password=password.get_secret_value() if password else None,
+                scope=self.scope or EXCHANGE_ONLINE_SCOPE,
+                authority_host=self.authority_host,
+                ca_file=self.ca_file,
+                timeout=timeout,
+            )
+        assert self.token_url is not None  # validated above
+        refresh = self.refresh_token
+        return TokenEndpointCredentials(
+            token_url=self.token_url,
+            client_id=self.client_id,
+            client_secret=secret,
+            scope=self.scope,
+            refresh_token=refresh.get_secret_value() if refresh else None,
+            client_auth=self.client_auth,
+            ca_file=self.ca_file,
+            timeout=timeout,
+        )
+
+
+LoginMethod = Literal["password", "oauth2"]
+
+
+def _check_oauth(auth: str, oauth: OAuthSettings | None) -> None:
+    if auth == "oauth2" and oauth is None:
+        raise ValueError('auth = "oauth2" needs an oauth table (tenant_id or token_url, client_id, ...)')
+    if auth != "oauth2" and oauth is not None:
+        raise ValueError(f'oauth is only used with auth = "oauth2", not "{auth}"')
+
+
 class ImapDestination(_Model):
     name: str = Field(min_length=1)
     type: Literal["imap"]
@@ -161,6 +252,8 @@ class ImapDestination(_Model):
     ca_file: Path | None = None
     username: str | None = None
     password: Secret | None = None
+    auth: LoginMethod = "password"
+    oauth: OAuthSettings | None = None
     create_folders: bool = True
 
     @property
@@ -169,7 +262,11 @@ class ImapDestination(_Model):
 
     @model_validator(mode="after")
     def _password_with_username(self) -> ImapDestination:
-        if self.username is not None and self.password is None:
+        _check_oauth(self.auth, self.oauth)
+        if self.auth == "oauth2":
+            if self.password is not None:
+                raise ValueError('password is not used with auth = "oauth2"')
+        elif self.username is not None and self.password is None:
             raise ValueError("username is set but password is missing")
         return self
 
@@ -187,9 +284,12 @@ class Account(Defaults):
     tls: TlsMode = "implicit"
     tls_verify: bool = True
     ca_file: Path | None = None
-    auth: Literal["user", "apop"] = "user"
+    auth: Literal["user", "apop", "oauth2"] = "user"
     username: str = Field(min_length=1)
-    password: Secret
+    password: Secret | None = None
+    oauth: OAuthSettings | None = None
+    # XOAUTH2 with the token on the AUTH line (RFC 5034 initial response) instead of after a "+".
+    auth_initial_response: bool = False
     destination: str
     destination_username: str | None = None
     destination_password: Secret | None = None
@@ -199,8 +299,19 @@ class Account(Defaults):
         return self.port or (995 if self.tls == "implicit" else 110)
 
     @model_validator(mode="after")
+    def _source_login(self) -> Account:
+        _check_oauth(self.auth, self.oauth)
+        if self.auth == "oauth2" and self.password is not None:
+            raise ValueError('password is not used with auth = "oauth2"')
+        if self.auth != "oauth2" and self.password is None:
+            raise ValueError("password: required field is missing")
+        return self
+
+    @model_validator(mode="after")
     def _destination_login_pair(self) -> Account:
-        if (self.destination_username is None) != (self.destination_password is None):
+        # An OAuth destination needs only the mailbox name; whether a password is missing is checked
+        # against the destination in Config.
+        if self.destination_password is not None and self.destination_username is None:
             raise ValueError("destination_username and destination_password go together")
         return self
 
@@ -231,6 +342,7 @@ class Config(_Model):
                     f"destination {destination.name!r} has no username, so the account needs "
                     "destination_username and destination_password",
                 )
+            _check_destination_password(index, account, destination)
         return self
 
     def destination_for(self, account: Account) -> Destination:
@@ -241,6 +353,18 @@ class Config(_Model):
             if account.name == name:
                 return account
         raise ConfigError(f"no account named {name!r} in {self.source or 'the configuration'}")
+
+
+def _check_destination_password(index: int, account: Account, destination: Destination) -> None:
+    oauth = getattr(destination, "auth", None) == "oauth2"
+    if oauth and account.destination_password is not None:
+        raise _PathError(
+            f"accounts[{index}].destination_password",
+            f"destination {destination.name!r} logs in with OAuth; destination_username alone names "
+            "the mailbox",
+        )
+    if not oauth and account.destination_username is not None and account.destination_password is None:
+        raise _PathError(f"accounts[{index}]", "destination_username and destination_password go together")
 
 
 class _PathError(ValueError):

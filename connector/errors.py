@@ -127,3 +127,19 @@ class DestinationTempError(DestinationError, TemporaryError):
 
 class DestinationRejectedError(DestinationError, PermanentError):
     """The destination refused this message or folder for good (bad content, too large, no such mailbox)."""
+
+
+# --- OAuth 2.0 tokens -----------------------------------------------------------------------------------
+
+
+class OAuthError(ConnectorError):
+    """No access token could be obtained. The POP3 source and the destinations re-raise it as their own
+    type (``SourceAuthError``, ``DestinationConnectError``, ...), so the engine never sees this one."""
+
+
+class OAuthRefusedError(OAuthError, AuthenticationError):
+    """The token endpoint refused the client's credentials, grant or scope (``invalid_client`` etc.)."""
+
+
+class OAuthUnavailableError(OAuthError, TemporaryError):
+    """The token endpoint could not be reached, timed out or failed (5xx, 429, a garbled answer)."""

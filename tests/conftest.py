@@ -13,7 +13,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from tests.servers.dovecot import Dovecot, DovecotError, MailUsers
+from tests.servers.dovecot import Dovecot, MailUsers, fresh_users, running_for_tests
 
 POSTGRES_ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=5"
 POSTGRES_URL_BASE = "postgresql+psycopg://postgres@127.0.0.1:5432/"
@@ -22,30 +22,15 @@ POSTGRES_URL_BASE = "postgresql+psycopg://postgres@127.0.0.1:5432/"
 @pytest.fixture(scope="session")
 def dovecot() -> Iterator[Dovecot]:
     """One Dovecot for the whole run; tests keep apart by using their own users (``mail_users``)."""
-    try:
-        server = Dovecot()
-    except DovecotError as exc:
-        pytest.fail(f"cannot run the Dovecot test server: {exc}", pytrace=False)
-    try:
-        server.start()
-    except DovecotError as exc:
-        server.stop()
-        pytest.fail(f"cannot run the Dovecot test server: {exc}", pytrace=False)
-    try:
+    with running_for_tests() as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
 def mail_users(dovecot: Dovecot) -> Iterator[MailUsers]:
     """A fresh POP3 source user and IMAP destination user, removed (with their mail) afterwards."""
-    users = MailUsers(source=dovecot.new_user("src"), destination=dovecot.new_user("dst"))
-    try:
+    with fresh_users(dovecot) as users:
         yield users
-    finally:
-        dovecot.remove_user(users.source.name)
-        dovecot.remove_user(users.destination.name)
 
 
 def _admin_connection() -> psycopg.Connection[tuple[object, ...]]:
