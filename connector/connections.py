@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from connector.config import Account, Destination
+from connector.config import Account, Destination, EwsDestination, ImapDestination, ews_mailbox
 from connector.destinations.base import DestinationSession
 from connector.destinations.imap import ImapSession, open_imap
 from connector.pop3 import Pop3Client, connect_pop3
@@ -32,7 +32,7 @@ def open_source(account: Account) -> Pop3Client:
     return client
 
 
-def open_imap_destination(destination: Destination, account: Account) -> ImapSession:
+def open_imap_destination(destination: ImapDestination, account: Account) -> ImapSession:
     """Log in to the IMAP destination, as the account's own user when it names one."""
     if account.destination_username is not None and account.destination_password is not None:
         username, secret = account.destination_username, account.destination_password
@@ -56,7 +56,47 @@ def open_imap_destination(destination: Destination, account: Account) -> ImapSes
     )
 
 
+def open_ews_destination(destination: EwsDestination, account: Account) -> DestinationSession:
+    """A session that delivers into the account's Exchange mailbox (exchangelib is imported only here)."""
+    from connector.destinations.ews import EwsLogin, open_ews
+
+    username, password = destination.username, destination.password
+    if account.destination_username is not None and account.destination_password is not None:
+        username, password = account.destination_username, account.destination_password
+    mailbox = ews_mailbox(account, destination)
+    assert mailbox is not None  # config validated
+    login = EwsLogin(
+        service_endpoint=destination.service_endpoint,
+        autodiscover=destination.autodiscover,
+        auth=destination.auth,
+        username=username,
+        password=password.get_secret_value() if password is not None else None,
+        tenant_id=destination.tenant_id,
+        client_id=destination.client_id,
+        client_secret=(
+            destination.client_secret.get_secret_value() if destination.client_secret is not None else None
+        ),
+        token_url=destination.token_url,
+        scope=destination.scope,
+        version=destination.version,
+        max_connections=destination.max_connections,
+        tls_verify=destination.tls_verify,
+        ca_file=str(destination.ca_file) if destination.ca_file is not None else None,
+    )
+    return open_ews(
+        login,
+        mailbox=mailbox,
+        impersonation=destination.impersonation,
+        folder=account.folder,
+        mark_seen=account.mark_seen,
+        max_message_size=destination.max_message_size,
+        timeout=account.timeout.total_seconds(),
+    )
+
+
 def open_destination(destination: Destination, account: Account) -> DestinationSession:
+    if isinstance(destination, EwsDestination):
+        return open_ews_destination(destination, account)
     return open_imap_destination(destination, account)
 
 

@@ -1,0 +1,657 @@
+"""EWS destination (exchangelib): each message goes in as its raw MIME with CreateItem, as received mail.
+
+Exchange turns ``CreateItem`` with ``MimeContent`` into an item, but on its own the item looks like an
+unsent draft dated at import time. Three MAPI properties are set at creation so that Outlook shows it as
+received mail: PidTagMessageFlags (0x0E07: the read flag per ``mark_seen``, never MSGFLAG_UNSENT),
+PidTagMessageDeliveryTime (0x0E06, the received time: newest ``Received:``, else ``Date:``) and
+PidTagClientSubmitTime (0x0039, the sent time: ``Date:``).
+
+``open_ews`` is the only place a session is built. Everything exchangelib, requests and oauthlib raise is
+translated here into the project's ``DestinationError`` types, naming the endpoint, mailbox and folder,
+never a secret. Throttling (``ErrorServerBusy`` with BackOffMilliseconds, HTTP 503 with Retry-After) is
+waited out and counted here; when the server stays busy the session gives up with a temporary error, so
+the account backs off instead of failing its messages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import ssl
+import threading
+import time
+import urllib.parse
+import zoneinfo
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, ClassVar, TypeVar
+
+import requests
+from exchangelib import DELEGATE, IMPERSONATION, Account, Configuration, Credentials, Message, Version
+from exchangelib import errors as ews_errors
+from exchangelib.credentials import OAuth2Credentials
+from exchangelib.ewsdatetime import EWSDateTime
+from exchangelib.extended_properties import ExtendedProperty
+from exchangelib.folders import Messages
+from exchangelib.items import SAVE_ONLY, SEND_TO_NONE
+from exchangelib.protocol import FailFast, Protocol
+from exchangelib.services import CreateFolder, CreateItem
+from exchangelib.transport import BASIC, NTLM, OAUTH2
+from exchangelib.version import EXCHANGE_2013, EXCHANGE_2013_SP1, EXCHANGE_2016, EXCHANGE_2019
+from oauthlib.oauth2 import OAuth2Error
+
+from connector.errors import (
+    DestinationAuthError,
+    DestinationConnectError,
+    DestinationError,
+    DestinationFullError,
+    DestinationRejectedError,
+    DestinationTempError,
+    DestinationTLSError,
+)
+from connector.message import FetchedMessage
+
+log = logging.getLogger("connector.destinations.ews")
+
+# exchangelib's DEBUG trace carries every request's headers (Authorization: Basic ... included) and whole
+# messages; keep it out of the logs whatever level the service runs at.
+for _noisy in ("exchangelib", "requests_oauthlib", "oauthlib"):
+    if logging.getLogger(_noisy).level == logging.NOTSET:
+        logging.getLogger(_noisy).setLevel(logging.INFO)
+
+FOLDER_SEPARATOR = "/"
+# How often one request is retried after ErrorServerBusy / 503 before the session gives up (temporary).
+BUSY_RETRIES = 4
+# A back-off longer than this is not waited out inside a poll: the account backs off instead.
+MAX_BUSY_WAIT = 300.0
+_MAX_TEXT = 400
+_UTC = zoneinfo.ZoneInfo("UTC")
+_VERSIONS = {
+    "Exchange2013": EXCHANGE_2013,
+    "Exchange2013_SP1": EXCHANGE_2013_SP1,
+    "Exchange2016": EXCHANGE_2016,
+    "Exchange2019": EXCHANGE_2019,
+}
+_AUTH_TYPES = {"ntlm": NTLM, "basic": BASIC, "oauth2": OAUTH2}
+# PidTagMessageFlags bit: MSGFLAG_READ. MSGFLAG_UNSENT (0x8) is never set, so the item is not a draft.
+MSGFLAG_READ = 0x1
+
+T = TypeVar("T")
+
+
+# --- the properties set at creation ---------------------------------------------------------------------
+
+
+class MessageFlags(ExtendedProperty):  # type: ignore[misc]
+    property_tag = 0x0E07
+    property_type = "Integer"
+
+
+class MessageDeliveryTime(ExtendedProperty):  # type: ignore[misc]
+    property_tag = 0x0E06
+    property_type = "SystemTime"
+
+
+class ClientSubmitTime(ExtendedProperty):  # type: ignore[misc]
+    property_tag = 0x0039
+    property_type = "SystemTime"
+
+
+class ConnectorSha256(ExtendedProperty):  # type: ignore[misc]
+    """Our own named property: the SHA-256 of the MIME bytes we sent, so ``find`` can compare content."""
+
+    property_set_id = "6f2c6c2e-8f57-4a35-9b0e-5c1a3f0e7d41"
+    property_name = "PopConnectorSha256"
+    property_type = "String"
+
+
+_PROPERTIES = {
+    "pop_connector_flags": MessageFlags,
+    "pop_connector_delivery_time": MessageDeliveryTime,
+    "pop_connector_submit_time": ClientSubmitTime,
+    "pop_connector_sha256": ConnectorSha256,
+}
+_register_lock = threading.Lock()
+
+
+def _register_properties() -> None:
+    """Register the properties on exchangelib's Message once per process (registration is class-wide)."""
+    with _register_lock:
+        registered = {field.name for field in Message.FIELDS}
+        for name, cls in _PROPERTIES.items():
+            if name not in registered:
+                Message.register(name, cls)
+
+
+_register_properties()
+
+# Only these go into CreateItem: exchangelib would otherwise send its defaults for Importance,
+# Sensitivity, IsReadReceiptRequested ..., overriding what the MIME headers say.
+_CREATE_FIELDS = frozenset({"mime_content", "is_read", *_PROPERTIES})
+
+
+class _MimeMessage(Message):  # type: ignore[misc]
+    @classmethod
+    def supported_fields(cls, version: Any) -> tuple[Any, ...]:
+        return tuple(f for f in super().supported_fields(version) if f.name in _CREATE_FIELDS)
+
+
+# --- TLS per endpoint -----------------------------------------------------------------------------------
+
+
+class _TlsAdapter(requests.adapters.HTTPAdapter):
+    """exchangelib builds its HTTP sessions itself; this adapter applies each endpoint's TLS settings.
+
+    ``verify_for`` maps an origin (``https://host:port``) to requests' ``verify`` (True, False or a CA
+    file). Origins not listed keep requests' default: verified against the system's CAs.
+    """
+
+    verify_for: ClassVar[dict[str, bool | str]] = {}
+
+    def _verify(self, url: str, verify: Any) -> Any:
+        return self.verify_for.get(_origin(url), verify)
+
+    def cert_verify(self, conn: Any, url: str, verify: Any, cert: Any) -> None:
+        super().cert_verify(conn, url, self._verify(url, verify), cert)
+
+    def get_connection_with_tls_context(
+        self, request: Any, verify: Any, proxies: Any = None, cert: Any = None
+    ) -> Any:
+        return super().get_connection_with_tls_context(
+            request, self._verify(request.url, verify), proxies=proxies, cert=cert
+        )
+
+
+Protocol.HTTP_ADAPTER_CLS = _TlsAdapter
+
+
+def _origin(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return f"{parts.scheme}://{(parts.hostname or '').lower()}:{port}"
+
+
+class _Throttled(FailFast):  # type: ignore[misc]
+    """Fail fast (a 401 is a login failure, not throttling), but keep a 503's Retry-After for our loop."""
+
+    def raise_response_errors(self, response: Any) -> None:
+        try:
+            super().raise_response_errors(response)
+        except ews_errors.ErrorInternalServerTransientError as exc:
+            retry_after = _retry_after(response)
+            if retry_after is not None:
+                raise ews_errors.ErrorServerBusy(exc.args[0], back_off=retry_after) from exc
+            raise
+
+
+def _retry_after(response: Any) -> float | None:
+    try:
+        value = float(response.headers.get("Retry-After", ""))
+    except ValueError:
+        return None
+    return value if value >= 0 else None
+
+
+# --- one endpoint's configuration, shared by the accounts that use the same login ------------------------
+
+
+@dataclass(frozen=True)
+class EwsLogin:
+    """How to reach and log in to one EWS endpoint."""
+
+    service_endpoint: str | None
+    auth: str
+    username: str | None = None
+    password: str | None = None
+    tenant_id: str | None = None
+    client_id: str | None = None
+    client_secret: str | None = None
+    token_url: str | None = None
+    scope: str | None = None
+    version: str | None = None
+    max_connections: int = 4
+    tls_verify: bool = True
+    ca_file: str | None = None
+    autodiscover: bool = False
+
+    def cache_key(self) -> tuple[object, ...]:
+        """Endpoint + login identity; the secret only as a digest, so a changed password is a new entry."""
+        secret = self.password or self.client_secret or ""
+        digest = hashlib.sha256(secret.encode()).hexdigest()
+        who = self.username or f"{self.client_id}@{self.tenant_id or self.token_url}"
+        return (self.service_endpoint, self.auth, who, digest, self.version, self.tls_verify, self.ca_file)
+
+    def describe(self) -> str:
+        return f"EWS {self.service_endpoint or '(autodiscover)'}"
+
+
+class _ClientCredentials(OAuth2Credentials):  # type: ignore[misc]
+    """OAuth 2.0 client credentials with an optional token URL and scope (ADFS, or a test's endpoint)."""
+
+    def __init__(self, *, token_url: str | None, scope: str | None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._token_url = token_url
+        self._scope = scope
+
+    @property
+    def token_url(self) -> str:
+        return self._token_url or str(super().token_url)
+
+    @property
+    def scope(self) -> list[str]:
+        return [self._scope] if self._scope else list(super().scope)
+
+
+class _ConfigurationCache:
+    """exchangelib Configurations by endpoint and login: accounts sharing a login share one Protocol, i.e.
+    one pool of at most ``max_connections`` HTTP connections (exchangelib caches Protocols by endpoint and
+    credentials object, so the credentials object must be the same one)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[tuple[object, ...], Configuration] = {}
+
+    def get(self, login: EwsLogin) -> Configuration:
+        key = login.cache_key()
+        with self._lock:
+            config = self._entries.get(key)
+            if config is None:
+                config = self._entries[key] = _configuration(login)
+            return config
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+CONFIGURATIONS = _ConfigurationCache()
+
+
+def _configuration(login: EwsLogin) -> Configuration:
+    verify: bool | str = (login.ca_file or True) if login.tls_verify else False
+    for url in (login.service_endpoint, login.token_url):
+        if url:
+            _TlsAdapter.verify_for[_origin(url)] = verify
+    credentials: Any
+    if login.auth == "oauth2":
+        credentials = _ClientCredentials(
+            client_id=login.client_id,
+            client_secret=login.client_secret,
+            tenant_id=login.tenant_id,
+            token_url=login.token_url,
+            scope=login.scope,
+        )
+    else:
+        credentials = Credentials(login.username, login.password)
+    version = Version(build=_VERSIONS[login.version]) if login.version else None
+    return Configuration(
+        credentials=credentials,
+        service_endpoint=login.service_endpoint,
+        auth_type=_AUTH_TYPES[login.auth],
+        version=version,
+        retry_policy=_Throttled(),
+        max_connections=login.max_connections,
+    )
+
+
+# --- errors -----------------------------------------------------------------------------------------------
+
+_REJECTED = (
+    ews_errors.ErrorNonExistentMailbox,
+    ews_errors.ErrorAccessDenied,
+    ews_errors.ErrorImpersonateUserDenied,
+    ews_errors.ErrorImpersonationDenied,
+    ews_errors.ErrorMessageSizeExceeded,
+    ews_errors.ErrorMimeContentConversionFailed,
+    ews_errors.ErrorCorruptData,
+    ews_errors.ErrorItemCorrupt,
+)
+_TEMPORARY = (
+    ews_errors.ErrorServerBusy,
+    ews_errors.ErrorInternalServerTransientError,
+    ews_errors.ErrorInternalServerError,
+    ews_errors.ErrorMailboxStoreUnavailable,
+    ews_errors.ErrorMailboxMoveInProgress,
+    ews_errors.ErrorTooManyObjectsOpened,
+    ews_errors.ErrorExceededConnectionCount,
+    ews_errors.ErrorConnectionFailed,
+    ews_errors.CASError,
+    ews_errors.MalformedResponseError,
+    ews_errors.SOAPError,
+)
+
+
+@dataclass(frozen=True)
+class Where:
+    endpoint: str
+    mailbox: str
+    folder: str
+
+    def say(self, detail: str) -> str:
+        return f"{self.endpoint}, mailbox {self.mailbox!r}, folder {self.folder!r}: {detail}"
+
+
+def _clip(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= _MAX_TEXT else text[:_MAX_TEXT] + "..."
+
+
+def _is_cert_failure(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def translate(exc: Exception, where: Where, action: str, secrets: tuple[str, ...] = ()) -> DestinationError:
+    """One exchangelib/requests/oauthlib error -> the project's error type, with a message for people."""
+    name = type(exc).__name__
+    text = str(exc) or name
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    detail = _clip(f"{name}: {text}" if name not in text else text)
+    message = where.say(f"{action}: {detail}")
+    if isinstance(exc, ews_errors.UnauthorizedError | OAuth2Error):
+        return DestinationAuthError(where.say(f"{action}: login refused: {detail}"))
+    if isinstance(exc, ews_errors.ErrorQuotaExceeded):
+        return DestinationFullError(message)
+    if isinstance(exc, _REJECTED):
+        return DestinationRejectedError(message)
+    if isinstance(exc, ews_errors.ErrorTimeoutExpired):
+        return DestinationConnectError(
+            where.say(f"{action}: no answer (timeout or connection lost): {detail}")
+        )
+    if _is_cert_failure(exc):
+        return DestinationTLSError(where.say(f"{action}: certificate not trusted: {detail}"))
+    if isinstance(exc, _TEMPORARY):
+        return DestinationTempError(message)
+    if isinstance(
+        exc, ews_errors.TransportError | ews_errors.RedirectError | requests.RequestException | OSError
+    ):
+        return DestinationConnectError(message)
+    if isinstance(exc, ews_errors.ResponseMessageError):
+        # Anything else Exchange says about this request will say it again: count it against the message.
+        return DestinationRejectedError(message)
+    return DestinationTempError(message)
+
+
+# --- the session ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EwsCheck:
+    """What ``EwsSession.check`` found: whether the folder exists, and the levels a delivery would create."""
+
+    mailbox: str
+    folder: str
+    exists: bool
+    to_create: tuple[str, ...]
+
+    def __str__(self) -> str:
+        if self.exists:
+            return f"mailbox {self.mailbox!r}, folder {self.folder!r} exists"
+        created = ", ".join(self.to_create)
+        return (
+            f"mailbox {self.mailbox!r}: folder {self.folder!r} does not exist; the first delivery creates "
+            f"{created}"
+        )
+
+
+def folder_levels(folder: str) -> list[str]:
+    """``"Inbox/Hosted/2025"`` -> ``["Hosted", "2025"]``: the levels under the Inbox (checked by config)."""
+    parts = [part for part in folder.split(FOLDER_SEPARATOR) if part]
+    return parts[1:]
+
+
+def _ews_time(value: datetime) -> EWSDateTime:
+    return EWSDateTime.from_datetime(value.astimezone(_UTC))
+
+
+class EwsSession:
+    """Delivers into one folder of one mailbox (a ``DestinationSession``).
+
+    ``throttled`` counts how often the server asked us to back off during this session.
+    """
+
+    def __init__(
+        self,
+        account: Any,
+        *,
+        where: Where,
+        mark_seen: bool,
+        max_message_size: int,
+        secrets: tuple[str, ...] = (),
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self._account = account
+        self._where = where
+        self.mark_seen = mark_seen
+        self.max_message_size = max_message_size
+        self._secrets = secrets
+        self._sleep = sleep
+        self._folder: Any = None
+        self.throttled = 0
+
+    # --- DestinationSession ---------------------------------------------------------------------------
+
+    def deliver(self, message: FetchedMessage) -> str:
+        """CreateItem (SaveOnly) with the raw MIME; returns ``ews:<mailbox>/<folder>;ItemId=<id>``."""
+        if message.size > self.max_message_size:
+            # Exchange would refuse it after we uploaded it all; the engine quarantines it after its attempts
+            # and it stays on the POP3 server.
+            raise DestinationRejectedError(
+                self._where.say(
+                    f"message is {message.size} bytes, larger than this destination's max_message_size of "
+                    f"{self.max_message_size} bytes: not sent (raise max_message_size if the server takes it)"
+                ),
+                uidl=message.uidl,
+            )
+        folder = self._call("find the folder", lambda: self._resolve_folder(create=True), message.uidl)
+        item = self._item(folder, message)
+        result = self._call(
+            "CreateItem",
+            lambda: CreateItem(account=self._account).get(
+                items=[item],
+                folder=folder,
+                message_disposition=SAVE_ONLY,
+                send_meeting_invitations=SEND_TO_NONE,
+            ),
+            message.uidl,
+        )
+        return self._reference(getattr(result, "id", None))
+
+    def find(self, message: FetchedMessage) -> str | None:
+        """After a crash: an item in the folder with the same InternetMessageId and SHA-256, or None.
+
+        What EWS can compare: InternetMessageId (a FindItem restriction). What it cannot: the item's Size is
+        the store's size of the item (MAPI properties, converted body and attachments), not the size of the
+        MIME we sent, and the MimeContent that GetItem returns is regenerated by Exchange's content
+        conversion, never our bytes, so hashing it would never match. So ``deliver`` stamps each item with a
+        named property holding the SHA-256 of what was sent, and that (which covers the size) is compared.
+        Items not created by the connector have no stamp and never match.
+        """
+        folder = self._call("find the folder", lambda: self._resolve_folder(create=False), message.uidl)
+        if folder is None:
+            return None
+        candidates = self._call(
+            "FindItem",
+            lambda: list(
+                folder.filter(message_id=message.message_id).only("id", "message_id", "pop_connector_sha256")
+            ),
+            message.uidl,
+        )
+        for item in candidates:
+            if getattr(item, "pop_connector_sha256", None) == message.sha256:
+                return self._reference(item.id)
+        return None
+
+    def check(self) -> EwsCheck:
+        """Log in, open the mailbox and look for the folder; creates and writes nothing."""
+        missing: list[str] = []
+        self._call("open the folder", lambda: self._resolve_folder(create=False, missing=missing), None)
+        return EwsCheck(self._where.mailbox, self._where.folder, not missing, tuple(missing))
+
+    def close(self) -> None:
+        # The HTTP connections belong to the shared per-endpoint pool, which outlives this session.
+        self._account = None
+        self._folder = None
+
+    def __enter__(self) -> EwsSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- internals --------------------------------------------------------------------------------------
+
+    def _item(self, folder: Any, message: FetchedMessage) -> _MimeMessage:
+        flags = MSGFLAG_READ if self.mark_seen else 0
+        submitted = message.headers.date or message.internal_date
+        return _MimeMessage(
+            account=self._account,
+            folder=folder,
+            mime_content=message.read_bytes(),
+            is_read=self.mark_seen,
+            pop_connector_flags=flags,
+            pop_connector_delivery_time=_ews_time(message.internal_date),
+            pop_connector_submit_time=_ews_time(submitted),
+            pop_connector_sha256=message.sha256,
+        )
+
+    def _reference(self, item_id: object) -> str:
+        base = f"ews:{self._where.mailbox}/{self._where.folder}"
+        return f"{base};ItemId={item_id}" if item_id else base
+
+    def _resolve_folder(self, *, create: bool, missing: list[str] | None = None) -> Any:
+        """The target folder (``Inbox`` and levels under it, each found with one shallow FindFolder).
+
+        With ``create`` missing levels are created; without, None is returned and ``missing`` lists them.
+        """
+        if self._folder is not None:
+            return self._folder
+        if self._account is None:
+            raise DestinationConnectError(self._where.say("the session is closed"))
+        folder = self._account.inbox
+        levels = folder_levels(self._where.folder)
+        for index, name in enumerate(levels):
+            child = _child(folder, name)
+            if child is None and not create:
+                if missing is not None:
+                    missing.extend(levels[index:])
+                return None
+            folder = child if child is not None else self._create_child(folder, name)
+        self._folder = folder
+        return folder
+
+    def _create_child(self, parent: Any, name: str) -> Any:
+        log.info("%s", self._where.say(f"creating folder {name!r}"))
+        with contextlib.suppress(ews_errors.ErrorFolderExists):  # another account made it meanwhile
+            CreateFolder(account=self._account).get(
+                parent_folder=parent, folders=[Messages(parent=parent, name=name)]
+            )
+        created = _child(parent, name)
+        if created is None:
+            raise ews_errors.ErrorFolderNotFound(f"folder {name!r} is missing right after it was created")
+        return created
+
+    def _call(self, action: str, work: Callable[[], T], uidl: str | None) -> T:
+        """Run ``work``, waiting out what the server asks (ErrorServerBusy, 503 + Retry-After), translating
+        every failure into a ``DestinationError``."""
+        for attempt in range(BUSY_RETRIES + 1):
+            try:
+                return work()
+            except ews_errors.ErrorServerBusy as exc:
+                wait = exc.back_off
+                if wait is None or wait > MAX_BUSY_WAIT or attempt == BUSY_RETRIES:
+                    raise self._busy(action, exc, uidl) from exc
+                self.throttled += 1
+                log.warning(
+                    "%s",
+                    self._where.say(
+                        f"{action}: server busy, waiting {wait:g}s as it asks (throttled "
+                        f"{self.throttled} times in this session)"
+                    ),
+                )
+                self._sleep(wait)
+            except DestinationError:
+                raise
+            except Exception as exc:
+                error = translate(exc, self._where, action, self._secrets)
+                error.uidl = uidl
+                raise error from exc
+        raise AssertionError("unreachable")
+
+    def _busy(self, action: str, exc: ews_errors.ErrorServerBusy, uidl: str | None) -> DestinationTempError:
+        wait = f"; it asked for {exc.back_off:g}s more" if exc.back_off else ""
+        return DestinationTempError(
+            self._where.say(
+                f"{action}: server still busy after {self.throttled} back-offs{wait}; the account backs off"
+            ),
+            uidl=uidl,
+        )
+
+
+def _child(parent: Any, name: str) -> Any:
+    """A direct child by name, with one shallow FindFolder (``/`` would walk the whole tree first)."""
+    try:
+        return parent // name
+    except ews_errors.ErrorFolderNotFound:
+        return None
+
+
+def open_ews(
+    login: EwsLogin,
+    *,
+    mailbox: str,
+    impersonation: bool,
+    folder: str,
+    mark_seen: bool,
+    max_message_size: int,
+    timeout: float,
+    sleep: Callable[[float], None] = time.sleep,
+) -> EwsSession:
+    """Build a session for ``mailbox``; the server is first contacted by the first deliver/find/check.
+
+    With ``version`` set no version probe is sent; the login is checked by the first request.
+    """
+    where = Where(login.describe(), mailbox, folder)
+    secrets = tuple(s for s in (login.password, login.client_secret) if s)
+    try:
+        config = CONFIGURATIONS.get(login)
+        account = Account(
+            primary_smtp_address=mailbox,
+            config=config,
+            autodiscover=login.autodiscover,
+            credentials=config.credentials if login.autodiscover else None,
+            access_type=IMPERSONATION if impersonation else DELEGATE,
+            default_timezone=None,
+            locale="en_US",
+        )
+        # Requests of this endpoint wait this long for an answer (the Protocol is shared; the last set wins).
+        account.protocol.TIMEOUT = timeout
+    except DestinationError:
+        raise
+    except Exception as exc:
+        raise translate(exc, where, "connect", secrets) from exc
+    return EwsSession(
+        account,
+        where=where,
+        mark_seen=mark_seen,
+        max_message_size=max_message_size,
+        secrets=secrets,
+        sleep=sleep,
+    )
+
+
+@contextlib.contextmanager
+def ews_session(login: EwsLogin, **kwargs: Any) -> Iterator[EwsSession]:
+    session = open_ews(login, **kwargs)
+    try:
+        yield session
+    finally:
+        session.close()
