@@ -186,7 +186,7 @@ class EwsServer:
     # --- set-up -------------------------------------------------------------------------------------------
 
     def add_user(self, login: str, password: str, *, impersonation: bool = False) -> None:
-        """A login (an address also gets its mailbox); ``impersonation``: the ApplicationImpersonation role."""
+        """A login (an address gets its own mailbox); ``impersonation``: the ApplicationImpersonation role."""
         self.users[login] = password
         if impersonation:
             self.impersonators.add(login)
