@@ -33,8 +33,25 @@ def config_toml(
     defaults: dict[str, Any] | None = None,
     name: str = "alice",
 ) -> str:
-    """One account reading ``users.source`` over plain POP3 into ``users.destination`` over plain IMAP."""
+    """One account reading ``users.source`` over plain POP3 into ``users.destination`` over plain IMAP.
+
+    A ``destination`` with ``type = "ews"`` replaces the IMAP destination altogether (named "exchange").
+    """
     service = {"database": database, "max_workers": 4}
+    destination_fields: dict[str, Any]
+    if (destination or {}).get("type") == "ews":
+        destination_fields = {"name": "exchange", **(destination or {})}
+    else:
+        destination_fields = {
+            "name": "dovecot",
+            "type": "imap",
+            "host": dovecot.host,
+            "port": dovecot.ports.imap,
+            "tls": "none",
+            "username": users.destination.name,
+            "password": users.destination.password,
+            **(destination or {}),
+        }
     account_fields: dict[str, Any] = {
         "name": name,
         "host": dovecot.host,
@@ -42,19 +59,9 @@ def config_toml(
         "tls": "none",
         "username": users.source.name,
         "password": users.source.password,
-        "destination": "dovecot",
+        "destination": destination_fields["name"],
         "timeout": "20s",
         **(account or {}),
-    }
-    destination_fields: dict[str, Any] = {
-        "name": "dovecot",
-        "type": "imap",
-        "host": dovecot.host,
-        "port": dovecot.ports.imap,
-        "tls": "none",
-        "username": users.destination.name,
-        "password": users.destination.password,
-        **(destination or {}),
     }
     return "\n".join(
         [
