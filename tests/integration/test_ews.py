@@ -49,10 +49,10 @@ def exchange(ews: EwsServer) -> EwsServer:
 
 
 def destination(ews: EwsServer, **overrides: Any) -> dict[str, Any]:
+    """An impersonating EWS destination with the default auth, NTLM (a real handshake with the server)."""
     return {
         "type": "ews",
         "service_endpoint": ews.service_endpoint,
-        "auth": "basic",
         "username": SERVICE,
         "password": SERVICE_PASSWORD,
         "impersonation": True,
@@ -355,6 +355,24 @@ def test_oauth2_client_credentials(exchange: EwsServer, message: FetchedMessage)
     with pytest.raises(DestinationAuthError) as caught:
         open_ews(bad, **options).deliver(message)
     assert "nope" not in str(caught.value)
+
+
+def test_ntlm_domain_login(ews: EwsServer, message: FetchedMessage) -> None:
+    ews.add_user("CORP\\svc-import", SERVICE_PASSWORD, impersonation=True)
+    ews.add_mailbox(MAILBOX)
+    ntlm = login(ews, auth="ntlm", username="CORP\\svc-import")
+    options: dict[str, Any] = {
+        "mailbox": MAILBOX,
+        "impersonation": True,
+        "folder": "Inbox",
+        "mark_seen": False,
+        "max_message_size": 10**6,
+        "timeout": 20.0,
+    }
+    open_ews(ntlm, **options).deliver(message)
+    assert {(r.login, r.impersonated) for r in ews.requests} == {("CORP\\svc-import", MAILBOX)}
+    with pytest.raises(DestinationAuthError):
+        open_ews(login(ews, auth="ntlm", username="CORP\\svc-import", password="bad"), **options).check()
 
 
 def test_untrusted_certificate_and_unreachable_endpoint(exchange: EwsServer, message: FetchedMessage) -> None:

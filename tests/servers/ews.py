@@ -19,6 +19,7 @@ import base64
 import contextlib
 import itertools
 import json
+import os
 import secrets
 import ssl
 import tempfile
@@ -33,6 +34,9 @@ from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree as ET
 from xml.sax.saxutils import escape, quoteattr
+
+import spnego
+import spnego.exceptions
 
 from tests.servers.dovecot import make_test_ca
 
@@ -147,6 +151,7 @@ class EwsServer:
         self.requests: list[Request] = []
         self.faults: list[Fault] = []
         self.max_item_size: int | None = None
+        self._ntlm_file = Path(self._dir.name) / "ntlm-users"
         self._ids = itertools.count(1)
         self._lock = threading.RLock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
@@ -186,12 +191,25 @@ class EwsServer:
     # --- set-up -------------------------------------------------------------------------------------------
 
     def add_user(self, login: str, password: str, *, impersonation: bool = False) -> None:
-        """A login (an address gets its own mailbox); ``impersonation``: the ApplicationImpersonation role."""
+        """A login (an address gets its own mailbox); ``impersonation``: the ApplicationImpersonation role.
+
+        ``DOMAIN\\user`` or ``user@domain`` logins work with Basic and with NTLM.
+        """
         self.users[login] = password
         if impersonation:
             self.impersonators.add(login)
         if "@" in login:
             self.add_mailbox(login)
+        self._write_ntlm_users()
+
+    def _write_ntlm_users(self) -> None:
+        # pyspnego's NTLM acceptor reads its users from the file NTLM_USER_FILE names (DOMAIN:USER:PASSWORD).
+        lines = []
+        for login, password in self.users.items():
+            domain, _, user = login.rpartition("\\")
+            lines.append(f"{domain}:{user}:{password}\n")
+        self._ntlm_file.write_text("".join(lines))
+        os.environ["NTLM_USER_FILE"] = str(self._ntlm_file)
 
     def add_client(self, client_id: str, secret: str) -> None:
         """An application (client credentials) allowed to impersonate every mailbox, as Exchange grants it."""
@@ -260,6 +278,13 @@ class EwsServer:
         token = secrets.token_urlsafe(24)
         self.tokens[token] = client_id
         return {"access_token": token, "token_type": "Bearer", "expires_in": 3600}
+
+    def login_of(self, principal: str) -> str:
+        """The configured login for an NTLM principal (``DOMAIN\\user``, or ``\\user@domain``)."""
+        for login in self.users:
+            if login.lower() == principal.lower().lstrip("\\"):
+                return login
+        return principal
 
     def _login(self, authorization: str | None) -> str | None:
         if not authorization:
@@ -634,6 +659,8 @@ def _busy_fault(back_off_ms: int) -> bytes:
 def _handler(server: EwsServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        ntlm: Any = None
+        ntlm_login: str | None = None
 
         def log_message(self, format: str, *args: Any) -> None:
             pass
@@ -647,6 +674,37 @@ def _handler(server: EwsServer) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(body)
 
+        def _authenticate(self) -> str | None:
+            """The login of this request, or None after answering 401 (a challenge or a refusal).
+
+            NTLM is connection-based as in IIS: a three-leg handshake (negotiate, challenge, authenticate)
+            on one connection, after which that connection's requests need no Authorization header.
+            """
+            authorization = self.headers.get("Authorization") or ""
+            if authorization.startswith("NTLM "):
+                token = base64.b64decode(authorization[5:])
+                if self.ntlm is None or self.ntlm.complete:
+                    self.ntlm, self.ntlm_login = spnego.server(protocol="ntlm"), None
+                try:
+                    answer = self.ntlm.step(token)
+                except spnego.exceptions.SpnegoError:
+                    self.ntlm = None
+                    self._send(401, b"", {"WWW-Authenticate": "NTLM"}, "text/html")
+                    return None
+                if not self.ntlm.complete:
+                    challenge = "NTLM " + base64.b64encode(answer or b"").decode()
+                    self._send(401, b"", {"WWW-Authenticate": challenge}, "text/html")
+                    return None
+                self.ntlm_login = server.login_of(str(self.ntlm.client_principal))
+                return self.ntlm_login
+            if not authorization and self.ntlm_login is not None:
+                return self.ntlm_login
+            login = server._login(authorization)
+            if login is None:
+                challenges = {"WWW-Authenticate": 'NTLM, Basic realm="127.0.0.1"'}
+                self._send(401, b"", challenges, "text/html")
+            return login
+
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
             if self.path == TOKEN_PATH:
@@ -657,9 +715,8 @@ def _handler(server: EwsServer) -> type[BaseHTTPRequestHandler]:
             if self.path != EWS_PATH:
                 self._send(404, b"not found", {}, "text/plain")
                 return
-            login = server._login(self.headers.get("Authorization"))
+            login = self._authenticate()
             if login is None:
-                self._send(401, b"", {"WWW-Authenticate": 'Basic realm="127.0.0.1"'}, "text/html")
                 return
             status, answer, headers, drop = server.handle_soap(login, body)
             if drop:
