@@ -267,11 +267,18 @@ class Account(Defaults):
     destination_username: str | None = None
     destination_password: Secret | None = None
     # The target Exchange mailbox (SMTP address) of an EWS destination.
-    mailbox: str | None = Field(default=None, pattern=r"^[^@\s]+@[^@\s]+$")
+    mailbox: str | None = None
 
     @property
     def effective_port(self) -> int:
         return self.port or (995 if self.tls == "implicit" else 110)
+
+    @field_validator("mailbox")
+    @classmethod
+    def _smtp_address(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[^@\s]+@[^@\s]+", value):
+            raise ValueError(f"{value!r} is not an SMTP address (write e.g. \"alice@example.org\")")
+        return value
 
     @model_validator(mode="after")
     def _destination_login_pair(self) -> Account:

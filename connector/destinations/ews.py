@@ -323,6 +323,10 @@ _TEMPORARY = (
 )
 
 
+# What the driver stack raises; anything else is a bug and goes to the engine's unexpected-error path.
+DRIVER_ERRORS = (ews_errors.EWSError, requests.RequestException, OAuth2Error, OSError)
+
+
 @dataclass(frozen=True)
 class Where:
     endpoint: str
@@ -370,13 +374,11 @@ def translate(exc: Exception, where: Where, action: str, secrets: tuple[str, ...
         return DestinationTLSError(where.say(f"{action}: certificate not trusted: {detail}"))
     if isinstance(exc, _TEMPORARY):
         return DestinationTempError(message)
-    if isinstance(
-        exc, ews_errors.TransportError | ews_errors.RedirectError | requests.RequestException | OSError
-    ):
-        return DestinationConnectError(message)
     if isinstance(exc, ews_errors.ResponseMessageError):
-        # Anything else Exchange says about this request will say it again: count it against the message.
+        # Anything else Exchange says about this request it will say again: count it against the message.
         return DestinationRejectedError(message)
+    if isinstance(exc, ews_errors.TransportError | requests.RequestException | OSError):
+        return DestinationConnectError(message)
     return DestinationTempError(message)
 
 
@@ -578,9 +580,7 @@ class EwsSession:
                     ),
                 )
                 self._sleep(wait)
-            except DestinationError:
-                raise
-            except Exception as exc:
+            except DRIVER_ERRORS as exc:
                 error = translate(exc, self._where, action, self._secrets)
                 error.uidl = uidl
                 raise error from exc
@@ -634,9 +634,7 @@ def open_ews(
         )
         # Requests of this endpoint wait this long for an answer (the Protocol is shared; the last set wins).
         account.protocol.TIMEOUT = timeout
-    except DestinationError:
-        raise
-    except Exception as exc:
+    except DRIVER_ERRORS as exc:
         raise translate(exc, where, "connect", secrets) from exc
     return EwsSession(
         account,
