@@ -277,7 +277,7 @@ class Account(Defaults):
     @classmethod
     def _smtp_address(cls, value: str | None) -> str | None:
         if value is not None and not re.fullmatch(r"[^@\s]+@[^@\s]+", value):
-            raise ValueError(f"{value!r} is not an SMTP address (write e.g. \"alice@example.org\")")
+            raise ValueError(f'{value!r} is not an SMTP address (write e.g. "alice@example.org")')
         return value
 
     @model_validator(mode="after")

@@ -274,6 +274,11 @@ def test_find_needs_the_same_content(exchange: EwsServer, message: FetchedMessag
     with other.finish() as changed:
         assert changed.message_id == message.message_id
         assert ews.find(changed) is None
+    # Exchange keeps InternetMessageId as it parsed it; when that differs from ours the stamp still finds it.
+    (item,) = exchange.items(MAILBOX, FOLDER)
+    item.mime = item.mime.replace(b"<msg1@example.net>", b"<MSG1@example.net>")
+    assert ews.find(message) == ref
+    assert exchange.ops().count("FindItem") == 5  # twice for each lookup that found nothing first
 
 
 def test_impersonation_without_the_role_is_refused(ews: EwsServer, message: FetchedMessage) -> None:

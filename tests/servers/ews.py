@@ -460,14 +460,10 @@ class EwsServer:
         return "".join(out)
 
     def _op_FindItem(self, operation: ET.Element, principal: str) -> str:
-        wanted = _restriction_value(operation, "message:InternetMessageId")
+        restriction = _restriction(operation)
         out = []
         for folder in self._parents(operation, "ParentFolderIds", principal):
-            found = [
-                item
-                for item in self.stored
-                if item.folder is folder and (wanted is None or item.message_id == wanted)
-            ]
+            found = [item for item in self.stored if item.folder is folder and _matches(item, restriction)]
             shape = operation.find(_q(M, "ItemShape"))
             items = "".join(_item_xml(item, shape) for item in found)
             out.append(
@@ -554,17 +550,38 @@ def _distinguished(root: Folder, name: str) -> Folder:
     raise EwsError("ErrorFolderNotFound", f"The distinguished folder {name!r} is not served here.")
 
 
-def _restriction_value(operation: ET.Element, field_uri: str) -> str | None:
-    """The constant of an ``IsEqualTo`` on ``field_uri`` anywhere in the request's restriction."""
+def _restriction(operation: ET.Element) -> tuple[object, str] | None:
+    """(field, constant) of the request's ``IsEqualTo`` restriction: the field is a FieldURI's name or an
+    extended property's key (see ``_property_key``). The connector's flows use no other restriction."""
     restriction = operation.find(_q(M, "Restriction"))
     if restriction is None:
         return None
-    for equal in restriction.iter(_q(T, "IsEqualTo")):
-        uri = equal.find(_q(T, "FieldURI"))
-        constant = equal.find(f"{_q(T, 'FieldURIOrConstant')}/{_q(T, 'Constant')}")
-        if uri is not None and uri.get("FieldURI") == field_uri and constant is not None:
-            return constant.get("Value")
-    raise AssertionError(f"unexpected restriction: {ET.tostring(restriction).decode()}")
+    equal = restriction.find(_q(T, "IsEqualTo"))
+    constant = None if equal is None else equal.find(f"{_q(T, 'FieldURIOrConstant')}/{_q(T, 'Constant')}")
+    assert equal is not None and constant is not None, ET.tostring(restriction).decode()
+    uri = equal.find(_q(T, "FieldURI"))
+    if uri is not None:
+        return uri.get("FieldURI"), constant.get("Value", "")
+    extended = equal.find(_q(T, "ExtendedFieldURI"))
+    assert extended is not None, ET.tostring(restriction).decode()
+    return _property_key(extended), constant.get("Value", "")
+
+
+def _restriction_value(operation: ET.Element, field_uri: str) -> str | None:
+    found = _restriction(operation)
+    if found is None:
+        return None
+    assert found[0] == field_uri, f"unexpected restriction on {found[0]}"
+    return found[1]
+
+
+def _matches(item: StoredItem, restriction: tuple[object, str] | None) -> bool:
+    if restriction is None:
+        return True
+    field, value = restriction
+    if field == "message:InternetMessageId":
+        return item.message_id == value
+    return item.properties.get(field) == value
 
 
 def _property_key(uri: ET.Element) -> object:
