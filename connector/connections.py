@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from connector.config import Account, Destination, EwsDestination, ImapDestination, ews_mailbox
 from connector.destinations.base import DestinationSession
 from connector.destinations.imap import ImapSession, open_imap
+from connector.errors import DestinationConnectError
 from connector.pop3 import Pop3Client, connect_pop3
 from connector.tls import make_ssl_context
 
@@ -58,7 +59,14 @@ def open_imap_destination(destination: ImapDestination, account: Account) -> Ima
 
 def open_ews_destination(destination: EwsDestination, account: Account) -> DestinationSession:
     """A session that delivers into the account's Exchange mailbox (exchangelib is imported only here)."""
-    from connector.destinations.ews import EwsLogin, open_ews
+    try:
+        from connector.destinations.ews import EwsLogin, open_ews
+    except ImportError as exc:
+        # Temporary, not per message: installing the extra fixes it without losing any attempts.
+        raise DestinationConnectError(
+            f"destination {destination.name!r}: EWS support is not installed ({exc.name} is missing); "
+            "install it with: pip install 'pop-connector[ews]'"
+        ) from exc
 
     username, password = destination.username, destination.password
     if account.destination_username is not None and account.destination_password is not None:
