@@ -131,3 +131,19 @@ def test_parse_size(value: object, size: int) -> None:
 def test_bad_sizes(value: object) -> None:
     with pytest.raises(ValueError):
         parse_size(value)
+
+
+def test_commented_example_in_config_example_is_valid(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The EWS block of config.example.toml, uncommented, is a valid configuration."""
+    text = (Path(__file__).parents[2] / "config.example.toml").read_text()
+    start = text.index("# --- Exchange (EWS) destination")
+    end = text.index("# --- end of the Exchange (EWS) example")
+    lines = [line for line in text[start:end].splitlines()[3:] if not line.startswith("##")]
+    uncommented = "\n".join(line.removeprefix("#").removeprefix(" ") for line in lines)
+    for name in ("EWS_PASSWORD", "CAROL_POP_PASSWORD"):
+        monkeypatch.setenv(name, "x")
+    destination = load(tmp_path, uncommented)
+    assert destination.impersonation and destination.version == "Exchange2016"
+    assert destination.username == "CORP\\svc-import" and destination.max_message_size == 35 * 1024 * 1024
