@@ -60,7 +60,7 @@ def open_imap_destination(destination: ImapDestination, account: Account) -> Ima
 def open_ews_destination(destination: EwsDestination, account: Account) -> DestinationSession:
     """A session that delivers into the account's Exchange mailbox (exchangelib is imported only here)."""
     try:
-        from connector.destinations.ews import EwsLogin, open_ews
+        from connector.destinations.ews import open_ews
     except ImportError as exc:
         # Temporary, not per message: installing the extra fixes it without losing any attempts.
         raise DestinationConnectError(
@@ -68,36 +68,17 @@ def open_ews_destination(destination: EwsDestination, account: Account) -> Desti
             "install it with: pip install 'pop-connector[ews]'"
         ) from exc
 
-    username, password = destination.username, destination.password
     if account.destination_username is not None and account.destination_password is not None:
-        username, password = account.destination_username, account.destination_password
+        destination = destination.model_copy(
+            update={"username": account.destination_username, "password": account.destination_password}
+        )
     mailbox = ews_mailbox(account, destination)
     assert mailbox is not None  # config validated
-    login = EwsLogin(
-        service_endpoint=destination.service_endpoint,
-        autodiscover=destination.autodiscover,
-        auth=destination.auth,
-        username=username,
-        password=password.get_secret_value() if password is not None else None,
-        tenant_id=destination.tenant_id,
-        client_id=destination.client_id,
-        client_secret=(
-            destination.client_secret.get_secret_value() if destination.client_secret is not None else None
-        ),
-        token_url=destination.token_url,
-        scope=destination.scope,
-        version=destination.version,
-        max_connections=destination.max_connections,
-        tls_verify=destination.tls_verify,
-        ca_file=str(destination.ca_file) if destination.ca_file is not None else None,
-    )
     return open_ews(
-        login,
+        destination,
         mailbox=mailbox,
-        impersonation=destination.impersonation,
         folder=account.folder,
         mark_seen=account.mark_seen,
-        max_message_size=destination.max_message_size,
         timeout=account.timeout.total_seconds(),
     )
 

@@ -7,6 +7,12 @@ from typing import Any
 
 from connector.config import Config, load_config
 from tests.servers.dovecot import Dovecot, MailUsers
+from tests.servers.ews import EwsServer
+
+# The EWS test server's service account (with the ApplicationImpersonation role) and target mailbox.
+EWS_SERVICE = "svc-import@corp.example"
+EWS_SERVICE_PASSWORD = "Imp0rt-secret!"
+EWS_MAILBOX = "alice@corp.example"
 
 
 def _toml_value(value: Any) -> str:
@@ -71,6 +77,19 @@ def config_toml(
             _table("[[accounts]]", account_fields),
         ]
     )
+
+
+def ews_destination(ews: EwsServer, **overrides: Any) -> dict[str, Any]:
+    """Fields of an impersonating EWS destination on the test server, trusting its CA; auth is the default."""
+    return {
+        "type": "ews",
+        "service_endpoint": ews.service_endpoint,
+        "username": EWS_SERVICE,
+        "password": EWS_SERVICE_PASSWORD,
+        "impersonation": True,
+        "ca_file": str(ews.ca_file),
+        **overrides,
+    }
 
 
 def write_config(path: Path, text: str) -> Path:

@@ -23,7 +23,7 @@ import threading
 import time
 import urllib.parse
 import zoneinfo
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, ClassVar, TypeVar
@@ -41,7 +41,9 @@ from exchangelib.services import CreateFolder, CreateItem
 from exchangelib.transport import BASIC, NTLM, OAUTH2
 from exchangelib.version import EXCHANGE_2013, EXCHANGE_2013_SP1, EXCHANGE_2016, EXCHANGE_2019
 from oauthlib.oauth2 import OAuth2Error
+from pydantic import SecretStr
 
+from connector.config import EwsDestination
 from connector.errors import (
     DestinationAuthError,
     DestinationConnectError,
@@ -197,34 +199,20 @@ def _retry_after(response: Any) -> float | None:
 # --- one endpoint's configuration, shared by the accounts that use the same login ------------------------
 
 
-@dataclass(frozen=True)
-class EwsLogin:
-    """How to reach and log in to one EWS endpoint."""
+def _secret(value: SecretStr | None) -> str | None:
+    return value.get_secret_value() if value is not None else None
 
-    service_endpoint: str | None
-    auth: str
-    username: str | None = None
-    password: str | None = None
-    tenant_id: str | None = None
-    client_id: str | None = None
-    client_secret: str | None = None
-    token_url: str | None = None
-    scope: str | None = None
-    version: str | None = None
-    max_connections: int = 4
-    tls_verify: bool = True
-    ca_file: str | None = None
-    autodiscover: bool = False
 
-    def cache_key(self) -> tuple[object, ...]:
-        """Endpoint + login identity; the secret only as a digest, so a changed password is a new entry."""
-        secret = self.password or self.client_secret or ""
-        digest = hashlib.sha256(secret.encode()).hexdigest()
-        who = self.username or f"{self.client_id}@{self.tenant_id or self.token_url}"
-        return (self.service_endpoint, self.auth, who, digest, self.version, self.tls_verify, self.ca_file)
+def _cache_key(login: EwsDestination) -> tuple[object, ...]:
+    """Endpoint + login identity; the secret only as a digest, so a changed password is a new entry."""
+    secret = _secret(login.password) or _secret(login.client_secret) or ""
+    digest = hashlib.sha256(secret.encode()).hexdigest()
+    who = login.username or f"{login.client_id}@{login.tenant_id or login.token_url}"
+    return (login.service_endpoint, login.auth, who, digest, login.version, login.tls_verify, login.ca_file)
 
-    def describe(self) -> str:
-        return f"EWS {self.service_endpoint or '(autodiscover)'}"
+
+def _describe(login: EwsDestination) -> str:
+    return f"EWS {login.service_endpoint or '(autodiscover)'}"
 
 
 class _ClientCredentials(OAuth2Credentials):  # type: ignore[misc]
@@ -253,8 +241,9 @@ class _ConfigurationCache:
         self._lock = threading.Lock()
         self._entries: dict[tuple[object, ...], Configuration] = {}
 
-    def get(self, login: EwsLogin) -> Configuration:
-        key = login.cache_key()
+    def get(self, login: EwsDestination) -> Configuration:
+        """The Configuration for ``login``: an EWS destination, with the account's own login if it has one."""
+        key = _cache_key(login)
         with self._lock:
             config = self._entries.get(key)
             if config is None:
@@ -269,8 +258,8 @@ class _ConfigurationCache:
 CONFIGURATIONS = _ConfigurationCache()
 
 
-def _configuration(login: EwsLogin) -> Configuration:
-    verify: bool | str = (login.ca_file or True) if login.tls_verify else False
+def _configuration(login: EwsDestination) -> Configuration:
+    verify: bool | str = (str(login.ca_file) if login.ca_file else True) if login.tls_verify else False
     for url in (login.service_endpoint, login.token_url):
         if url:
             _TlsAdapter.verify_for[_origin(url)] = verify
@@ -278,13 +267,13 @@ def _configuration(login: EwsLogin) -> Configuration:
     if login.auth == "oauth2":
         credentials = _ClientCredentials(
             client_id=login.client_id,
-            client_secret=login.client_secret,
+            client_secret=_secret(login.client_secret),
             tenant_id=login.tenant_id,
             token_url=login.token_url,
             scope=login.scope,
         )
     else:
-        credentials = Credentials(login.username, login.password)
+        credentials = Credentials(login.username, _secret(login.password))
     version = Version(build=_VERSIONS[login.version]) if login.version else None
     return Configuration(
         credentials=credentials,
@@ -385,25 +374,6 @@ def translate(exc: Exception, where: Where, action: str, secrets: tuple[str, ...
 # --- the session ----------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class EwsCheck:
-    """What ``EwsSession.check`` found: whether the folder exists, and the levels a delivery would create."""
-
-    mailbox: str
-    folder: str
-    exists: bool
-    to_create: tuple[str, ...]
-
-    def __str__(self) -> str:
-        if self.exists:
-            return f"mailbox {self.mailbox!r}, folder {self.folder!r} exists"
-        created = ", ".join(self.to_create)
-        return (
-            f"mailbox {self.mailbox!r}: folder {self.folder!r} does not exist; the first delivery creates "
-            f"{created}"
-        )
-
-
 def folder_levels(folder: str) -> list[str]:
     """``"Inbox/Hosted/2025"`` -> ``["Hosted", "2025"]``: the levels under the Inbox (checked by config)."""
     parts = [part for part in folder.split(FOLDER_SEPARATOR) if part]
@@ -489,11 +459,14 @@ class EwsSession:
                     return self._reference(item.id)
         return None
 
-    def check(self) -> EwsCheck:
-        """Log in, open the mailbox and look for the folder; creates and writes nothing."""
+    def check(self) -> str:
+        """Log in, open the mailbox, look for the folder (writing nothing); says what it found."""
         missing: list[str] = []
         self._call("open the folder", lambda: self._resolve_folder(create=False, missing=missing), None)
-        return EwsCheck(self._where.mailbox, self._where.folder, not missing, tuple(missing))
+        found = f"mailbox {self._where.mailbox!r}, folder {self._where.folder!r}"
+        if not missing:
+            return f"{found} exists"
+        return f"{found} does not exist; the first delivery creates {', '.join(missing)}"
 
     def close(self) -> None:
         # The HTTP connections belong to the shared per-endpoint pool, which outlives this session.
@@ -607,30 +580,29 @@ def _child(parent: Any, name: str) -> Any:
 
 
 def open_ews(
-    login: EwsLogin,
+    destination: EwsDestination,
     *,
     mailbox: str,
-    impersonation: bool,
     folder: str,
     mark_seen: bool,
-    max_message_size: int,
     timeout: float,
     sleep: Callable[[float], None] = time.sleep,
 ) -> EwsSession:
     """Build a session for ``mailbox``; the server is first contacted by the first deliver/find/check.
 
-    With ``version`` set no version probe is sent; the login is checked by the first request.
+    ``destination`` carries the login (connections.py puts an account's own login in it). With
+    ``version`` set no version probe is sent.
     """
-    where = Where(login.describe(), mailbox, folder)
-    secrets = tuple(s for s in (login.password, login.client_secret) if s)
+    where = Where(_describe(destination), mailbox, folder)
+    secrets = tuple(s for s in (_secret(destination.password), _secret(destination.client_secret)) if s)
     try:
-        config = CONFIGURATIONS.get(login)
+        config = CONFIGURATIONS.get(destination)
         account = Account(
             primary_smtp_address=mailbox,
             config=config,
-            autodiscover=login.autodiscover,
-            credentials=config.credentials if login.autodiscover else None,
-            access_type=IMPERSONATION if impersonation else DELEGATE,
+            autodiscover=destination.autodiscover,
+            credentials=config.credentials if destination.autodiscover else None,
+            access_type=IMPERSONATION if destination.impersonation else DELEGATE,
             default_timezone=None,
             locale="en_US",
         )
@@ -642,16 +614,7 @@ def open_ews(
         account,
         where=where,
         mark_seen=mark_seen,
-        max_message_size=max_message_size,
+        max_message_size=destination.max_message_size,
         secrets=secrets,
         sleep=sleep,
     )
-
-
-@contextlib.contextmanager
-def ews_session(login: EwsLogin, **kwargs: Any) -> Iterator[EwsSession]:
-    session = open_ews(login, **kwargs)
-    try:
-        yield session
-    finally:
-        session.close()

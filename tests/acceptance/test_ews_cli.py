@@ -4,30 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.acceptance.conftest import RunCli
+from tests.configs import EWS_MAILBOX as MAILBOX
+from tests.configs import EWS_SERVICE as SERVICE
+from tests.configs import EWS_SERVICE_PASSWORD as PASSWORD
+from tests.configs import ews_destination
 from tests.messages import simple
 from tests.servers.dovecot import Dovecot, MailUsers
 from tests.servers.ews import EwsServer
 
 pytestmark = pytest.mark.acceptance
-
-SERVICE, PASSWORD, MAILBOX = "svc-import@corp.example", "Imp0rt-secret!", "alice@corp.example"
-
-
-def ews_destination(ews: EwsServer, **overrides: Any) -> dict[str, Any]:
-    return {
-        "type": "ews",
-        "service_endpoint": ews.service_endpoint,
-        "username": SERVICE,
-        "password": PASSWORD,
-        "impersonation": True,
-        "ca_file": str(ews.ca_file),
-        **overrides,
-    }
 
 
 def test_check_then_sync_into_exchange(

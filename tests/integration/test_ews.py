@@ -10,7 +10,8 @@ import pytest
 from sqlalchemy import select
 
 from connector.check import run_checks
-from connector.destinations.ews import CONFIGURATIONS, EwsLogin, EwsSession, open_ews
+from connector.config import EwsDestination
+from connector.destinations.ews import CONFIGURATIONS, EwsSession, open_ews
 from connector.errors import (
     DestinationAuthError,
     DestinationConnectError,
@@ -20,6 +21,10 @@ from connector.errors import (
 )
 from connector.ledger.models import MessageRow, MessageState
 from connector.message import FetchedMessage, MessageSpool
+from tests.configs import EWS_MAILBOX as MAILBOX
+from tests.configs import EWS_SERVICE as SERVICE
+from tests.configs import EWS_SERVICE_PASSWORD as SERVICE_PASSWORD
+from tests.configs import ews_destination
 from tests.integration.conftest import SyncFactory
 from tests.messages import simple
 from tests.servers.dovecot import Dovecot, MailUsers
@@ -27,9 +32,6 @@ from tests.servers.ews import EwsServer
 
 pytestmark = pytest.mark.integration
 
-SERVICE = "svc-import@corp.example"
-SERVICE_PASSWORD = "Imp0rt-secret!"
-MAILBOX = "alice@corp.example"
 FOLDER = "Inbox/Hosted/2025"
 # tests.messages.simple(n): Received: ... 08:<n>:05 +0000, Date: 07:58:00 +0000
 SENT = "2025-06-03T07:58:00Z"
@@ -49,17 +51,14 @@ def exchange(ews: EwsServer) -> EwsServer:
 
 
 def destination(ews: EwsServer, **overrides: Any) -> dict[str, Any]:
-    """An impersonating EWS destination with the default auth, NTLM (a real handshake with the server)."""
-    return {
-        "type": "ews",
-        "service_endpoint": ews.service_endpoint,
-        "username": SERVICE,
-        "password": SERVICE_PASSWORD,
-        "impersonation": True,
-        "version": "Exchange2016",
-        "ca_file": str(ews.ca_file),
-        **overrides,
-    }
+    """The destination's TOML fields, with the default auth, NTLM (a real handshake with the server)."""
+    return {**ews_destination(ews), "version": "Exchange2016", **overrides}
+
+
+def login(ews: EwsServer, **overrides: Any) -> EwsDestination:
+    """A validated destination for sessions on their own: Basic auth, 1 MiB limit."""
+    fields = {"name": "exchange", **destination(ews, auth="basic", max_message_size=1024 * 1024), **overrides}
+    return EwsDestination.model_validate(fields)
 
 
 class Waits(list[float]):
@@ -69,30 +68,18 @@ class Waits(list[float]):
         self.append(seconds)
 
 
-def login(ews: EwsServer, **overrides: Any) -> EwsLogin:
-    fields: dict[str, Any] = {
-        "service_endpoint": ews.service_endpoint,
-        "auth": "basic",
-        "username": SERVICE,
-        "password": SERVICE_PASSWORD,
-        "version": "Exchange2016",
-        "ca_file": str(ews.ca_file),
-        **overrides,
-    }
-    return EwsLogin(**fields)
-
-
-def session(ews: EwsServer, *, waits: Waits | None = None, **kwargs: Any) -> EwsSession:
-    options: dict[str, Any] = {
-        "mailbox": MAILBOX,
-        "impersonation": True,
-        "folder": FOLDER,
-        "mark_seen": False,
-        "max_message_size": 1024 * 1024,
-        "timeout": 20.0,
-        **kwargs,
-    }
-    return open_ews(login(ews), sleep=waits if waits is not None else Waits(), **options)
+def session(
+    ews: EwsServer | EwsDestination,
+    *,
+    mailbox: str = MAILBOX,
+    folder: str = FOLDER,
+    mark_seen: bool = False,
+    waits: Waits | None = None,
+) -> EwsSession:
+    """A session as the engine opens it: ``ews`` is the server (default login) or a destination."""
+    target = login(ews) if isinstance(ews, EwsServer) else ews
+    sleep = waits if waits is not None else Waits()
+    return open_ews(target, mailbox=mailbox, folder=folder, mark_seen=mark_seen, timeout=20.0, sleep=sleep)
 
 
 @pytest.fixture
@@ -264,6 +251,19 @@ def test_busy_back_off_and_retry_after_are_honoured_and_counted(
     assert len(exchange.items(MAILBOX, FOLDER)) == 1
 
 
+def test_unavailable_without_a_hint_gets_a_default_pause_then_gives_up(
+    exchange: EwsServer, message: FetchedMessage
+) -> None:
+    waits = Waits()
+    exchange.fail("GetFolder", "http", status=503)
+    session(exchange, waits=waits).deliver(message)
+    assert len(waits) == 1 and waits[0] > 0  # exchangelib's default pause when the server names none
+    exchange.fail("CreateItem", "http", status=503, retry_after=1, times=5)
+    with pytest.raises(DestinationTempError, match="still busy"):
+        session(exchange, waits=waits).deliver(message)
+    assert len(exchange.items(MAILBOX)) == 1
+
+
 def test_find_needs_the_same_content(exchange: EwsServer, message: FetchedMessage) -> None:
     ews = session(exchange)
     assert ews.find(message) is None  # the folder does not even exist yet
@@ -292,17 +292,8 @@ def test_delegate_access_to_the_own_mailbox_and_version_probe(
     ews: EwsServer, message: FetchedMessage
 ) -> None:
     ews.add_user(MAILBOX, "alice-pw")
-    own = login(ews, username=MAILBOX, password="alice-pw", version=None)
-    session_ = open_ews(
-        own,
-        mailbox=MAILBOX,
-        impersonation=False,
-        folder="Inbox",
-        mark_seen=False,
-        max_message_size=10**6,
-        timeout=20.0,
-    )
-    session_.deliver(message)
+    own = login(ews, username=MAILBOX, password="alice-pw", version=None, impersonation=False)
+    session(own, folder="Inbox").deliver(message)
     assert ews.ops()[0] == "ConvertId"  # no version configured: exchangelib asks the server first
     assert {(r.login, r.impersonated) for r in ews.requests} == {(MAILBOX, None)}
     assert len(ews.items(MAILBOX, "Inbox")) == 1
@@ -314,89 +305,44 @@ def test_server_side_size_limit_is_a_rejection(exchange: EwsServer, message: Fet
         session(exchange).deliver(message)
 
 
-def test_unavailable_without_a_hint_gets_a_default_pause_then_gives_up(
-    exchange: EwsServer, message: FetchedMessage
-) -> None:
-    waits = Waits()
-    exchange.fail("GetFolder", "http", status=503)
-    session(exchange, waits=waits).deliver(message)
-    assert len(waits) == 1 and waits[0] > 0  # exchangelib's default pause when the server names none
-    exchange.fail("CreateItem", "http", status=503, retry_after=1, times=5)
-    with pytest.raises(DestinationTempError, match="still busy"):
-        session(exchange, waits=waits).deliver(message)
-    assert len(exchange.items(MAILBOX)) == 1
-
-
 def test_oauth2_client_credentials(exchange: EwsServer, message: FetchedMessage) -> None:
     exchange.add_client("app-id", "app-secret")
-    app = login(
-        exchange,
-        auth="oauth2",
-        username=None,
-        password=None,
-        client_id="app-id",
-        client_secret="app-secret",
-        token_url=exchange.token_url,
-    )
-    options: dict[str, Any] = {
-        "mailbox": MAILBOX,
-        "impersonation": True,
-        "folder": "Inbox",
-        "mark_seen": False,
-        "max_message_size": 10**6,
-        "timeout": 20.0,
-    }
-    open_ews(app, **options).deliver(message)
+
+    def app(secret: str) -> EwsDestination:
+        return login(
+            exchange,
+            auth="oauth2",
+            username=None,
+            password=None,
+            client_id="app-id",
+            client_secret=secret,
+            token_url=exchange.token_url,
+        )
+
+    session(app("app-secret"), folder="Inbox").deliver(message)
     assert {(r.login, r.impersonated) for r in exchange.requests} == {("app-id", MAILBOX)}
-    bad = login(
-        exchange,
-        auth="oauth2",
-        username=None,
-        password=None,
-        client_id="app-id",
-        client_secret="nope",
-        token_url=exchange.token_url,
-    )
     with pytest.raises(DestinationAuthError) as caught:
-        open_ews(bad, **options).deliver(message)
+        session(app("nope"), folder="Inbox").deliver(message)
     assert "nope" not in str(caught.value)
 
 
 def test_ntlm_domain_login(ews: EwsServer, message: FetchedMessage) -> None:
     ews.add_user("CORP\\svc-import", SERVICE_PASSWORD, impersonation=True)
     ews.add_mailbox(MAILBOX)
-    ntlm = login(ews, auth="ntlm", username="CORP\\svc-import")
-    options: dict[str, Any] = {
-        "mailbox": MAILBOX,
-        "impersonation": True,
-        "folder": "Inbox",
-        "mark_seen": False,
-        "max_message_size": 10**6,
-        "timeout": 20.0,
-    }
-    open_ews(ntlm, **options).deliver(message)
+    session(login(ews, auth="ntlm", username="CORP\\svc-import"), folder="Inbox").deliver(message)
     assert {(r.login, r.impersonated) for r in ews.requests} == {("CORP\\svc-import", MAILBOX)}
     with pytest.raises(DestinationAuthError):
-        open_ews(login(ews, auth="ntlm", username="CORP\\svc-import", password="bad"), **options).check()
+        session(login(ews, auth="ntlm", username="CORP\\svc-import", password="bad")).check()
 
 
-def test_untrusted_certificate_and_unreachable_endpoint(exchange: EwsServer, message: FetchedMessage) -> None:
-    untrusted = login(exchange, ca_file=None)
-    options: dict[str, Any] = {
-        "mailbox": MAILBOX,
-        "impersonation": True,
-        "folder": "Inbox",
-        "mark_seen": False,
-        "max_message_size": 10**6,
-        "timeout": 20.0,
-    }
+def test_untrusted_certificate_and_unreachable_endpoint(exchange: EwsServer) -> None:
     with pytest.raises(DestinationTLSError, match="certificate"):
-        open_ews(untrusted, **options).check()
+        session(login(exchange, ca_file=None), folder="Inbox").check()
     unverified = login(exchange, ca_file=None, tls_verify=False)
-    assert open_ews(unverified, **options).check().exists
+    assert session(unverified, folder="Inbox").check().endswith("exists")
     closed = login(exchange, service_endpoint="https://127.0.0.1:9/EWS/Exchange.asmx")
     with pytest.raises(DestinationConnectError):
-        open_ews(closed, **options).check()
+        session(closed).check()
 
 
 def test_accounts_sharing_a_login_share_one_connection_pool(exchange: EwsServer) -> None:

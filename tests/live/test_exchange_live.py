@@ -16,7 +16,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from connector.destinations.ews import EwsLogin, EwsSession, open_ews
+from connector.config import EwsDestination
+from connector.destinations.ews import EwsSession, open_ews
 from connector.message import FetchedMessage, MessageSpool
 
 PREFIX = "POP_CONNECTOR_LIVE_EWS_"
@@ -34,27 +35,24 @@ def env(name: str, default: str | None = None) -> str | None:
 
 @pytest.fixture
 def live() -> Iterator[EwsSession]:
-    login = EwsLogin(
-        service_endpoint=env("ENDPOINT"),
-        auth=env("AUTH", "ntlm") or "ntlm",
-        username=env("USERNAME"),
-        password=env("PASSWORD"),
-        tenant_id=env("TENANT_ID"),
-        client_id=env("CLIENT_ID"),
-        client_secret=env("CLIENT_SECRET"),
-        version=env("VERSION"),
-        ca_file=env("CA_FILE"),
+    fields = {
+        "service_endpoint": env("ENDPOINT"),
+        "auth": env("AUTH", "ntlm"),
+        "username": env("USERNAME"),
+        "password": env("PASSWORD"),
+        "tenant_id": env("TENANT_ID"),
+        "client_id": env("CLIENT_ID"),
+        "client_secret": env("CLIENT_SECRET"),
+        "version": env("VERSION"),
+        "ca_file": env("CA_FILE"),
+        "impersonation": env("IMPERSONATION", "0") in ("1", "true", "yes"),
+    }
+    destination = EwsDestination.model_validate(
+        {"name": "live", "type": "ews", **{key: value for key, value in fields.items() if value is not None}}
     )
     mailbox = env("MAILBOX") or env("USERNAME") or ""
-    session = open_ews(
-        login,
-        mailbox=mailbox,
-        impersonation=env("IMPERSONATION", "0") in ("1", "true", "yes"),
-        folder=env("FOLDER", "Inbox/pop-connector-live-test") or "",
-        mark_seen=False,
-        max_message_size=35 * 1024 * 1024,
-        timeout=60.0,
-    )
+    folder = env("FOLDER", "Inbox/pop-connector-live-test") or ""
+    session = open_ews(destination, mailbox=mailbox, folder=folder, mark_seen=False, timeout=60.0)
     yield session
     session.close()
 

@@ -386,14 +386,7 @@ class EwsServer:
         wanted = _restriction_value(operation, "folder:DisplayName")
         for parent in self._parents(operation, "ParentFolderIds", principal):
             found = [f for f in parent.children if wanted is None or f.name.lower() == wanted.lower()]
-            folders = "".join(self._folder_xml(f) for f in found)
-            out.append(
-                _success(
-                    "FindFolder",
-                    f'<m:RootFolder IndexedPagingOffset="{len(found)}" TotalItemsInView="{len(found)}" '
-                    f'IncludesLastItemInRange="true"><t:Folders>{folders}</t:Folders></m:RootFolder>',
-                )
-            )
+            out.append(_found("FindFolder", "Folders", [self._folder_xml(f) for f in found]))
         return "".join(out)
 
     def _op_CreateFolder(self, operation: ET.Element, principal: str) -> str:
@@ -465,14 +458,7 @@ class EwsServer:
         for folder in self._parents(operation, "ParentFolderIds", principal):
             found = [item for item in self.stored if item.folder is folder and _matches(item, restriction)]
             shape = operation.find(_q(M, "ItemShape"))
-            items = "".join(_item_xml(item, shape) for item in found)
-            out.append(
-                _success(
-                    "FindItem",
-                    f'<m:RootFolder IndexedPagingOffset="{len(found)}" TotalItemsInView="{len(found)}" '
-                    f'IncludesLastItemInRange="true"><t:Items>{items}</t:Items></m:RootFolder>',
-                )
-            )
+            out.append(_found("FindItem", "Items", [_item_xml(item, shape) for item in found]))
         return "".join(out)
 
     def _op_GetItem(self, operation: ET.Element, principal: str) -> str:
@@ -633,6 +619,15 @@ def _success(op: str, content: str) -> str:
     return (
         f'<m:{op}ResponseMessage ResponseClass="Success"><m:ResponseCode>NoError</m:ResponseCode>'
         f"{content}</m:{op}ResponseMessage>"
+    )
+
+
+def _found(op: str, container: str, elements: list[str]) -> str:
+    """A Find* answer: every match in one page."""
+    return _success(
+        op,
+        f'<m:RootFolder IndexedPagingOffset="{len(elements)}" TotalItemsInView="{len(elements)}" '
+        f'IncludesLastItemInRange="true"><t:{container}>{"".join(elements)}</t:{container}></m:RootFolder>',
     )
 
 

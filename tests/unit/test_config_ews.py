@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from connector.config import EwsDestination, ews_mailbox, load_config, parse_size
-from connector.errors import ConfigError
+from tests.unit.test_config import error_of, write
 
 EWS = """
 [[destinations]]
@@ -30,17 +30,9 @@ folder = "Inbox/Hosted"
 
 
 def load(tmp_path: Path, text: str) -> EwsDestination:
-    path = tmp_path / "config.toml"
-    path.write_text(text)
-    destination = load_config(path).destinations[0]
+    destination = load_config(write(tmp_path, text)).destinations[0]
     assert isinstance(destination, EwsDestination)
     return destination
-
-
-def error_of(tmp_path: Path, text: str) -> str:
-    with pytest.raises(ConfigError) as caught:
-        load(tmp_path, text)
-    return str(caught.value)
 
 
 def test_defaults(tmp_path: Path) -> None:
@@ -100,9 +92,7 @@ def test_mailbox_defaults_to_an_address_login(tmp_path: Path) -> None:
     text = EWS.replace('username = "CORP\\\\svc-import"', 'username = "bob@corp.example"')
     text = text.replace("impersonation = true", "impersonation = false")
     text = text.replace('mailbox = "alice@corp.example"\n', "")
-    path = tmp_path / "config.toml"
-    path.write_text(text)
-    config = load_config(path)
+    config = load_config(write(tmp_path, text))
     destination = config.destinations[0]
     assert isinstance(destination, EwsDestination)
     assert ews_mailbox(config.accounts[0], destination) == "bob@corp.example"
