@@ -32,7 +32,7 @@ import requests
 from exchangelib import DELEGATE, IMPERSONATION, Account, Configuration, Credentials, Message, Version
 from exchangelib import errors as ews_errors
 from exchangelib.credentials import OAuth2Credentials
-from exchangelib.ewsdatetime import EWSDateTime
+from exchangelib.ewsdatetime import EWSDateTime, EWSTimeZone
 from exchangelib.extended_properties import ExtendedProperty
 from exchangelib.folders import Messages
 from exchangelib.items import SAVE_ONLY, SEND_TO_NONE
@@ -70,6 +70,8 @@ BUSY_RETRIES = 4
 MAX_BUSY_WAIT = 300.0
 _MAX_TEXT = 400
 _UTC = zoneinfo.ZoneInfo("UTC")
+# Dates are sent in UTC whatever the host's zone is (containers often have none exchangelib can map).
+_EWS_UTC = EWSTimeZone("UTC")
 _VERSIONS = {
     "Exchange2013": EXCHANGE_2013,
     "Exchange2013_SP1": EXCHANGE_2013_SP1,
@@ -312,6 +314,8 @@ _TEMPORARY = (
 )
 
 
+# What Exchange answers when the folder of a CreateItem no longer exists.
+_FOLDER_GONE = (ews_errors.ErrorFolderNotFound, ews_errors.ErrorItemNotFound)
 # What the driver stack raises; anything else is a bug and goes to the engine's unexpected-error path.
 DRIVER_ERRORS = (ews_errors.EWSError, requests.RequestException, OAuth2Error, OSError)
 
@@ -423,6 +427,17 @@ class EwsSession:
                 ),
                 uidl=message.uidl,
             )
+        try:
+            return self._create(message)
+        except DestinationRejectedError as exc:
+            if not isinstance(exc.__cause__, _FOLDER_GONE):
+                raise
+        # Someone deleted the folder since this session found it: find or make it again, once.
+        log.info("%s", self._where.say("the folder is gone; creating it again"))
+        self._folder = None
+        return self._create(message)
+
+    def _create(self, message: FetchedMessage) -> str:
         folder = self._call("find the folder", lambda: self._resolve_folder(create=True), message.uidl)
         item = self._item(folder, message)
         result = self._call(
@@ -603,7 +618,7 @@ def open_ews(
             autodiscover=destination.autodiscover,
             credentials=config.credentials if destination.autodiscover else None,
             access_type=IMPERSONATION if destination.impersonation else DELEGATE,
-            default_timezone=None,
+            default_timezone=_EWS_UTC,
             locale="en_US",
         )
         # Requests of this endpoint wait this long for an answer (the Protocol is shared; the last set wins).

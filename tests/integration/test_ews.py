@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from exchangelib.errors import ErrorNameResolutionNoResults
 from sqlalchemy import select
 
 from connector.check import run_checks
@@ -279,6 +280,24 @@ def test_find_needs_the_same_content(exchange: EwsServer, message: FetchedMessag
     item.mime = item.mime.replace(b"<msg1@example.net>", b"<MSG1@example.net>")
     assert ews.find(message) == ref
     assert exchange.ops().count("FindItem") == 5  # twice for each lookup that found nothing first
+
+
+def test_a_folder_deleted_during_the_session_is_made_again(
+    exchange: EwsServer, message: FetchedMessage
+) -> None:
+    ews = session(exchange)
+    ews.deliver(message)
+    exchange.delete_folder(MAILBOX, "Inbox/Hosted/2025")
+    ews.deliver(message)
+    assert len(exchange.items(MAILBOX, FOLDER)) == 1
+
+
+def test_resolve_names_as_exchange_answers(exchange: EwsServer) -> None:
+    protocol = session(exchange)._account.protocol
+    (found,) = protocol.resolve_names([MAILBOX])
+    assert found.email_address == MAILBOX
+    (missing,) = protocol.resolve_names(["nobody@corp.example"])
+    assert isinstance(missing, ErrorNameResolutionNoResults)  # exchangelib hands Exchange's answer back
 
 
 def test_impersonation_without_the_role_is_refused(ews: EwsServer, message: FetchedMessage) -> None:

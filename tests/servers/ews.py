@@ -225,6 +225,15 @@ class EwsServer:
             self._new_folder("Inbox", address.lower(), top, "IPF.Note")
             self.mailboxes[address.lower()] = root
 
+    def delete_folder(self, mailbox: str, path: str) -> None:
+        """Remove a folder (and what is in it), as a user would in Outlook."""
+        with self._lock:
+            folder = next(f for f in self.folders.values() if f.mailbox == mailbox.lower() and f.path == path)
+            assert folder.parent is not None
+            folder.parent.children.remove(folder)
+            del self.folders[folder.id]
+            self.stored = [item for item in self.stored if item.folder is not folder]
+
     def fail(self, op: str, kind: str, *, times: int = 1, **kwargs: Any) -> None:
         """Queue ``times`` failures for ``op``: ``busy`` (back_off_ms), ``http`` (status, retry_after),
         ``drop_after`` (do the work, then close the connection without answering)."""
@@ -328,6 +337,9 @@ class EwsServer:
                 messages = handler(operation, principal)
         except SoapFault as exc:
             return 500, _fault(exc.code, exc.text), {}, False
+        except EwsError as exc:
+            # The request's one target (a folder id) is unusable: one error response message.
+            messages = _error(op, exc, "")
         answer = _envelope(
             f"<m:{op}Response><m:ResponseMessages>{messages}</m:ResponseMessages></m:{op}Response>"
         )
