@@ -88,7 +88,7 @@ def ews() -> Iterator[EwsServer]:
     # exchangelib keeps one connection pool per endpoint and login for the life of the process.
     from exchangelib.protocol import close_connections
 
-    from connector.destinations.ews import CONFIGURATIONS
+    from connector.destinations.ews_connection import CONFIGURATIONS
 
     CONFIGURATIONS.clear()
     close_connections()

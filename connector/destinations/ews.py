@@ -7,78 +7,52 @@ PidTagMessageDeliveryTime (0x0E06, the received time: newest ``Received:``, else
 PidTagClientSubmitTime (0x0039, the sent time: ``Date:``).
 
 ``open_ews`` is the only place a session is built. Everything exchangelib, requests and oauthlib raise is
-translated here into the project's ``DestinationError`` types, naming the endpoint, mailbox and folder,
-never a secret. Throttling (``ErrorServerBusy`` with BackOffMilliseconds, HTTP 503 with Retry-After) is
-waited out and counted here; when the server stays busy the session gives up with a temporary error, so
-the account backs off instead of failing its messages.
+translated (``ews_errors``) into the project's ``DestinationError`` types, naming the endpoint, mailbox
+and folder, never a secret; ``ews_connection`` shares one connection pool per endpoint and login.
+Throttling (``ErrorServerBusy`` with BackOffMilliseconds, HTTP 503 with Retry-After) is waited out and
+counted here; when the server stays busy the session gives up with a temporary error, so the account
+backs off instead of failing its messages.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
-import ssl
 import threading
 import time
-import urllib.parse
 import zoneinfo
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
-import requests
-from exchangelib import DELEGATE, IMPERSONATION, Account, Configuration, Credentials, Message, Version
+from exchangelib import DELEGATE, IMPERSONATION, Account, Message
 from exchangelib import errors as ews_errors
-from exchangelib.credentials import OAuth2Credentials
 from exchangelib.ewsdatetime import EWSDateTime, EWSTimeZone
 from exchangelib.extended_properties import ExtendedProperty
 from exchangelib.folders import Messages
 from exchangelib.items import SAVE_ONLY, SEND_TO_NONE
-from exchangelib.protocol import FailFast, Protocol
 from exchangelib.services import CreateFolder, CreateItem
-from exchangelib.transport import BASIC, NTLM, OAUTH2
-from exchangelib.version import EXCHANGE_2013, EXCHANGE_2013_SP1, EXCHANGE_2016, EXCHANGE_2019
-from oauthlib.oauth2 import OAuth2Error
-from pydantic import SecretStr
 
 from connector.config import EwsDestination
+from connector.destinations.ews_connection import CONFIGURATIONS, describe, secret_of
+from connector.destinations.ews_errors import DRIVER_ERRORS, FOLDER_GONE, Where, translate
 from connector.errors import (
-    DestinationAuthError,
     DestinationConnectError,
-    DestinationError,
-    DestinationFullError,
     DestinationRejectedError,
     DestinationTempError,
-    DestinationTLSError,
 )
 from connector.message import FetchedMessage
 
 log = logging.getLogger("connector.destinations.ews")
-
-# exchangelib's DEBUG trace carries every request's headers (Authorization: Basic ... included) and whole
-# messages; keep it out of the logs whatever level the service runs at.
-for _noisy in ("exchangelib", "requests_oauthlib", "oauthlib"):
-    if logging.getLogger(_noisy).level == logging.NOTSET:
-        logging.getLogger(_noisy).setLevel(logging.INFO)
 
 FOLDER_SEPARATOR = "/"
 # How often one request is retried after ErrorServerBusy / 503 before the session gives up (temporary).
 BUSY_RETRIES = 4
 # A back-off longer than this is not waited out inside a poll: the account backs off instead.
 MAX_BUSY_WAIT = 300.0
-_MAX_TEXT = 400
 _UTC = zoneinfo.ZoneInfo("UTC")
 # Dates are sent in UTC whatever the host's zone is (containers often have none exchangelib can map).
 _EWS_UTC = EWSTimeZone("UTC")
-_VERSIONS = {
-    "Exchange2013": EXCHANGE_2013,
-    "Exchange2013_SP1": EXCHANGE_2013_SP1,
-    "Exchange2016": EXCHANGE_2016,
-    "Exchange2019": EXCHANGE_2019,
-}
-_AUTH_TYPES = {"ntlm": NTLM, "basic": BASIC, "oauth2": OAUTH2}
 # PidTagMessageFlags bit: MSGFLAG_READ. MSGFLAG_UNSENT (0x8) is never set, so the item is not a draft.
 MSGFLAG_READ = 0x1
 
@@ -142,239 +116,6 @@ class _MimeMessage(Message):  # type: ignore[misc]
         return tuple(f for f in super().supported_fields(version) if f.name in _CREATE_FIELDS)
 
 
-# --- TLS per endpoint -----------------------------------------------------------------------------------
-
-
-class _TlsAdapter(requests.adapters.HTTPAdapter):
-    """exchangelib builds its HTTP sessions itself; this adapter applies each endpoint's TLS settings.
-
-    ``verify_for`` maps an origin (``https://host:port``) to requests' ``verify`` (True, False or a CA
-    file). Origins not listed keep requests' default: verified against the system's CAs.
-    """
-
-    verify_for: ClassVar[dict[str, bool | str]] = {}
-
-    def _verify(self, url: str, verify: Any) -> Any:
-        return self.verify_for.get(_origin(url), verify)
-
-    def cert_verify(self, conn: Any, url: str, verify: Any, cert: Any) -> None:
-        super().cert_verify(conn, url, self._verify(url, verify), cert)
-
-    def get_connection_with_tls_context(
-        self, request: Any, verify: Any, proxies: Any = None, cert: Any = None
-    ) -> Any:
-        return super().get_connection_with_tls_context(
-            request, self._verify(request.url, verify), proxies=proxies, cert=cert
-        )
-
-
-Protocol.HTTP_ADAPTER_CLS = _TlsAdapter
-
-
-def _origin(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    return f"{parts.scheme}://{(parts.hostname or '').lower()}:{port}"
-
-
-class _Throttled(FailFast):  # type: ignore[misc]
-    """Fail fast (a 401 is a login failure, not throttling), but keep a 503's Retry-After for our loop."""
-
-    def raise_response_errors(self, response: Any) -> None:
-        try:
-            super().raise_response_errors(response)
-        except ews_errors.ErrorInternalServerTransientError as exc:
-            retry_after = _retry_after(response)
-            if retry_after is not None:
-                raise ews_errors.ErrorServerBusy(exc.args[0], back_off=retry_after) from exc
-            raise
-
-
-def _retry_after(response: Any) -> float | None:
-    try:
-        value = float(response.headers.get("Retry-After", ""))
-    except ValueError:
-        return None
-    return value if value >= 0 else None
-
-
-# --- one endpoint's configuration, shared by the accounts that use the same login ------------------------
-
-
-def _secret(value: SecretStr | None) -> str | None:
-    return value.get_secret_value() if value is not None else None
-
-
-def _cache_key(login: EwsDestination) -> tuple[object, ...]:
-    """Endpoint + login identity; the secret only as a digest, so a changed password is a new entry."""
-    secret = _secret(login.password) or _secret(login.client_secret) or ""
-    digest = hashlib.sha256(secret.encode()).hexdigest()
-    who = login.username or f"{login.client_id}@{login.tenant_id or login.token_url}"
-    return (login.service_endpoint, login.auth, who, digest, login.version, login.tls_verify, login.ca_file)
-
-
-def _describe(login: EwsDestination) -> str:
-    return f"EWS {login.service_endpoint or '(autodiscover)'}"
-
-
-class _ClientCredentials(OAuth2Credentials):  # type: ignore[misc]
-    """OAuth 2.0 client credentials with an optional token URL and scope (ADFS, or a test's endpoint)."""
-
-    def __init__(self, *, token_url: str | None, scope: str | None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._token_url = token_url
-        self._scope = scope
-
-    @property
-    def token_url(self) -> str:
-        return self._token_url or str(super().token_url)
-
-    @property
-    def scope(self) -> list[str]:
-        return [self._scope] if self._scope else list(super().scope)
-
-
-class _ConfigurationCache:
-    """exchangelib Configurations by endpoint and login: accounts sharing a login share one Protocol, i.e.
-    one pool of at most ``max_connections`` HTTP connections (exchangelib caches Protocols by endpoint and
-    credentials object, so the credentials object must be the same one)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._entries: dict[tuple[object, ...], Configuration] = {}
-
-    def get(self, login: EwsDestination) -> Configuration:
-        """The Configuration for ``login``: an EWS destination, with the account's own login if it has one."""
-        key = _cache_key(login)
-        with self._lock:
-            config = self._entries.get(key)
-            if config is None:
-                config = self._entries[key] = _configuration(login)
-            return config
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-
-
-CONFIGURATIONS = _ConfigurationCache()
-
-
-def _configuration(login: EwsDestination) -> Configuration:
-    verify: bool | str = (str(login.ca_file) if login.ca_file else True) if login.tls_verify else False
-    for url in (login.service_endpoint, login.token_url):
-        if url:
-            _TlsAdapter.verify_for[_origin(url)] = verify
-    credentials: Any
-    if login.auth == "oauth2":
-        credentials = _ClientCredentials(
-            client_id=login.client_id,
-            client_secret=_secret(login.client_secret),
-            tenant_id=login.tenant_id,
-            token_url=login.token_url,
-            scope=login.scope,
-        )
-    else:
-        credentials = Credentials(login.username, _secret(login.password))
-    version = Version(build=_VERSIONS[login.version]) if login.version else None
-    return Configuration(
-        credentials=credentials,
-        service_endpoint=login.service_endpoint,
-        auth_type=_AUTH_TYPES[login.auth],
-        version=version,
-        retry_policy=_Throttled(),
-        max_connections=login.max_connections,
-    )
-
-
-# --- errors -----------------------------------------------------------------------------------------------
-
-_REJECTED = (
-    ews_errors.ErrorNonExistentMailbox,
-    ews_errors.ErrorAccessDenied,
-    ews_errors.ErrorImpersonateUserDenied,
-    ews_errors.ErrorImpersonationDenied,
-    ews_errors.ErrorMessageSizeExceeded,
-    ews_errors.ErrorMimeContentConversionFailed,
-    ews_errors.ErrorCorruptData,
-    ews_errors.ErrorItemCorrupt,
-)
-_TEMPORARY = (
-    ews_errors.ErrorServerBusy,
-    ews_errors.ErrorInternalServerTransientError,
-    ews_errors.ErrorInternalServerError,
-    ews_errors.ErrorMailboxStoreUnavailable,
-    ews_errors.ErrorMailboxMoveInProgress,
-    ews_errors.ErrorTooManyObjectsOpened,
-    ews_errors.ErrorExceededConnectionCount,
-    ews_errors.ErrorConnectionFailed,
-    ews_errors.CASError,
-    ews_errors.MalformedResponseError,
-    ews_errors.SOAPError,
-)
-
-
-# What Exchange answers when the folder of a CreateItem no longer exists.
-_FOLDER_GONE = (ews_errors.ErrorFolderNotFound, ews_errors.ErrorItemNotFound)
-# What the driver stack raises; anything else is a bug and goes to the engine's unexpected-error path.
-DRIVER_ERRORS = (ews_errors.EWSError, requests.RequestException, OAuth2Error, OSError)
-
-
-@dataclass(frozen=True)
-class Where:
-    endpoint: str
-    mailbox: str
-    folder: str
-
-    def say(self, detail: str) -> str:
-        return f"{self.endpoint}, mailbox {self.mailbox!r}, folder {self.folder!r}: {detail}"
-
-
-def _clip(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= _MAX_TEXT else text[:_MAX_TEXT] + "..."
-
-
-def _is_cert_failure(exc: BaseException) -> bool:
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(seen):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
-def translate(exc: Exception, where: Where, action: str, secrets: tuple[str, ...] = ()) -> DestinationError:
-    """One exchangelib/requests/oauthlib error -> the project's error type, with a message for people."""
-    name = type(exc).__name__
-    text = str(exc) or name
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    detail = _clip(f"{name}: {text}" if name not in text else text)
-    message = where.say(f"{action}: {detail}")
-    if isinstance(exc, ews_errors.UnauthorizedError | OAuth2Error):
-        return DestinationAuthError(where.say(f"{action}: login refused: {detail}"))
-    if isinstance(exc, ews_errors.ErrorQuotaExceeded):
-        return DestinationFullError(message)
-    if isinstance(exc, _REJECTED):
-        return DestinationRejectedError(message)
-    if isinstance(exc, ews_errors.ErrorTimeoutExpired):
-        return DestinationConnectError(
-            where.say(f"{action}: no answer (timeout or connection lost): {detail}")
-        )
-    if _is_cert_failure(exc):
-        return DestinationTLSError(where.say(f"{action}: certificate not trusted: {detail}"))
-    if isinstance(exc, _TEMPORARY):
-        return DestinationTempError(message)
-    if isinstance(exc, ews_errors.ResponseMessageError):
-        # Anything else Exchange says about this request it will say again: count it against the message.
-        return DestinationRejectedError(message)
-    if isinstance(exc, ews_errors.TransportError | requests.RequestException | OSError):
-        return DestinationConnectError(message)
-    return DestinationTempError(message)
-
-
 # --- the session ----------------------------------------------------------------------------------------
 
 
@@ -430,7 +171,7 @@ class EwsSession:
         try:
             return self._create(message)
         except DestinationRejectedError as exc:
-            if not isinstance(exc.__cause__, _FOLDER_GONE):
+            if not isinstance(exc.__cause__, FOLDER_GONE):
                 raise
         # Someone deleted the folder since this session found it: find or make it again, once.
         log.info("%s", self._where.say("the folder is gone; creating it again"))
@@ -608,8 +349,8 @@ def open_ews(
     ``destination`` carries the login (connections.py puts an account's own login in it). With
     ``version`` set no version probe is sent.
     """
-    where = Where(_describe(destination), mailbox, folder)
-    secrets = tuple(s for s in (_secret(destination.password), _secret(destination.client_secret)) if s)
+    where = Where(describe(destination), mailbox, folder)
+    secrets = tuple(s for s in (secret_of(destination.password), secret_of(destination.client_secret)) if s)
     try:
         config = CONFIGURATIONS.get(destination)
         account = Account(

@@ -12,7 +12,8 @@ from sqlalchemy import select
 
 from connector.check import run_checks
 from connector.config import EwsDestination
-from connector.destinations.ews import CONFIGURATIONS, EwsSession, open_ews
+from connector.destinations.ews import EwsSession, open_ews
+from connector.destinations.ews_connection import CONFIGURATIONS
 from connector.errors import (
     DestinationAuthError,
     DestinationConnectError,

@@ -7,7 +7,8 @@ import requests
 from exchangelib import errors as ews_errors
 from oauthlib.oauth2 import InvalidClientError
 
-from connector.destinations.ews import Where, folder_levels, translate
+from connector.destinations.ews import folder_levels
+from connector.destinations.ews_errors import Where, translate
 from connector.errors import (
     DestinationAuthError,
     DestinationConnectError,
