@@ -115,8 +115,7 @@ def test_delivery_creates_folders_and_received_mail(
         assert item.is_read is False
     # Every request acted as the target mailbox, through impersonation.
     assert {(r.login, r.impersonated) for r in exchange.requests} == {(SERVICE, MAILBOX)}
-    rows = engine.ledger._transaction("read")  # type: ignore[attr-defined]
-    with rows as db:
+    with engine.ledger.engine.connect() as db:
         refs = db.scalars(select(MessageRow.destination_ref)).all()
     assert sorted(refs) == sorted(f"ews:{MAILBOX}/{FOLDER};ItemId={item.id}" for item in items)
     assert dovecot.maildir_count(mail_users.source.name) == 0
