@@ -271,7 +271,80 @@ class ImapDestination(_Model):
         return self
 
 
-Destination = ImapDestination
+EwsAuth = Literal["ntlm", "basic", "oauth2"]
+# Exchange versions exchangelib can be told instead of probing the server (the ``version`` field).
+EwsVersion = Literal["Exchange2013", "Exchange2013_SP1", "Exchange2016", "Exchange2019"]
+DEFAULT_EWS_MAX_MESSAGE_SIZE = 35 * 1024 * 1024
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 1024, "mb": 1024**2, "gb": 1024**3}
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmg]?b?)")
+
+
+def parse_size(value: object) -> int:
+    """A number of bytes, or ``"35MB"``, ``"512KB"``, ``"1GB"`` (binary units: 1 MB = 1024 * 1024 bytes)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as '35MB' or a number of bytes")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        match = _SIZE_RE.fullmatch(value.strip().lower())
+        if match:
+            return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+        raise ValueError(f"{value!r} is not a size; write e.g. '35MB', '512KB' or a number of bytes")
+    raise ValueError("expected a size such as '35MB' or a number of bytes")
+
+
+Size = Annotated[int, BeforeValidator(parse_size)]
+
+
+class EwsDestination(_Model):
+    """Exchange Web Services (on-premises Exchange 2013-2019 and Subscription Edition), via exchangelib."""
+
+    name: str = Field(min_length=1)
+    type: Literal["ews"]
+    service_endpoint: str | None = None
+    autodiscover: bool = False
+    auth: EwsAuth = "ntlm"
+    username: str | None = None
+    password: Secret | None = None
+    tenant_id: str | None = None
+    client_id: str | None = None
+    client_secret: Secret | None = None
+    token_url: str | None = None
+    scope: str | None = None
+    version: EwsVersion | None = None
+    impersonation: bool = False
+    max_connections: int = Field(default=4, ge=1, le=64)
+    max_message_size: Size = Field(default=DEFAULT_EWS_MAX_MESSAGE_SIZE, gt=0)
+    tls_verify: bool = True
+    ca_file: Path | None = None
+
+    @field_validator("service_endpoint", "token_url")
+    @classmethod
+    def _https_only(cls, value: str | None) -> str | None:
+        # Every EWS auth method sends something secret (password, NTLM exchange, bearer token) with each
+        # request: plain HTTP is not offered at all.
+        if value is not None and not value.lower().startswith("https://"):
+            raise ValueError("must be an https:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _complete(self) -> EwsDestination:
+        if self.service_endpoint is None and not self.autodiscover:
+            raise ValueError("service_endpoint is required unless autodiscover = true")
+        if self.auth == "oauth2":
+            missing = [f for f in ("client_id", "client_secret") if getattr(self, f) is None]
+            if self.tenant_id is None and self.token_url is None:
+                missing.append("tenant_id (or token_url)")
+            if missing:
+                raise ValueError(f'auth = "oauth2" needs {", ".join(missing)}')
+            if not self.impersonation:
+                raise ValueError('auth = "oauth2" (an application token) needs impersonation = true')
+        elif self.username is not None and self.password is None:
+            raise ValueError("username is set but password is missing")
+        return self
+
+
+Destination = Annotated[ImapDestination | EwsDestination, Field(discriminator="type")]
 
 
 class Account(Defaults):
@@ -293,10 +366,19 @@ class Account(Defaults):
     destination: str
     destination_username: str | None = None
     destination_password: Secret | None = None
+    # The target Exchange mailbox (SMTP address) of an EWS destination.
+    mailbox: str | None = None
 
     @property
     def effective_port(self) -> int:
         return self.port or (995 if self.tls == "implicit" else 110)
+
+    @field_validator("mailbox")
+    @classmethod
+    def _smtp_address(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[^@\s]+@[^@\s]+", value):
+            raise ValueError(f'{value!r} is not an SMTP address (write e.g. "alice@example.org")')
+        return value
 
     @model_validator(mode="after")
     def _source_login(self) -> Account:
@@ -336,6 +418,9 @@ class Config(_Model):
                     f"accounts[{index}].destination",
                     f"unknown destination {account.destination!r} (known: {known})",
                 )
+            if isinstance(destination, EwsDestination):
+                _check_ews_account(index, account, destination)
+                continue
             if destination.username is None and account.destination_username is None:
                 raise _PathError(
                     f"accounts[{index}]",
@@ -343,9 +428,13 @@ class Config(_Model):
                     "destination_username and destination_password",
                 )
             _check_destination_password(index, account, destination)
+            if account.mailbox is not None:
+                raise _PathError(
+                    f"accounts[{index}].mailbox", 'only used with an EWS destination (type = "ews")'
+                )
         return self
 
-    def destination_for(self, account: Account) -> Destination:
+    def destination_for(self, account: Account) -> ImapDestination | EwsDestination:
         return next(d for d in self.destinations if d.name == account.destination)
 
     def account(self, name: str) -> Account:
@@ -355,8 +444,8 @@ class Config(_Model):
         raise ConfigError(f"no account named {name!r} in {self.source or 'the configuration'}")
 
 
-def _check_destination_password(index: int, account: Account, destination: Destination) -> None:
-    oauth = getattr(destination, "auth", None) == "oauth2"
+def _check_destination_password(index: int, account: Account, destination: ImapDestination) -> None:
+    oauth = destination.auth == "oauth2"
     if oauth and account.destination_password is not None:
         raise _PathError(
             f"accounts[{index}].destination_password",
@@ -376,6 +465,44 @@ class _PathError(ValueError):
         self.message = message
 
 
+def ews_mailbox(account: Account, destination: EwsDestination) -> str | None:
+    """The mailbox an account delivers into: its own ``mailbox``, else the login's (when it is an address)."""
+    if account.mailbox is not None:
+        return account.mailbox
+    login = account.destination_username or destination.username
+    return login if login is not None and "@" in login else None
+
+
+def _check_ews_account(index: int, account: Account, destination: EwsDestination) -> None:
+    where = f"accounts[{index}]"
+    if destination.impersonation and account.mailbox is None:
+        raise _PathError(
+            f"{where}.mailbox",
+            f"destination {destination.name!r} uses impersonation, so the account must name its target "
+            'mailbox (mailbox = "user@example.org")',
+        )
+    if ews_mailbox(account, destination) is None:
+        raise _PathError(
+            f"{where}.mailbox",
+            f"required: the SMTP address of the Exchange mailbox to deliver into (destination "
+            f"{destination.name!r} logs in as {account.destination_username or destination.username!r}, "
+            "which is not an address)",
+        )
+    if destination.auth != "oauth2" and destination.username is None and account.destination_username is None:
+        raise _PathError(
+            where,
+            f"destination {destination.name!r} has no username, so the account needs "
+            "destination_username and destination_password",
+        )
+    top = next((part for part in account.folder.split("/") if part), "Inbox")
+    if top.lower() != "inbox":
+        raise _PathError(
+            f"{where}.folder",
+            f'an EWS destination delivers into Inbox or a folder under it ("Inbox/{account.folder}"), '
+            f"not {account.folder!r}",
+        )
+
+
 def _check_unique(section: str, names: list[str]) -> None:
     seen: set[str] = set()
     for index, name in enumerate(names):
@@ -393,7 +520,7 @@ def format_location(loc: tuple[int | str, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             text += f"[{part}]"
-        elif part in ("imap", "function-after[_check_unique]"):
+        elif part in ("imap", "ews", "function-after[_check_unique]"):
             continue  # discriminator tags are not something the user wrote
         else:
             text += f".{part}" if text else part
@@ -405,6 +532,10 @@ def _describe(error: Mapping[str, Any]) -> str:
         return "unknown field (check the spelling)"
     if error["type"] == "missing":
         return "required field is missing"
+    if error["type"] == "union_tag_not_found":
+        return 'type is missing (write type = "imap" or type = "ews")'
+    if error["type"] == "union_tag_invalid":
+        return f'unknown type {error["ctx"]["tag"]!r} (expected "imap" or "ews")'
     message = str(error["msg"])
     return message.removeprefix("Value error, ")
 

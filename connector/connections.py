@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from connector.config import Account, Destination
+from connector.config import Account, Destination, EwsDestination, ImapDestination, ews_mailbox
 from connector.destinations.base import DestinationSession
 from connector.destinations.imap import ImapSession, open_imap
 from connector.errors import (
+    DestinationConnectError,
     OAuthError,
     OAuthRefusedError,
     SourceAuthError,
@@ -73,7 +74,7 @@ def _open_source_oauth2(account: Account, providers: TokenProviders) -> Pop3Clie
 
 
 def open_imap_destination(
-    destination: Destination, account: Account, providers: TokenProviders = DEFAULT_PROVIDERS
+    destination: ImapDestination, account: Account, providers: TokenProviders = DEFAULT_PROVIDERS
 ) -> ImapSession:
     """Log in to the IMAP destination, as the account's own user when it names one.
 
@@ -109,7 +110,35 @@ def open_imap_destination(
     )
 
 
+def open_ews_destination(destination: EwsDestination, account: Account) -> DestinationSession:
+    """A session that delivers into the account's Exchange mailbox (exchangelib is imported only here)."""
+    try:
+        from connector.destinations.ews import open_ews
+    except ImportError as exc:
+        # Temporary, not per message: installing the extra fixes it without losing any attempts.
+        raise DestinationConnectError(
+            f"destination {destination.name!r}: EWS support is not installed ({exc.name} is missing); "
+            "install it with: pip install 'pop-connector[ews]'"
+        ) from exc
+
+    if account.destination_username is not None and account.destination_password is not None:
+        destination = destination.model_copy(
+            update={"username": account.destination_username, "password": account.destination_password}
+        )
+    mailbox = ews_mailbox(account, destination)
+    assert mailbox is not None  # config validated
+    return open_ews(
+        destination,
+        mailbox=mailbox,
+        folder=account.folder,
+        mark_seen=account.mark_seen,
+        timeout=account.timeout.total_seconds(),
+    )
+
+
 def open_destination(destination: Destination, account: Account) -> DestinationSession:
+    if isinstance(destination, EwsDestination):
+        return open_ews_destination(destination, account)
     return open_imap_destination(destination, account)
 
 

@@ -14,6 +14,7 @@ import pytest
 from psycopg import sql
 
 from tests.servers.dovecot import Dovecot, MailUsers, fresh_users, running_for_tests
+from tests.servers.ews import EwsServer
 
 POSTGRES_ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=5"
 POSTGRES_URL_BASE = "postgresql+psycopg://postgres@127.0.0.1:5432/"
@@ -62,3 +63,17 @@ def postgres_url() -> Iterator[str]:
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
+
+
+@pytest.fixture
+def ews() -> Iterator[EwsServer]:
+    """A fresh EWS test server (HTTPS, its own throwaway CA in ``ews.ca_file``) for one test."""
+    with EwsServer() as server:
+        yield server
+    # exchangelib keeps one connection pool per endpoint and login for the life of the process.
+    from exchangelib.protocol import close_connections
+
+    from connector.destinations.ews_connection import CONFIGURATIONS
+
+    CONFIGURATIONS.clear()
+    close_connections()
