@@ -32,9 +32,10 @@ def config_toml(
     destination: dict[str, Any] | None = None,
     defaults: dict[str, Any] | None = None,
     name: str = "alice",
+    service: dict[str, Any] | None = None,
 ) -> str:
     """One account reading ``users.source`` over plain POP3 into ``users.destination`` over plain IMAP."""
-    service = {"database": database, "max_workers": 4}
+    service = {"database": database, "max_workers": 4, **(service or {})}
     account_fields: dict[str, Any] = {
         "name": name,
         "host": dovecot.host,
