@@ -121,7 +121,7 @@ class RetryPolicy(_Model):
 
 
 def parse_listen_address(value: object) -> tuple[str, int] | None:
-    """``"HOST:PORT"``, ``"[IPv6]:PORT"`` or a bare port (then loopback only)."""
+    """``"HOST:PORT"``, ``"[IPv6]:PORT"`` or a bare port (then loopback only); port 0 picks a free one."""
     if value is None:
         return None
     if isinstance(value, tuple):
@@ -131,7 +131,7 @@ def parse_listen_address(value: object) -> tuple[str, int] | None:
     if not sep:
         host, port_text = "127.0.0.1", text
     host = host.strip("[]")
-    if not host or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+    if not host or not port_text.isdigit() or int(port_text) > 65535:
         raise ValueError(f"{value!r} is not a listen address; write e.g. '127.0.0.1:9108' or '9108'")
     return host, int(port_text)
 

@@ -35,7 +35,7 @@ def health_problems(
     for name in overdue_accounts(due, now, grace):
         problems.append(
             f"scheduler stuck: account {name} was due at {due[name].isoformat(timespec='seconds')} "
-            f"and has not started (grace {grace})"
+            f"and has not started (grace {grace.total_seconds():g}s)"
         )
     return problems
 
