@@ -145,6 +145,13 @@ class ServiceConfig(_Model):
     status_refresh: Duration = timedelta(seconds=15)
     health_grace: Duration = timedelta(minutes=10)
 
+    @field_validator("status_token")
+    @classmethod
+    def _token_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 8:
+            raise ValueError("status_token must be at least 8 characters (a short token protects nothing)")
+        return value
+
 
 class Defaults(_Model):
     """Values every account inherits unless it sets its own."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import socket
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -16,7 +17,7 @@ import pytest
 from connector.config import Account, ServiceConfig, parse_config
 from connector.engine import PollResult
 from connector.errors import ConfigError
-from connector.health import health_problems, overdue_accounts
+from connector.health import HealthMonitor, health_problems, overdue_accounts
 from connector.ledger.database import open_database
 from connector.ledger.store import Ledger
 from connector.logs import ContextFilter, JsonFormatter, TextFormatter, log_context, set_message
@@ -25,7 +26,7 @@ from connector.observe import PollStats
 from connector.progress import format_duration, plain_table, summary_rows
 from connector.reload import account_changes, service_changes
 from connector.scheduler import Service
-from connector.web import account_state, render_status_page
+from connector.web import Operations, OpsServer, account_state, render_status_page
 from tests.unit.test_scheduler import RecordingEngine
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -249,3 +250,18 @@ def test_metrics_from_a_poll_result() -> None:
     assert 'pop_connector_poll_duration_seconds_count{account="alice"} 2.0' in text
     metrics.forget("alice")
     assert "pop_connector_backlog_messages{" not in metrics.render().decode()
+
+
+def test_a_short_status_token_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"service\.status_token: .*at least 8 characters"):
+        config([], status_token="short")
+
+
+def test_an_occupied_listener_port_is_a_clear_error() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        ops = Operations(lambda: config([]), None, PollMetrics(), HealthMonitor())  # type: ignore[arg-type]
+        with pytest.raises(ConfigError, match=rf"cannot listen on 127.0.0.1:{port}: Address"):
+            OpsServer(("127.0.0.1", port), ops)
