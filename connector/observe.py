@@ -14,7 +14,6 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, cast
 
 from connector.config import Account, Config, Destination
@@ -160,14 +159,9 @@ class _ObservedSource:
     def __enter__(self) -> _ObservedSource:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: Any) -> None:
         set_message(None)
-        self._client.__exit__(exc_type, exc, traceback)
+        self._client.__exit__(*exc_info)
 
     def listing(self) -> list[MessageInfo]:
         listing = self._client.listing()

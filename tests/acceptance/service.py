@@ -9,10 +9,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
 from tests.acceptance.conftest import ROOT
+from tests.waiting import wait_until
 
 _START_TIMEOUT = 60.0
 
@@ -84,12 +86,5 @@ class RunningService:
             return exc.code, exc.read().decode()
 
 
-def wait_for(condition_name: str, check: object, service: RunningService, timeout: float = 60.0) -> None:
-    """Polls ``check()`` (a callable returning truthy) until it holds; fails with the service log."""
-    assert callable(check)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {condition_name}; service log:\n{service.log()}")
+def wait_for(what: str, check: Callable[[], object], service: RunningService, timeout: float = 60.0) -> None:
+    wait_until(check, what, timeout=timeout, details=lambda: f"service log:\n{service.log()}")

@@ -6,7 +6,6 @@ import json
 import os
 import pty
 import re
-import secrets
 import select
 import subprocess
 import sys
@@ -14,11 +13,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from psycopg import sql
 
+from connector.progress import SUMMARY_COLUMNS
 from tests.acceptance.conftest import ROOT, RunCli
 from tests.acceptance.service import RunningService, free_port, wait_for
-from tests.conftest import POSTGRES_URL_BASE, _admin_connection
+from tests.conftest import drop_postgres_database, fresh_postgres_database
 from tests.messages import simple
 from tests.servers.dovecot import Dovecot, MailUser, MailUsers
 
@@ -99,14 +98,8 @@ def test_metrics_health_status_and_reload(
 
 @pytest.fixture
 def own_postgres_url() -> Iterator[str]:
-    name = f"pop_connector_health_{secrets.token_hex(4)}"
-    with _admin_connection() as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        yield POSTGRES_URL_BASE + name
-    finally:
-        with _admin_connection() as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    with fresh_postgres_database("pop_connector_health") as url:
+        yield url
 
 
 def test_health_fails_when_the_database_goes_away(
@@ -117,9 +110,7 @@ def test_health_fails_when_the_database_goes_away(
     with RunningService(config, port) as service:
         wait_for("the first poll", lambda: polled_ok(service, "alice"), service)
         assert service.get("/healthz")[0] == 200
-        with _admin_connection() as conn:
-            name = own_postgres_url.rsplit("/", 1)[1]
-            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+        drop_postgres_database(own_postgres_url)
         code, body = service.get("/healthz")
         assert code == 503
         assert json.loads(body)["problems"][0].startswith("database unreachable: OperationalError")
@@ -137,15 +128,7 @@ def test_sync_prints_progress_lines_and_a_summary_table(
     assert re.search(r"account alice: 4 messages \(\d+ bytes\) to deliver", result.stderr)
     assert re.search(r"account alice: 4/4 messages, (\d+)/\1 bytes", result.stderr)
     table = result.stdout.splitlines()[-3:]
-    assert table[0].split() == [
-        "account",
-        "result",
-        "delivered",
-        "skipped",
-        "quarantined",
-        "errors",
-        "duration",
-    ]
+    assert table[0].split() == list(SUMMARY_COLUMNS)
     assert table[1].split()[:6] == ["alice", "ok", "4", "0", "0", "0"]
     assert table[2].split()[:7] == ["1", "accounts", "ok", "4", "0", "0", "0"]
 

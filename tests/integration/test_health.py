@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -14,6 +13,7 @@ from connector.ledger.store import Ledger
 from connector.runtime import Runtime
 from tests.configs import make_config
 from tests.servers.dovecot import Dovecot, MailUsers
+from tests.waiting import wait_until
 
 
 def healthz(port: int) -> tuple[int, dict[str, object]]:
@@ -22,16 +22,6 @@ def healthz(port: int) -> tuple[int, dict[str, object]]:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
-
-
-def wait_until(check: object, what: str, timeout: float = 60) -> None:
-    assert callable(check)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_health_fails_while_the_scheduler_is_stuck(

@@ -23,7 +23,7 @@ from connector.ledger.store import Ledger
 from connector.logs import ContextFilter, JsonFormatter, TextFormatter, log_context, set_message
 from connector.metrics import PollMetrics
 from connector.observe import PollStats
-from connector.progress import format_duration, plain_table, summary_rows
+from connector.progress import SUMMARY_COLUMNS, format_duration, plain_table, summary_rows
 from connector.reload import account_changes, service_changes
 from connector.scheduler import Service
 from connector.web import Operations, OpsServer, account_state, render_status_page
@@ -171,15 +171,7 @@ def test_summary_rows_and_plain_table() -> None:
         ["2 accounts", "1 failed", "4", "1", "1", "3", "1m15s"],
     ]
     table = plain_table(rows).splitlines()
-    assert table[0].split() == [
-        "account",
-        "result",
-        "delivered",
-        "skipped",
-        "quarantined",
-        "errors",
-        "duration",
-    ]
+    assert table[0].split() == list(SUMMARY_COLUMNS)
     assert table[1].index("ok") == table[0].index("result")  # columns line up
     assert format_duration(3725) == "1h02m05s"
 
