@@ -10,6 +10,7 @@ from types import FrameType
 
 from connector.config import Config, load_config
 from connector.connections import Connections
+from connector.engine import PollResult
 from connector.errors import ConfigError
 from connector.health import HealthMonitor
 from connector.ledger.store import Ledger
@@ -26,6 +27,10 @@ log = logging.getLogger("connector")
 RESTART_ONLY = ("database", "max_workers", "metrics")
 
 
+def _log_result(result: PollResult) -> None:
+    log.info("%s", poll_line(result), extra={"account": result.account})
+
+
 class Runtime:
     def __init__(
         self, config: Config, ledger: Ledger, config_file: Path, connections: Connections | None = None
@@ -34,9 +39,7 @@ class Runtime:
         self.metrics = PollMetrics()
         self.health = HealthMonitor()
         engine = ObservedEngine(config, ledger, connections, observers=[self.metrics, self.health])
-        self.service = Service(
-            config, engine, ledger, on_result=lambda result: log.info("%s", poll_line(result))
-        )
+        self.service = Service(config, engine, ledger, on_result=_log_result)
         self.reload_requested = threading.Event()
         self.server: OpsServer | None = None
         if config.service.metrics is not None:

@@ -117,7 +117,7 @@ class Service:
         try:
             result = self.engine.poll(account, stop=self.stop)
         except Exception:  # the schedule must survive a bug in one poll
-            log.exception("account %s: poll crashed", account.name)
+            log.exception("account %s: poll crashed", account.name, extra={"account": account.name})
             result = PollResult(account=account.name, status="error", error="internal error (see log)")
         finally:
             self._running.discard(account.name)
@@ -128,5 +128,10 @@ class Service:
             return
         account = current
         when = result.next_poll_at or self.engine.clock() + account.retry.initial_backoff
-        log.info("account %s: next poll at %s", account.name, when.isoformat(timespec="seconds"))
+        log.info(
+            "account %s: next poll at %s",
+            account.name,
+            when.isoformat(timespec="seconds"),
+            extra={"account": account.name},
+        )
         self._schedule(account, when)

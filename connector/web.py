@@ -150,6 +150,8 @@ def render_status_page(
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
+    server_version = "pop-connector"
+    sys_version = ""  # no Python version in the Server header
 
     def do_GET(self) -> None:
         url = urlsplit(self.path)
