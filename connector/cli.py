@@ -81,6 +81,8 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
 
         return EXIT_OK if run_checks(config, print) else EXIT_FAILED
     assert config.service.database is not None
+    if args.command == "run":
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload during start-up must not kill it
     engine = open_database(config.service.database)
     ledger = Ledger(engine)
     if args.command == "db":

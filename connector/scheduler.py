@@ -7,12 +7,14 @@ means two polls of one account never overlap; the executor's size is ``max_worke
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
 from datetime import datetime
 
 from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from connector.config import Account, Config
@@ -52,7 +54,8 @@ class Service:
 
     def scheduled(self) -> dict[str, datetime]:
         """When each account waiting in the scheduler is due (accounts being polled are not listed)."""
-        return {job.id: job.next_run_time for job in self._scheduler.get_jobs()}
+        jobs = self._scheduler.get_jobs()
+        return {job.id: job.next_run_time for job in jobs if job.next_run_time is not None}
 
     def reload(self, config: Config) -> AccountChanges:
         """Use a new configuration: removed accounts are unscheduled, added and changed ones polled now.
@@ -64,7 +67,7 @@ class Service:
         self.config = config
         self.engine.config = config
         for name in changes.removed:
-            if self._scheduler.get_job(name) is not None:
+            with contextlib.suppress(JobLookupError):  # it may be running right now
                 self._scheduler.remove_job(name)
         now = self.engine.clock()
         for name in changes.added + changes.changed:
