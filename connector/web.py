@@ -91,7 +91,7 @@ body { font: 14px system-ui, sans-serif; margin: 1.5em; color: #222; }
 table { border-collapse: collapse; width: 100%; }
 th, td { border-bottom: 1px solid #ddd; padding: 0.35em 0.6em; text-align: left; vertical-align: top; }
 th { background: #f4f4f4; }
-.state { font-weight: bold; }
+.state { font-weight: bold; } .polling { color: #555; font-size: 90%; }
 .ok { color: #1a7f37; } .waiting { color: #555; } .suspended, .removed { color: #777; }
 .backing-off { color: #b35900; } .auth-failing { color: #c62828; }
 .error { color: #c62828; font-family: monospace; white-space: pre-wrap; }
@@ -110,17 +110,22 @@ _COLUMNS = (
 )
 
 
+def _time(iso: str) -> str:
+    """``2026-01-02T03:04:05+00:00`` as ``2026-01-02 03:04:05`` (the page says times are UTC)."""
+    return iso.replace("T", " ").removesuffix("+00:00")
+
+
 def _row(record: Mapping[str, Any]) -> str:
     e = html.escape
-    state = record["state"] + (" (polling now)" if record.get("polling") else "")
+    polling = ' <span class="polling">(polling now)</span>' if record.get("polling") else ""
     last = record.get("last_poll_counts") or {}
     messages = record.get("messages") or {}
     cells = [
         e(record["account"]),
-        f'<span class="state {e(record["state"].replace(" ", "-"))}">{e(state)}</span>',
+        f'<span class="state {e(record["state"].replace(" ", "-"))}">{e(record["state"])}</span>{polling}',
         e(record.get("destination", "-")),
-        e(record.get("last_poll", "-")),
-        e(record.get("next_poll", "-")),
+        e(_time(record.get("last_poll", "-"))),
+        e(_time(record.get("next_poll", "-"))),
         e(", ".join(f"{k} {v}" for k, v in last.items()) or "-"),
         e(", ".join(f"{k} {v}" for k, v in messages.items()) or "-"),
         f'<span class="error">{e(record.get("last_error") or "")}</span>',
