@@ -17,11 +17,15 @@ from types import FrameType
 from connector import __version__
 from connector.config import Account, Config, config_path, load_config
 from connector.connections import Connections
-from connector.engine import PollResult, SyncEngine
+from connector.engine import PollResult
 from connector.errors import ConfigError, ConnectorError
 from connector.ledger.database import open_database
 from connector.ledger.store import Ledger
+from connector.logs import LOG_FORMATS, setup_logging
+from connector.observe import ObservedEngine
+from connector.progress import SyncProgress, print_summary, summary_rows, sync_progress
 from connector.report import dry_run_lines, poll_line, status_json, status_records, status_text
+from connector.runtime import run_service
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
@@ -32,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pop-connector", description=__doc__.splitlines()[0])
     parser.add_argument("--config", "-c", help="configuration file (default: $POP_CONNECTOR_CONFIG)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument(
+        "--log-format", default="text", choices=LOG_FORMATS, help="text (default) or json lines"
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -52,14 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    if args.log_level != "DEBUG":
-        # Alembic announces every migration context at INFO on each start; only its warnings matter.
-        logging.getLogger("alembic").setLevel(logging.WARNING)
+    setup_logging(args.log_level, args.log_format)
     try:
         config = load_config(config_path(args.config))
     except ConfigError as exc:
@@ -81,6 +81,8 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
 
         return EXIT_OK if run_checks(config, print) else EXIT_FAILED
     assert config.service.database is not None
+    if args.command == "run":
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload during start-up must not kill it
     engine = open_database(config.service.database)
     ledger = Ledger(engine)
     if args.command == "db":
@@ -90,10 +92,10 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
         records = status_records(config.accounts, ledger.statuses())
         print(status_json(records) if args.json else status_text(records))
         return EXIT_OK
-    sync_engine = SyncEngine(config, ledger, Connections())
     if args.command == "run":
-        return _run_service(config, sync_engine, ledger)
-    return _sync(config, sync_engine, args)
+        run_service(config, ledger, config_path(args.config))
+        return EXIT_OK
+    return _sync(config, ObservedEngine(config, ledger, Connections()), args)
 
 
 def _selected_accounts(config: Config, names: list[str] | None) -> list[Account]:
@@ -114,7 +116,7 @@ def _stop_on_signals(stop: threading.Event) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
-def _sync(config: Config, engine: SyncEngine, args: argparse.Namespace) -> int:
+def _sync(config: Config, engine: ObservedEngine, args: argparse.Namespace) -> int:
     accounts = _selected_accounts(config, args.account)
     if not accounts:
         print("no enabled accounts in the configuration", file=sys.stderr)
@@ -125,21 +127,16 @@ def _sync(config: Config, engine: SyncEngine, args: argparse.Namespace) -> int:
     def poll(account: Account) -> PollResult:
         return engine.poll(account, dry_run=args.dry_run, stop=stop)
 
-    with ThreadPoolExecutor(max_workers=config.service.max_workers) as pool:
+    display = sync_progress(accounts, sys.stderr) if not args.dry_run else SyncProgress()
+    engine.observers.append(display)
+    with display, ThreadPoolExecutor(max_workers=config.service.max_workers) as pool:
         results = list(pool.map(poll, accounts))
     for result in results:
         print("\n".join(dry_run_lines(result)) if args.dry_run else poll_line(result))
+    if not args.dry_run:
+        print_summary(summary_rows(results, display.durations), sys.stdout)
     failed = any(not r.ok or r.failed or r.skipped or r.problems for r in results)
     return EXIT_FAILED if failed else EXIT_OK
-
-
-def _run_service(config: Config, engine: SyncEngine, ledger: Ledger) -> int:
-    from connector.scheduler import Service
-
-    service = Service(config, engine, ledger, on_result=lambda result: log.info("%s", poll_line(result)))
-    _stop_on_signals(service.stop)
-    service.run_until_stopped()
-    return EXIT_OK
 
 
 if __name__ == "__main__":  # pragma: no cover

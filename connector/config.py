@@ -128,9 +128,37 @@ class RetryPolicy(_Model):
         return self
 
 
+def parse_listen_address(value: object) -> tuple[str, int] | None:
+    """``"HOST:PORT"``, ``"[IPv6]:PORT"`` or a bare port (then loopback only); port 0 picks a free one."""
+    if value is None:
+        return None
+    if isinstance(value, tuple):
+        return value  # already parsed (model_copy)
+    text = str(value).strip()
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        host, port_text = "127.0.0.1", text
+    host = host.strip("[]")
+    if not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError(f"{value!r} is not a listen address; write e.g. '127.0.0.1:9108' or '9108'")
+    return host, int(port_text)
+
+
 class ServiceConfig(_Model):
     database: str | None = None
     max_workers: int = Field(default=8, ge=1, le=256)
+    # Operations listener (metrics, health, status page); see connector/web.py.
+    metrics: Annotated[tuple[str, int] | None, BeforeValidator(parse_listen_address)] = None
+    status_token: Secret | None = None
+    status_refresh: Duration = timedelta(seconds=15)
+    health_grace: Duration = timedelta(minutes=10)
+
+    @field_validator("status_token")
+    @classmethod
+    def _token_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 8:
+            raise ValueError("status_token must be at least 8 characters (a short token protects nothing)")
+        return value
 
 
 class Defaults(_Model):

@@ -38,12 +38,13 @@ def config_toml(
     destination: dict[str, Any] | None = None,
     defaults: dict[str, Any] | None = None,
     name: str = "alice",
+    service: dict[str, Any] | None = None,
 ) -> str:
     """One account reading ``users.source`` over plain POP3 into ``users.destination`` over plain IMAP.
 
     A ``destination`` with ``type = "ews"`` replaces the IMAP destination altogether (named "exchange").
     """
-    service = {"database": database, "max_workers": 4}
+    service = {"database": database, "max_workers": 4, **(service or {})}
     destination_fields: dict[str, Any]
     if (destination or {}).get("type") == "ews":
         destination_fields = {"name": "exchange", **(destination or {})}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -46,18 +47,30 @@ def _admin_connection() -> psycopg.Connection[tuple[object, ...]]:
         )
 
 
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """A SQLAlchemy URL of a database created for this run and dropped at its end."""
-    name = f"pop_connector_test_{secrets.token_hex(6)}"
+@contextmanager
+def fresh_postgres_database(prefix: str = "pop_connector_test") -> Iterator[str]:
+    """The SQLAlchemy URL of a new, empty database, dropped afterwards."""
+    name = f"{prefix}_{secrets.token_hex(6)}"
     with _admin_connection() as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     try:
         yield POSTGRES_URL_BASE + name
     finally:
-        with _admin_connection() as conn:
-            # FORCE: a connection pool a test forgot to dispose must not keep the database alive.
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        drop_postgres_database(POSTGRES_URL_BASE + name)
+
+
+def drop_postgres_database(url: str) -> None:
+    name = url.rsplit("/", 1)[1]
+    with _admin_connection() as conn:
+        # FORCE: a connection pool a test forgot to dispose must not keep the database alive.
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A SQLAlchemy URL of a database created for this run and dropped at its end."""
+    with fresh_postgres_database() as url:
+        yield url
 
 
 @pytest.fixture
