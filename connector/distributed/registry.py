@@ -14,7 +14,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Connection, Engine, func, insert, or_, select, text, update
+from sqlalchemy import Connection, Engine, func, or_, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 
 from connector.config import Account
@@ -54,8 +55,10 @@ def sync_accounts(engine: Engine, accounts: Sequence[Account], *, now: datetime 
             known = set(existing)
             new = [name for name in wanted if name not in known]
             if new:
+                # Workers starting together all sync: a row another one just added is no error.
+                dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
                 connection.execute(
-                    insert(AccountRow),
+                    dialect.insert(AccountRow).on_conflict_do_nothing(index_elements=["name"]),
                     [_new_row(name, wanted[name], created_at) for name in new],
                 )
             # Accounts gone from the configuration become inactive; the others follow `enabled`.
