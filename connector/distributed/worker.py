@@ -51,9 +51,10 @@ def libpq_url(database: str) -> str:
 
 
 def worker_engine(database: str, max_workers: int) -> Engine:
-    """Each running poll holds one connection for its account lock and borrows one for ledger writes."""
+    """Each running poll holds one connection for its account lock and briefly borrows one for each
+    ledger write; connections open only when needed, so most workers use about ``max_workers + 2``."""
     return create_engine(
-        make_url(database), pool_size=2 * max_workers + 2, max_overflow=max_workers, pool_pre_ping=True
+        make_url(database), pool_size=max_workers + 2, max_overflow=max_workers, pool_pre_ping=True
     )
 
 
