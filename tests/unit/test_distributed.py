@@ -1,7 +1,8 @@
-"""Pure parts of distributed mode: its configuration rules, the queue-schema migration choice, cron."""
+"""Pure parts of distributed mode: configuration rules, queue-schema migration choice, status output."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ from connector.config import parse_config
 from connector.distributed.queue_schema import migrations_after, parse_version
 from connector.distributed.worker import libpq_url
 from connector.errors import ConfigError
+from connector.ledger.store import AccountStatus
+from connector.report import status_records, status_text
 
 CONFIG = Path("/etc/pop-connector/config.toml")
 
@@ -76,3 +79,15 @@ def test_parse_version() -> None:
 def test_libpq_url_keeps_credentials_and_parameters() -> None:
     url = libpq_url("postgresql+psycopg://pop:s%40cret@db.example:5433/pop?sslmode=require")
     assert url == "postgresql://pop:s%40cret@db.example:5433/pop?sslmode=require"
+
+
+def test_status_names_the_worker_that_polled_last() -> None:
+    when = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    status = AccountStatus(
+        name="alice", last_poll_started_at=when, last_poll_finished_at=when, last_success_at=when,
+        last_result="ok", last_error=None, consecutive_failures=0, next_poll_at=when, last_delivered=1,
+        last_failed=0, last_deleted=1, counts={"deleted": 1}, last_worker="pop-2:4711",
+    )  # fmt: skip
+    records = status_records([], [status])
+    assert records[0]["last_worker"] == "pop-2:4711"
+    assert "last polled by worker pop-2:4711" in status_text(records)
