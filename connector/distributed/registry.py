@@ -33,9 +33,12 @@ log = logging.getLogger(__name__)
 _POLL_LOCK_CLASS = 0x504F50
 
 
+_POLL_LOCK_PREFIX = "poll:"
+
+
 def poll_lock_name(account: str) -> str:
     """procrastinate's ``lock`` and ``queueing_lock`` of an account's poll jobs."""
-    return f"poll:{account}"
+    return _POLL_LOCK_PREFIX + account
 
 
 @dataclass(frozen=True)
@@ -96,13 +99,13 @@ def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
 
 
 # Accounts whose poll job is queued (todo) or running (doing) are left out, so a backlog does not
-# re-queue them every tick; each test matches one of procrastinate's partial unique indexes.
+# re-queue them every tick; each condition matches one of procrastinate's partial unique indexes.
 _NO_JOB = text(
     f"""NOT EXISTS (SELECT 1 FROM {QUEUE_SCHEMA}.procrastinate_jobs j
-                    WHERE j.queueing_lock = 'poll:' || accounts.name AND j.status = 'todo')
+                    WHERE j.queueing_lock = :lock_prefix || accounts.name AND j.status = 'todo')
     AND NOT EXISTS (SELECT 1 FROM {QUEUE_SCHEMA}.procrastinate_jobs j
-                    WHERE j.lock = 'poll:' || accounts.name AND j.status = 'doing')"""
-)
+                    WHERE j.lock = :lock_prefix || accounts.name AND j.status = 'doing')"""
+).bindparams(lock_prefix=_POLL_LOCK_PREFIX)
 
 
 def due_accounts(engine: Engine, now: datetime) -> list[str]:
