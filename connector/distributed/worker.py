@@ -159,7 +159,7 @@ class DistributedWorker:
                     log.info("account %s: poll skipped: %s", name, claim.reason)
                     return "skipped"
                 log.info("account %s: poll started on worker %s", name, self.name)
-                result = self._run_engine(config, account)
+                result = self._run_engine(config, account, claim.account_id)
                 log.info("account %s: poll finished on worker %s: %s", name, self.name, result.status)
         except Exception:  # the job must end; the dispatcher queues the account again when it is due
             log.exception("account %s: poll job failed", name)
@@ -168,12 +168,12 @@ class DistributedWorker:
             self._on_result(result)
         return result.status
 
-    def _run_engine(self, config: Config, account: Account) -> PollResult:
+    def _run_engine(self, config: Config, account: Account, account_id: int | None) -> PollResult:
         try:
             return SyncEngine(config, self.ledger, self.connections).poll(account, stop=self.stop)
         except Exception:
+            # A bug in one poll: back off like a failed poll instead of being queued again every tick.
             log.exception("account %s: poll crashed", account.name)
-            account_id = self.ledger.account_id(account.name)
             if account_id is not None:
                 self.ledger.set_next_poll(account_id, utcnow() + account.retry.initial_backoff)
             return PollResult(account=account.name, status="error", error="internal error (see log)")

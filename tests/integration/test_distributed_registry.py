@@ -7,13 +7,16 @@ import time
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, select, text
 
-from connector.config import Account
+from connector.config import Account, parse_config
+from connector.connections import Connections
 from connector.distributed import ensure_queue_schema, sync_accounts
 from connector.distributed.registry import claimed, due_accounts
+from connector.distributed.worker import DistributedWorker
 from connector.ledger.database import open_database
 from connector.ledger.models import AccountRow
 from connector.ledger.store import utcnow
@@ -160,3 +163,31 @@ def test_running_workers_pick_up_added_and_removed_accounts(
     sessions = poll_sessions(logs)
     assert not [s for s in sessions if s.account == first.name and s.start > changed_at]
     assert len(dovecot.imap_messages(small_fleet.destination.name)) == 3
+
+
+def test_a_poll_that_crashes_backs_off_instead_of_being_queued_every_tick(engine: Engine) -> None:
+    url = engine.url.render_as_string(hide_password=False)
+    config = parse_config(
+        {
+            "service": {"mode": "distributed", "database": url, "worker_name": "w-test"},
+            "destinations": [{"name": "d", "type": "imap", "host": "127.0.0.1", "username": "u",
+                              "password": "p"}],
+            "accounts": [{"name": "a", "host": "127.0.0.1", "username": "a", "password": "p",
+                          "destination": "d"}],
+        },
+        Path("/nonexistent/config.toml"),
+    )  # fmt: skip
+    ensure_queue_schema(engine)
+    sync_accounts(engine, config.accounts)
+
+    def broken_source(account: Account) -> Any:
+        raise RuntimeError("a bug")
+
+    worker = DistributedWorker(config, engine, connections=Connections(open_source=broken_source))
+    assert worker.poll_account("a") == "error"
+    assert worker.poll_account("not-configured") == "skipped"
+    with engine.connect() as connection:
+        row = connection.execute(select(AccountRow.last_worker, AccountRow.next_poll_at)).one()
+    assert row.last_worker == "w-test"
+    assert row.next_poll_at is not None and row.next_poll_at > utcnow()
+    assert due_accounts(engine, utcnow()) == []
