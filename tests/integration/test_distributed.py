@@ -1,7 +1,8 @@
 """Distributed mode end to end: worker processes on one PostgreSQL database against the real Dovecot.
 
 Every poll a worker makes is logged with its start and finish; the test reads those logs to prove that no
-account was ever polled by two workers at once, including across a worker killed with SIGKILL mid-poll.
+account was ever polled by two workers at once, across a rolling restart (SIGTERM, then a new worker) and
+across a worker killed with SIGKILL mid-poll (after an APPEND, before its record).
 """
 
 from __future__ import annotations
@@ -70,8 +71,16 @@ def _wait_for_repolls(workers: list[WorkerProcess], accounts: int, timeout: floa
     raise AssertionError(f"fewer than {accounts} accounts were polled a second time")
 
 
+def _restart(worker: WorkerProcess, config: Path, log_dir: Path) -> WorkerProcess:
+    deadline = time.monotonic() + 40
+    while worker.text().count("poll finished") < 20 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert worker.stop() == 0, worker.text()[-3000:]
+    return start_worker(config, f"{worker.name}-restarted", log_dir)
+
+
 @pytest.mark.parametrize(
-    ("workers", "kill"), [(2, False), (3, True)], ids=["2-workers", "3-workers-1-killed"]
+    ("workers", "kill"), [(2, False), (3, True)], ids=["2-workers-1-restarted", "3-workers-1-killed"]
 )
 def test_workers_deliver_every_message_once_and_never_poll_an_account_twice_at_once(
     dovecot: Dovecot, fleet: Fleet, postgres_url: str, tmp_path: Path, workers: int, kill: bool
@@ -90,6 +99,9 @@ def test_workers_deliver_every_message_once_and_never_poll_an_account_twice_at_o
             for index in range(workers)
         ]
         try:
+            if not kill:
+                # A rolling restart in the middle: w1 stops gracefully, a new worker takes its place.
+                processes.append(_restart(processes[1], config, tmp_path))
             killed_at = _wait_until_drained(fleet, processes, timeout=75)
             _wait_for_repolls(processes, accounts=ACCOUNTS // 8, timeout=30)
         finally:
@@ -98,7 +110,7 @@ def test_workers_deliver_every_message_once_and_never_poll_an_account_twice_at_o
         logs = {p.name: p.text() for p in processes}
         status = cli("--config", str(config), "status", "--json")
 
-    expected = [0] * workers
+    expected = [0] * len(processes)
     if kill:
         expected[0] = -9
         assert killed_at is not None
