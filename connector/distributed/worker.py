@@ -148,6 +148,9 @@ class DistributedWorker:
 
     def poll_account(self, name: str) -> str:
         """One poll job: the configured account, claimed, polled by the sync engine. Never raises."""
+        if self.stop.is_set():
+            # Fetched just before the stop: leave the account due for the workers that stay.
+            return "stopped"
         config = self.watch.current()
         account = _configured(config, name)
         if account is None:
