@@ -9,6 +9,8 @@ Every worker runs the same two tasks:
   running job per account; under an advisory lock of its own it checks the account is still due, records
   this worker as the account's ``last_worker`` and runs ``SyncEngine.poll`` -- the same engine as the
   single-process service.
+
+Besides, each worker checks its configuration file every ``dispatch_interval``, busy or idle.
 """
 
 from __future__ import annotations
@@ -120,6 +122,7 @@ class DistributedWorker:
                     delete_jobs="successful",
                 )
             )
+            watcher = asyncio.create_task(self._watch_config())
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, self._request_stop, signum, worker)
             log.info(
@@ -130,6 +133,7 @@ class DistributedWorker:
             )
             with contextlib.suppress(asyncio.CancelledError):
                 await worker
+            watcher.cancel()
         log.info("worker %s stopped", self.name)
         return self.stop.is_set()
 
@@ -207,7 +211,21 @@ class DistributedWorker:
             retried += 1
         return retried
 
+    async def _watch_config(self) -> None:
+        """Every worker notices a changed file within one dispatch period, busy or not."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.service.dispatch_interval.total_seconds())
+            try:
+                await loop.run_in_executor(self._db, self._reload_if_changed)
+            except Exception:
+                log.exception("cannot apply the changed configuration")
+
     def _due_accounts(self) -> list[str]:
+        self._reload_if_changed()
+        return due_accounts(self.engine, utcnow())
+
+    def _reload_if_changed(self) -> None:
         config, changed = self.watch.refresh()
         if changed:
             summary = sync_accounts(self.engine, config.accounts)
@@ -217,7 +235,6 @@ class DistributedWorker:
                 summary.active,
                 summary.inactive,
             )
-        return due_accounts(self.engine, utcnow())
 
     async def _queue_polls(self, names: list[str]) -> int:
         jobs = [self._poll_job_for(name) for name in names]
