@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import FrameType
 
+from sqlalchemy import Engine
+
 from connector import __version__
 from connector.config import Account, Config, config_path, load_config
 from connector.connections import Connections
@@ -54,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     db = commands.add_parser("db", help="ledger database maintenance")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")
     db_commands.add_parser("upgrade", help="apply pending schema migrations")
+    accounts = commands.add_parser("accounts", help="the accounts registry in the database")
+    accounts_commands = accounts.add_subparsers(
+        dest="accounts_command", required=True, metavar="ACCOUNTS_COMMAND"
+    )
+    accounts_commands.add_parser(
+        "sync-config", help="write the configured accounts into the database (distributed workers read it)"
+    )
     return parser
 
 
@@ -86,8 +95,19 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
     engine = open_database(config.service.database)
     ledger = Ledger(engine)
     if args.command == "db":
+        if config.service.mode == "distributed":
+            from connector.distributed import ensure_queue_schema
+
+            ensure_queue_schema(engine)
         print(f"ledger database is up to date: {engine.url.render_as_string(hide_password=True)}")
         return EXIT_OK
+    if args.command == "accounts":
+        return _sync_config(config, engine)
+    if args.command == "run" and config.service.mode == "distributed":
+        from connector.distributed import run_worker
+
+        engine.dispose()
+        return EXIT_OK if run_worker(config) else EXIT_FAILED
     if args.command == "status":
         records = status_records(config.accounts, ledger.statuses())
         print(status_json(records) if args.json else status_text(records))
@@ -96,6 +116,14 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
         run_service(config, ledger, config_path(args.config))
         return EXIT_OK
     return _sync(config, ObservedEngine(config, ledger, Connections()), args)
+
+
+def _sync_config(config: Config, engine: Engine) -> int:
+    from connector.distributed import sync_accounts
+
+    summary = sync_accounts(engine, config.accounts)
+    print(f"accounts: {summary.added} added, {summary.active} active, {summary.inactive} inactive")
+    return EXIT_OK
 
 
 def _selected_accounts(config: Config, names: list[str] | None) -> list[Account]:

@@ -159,6 +159,31 @@ class ServiceConfig(_Model):
         if value is not None and len(value.get_secret_value()) < 8:
             raise ValueError("status_token must be at least 8 characters (a short token protects nothing)")
         return value
+    # "distributed": `run` is one of several workers sharing a PostgreSQL database (connector/distributed).
+    mode: Literal["embedded", "distributed"] = "embedded"
+    dispatch_interval: Duration = timedelta(seconds=10)
+    worker_name: str | None = Field(default=None, min_length=1, max_length=200)
+    heartbeat_interval: Duration = timedelta(seconds=10)
+    stalled_after: Duration = timedelta(seconds=30)
+
+    @field_validator("dispatch_interval")
+    @classmethod
+    def _dispatch_fits_a_minute(cls, value: timedelta) -> timedelta:
+        # It becomes the seconds field of a cron schedule, so it must divide a minute evenly.
+        seconds = value.total_seconds()
+        if not seconds.is_integer() or not 1 <= seconds <= 60 or 60 % int(seconds):
+            raise ValueError("dispatch_interval must be a whole number of seconds that divides 60 (1s..60s)")
+        return value
+
+    @model_validator(mode="after")
+    def _stall_after_heartbeats(self) -> ServiceConfig:
+        if self.heartbeat_interval < timedelta(seconds=1):
+            raise _PathError("service.heartbeat_interval", "heartbeat_interval must be at least 1s")
+        if self.stalled_after < 2 * self.heartbeat_interval:
+            raise _PathError(
+                "service.stalled_after", "stalled_after must be at least twice heartbeat_interval"
+            )
+        return self
 
 
 class Defaults(_Model):
@@ -613,6 +638,11 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
 
 def _with_database_default(config: Config, path: Path) -> Config:
     database = resolve_database_url(config.service.database, path.parent)
+    if config.service.mode == "distributed" and not database.startswith("postgresql"):
+        raise ConfigError(
+            f'{path}: service.mode: "distributed" needs a PostgreSQL database '
+            f'(service.database = "postgresql+psycopg://user@host/dbname"), not {database.split(":")[0]}'
+        )
     service = config.service.model_copy(update={"database": database})
     return config.model_copy(update={"service": service})
 

@@ -72,6 +72,7 @@ def status_records(accounts: Sequence[Account], statuses: Iterable[AccountStatus
                     "deleted": status.last_deleted,
                 },
                 messages=status.counts,
+                last_worker=status.last_worker,
             )
         records.append(record)
     return records
@@ -91,6 +92,8 @@ def status_text(records: list[dict[str, Any]]) -> str:
                 f"next poll {record['next_poll']}"
             )
             lines.append("  messages: " + ", ".join(f"{state} {count}" for state, count in counts.items()))
+            if record["last_worker"]:
+                lines.append(f"  last polled by worker {record['last_worker']}")
             if record["last_error"]:
                 lines.append(f"  last error: {record['last_error']}")
     return "\n".join(lines)

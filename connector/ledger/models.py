@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     DateTime,
     Dialect,
     ForeignKey,
@@ -21,6 +22,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    true,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -72,6 +74,10 @@ class AccountRow(Base):
     last_delivered: Mapped[int] = mapped_column(Integer, default=0)
     last_failed: Mapped[int] = mapped_column(Integer, default=0)
     last_deleted: Mapped[int] = mapped_column(Integer, default=0)
+    # Distributed mode: the worker that took the account's latest poll, and whether the dispatcher
+    # polls it at all (false once it left the configuration or was disabled; its rows are kept).
+    last_worker: Mapped[str | None] = mapped_column(String(200))
+    active: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
 
 
 class MessageRow(Base):

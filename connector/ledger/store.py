@@ -62,6 +62,7 @@ class AccountStatus:
     last_failed: int
     last_deleted: int
     counts: dict[str, int]
+    last_worker: str | None = None
 
 
 _STATUS_FIELDS = (
@@ -75,6 +76,7 @@ _STATUS_FIELDS = (
     "last_delivered",
     "last_failed",
     "last_deleted",
+    "last_worker",
 )
 
 
