@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import FrameType
 
-from connector import __version__
+from connector import __version__, admin
 from connector.config import Account, Config, config_path, load_config
 from connector.connections import Connections
 from connector.engine import PollResult, SyncEngine
@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     db = commands.add_parser("db", help="ledger database maintenance")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")
     db_commands.add_parser("upgrade", help="apply pending schema migrations")
+    admin.add_commands(commands)
     return parser
 
 
@@ -90,6 +91,8 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
         records = status_records(config.accounts, ledger.statuses())
         print(status_json(records) if args.json else status_text(records))
         return EXIT_OK
+    if args.command in admin.COMMANDS:
+        return admin.run(args, config, ledger)
     sync_engine = SyncEngine(config, ledger, Connections())
     if args.command == "run":
         return _run_service(config, sync_engine, ledger)

@@ -112,6 +112,10 @@ class RetryPolicy(_Model):
     max_attempts: int = Field(default=5, ge=1, le=1000)
     initial_backoff: Duration = timedelta(minutes=1)
     max_backoff: Duration = timedelta(hours=1)
+    # Retrying a refused login at the normal rate could get the mailbox locked by the provider.
+    auth_failure_backoff: Duration = timedelta(hours=1)
+    # 0 = never suspend. The default is about two days of failures at the default max_backoff.
+    max_consecutive_failures: int = Field(default=50, ge=0, le=100_000)
 
     @model_validator(mode="after")
     def _ordered(self) -> RetryPolicy:

@@ -15,7 +15,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from connector.config import Account, Config
 from connector.connections import Connections
@@ -26,6 +26,7 @@ from connector.errors import (
     DestinationError,
     LedgerError,
     PermanentError,
+    SourceLoginDelayError,
     SourceMessageError,
 )
 from connector.ledger.models import MessageState
@@ -33,7 +34,8 @@ from connector.ledger.store import Clock, Ledger, PollOutcome, utcnow
 from connector.message import FetchedMessage, MessageSpool, fallback_message_id
 from connector.plan import Delivery, PollPlan, plan_poll
 from connector.policies.retention import should_delete
-from connector.policies.retry import account_backoff, jittered_interval
+from connector.policies.retry import failure_delay, should_suspend, success_delay
+from connector.policies.server_limits import deletes_retrieved, login_delay, retention_conflict
 from connector.pop3 import MessageInfo, Pop3Client
 
 log = logging.getLogger("connector.engine")
@@ -46,7 +48,7 @@ RETR_SLACK_BYTES = 16 * 1024 * 1024
 @dataclass
 class PollResult:
     account: str
-    status: str = "ok"  # ok | error | auth_error | stopped
+    status: str = "ok"  # ok | error | auth_error | stopped | suspended
     error: str | None = None
     delivered: int = 0
     recovered: int = 0
@@ -111,6 +113,10 @@ class _Poll:
         self.to_delete: list[str] = []
         self.account_id = 0
         self.pop: Pop3Client | None = None
+        # LOGIN-DELAY: the next poll must not come sooner than this.
+        self.server_delay: timedelta | None = None
+        # Retrieved in this session and not (yet) delivered: what an EXPIRE 0 server would lose at QUIT.
+        self.undelivered: set[str] = set()
 
     # --- whole poll ----------------------------------------------------------------------------------
 
@@ -119,12 +125,30 @@ class _Poll:
             account_id = self.ledger.account_id(self.account.name)
             assert account_id is not None
             self.account_id = account_id
+            if self._suspended():
+                return self.result
             self.ledger.poll_started(account_id)
             self._session()
         except ConnectorError as exc:
             self._fail(exc)
         self._finish()
         return self.result
+
+    def _suspended(self) -> bool:
+        """A suspended account is not polled at all; it is looked at again after ``poll_interval`` so
+        that the service notices ``pop-connector resume``."""
+        suspension = self.ledger.suspension(self.account_id)
+        if suspension is None:
+            return False
+        since, reason = suspension
+        self.result.status = "suspended"
+        self.result.error = (
+            f"suspended since {since.isoformat(timespec='seconds')}: {reason}; "
+            f"run `pop-connector resume {self.account.name}` once the cause is fixed"
+        )
+        self.result.next_poll_at = self.engine.clock() + self.account.poll_interval
+        self.ledger.set_next_poll(self.account_id, self.result.next_poll_at)
+        return True
 
     def dry_run(self) -> PollResult:
         try:
@@ -139,21 +163,41 @@ class _Poll:
 
     def _session(self) -> None:
         pop = self.pop = self.engine.connections.open_source(self.account)
+        self.server_delay = login_delay(pop.capabilities)
+        conflict = retention_conflict(pop.capabilities, self.account.retention)
+        if conflict is not None:
+            log.warning("account %s: %s", self.account.name, conflict)
         try:
             plan = self._plan(pop)
             self._deliver_all(pop, plan)
             for info in plan.delete:
                 self._dele(info)
         except BaseException:
-            # DELEs already sent follow committed deliveries, so letting QUIT apply them is safe.
-            _quit_quietly(pop)
+            self._end_session(pop, clean=False)
             self._close_destination()
             raise
         self._close_destination()
+        if self._end_session(pop, clean=True):
+            # Only now has the server removed them (RFC 1939 §6).
+            self.ledger.record_deleted(self.account_id, self.to_delete)
+            self.result.deleted = len(self.to_delete)
+
+    def _end_session(self, pop: Pop3Client, *, clean: bool) -> bool:
+        """QUIT, which carries out the DELEs (all of them follow committed deliveries, so this is safe even
+        after an error), unless QUIT would also remove undelivered mail. True when QUIT was confirmed."""
+        if self.undelivered and deletes_retrieved(pop.capabilities):
+            pop.close()
+            self._problem(
+                f"the server deletes every retrieved message at QUIT (CAPA EXPIRE 0): ended the session "
+                f"without QUIT so that {len(self.undelivered)} undelivered message(s) stay on it; "
+                "deletions of delivered ones are repeated at the next poll"
+            )
+            return False
+        if not clean:
+            _quit_quietly(pop)
+            return False
         pop.quit()
-        # Only now has the server removed them (RFC 1939 §6).
-        self.ledger.record_deleted(self.account_id, self.to_delete)
-        self.result.deleted = len(self.to_delete)
+        return True
 
     def _plan(self, pop: Pop3Client) -> PollPlan:
         listing = pop.listing()
@@ -197,6 +241,7 @@ class _Poll:
             self.result.skipped += 1
             self._problem(f"message {info.uidl!r}: cannot retrieve it: {exc.message}")
             return
+        self.undelivered.add(info.uidl)
         with fetched:
             if delivery.recover and self._recovered(fetched, info, delivery.attempts):
                 return
@@ -257,6 +302,7 @@ class _Poll:
 
     def _delivered(self, info: MessageInfo, ref: str) -> None:
         delivered_at = self.ledger.record_delivered(self.account_id, info.uidl, ref)
+        self.undelivered.discard(info.uidl)
         # Retention for the messages delivered now is applied in the same session: the DELE is safe
         # because the delivery is already committed, and it only takes effect at QUIT.
         if should_delete(self.account.retention, delivered_at, self.engine.clock()):
@@ -342,6 +388,8 @@ class _Poll:
             exc.account = self.account.name
         self.result.status = "auth_error" if isinstance(exc, AuthenticationError) else "error"
         self.result.error = str(exc)
+        if isinstance(exc, SourceLoginDelayError) and exc.login_delay:
+            self.server_delay = timedelta(seconds=exc.login_delay)
         log.error("%s", exc)
 
     def _problem(self, text: str) -> None:
@@ -350,11 +398,19 @@ class _Poll:
 
     def _finish(self) -> None:
         now = self.engine.clock()
+        failures = 0
         if self.result.ok:
-            delay = jittered_interval(self.account.poll_interval, self.account.poll_jitter)
+            delay = success_delay(
+                self.account.poll_interval, self.account.poll_jitter, server_delay=self.server_delay
+            )
         else:
             failures = self.ledger.consecutive_failures(self.account_id) + 1 if self.account_id else 1
-            delay = account_backoff(self.account.retry, failures)
+            delay = failure_delay(
+                self.account.retry,
+                failures,
+                auth_failure=self.result.status == "auth_error",
+                server_delay=self.server_delay,
+            )
         self.result.next_poll_at = now + delay
         if not self.account_id:
             return
@@ -368,5 +424,17 @@ class _Poll:
         )
         try:
             self.ledger.poll_finished(self.account_id, outcome)
+            if should_suspend(self.account.retry, failures):
+                self._suspend(failures)
         except LedgerError as exc:
             log.error("account %s: %s", self.account.name, exc)
+
+    def _suspend(self, failures: int) -> None:
+        reason = f"{failures} consecutive failed polls, the last: {self.result.error or self.result.status}"
+        self.ledger.suspend(self.account_id, reason)
+        log.error(
+            "account %s: suspended after %s; run `pop-connector resume %s` once the cause is fixed",
+            self.account.name,
+            reason,
+            self.account.name,
+        )

@@ -83,7 +83,12 @@ class SourceInUseError(SourceError, TemporaryError):
 
 
 class SourceLoginDelayError(SourceError, TemporaryError):
-    """[LOGIN-DELAY]: logged in too soon after the last session."""
+    """[LOGIN-DELAY]: logged in too soon after the last session.
+
+    ``login_delay`` is the server's CAPA ``LOGIN-DELAY`` in seconds when it announced one: the earliest
+    a new login can succeed."""
+
+    login_delay: int | None = None
 
 
 class SourceTempError(SourceError, TemporaryError):

@@ -72,9 +72,31 @@ def status_records(accounts: Sequence[Account], statuses: Iterable[AccountStatus
                     "deleted": status.last_deleted,
                 },
                 messages=status.counts,
+                suspended=status.suspended_at is not None,
+                condition=account_condition(status),
             )
         records.append(record)
     return records
+
+
+def account_condition(status: AccountStatus) -> str | None:
+    """Why an account is not being polled normally, in words for an admin; None when it is."""
+    if status.suspended_at is not None:
+        return (
+            f"SUSPENDED since {_when(status.suspended_at)}: {status.suspended_reason}; "
+            f"run `pop-connector resume {status.name}` once the cause is fixed"
+        )
+    if status.last_result == "auth_error":
+        return (
+            f"AUTHENTICATION FAILING ({status.consecutive_failures} failed polls in a row): retried slowly "
+            f"so that the provider does not lock the mailbox; next attempt {_when(status.next_poll_at)}"
+        )
+    if status.consecutive_failures > 0:
+        return (
+            f"BACKING OFF after {status.consecutive_failures} failed polls in a row; "
+            f"next poll {_when(status.next_poll_at)}"
+        )
+    return None
 
 
 def status_text(records: list[dict[str, Any]]) -> str:
@@ -93,6 +115,8 @@ def status_text(records: list[dict[str, Any]]) -> str:
             lines.append("  messages: " + ", ".join(f"{state} {count}" for state, count in counts.items()))
             if record["last_error"]:
                 lines.append(f"  last error: {record['last_error']}")
+            if record.get("condition"):
+                lines.append(f"  {record['condition']}")
     return "\n".join(lines)
 
 

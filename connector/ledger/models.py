@@ -72,6 +72,9 @@ class AccountRow(Base):
     last_delivered: Mapped[int] = mapped_column(Integer, default=0)
     last_failed: Mapped[int] = mapped_column(Integer, default=0)
     last_deleted: Mapped[int] = mapped_column(Integer, default=0)
+    # Set after retry.max_consecutive_failures failed polls; only `pop-connector resume` clears it.
+    suspended_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    suspended_reason: Mapped[str | None] = mapped_column(Text)
 
 
 class MessageRow(Base):

@@ -6,7 +6,8 @@ cleanly (a poll that cannot record what it did must not go on delivering or dele
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -62,6 +63,8 @@ class AccountStatus:
     last_failed: int
     last_deleted: int
     counts: dict[str, int]
+    suspended_at: datetime | None = None
+    suspended_reason: str | None = None
 
 
 _STATUS_FIELDS = (
@@ -75,10 +78,116 @@ _STATUS_FIELDS = (
     "last_delivered",
     "last_failed",
     "last_deleted",
+    "suspended_at",
+    "suspended_reason",
 )
 
 
-class Ledger:
+@dataclass(frozen=True)
+class QuarantinedMessage:
+    """A message in state ``failed``: left on the POP3 server until a person retries it."""
+
+    id: int
+    account: str
+    uidl: str
+    attempts: int
+    last_error: str | None
+    size: int | None
+    pop_size: int | None
+    message_id: str | None
+    updated_at: datetime
+
+
+class _SuspensionAndQuarantine:
+    """Operations for the admin commands ``resume`` and ``quarantine``; mixed into ``Ledger``."""
+
+    _clock: Clock
+
+    def _transaction(self, what: str) -> contextlib.AbstractContextManager[Session]:
+        raise NotImplementedError
+
+    def suspend(self, account_id: int, reason: str) -> None:
+        with self._transaction("suspend account") as session:
+            session.execute(
+                update(AccountRow)
+                .where(AccountRow.id == account_id)
+                .values(suspended_at=self._clock(), suspended_reason=reason)
+            )
+
+    def suspension(self, account_id: int) -> tuple[datetime, str] | None:
+        """(since, reason) when the account is suspended."""
+        with self._transaction("read account") as session:
+            row = session.execute(
+                select(AccountRow.suspended_at, AccountRow.suspended_reason).where(
+                    AccountRow.id == account_id
+                )
+            ).one_or_none()
+        if row is None or row.suspended_at is None:
+            return None
+        return row.suspended_at, row.suspended_reason or ""
+
+    def resume(self, name: str) -> bool:
+        """Lift a suspension and start counting failures afresh; the account is due at once. False when
+        the ledger does not know the account."""
+        with self._transaction("resume account") as session:
+            result = session.execute(
+                update(AccountRow)
+                .where(AccountRow.name == name)
+                .values(
+                    suspended_at=None,
+                    suspended_reason=None,
+                    consecutive_failures=0,
+                    next_poll_at=self._clock(),
+                )
+            )
+            return bool(getattr(result, "rowcount", 0))
+
+    def quarantined(self, account: str | None = None) -> list[QuarantinedMessage]:
+        query = (
+            select(MessageRow, AccountRow.name)
+            .join(AccountRow, AccountRow.id == MessageRow.account_id)
+            .where(MessageRow.state == MessageState.FAILED)
+            .order_by(AccountRow.name, MessageRow.id)
+        )
+        if account is not None:
+            query = query.where(AccountRow.name == account)
+        with self._transaction("read quarantine") as session:
+            return [
+                QuarantinedMessage(
+                    id=row.id,
+                    account=name,
+                    uidl=row.uidl,
+                    attempts=row.attempts,
+                    last_error=row.last_error,
+                    size=row.size,
+                    pop_size=row.pop_size,
+                    message_id=row.message_id,
+                    updated_at=row.updated_at,
+                )
+                for row, name in session.execute(query)
+            ]
+
+    def release_quarantined(self, ids: Sequence[int] | None, account: str | None = None) -> int:
+        """Put quarantined messages (``ids``, or all when None) back to ``pending`` with no attempts.
+
+        ``pending``, not new: the next poll looks for each in the destination before delivering it,
+        because an attempt that was counted as failed may in fact have reached it.
+        """
+        query = update(MessageRow).where(MessageRow.state == MessageState.FAILED)
+        if ids is not None:
+            query = query.where(MessageRow.id.in_(list(ids)))
+        if account is not None:
+            query = query.where(
+                MessageRow.account_id.in_(select(AccountRow.id).where(AccountRow.name == account))
+            )
+        with self._transaction("release quarantined messages") as session:
+            result = session.execute(
+                query.values(state=MessageState.PENDING, attempts=0, updated_at=self._clock())
+            )
+            return int(getattr(result, "rowcount", 0) or 0)
+
+
+class Ledger(_SuspensionAndQuarantine):
     def __init__(self, engine: Engine, *, clock: Clock = utcnow) -> None:
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)

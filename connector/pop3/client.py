@@ -19,6 +19,7 @@ from typing import Literal, Protocol, TypeVar
 from connector.errors import (
     SourceAuthError,
     SourceConnectError,
+    SourceLoginDelayError,
     SourcePermError,
     SourceProtocolError,
     SourceTempError,
@@ -360,13 +361,18 @@ class Pop3Client:
         for what, value in (("username", username), ("password", password)):
             if any(bad in value for bad in _FORBIDDEN_IN_ARGUMENTS):
                 raise SourceAuthError(f"{self._peer}: the {what} contains a line break or NUL")
-        if method == "apop":
-            self._apop(username, password)
-        elif method == "user":
-            self._command("USER", username, secrets=(password,))
-            self._command("PASS", password, secrets=(password,))
-        else:
-            raise ValueError(f"unknown POP3 login method {method!r}")
+        try:
+            if method == "apop":
+                self._apop(username, password)
+            elif method == "user":
+                self._command("USER", username, secrets=(password,))
+                self._command("PASS", password, secrets=(password,))
+            else:
+                raise ValueError(f"unknown POP3 login method {method!r}")
+        except SourceLoginDelayError as exc:
+            # Only this session knows what CAPA announced; the retry policy needs it to wait long enough.
+            exc.login_delay = self._capabilities.login_delay
+            raise
 
     def _apop(self, username: str, password: str) -> None:
         timestamp = self._greeting.apop_timestamp
