@@ -9,10 +9,11 @@ import argparse
 from typing import Any
 
 from connector.config import Config
+from connector.connections import Connections
 from connector.ledger.store import Ledger, QuarantinedMessage
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
-COMMANDS = ("quarantine", "resume")
+COMMANDS = ("quarantine", "resume", "baseline")
 
 
 def add_commands(commands: Any) -> None:
@@ -29,11 +30,17 @@ def add_commands(commands: Any) -> None:
     retry.add_argument("--account", "-a", metavar="NAME", help="only this account")
     resume = commands.add_parser("resume", help="lift the suspension of an account after repeated failures")
     resume.add_argument("name", metavar="NAME", help="the account")
+    baseline = commands.add_parser(
+        "baseline", help="record everything now on the POP3 server as already seen, without downloading it"
+    )
+    baseline.add_argument("--account", "-a", metavar="NAME", required=True, help="the account")
 
 
 def run(args: argparse.Namespace, config: Config, ledger: Ledger) -> int:
     if args.command == "resume":
         return _resume(config, ledger, args.name)
+    if args.command == "baseline":
+        return _baseline(config, ledger, args.account)
     if args.account is not None:
         config.account(args.account)  # a misspelt name is an error, not an empty list
     if args.quarantine_command == "list":
@@ -80,4 +87,19 @@ def _resume(config: Config, ledger: Ledger, name: str) -> int:
         print(f"account {name!r} has never been polled: nothing to resume")
         return EXIT_OK
     print(f"account {name!r} resumed: failure count reset, due for polling now")
+    return EXIT_OK
+
+
+def _baseline(config: Config, ledger: Ledger, name: str) -> int:
+    account = config.account(name)
+    account_id = ledger.account_id(name)
+    assert account_id is not None
+    with Connections().open_source(account) as pop:
+        listing = pop.listing()
+    count = ledger.record_seen(account_id, ((info.uidl, info.size) for info in listing))
+    print(
+        f"account {name!r}: {count} of the {len(listing)} messages on the server recorded as already seen "
+        "(not downloaded; they will never be delivered or deleted by pop-connector); mail arriving from now "
+        "on is delivered"
+    )
     return EXIT_OK

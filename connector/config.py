@@ -80,7 +80,27 @@ def _resolve_secret(value: object) -> SecretStr:
     raise ValueError('expected a string, { env = "NAME" } or { file = "/path" }')
 
 
+_SIZE_RE = re.compile(r"(\d+)\s*([kmg]?)i?b?")
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def parse_size(value: object) -> int:
+    """``"25MB"``, ``"512K"``, ``"1G"`` (units of 1024) or a number of bytes."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as '25MB' or a number of bytes")
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, str) and (match := _SIZE_RE.fullmatch(value.strip().lower())):
+        number = int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+    else:
+        raise ValueError(f"{value!r} is not a size; write e.g. '25MB', '512KB' or a number of bytes")
+    if number <= 0:
+        raise ValueError("a size must be positive")
+    return number
+
+
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+ByteSize = Annotated[int, BeforeValidator(parse_size)]
 Secret = Annotated[SecretStr, BeforeValidator(_resolve_secret)]
 
 
@@ -139,6 +159,11 @@ class Defaults(_Model):
     timeout: Duration = timedelta(seconds=60)
     folder: str = "INBOX"
     mark_seen: bool = False
+    # Limits and selection (docs/policies.md). None / 0 = no limit.
+    max_message_size: ByteSize | None = None
+    oversize: Literal["skip", "headers_only"] = "skip"
+    max_messages_per_poll: int = Field(default=0, ge=0)
+    start: Literal["all", "new"] = "all"
 
     @field_validator("poll_interval")
     @classmethod

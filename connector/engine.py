@@ -29,20 +29,18 @@ from connector.errors import (
     SourceLoginDelayError,
     SourceMessageError,
 )
+from connector.fetch import fetch
 from connector.ledger.models import MessageState
-from connector.ledger.store import Clock, Ledger, PollOutcome, utcnow
-from connector.message import FetchedMessage, MessageSpool, fallback_message_id
+from connector.ledger.store import Clock, KnownMessage, Ledger, PollOutcome, utcnow
+from connector.message import FetchedMessage
 from connector.plan import Delivery, PollPlan, plan_poll
+from connector.policies.limits import Limits, needs_baseline
 from connector.policies.retention import should_delete
 from connector.policies.retry import failure_delay, should_suspend, success_delay
 from connector.policies.server_limits import deletes_retrieved, login_delay, retention_conflict
 from connector.pop3 import MessageInfo, Pop3Client
 
 log = logging.getLogger("connector.engine")
-
-# A RETR may legitimately be a little larger than LIST said (servers count differently); a runaway reply
-# from a broken server must still be bounded.
-RETR_SLACK_BYTES = 16 * 1024 * 1024
 
 
 @dataclass
@@ -117,6 +115,8 @@ class _Poll:
         self.server_delay: timedelta | None = None
         # Retrieved in this session and not (yet) delivered: what an EXPIRE 0 server would lose at QUIT.
         self.undelivered: set[str] = set()
+        # Delivered as headers only: the POP3 server keeps the one whole copy, whatever the retention.
+        self.keep_on_server: set[str] = set()
 
     # --- whole poll ----------------------------------------------------------------------------------
 
@@ -156,7 +156,15 @@ class _Poll:
             with self.engine.connections.open_source(self.account) as pop:
                 listing = pop.listing()
                 known = self.ledger.known_messages(account_id) if account_id is not None else {}
-                self.result.plan = plan_poll(listing, known, self.account.retention, self.engine.clock())
+                taken = account_id is not None and self.ledger.baseline_taken(account_id)
+                if needs_baseline(self.account.start, taken, known):
+                    known = {
+                        i.uidl: KnownMessage(i.uidl, MessageState.SEEN, 0, None, None, None, None)
+                        for i in listing
+                    }
+                self.result.plan = plan_poll(
+                    listing, known, self.account.retention, self.engine.clock(), Limits.of(self.account)
+                )
         except ConnectorError as exc:
             self._fail(exc)
         return self.result
@@ -202,9 +210,26 @@ class _Poll:
     def _plan(self, pop: Pop3Client) -> PollPlan:
         listing = pop.listing()
         known = self.ledger.known_messages(self.account_id)
-        plan = plan_poll(listing, known, self.account.retention, self.engine.clock())
+        if needs_baseline(self.account.start, self.ledger.baseline_taken(self.account_id), known):
+            count = self.ledger.record_seen(self.account_id, ((i.uidl, i.size) for i in listing))
+            log.info(
+                'account %s: start = "new": %d messages already on the server recorded as seen',
+                self.account.name,
+                count,
+            )
+            known = self.ledger.known_messages(self.account_id)
+        limits = Limits.of(self.account)
+        plan = plan_poll(listing, known, self.account.retention, self.engine.clock(), limits)
         if plan.gone:
             self.ledger.prune(self.account_id, plan.gone)
+        for info in plan.oversize:
+            self._skip_oversize(info, limits)
+        if plan.deferred:
+            log.info(
+                "account %s: max_messages_per_poll: %d messages left for the next poll",
+                self.account.name,
+                plan.deferred,
+            )
         for uidl in plan.duplicates:
             self._problem(f"UIDL {uidl!r} is listed more than once by the server; left on the server")
         log.info(
@@ -217,6 +242,12 @@ class _Poll:
             plan.quarantined,
         )
         return plan
+
+    def _skip_oversize(self, info: MessageInfo, limits: Limits) -> None:
+        reason = limits.skip_reason(info.size)
+        self.ledger.record_skipped(self.account_id, info.uidl, info.size, reason)
+        self.result.quarantined += 1
+        self._problem(f"message {info.uidl!r}: quarantined: {reason}")
 
     def _deliver_all(self, pop: Pop3Client, plan: PollPlan) -> None:
         for delivery in plan.deliver:
@@ -236,26 +267,18 @@ class _Poll:
     def _deliver_one(self, pop: Pop3Client, delivery: Delivery) -> None:
         info = delivery.info
         try:
-            fetched = self._fetch(pop, info)
+            fetched = fetch(pop, self.account, info, headers_only=delivery.headers_only)
         except SourceMessageError as exc:
             self.result.skipped += 1
             self._problem(f"message {info.uidl!r}: cannot retrieve it: {exc.message}")
             return
         self.undelivered.add(info.uidl)
+        if delivery.headers_only:
+            self.keep_on_server.add(info.uidl)
         with fetched:
             if delivery.recover and self._recovered(fetched, info, delivery.attempts):
                 return
-            self._deliver_new(fetched, info)
-
-    def _fetch(self, pop: Pop3Client, info: MessageInfo) -> FetchedMessage:
-        fallback = fallback_message_id(self.account.name, self.account.host, self.account.username, info.uidl)
-        spool = MessageSpool(info.uidl, fallback)
-        try:
-            pop.retr(info.number, spool, max_bytes=info.size * 2 + RETR_SLACK_BYTES)
-        except BaseException:
-            spool.abort()
-            raise
-        return spool.finish()
+            self._deliver_new(fetched, info, headers_only=delivery.headers_only)
 
     def _recovered(self, fetched: FetchedMessage, info: MessageInfo, attempts: int) -> bool:
         """A previous attempt may have reached the destination: look before delivering again."""
@@ -278,7 +301,7 @@ class _Poll:
             return True
         return False
 
-    def _deliver_new(self, fetched: FetchedMessage, info: MessageInfo) -> None:
+    def _deliver_new(self, fetched: FetchedMessage, info: MessageInfo, *, headers_only: bool) -> None:
         self.ledger.record_pending(
             self.account_id,
             info.uidl,
@@ -286,6 +309,7 @@ class _Poll:
             size=fetched.size,
             message_id=fetched.message_id,
             sha256=fetched.sha256,
+            headers_only=headers_only,
         )
         ref = self._call_destination(fetched, lambda dest: dest.deliver(fetched), counted=True, pending=True)
         if ref is None:
@@ -305,6 +329,8 @@ class _Poll:
         self.undelivered.discard(info.uidl)
         # Retention for the messages delivered now is applied in the same session: the DELE is safe
         # because the delivery is already committed, and it only takes effect at QUIT.
+        if info.uidl in self.keep_on_server:
+            return
         if should_delete(self.account.retention, delivered_at, self.engine.clock()):
             self._dele(info)
 

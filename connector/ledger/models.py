@@ -3,6 +3,7 @@
 A message row moves ``pending`` (fetched, delivery under way or to be retried) -> ``delivered`` (the
 destination has it: from here on it is never delivered again) -> ``deleted`` (the POP3 server confirmed the
 deletion with +OK to QUIT), or to ``failed`` (quarantined after too many attempts; left on the server).
+``seen`` rows were on the server before the account's baseline and are left alone.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     DateTime,
     Dialect,
     ForeignKey,
@@ -49,6 +51,9 @@ class MessageState(enum.StrEnum):
     DELIVERED = "delivered"
     DELETED = "deleted"
     FAILED = "failed"
+    # On the server before the account's baseline (start = "new", `pop-connector baseline`): never
+    # fetched, never delivered, so never deleted by us either.
+    SEEN = "seen"
 
 
 class Base(DeclarativeBase):
@@ -75,6 +80,8 @@ class AccountRow(Base):
     # Set after retry.max_consecutive_failures failed polls; only `pop-connector resume` clears it.
     suspended_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     suspended_reason: Mapped[str | None] = mapped_column(Text)
+    # When what was on the server was recorded as already seen (start = "new" or `baseline`).
+    baseline_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class MessageRow(Base):
@@ -100,3 +107,5 @@ class MessageRow(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Only the header section was delivered (oversize = "headers_only"): never deleted from the server.
+    headers_only: Mapped[bool] = mapped_column(Boolean, default=False)

@@ -37,6 +37,7 @@ class KnownMessage:
     message_id: str | None
     size: int | None
     sha256: str | None
+    headers_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -295,6 +296,7 @@ class Ledger(_SuspensionAndQuarantine):
                     MessageRow.message_id,
                     MessageRow.size,
                     MessageRow.sha256,
+                    MessageRow.headers_only,
                 ).where(MessageRow.account_id == account_id)
             )
             return {
@@ -306,6 +308,7 @@ class Ledger(_SuspensionAndQuarantine):
                     message_id=row.message_id,
                     size=row.size,
                     sha256=row.sha256,
+                    headers_only=bool(row.headers_only),
                 )
                 for row in rows
             }
@@ -319,6 +322,7 @@ class Ledger(_SuspensionAndQuarantine):
         size: int,
         message_id: str,
         sha256: str,
+        headers_only: bool = False,
     ) -> int:
         """Mark a fetched message as about to be delivered and count the attempt; returns attempts.
 
@@ -340,6 +344,7 @@ class Ledger(_SuspensionAndQuarantine):
             row.size = size
             row.message_id = message_id
             row.sha256 = sha256
+            row.headers_only = headers_only
             row.attempts = (row.attempts or 0) + 1
             row.updated_at = now
             session.flush()
@@ -391,6 +396,52 @@ class Ledger(_SuspensionAndQuarantine):
                 .where(MessageRow.account_id == account_id, MessageRow.uidl == uidl)
                 .values(state=MessageState.FAILED, last_error=error, updated_at=now)
             )
+
+    def record_skipped(self, account_id: int, uidl: str, pop_size: int, reason: str) -> None:
+        """Quarantine a message that was never downloaded (over max_message_size)."""
+        now = self._clock()
+        with self._transaction(f"quarantine message {uidl!r}") as session:
+            row = session.scalar(
+                select(MessageRow).where(MessageRow.account_id == account_id, MessageRow.uidl == uidl)
+            )
+            if row is None:
+                row = MessageRow(
+                    account_id=account_id, uidl=uidl, attempts=0, first_seen_at=now, headers_only=False
+                )
+                session.add(row)
+            row.state = MessageState.FAILED
+            row.pop_size = pop_size
+            row.last_error = reason
+            row.updated_at = now
+
+    def baseline_taken(self, account_id: int) -> bool:
+        with self._transaction("read account") as session:
+            when = session.scalar(select(AccountRow.baseline_at).where(AccountRow.id == account_id))
+            return when is not None
+
+    def record_seen(self, account_id: int, listing: Iterable[tuple[str, int]]) -> int:
+        """Baseline: record every (UIDL, size) the ledger does not know yet as ``seen``, in one
+        transaction, and remember when. Known rows (delivered, pending, quarantined) are left as they are.
+        Returns how many were recorded."""
+        now = self._clock()
+        with self._transaction("record baseline") as session:
+            known = set(session.scalars(select(MessageRow.uidl).where(MessageRow.account_id == account_id)))
+            new = {uidl: size for uidl, size in listing if uidl not in known}
+            session.add_all(
+                MessageRow(
+                    account_id=account_id,
+                    uidl=uidl,
+                    state=MessageState.SEEN,
+                    pop_size=size,
+                    attempts=0,
+                    headers_only=False,
+                    first_seen_at=now,
+                    updated_at=now,
+                )
+                for uidl, size in new.items()
+            )
+            session.execute(update(AccountRow).where(AccountRow.id == account_id).values(baseline_at=now))
+        return len(new)
 
     def record_deleted(self, account_id: int, uidls: Iterable[str]) -> None:
         """After QUIT was answered +OK: the server has really removed these."""

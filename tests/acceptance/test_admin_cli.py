@@ -69,3 +69,21 @@ def test_suspended_account_is_shown_and_resumed(
     after = run_cli("--config", fixed, "sync")
     assert after.returncode == 0 and "delivered=1" in after.stdout, after.stdout
     assert run_cli("--config", fixed, "resume", "nobody").returncode == 2
+
+
+def test_baseline_records_what_is_there_without_downloading(
+    dovecot: Dovecot, mail_users: MailUsers, write_cfg: Callable[..., Path], run_cli: RunCli
+) -> None:
+    dovecot.seed(mail_users.source.name, [simple(1), simple(2)])
+    config = str(write_cfg())
+    baseline = run_cli("--config", config, "baseline", "--account", "alice")
+    assert baseline.returncode == 0 and "2 of the 2 messages" in baseline.stdout, baseline.stderr
+    dovecot.seed(mail_users.source.name, [simple(3)])
+    sync = run_cli("--config", config, "sync")
+    assert sync.returncode == 0 and "delivered=1" in sync.stdout and "deleted=1" in sync.stdout
+    assert dovecot.imap_messages(mail_users.destination.name) == [simple(3)]
+    assert dovecot.maildir_count(mail_users.source.name) == 2  # never delivered by us: never deleted
+    status = run_cli("--config", config, "status", "--json")
+    assert '"seen": 2' in status.stdout
+    again = run_cli("--config", config, "baseline", "--account", "alice")
+    assert "0 of the 2 messages" in again.stdout
