@@ -30,14 +30,16 @@ from connector.errors import (
     SourceMessageError,
 )
 from connector.fetch import fetch
+from connector.identity import identify, migration
 from connector.ledger.models import MessageState
 from connector.ledger.store import Clock, KnownMessage, Ledger, PollOutcome, utcnow
 from connector.message import FetchedMessage
-from connector.plan import Delivery, PollPlan, plan_poll
+from connector.plan import Delivery, PollPlan, plan_poll, with_recovery
 from connector.policies.limits import Limits, needs_baseline
 from connector.policies.retention import should_delete
 from connector.policies.retry import failure_delay, should_suspend, success_delay
 from connector.policies.server_limits import deletes_retrieved, login_delay, retention_conflict
+from connector.policies.uidl import UidlChange, rekeyed
 from connector.pop3 import MessageInfo, Pop3Client
 
 log = logging.getLogger("connector.engine")
@@ -71,6 +73,10 @@ def _quit_quietly(pop: Pop3Client) -> None:
         pop.quit()
     except Exception:
         pop.close()
+
+
+def _seen(info: MessageInfo) -> KnownMessage:
+    return KnownMessage(info.uidl, MessageState.SEEN, 0, None, None, None, None, pop_size=info.size)
 
 
 class _DestinationDown(Exception):
@@ -153,18 +159,13 @@ class _Poll:
     def dry_run(self) -> PollResult:
         try:
             account_id = self.ledger.account_id(self.account.name, create=False)
+            self.account_id = account_id or 0
             with self.engine.connections.open_source(self.account) as pop:
-                listing = pop.listing()
-                known = self.ledger.known_messages(account_id) if account_id is not None else {}
-                taken = account_id is not None and self.ledger.baseline_taken(account_id)
-                if needs_baseline(self.account.start, taken, known):
-                    known = {
-                        i.uidl: KnownMessage(i.uidl, MessageState.SEEN, 0, None, None, None, None)
-                        for i in listing
-                    }
-                self.result.plan = plan_poll(
+                listing, known, suspects = self._listing(pop, apply=False)
+                plan = plan_poll(
                     listing, known, self.account.retention, self.engine.clock(), Limits.of(self.account)
                 )
+                self.result.plan = with_recovery(plan, suspects)
         except ConnectorError as exc:
             self._fail(exc)
         return self.result
@@ -208,40 +209,73 @@ class _Poll:
         return True
 
     def _plan(self, pop: Pop3Client) -> PollPlan:
-        listing = pop.listing()
-        known = self.ledger.known_messages(self.account_id)
-        if needs_baseline(self.account.start, self.ledger.baseline_taken(self.account_id), known):
-            count = self.ledger.record_seen(self.account_id, ((i.uidl, i.size) for i in listing))
-            log.info(
-                'account %s: start = "new": %d messages already on the server recorded as seen',
-                self.account.name,
-                count,
-            )
-            known = self.ledger.known_messages(self.account_id)
+        listing, known, suspects = self._listing(pop)
         limits = Limits.of(self.account)
-        plan = plan_poll(listing, known, self.account.retention, self.engine.clock(), limits)
+        plan = with_recovery(
+            plan_poll(listing, known, self.account.retention, self.engine.clock(), limits), suspects
+        )
         if plan.gone:
             self.ledger.prune(self.account_id, plan.gone)
         for info in plan.oversize:
             self._skip_oversize(info, limits)
-        if plan.deferred:
-            log.info(
-                "account %s: max_messages_per_poll: %d messages left for the next poll",
-                self.account.name,
-                plan.deferred,
-            )
         for uidl in plan.duplicates:
             self._problem(f"UIDL {uidl!r} is listed more than once by the server; left on the server")
         log.info(
-            "account %s: %d on server, %d to deliver (%d new), %d to delete, %d quarantined",
+            "account %s: %d on server, %d to deliver (%d new, %d left for later polls), %d to delete, "
+            "%d quarantined",
             self.account.name,
             len(listing),
             len(plan.deliver),
             plan.new_count,
+            plan.deferred,
             len(plan.delete),
             plan.quarantined,
         )
         return plan
+
+    def _listing(
+        self, pop: Pop3Client, *, apply: bool = True
+    ) -> tuple[list[MessageInfo], dict[str, KnownMessage], set[str]]:
+        """The listing with trustworthy identities, the ledger's view of it (after a baseline or a UIDL
+        re-match), and the messages to look for in the destination before delivering them. With
+        ``apply=False`` (dry run) the ledger is only read."""
+        known = self.ledger.known_messages(self.account_id) if self.account_id else {}
+        identified = identify(pop, known)
+        listing = identified.listing
+        if identified.unidentified:
+            self._problem(
+                f"{identified.unidentified} message(s) have no UIDL and TOP failed; left on the server"
+            )
+        taken = bool(self.account_id) and self.ledger.baseline_taken(self.account_id)
+        if needs_baseline(self.account.start, taken, known):
+            known = self._baseline(listing) if apply else {i.uidl: _seen(i) for i in listing}
+        change = migration(pop, listing, known)
+        if apply:
+            self.ledger.set_uidl_notes(self.account_id, identified.note, self._uidl_change_note(change))
+        if change is None:
+            return listing, known, set()
+        if apply:
+            self.ledger.rekey(self.account_id, change.rematched)
+        return listing, rekeyed(known, change.rematched), set(change.unmatched)
+
+    def _baseline(self, listing: list[MessageInfo]) -> dict[str, KnownMessage]:
+        count = self.ledger.record_seen(self.account_id, ((i.uidl, i.size) for i in listing))
+        log.info(
+            'account %s: start = "new": %d messages on the server recorded as seen', self.account.name, count
+        )
+        return self.ledger.known_messages(self.account_id)
+
+    def _uidl_change_note(self, change: UidlChange | None) -> str | None:
+        if change is None:
+            return None
+        note = (
+            f"{self.engine.clock().isoformat(timespec='seconds')}: the server's UIDLs changed at once "
+            f"({change.vanished} known ones vanished; a host migration?): {len(change.rematched)} re-matched "
+            f"by header hash and size, {len(change.unmatched)} unmatched looked up in the destination before "
+            "delivery"
+        )
+        self._problem(note)
+        return note
 
     def _skip_oversize(self, info: MessageInfo, limits: Limits) -> None:
         reason = limits.skip_reason(info.size)
@@ -290,6 +324,7 @@ class _Poll:
                 info.uidl,
                 ref,
             )
+            self._record_pending(fetched, info, headers_only=info.uidl in self.keep_on_server)
             self._delivered(info, ref)
             self.result.recovered += 1
             return True
@@ -301,7 +336,7 @@ class _Poll:
             return True
         return False
 
-    def _deliver_new(self, fetched: FetchedMessage, info: MessageInfo, *, headers_only: bool) -> None:
+    def _record_pending(self, fetched: FetchedMessage, info: MessageInfo, *, headers_only: bool) -> None:
         self.ledger.record_pending(
             self.account_id,
             info.uidl,
@@ -310,7 +345,11 @@ class _Poll:
             message_id=fetched.message_id,
             sha256=fetched.sha256,
             headers_only=headers_only,
+            header_hash=fetched.header_sha256,
         )
+
+    def _deliver_new(self, fetched: FetchedMessage, info: MessageInfo, *, headers_only: bool) -> None:
+        self._record_pending(fetched, info, headers_only=headers_only)
         ref = self._call_destination(fetched, lambda dest: dest.deliver(fetched), counted=True, pending=True)
         if ref is None:
             return

@@ -99,6 +99,11 @@ class SourcePermError(SourceError, PermanentError):
     """[SYS/PERM], or an -ERR on a command that cannot succeed as sent."""
 
 
+class SourceNoUidlError(SourcePermError):
+    """The server answered UIDL with a plain -ERR: it has no unique-ids (messages are then identified by a
+    hash of their headers)."""
+
+
 class SourceMessageError(SourceError, TemporaryError):
     """One message could not be retrieved (-ERR to RETR/TOP); the rest of the mailbox goes on."""
 

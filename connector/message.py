@@ -116,6 +116,8 @@ class FetchedMessage:
     headers: MessageHeaders
     message_id: str
     message_id_added: bool
+    # SHA-256 of the header section as received (before a Message-ID was added); see policies.uidl.
+    header_sha256: str | None = None
     fetched_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     @property
@@ -163,6 +165,7 @@ class MessageSpool:
         self._headers = MessageHeaders(None, None, None)
         self._added = False
         self._closed = False
+        self._header_sha256: str | None = None
 
     def write(self, data: bytes) -> int:
         if self._header_buf is not None:
@@ -190,6 +193,8 @@ class MessageSpool:
         self._header_buf = None
         if end is None:
             end = buf.rfind(b"\r\n", 0, HEADER_PARSE_LIMIT) + 2
+        elif end > 0:
+            self._header_sha256 = hashlib.sha256(bytes(buf[:end])).hexdigest()
         self._headers = parse_headers(bytes(buf[:end]))
         if self._headers.message_id is None:
             self._emit(b"Message-ID: " + self._fallback_id.encode("ascii") + b"\r\n")
@@ -211,6 +216,7 @@ class MessageSpool:
             headers=self._headers,
             message_id=message_id,
             message_id_added=self._added,
+            header_sha256=self._header_sha256,
         )
 
     def abort(self) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from connector.config import RetentionPolicy
@@ -112,3 +112,12 @@ def _decide(
         # DELIVERED, or DELETED whose deletion the server did not carry out: either way it is safe.
         # A headers-only delivery stays: the POP3 server has the only whole copy.
         tally.delete.append(info)
+
+
+def with_recovery(plan: PollPlan, uidls: set[str]) -> PollPlan:
+    """``plan`` with the deliveries of ``uidls`` turned into recoveries: looked for in the destination
+    before being delivered (for messages whose identity is in doubt, e.g. after UIDLs changed)."""
+    if not uidls:
+        return plan
+    deliver = [replace(d, recover=True) if d.info.uidl in uidls else d for d in plan.deliver]
+    return replace(plan, deliver=deliver)

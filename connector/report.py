@@ -81,6 +81,8 @@ def status_records(accounts: Sequence[Account], statuses: Iterable[AccountStatus
                 messages=status.counts,
                 suspended=status.suspended_at is not None,
                 condition=account_condition(status),
+                identity=status.identity_note,
+                uidl_change=status.uidl_change_note,
             )
         records.append(record)
     return records
@@ -124,6 +126,10 @@ def status_text(records: list[dict[str, Any]]) -> str:
                 lines.append(f"  last error: {record['last_error']}")
             if record.get("condition"):
                 lines.append(f"  {record['condition']}")
+            if record.get("identity"):
+                lines.append(f"  identity: {record['identity']}")
+            if record.get("uidl_change"):
+                lines.append(f"  UIDL change: {record['uidl_change']}")
     return "\n".join(lines)
 
 

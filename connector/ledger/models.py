@@ -82,6 +82,10 @@ class AccountRow(Base):
     suspended_reason: Mapped[str | None] = mapped_column(Text)
     # When what was on the server was recorded as already seen (start = "new" or `baseline`).
     baseline_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # How the last poll identified messages when UIDLs could not be trusted (None: by UIDL).
+    identity_note: Mapped[str | None] = mapped_column(Text)
+    # The last time all UIDLs changed at once (a host migration) and what was done about it.
+    uidl_change_note: Mapped[str | None] = mapped_column(Text)
 
 
 class MessageRow(Base):
@@ -109,3 +113,5 @@ class MessageRow(Base):
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     # Only the header section was delivered (oversize = "headers_only"): never deleted from the server.
     headers_only: Mapped[bool] = mapped_column(Boolean, default=False)
+    # SHA-256 of the header section as the POP3 server sent it: identity when UIDLs fail.
+    header_hash: Mapped[str | None] = mapped_column(String(64))

@@ -38,6 +38,8 @@ class KnownMessage:
     size: int | None
     sha256: str | None
     headers_only: bool = False
+    pop_size: int | None = None
+    header_hash: str | None = None
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,8 @@ class AccountStatus:
     counts: dict[str, int]
     suspended_at: datetime | None = None
     suspended_reason: str | None = None
+    identity_note: str | None = None
+    uidl_change_note: str | None = None
 
 
 _STATUS_FIELDS = (
@@ -81,6 +85,8 @@ _STATUS_FIELDS = (
     "last_deleted",
     "suspended_at",
     "suspended_reason",
+    "identity_note",
+    "uidl_change_note",
 )
 
 
@@ -297,6 +303,8 @@ class Ledger(_SuspensionAndQuarantine):
                     MessageRow.size,
                     MessageRow.sha256,
                     MessageRow.headers_only,
+                    MessageRow.pop_size,
+                    MessageRow.header_hash,
                 ).where(MessageRow.account_id == account_id)
             )
             return {
@@ -309,6 +317,8 @@ class Ledger(_SuspensionAndQuarantine):
                     size=row.size,
                     sha256=row.sha256,
                     headers_only=bool(row.headers_only),
+                    pop_size=row.pop_size,
+                    header_hash=row.header_hash,
                 )
                 for row in rows
             }
@@ -323,6 +333,7 @@ class Ledger(_SuspensionAndQuarantine):
         message_id: str,
         sha256: str,
         headers_only: bool = False,
+        header_hash: str | None = None,
     ) -> int:
         """Mark a fetched message as about to be delivered and count the attempt; returns attempts.
 
@@ -345,6 +356,7 @@ class Ledger(_SuspensionAndQuarantine):
             row.message_id = message_id
             row.sha256 = sha256
             row.headers_only = headers_only
+            row.header_hash = header_hash
             row.attempts = (row.attempts or 0) + 1
             row.updated_at = now
             session.flush()
@@ -413,6 +425,34 @@ class Ledger(_SuspensionAndQuarantine):
             row.pop_size = pop_size
             row.last_error = reason
             row.updated_at = now
+
+    def rekey(self, account_id: int, mapping: dict[str, str]) -> None:
+        """Give known messages their new UIDLs (old -> new) after a host migration, in one transaction.
+        Two steps through temporary keys, so that a swap of two UIDLs cannot hit the unique constraint."""
+        if not mapping:
+            return
+        with self._transaction("re-key messages") as session:
+            # A space never occurs in a UIDL (RFC 1939 §7), so these keys cannot clash.
+            for step, old in enumerate(mapping):
+                session.execute(
+                    update(MessageRow)
+                    .where(MessageRow.account_id == account_id, MessageRow.uidl == old)
+                    .values(uidl=f" rekey {step}")
+                )
+            for step, new in enumerate(mapping.values()):
+                session.execute(
+                    update(MessageRow)
+                    .where(MessageRow.account_id == account_id, MessageRow.uidl == f" rekey {step}")
+                    .values(uidl=new, updated_at=self._clock())
+                )
+
+    def set_uidl_notes(self, account_id: int, identity: str | None, change: str | None = None) -> None:
+        """``identity`` replaces the last one (None: UIDLs were fine); ``change`` is kept until the next."""
+        values: dict[str, object] = {"identity_note": identity}
+        if change is not None:
+            values["uidl_change_note"] = change
+        with self._transaction("record UIDL notes") as session:
+            session.execute(update(AccountRow).where(AccountRow.id == account_id).values(**values))
 
     def baseline_taken(self, account_id: int) -> bool:
         with self._transaction("read account") as session:

@@ -20,6 +20,7 @@ from connector.errors import (
     SourceAuthError,
     SourceConnectError,
     SourceLoginDelayError,
+    SourceNoUidlError,
     SourcePermError,
     SourceProtocolError,
     SourceTempError,
@@ -396,7 +397,7 @@ class Pop3Client:
         if reply.ok:
             return
         if verb == "UIDL" and reply.code is None:
-            raise SourcePermError(f"{self._peer}: server does not support UIDL ({reply.describe()})")
+            raise SourceNoUidlError(f"{self._peer}: server does not support UIDL ({reply.describe()})")
         raise error_for(verb, reply, peer=self._peer)
 
     def _listing_lines(self, verb: str) -> list[bytes]:

@@ -1,4 +1,4 @@
-"""policies for real mailboxes (issue 4): account suspension, baseline, headers-only deliveries
+"""policies for real mailboxes (issue 4): account suspension, baseline, headers-only deliveries, UIDL trouble
 
 Revision ID: 0002
 Revises: 0001
@@ -23,16 +23,22 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("suspended_at", sa.DateTime(timezone=True), nullable=True))
         batch_op.add_column(sa.Column("suspended_reason", sa.Text(), nullable=True))
         batch_op.add_column(sa.Column("baseline_at", sa.DateTime(timezone=True), nullable=True))
+        batch_op.add_column(sa.Column("identity_note", sa.Text(), nullable=True))
+        batch_op.add_column(sa.Column("uidl_change_note", sa.Text(), nullable=True))
     with op.batch_alter_table("messages", schema=None) as batch_op:
         batch_op.add_column(
             sa.Column("headers_only", sa.Boolean(), nullable=False, server_default=sa.false())
         )
+        batch_op.add_column(sa.Column("header_hash", sa.String(length=64), nullable=True))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("messages", schema=None) as batch_op:
+        batch_op.drop_column("header_hash")
         batch_op.drop_column("headers_only")
     with op.batch_alter_table("accounts", schema=None) as batch_op:
+        batch_op.drop_column("uidl_change_note")
+        batch_op.drop_column("identity_note")
         batch_op.drop_column("baseline_at")
         batch_op.drop_column("suspended_reason")
         batch_op.drop_column("suspended_at")
