@@ -346,7 +346,10 @@ class _Poll:
             sha256=fetched.sha256,
             headers_only=headers_only,
             header_hash=fetched.header_sha256,
+            repairs=fetched.repairs,
         )
+        if fetched.repairs:
+            log.info("account %s: message %s repaired: %s", self.account.name, info.uidl, fetched.repairs)
 
     def _deliver_new(self, fetched: FetchedMessage, info: MessageInfo, *, headers_only: bool) -> None:
         self._record_pending(fetched, info, headers_only=headers_only)

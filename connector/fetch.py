@@ -28,6 +28,7 @@ def fetch(
             spool.write(headers_only_message(top.getvalue(), info.size, account.max_message_size))
         else:
             pop.retr(info.number, spool, max_bytes=info.size * 2 + RETR_SLACK_BYTES)
+            spool.line_endings_repaired = pop.last_body_repaired
     except BaseException:
         spool.abort()
         raise

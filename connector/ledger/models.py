@@ -115,3 +115,5 @@ class MessageRow(Base):
     headers_only: Mapped[bool] = mapped_column(Boolean, default=False)
     # SHA-256 of the header section as the POP3 server sent it: identity when UIDLs fail.
     header_hash: Mapped[str | None] = mapped_column(String(64))
+    # What was changed in the message on its way (policies.repair); None when nothing was.
+    repairs: Mapped[str | None] = mapped_column(Text)

@@ -334,6 +334,7 @@ class Ledger(_SuspensionAndQuarantine):
         sha256: str,
         headers_only: bool = False,
         header_hash: str | None = None,
+        repairs: str | None = None,
     ) -> int:
         """Mark a fetched message as about to be delivered and count the attempt; returns attempts.
 
@@ -357,6 +358,7 @@ class Ledger(_SuspensionAndQuarantine):
             row.sha256 = sha256
             row.headers_only = headers_only
             row.header_hash = header_hash
+            row.repairs = repairs
             row.attempts = (row.attempts or 0) + 1
             row.updated_at = now
             session.flush()

@@ -41,8 +41,9 @@ def header_section(data: bytes) -> bytes:
 
 
 def header_hash(data: bytes) -> str:
-    """SHA-256 of the header section: the same for ``TOP n 0`` and for the start of ``RETR``."""
-    return hashlib.sha256(header_section(data)).hexdigest()
+    """SHA-256 of the header section: the same for ``TOP n 0`` and for the start of ``RETR`` (whose NUL
+    bytes the spool has already removed, see policies.repair)."""
+    return hashlib.sha256(header_section(data).replace(b"\0", b"")).hexdigest()
 
 
 def hash_identity(digest: str, uidl: str | None = None) -> str:

@@ -102,6 +102,8 @@ class _BodyDecoder:
     def __init__(self) -> None:
         self.at_line_start = True
         self._pending_cr = False
+        # Whether any line ending had to be repaired (bare LF or bare CR), for the ledger.
+        self.repaired = False
 
     def feed(self, chunk: bytes) -> bytes:
         if self.at_line_start:
@@ -110,11 +112,15 @@ class _BodyDecoder:
             chunk = b"\r" + chunk
             self._pending_cr = False
         complete = chunk.endswith(b"\n")
+        if complete and not chunk.endswith(b"\r\n"):
+            self.repaired = True
         content = strip_eol(chunk) if complete else chunk
         if not complete and content.endswith(b"\r"):
             content = content[:-1]
             self._pending_cr = True
-        content = content.replace(b"\r", b"\r\n")
+        if b"\r" in content:
+            self.repaired = True
+            content = content.replace(b"\r", b"\r\n")
         self.at_line_start = complete
         return content + b"\r\n" if complete else content
 
@@ -141,6 +147,8 @@ class Pop3Client:
         self._broken = False
         self._closed = False
         self._capabilities = Capabilities()
+        # Whether the last RETR/TOP body had bare LF or CR line endings (now CRLF).
+        self.last_body_repaired = False
         try:
             self._greeting = self._read_greeting()
             self._capabilities = self.capa()
@@ -276,6 +284,7 @@ class Pop3Client:
             if len(pending) >= _BODY_CHUNK:
                 written += self._flush(sink, pending)
         written += self._flush(sink, pending)
+        self.last_body_repaired = decoder.repaired
         wire_log.debug("S: <%s body, %d bytes>", verb, written)
         return written
 

@@ -1,4 +1,4 @@
-"""policies for real mailboxes (issue 4): account suspension, baseline, headers-only deliveries, UIDL trouble
+"""policies for real mailboxes (issue 4): suspension, baseline, headers-only, UIDL trouble, repairs
 
 Revision ID: 0002
 Revises: 0001
@@ -30,10 +30,12 @@ def upgrade() -> None:
             sa.Column("headers_only", sa.Boolean(), nullable=False, server_default=sa.false())
         )
         batch_op.add_column(sa.Column("header_hash", sa.String(length=64), nullable=True))
+        batch_op.add_column(sa.Column("repairs", sa.Text(), nullable=True))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("messages", schema=None) as batch_op:
+        batch_op.drop_column("repairs")
         batch_op.drop_column("header_hash")
         batch_op.drop_column("headers_only")
     with op.batch_alter_table("accounts", schema=None) as batch_op:
