@@ -147,6 +147,10 @@ class RetryPolicy(_Model):
 class ServiceConfig(_Model):
     database: str | None = None
     max_workers: int = Field(default=8, ge=1, le=256)
+    # Protocol logs (connector/protocol_log.py): where, and how they rotate.
+    protocol_log_dir: Path | None = None
+    protocol_log_max_bytes: ByteSize = 10 * 1024 * 1024
+    protocol_log_backups: int = Field(default=5, ge=0, le=1000)
 
 
 class Defaults(_Model):
@@ -164,6 +168,8 @@ class Defaults(_Model):
     oversize: Literal["skip", "headers_only"] = "skip"
     max_messages_per_poll: int = Field(default=0, ge=0)
     start: Literal["all", "new"] = "all"
+    # Write this account's POP3/IMAP conversation to its own rotating file (secrets redacted).
+    protocol_log: bool = False
 
     @field_validator("poll_interval")
     @classmethod

@@ -41,6 +41,7 @@ from connector.policies.retry import failure_delay, should_suspend, success_dela
 from connector.policies.server_limits import deletes_retrieved, login_delay, retention_conflict
 from connector.policies.uidl import UidlChange, rekeyed
 from connector.pop3 import MessageInfo, Pop3Client
+from connector.protocol_log import protocol_note, recording
 
 log = logging.getLogger("connector.engine")
 
@@ -101,7 +102,8 @@ class SyncEngine:
         self, account: Account, *, dry_run: bool = False, stop: threading.Event | None = None
     ) -> PollResult:
         run = _Poll(self, account, stop or threading.Event())
-        return run.dry_run() if dry_run else run.run()
+        with recording(self.config, account):
+            return run.dry_run() if dry_run else run.run()
 
 
 class _Poll:
@@ -358,6 +360,7 @@ class _Poll:
             return
         self._delivered(info, ref)
         self.result.delivered += 1
+        protocol_note("delivered %s: %d bytes, sha256 %s -> %s", info.uidl, fetched.size, fetched.sha256, ref)
         log.info(
             "account %s: message %s delivered (%d bytes) to %s",
             self.account.name,

@@ -267,6 +267,8 @@ class Pop3Client:
 
     def _stream_body(self, verb: str, sink: Sink, max_bytes: int | None) -> int:
         decoder = _BodyDecoder()
+        # Traces summarise a body by size and hash, never its content.
+        digest = hashlib.sha256() if wire_log.isEnabledFor(logging.DEBUG) else None
         received = 0
         written = 0
         pending = bytearray()
@@ -279,13 +281,17 @@ class Pop3Client:
             received += len(chunk)
             if max_bytes is not None and received > max_bytes:
                 raise SourceProtocolError(f"{self._peer}: {verb} reply longer than {max_bytes} bytes")
-            pending += decoder.feed(chunk)
+            decoded = decoder.feed(chunk)
+            if digest is not None:
+                digest.update(decoded)
+            pending += decoded
             # Many short lines are gathered into one write; a long line is written as it arrives.
             if len(pending) >= _BODY_CHUNK:
                 written += self._flush(sink, pending)
         written += self._flush(sink, pending)
         self.last_body_repaired = decoder.repaired
-        wire_log.debug("S: <%s body, %d bytes>", verb, written)
+        if digest is not None:
+            wire_log.debug("S: <%s body, %d bytes, sha256 %s>", verb, written, digest.hexdigest())
         return written
 
     @staticmethod
