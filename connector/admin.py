@@ -6,14 +6,20 @@ Kept out of cli.py so that the main command table stays short; cli.py only regis
 from __future__ import annotations
 
 import argparse
+import io
 from typing import Any
 
-from connector.config import Config
+from connector.config import Config, RoutingPolicy
 from connector.connections import Connections
+from connector.errors import SourceMessageError
+from connector.identity import identify
 from connector.ledger.store import Ledger, QuarantinedMessage
+from connector.message import HEADER_PARSE_LIMIT
+from connector.pop3 import MessageInfo, Pop3Client
+from connector.routing import route
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
-COMMANDS = ("quarantine", "resume", "baseline")
+COMMANDS = ("quarantine", "resume", "baseline", "routes")
 
 
 def add_commands(commands: Any) -> None:
@@ -34,6 +40,10 @@ def add_commands(commands: Any) -> None:
         "baseline", help="record everything now on the POP3 server as already seen, without downloading it"
     )
     baseline.add_argument("--account", "-a", metavar="NAME", required=True, help="the account")
+    routes = commands.add_parser(
+        "routes", help="preview where each message of a catch-all account would go; changes nothing"
+    )
+    routes.add_argument("--account", "-a", metavar="NAME", required=True, help="the account")
 
 
 def run(args: argparse.Namespace, config: Config, ledger: Ledger) -> int:
@@ -41,6 +51,8 @@ def run(args: argparse.Namespace, config: Config, ledger: Ledger) -> int:
         return _resume(config, ledger, args.name)
     if args.command == "baseline":
         return _baseline(config, ledger, args.account)
+    if args.command == "routes":
+        return _routes(config, args.account)
     if args.account is not None:
         config.account(args.account)  # a misspelt name is an error, not an empty list
     if args.quarantine_command == "list":
@@ -103,3 +115,27 @@ def _baseline(config: Config, ledger: Ledger, name: str) -> int:
         "on is delivered"
     )
     return EXIT_OK
+
+
+def _routes(config: Config, name: str) -> int:
+    account = config.account(name)
+    if account.routing is None:
+        print(f"account {name!r} has no routing table ([accounts.routing]): all its mail goes to one folder")
+        return EXIT_CONFIG
+    with Connections().open_source(account) as pop:
+        listing = identify(pop, {}).listing
+        lines = [_route_line(pop, info, account.routing) for info in listing]
+    print(f"account {name!r}: {len(listing)} messages on the server")
+    print("\n".join(lines))
+    return EXIT_OK
+
+
+def _route_line(pop: Pop3Client, info: MessageInfo, policy: RoutingPolicy) -> str:
+    """One message's routing, from its header section (TOP n 0): nothing is downloaded or changed."""
+    top = io.BytesIO()
+    where = f"#{info.number} uidl={info.uidl} size={info.size}"
+    try:
+        pop.top(info.number, 0, top, max_bytes=2 * HEADER_PARSE_LIMIT)
+    except SourceMessageError as exc:
+        return f"{where} -> cannot read its headers: {exc.message}"
+    return f"{where} -> {route(top.getvalue(), policy).describe()}"

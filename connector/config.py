@@ -212,6 +212,34 @@ class ImapDestination(_Model):
 Destination = ImapDestination
 
 
+DEFAULT_ROUTING_HEADERS = ("Delivered-To", "X-Original-To", "Envelope-To", "X-Envelope-To", "To", "Cc")
+
+
+class RoutingRule(_Model):
+    """``match``: an address or a pattern (``*@sales.example.org``); ``mailbox``: the local mailbox."""
+
+    match: str = Field(min_length=3, pattern=r"^[^@\s]+@[^@\s]+$")
+    mailbox: str = Field(min_length=1)
+
+
+class RoutingDefault(_Model):
+    mailbox: str = Field(min_length=1)
+
+
+class RoutingPolicy(_Model):
+    """Catch-all (multidrop) routing of one POP mailbox to several local mailboxes (connector/routing.py)."""
+
+    headers: list[str] = Field(default_factory=lambda: list(DEFAULT_ROUTING_HEADERS), min_length=1)
+    rules: list[RoutingRule] = Field(default_factory=list)
+    default: RoutingDefault | None = None
+
+    @model_validator(mode="after")
+    def _routes_something(self) -> RoutingPolicy:
+        if not self.rules and self.default is None:
+            raise ValueError("routing needs rules, a default, or both")
+        return self
+
+
 class Account(Defaults):
     """One POP3 mailbox and where its mail goes. Inherited fields are filled from [defaults]."""
 
@@ -228,6 +256,7 @@ class Account(Defaults):
     destination: str
     destination_username: str | None = None
     destination_password: Secret | None = None
+    routing: RoutingPolicy | None = None
 
     @property
     def effective_port(self) -> int:

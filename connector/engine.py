@@ -80,6 +80,20 @@ def _seen(info: MessageInfo) -> KnownMessage:
     return KnownMessage(info.uidl, MessageState.SEEN, 0, None, None, None, None, pop_size=info.size)
 
 
+def _routing_not_yet(account: Account, now: datetime) -> PollResult:
+    """Catch-all delivery is not built yet: such an account is never polled (delivering its mail to the
+    one destination login would put everybody's mail in one mailbox)."""
+    error = (
+        f"account {account.name!r}: catch-all routing ([accounts.routing]) can be previewed with "
+        f"`pop-connector routes --account {account.name}` but its delivery is not implemented yet; "
+        "the account is not polled"
+    )
+    log.error("%s", error)
+    return PollResult(
+        account=account.name, status="error", error=error, next_poll_at=now + account.poll_interval
+    )
+
+
 class _DestinationDown(Exception):
     """The destination cannot take more mail in this poll; the POP3 session still ends cleanly."""
 
@@ -101,6 +115,8 @@ class SyncEngine:
     def poll(
         self, account: Account, *, dry_run: bool = False, stop: threading.Event | None = None
     ) -> PollResult:
+        if account.routing is not None:
+            return _routing_not_yet(account, self.clock())
         run = _Poll(self, account, stop or threading.Event())
         with recording(self.config, account):
             return run.dry_run() if dry_run else run.run()

@@ -87,3 +87,38 @@ def test_baseline_records_what_is_there_without_downloading(
     assert '"seen": 2' in status.stdout
     again = run_cli("--config", config, "baseline", "--account", "alice")
     assert "0 of the 2 messages" in again.stdout
+
+
+def _addressed(n: int, *lines: str) -> bytes:
+    return simple(n).replace(b"To: alice@example.net\r\n", "".join(f"{line}\r\n" for line in lines).encode())
+
+
+def test_routes_previews_a_catch_all_mailbox_and_sync_refuses_it(
+    dovecot: Dovecot, mail_users: MailUsers, write_cfg: Callable[..., Path], run_cli: RunCli
+) -> None:
+    dovecot.seed(
+        mail_users.source.name,
+        [
+            _addressed(1, "Delivered-To: catchall@hosted.example", "X-Original-To: alice@example.org"),
+            _addressed(2, "To: alice@example.org, x@sales.example.org", "Cc: bob@example.org"),
+            _addressed(3, "To: stranger@elsewhere.example"),
+        ],
+    )
+    config = write_cfg()
+    config.write_text(
+        config.read_text()
+        + "[accounts.routing]\n"
+        + 'rules = [{ match = "alice@example.org", mailbox = "alice@corp.example" }, '
+        + '{ match = "*@sales.example.org", mailbox = "sales@corp.example" }]\n'
+    )
+    routes = run_cli("--config", str(config), "routes", "--account", "alice")
+    assert routes.returncode == 0, routes.stderr
+    lines = routes.stdout.splitlines()
+    assert "3 messages on the server" in lines[0]
+    assert "-> alice@corp.example (by X-Original-To: alice@example.org)" in lines[1]
+    assert "-> alice@corp.example (by To: alice@example.org), sales@corp.example (by To: x@sales" in lines[2]
+    assert "left on the server" in lines[3]
+    sync = run_cli("--config", str(config), "sync")
+    assert sync.returncode == 1 and "not implemented yet" in sync.stdout
+    assert dovecot.maildir_count(mail_users.source.name) == 3
+    assert dovecot.imap_messages(mail_users.destination.name) == []
