@@ -23,6 +23,9 @@ from connector.config import RoutingPolicy, RoutingRule
 
 @dataclass(frozen=True)
 class Recipient:
+    """One local mailbox a message goes to, with the address and header that decided it (empty when
+    the message went to the default mailbox)."""
+
     mailbox: str
     address: str
     header: str

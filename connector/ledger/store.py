@@ -343,24 +343,21 @@ class Ledger(_SuspensionAndQuarantine):
         """
         now = self._clock()
         with self._transaction(f"record message {uidl!r} as pending") as session:
-            row = session.scalar(
-                select(MessageRow).where(MessageRow.account_id == account_id, MessageRow.uidl == uidl)
+            row = _message_row(
+                session,
+                account_id,
+                uidl,
+                now,
+                state=MessageState.PENDING,
+                pop_size=pop_size,
+                size=size,
+                message_id=message_id,
+                sha256=sha256,
+                headers_only=headers_only,
+                header_hash=header_hash,
+                repairs=repairs,
             )
-            if row is None:
-                row = MessageRow(
-                    account_id=account_id, uidl=uidl, attempts=0, first_seen_at=now, updated_at=now
-                )
-                session.add(row)
-            row.state = MessageState.PENDING
-            row.pop_size = pop_size
-            row.size = size
-            row.message_id = message_id
-            row.sha256 = sha256
-            row.headers_only = headers_only
-            row.header_hash = header_hash
-            row.repairs = repairs
             row.attempts = (row.attempts or 0) + 1
-            row.updated_at = now
             session.flush()
             return row.attempts
 
@@ -415,18 +412,15 @@ class Ledger(_SuspensionAndQuarantine):
         """Quarantine a message that was never downloaded (over max_message_size)."""
         now = self._clock()
         with self._transaction(f"quarantine message {uidl!r}") as session:
-            row = session.scalar(
-                select(MessageRow).where(MessageRow.account_id == account_id, MessageRow.uidl == uidl)
+            _message_row(
+                session,
+                account_id,
+                uidl,
+                now,
+                state=MessageState.FAILED,
+                pop_size=pop_size,
+                last_error=reason,
             )
-            if row is None:
-                row = MessageRow(
-                    account_id=account_id, uidl=uidl, attempts=0, first_seen_at=now, headers_only=False
-                )
-                session.add(row)
-            row.state = MessageState.FAILED
-            row.pop_size = pop_size
-            row.last_error = reason
-            row.updated_at = now
 
     def rekey(self, account_id: int, mapping: dict[str, str]) -> None:
         """Give known messages their new UIDLs (old -> new) after a host migration, in one transaction.
@@ -512,6 +506,28 @@ class Ledger(_SuspensionAndQuarantine):
                 )
                 removed += int(getattr(result, "rowcount", 0) or 0)
         return removed
+
+
+def _message_row(session: Session, account_id: int, uidl: str, now: datetime, **values: object) -> MessageRow:
+    """The message's row, added (with no attempts yet) when the ledger does not know it, with ``values``
+    set and ``updated_at`` = ``now``."""
+    row = session.scalar(
+        select(MessageRow).where(MessageRow.account_id == account_id, MessageRow.uidl == uidl)
+    )
+    if row is None:
+        row = MessageRow(
+            account_id=account_id,
+            uidl=uidl,
+            attempts=0,
+            headers_only=False,
+            first_seen_at=now,
+            updated_at=now,
+        )
+        session.add(row)
+    for name, value in values.items():
+        setattr(row, name, value)
+    row.updated_at = now
+    return row
 
 
 def _chunks(items: list[str], size: int) -> Iterator[list[str]]:

@@ -6,15 +6,13 @@ Dovecot IMAP server either way.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import pytest
 
 from connector.ledger.store import Ledger
 from connector.report import status_records, status_text
-from tests.integration.conftest import SyncFactory
+from tests.integration.conftest import SyncFactory, scripted
 from tests.messages import simple
 from tests.servers.dovecot import Dovecot, MailUsers
 from tests.servers.scripted_pop3 import ScriptedPop3Server, StoredMessage
@@ -25,17 +23,6 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def database(sqlite_url: str) -> str:
     return sqlite_url
-
-
-@pytest.fixture
-def pop3() -> Iterator[ScriptedPop3Server]:
-    with ScriptedPop3Server([StoredMessage(f"uid-{n}", simple(n)) for n in range(3)]) as server:
-        yield server
-
-
-def scripted(server: ScriptedPop3Server, **extra: Any) -> dict[str, Any]:
-    """Account fields that read from the scripted server instead of Dovecot's POP3."""
-    return {"port": server.port, "username": server.username, "password": server.password, **extra}
 
 
 def ledger_of(engine: object) -> Ledger:

@@ -4,14 +4,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from connector.ledger.store import Ledger
 from connector.report import status_records, status_text
-from tests.integration.conftest import SyncFactory
+from tests.integration.conftest import SyncFactory, scripted
 from tests.messages import simple
 from tests.servers.dovecot import Dovecot, MailUsers
 from tests.servers.scripted_pop3 import ScriptedPop3Server, StoredMessage
@@ -22,16 +21,6 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def database(sqlite_url: str) -> str:
     return sqlite_url
-
-
-@pytest.fixture
-def pop3() -> Iterator[ScriptedPop3Server]:
-    with ScriptedPop3Server([StoredMessage(f"uid-{n}", simple(n)) for n in range(3)]) as server:
-        yield server
-
-
-def scripted(server: ScriptedPop3Server, **extra: Any) -> dict[str, Any]:
-    return {"port": server.port, "username": server.username, "password": server.password, **extra}
 
 
 def status(engine: object, config: Any) -> str:
