@@ -15,7 +15,7 @@ from connector.report import status_records, status_text
 from tests.integration.conftest import SyncFactory, scripted
 from tests.messages import simple
 from tests.servers.dovecot import Dovecot, MailUsers
-from tests.servers.scripted_pop3 import ScriptedPop3Server, StoredMessage
+from tests.servers.scripted_pop3 import CloseConnection, Pop3Session, ScriptedPop3Server, StoredMessage
 
 pytestmark = pytest.mark.integration
 
@@ -126,3 +126,25 @@ def test_expire_zero_server_gets_no_quit_while_a_message_is_undelivered(
         assert (third.delivered, third.deleted) == (0, 1)
         assert server.recorded.deleted == ["a"] and [m.uidl for m in server.messages] == ["big"]
     dovecot.remove_user(limited.name)
+
+
+def test_connection_dropped_in_the_middle_of_retr(
+    dovecot: Dovecot, mail_users: MailUsers, pop3: ScriptedPop3Server, make_sync: SyncFactory
+) -> None:
+    def half_then_drop(session: Pop3Session, argument: str) -> None:
+        if argument == "2":
+            session.send_raw(b"+OK message follows\r\nSubject: test message 1\r\nFrom: half")
+            raise CloseConnection
+        session.default("RETR", argument)
+
+    pop3.on("RETR", half_then_drop)
+    config, engine = make_sync(account=scripted(pop3))
+    account = config.accounts[0]
+    first = engine.poll(account)
+    assert first.status == "error" and "closed the connection" in (first.error or "")
+    assert first.delivered == 1 and first.deleted == 0  # no QUIT: the server deletes nothing
+    assert len(pop3.messages) == 3
+    del pop3.hooks["RETR"]
+    second = engine.poll(account)
+    assert (second.status, second.delivered, second.deleted) == ("ok", 2, 3)
+    assert len(dovecot.imap_messages(mail_users.destination.name)) == 3  # none twice, none lost
