@@ -12,7 +12,7 @@ from typing import Any
 from connector.config import Config, RoutingPolicy
 from connector.connections import Connections
 from connector.errors import SourceMessageError
-from connector.identity import identify
+from connector.identity import baseline_entries, identify
 from connector.ledger.store import Ledger, QuarantinedMessage
 from connector.message import HEADER_PARSE_LIMIT
 from connector.pop3 import MessageInfo, Pop3Client
@@ -107,8 +107,9 @@ def _baseline(config: Config, ledger: Ledger, name: str) -> int:
     account_id = ledger.account_id(name)
     assert account_id is not None
     with Connections().open_source(account) as pop:
-        listing = pop.listing()
-    count = ledger.record_seen(account_id, ((info.uidl, info.size) for info in listing))
+        listing = identify(pop, ledger.known_messages(account_id)).listing
+        entries = baseline_entries(pop, listing, ledger.known_messages(account_id))
+    count = ledger.record_seen(account_id, entries)
     print(
         f"account {name!r}: {count} of the {len(listing)} messages on the server recorded as already seen "
         "(not downloaded; they will never be delivered or deleted by pop-connector); mail arriving from now "

@@ -30,7 +30,7 @@ from connector.errors import (
     SourceMessageError,
 )
 from connector.fetch import fetch
-from connector.identity import identify, migration
+from connector.identity import baseline_entries, identify, migration
 from connector.ledger.models import MessageState
 from connector.ledger.store import Clock, KnownMessage, Ledger, PollOutcome, utcnow
 from connector.message import FetchedMessage
@@ -266,7 +266,7 @@ class _Poll:
             )
         taken = bool(self.account_id) and self.ledger.baseline_taken(self.account_id)
         if needs_baseline(self.account.start, taken, known):
-            known = self._baseline(listing) if apply else {i.uidl: _seen(i) for i in listing}
+            known = self._baseline(pop, listing) if apply else {i.uidl: _seen(i) for i in listing}
         change = migration(pop, listing, known)
         if apply:
             self.ledger.set_uidl_notes(self.account_id, identified.note, self._uidl_change_note(change))
@@ -276,8 +276,8 @@ class _Poll:
             self.ledger.rekey(self.account_id, change.rematched)
         return listing, rekeyed(known, change.rematched), set(change.unmatched)
 
-    def _baseline(self, listing: list[MessageInfo]) -> dict[str, KnownMessage]:
-        count = self.ledger.record_seen(self.account_id, ((i.uidl, i.size) for i in listing))
+    def _baseline(self, pop: Pop3Client, listing: list[MessageInfo]) -> dict[str, KnownMessage]:
+        count = self.ledger.record_seen(self.account_id, baseline_entries(pop, listing, {}))
         log.info(
             'account %s: start = "new": %d messages on the server recorded as seen', self.account.name, count
         )

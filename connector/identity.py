@@ -77,6 +77,15 @@ def _by_header_hash(pop: Pop3Client) -> Identified:
     return Identified(listing, note, len(entries) - len(listing))
 
 
+def baseline_entries(
+    pop: Pop3Client, listing: Sequence[MessageInfo], known: Mapping[str, object]
+) -> list[tuple[str, int, str | None]]:
+    """(UIDL, size, header hash) of every listed message the ledger does not know, for a baseline. The
+    header hash (TOP n 0: headers only, the message itself is not downloaded) lets a later host migration
+    re-match these messages too, instead of delivering mail that was deliberately left alone."""
+    return [(i.uidl, i.size, header_hash_of(pop, i.number)) for i in listing if i.uidl not in known]
+
+
 def migration(
     pop: Pop3Client, listing: Sequence[MessageInfo], known: Mapping[str, KnownMessage]
 ) -> UidlChange | None:

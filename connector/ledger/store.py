@@ -455,26 +455,17 @@ class Ledger(_SuspensionAndQuarantine):
             when = session.scalar(select(AccountRow.baseline_at).where(AccountRow.id == account_id))
             return when is not None
 
-    def record_seen(self, account_id: int, listing: Iterable[tuple[str, int]]) -> int:
-        """Baseline: record every (UIDL, size) the ledger does not know yet as ``seen``, in one
+    def record_seen(self, account_id: int, listing: Iterable[tuple[str, int, str | None]]) -> int:
+        """Baseline: record every (UIDL, size, header hash) the ledger does not know yet as ``seen``, in one
         transaction, and remember when. Known rows (delivered, pending, quarantined) are left as they are.
         Returns how many were recorded."""
         now = self._clock()
         with self._transaction("record baseline") as session:
             known = set(session.scalars(select(MessageRow.uidl).where(MessageRow.account_id == account_id)))
-            new = {uidl: size for uidl, size in listing if uidl not in known}
+            new = {uidl: (size, digest) for uidl, size, digest in listing if uidl not in known}
             session.add_all(
-                MessageRow(
-                    account_id=account_id,
-                    uidl=uidl,
-                    state=MessageState.SEEN,
-                    pop_size=size,
-                    attempts=0,
-                    headers_only=False,
-                    first_seen_at=now,
-                    updated_at=now,
-                )
-                for uidl, size in new.items()
+                _new_row(account_id, uidl, now, state=MessageState.SEEN, pop_size=size, header_hash=digest)
+                for uidl, (size, digest) in new.items()
             )
             session.execute(update(AccountRow).where(AccountRow.id == account_id).values(baseline_at=now))
         return len(new)
@@ -508,6 +499,18 @@ class Ledger(_SuspensionAndQuarantine):
         return removed
 
 
+def _new_row(account_id: int, uidl: str, now: datetime, **values: object) -> MessageRow:
+    return MessageRow(
+        account_id=account_id,
+        uidl=uidl,
+        attempts=0,
+        headers_only=False,
+        first_seen_at=now,
+        updated_at=now,
+        **values,
+    )
+
+
 def _message_row(session: Session, account_id: int, uidl: str, now: datetime, **values: object) -> MessageRow:
     """The message's row, added (with no attempts yet) when the ledger does not know it, with ``values``
     set and ``updated_at`` = ``now``."""
@@ -515,14 +518,7 @@ def _message_row(session: Session, account_id: int, uidl: str, now: datetime, **
         select(MessageRow).where(MessageRow.account_id == account_id, MessageRow.uidl == uidl)
     )
     if row is None:
-        row = MessageRow(
-            account_id=account_id,
-            uidl=uidl,
-            attempts=0,
-            headers_only=False,
-            first_seen_at=now,
-            updated_at=now,
-        )
+        row = _new_row(account_id, uidl, now)
         session.add(row)
     for name, value in values.items():
         setattr(row, name, value)

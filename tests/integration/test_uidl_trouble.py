@@ -100,18 +100,39 @@ def test_changed_uidls_are_rematched_not_delivered_again(
     assert engine.poll(account).delivered == 0
 
 
-def test_changed_uidls_without_header_hashes_are_found_in_the_destination(
-    dovecot: Dovecot, mail_users: MailUsers, pop3: ScriptedPop3Server, make_sync: SyncFactory
+@pytest.mark.parametrize(
+    ("account_fields", "before", "forget_hashes", "after", "reported"),
+    [
+        # Rows written before header hashes were recorded: every message is looked up and found.
+        ({"retention": "keep"}, 3, True, (0, 3), "3 unmatched looked up in the destination"),
+        # A baseline (TOP n 0 only) recorded hashes too: pre-baseline mail stays undelivered.
+        ({"start": "new"}, 0, False, (0, 0), "3 re-matched"),
+    ],
+)
+def test_changed_uidls_on_the_scripted_server(
+    dovecot: Dovecot,
+    mail_users: MailUsers,
+    pop3: ScriptedPop3Server,
+    make_sync: SyncFactory,
+    account_fields: dict[str, Any],
+    before: int,
+    forget_hashes: bool,
+    after: tuple[int, int],
+    reported: str,
 ) -> None:
-    config, engine = make_sync(account=scripted(pop3, retention="keep"))
+    config, engine = make_sync(account=scripted(pop3, **account_fields))
     account = config.accounts[0]
-    assert engine.poll(account).delivered == 3
-    ledger: Ledger = engine.ledger  # type: ignore[attr-defined]
-    with ledger.engine.begin() as connection:  # as rows written before header hashes were recorded
-        connection.exec_driver_sql("UPDATE messages SET header_hash = NULL")
+    assert engine.poll(account).delivered == before
+    assert ("RETR" in " ".join(pop3.recorded.commands)) == bool(before)  # a baseline reads headers only
+    if forget_hashes:
+        ledger: Ledger = engine.ledger  # type: ignore[attr-defined]
+        with ledger.engine.begin() as connection:
+            connection.exec_driver_sql("UPDATE messages SET header_hash = NULL")
     pop3.messages = [StoredMessage(f"moved-{n}", m.content) for n, m in enumerate(pop3.messages)]
     result = engine.poll(account)
-    assert (result.delivered, result.recovered) == (0, 3), result
-    assert any("3 unmatched looked up in the destination" in problem for problem in result.problems)
-    assert len(dovecot.imap_messages(mail_users.destination.name)) == 3
-    assert engine.poll(account).recovered == 0
+    assert (result.delivered, result.recovered) == after, result
+    assert any(reported in problem for problem in result.problems), result.problems
+    assert len(dovecot.imap_messages(mail_users.destination.name)) == before
+    assert len(pop3.messages) == 3  # kept (retention keep) or never delivered by us (seen)
+    again = engine.poll(account)
+    assert (again.delivered, again.recovered) == (0, 0)
