@@ -16,7 +16,7 @@ from types import FrameType
 
 from sqlalchemy import Engine
 
-from connector import __version__
+from connector import __version__, admin
 from connector.config import Account, Config, config_path, load_config
 from connector.connections import Connections
 from connector.engine import PollResult
@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     accounts_commands.add_parser(
         "sync-config", help="write the configured accounts into the database (distributed workers read it)"
     )
+    admin.add_commands(commands)
     return parser
 
 
@@ -112,6 +113,8 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
         records = status_records(config.accounts, ledger.statuses())
         print(status_json(records) if args.json else status_text(records))
         return EXIT_OK
+    if args.command in admin.COMMANDS:
+        return admin.run(args, config, ledger)
     if args.command == "run":
         run_service(config, ledger, config_path(args.config))
         return EXIT_OK

@@ -88,7 +88,27 @@ def _resolve_secret(value: object) -> SecretStr:
     raise ValueError('expected a string, { env = "NAME" } or { file = "/path" }')
 
 
+_SIZE_RE = re.compile(r"(\d+)\s*([kmg]?)i?b?")
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def parse_size(value: object) -> int:
+    """``"25MB"``, ``"512K"``, ``"1G"`` (units of 1024) or a number of bytes."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as '25MB' or a number of bytes")
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, str) and (match := _SIZE_RE.fullmatch(value.strip().lower())):
+        number = int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+    else:
+        raise ValueError(f"{value!r} is not a size; write e.g. '25MB', '512KB' or a number of bytes")
+    if number <= 0:
+        raise ValueError("a size must be positive")
+    return number
+
+
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+ByteSize = Annotated[int, BeforeValidator(parse_size)]
 Secret = Annotated[SecretStr, BeforeValidator(_resolve_secret)]
 
 
@@ -120,6 +140,10 @@ class RetryPolicy(_Model):
     max_attempts: int = Field(default=5, ge=1, le=1000)
     initial_backoff: Duration = timedelta(minutes=1)
     max_backoff: Duration = timedelta(hours=1)
+    # Retrying a refused login at the normal rate could get the mailbox locked by the provider.
+    auth_failure_backoff: Duration = timedelta(hours=1)
+    # 0 = never suspend. The default is about two days of failures at the default max_backoff.
+    max_consecutive_failures: int = Field(default=50, ge=0, le=100_000)
 
     @model_validator(mode="after")
     def _ordered(self) -> RetryPolicy:
@@ -184,6 +208,10 @@ class ServiceConfig(_Model):
                 "service.stalled_after", "stalled_after must be at least twice heartbeat_interval"
             )
         return self
+    # Protocol logs (connector/protocol_log.py): where, and how they rotate.
+    protocol_log_dir: Path | None = None
+    protocol_log_max_bytes: ByteSize = 10 * 1024 * 1024
+    protocol_log_backups: int = Field(default=5, ge=0, le=1000)
 
 
 class Defaults(_Model):
@@ -196,6 +224,13 @@ class Defaults(_Model):
     timeout: Duration = timedelta(seconds=60)
     folder: str = "INBOX"
     mark_seen: bool = False
+    # Limits and selection (docs/policies.md). None / 0 = no limit.
+    max_message_size: ByteSize | None = None
+    oversize: Literal["skip", "headers_only"] = "skip"
+    max_messages_per_poll: int = Field(default=0, ge=0)
+    start: Literal["all", "new"] = "all"
+    # Write this account's POP3/IMAP conversation to its own rotating file (secrets redacted).
+    protocol_log: bool = False
 
     @field_validator("poll_interval")
     @classmethod
@@ -328,25 +363,6 @@ EwsAuth = Literal["ntlm", "basic", "oauth2"]
 # Exchange versions exchangelib can be told instead of probing the server (the ``version`` field).
 EwsVersion = Literal["Exchange2013", "Exchange2013_SP1", "Exchange2016", "Exchange2019"]
 DEFAULT_EWS_MAX_MESSAGE_SIZE = 35 * 1024 * 1024
-_SIZE_UNITS = {"": 1, "b": 1, "kb": 1024, "mb": 1024**2, "gb": 1024**3}
-_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmg]?b?)")
-
-
-def parse_size(value: object) -> int:
-    """A number of bytes, or ``"35MB"``, ``"512KB"``, ``"1GB"`` (binary units: 1 MB = 1024 * 1024 bytes)."""
-    if isinstance(value, bool):
-        raise ValueError("expected a size such as '35MB' or a number of bytes")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str):
-        match = _SIZE_RE.fullmatch(value.strip().lower())
-        if match:
-            return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
-        raise ValueError(f"{value!r} is not a size; write e.g. '35MB', '512KB' or a number of bytes")
-    raise ValueError("expected a size such as '35MB' or a number of bytes")
-
-
-Size = Annotated[int, BeforeValidator(parse_size)]
 
 
 class EwsDestination(_Model):
@@ -367,7 +383,7 @@ class EwsDestination(_Model):
     version: EwsVersion | None = None
     impersonation: bool = False
     max_connections: int = Field(default=4, ge=1, le=64)
-    max_message_size: Size = Field(default=DEFAULT_EWS_MAX_MESSAGE_SIZE, gt=0)
+    max_message_size: ByteSize = Field(default=DEFAULT_EWS_MAX_MESSAGE_SIZE, gt=0)
     tls_verify: bool = True
     ca_file: Path | None = None
 
@@ -400,6 +416,34 @@ class EwsDestination(_Model):
 Destination = Annotated[ImapDestination | EwsDestination, Field(discriminator="type")]
 
 
+DEFAULT_ROUTING_HEADERS = ("Delivered-To", "X-Original-To", "Envelope-To", "X-Envelope-To", "To", "Cc")
+
+
+class RoutingRule(_Model):
+    """``match``: an address or a pattern (``*@sales.example.org``); ``mailbox``: the local mailbox."""
+
+    match: str = Field(min_length=3, pattern=r"^[^@\s]+@[^@\s]+$")
+    mailbox: str = Field(min_length=1)
+
+
+class RoutingDefault(_Model):
+    mailbox: str = Field(min_length=1)
+
+
+class RoutingPolicy(_Model):
+    """Catch-all (multidrop) routing of one POP mailbox to several local mailboxes (connector/routing.py)."""
+
+    headers: list[str] = Field(default_factory=lambda: list(DEFAULT_ROUTING_HEADERS), min_length=1)
+    rules: list[RoutingRule] = Field(default_factory=list)
+    default: RoutingDefault | None = None
+
+    @model_validator(mode="after")
+    def _routes_something(self) -> RoutingPolicy:
+        if not self.rules and self.default is None:
+            raise ValueError("routing needs rules, a default, or both")
+        return self
+
+
 class Account(Defaults):
     """One POP3 mailbox and where its mail goes. Inherited fields are filled from [defaults]."""
 
@@ -421,6 +465,7 @@ class Account(Defaults):
     destination_password: Secret | None = None
     # The target Exchange mailbox (SMTP address) of an EWS destination.
     mailbox: str | None = None
+    routing: RoutingPolicy | None = None
 
     @property
     def effective_port(self) -> int:

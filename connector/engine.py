@@ -15,7 +15,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from connector.config import Account, Config
 from connector.connections import Connections
@@ -26,27 +26,30 @@ from connector.errors import (
     DestinationError,
     DestinationRejectedError,
     LedgerError,
+    SourceLoginDelayError,
     SourceMessageError,
 )
+from connector.fetch import fetch
+from connector.identity import baseline_entries, identify, migration
 from connector.ledger.models import MessageState
-from connector.ledger.store import Clock, Ledger, PollOutcome, utcnow
-from connector.message import FetchedMessage, MessageSpool, fallback_message_id
-from connector.plan import Delivery, PollPlan, plan_poll
+from connector.ledger.store import Clock, KnownMessage, Ledger, PollOutcome, utcnow
+from connector.message import FetchedMessage
+from connector.plan import Delivery, PollPlan, plan_poll, with_recovery
+from connector.policies.limits import Limits, needs_baseline
 from connector.policies.retention import should_delete
-from connector.policies.retry import account_backoff, jittered_interval
+from connector.policies.retry import failure_delay, should_suspend, success_delay
+from connector.policies.server_limits import deletes_retrieved, login_delay, retention_conflict
+from connector.policies.uidl import UidlChange, rekeyed
 from connector.pop3 import MessageInfo, Pop3Client
+from connector.protocol_log import protocol_note, recording
 
 log = logging.getLogger("connector.engine")
-
-# A RETR may legitimately be a little larger than LIST said (servers count differently); a runaway reply
-# from a broken server must still be bounded.
-RETR_SLACK_BYTES = 16 * 1024 * 1024
 
 
 @dataclass
 class PollResult:
     account: str
-    status: str = "ok"  # ok | error | auth_error | stopped
+    status: str = "ok"  # ok | error | auth_error | stopped | suspended
     error: str | None = None
     delivered: int = 0
     recovered: int = 0
@@ -73,6 +76,24 @@ def _quit_quietly(pop: Pop3Client) -> None:
         pop.close()
 
 
+def _seen(info: MessageInfo) -> KnownMessage:
+    return KnownMessage(info.uidl, MessageState.SEEN, 0, None, None, None, None, pop_size=info.size)
+
+
+def _routing_not_yet(account: Account, now: datetime) -> PollResult:
+    """Catch-all delivery is not built yet: such an account is never polled (delivering its mail to the
+    one destination login would put everybody's mail in one mailbox)."""
+    error = (
+        f"account {account.name!r}: catch-all routing ([accounts.routing]) can be previewed with "
+        f"`pop-connector routes --account {account.name}` but its delivery is not implemented yet; "
+        "the account is not polled"
+    )
+    log.error("%s", error)
+    return PollResult(
+        account=account.name, status="error", error=error, next_poll_at=now + account.poll_interval
+    )
+
+
 class _DestinationDown(Exception):
     """The destination cannot take more mail in this poll; the POP3 session still ends cleanly."""
 
@@ -94,8 +115,11 @@ class SyncEngine:
     def poll(
         self, account: Account, *, dry_run: bool = False, stop: threading.Event | None = None
     ) -> PollResult:
+        if account.routing is not None:
+            return _routing_not_yet(account, self.clock())
         run = _Poll(self, account, stop or threading.Event())
-        return run.dry_run() if dry_run else run.run()
+        with recording(self.config, account):
+            return run.dry_run() if dry_run else run.run()
 
 
 class _Poll:
@@ -111,6 +135,12 @@ class _Poll:
         self.to_delete: list[str] = []
         self.account_id = 0
         self.pop: Pop3Client | None = None
+        # LOGIN-DELAY: the next poll must not come sooner than this.
+        self.server_delay: timedelta | None = None
+        # Retrieved in this session and not (yet) delivered: what an EXPIRE 0 server would lose at QUIT.
+        self.undelivered: set[str] = set()
+        # Delivered as headers only: the POP3 server keeps the one whole copy, whatever the retention.
+        self.keep_on_server: set[str] = set()
 
     # --- whole poll ----------------------------------------------------------------------------------
 
@@ -119,6 +149,8 @@ class _Poll:
             account_id = self.ledger.account_id(self.account.name)
             assert account_id is not None
             self.account_id = account_id
+            if self._suspended():
+                return self.result
             self.ledger.poll_started(account_id)
             self._session()
         except ConnectorError as exc:
@@ -129,53 +161,148 @@ class _Poll:
         self._finish()
         return self.result
 
+    def _suspended(self) -> bool:
+        """A suspended account is not polled at all; it is looked at again after ``poll_interval`` so
+        that the service notices ``pop-connector resume``."""
+        suspension = self.ledger.suspension(self.account_id)
+        if suspension is None:
+            return False
+        since, reason = suspension
+        self.result.status = "suspended"
+        self.result.error = (
+            f"suspended since {since.isoformat(timespec='seconds')}: {reason}; "
+            f"run `pop-connector resume {self.account.name}` once the cause is fixed"
+        )
+        self.result.next_poll_at = self.engine.clock() + self.account.poll_interval
+        self.ledger.set_next_poll(self.account_id, self.result.next_poll_at)
+        return True
+
     def dry_run(self) -> PollResult:
         try:
             account_id = self.ledger.account_id(self.account.name, create=False)
+            self.account_id = account_id or 0
             with self.engine.connections.open_source(self.account) as pop:
-                listing = pop.listing()
-                known = self.ledger.known_messages(account_id) if account_id is not None else {}
-                self.result.plan = plan_poll(listing, known, self.account.retention, self.engine.clock())
+                listing, known, suspects = self._listing(pop, apply=False)
+                plan = plan_poll(
+                    listing, known, self.account.retention, self.engine.clock(), Limits.of(self.account)
+                )
+                self.result.plan = with_recovery(plan, suspects)
         except ConnectorError as exc:
             self._fail(exc)
         return self.result
 
     def _session(self) -> None:
         pop = self.pop = self.engine.connections.open_source(self.account)
+        self.server_delay = login_delay(pop.capabilities)
+        conflict = retention_conflict(pop.capabilities, self.account.retention)
+        if conflict is not None:
+            log.warning("account %s: %s", self.account.name, conflict)
         try:
             plan = self._plan(pop)
             self._deliver_all(pop, plan)
             for info in plan.delete:
                 self._dele(info)
         except BaseException:
-            # DELEs already sent follow committed deliveries, so letting QUIT apply them is safe.
-            _quit_quietly(pop)
+            self._end_session(pop, clean=False)
             self._close_destination()
             raise
         self._close_destination()
+        if self._end_session(pop, clean=True):
+            # Only now has the server removed them (RFC 1939 §6).
+            self.ledger.record_deleted(self.account_id, self.to_delete)
+            self.result.deleted = len(self.to_delete)
+
+    def _end_session(self, pop: Pop3Client, *, clean: bool) -> bool:
+        """QUIT, which carries out the DELEs (all of them follow committed deliveries, so this is safe even
+        after an error), unless QUIT would also remove undelivered mail. True when QUIT was confirmed."""
+        if self.undelivered and deletes_retrieved(pop.capabilities):
+            pop.close()
+            self._problem(
+                f"the server deletes every retrieved message at QUIT (CAPA EXPIRE 0): ended the session "
+                f"without QUIT so that {len(self.undelivered)} undelivered message(s) stay on it; "
+                "deletions of delivered ones are repeated at the next poll"
+            )
+            return False
+        if not clean:
+            _quit_quietly(pop)
+            return False
         pop.quit()
-        # Only now has the server removed them (RFC 1939 §6).
-        self.ledger.record_deleted(self.account_id, self.to_delete)
-        self.result.deleted = len(self.to_delete)
+        return True
 
     def _plan(self, pop: Pop3Client) -> PollPlan:
-        listing = pop.listing()
-        known = self.ledger.known_messages(self.account_id)
-        plan = plan_poll(listing, known, self.account.retention, self.engine.clock())
+        listing, known, suspects = self._listing(pop)
+        limits = Limits.of(self.account)
+        plan = with_recovery(
+            plan_poll(listing, known, self.account.retention, self.engine.clock(), limits), suspects
+        )
         if plan.gone:
             self.ledger.prune(self.account_id, plan.gone)
+        for info in plan.oversize:
+            self._skip_oversize(info, limits)
         for uidl in plan.duplicates:
             self._problem(f"UIDL {uidl!r} is listed more than once by the server; left on the server")
         log.info(
-            "account %s: %d on server, %d to deliver (%d new), %d to delete, %d quarantined",
+            "account %s: %d on server, %d to deliver (%d new, %d left for later polls), %d to delete, "
+            "%d quarantined",
             self.account.name,
             len(listing),
             len(plan.deliver),
             plan.new_count,
+            plan.deferred,
             len(plan.delete),
             plan.quarantined,
         )
         return plan
+
+    def _listing(
+        self, pop: Pop3Client, *, apply: bool = True
+    ) -> tuple[list[MessageInfo], dict[str, KnownMessage], set[str]]:
+        """The listing with trustworthy identities, the ledger's view of it (after a baseline or a UIDL
+        re-match), and the messages to look for in the destination before delivering them. With
+        ``apply=False`` (dry run) the ledger is only read."""
+        known = self.ledger.known_messages(self.account_id) if self.account_id else {}
+        identified = identify(pop, known)
+        listing = identified.listing
+        if identified.unidentified:
+            self._problem(
+                f"{identified.unidentified} message(s) have no UIDL and TOP failed; left on the server"
+            )
+        taken = bool(self.account_id) and self.ledger.baseline_taken(self.account_id)
+        if needs_baseline(self.account.start, taken, known):
+            known = self._baseline(pop, listing) if apply else {i.uidl: _seen(i) for i in listing}
+        change = migration(pop, listing, known)
+        if apply:
+            self.ledger.set_uidl_notes(self.account_id, identified.note, self._uidl_change_note(change))
+        if change is None:
+            return listing, known, set()
+        if apply:
+            self.ledger.rekey(self.account_id, change.rematched)
+        return listing, rekeyed(known, change.rematched), set(change.unmatched)
+
+    def _baseline(self, pop: Pop3Client, listing: list[MessageInfo]) -> dict[str, KnownMessage]:
+        count = self.ledger.record_seen(self.account_id, baseline_entries(pop, listing, {}))
+        log.info(
+            'account %s: start = "new": %d messages on the server recorded as seen', self.account.name, count
+        )
+        return self.ledger.known_messages(self.account_id)
+
+    def _uidl_change_note(self, change: UidlChange | None) -> str | None:
+        if change is None:
+            return None
+        note = (
+            f"{self.engine.clock().isoformat(timespec='seconds')}: the server's UIDLs changed at once "
+            f"({change.vanished} known ones vanished; a host migration?): {len(change.rematched)} re-matched "
+            f"by header hash and size, {len(change.unmatched)} unmatched looked up in the destination before "
+            "delivery"
+        )
+        self._problem(note)
+        return note
+
+    def _skip_oversize(self, info: MessageInfo, limits: Limits) -> None:
+        reason = limits.skip_reason(info.size)
+        self.ledger.record_skipped(self.account_id, info.uidl, info.size, reason)
+        self.result.quarantined += 1
+        self._problem(f"message {info.uidl!r}: quarantined: {reason}")
 
     def _deliver_all(self, pop: Pop3Client, plan: PollPlan) -> None:
         for delivery in plan.deliver:
@@ -195,25 +322,18 @@ class _Poll:
     def _deliver_one(self, pop: Pop3Client, delivery: Delivery) -> None:
         info = delivery.info
         try:
-            fetched = self._fetch(pop, info)
+            fetched = fetch(pop, self.account, info, headers_only=delivery.headers_only)
         except SourceMessageError as exc:
             self.result.skipped += 1
             self._problem(f"message {info.uidl!r}: cannot retrieve it: {exc.message}")
             return
+        self.undelivered.add(info.uidl)
+        if delivery.headers_only:
+            self.keep_on_server.add(info.uidl)
         with fetched:
             if delivery.recover and self._recovered(fetched, info, delivery.attempts):
                 return
-            self._deliver_new(fetched, info)
-
-    def _fetch(self, pop: Pop3Client, info: MessageInfo) -> FetchedMessage:
-        fallback = fallback_message_id(self.account.name, self.account.host, self.account.username, info.uidl)
-        spool = MessageSpool(info.uidl, fallback)
-        try:
-            pop.retr(info.number, spool, max_bytes=info.size * 2 + RETR_SLACK_BYTES)
-        except BaseException:
-            spool.abort()
-            raise
-        return spool.finish()
+            self._deliver_new(fetched, info, headers_only=delivery.headers_only)
 
     def _recovered(self, fetched: FetchedMessage, info: MessageInfo, attempts: int) -> bool:
         """A previous attempt may have reached the destination: look before delivering again."""
@@ -225,6 +345,7 @@ class _Poll:
                 info.uidl,
                 ref,
             )
+            self._record_pending(fetched, info, headers_only=info.uidl in self.keep_on_server)
             self._delivered(info, ref)
             self.result.recovered += 1
             return True
@@ -236,7 +357,7 @@ class _Poll:
             return True
         return False
 
-    def _deliver_new(self, fetched: FetchedMessage, info: MessageInfo) -> None:
+    def _record_pending(self, fetched: FetchedMessage, info: MessageInfo, *, headers_only: bool) -> None:
         self.ledger.record_pending(
             self.account_id,
             info.uidl,
@@ -244,12 +365,21 @@ class _Poll:
             size=fetched.size,
             message_id=fetched.message_id,
             sha256=fetched.sha256,
+            headers_only=headers_only,
+            header_hash=fetched.header_sha256,
+            repairs=fetched.repairs,
         )
+        if fetched.repairs:
+            log.info("account %s: message %s repaired: %s", self.account.name, info.uidl, fetched.repairs)
+
+    def _deliver_new(self, fetched: FetchedMessage, info: MessageInfo, *, headers_only: bool) -> None:
+        self._record_pending(fetched, info, headers_only=headers_only)
         ref = self._call_destination(fetched, lambda dest: dest.deliver(fetched), counted=True, pending=True)
         if ref is None:
             return
         self._delivered(info, ref)
         self.result.delivered += 1
+        protocol_note("delivered %s: %d bytes, sha256 %s -> %s", info.uidl, fetched.size, fetched.sha256, ref)
         log.info(
             "account %s: message %s delivered (%d bytes) to %s",
             self.account.name,
@@ -260,8 +390,11 @@ class _Poll:
 
     def _delivered(self, info: MessageInfo, ref: str) -> None:
         delivered_at = self.ledger.record_delivered(self.account_id, info.uidl, ref)
+        self.undelivered.discard(info.uidl)
         # Retention for the messages delivered now is applied in the same session: the DELE is safe
         # because the delivery is already committed, and it only takes effect at QUIT.
+        if info.uidl in self.keep_on_server:
+            return
         if should_delete(self.account.retention, delivered_at, self.engine.clock()):
             self._dele(info)
 
@@ -347,6 +480,8 @@ class _Poll:
             exc.account = self.account.name
         self.result.status = "auth_error" if isinstance(exc, AuthenticationError) else "error"
         self.result.error = str(exc)
+        if isinstance(exc, SourceLoginDelayError) and exc.login_delay:
+            self.server_delay = timedelta(seconds=exc.login_delay)
         log.error("%s", exc)
 
     def _problem(self, text: str) -> None:
@@ -355,11 +490,19 @@ class _Poll:
 
     def _finish(self) -> None:
         now = self.engine.clock()
+        failures = 0
         if self.result.ok:
-            delay = jittered_interval(self.account.poll_interval, self.account.poll_jitter)
+            delay = success_delay(
+                self.account.poll_interval, self.account.poll_jitter, server_delay=self.server_delay
+            )
         else:
             failures = self.ledger.consecutive_failures(self.account_id) + 1 if self.account_id else 1
-            delay = account_backoff(self.account.retry, failures)
+            delay = failure_delay(
+                self.account.retry,
+                failures,
+                auth_failure=self.result.status == "auth_error",
+                server_delay=self.server_delay,
+            )
         self.result.next_poll_at = now + delay
         if not self.account_id:
             return
@@ -373,5 +516,17 @@ class _Poll:
         )
         try:
             self.ledger.poll_finished(self.account_id, outcome)
+            if should_suspend(self.account.retry, failures):
+                self._suspend(failures)
         except LedgerError as exc:
             log.error("account %s: %s", self.account.name, exc)
+
+    def _suspend(self, failures: int) -> None:
+        reason = f"{failures} consecutive failed polls, the last: {self.result.error or self.result.status}"
+        self.ledger.suspend(self.account_id, reason)
+        log.error(
+            "account %s: suspended after %s; run `pop-connector resume %s` once the cause is fixed",
+            self.account.name,
+            reason,
+            self.account.name,
+        )

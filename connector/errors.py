@@ -83,7 +83,12 @@ class SourceInUseError(SourceError, TemporaryError):
 
 
 class SourceLoginDelayError(SourceError, TemporaryError):
-    """[LOGIN-DELAY]: logged in too soon after the last session."""
+    """[LOGIN-DELAY]: logged in too soon after the last session.
+
+    ``login_delay`` is the server's CAPA ``LOGIN-DELAY`` in seconds when it announced one: the earliest
+    a new login can succeed."""
+
+    login_delay: int | None = None
 
 
 class SourceTempError(SourceError, TemporaryError):
@@ -92,6 +97,11 @@ class SourceTempError(SourceError, TemporaryError):
 
 class SourcePermError(SourceError, PermanentError):
     """[SYS/PERM], or an -ERR on a command that cannot succeed as sent."""
+
+
+class SourceNoUidlError(SourcePermError):
+    """The server answered UIDL with a plain -ERR: it has no unique-ids (messages are then identified by a
+    hash of their headers)."""
 
 
 class SourceMessageError(SourceError, TemporaryError):

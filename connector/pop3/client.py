@@ -20,6 +20,8 @@ from typing import Literal, Protocol, TypeVar
 from connector.errors import (
     SourceAuthError,
     SourceConnectError,
+    SourceLoginDelayError,
+    SourceNoUidlError,
     SourcePermError,
     SourceProtocolError,
     SourceTempError,
@@ -111,6 +113,8 @@ class _BodyDecoder:
     def __init__(self) -> None:
         self.at_line_start = True
         self._pending_cr = False
+        # Whether any line ending had to be repaired (bare LF or bare CR), for the ledger.
+        self.repaired = False
 
     def feed(self, chunk: bytes) -> bytes:
         if self.at_line_start:
@@ -119,11 +123,15 @@ class _BodyDecoder:
             chunk = b"\r" + chunk
             self._pending_cr = False
         complete = chunk.endswith(b"\n")
+        if complete and not chunk.endswith(b"\r\n"):
+            self.repaired = True
         content = strip_eol(chunk) if complete else chunk
         if not complete and content.endswith(b"\r"):
             content = content[:-1]
             self._pending_cr = True
-        content = content.replace(b"\r", b"\r\n")
+        if b"\r" in content:
+            self.repaired = True
+            content = content.replace(b"\r", b"\r\n")
         self.at_line_start = complete
         return content + b"\r\n" if complete else content
 
@@ -150,6 +158,8 @@ class Pop3Client:
         self._broken = False
         self._closed = False
         self._capabilities = Capabilities()
+        # Whether the last RETR/TOP body had bare LF or CR line endings (now CRLF).
+        self.last_body_repaired = False
         try:
             self._greeting = self._read_greeting()
             self._capabilities = self.capa()
@@ -264,6 +274,8 @@ class Pop3Client:
 
     def _stream_body(self, verb: str, sink: Sink, max_bytes: int | None) -> int:
         decoder = _BodyDecoder()
+        # Traces summarise a body by size and hash, never its content.
+        digest = hashlib.sha256() if wire_log.isEnabledFor(logging.DEBUG) else None
         received = 0
         written = 0
         pending = bytearray()
@@ -276,12 +288,17 @@ class Pop3Client:
             received += len(chunk)
             if max_bytes is not None and received > max_bytes:
                 raise SourceProtocolError(f"{self._peer}: {verb} reply longer than {max_bytes} bytes")
-            pending += decoder.feed(chunk)
+            decoded = decoder.feed(chunk)
+            if digest is not None:
+                digest.update(decoded)
+            pending += decoded
             # Many short lines are gathered into one write; a long line is written as it arrives.
             if len(pending) >= _BODY_CHUNK:
                 written += self._flush(sink, pending)
         written += self._flush(sink, pending)
-        wire_log.debug("S: <%s body, %d bytes>", verb, written)
+        self.last_body_repaired = decoder.repaired
+        if digest is not None:
+            wire_log.debug("S: <%s body, %d bytes, sha256 %s>", verb, written, digest.hexdigest())
         return written
 
     @staticmethod
@@ -367,13 +384,18 @@ class Pop3Client:
         for what, value in (("username", username), ("password", password)):
             if any(bad in value for bad in _FORBIDDEN_IN_ARGUMENTS):
                 raise SourceAuthError(f"{self._peer}: the {what} contains a line break or NUL")
-        if method == "apop":
-            self._apop(username, password)
-        elif method == "user":
-            self._command("USER", username, secrets=(password,))
-            self._command("PASS", password, secrets=(password,))
-        else:
-            raise ValueError(f"unknown POP3 login method {method!r}")
+        try:
+            if method == "apop":
+                self._apop(username, password)
+            elif method == "user":
+                self._command("USER", username, secrets=(password,))
+                self._command("PASS", password, secrets=(password,))
+            else:
+                raise ValueError(f"unknown POP3 login method {method!r}")
+        except SourceLoginDelayError as exc:
+            # Only this session knows what CAPA announced; the retry policy needs it to wait long enough.
+            exc.login_delay = self._capabilities.login_delay
+            raise
 
     def authenticate_xoauth2(self, username: str, token: str, *, initial_response: bool = False) -> None:
         """``AUTH XOAUTH2`` with a bearer token for ``username`` (the mailbox).
@@ -448,7 +470,7 @@ class Pop3Client:
         if reply.ok:
             return
         if verb == "UIDL" and reply.code is None:
-            raise SourcePermError(f"{self._peer}: server does not support UIDL ({reply.describe()})")
+            raise SourceNoUidlError(f"{self._peer}: server does not support UIDL ({reply.describe()})")
         raise error_for(verb, reply, peer=self._peer)
 
     def _listing_lines(self, verb: str) -> list[bytes]:
