@@ -9,6 +9,7 @@ import requests
 from exchangelib import errors as ews_errors
 from oauthlib.oauth2 import OAuth2Error
 
+from connector.destinations.base import clip_server_text
 from connector.errors import (
     DestinationAuthError,
     DestinationConnectError,
@@ -18,9 +19,6 @@ from connector.errors import (
     DestinationTempError,
     DestinationTLSError,
 )
-
-_MAX_TEXT = 400
-
 
 _REJECTED = (
     ews_errors.ErrorNonExistentMailbox,
@@ -63,10 +61,6 @@ class Where:
         return f"{self.endpoint}, mailbox {self.mailbox!r}, folder {self.folder!r}: {detail}"
 
 
-def _clip(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= _MAX_TEXT else text[:_MAX_TEXT] + "..."
-
 
 def _is_cert_failure(exc: BaseException) -> bool:
     seen: BaseException | None = exc
@@ -84,7 +78,7 @@ def translate(exc: Exception, where: Where, action: str, secrets: tuple[str, ...
     for secret in secrets:
         if secret:
             text = text.replace(secret, "***")
-    detail = _clip(f"{name}: {text}" if name not in text else text)
+    detail = clip_server_text(f"{name}: {text}" if name not in text else text)
     message = where.say(f"{action}: {detail}")
     if isinstance(exc, ews_errors.UnauthorizedError | OAuth2Error):
         return DestinationAuthError(where.say(f"{action}: login refused: {detail}"))

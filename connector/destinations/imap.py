@@ -20,6 +20,7 @@ from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
 from imapclient.imap_utf7 import encode as encode_utf7
 
+from connector.destinations.base import clip_server_text
 from connector.errors import (
     DestinationAuthError,
     DestinationConnectError,
@@ -39,7 +40,6 @@ from connector.tls import TlsMode, make_ssl_context
 FOLDER_SEPARATOR = "/"
 # find() hashes candidates in slices of this size so that a large message is never held whole.
 _FETCH_SLICE = 1024 * 1024
-_MAX_TEXT = 400
 
 _CODE_RE = re.compile(r"\[([A-Za-z0-9.-]+)[^\]]*\]")
 _APPENDUID_RE = re.compile(r"\[APPENDUID\s+(\d+)\s+(\d+)\]", re.IGNORECASE)
@@ -92,10 +92,6 @@ class ImapCheck:
         return f"folder {self.folder!r} does not exist; the first delivery will create {created}"
 
 
-def _clip(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= _MAX_TEXT else text[:_MAX_TEXT] + "..."
-
 
 def _server_text(exc: BaseException) -> str:
     """The server's words from an imaplib/imapclient error, without Python's ``b'...'`` wrapping."""
@@ -104,14 +100,14 @@ def _server_text(exc: BaseException) -> str:
     unwrapped = _BYTES_REPR_RE.fullmatch(text)
     if unwrapped:
         text = unwrapped.group(2)
-    return _clip(_FAILED_PREFIX_RE.sub("", text))
+    return clip_server_text(_FAILED_PREFIX_RE.sub("", text))
 
 
 def _response_text(data: list[Any]) -> str:
     parts = [
         item.decode("utf-8", "replace") if isinstance(item, bytes) else str(item) for item in data if item
     ]
-    return _clip(" ".join(parts))
+    return clip_server_text(" ".join(parts))
 
 
 def response_code(text: str) -> str | None:
