@@ -443,7 +443,8 @@ class _Poll:
     def _message_failed(
         self, fetched: FetchedMessage, exc: BaseException, *, counted: bool, pending: bool
     ) -> None:
-        text = str(exc) or exc.__class__.__name__
+        # The error may already name the message (ConnectorError.__str__); the problem line adds it once.
+        text = (exc.message if isinstance(exc, ConnectorError) else str(exc)) or exc.__class__.__name__
         if pending:
             state = self.ledger.record_failure(
                 self.account_id,
