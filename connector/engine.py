@@ -25,6 +25,7 @@ from connector.errors import (
     ConnectorError,
     DestinationError,
     DestinationRejectedError,
+    DestinationTooLargeError,
     LedgerError,
     SourceLoginDelayError,
     SourceMessageError,
@@ -423,7 +424,8 @@ class _Poll:
             return action(self._open_destination())
         except DestinationRejectedError as exc:
             # This message was refused; the destination itself is fine: go on with the next one.
-            self._message_failed(fetched, exc, counted=counted, pending=pending)
+            final = isinstance(exc, DestinationTooLargeError)
+            self._message_failed(fetched, exc, counted=counted, pending=pending, final=final)
             return None
         except DestinationError as exc:
             # Full, unreachable, TLS or login trouble: not the message's fault, and no use trying more.
@@ -441,11 +443,20 @@ class _Poll:
             return None
 
     def _message_failed(
-        self, fetched: FetchedMessage, exc: BaseException, *, counted: bool, pending: bool
+        self,
+        fetched: FetchedMessage,
+        exc: BaseException,
+        *,
+        counted: bool,
+        pending: bool,
+        final: bool = False,
     ) -> None:
         # The error may already name the message (ConnectorError.__str__); the problem line adds it once.
         text = (exc.message if isinstance(exc, ConnectorError) else str(exc)) or exc.__class__.__name__
-        if pending:
+        if pending and final:
+            self.ledger.record_quarantined(self.account_id, fetched.uidl, text)
+            self.result.quarantined += 1
+        elif pending:
             state = self.ledger.record_failure(
                 self.account_id,
                 fetched.uidl,

@@ -153,3 +153,8 @@ class OAuthRefusedError(OAuthError, AuthenticationError):
 
 class OAuthUnavailableError(OAuthError, TemporaryError):
     """The token endpoint could not be reached, timed out or failed (5xx, 429, a garbled answer)."""
+
+
+class DestinationTooLargeError(DestinationRejectedError):
+    """The message is larger than the destination takes: no retry can succeed, so it is quarantined at
+    once (and left on the POP3 server) instead of being downloaded again for every attempt."""

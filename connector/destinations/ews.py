@@ -40,6 +40,7 @@ from connector.errors import (
     DestinationConnectError,
     DestinationRejectedError,
     DestinationTempError,
+    DestinationTooLargeError,
 )
 from connector.message import FetchedMessage
 
@@ -159,9 +160,9 @@ class EwsSession:
     def deliver(self, message: FetchedMessage) -> str:
         """CreateItem (SaveOnly) with the raw MIME; returns ``ews:<mailbox>/<folder>;ItemId=<id>``."""
         if message.size > self.max_message_size:
-            # Exchange would refuse it after we uploaded it all; the engine quarantines it after its attempts
-            # and it stays on the POP3 server.
-            raise DestinationRejectedError(
+            # Exchange would refuse it after we uploaded it all; the engine quarantines it at once and it
+            # stays on the POP3 server.
+            raise DestinationTooLargeError(
                 self._where.say(
                     f"message is {message.size} bytes, larger than this destination's max_message_size of "
                     f"{self.max_message_size} bytes: not sent (raise max_message_size if the server takes it)"

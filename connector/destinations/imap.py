@@ -29,6 +29,7 @@ from connector.errors import (
     DestinationRejectedError,
     DestinationTempError,
     DestinationTLSError,
+    DestinationTooLargeError,
     OAuthError,
     OAuthRefusedError,
 )
@@ -125,6 +126,8 @@ def command_refused(where: Where, action: str, text: str) -> DestinationError:
     """Classify a NO/BAD: over quota pauses the account, busy retries, anything else is permanent."""
     code = response_code(text)
     message = where.say(f"{action} refused: {text}")
+    if code == "TOOBIG":
+        return DestinationTooLargeError(message)
     if code in _REJECT_CODES:
         return DestinationRejectedError(message)
     if code == "OVERQUOTA" or is_quota_text(text):

@@ -202,7 +202,7 @@ def test_oversize_message_is_not_sent_and_stays_on_the_server(
 ) -> None:
     dovecot.seed(mail_users.source.name, [simple(1, size=5000), simple(2)])
     config, engine = make_sync(
-        account={"mailbox": MAILBOX, "retry": {"max_attempts": 1}},
+        account={"mailbox": MAILBOX},  # quarantined at once, whatever max_attempts allows
         destination=destination(exchange, max_message_size="4KB"),
     )
     result = engine.poll(config.accounts[0])
@@ -210,6 +210,8 @@ def test_oversize_message_is_not_sent_and_stays_on_the_server(
     assert any("larger than this destination's max_message_size of 4096 bytes" in p for p in result.problems)
     assert [item.mime for item in exchange.items(MAILBOX)] == [simple(2)]
     assert dovecot.maildir_count(mail_users.source.name) == 1
+    again = engine.poll(config.accounts[0])
+    assert (again.delivered, again.failed) == (0, 0)  # not downloaded or tried again
 
 
 def test_check_logs_in_and_writes_nothing(
