@@ -1,0 +1,56 @@
+"""What "delivered exactly once, byte for byte" means, as assertions shared by the fault and crash suites.
+
+README, "What changes in a delivered message": line endings become CRLF, the message ends with CRLF, and a
+message without Message-ID gets ``Message-ID: <pop-connector.HASH@HOST>`` as its first line.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+_ADDED_ID = re.compile(rb"\AMessage-ID: <pop-connector\.[0-9a-f]{32}@[^>\r\n]+>\r\n")
+
+
+def normalised(original: bytes) -> bytes:
+    """The original as the connector must deliver it (line endings only)."""
+    text = original.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+    return text if text.endswith(b"\r\n") or not text else text + b"\r\n"
+
+
+def without_added_id(delivered: bytes) -> bytes:
+    return _ADDED_ID.sub(b"", delivered, count=1)
+
+
+def match_deliveries(originals: list[bytes], delivered: list[bytes]) -> Counter[int]:
+    """How many times each original (by index) is in ``delivered``; fails on anything unexplained."""
+    wanted = {normalised(message): index for index, message in enumerate(originals)}
+    counts: Counter[int] = Counter()
+    for body in delivered:
+        index = wanted.get(body)
+        if index is None:
+            index = wanted.get(without_added_id(body))
+        assert index is not None, f"a delivered message matches no original: {body[:200]!r}"
+        counts[index] += 1
+    return counts
+
+
+def assert_at_most_once(originals: list[bytes], delivered: list[bytes]) -> Counter[int]:
+    counts = match_deliveries(originals, delivered)
+    twice = {index: n for index, n in counts.items() if n > 1}
+    assert not twice, f"delivered more than once (original index: times): {twice}"
+    return counts
+
+
+def assert_exactly_once(originals: list[bytes], delivered: list[bytes]) -> None:
+    counts = assert_at_most_once(originals, delivered)
+    missing = [index for index in range(len(originals)) if counts[index] == 0]
+    assert not missing, f"never delivered (original index): {missing}"
+
+
+def assert_nothing_lost(originals: list[bytes], delivered: list[bytes], on_server: list[bytes]) -> None:
+    """Every original is in the destination or still on the POP3 server (or both)."""
+    counts = match_deliveries(originals, delivered)
+    left = {normalised(message) for message in on_server}
+    lost = [i for i, m in enumerate(originals) if counts[i] == 0 and normalised(m) not in left]
+    assert not lost, f"neither delivered nor on the server any more (original index): {lost}"
