@@ -203,7 +203,7 @@ class CrashRun:
         return len(self.dovecot.imap_messages(self.users.destination.name)) == len(self.messages)
 
     def check_final(self) -> None:
-        delivered, on_server, rows = self._state()
+        delivered, on_server, _ = self._state()
         counts = assert_at_most_once(self.messages, delivered)
         assert sorted(counts) == list(range(len(self.messages))), "not everything was delivered"
         ledger = ledger_rows(self.database)

@@ -2,9 +2,12 @@
 mode; after each signal nothing is lost, duplicated or deleted before its delivery was recorded, and a
 final run delivers everything exactly once (test_crash.py kills at fixed points instead).
 
-Short by default; the long run: ``POP_CONNECTOR_CRASH_KILLS=20 python -m pytest
-tests/acceptance/test_crash_random.py`` (kills per retention mode). ``POP_CONNECTOR_CRASH_TERMS`` sets the SIGTERMs per mode, ``POP_CONNECTOR_CRASH_SEED=N``
-replays a run (the seed is printed).
+Short by default. The long run (kills and SIGTERMs per retention mode)::
+
+    POP_CONNECTOR_CRASH_KILLS=20 POP_CONNECTOR_CRASH_TERMS=6 \
+        python -m pytest tests/acceptance/test_crash_random.py
+
+``POP_CONNECTOR_CRASH_SEED=N`` replays a run (the seed is printed with ``-s``).
 """
 
 from __future__ import annotations
