@@ -207,8 +207,10 @@ class _Poll:
         spool = MessageSpool(info.uidl, fallback)
         try:
             pop.retr(info.number, spool, max_bytes=info.size * 2 + RETR_SLACK_BYTES)
-        except BaseException:
+        except BaseException as exc:
             spool.abort()
+            if isinstance(exc, ConnectorError) and exc.uidl is None:
+                exc.uidl = info.uidl  # the account's error then names the message the poll broke on
             raise
         return spool.finish()
 
