@@ -141,6 +141,7 @@ class Pop3Client:
         self._broken = False
         self._closed = False
         self._capabilities = Capabilities()
+        self._trace_secrets: tuple[str, ...] = ()
         try:
             self._greeting = self._read_greeting()
             self._capabilities = self.capa()
@@ -231,8 +232,15 @@ class Pop3Client:
 
     def _read_status_line(self, during: str) -> bytes:
         line = self._read_full_line(MAX_STATUS_LINE, during)
-        wire_log.debug("S: %s", printable(strip_eol(line)))
+        if wire_log.isEnabledFor(logging.DEBUG):
+            wire_log.debug("S: %s", self._redact(printable(strip_eol(line))))
         return line
+
+    def _redact(self, text: str) -> str:
+        """A server may echo the password in its refusal; the trace must not repeat it."""
+        for secret in self._trace_secrets:
+            text = text.replace(secret, "****").replace(printable(secret.encode("utf-8")), "****")
+        return text
 
     def _read_status(self, verb: str) -> Reply:
         line = self._read_status_line(verb)
@@ -350,9 +358,13 @@ class Pop3Client:
     # --- commands ---------------------------------------------------------------------------------------
 
     def _command(self, verb: str, *args: str, secrets: Sequence[str] = ()) -> Reply:
-        with self._exchange():
-            self._send((verb, *args))
-            reply = self._read_status(verb)
+        self._trace_secrets = tuple(secret for secret in secrets if secret)
+        try:
+            with self._exchange():
+                self._send((verb, *args))
+                reply = self._read_status(verb)
+        finally:
+            self._trace_secrets = ()
         if not reply.ok:
             raise error_for(verb, reply, peer=self._peer, secrets=secrets)
         return reply
