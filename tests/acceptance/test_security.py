@@ -8,12 +8,11 @@ from __future__ import annotations
 import secrets
 import stat
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.acceptance.conftest import RunCli
-from tests.configs import _table
+from tests.configs import write_tables
 from tests.messages import simple
 from tests.servers.dovecot import Dovecot, MailUsers
 from tests.servers.scripted_pop3 import Pop3Session, ScriptedPop3Server, StoredMessage
@@ -23,16 +22,6 @@ pytestmark = pytest.mark.acceptance
 
 def _secret(label: str) -> str:
     return f"{label}-{secrets.token_hex(6)}"
-
-
-def _write(
-    path: Path, database: Path, destinations: list[dict[str, Any]], accounts: list[dict[str, Any]]
-) -> Path:
-    parts = [_table("[service]", {"database": f"sqlite:///{database}"})]
-    parts += [_table("[[destinations]]", d) for d in destinations]
-    parts += [_table("[[accounts]]", a) for a in accounts]
-    path.write_text("\n".join(parts))
-    return path
 
 
 def _echo_password(session: Pop3Session, argument: str) -> None:
@@ -75,7 +64,7 @@ def test_no_secret_anywhere_after_every_auth_type_and_failure(
             {"name": "dovecot", "type": "imap", "host": dovecot.host, "port": dovecot.ports.imap,
              "tls": "none", "username": destination.name, "password": destination.password},
         ]  # fmt: skip
-        config = str(_write(tmp_path / "config.toml", database, destinations, accounts))
+        config = str(write_tables(tmp_path / "config.toml", f"sqlite:///{database}", destinations, accounts))
         outputs = [
             run_cli("--config", config, "--log-level", "DEBUG", "sync"),
             run_cli("--config", config, "--log-level", "DEBUG", "check"),
@@ -127,9 +116,9 @@ def test_certificates_are_verified_unless_told_otherwise(
         secured = {"tls": tls, "port": getattr(dovecot.ports, port), **extra}
         pop = {"tls": "none", "port": dovecot.ports.pop3, **(secured if side == "pop3" else {})}
         imap = {"tls": "none", "port": dovecot.ports.imap, **(secured if side == "imap" else {})}
-        config = _write(
+        config = write_tables(
             tmp_path / "config.toml",
-            database,
+            f"sqlite:///{database}",
             [{"name": "d", "type": "imap", "host": dovecot.host, "username": destination.name,
               "password": destination.password, **imap}],
             [{"name": "a", "host": dovecot.host, "username": source.name, "password": source.password,
@@ -147,9 +136,9 @@ def test_starttls_required_sends_no_password_to_a_server_without_stls(
 ) -> None:
     server = ScriptedPop3Server([StoredMessage("u-1", simple(1))], stls=False)
     with server:
-        config = _write(
+        config = write_tables(
             tmp_path / "config.toml",
-            tmp_path / "ledger.sqlite3",
+            f"sqlite:///{tmp_path / 'ledger.sqlite3'}",
             [{"name": "d", "type": "imap", "host": dovecot.host, "port": dovecot.ports.imap, "tls": "none",
               "username": mail_users.destination.name, "password": mail_users.destination.password}],
             [{"name": "a", "host": "127.0.0.1", "port": server.port, "tls": "starttls", "username": "alice",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.configs import _table
+from tests.configs import write_tables
 from tests.messages import simple
 from tests.servers.dovecot import Dovecot, MailUsers
 from tests.servers.scripted_pop3 import (
@@ -83,16 +83,8 @@ def _config(tmp_path: Path, dovecot: Dovecot, users: MailUsers, port: int) -> Pa
     destination = {"name": "dovecot", "type": "imap", "host": dovecot.host, "port": dovecot.ports.imap,
                    "tls": "none", "username": users.destination.name,
                    "password": users.destination.password}  # fmt: skip
-    text = "\n".join(
-        [
-            _table("[service]", {"database": f"sqlite:///{tmp_path / 'ledger.sqlite3'}"}),
-            _table("[[destinations]]", destination),
-            _table("[[accounts]]", account),
-        ]
-    )
-    path = tmp_path / "config.toml"
-    path.write_text(text)
-    return path
+    database = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
+    return write_tables(tmp_path / "config.toml", database, [destination], [account])
 
 
 def _sync(config: Path) -> tuple[int, str, int]:
