@@ -198,6 +198,9 @@ class CrashRun:
         rows = ledger_rows(self.database)
         pending = [row.uidl for row in rows if row.state == "pending"]
         assert not pending, f"SIGTERM left messages half done: {pending}"
+        if self.retention == "delete":
+            undeleted = [row.uidl for row in rows if row.state == "delivered"]
+            assert not undeleted, f"SIGTERM ended the session without deleting {undeleted}"
 
     def all_delivered(self) -> bool:
         return len(self.dovecot.imap_messages(self.users.destination.name)) == len(self.messages)
