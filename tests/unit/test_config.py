@@ -158,7 +158,10 @@ BROKEN_CONFIGS = {
         BASE + 'destination_username = "x"',
         "accounts[0]: destination_username and destination_password go together",
     ),
-    "auth-kerberos": (BASE + 'auth = "kerberos"', "accounts[0].auth: Input should be 'user' or 'apop'"),
+    "empty-account-name": (
+        BASE.replace('\nname = "alice"', '\nname = ""'),
+        "accounts[0].name: String should have at least 1 character",
+    ),
     "jitter-over-1": (
         BASE + "poll_jitter = 2",
         "accounts[0].poll_jitter: Input should be less than or equal to 1",
@@ -176,7 +179,7 @@ BROKEN_CONFIGS = {
         'accounts[0].password: expected a string, { env = "NAME" } or { file = "/path" }',
     ),
     "account-name-with-space": (
-        BASE.replace('name = "alice"', 'name = "bad name!"'),
+        BASE.replace('\nname = "alice"', '\nname = "bad name!"'),
         "accounts[0].name: String should match pattern '^[A-Za-z0-9][A-Za-z0-9._@+-]*$'",
     ),
     "missing-username": (
