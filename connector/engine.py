@@ -207,10 +207,8 @@ class _Poll:
         spool = MessageSpool(info.uidl, fallback)
         try:
             pop.retr(info.number, spool, max_bytes=info.size * 2 + RETR_SLACK_BYTES)
-        except BaseException as exc:
+        except BaseException:
             spool.abort()
-            if isinstance(exc, ConnectorError) and exc.uidl is None:
-                exc.uidl = info.uidl  # the account's error then names the message the poll broke on
             raise
         return spool.finish()
 

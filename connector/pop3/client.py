@@ -127,6 +127,9 @@ class Pop3Client:
     broken: later commands raise ``SourceConnectError`` and ``__exit__`` closes without QUIT.
     """
 
+    # The secrets of the command in flight, cut out of the trace of its reply (see ``_redact``).
+    _trace_secrets: tuple[str, ...] = ()
+
     def __init__(
         self,
         sock: socket.socket,
@@ -141,7 +144,6 @@ class Pop3Client:
         self._broken = False
         self._closed = False
         self._capabilities = Capabilities()
-        self._trace_secrets: tuple[str, ...] = ()
         try:
             self._greeting = self._read_greeting()
             self._capabilities = self.capa()
