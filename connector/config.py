@@ -61,7 +61,10 @@ def parse_duration(value: object) -> timedelta:
         raise ValueError("expected a duration such as '30s', '5m' or '1h'")
     if seconds < 0:
         raise ValueError("a duration cannot be negative")
-    return timedelta(seconds=seconds)
+    try:
+        return timedelta(seconds=seconds)
+    except OverflowError:
+        raise ValueError(f"{value!r} is too long for a duration") from None
 
 
 def _resolve_secret(value: object) -> SecretStr:

@@ -102,3 +102,14 @@ def make_config(tmp_path: Path, dovecot: Dovecot, users: MailUsers, database: st
     return load_config(
         write_config(tmp_path / "config.toml", config_toml(dovecot, users, database, **kwargs))
     )
+
+
+def write_tables(
+    path: Path, database: str, destinations: list[dict[str, Any]], accounts: list[dict[str, Any]]
+) -> Path:
+    """A config file with any servers: one [[destinations]]/[[accounts]] table per dict."""
+    parts = [_table("[service]", {"database": database})]
+    parts += [_table("[[destinations]]", fields) for fields in destinations]
+    parts += [_table("[[accounts]]", fields) for fields in accounts]
+    path.write_text("\n".join(parts))
+    return path

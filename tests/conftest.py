@@ -5,6 +5,7 @@ Missing servers make the tests fail, never skip: a green run must mean the integ
 
 from __future__ import annotations
 
+import os
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,10 +13,15 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from hypothesis import settings
 from psycopg import sql
 
 from tests.servers.dovecot import Dovecot, MailUsers, fresh_users, running_for_tests
 from tests.servers.ews import EwsServer
+
+# HYPOTHESIS_PROFILE=deep runs every property with 10,000 examples instead of 100 (docs/reliability.md).
+settings.register_profile("deep", max_examples=10_000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 POSTGRES_ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=5"
 POSTGRES_URL_BASE = "postgresql+psycopg://postgres@127.0.0.1:5432/"

@@ -275,8 +275,9 @@ class ImapSession:
         with self._guard("EXAMINE", uidl=message.uidl):
             selected = self._client.select_folder(mailbox, readonly=True)
         validity = selected.get(b"UIDVALIDITY")
+        expected = _stored_sha256(message)
         for uid in self._same_size_candidates(message):
-            if self._sha256(uid, message.size, message.uidl) == message.sha256:
+            if self._sha256(uid, message.size, message.uidl) == expected:
                 return self._reference(validity, uid)
         return None
 
@@ -409,7 +410,7 @@ class ImapSession:
         mailbox = _quote_mailbox(self.mailbox)
         with self._guard("APPEND", uidl=message.uidl):
             imap = self._client._imap
-            imap.literal = message.read_bytes()
+            imap.literal = _literal_safe(message.read_bytes())
             try:
                 status, data = imap._simple_command("APPEND", mailbox, flags, when)
             finally:
@@ -457,6 +458,20 @@ class ImapSession:
         if self._client is None:
             raise DestinationConnectError(self._where.say(f"{action}: the session is closed"), uidl=uidl)
         return _driver_errors(self._where, action, uidl=uidl)
+
+
+def _literal_safe(data: bytes) -> bytes:
+    """IMAP literals cannot carry NUL (RFC 3501 §4.3): it becomes 0x80, which is what Dovecot stores for
+    it anyway, so the stored bytes (and find()'s hash of them) do not depend on the server."""
+    return data.replace(b"\0", b"\x80") if b"\0" in data else data
+
+
+def _stored_sha256(message: FetchedMessage) -> str:
+    """SHA-256 of the message as APPEND stores it (equal to ``message.sha256`` unless it has NUL bytes)."""
+    digest = hashlib.sha256()
+    for chunk in message.chunks():
+        digest.update(_literal_safe(chunk))
+    return digest.hexdigest()
 
 
 def _present(flags: tuple[bytes, ...] | None) -> bool:

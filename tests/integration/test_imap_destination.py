@@ -412,3 +412,10 @@ def test_busy_greeting_is_a_connect_error(open_destination: Opener) -> None:
         pytest.raises(DestinationConnectError, match="Too many connections"),
     ):
         open_destination(port=port)
+
+
+def test_find_after_delivery_of_a_message_with_nul_bytes(open_destination: Opener) -> None:
+    # IMAP cannot carry NUL: it is stored as 0x80, and recovery after a crash must still recognise it.
+    with fetched(b"Message-ID: <nul@x>\r\nSubject: s\r\n\r\na\0b\r\n") as message:
+        reference = open_destination().deliver(message)
+        assert open_destination().find(message) == reference

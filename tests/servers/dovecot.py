@@ -513,6 +513,41 @@ class Dovecot:
         maildir = self.maildir(user)
         return sum(1 for sub in ("new", "cur") for entry in (maildir / sub).iterdir() if entry.is_file())
 
+    def maildir_messages(self, user: str) -> list[bytes]:
+        """The raw files of the user's INBOX (LF line endings, as Dovecot stores them)."""
+        maildir = self.maildir(user)
+        for _ in range(10):
+            try:
+                return [
+                    entry.read_bytes()
+                    for sub in ("new", "cur")
+                    for entry in sorted((maildir / sub).iterdir())
+                ]
+            except FileNotFoundError:
+                time.sleep(0.05)  # Dovecot moved a file from new/ to cur/ while we listed
+        raise DovecotError(f"the maildir of {user} keeps changing")
+
+    def pop3_contents(self, user: str) -> list[bytes]:
+        """Every message exactly as Dovecot's POP3 sends it (dot-unstuffed, terminator removed), read with
+        a minimal client of its own so that the connector's POP3 code is not its own oracle."""
+        with socket.create_connection((self.host, self.ports.pop3), timeout=_CLIENT_TIMEOUT) as sock:
+            reader = sock.makefile("rb")
+            reader.readline()
+            sock.sendall(f"USER {user}\r\nPASS {self.password(user)}\r\nSTAT\r\n".encode())
+            for _ in range(2):
+                reader.readline()
+            count = int(reader.readline().split()[1])
+            contents = []
+            for number in range(1, count + 1):
+                sock.sendall(f"RETR {number}\r\n".encode())
+                assert reader.readline().startswith(b"+OK")
+                lines = []
+                while (line := reader.readline()) != b".\r\n":
+                    lines.append(line[1:] if line.startswith(b"..") else line)
+                contents.append(b"".join(lines))
+            sock.sendall(b"QUIT\r\n")
+        return contents
+
     @contextlib.contextmanager
     def imap(self, user: str) -> Iterator[Any]:
         """A logged-in imapclient connection on the plain port, returning aware INTERNALDATEs."""

@@ -109,60 +109,127 @@ def test_missing_secret_file(tmp_path: Path) -> None:
     assert "accounts[0].password: cannot read secret file /nonexistent/secret" in error_of(tmp_path, text)
 
 
-@pytest.mark.parametrize(
-    ("extra", "expected"),
-    [
-        ('retention = { mode = "days" }', 'accounts[0].retention: mode "days" needs days = N'),
-        (
-            'retention = { mode = "days", days = 0 }',
-            "accounts[0].retention.days: Input should be greater than 0",
-        ),
-        (
-            'retention = { mode = "keep", days = 3 }',
-            'accounts[0].retention: days is only used with mode = "days"',
-        ),
-        ('tls = "ssl"', "accounts[0].tls: Input should be 'implicit', 'starttls' or 'none'"),
-        ("port = 0", "accounts[0].port: Input should be greater than or equal to 1"),
-        ('poll_interval = "soon"', "accounts[0].poll_interval: 'soon' is not a duration"),
-        ("colour = 1", "accounts[0].colour: unknown field (check the spelling)"),
-        (
-            "retry = { max_attempts = 0 }",
-            "accounts[0].retry.max_attempts: Input should be greater than or equal to 1",
-        ),
-        (
-            'retry = { initial_backoff = "2h", max_backoff = "1h" }',
-            "accounts[0].retry: max_backoff must not be shorter than initial_backoff",
-        ),
-        (
-            'destination_username = "x"',
-            "accounts[0]: destination_username and destination_password go together",
-        ),
-    ],
-)
-def test_account_errors_name_the_field(tmp_path: Path, extra: str, expected: str) -> None:
-    assert expected in error_of(tmp_path, BASE + extra + "\n")
+ACCOUNTS = BASE[BASE.index("[[accounts]]") :]
+
+# Each broken configuration and the exact error it gives (after "<file>: "), one line per problem.
+BROKEN_CONFIGS = {
+    "days-without-days": (
+        BASE + 'retention = { mode = "days" }',
+        'accounts[0].retention: mode "days" needs days = N',
+    ),
+    "days-zero": (
+        BASE + 'retention = { mode = "days", days = 0 }',
+        "accounts[0].retention.days: Input should be greater than 0",
+    ),
+    "days-with-keep": (
+        BASE + 'retention = { mode = "keep", days = 3 }',
+        'accounts[0].retention: days is only used with mode = "days", not "keep"',
+    ),
+    "unknown-retention-mode": (
+        BASE + 'retention = "forever"',
+        "accounts[0].retention.mode: Input should be 'delete', 'keep' or 'days'",
+    ),
+    "tls-ssl": (BASE + 'tls = "ssl"', "accounts[0].tls: Input should be 'implicit', 'starttls' or 'none'"),
+    "port-zero": (BASE + "port = 0", "accounts[0].port: Input should be greater than or equal to 1"),
+    "duration-word": (
+        BASE + 'poll_interval = "soon"',
+        "accounts[0].poll_interval: 'soon' is not a duration; write e.g. '30s', '5m', '1h' or '1h30m'",
+    ),
+    "negative-duration": (
+        BASE + 'retry = { initial_backoff = "-5s" }',
+        "accounts[0].retry.initial_backoff: '-5s' is not a duration; write e.g. '30s', '5m', '1h' or '1h30m'",
+    ),
+    "poll-interval-under-1s": (
+        BASE + 'poll_interval = "500ms"',
+        "accounts[0].poll_interval: poll_interval must be at least 1s",
+    ),
+    "timeout-zero": (BASE + 'timeout = "0s"', "accounts[0].timeout: timeout must be positive"),
+    "timeout-overflow": (BASE + "timeout = 1e30", "accounts[0].timeout: 1e+30 is too long for a duration"),
+    "unknown-field": (BASE + "colour = 1", "accounts[0].colour: unknown field (check the spelling)"),
+    "max-attempts-zero": (
+        BASE + "retry = { max_attempts = 0 }",
+        "accounts[0].retry.max_attempts: Input should be greater than or equal to 1",
+    ),
+    "backoffs-reversed": (
+        BASE + 'retry = { initial_backoff = "2h", max_backoff = "1h" }',
+        "accounts[0].retry: max_backoff must not be shorter than initial_backoff",
+    ),
+    "destination-username-alone": (
+        BASE + 'destination_username = "x"',
+        "accounts[0]: destination_username and destination_password go together",
+    ),
+    "empty-account-name": (
+        BASE.replace('\nname = "alice"', '\nname = ""'),
+        "accounts[0].name: String should have at least 1 character",
+    ),
+    "jitter-over-1": (
+        BASE + "poll_jitter = 2",
+        "accounts[0].poll_jitter: Input should be less than or equal to 1",
+    ),
+    "tls-verify-word": (
+        BASE + 'tls_verify = "maybe"',
+        "accounts[0].tls_verify: Input should be a valid boolean, unable to interpret input",
+    ),
+    "password-number": (
+        BASE.replace('password = "pw"', "password = 5"),
+        'accounts[0].password: expected a string, { env = "NAME" } or { file = "/path" }',
+    ),
+    "password-unknown-source": (
+        BASE.replace('password = "pw"', 'password = { vault = "x" }'),
+        'accounts[0].password: expected a string, { env = "NAME" } or { file = "/path" }',
+    ),
+    "account-name-with-space": (
+        BASE.replace('\nname = "alice"', '\nname = "bad name!"'),
+        "accounts[0].name: String should match pattern '^[A-Za-z0-9][A-Za-z0-9._@+-]*$'",
+    ),
+    "missing-username": (
+        BASE.replace('username = "alice"\n', ""),
+        "accounts[0].username: required field is missing",
+    ),
+    "unknown-destination": (
+        BASE.replace('destination = "local"', 'destination = "nowhere"'),
+        "accounts[0].destination: unknown destination 'nowhere' (known: local)",
+    ),
+    "duplicate-account": (BASE + ACCOUNTS, "accounts[1].name: duplicate name 'alice'"),
+    "destination-port-70000": (
+        BASE.replace('host = "127.0.0.1"', 'host = "127.0.0.1"\nport = 70000'),
+        "destinations[0].port: Input should be less than or equal to 65535",
+    ),
+    "destination-without-host": (
+        BASE.replace('host = "127.0.0.1"\n', ""),
+        "destinations[0].host: required field is missing",
+    ),
+    "destination-user-without-password": (
+        BASE.replace('password = "secret"\n', ""),
+        "destinations[0]: username is set but password is missing",
+    ),
+    "max-workers-zero": (
+        "[service]\nmax_workers = 0\n" + BASE,
+        "service.max_workers: Input should be greater than or equal to 1",
+    ),
+    "unknown-service-field": (
+        "[service]\nthreads = 4\n" + BASE,
+        "service.threads: unknown field (check the spelling)",
+    ),
+    "unknown-section": ("[logging]\nlevel = 1\n" + BASE, "logging: unknown field (check the spelling)"),
+    "bad-default-reported-once": (
+        '[defaults]\npoll_interval = "0s"\n' + BASE,
+        "defaults.poll_interval: poll_interval must be at least 1s",
+    ),
+    "two-problems-two-lines": (
+        BASE + 'port = 0\ntls = "ssl"',
+        "accounts[0].port: Input should be greater than or equal to 1\n"
+        "accounts[0].tls: Input should be 'implicit', 'starttls' or 'none'",
+    ),
+}
 
 
-def test_missing_required_field(tmp_path: Path) -> None:
-    assert "accounts[0].username: required field is missing" in error_of(
-        tmp_path, BASE.replace('username = "alice"\n', "")
-    )
-
-
-def test_unknown_destination(tmp_path: Path) -> None:
-    message = error_of(tmp_path, BASE.replace('destination = "local"', 'destination = "nowhere"'))
-    assert "accounts[0].destination: unknown destination 'nowhere' (known: local)" in message
-
-
-def test_duplicate_account_names(tmp_path: Path) -> None:
-    second = BASE[BASE.index("[[accounts]]") :]
-    assert "accounts[1].name: duplicate name 'alice'" in error_of(tmp_path, BASE + second)
-
-
-def test_bad_default_reported_once_under_defaults(tmp_path: Path) -> None:
-    message = error_of(tmp_path, '[defaults]\npoll_interval = "0s"\n' + BASE)
-    assert len(message.splitlines()) == 1
-    assert "defaults.poll_interval: poll_interval must be at least 1s" in message
+@pytest.mark.parametrize("name", list(BROKEN_CONFIGS))
+def test_broken_config_gives_its_exact_error(tmp_path: Path, name: str) -> None:
+    text, expected = BROKEN_CONFIGS[name]
+    path = tmp_path / "config.toml"
+    prefix = f"{path.resolve()}: "
+    assert error_of(tmp_path, text + "\n") == "\n".join(prefix + line for line in expected.split("\n"))
 
 
 def test_destination_without_username_needs_account_login(tmp_path: Path) -> None:

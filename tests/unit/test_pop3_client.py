@@ -507,6 +507,18 @@ def test_trace_redacts_secrets(server: ScriptedPop3Server, caplog: pytest.LogCap
     assert not any("Hello there" in m for m in messages)  # bodies are not traced
 
 
+def test_trace_redacts_a_password_the_server_echoes(
+    server: ScriptedPop3Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="connector.pop3.wire")
+    server.on("PASS", lambda session, argument: session.send_line(f"-ERR [AUTH] bad password {argument}"))
+    with connect(server) as client, pytest.raises(SourceAuthError) as caught:
+        client.login("alice", "s3cret-Echo")
+    messages = [r.getMessage() for r in caplog.records if r.name == "connector.pop3.wire"]
+    assert "S: -ERR [AUTH] bad password ****" in messages
+    assert "s3cret-Echo" not in str(caught.value) + " ".join(messages)
+
+
 # --- TLS ----------------------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,250 @@
+"""Kills ``pop-connector sync`` at random moments and checks, after every kill, that nothing was lost,
+nothing delivered twice and nothing deleted from the POP3 server before its delivery was recorded.
+
+Used by test_crash_random.py; the number of kills comes from ``POP_CONNECTOR_CRASH_KILLS`` (per retention
+mode) and the random seed from ``POP_CONNECTOR_CRASH_SEED`` (printed on failure, to replay a run).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.delivery import assert_at_most_once, assert_nothing_lost, match_deliveries, normalised
+from tests.messages import simple
+from tests.servers.dovecot import Dovecot, MailUsers
+
+ROOT = Path(__file__).resolve().parents[2]
+# Logged by the engine once the listing is planned: from here on the poll is delivering.
+PLANNED = "to deliver"
+_SIZES = (300, 4_000, 60_000, 400_000)
+
+
+def mixed_mailbox(count: int, tag: str) -> list[bytes]:
+    """Distinct messages of mixed sizes; every fifth has no Message-ID (the connector adds one)."""
+    messages = []
+    for n in range(count):
+        body = simple(n, size=_SIZES[n % len(_SIZES)], message_id=n % 5 != 2)
+        messages.append(body.replace(b"Subject: test", f"X-Run: {tag}\r\nSubject: test".encode(), 1))
+    return messages
+
+
+@dataclass
+class Row:
+    uidl: str
+    state: str
+    sha256: str | None
+    destination_ref: str | None
+
+
+def ledger_rows(database: Path) -> list[Row]:
+    if not database.exists():
+        return []  # killed before the ledger was created
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as conn:
+        rows = conn.execute("SELECT uidl, state, sha256, destination_ref FROM messages").fetchall()
+    return [Row(*row) for row in rows]
+
+
+@dataclass
+class KillStats:
+    kills: int = 0
+    finished_early: int = 0
+    while_planning: int = 0
+    while_delivering: int = 0
+    terms: int = 0
+
+
+class CrashRun:
+    """One mailbox, one config file, one ledger; repeatedly started and killed."""
+
+    def __init__(
+        self,
+        dovecot: Dovecot,
+        users: MailUsers,
+        config: Path,
+        database: Path,
+        messages: list[bytes],
+        rng: random.Random,
+        retention: str,
+    ) -> None:
+        self.dovecot = dovecot
+        self.users = users
+        self.config = config
+        self.database = database
+        self.messages = messages
+        self.rng = rng
+        self.retention = retention
+        self._gone: set[int] = set()  # originals already off the server at the previous check
+        self.stdout = config.with_name("stdout.txt")
+
+    def start(self) -> tuple[subprocess.Popen[str], threading.Event, list[str]]:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "connector", "--config", str(self.config), "sync"],
+            cwd=ROOT,
+            stdout=self.stdout.open("w"),
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        planned = threading.Event()
+        lines: list[str] = []
+
+        def read() -> None:
+            assert process.stderr is not None
+            for line in process.stderr:
+                lines.append(line)
+                if PLANNED in line:
+                    planned.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        return process, planned, lines
+
+    def interrupt(self, stats: KillStats, sig: signal.Signals) -> None:
+        """Start a sync and send ``sig`` at a random moment: a third of the time counted from the start
+        (start-up, login, listing), otherwise from the moment deliveries begin."""
+        process, planned, lines = self.start()
+        early = sig == signal.SIGKILL and self.rng.random() < 1 / 3
+        if early:
+            time.sleep(self.rng.uniform(0, 1.5))
+        else:
+            planned.wait(60)
+            time.sleep(self.rng.uniform(0, 0.6))
+        if process.poll() is not None:
+            stats.finished_early += 1
+            self.check_invariants()
+            return
+        process.send_signal(sig)
+        code = process.wait(60)
+        if sig == signal.SIGKILL:
+            assert code == -signal.SIGKILL, "".join(lines[-20:])
+            stats.kills += 1
+            if planned.is_set():
+                stats.while_delivering += 1
+            else:
+                stats.while_planning += 1
+        else:
+            # Graceful: the handler lets the poll finish its message and QUIT; exit 0 or 1. Python restores
+            # the default action while the interpreter shuts down, so a signal that late may still kill
+            # it, but only once the result line shows that every poll has ended.
+            finished = "delivered=" in self.stdout.read_text()
+            assert code in (0, 1) or (code == -signal.SIGTERM and finished), (
+                f"exit {code} after SIGTERM: {''.join(lines[-20:])}"
+            )
+            stats.terms += 1
+            self.check_graceful()
+        self.check_invariants()
+
+    def finish(self) -> None:
+        """A run to the end (checked against both servers), then one more that finds nothing to do."""
+        for attempt in range(2):
+            result = subprocess.run(
+                [sys.executable, "-m", "connector", "--config", str(self.config), "sync"],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=300,
+                check=False,
+            )
+            assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+            self.check_invariants()
+            if attempt == 0:
+                self.check_final()
+            else:
+                assert "delivered=0 recovered=0" in result.stdout, result.stdout
+
+    # --- checks ---------------------------------------------------------------------------------------
+
+    def _state(self) -> tuple[list[bytes], list[bytes], dict[str, Row]]:
+        delivered = self.dovecot.imap_messages(self.users.destination.name)
+        on_server = self.dovecot.maildir_messages(self.users.source.name)
+        rows = {row.sha256: row for row in ledger_rows(self.database) if row.sha256}
+        return delivered, on_server, rows
+
+    def _row_of(self, delivered: list[bytes], rows: dict[str, Row]) -> dict[int, Row | None]:
+        """For each delivered original (by index), the ledger row with the SHA-256 of what arrived."""
+        by_index: dict[int, Row | None] = {}
+        for body in delivered:
+            index = next(iter(match_deliveries(self.messages, [body])))
+            by_index[index] = rows.get(hashlib.sha256(body).hexdigest())
+        return by_index
+
+    def check_invariants(self) -> None:
+        delivered, on_server, rows = self._state()
+        assert_at_most_once(self.messages, delivered)
+        assert_nothing_lost(self.messages, delivered, on_server)
+        left = {normalised(message) for message in on_server}
+        row_of = self._row_of(delivered, rows)
+        gone = {index for index, message in enumerate(self.messages) if normalised(message) not in left}
+        for index in gone - self._gone:
+            # It left the server during the last run, which cannot also have pruned its row (a poll
+            # prunes only what was gone before it started), so the row must say it was delivered.
+            row = row_of.get(index)
+            assert row is not None and row.state in ("delivered", "deleted"), (
+                f"message {index} left the POP3 server but the ledger has {row}"
+            )
+        self._gone = gone
+
+    def check_graceful(self) -> None:
+        """After SIGTERM no message is half done: no pending row, and (delete mode) every recorded
+        delivery was also deleted at QUIT."""
+        rows = ledger_rows(self.database)
+        pending = [row.uidl for row in rows if row.state == "pending"]
+        assert not pending, f"SIGTERM left messages half done: {pending}"
+        if self.retention == "delete":
+            undeleted = [row.uidl for row in rows if row.state == "delivered"]
+            assert not undeleted, f"SIGTERM ended the session without deleting {undeleted}"
+
+    def all_delivered(self) -> bool:
+        return len(self.dovecot.imap_messages(self.users.destination.name)) == len(self.messages)
+
+    def check_final(self) -> None:
+        delivered, on_server, _ = self._state()
+        counts = assert_at_most_once(self.messages, delivered)
+        assert sorted(counts) == list(range(len(self.messages))), "not everything was delivered"
+        ledger = ledger_rows(self.database)
+        states = {row.state for row in ledger}
+        uids = {_uid(row.destination_ref) for row in ledger}
+        shas = {row.sha256 for row in ledger}
+        stored = self.dovecot.imap_fetch(self.users.destination.name)
+        if self.retention == "delete":
+            # Rows of messages deleted by earlier runs were pruned when this run saw them gone.
+            assert on_server == [] and states <= {"deleted"}, states
+            assert uids <= {m.uid for m in stored}
+            assert shas <= {hashlib.sha256(m.body).hexdigest() for m in stored}
+        else:
+            assert len(on_server) == len(self.messages) and states == {"delivered"}, states
+            assert uids == {m.uid for m in stored}
+            assert shas == {hashlib.sha256(m.body).hexdigest() for m in stored}
+
+
+def _uid(reference: str | None) -> int:
+    assert reference and "UID=" in reference, f"no UID in destination reference {reference!r}"
+    return int(reference.rsplit("UID=", 1)[1])
+
+
+def interrupt_repeatedly(
+    make_run: Callable[[int], CrashRun], signals: list[signal.Signals], stats: KillStats
+) -> None:
+    """Rounds of (fresh mailbox, the next signals until it is all delivered, finish and check) until
+    every signal in ``signals`` has interrupted a running sync."""
+    pending = list(signals)
+    round_number = 0
+    while pending:
+        run = make_run(round_number)
+        round_number += 1
+        while pending:
+            before = stats.kills + stats.terms
+            run.interrupt(stats, pending[0])
+            if stats.kills + stats.terms > before:
+                pending.pop(0)
+            elif run.all_delivered():
+                break
+        run.finish()
