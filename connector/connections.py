@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from connector.config import Account, Destination, EwsDestination, ImapDestination, ews_mailbox
 from connector.destinations.base import DestinationSession
-from connector.destinations.imap import ImapSession, open_imap
+from connector.destinations.imap import ImapSession, MasterUser, open_imap
 from connector.errors import (
     DestinationConnectError,
     OAuthError,
@@ -73,6 +74,12 @@ def _open_source_oauth2(account: Account, providers: TokenProviders) -> Pop3Clie
         raise error_type(f"{where}: no OAuth token: {exc.message}") from exc
 
 
+def _imap_context(destination: ImapDestination) -> ssl.SSLContext | None:
+    if destination.tls == "none":
+        return None
+    return make_ssl_context(verify=destination.tls_verify, ca_file=destination.ca_file)
+
+
 def open_imap_destination(
     destination: ImapDestination, account: Account, providers: TokenProviders = DEFAULT_PROVIDERS
 ) -> ImapSession:
@@ -92,14 +99,11 @@ def open_imap_destination(
         secret = account.destination_password or destination.password
         assert secret is not None  # config validated
         password = secret.get_secret_value()
-    context = None
-    if destination.tls != "none":
-        context = make_ssl_context(verify=destination.tls_verify, ca_file=destination.ca_file)
     return open_imap(
         host=destination.host,
         port=destination.effective_port,
         tls=destination.tls,
-        ssl_context=context,
+        ssl_context=_imap_context(destination),
         timeout=account.timeout.total_seconds(),
         username=username,
         password=password,
@@ -142,7 +146,37 @@ def open_destination(destination: Destination, account: Account) -> DestinationS
     return open_imap_destination(destination, account)
 
 
+def open_recipient_destination(
+    destination: Destination, account: Account, mailbox: str
+) -> DestinationSession:
+    """A session into one recipient's ``mailbox`` for a catch-all account: EWS impersonates it, IMAP logs
+    in to it as the destination's master user (config validated that one of them applies)."""
+    if isinstance(destination, EwsDestination):
+        return open_ews_destination(destination, account.model_copy(update={"mailbox": mailbox}))
+    assert destination.master_username is not None and destination.master_password is not None
+    master = MasterUser(
+        destination.master_username,
+        destination.master_password.get_secret_value(),
+        style=destination.master_login,
+        separator=destination.master_separator,
+    )
+    return open_imap(
+        host=destination.host,
+        port=destination.effective_port,
+        tls=destination.tls,
+        ssl_context=_imap_context(destination),
+        timeout=account.timeout.total_seconds(),
+        username=mailbox,
+        password=None,
+        master=master,
+        folder=account.folder,
+        mark_seen=account.mark_seen,
+        create_folder=destination.create_folders,
+    )
+
+
 @dataclass(frozen=True)
 class Connections:
     open_source: Callable[[Account], Pop3Client] = open_source
     open_destination: Callable[[Destination, Account], DestinationSession] = open_destination
+    open_recipient: Callable[[Destination, Account, str], DestinationSession] = open_recipient_destination
