@@ -122,6 +122,10 @@ def test_routes_previews_a_catch_all_mailbox_then_sync_delivers_it(
     assert f"-> {alice.name} (by To: alice@example.org), {sales.name} (by To: x@sales" in lines[2]
     assert "left on the server" in lines[3]
     assert dovecot.maildir_count(mail_users.source.name) == 3  # the preview changed nothing
+    check = run_cli("--config", str(config), "check")
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert f"destination dovecot as {alice.name} OK" in check.stdout
+    assert f"destination dovecot as {sales.name} OK" in check.stdout
     sync = run_cli("--config", str(config), "sync")
     assert sync.returncode == 1 and "no routing rule matches" in sync.stdout + sync.stderr
     assert len(dovecot.imap_messages(alice.name)) == 2 and len(dovecot.imap_messages(sales.name)) == 1
