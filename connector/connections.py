@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,7 +15,7 @@ from connector.errors import (
     SourceAuthError,
     SourceConnectError,
 )
-from connector.oauth import DEFAULT_PROVIDERS, TokenProviders, login_with_token
+from connector.oauth import DEFAULT_PROVIDERS, TokenProvider, TokenProviders, login_with_token
 from connector.pop3 import Pop3Client, connect_pop3
 from connector.tls import make_ssl_context
 
@@ -74,10 +73,32 @@ def _open_source_oauth2(account: Account, providers: TokenProviders) -> Pop3Clie
         raise error_type(f"{where}: no OAuth token: {exc.message}") from exc
 
 
-def _imap_context(destination: ImapDestination) -> ssl.SSLContext | None:
-    if destination.tls == "none":
-        return None
-    return make_ssl_context(verify=destination.tls_verify, ca_file=destination.ca_file)
+def _open_imap_as(
+    destination: ImapDestination,
+    account: Account,
+    username: str,
+    *,
+    password: str | None = None,
+    token_provider: TokenProvider | None = None,
+    master: MasterUser | None = None,
+) -> ImapSession:
+    context = None
+    if destination.tls != "none":
+        context = make_ssl_context(verify=destination.tls_verify, ca_file=destination.ca_file)
+    return open_imap(
+        host=destination.host,
+        port=destination.effective_port,
+        tls=destination.tls,
+        ssl_context=context,
+        timeout=account.timeout.total_seconds(),
+        username=username,
+        password=password,
+        token_provider=token_provider,
+        master=master,
+        folder=account.folder,
+        mark_seen=account.mark_seen,
+        create_folder=destination.create_folders,
+    )
 
 
 def open_imap_destination(
@@ -99,19 +120,7 @@ def open_imap_destination(
         secret = account.destination_password or destination.password
         assert secret is not None  # config validated
         password = secret.get_secret_value()
-    return open_imap(
-        host=destination.host,
-        port=destination.effective_port,
-        tls=destination.tls,
-        ssl_context=_imap_context(destination),
-        timeout=account.timeout.total_seconds(),
-        username=username,
-        password=password,
-        token_provider=token_provider,
-        folder=account.folder,
-        mark_seen=account.mark_seen,
-        create_folder=destination.create_folders,
-    )
+    return _open_imap_as(destination, account, username, password=password, token_provider=token_provider)
 
 
 def open_ews_destination(destination: EwsDestination, account: Account) -> DestinationSession:
@@ -160,19 +169,7 @@ def open_recipient_destination(
         style=destination.master_login,
         separator=destination.master_separator,
     )
-    return open_imap(
-        host=destination.host,
-        port=destination.effective_port,
-        tls=destination.tls,
-        ssl_context=_imap_context(destination),
-        timeout=account.timeout.total_seconds(),
-        username=mailbox,
-        password=None,
-        master=master,
-        folder=account.folder,
-        mark_seen=account.mark_seen,
-        create_folder=destination.create_folders,
-    )
+    return _open_imap_as(destination, account, mailbox, master=master)
 
 
 @dataclass(frozen=True)

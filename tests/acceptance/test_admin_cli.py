@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.acceptance.conftest import RunCli
+from tests.acceptance.conftest import RunCli, catch_all_config
 from tests.messages import simple
 from tests.servers.dovecot import Dovecot, MailUsers
 
@@ -105,14 +105,8 @@ def test_routes_previews_a_catch_all_mailbox_then_sync_delivers_it(
             _addressed(3, "To: stranger@elsewhere.example"),
         ],
     )
-    config = write_cfg(
-        destination={"master_username": dovecot.master.name, "master_password": dovecot.master.password}
-    )
-    config.write_text(
-        config.read_text()
-        + "[accounts.routing]\n"
-        + f'rules = [{{ match = "alice@example.org", mailbox = "{alice.name}" }}, '
-        + f'{{ match = "*@sales.example.org", mailbox = "{sales.name}" }}]\n'
+    config = catch_all_config(
+        write_cfg, dovecot, {"alice@example.org": alice.name, "*@sales.example.org": sales.name}
     )
     routes = run_cli("--config", str(config), "routes", "--account", "alice")
     assert routes.returncode == 0, routes.stderr

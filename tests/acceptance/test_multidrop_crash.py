@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.acceptance.conftest import RunCli
+from tests.acceptance.conftest import RunCli, catch_all_config
 from tests.messages import simple
 from tests.servers.dovecot import Dovecot, MailUsers
 
@@ -41,16 +41,8 @@ def test_killed_between_recipients_then_rerun_delivers_only_the_missing(
     people = [dovecot.new_user(name) for name in ("alice", "bob", "carol")]
     messages = [_for_three(0), _for_three(1)]
     dovecot.seed(mail_users.source.name, messages)
-    config = write_cfg(
-        destination={"master_username": dovecot.master.name, "master_password": dovecot.master.password}
-    )
-    config.write_text(
-        config.read_text()
-        + "[accounts.routing]\n"
-        + f'rules = [{{ match = "alice@example.org", mailbox = "{people[0].name}" }}, '
-        + f'{{ match = "bob@example.org", mailbox = "{people[1].name}" }}, '
-        + f'{{ match = "*@sales.example.org", mailbox = "{people[2].name}" }}]\n'
-    )
+    addresses = ("alice@example.org", "bob@example.org", "*@sales.example.org")
+    config = catch_all_config(write_cfg, dovecot, {a: p.name for a, p in zip(addresses, people, strict=True)})
     args = ("--config", str(config), "sync")
     crashed = run_cli(point, str(nth), "--", *args, module="tests.acceptance.crash_driver")
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr
