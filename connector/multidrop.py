@@ -129,6 +129,7 @@ class RoutedDelivery:
             return
         if missing:
             self._record_pending(fetched, info, headers_only=delivery.headers_only)
+        # A list, not a generator: one recipient's server refusing the message must not cost the others.
         delivered_all = all([self._deliver_to(fetched, info, mailbox) for mailbox in missing])
         if delivered_all:
             self._delivered(info, "routed to " + ", ".join(decision.mailboxes))
