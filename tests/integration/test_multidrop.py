@@ -180,3 +180,27 @@ def test_master_password_never_in_the_protocol_log(
     plain = f"{people['alice'].name}\0{dovecot.master.name}\0{secret}".encode()
     for form in (secret, base64.b64encode(plain).decode(), base64.b64encode(plain[:-1]).decode()[:-4]):
         assert form not in text
+
+
+def test_a_recipient_refusing_the_message_does_not_cost_the_others(
+    dovecot: Dovecot, mail_users: MailUsers, make_sync: SyncFactory, people: dict[str, MailUser]
+) -> None:
+    # Dovecot refuses APPENDs over quota_max_mail_size for good (NO [LIMIT]): a permanent refusal.
+    small = dovecot.new_user("small", userdb_fields={"quota_max_mail_size": "1K"})
+    table = routing(people)
+    table["rules"].append({"match": "small@example.org", "mailbox": small.name})
+    big = simple(1, size=4000).replace(b"To: alice@example.net", b"To: small@example.org, alice@example.org")
+    dovecot.seed(mail_users.source.name, [big])
+    _, engine = make_sync(
+        account={"routing": table, "retry": {"max_attempts": 2}}, destination=master(dovecot)
+    )
+    account = engine.config.accounts[0]
+    first = engine.poll(account)
+    assert (first.delivered, first.failed, first.quarantined) == (1, 1, 0), first
+    assert len(dovecot.imap_messages(people["alice"].name)) == 1
+    assert dovecot.maildir_count(mail_users.source.name) == 1  # not every recipient has it: kept
+    second = engine.poll(account)  # alice is not given a second copy; small refuses again: quarantined
+    assert (second.delivered, second.quarantined) == (0, 1), second
+    assert len(dovecot.imap_messages(people["alice"].name)) == 1
+    assert dovecot.maildir_count(mail_users.source.name) == 1
+    dovecot.remove_user(small.name)
