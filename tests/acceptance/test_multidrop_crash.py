@@ -1,8 +1,10 @@
-"""SIGKILL between the recipients of a catch-all message, then a rerun: each mailbox gets each message
-exactly once, and the POP3 copy is deleted only after all of them have it."""
+"""Catch-all delivery through the CLI: SIGKILL between the recipients of a message, then a rerun (each
+mailbox gets each message exactly once, and the POP3 copy is deleted only after all of them have it); the
+master password never appears in a protocol log."""
 
 from __future__ import annotations
 
+import base64
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -63,3 +65,27 @@ def test_killed_between_recipients_then_rerun_delivers_only_the_missing(
     assert third.returncode == 0 and "delivered=0 recovered=0" in third.stdout
     for person in people:
         dovecot.remove_user(person.name)
+
+
+def test_master_password_never_in_the_output_or_protocol_log(
+    dovecot: Dovecot, mail_users: MailUsers, write_cfg: Callable[..., Path], run_cli: RunCli, tmp_path: Path
+) -> None:
+    alice = dovecot.new_user("alice")
+    dovecot.seed(mail_users.source.name, [_for_three(0)])
+    logs = tmp_path / "protocol-logs"
+    config = catch_all_config(
+        write_cfg,
+        dovecot,
+        {"alice@example.org": alice.name},
+        account={"protocol_log": True},
+        service={"protocol_log_dir": str(logs)},
+    )
+    sync = run_cli("--config", str(config), "--log-level", "DEBUG", "sync")
+    assert sync.returncode == 0, sync.stdout + sync.stderr
+    assert len(dovecot.imap_messages(alice.name)) == 1
+    text = sync.stdout + sync.stderr + "".join(path.read_text() for path in logs.iterdir())
+    assert "AUTHENTICATE" in text
+    secret = dovecot.master.password
+    plain = base64.b64encode(f"{alice.name}\0{dovecot.master.name}\0{secret}".encode()).decode()
+    assert secret not in text and plain not in text
+    dovecot.remove_user(alice.name)

@@ -3,9 +3,7 @@ logged in to as a Dovecot master user."""
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -157,29 +155,6 @@ def test_only_missing_recipients_are_delivered_after_an_interruption(
     with ledger.engine.connect() as connection:
         states = connection.execute(RecipientRow.__table__.select()).all()  # type: ignore[attr-defined]
     assert sum(1 for row in states if row.state == "delivered") >= 3
-
-
-def test_master_password_never_in_the_protocol_log(
-    dovecot: Dovecot,
-    mail_users: MailUsers,
-    make_sync: SyncFactory,
-    people: dict[str, MailUser],
-    tmp_path: Path,
-) -> None:
-    dovecot.seed(mail_users.source.name, [addressed(1, "To: alice@example.org")])
-    logs = tmp_path / "protocol-logs"
-    _, engine = make_sync(
-        account={"routing": routing(people), "protocol_log": True},
-        destination=master(dovecot),
-        service={"protocol_log_dir": str(logs)},
-    )
-    assert engine.poll(engine.config.accounts[0]).delivered == 1
-    text = "".join(path.read_text() for path in logs.iterdir())
-    assert "AUTHENTICATE" in text and "delivered" in text
-    secret = dovecot.master.password
-    plain = f"{people['alice'].name}\0{dovecot.master.name}\0{secret}".encode()
-    for form in (secret, base64.b64encode(plain).decode(), base64.b64encode(plain[:-1]).decode()[:-4]):
-        assert form not in text
 
 
 def test_a_recipient_refusing_the_message_does_not_cost_the_others(
