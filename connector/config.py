@@ -186,6 +186,7 @@ class ServiceConfig(_Model):
         if value is not None and len(value.get_secret_value()) < 8:
             raise ValueError("status_token must be at least 8 characters (a short token protects nothing)")
         return value
+
     # "distributed": `run` is one of several workers sharing a PostgreSQL database (connector/distributed).
     mode: Literal["embedded", "distributed"] = "embedded"
     dispatch_interval: Duration = timedelta(seconds=10)
@@ -211,6 +212,7 @@ class ServiceConfig(_Model):
                 "service.stalled_after", "stalled_after must be at least twice heartbeat_interval"
             )
         return self
+
     # Protocol logs (connector/protocol_log.py): where, and how they rotate.
     protocol_log_dir: Path | None = None
     protocol_log_max_bytes: ByteSize = 10 * 1024 * 1024
@@ -324,6 +326,9 @@ class OAuthSettings(_Model):
 
 
 LoginMethod = Literal["password", "oauth2"]
+# How a master user logs in as a recipient: SASL PLAIN with the recipient as authorisation identity
+# (RFC 4616), or LOGIN "recipient<separator>master" (Dovecot's auth_master_user_separator).
+MasterLogin = Literal["sasl", "separator"]
 
 
 def _check_oauth(auth: str, oauth: OAuthSettings | None) -> None:
@@ -346,10 +351,21 @@ class ImapDestination(_Model):
     auth: LoginMethod = "password"
     oauth: OAuthSettings | None = None
     create_folders: bool = True
+    # Catch-all accounts log in as each recipient with these (a master user / proxy authorisation).
+    master_username: str | None = None
+    master_password: Secret | None = None
+    master_login: MasterLogin = "sasl"
+    master_separator: str = Field(default="*", min_length=1)
 
     @property
     def effective_port(self) -> int:
         return self.port or (993 if self.tls == "implicit" else 143)
+
+    @model_validator(mode="after")
+    def _master_pair(self) -> ImapDestination:
+        if (self.master_username is None) != (self.master_password is None):
+            raise ValueError("master_username and master_password go together")
+        return self
 
     @model_validator(mode="after")
     def _password_with_username(self) -> ImapDestination:
@@ -519,6 +535,9 @@ class Config(_Model):
                     f"accounts[{index}].destination",
                     f"unknown destination {account.destination!r} (known: {known})",
                 )
+            if account.routing is not None:
+                _check_routing_account(index, account, destination)
+                continue
             if isinstance(destination, EwsDestination):
                 _check_ews_account(index, account, destination)
                 continue
@@ -555,6 +574,30 @@ def _check_destination_password(index: int, account: Account, destination: ImapD
         )
     if not oauth and account.destination_username is not None and account.destination_password is None:
         raise _PathError(f"accounts[{index}]", "destination_username and destination_password go together")
+
+
+def _check_routing_account(
+    index: int, account: Account, destination: ImapDestination | EwsDestination
+) -> None:
+    """A catch-all account logs in as each recipient: IMAP through a master user, EWS by impersonation."""
+    where = f"accounts[{index}]"
+    if isinstance(destination, EwsDestination):
+        if not destination.impersonation:
+            raise _PathError(
+                where,
+                f"catch-all routing delivers into each recipient's mailbox: destination {destination.name!r} "
+                "needs impersonation = true",
+            )
+        _check_ews_folder(where, account)
+        return
+    if destination.master_username is None:
+        raise _PathError(
+            where,
+            f"catch-all routing logs in as each recipient: destination {destination.name!r} needs "
+            "master_username and master_password (a master user of the IMAP server)",
+        )
+    if account.mailbox is not None:
+        raise _PathError(f"{where}.mailbox", 'only used with an EWS destination (type = "ews")')
 
 
 class _PathError(ValueError):
@@ -595,6 +638,10 @@ def _check_ews_account(index: int, account: Account, destination: EwsDestination
             f"destination {destination.name!r} has no username, so the account needs "
             "destination_username and destination_password",
         )
+    _check_ews_folder(where, account)
+
+
+def _check_ews_folder(where: str, account: Account) -> None:
     top = next((part for part in account.folder.split("/") if part), "Inbox")
     if top.lower() != "inbox":
         raise _PathError(

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from connector.config import Account, Destination, EwsDestination, ImapDestination, ews_mailbox
 from connector.destinations.base import DestinationSession
-from connector.destinations.imap import ImapSession, open_imap
+from connector.destinations.imap import ImapSession, MasterUser, open_imap
 from connector.errors import (
     DestinationConnectError,
     OAuthError,
@@ -15,7 +15,7 @@ from connector.errors import (
     SourceAuthError,
     SourceConnectError,
 )
-from connector.oauth import DEFAULT_PROVIDERS, TokenProviders, login_with_token
+from connector.oauth import DEFAULT_PROVIDERS, TokenProvider, TokenProviders, login_with_token
 from connector.pop3 import Pop3Client, connect_pop3
 from connector.tls import make_ssl_context
 
@@ -73,6 +73,34 @@ def _open_source_oauth2(account: Account, providers: TokenProviders) -> Pop3Clie
         raise error_type(f"{where}: no OAuth token: {exc.message}") from exc
 
 
+def _open_imap_as(
+    destination: ImapDestination,
+    account: Account,
+    username: str,
+    *,
+    password: str | None = None,
+    token_provider: TokenProvider | None = None,
+    master: MasterUser | None = None,
+) -> ImapSession:
+    context = None
+    if destination.tls != "none":
+        context = make_ssl_context(verify=destination.tls_verify, ca_file=destination.ca_file)
+    return open_imap(
+        host=destination.host,
+        port=destination.effective_port,
+        tls=destination.tls,
+        ssl_context=context,
+        timeout=account.timeout.total_seconds(),
+        username=username,
+        password=password,
+        token_provider=token_provider,
+        master=master,
+        folder=account.folder,
+        mark_seen=account.mark_seen,
+        create_folder=destination.create_folders,
+    )
+
+
 def open_imap_destination(
     destination: ImapDestination, account: Account, providers: TokenProviders = DEFAULT_PROVIDERS
 ) -> ImapSession:
@@ -92,22 +120,7 @@ def open_imap_destination(
         secret = account.destination_password or destination.password
         assert secret is not None  # config validated
         password = secret.get_secret_value()
-    context = None
-    if destination.tls != "none":
-        context = make_ssl_context(verify=destination.tls_verify, ca_file=destination.ca_file)
-    return open_imap(
-        host=destination.host,
-        port=destination.effective_port,
-        tls=destination.tls,
-        ssl_context=context,
-        timeout=account.timeout.total_seconds(),
-        username=username,
-        password=password,
-        token_provider=token_provider,
-        folder=account.folder,
-        mark_seen=account.mark_seen,
-        create_folder=destination.create_folders,
-    )
+    return _open_imap_as(destination, account, username, password=password, token_provider=token_provider)
 
 
 def open_ews_destination(destination: EwsDestination, account: Account) -> DestinationSession:
@@ -142,7 +155,25 @@ def open_destination(destination: Destination, account: Account) -> DestinationS
     return open_imap_destination(destination, account)
 
 
+def open_recipient_destination(
+    destination: Destination, account: Account, mailbox: str
+) -> DestinationSession:
+    """A session into one recipient's ``mailbox`` for a catch-all account: EWS impersonates it, IMAP logs
+    in to it as the destination's master user (config validated that one of them applies)."""
+    if isinstance(destination, EwsDestination):
+        return open_ews_destination(destination, account.model_copy(update={"mailbox": mailbox}))
+    assert destination.master_username is not None and destination.master_password is not None
+    master = MasterUser(
+        destination.master_username,
+        destination.master_password.get_secret_value(),
+        style=destination.master_login,
+        separator=destination.master_separator,
+    )
+    return _open_imap_as(destination, account, mailbox, master=master)
+
+
 @dataclass(frozen=True)
 class Connections:
     open_source: Callable[[Account], Pop3Client] = open_source
     open_destination: Callable[[Destination, Account], DestinationSession] = open_destination
+    open_recipient: Callable[[Destination, Account, str], DestinationSession] = open_recipient_destination

@@ -35,6 +35,7 @@ from connector.identity import baseline_entries, identify, migration
 from connector.ledger.models import MessageState
 from connector.ledger.store import Clock, KnownMessage, Ledger, PollOutcome, utcnow
 from connector.message import FetchedMessage
+from connector.multidrop import DestinationPool, RoutedDelivery
 from connector.plan import Delivery, PollPlan, plan_poll, with_recovery
 from connector.policies.limits import Limits, needs_baseline
 from connector.policies.retention import should_delete
@@ -81,20 +82,6 @@ def _seen(info: MessageInfo) -> KnownMessage:
     return KnownMessage(info.uidl, MessageState.SEEN, 0, None, None, None, None, pop_size=info.size)
 
 
-def _routing_not_yet(account: Account, now: datetime) -> PollResult:
-    """Catch-all delivery is not built yet: such an account is never polled (delivering its mail to the
-    one destination login would put everybody's mail in one mailbox)."""
-    error = (
-        f"account {account.name!r}: catch-all routing ([accounts.routing]) can be previewed with "
-        f"`pop-connector routes --account {account.name}` but its delivery is not implemented yet; "
-        "the account is not polled"
-    )
-    log.error("%s", error)
-    return PollResult(
-        account=account.name, status="error", error=error, next_poll_at=now + account.poll_interval
-    )
-
-
 class _DestinationDown(Exception):
     """The destination cannot take more mail in this poll; the POP3 session still ends cleanly."""
 
@@ -116,15 +103,13 @@ class SyncEngine:
     def poll(
         self, account: Account, *, dry_run: bool = False, stop: threading.Event | None = None
     ) -> PollResult:
-        if account.routing is not None:
-            return _routing_not_yet(account, self.clock())
         run = _Poll(self, account, stop or threading.Event())
         with recording(self.config, account):
             return run.dry_run() if dry_run else run.run()
 
 
-class _Poll:
-    """The state of one poll; methods are the steps."""
+class _Poll(RoutedDelivery):
+    """The state of one poll; methods are the steps (those of catch-all delivery in ``RoutedDelivery``)."""
 
     def __init__(self, engine: SyncEngine, account: Account, stop: threading.Event) -> None:
         self.engine = engine
@@ -132,7 +117,7 @@ class _Poll:
         self.account = account
         self.stop = stop
         self.result = PollResult(account=account.name)
-        self.destination: DestinationSession | None = None
+        self.destinations = DestinationPool(self._open_destination)
         self.to_delete: list[str] = []
         self.account_id = 0
         self.pop: Pop3Client | None = None
@@ -332,6 +317,9 @@ class _Poll:
         if delivery.headers_only:
             self.keep_on_server.add(info.uidl)
         with fetched:
+            if self.account.routing is not None:
+                self._deliver_routed(fetched, delivery)
+                return
             if delivery.recover and self._recovered(fetched, info, delivery.attempts):
                 return
             self._deliver_new(fetched, info, headers_only=delivery.headers_only)
@@ -351,12 +339,20 @@ class _Poll:
             self.result.recovered += 1
             return True
         if attempts >= self.account.retry.max_attempts:
-            reason = f"gave up after {attempts} attempts; the last one did not finish"
-            self.ledger.record_quarantined(self.account_id, info.uidl, reason)
-            self.result.quarantined += 1
-            self._problem(f"message {info.uidl!r}: quarantined: {reason}")
+            self._quarantine(info, f"gave up after {attempts} attempts; the last one did not finish")
             return True
         return False
+
+    def _quarantine(self, info: MessageInfo, reason: str) -> None:
+        self.ledger.record_quarantined(self.account_id, info.uidl, reason)
+        self.result.quarantined += 1
+        self._problem(f"message {info.uidl!r}: quarantined: {reason}")
+
+    def _count(self, *, recovered: bool) -> None:
+        if recovered:
+            self.result.recovered += 1
+        else:
+            self.result.delivered += 1
 
     def _record_pending(self, fetched: FetchedMessage, info: MessageInfo, *, headers_only: bool) -> None:
         self.ledger.record_pending(
@@ -401,11 +397,12 @@ class _Poll:
 
     # --- destination ---------------------------------------------------------------------------------
 
-    def _open_destination(self) -> DestinationSession:
-        if self.destination is None:
-            destination = self.engine.config.destination_for(self.account)
-            self.destination = self.engine.connections.open_destination(destination, self.account)
-        return self.destination
+    def _open_destination(self, mailbox: str | None) -> DestinationSession:
+        """The account's own destination session, or (catch-all) one into a recipient's ``mailbox``."""
+        destination = self.engine.config.destination_for(self.account)
+        if mailbox is None:
+            return self.engine.connections.open_destination(destination, self.account)
+        return self.engine.connections.open_recipient(destination, self.account, mailbox)
 
     def _call_destination(
         self,
@@ -414,6 +411,7 @@ class _Poll:
         *,
         counted: bool,
         pending: bool,
+        mailbox: str | None = None,
     ) -> str | None:
         """Run ``action`` against the destination, translating failures into ledger state.
 
@@ -421,15 +419,15 @@ class _Poll:
         anything else means the destination is not usable now: the poll stops delivering.
         """
         try:
-            return action(self._open_destination())
+            return action(self.destinations.get(mailbox))
         except DestinationRejectedError as exc:
             # This message was refused; the destination itself is fine: go on with the next one.
             final = isinstance(exc, DestinationTooLargeError)
-            self._message_failed(fetched, exc, counted=counted, pending=pending, final=final)
+            self._message_failed(fetched, exc, counted=counted, pending=pending, final=final, mailbox=mailbox)
             return None
         except DestinationError as exc:
             # Full, unreachable, TLS or login trouble: not the message's fault, and no use trying more.
-            self._message_failed(fetched, exc, counted=False, pending=pending)
+            self._message_failed(fetched, exc, counted=False, pending=pending, mailbox=mailbox)
             self._close_destination()
             raise _DestinationDown from exc
         except LedgerError:
@@ -438,7 +436,7 @@ class _Poll:
             log.exception(
                 "account %s: unexpected error delivering message %s", self.account.name, fetched.uidl
             )
-            self._message_failed(fetched, exc, counted=counted, pending=pending)
+            self._message_failed(fetched, exc, counted=counted, pending=pending, mailbox=mailbox)
             self._close_destination()
             return None
 
@@ -450,6 +448,7 @@ class _Poll:
         counted: bool,
         pending: bool,
         final: bool = False,
+        mailbox: str | None = None,
     ) -> None:
         # The error may already name the message (ConnectorError.__str__); the problem line adds it once.
         text = (exc.message if isinstance(exc, ConnectorError) else str(exc)) or exc.__class__.__name__
@@ -470,15 +469,11 @@ class _Poll:
         if isinstance(exc, ConnectorError) and not isinstance(exc, DestinationRejectedError):
             self.result.status = "auth_error" if isinstance(exc, AuthenticationError) else "error"
             self.result.error = self.result.error or text
-        self._problem(f"message {fetched.uidl!r}: {text}")
+        recipient = f" for {mailbox}" if mailbox is not None else ""
+        self._problem(f"message {fetched.uidl!r}{recipient}: {text}")
 
     def _close_destination(self) -> None:
-        if self.destination is not None:
-            destination, self.destination = self.destination, None
-            try:
-                destination.close()
-            except Exception:  # closing a broken connection must not hide the poll's real result
-                log.debug("account %s: error closing destination", self.account.name, exc_info=True)
+        self.destinations.close_all()
 
     # --- deletion and bookkeeping --------------------------------------------------------------------
 

@@ -81,7 +81,11 @@ class ObservedEngine(SyncEngine):
     ) -> None:
         super().__init__(config, ledger, connections, **kwargs)
         self.inner_connections = self.connections
-        self.connections = Connections(open_source=self._open_source, open_destination=self._open_destination)
+        self.connections = Connections(
+            open_source=self._open_source,
+            open_destination=self._open_destination,
+            open_recipient=self._open_recipient,
+        )
         self.observers: list[PollObserver] = list(observers)
         self._stats: dict[str, PollStats] = {}
         self._lock = threading.Lock()
@@ -124,7 +128,12 @@ class ObservedEngine(SyncEngine):
         return cast(Pop3Client, _ObservedSource(client, self, account, stats))
 
     def _open_destination(self, destination: Destination, account: Account) -> DestinationSession:
-        session = self.inner_connections.open_destination(destination, account)
+        return self._observed(self.inner_connections.open_destination(destination, account), account)
+
+    def _open_recipient(self, destination: Destination, account: Account, mailbox: str) -> DestinationSession:
+        return self._observed(self.inner_connections.open_recipient(destination, account, mailbox), account)
+
+    def _observed(self, session: DestinationSession, account: Account) -> DestinationSession:
         stats = self._current(account)
         if stats is None:
             return session

@@ -102,6 +102,9 @@ def account_secrets(config: Config, account: Account) -> list[str]:
     for destination in config.destinations:
         if destination.name == account.destination and destination.password is not None:
             secrets.append(destination.password.get_secret_value())
+        master = getattr(destination, "master_password", None)
+        if destination.name == account.destination and master is not None:
+            secrets.append(master.get_secret_value())
     return secrets
 
 

@@ -72,6 +72,14 @@ def header_addresses(header_section: bytes, name: str) -> list[str]:
     return [address.strip().lower() for _, address in pairs if "@" in address]
 
 
+def routed_mailboxes(policy: RoutingPolicy) -> list[str]:
+    """Every mailbox the routing table can deliver into, each once, in the table's order."""
+    mailboxes = [rule.mailbox for rule in policy.rules]
+    if policy.default is not None:
+        mailboxes.append(policy.default.mailbox)
+    return list(dict.fromkeys(mailboxes))
+
+
 def route(header_section: bytes, policy: RoutingPolicy) -> RouteDecision:
     for name in policy.headers:
         recipients: dict[str, Recipient] = {}

@@ -485,6 +485,20 @@ def _text(value: object) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
+@dataclass(frozen=True)
+class MasterUser:
+    """Credentials of a master user (Dovecot master users, Cyrus proxy servers) who logs in as any user.
+
+    ``style`` "sasl": AUTHENTICATE PLAIN with the target user as authorisation identity (RFC 4616);
+    "separator": LOGIN "<user><separator><master>" (Dovecot's ``auth_master_user_separator``).
+    """
+
+    username: str
+    password: str
+    style: str = "sasl"
+    separator: str = "*"
+
+
 def open_imap(
     *,
     host: str,
@@ -498,12 +512,14 @@ def open_imap(
     mark_seen: bool,
     create_folder: bool = True,
     token_provider: TokenProvider | None = None,
+    master: MasterUser | None = None,
 ) -> ImapSession:
     """Connect, secure and log in; the one place an IMAP destination connection is built.
 
     ``ssl_context`` defaults to a verifying context (``connector.tls.make_ssl_context``). With
     ``tls="starttls"`` a server that does not offer STARTTLS is refused, never used in clear text.
-    With a ``token_provider`` the login is AUTHENTICATE XOAUTH2 as ``username`` instead of LOGIN.
+    With a ``token_provider`` the login is AUTHENTICATE XOAUTH2 as ``username`` instead of LOGIN; with a
+    ``master`` user it is the master's login on behalf of ``username`` (``password`` is not used).
     """
     where = Where(host, port, folder)
     context = ssl_context if ssl_context is not None else make_ssl_context()
@@ -511,7 +527,9 @@ def open_imap(
     try:
         if tls == "starttls":
             _starttls(client, where, context)
-        if token_provider is not None:
+        if master is not None:
+            _login_as(client, where, username, master)
+        elif token_provider is not None:
             _login_oauth2(client, where, username, token_provider)
         else:
             assert password is not None, "a password or a token provider is needed"
@@ -552,6 +570,16 @@ def _login(client: Any, where: Where, username: str, password: str) -> None:
         raise DestinationAuthError(where.say(f"{action}: user name and password must be ASCII for LOGIN"))
     with _driver_errors(where, action, refused=_login_refused, secret=password):
         client.login(username, password)
+
+
+def _login_as(client: Any, where: Where, username: str, master: MasterUser) -> None:
+    """Log in to ``username``'s mailbox with the master user's password."""
+    if master.style == "separator":
+        _login(client, where, f"{username}{master.separator}{master.username}", master.password)
+        return
+    action = f"AUTHENTICATE PLAIN as {master.username!r} for {username!r}"
+    with _driver_errors(where, action, refused=_login_refused, secret=master.password):
+        client.plain_login(master.username, master.password, authorization_identity=username)
 
 
 class _XOAuth2:

@@ -122,3 +122,25 @@ class MessageRow(Base):
     header_hash: Mapped[str | None] = mapped_column(String(64))
     # What was changed in the message on its way (policies.repair); None when nothing was.
     repairs: Mapped[str | None] = mapped_column(Text)
+
+
+class RecipientState(enum.StrEnum):
+    # The delivery into this mailbox started and may have reached it: look there before delivering again.
+    PENDING = "pending"
+    DELIVERED = "delivered"
+
+
+class RecipientRow(Base):
+    """One (message, local mailbox) delivery of a catch-all account: a message goes to each mailbox once,
+    and is ``delivered`` (may be DELEted) only when all of its recipients are."""
+
+    __tablename__ = "recipients"
+    __table_args__ = (UniqueConstraint("message_id", "mailbox", name="uq_recipients_message_mailbox"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    message_id: Mapped[int] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"))
+    mailbox: Mapped[str] = mapped_column(String(320))
+    state: Mapped[str] = mapped_column(String(16))
+    destination_ref: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from connector.errors import LedgerError
 from connector.ledger.models import AccountRow, MessageRow, MessageState
+from connector.ledger.recipients import RecipientLedger
 
 Clock = Callable[[], datetime]
 
@@ -196,7 +197,7 @@ class _SuspensionAndQuarantine:
             return int(getattr(result, "rowcount", 0) or 0)
 
 
-class Ledger(_SuspensionAndQuarantine):
+class Ledger(_SuspensionAndQuarantine, RecipientLedger):
     def __init__(self, engine: Engine, *, clock: Clock = utcnow) -> None:
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)

@@ -18,6 +18,20 @@ ROOT = Path(__file__).resolve().parents[2]
 RunCli = Callable[..., subprocess.CompletedProcess[str]]
 
 
+def catch_all_config(
+    write_cfg: Callable[..., Path], dovecot: Dovecot, rules: dict[str, str], **fields: Any
+) -> Path:
+    """A config whose account routes ``rules`` (address pattern -> mailbox), logging in as the master user;
+    ``fields`` go to ``write_cfg``."""
+    config = write_cfg(
+        destination={"master_username": dovecot.master.name, "master_password": dovecot.master.password},
+        **fields,
+    )
+    table = ", ".join(f'{{ match = "{match}", mailbox = "{mailbox}" }}' for match, mailbox in rules.items())
+    config.write_text(config.read_text() + f"[accounts.routing]\nrules = [{table}]\n")
+    return config
+
+
 @pytest.fixture
 def write_cfg(
     tmp_path: Path, dovecot: Dovecot, mail_users: MailUsers, sqlite_url: str

@@ -1,7 +1,8 @@
 """Runs ``pop-connector`` in this process, killing it with SIGKILL at a chosen point of the Nth message.
 
 Usage: python -m tests.acceptance.crash_driver POINT N -- CLI ARGS...
-POINT is one of: before-pending, before-append, before-delivered-record, before-quit.
+POINT is one of: before-pending, before-append, before-delivered-record, before-quit, and for catch-all
+accounts before-recipient-record (the Nth recipient's copy is in its mailbox, its ledger row not yet).
 The kill is a real SIGKILL of this process: no finally block, no atexit, no flush runs.
 """
 
@@ -24,6 +25,7 @@ TARGETS: dict[str, tuple[Any, str]] = {
     "before-append": (imap.ImapSession, "deliver"),
     "before-delivered-record": (Ledger, "record_delivered"),
     "before-quit": (Pop3Client, "quit"),
+    "before-recipient-record": (Ledger, "record_recipient_delivered"),
 }
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.acceptance.conftest import RunCli
+from tests.acceptance.conftest import RunCli, catch_all_config
 from tests.messages import simple
 from tests.servers.dovecot import Dovecot, MailUsers
 
@@ -93,9 +93,10 @@ def _addressed(n: int, *lines: str) -> bytes:
     return simple(n).replace(b"To: alice@example.net\r\n", "".join(f"{line}\r\n" for line in lines).encode())
 
 
-def test_routes_previews_a_catch_all_mailbox_and_sync_refuses_it(
+def test_routes_previews_a_catch_all_mailbox_then_sync_delivers_it(
     dovecot: Dovecot, mail_users: MailUsers, write_cfg: Callable[..., Path], run_cli: RunCli
 ) -> None:
+    alice, sales = dovecot.new_user("alice"), dovecot.new_user("sales")
     dovecot.seed(
         mail_users.source.name,
         [
@@ -104,21 +105,23 @@ def test_routes_previews_a_catch_all_mailbox_and_sync_refuses_it(
             _addressed(3, "To: stranger@elsewhere.example"),
         ],
     )
-    config = write_cfg()
-    config.write_text(
-        config.read_text()
-        + "[accounts.routing]\n"
-        + 'rules = [{ match = "alice@example.org", mailbox = "alice@corp.example" }, '
-        + '{ match = "*@sales.example.org", mailbox = "sales@corp.example" }]\n'
+    config = catch_all_config(
+        write_cfg, dovecot, {"alice@example.org": alice.name, "*@sales.example.org": sales.name}
     )
     routes = run_cli("--config", str(config), "routes", "--account", "alice")
     assert routes.returncode == 0, routes.stderr
     lines = routes.stdout.splitlines()
     assert "3 messages on the server" in lines[0]
-    assert "-> alice@corp.example (by X-Original-To: alice@example.org)" in lines[1]
-    assert "-> alice@corp.example (by To: alice@example.org), sales@corp.example (by To: x@sales" in lines[2]
+    assert f"-> {alice.name} (by X-Original-To: alice@example.org)" in lines[1]
+    assert f"-> {alice.name} (by To: alice@example.org), {sales.name} (by To: x@sales" in lines[2]
     assert "left on the server" in lines[3]
+    assert dovecot.maildir_count(mail_users.source.name) == 3  # the preview changed nothing
+    check = run_cli("--config", str(config), "check")
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert f"destination dovecot as {alice.name} OK" in check.stdout
+    assert f"destination dovecot as {sales.name} OK" in check.stdout
     sync = run_cli("--config", str(config), "sync")
-    assert sync.returncode == 1 and "not implemented yet" in sync.stdout
-    assert dovecot.maildir_count(mail_users.source.name) == 3
+    assert sync.returncode == 1 and "no routing rule matches" in sync.stdout + sync.stderr
+    assert len(dovecot.imap_messages(alice.name)) == 2 and len(dovecot.imap_messages(sales.name)) == 1
     assert dovecot.imap_messages(mail_users.destination.name) == []
+    assert dovecot.maildir_count(mail_users.source.name) == 1  # the unmatched one, quarantined

@@ -374,3 +374,25 @@ def test_accounts_sharing_a_login_share_one_connection_pool(exchange: EwsServer)
     assert first._account.protocol.max_connections == 4
     assert CONFIGURATIONS.get(login(exchange)) is CONFIGURATIONS.get(login(exchange))
     assert CONFIGURATIONS.get(login(exchange, password="changed")) is not CONFIGURATIONS.get(login(exchange))
+
+
+def test_catch_all_delivers_into_each_impersonated_mailbox(
+    exchange: EwsServer, dovecot: Dovecot, mail_users: MailUsers, make_sync: SyncFactory
+) -> None:
+    bob = "bob@corp.example"
+    exchange.add_mailbox(bob)
+    both = simple(1).replace(b"To: alice@example.net", b"To: alice@example.org, bob@example.org")
+    dovecot.seed(mail_users.source.name, [both, simple(2)])  # simple(2) matches no rule: the default
+    routing = {
+        "rules": [
+            {"match": "alice@example.org", "mailbox": MAILBOX},
+            {"match": "bob@example.org", "mailbox": bob},
+        ],
+        "default": {"mailbox": bob},
+    }
+    config, engine = make_sync(account={"routing": routing}, destination=destination(exchange))
+    result = engine.poll(config.accounts[0])
+    assert (result.status, result.delivered, result.deleted) == ("ok", 3, 2), result
+    assert [item.mime for item in exchange.items(MAILBOX)] == [both]
+    assert sorted(item.mime for item in exchange.items(bob)) == sorted([both, simple(2)])
+    assert {r.impersonated for r in exchange.requests} == {MAILBOX, bob}

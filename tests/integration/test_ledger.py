@@ -32,7 +32,8 @@ def engine(database_url: str) -> Iterator[Engine]:
     if engine.dialect.name == "postgresql":
         # The PostgreSQL database is shared by the session: leave it empty for the next test.
         with engine.begin() as connection:
-            connection.execute(text("DROP TABLE IF EXISTS messages, accounts, alembic_version CASCADE"))
+            tables = "recipients, messages, accounts, alembic_version"
+            connection.execute(text(f"DROP TABLE IF EXISTS {tables} CASCADE"))
     engine.dispose()
 
 

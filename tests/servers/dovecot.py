@@ -215,6 +215,15 @@ namespace inbox {{
   prefix =
 }}
 
+# Master users (``Dovecot.master``) log in as any existing user: SASL PLAIN with the user as
+# authorisation identity, or LOGIN "user*master". pass = yes: the user must exist in the passdb below.
+auth_master_user_separator = *
+passdb {{
+  driver = passwd-file
+  master = yes
+  pass = yes
+  args = scheme=PLAIN {root}/masters
+}}
 {oauth2_passdb}passdb {{
   driver = passwd-file
   args = scheme=PLAIN {root}/users/%u
@@ -271,6 +280,8 @@ class Dovecot:
     users can be added (and removed) while the server runs; each has a passwd-file of its own. With
     ``oauth2_introspection_url`` the server also accepts XOAUTH2 and OAUTHBEARER with bearer tokens that
     URL says are active for the user (``tests/servers/token_server.py``); passwords keep working.
+    ``master`` is a master user who can log in as any user (SASL PLAIN authorisation identity, or the
+    ``user*master`` login).
     """
 
     host = HOST
@@ -302,12 +313,16 @@ class Dovecot:
         self._mail = self.root / "mail"
         self._uid, self._gid = _mail_owner()
         self._users: dict[str, _UserEntry] = {}
+        self.master = MailUser("connector-master", f"master-{secrets.token_hex(8)}")
         self._process: subprocess.Popen[bytes] | None = None
         self.ports = Ports(0, 0, 0, 0)
         try:
             self.ca_file, self._cert, self._key = make_test_ca(self.root)
             self._mail.mkdir()
             self._passwd_dir.mkdir()
+            masters = self.root / "masters"
+            masters.write_text(f"{self.master.name}:{{PLAIN}}{self.master.password}::::::\n")
+            masters.chmod(0o644)
             os.chown(self._mail, self._uid, self._gid)
             for name, password in (users or {}).items():
                 self.add_user(name, password, quota=(quotas or {}).get(name))

@@ -265,6 +265,7 @@ def test_example_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(name, "x")
     for name in ("EXO_CLIENT_SECRET", "CAROL_POP_PASSWORD"):
         monkeypatch.setenv(name, "x")
-    monkeypatch.setenv("CATCHALL_POP_PASSWORD", "x")  # the catch-all routing example
+    for name in ("CATCHALL_POP_PASSWORD", "IMAP_MASTER_PASSWORD"):  # the catch-all routing example
+        monkeypatch.setenv(name, "x")
     config = load_config(Path(__file__).parents[2] / "config.example.toml")
     assert config.accounts

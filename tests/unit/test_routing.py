@@ -72,7 +72,10 @@ def test_rules_are_tried_in_order() -> None:
     assert rule_for("alice@example.org.evil", POLICY.rules) is None
 
 
-ROUTED = BASE + (
+MASTER_BASE = BASE.replace(
+    'password = "secret"\n', 'password = "secret"\nmaster_username = "master"\nmaster_password = "mpw"\n', 1
+)
+ROUTED = MASTER_BASE + (
     "[accounts.routing]\n"
     'rules = [{ match = "*@sales.example.org", mailbox = "sales@corp.example" }]\n'
     'default = { mailbox = "postmaster@corp.example" }\n'
@@ -100,4 +103,25 @@ def test_routing_config(tmp_path: Path) -> None:
 )
 def test_bad_routing_config(tmp_path: Path, table: str, expected: str) -> None:
     with pytest.raises(ConfigError, match=expected.replace("[", r"\[").replace("]", r"\]")):
-        load_config(write(tmp_path, BASE + table))
+        load_config(write(tmp_path, MASTER_BASE + table))
+
+
+def test_catch_all_needs_a_master_user_or_impersonation(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="needs master_username and master_password"):
+        load_config(write(tmp_path, ROUTED.replace("master_", "# master_")))
+    half = MASTER_BASE.replace('master_password = "mpw"\n', "")
+    with pytest.raises(ConfigError, match="master_username and master_password go together"):
+        load_config(write(tmp_path, half))
+
+
+def test_catch_all_on_ews_needs_impersonation(tmp_path: Path) -> None:
+    ews = (
+        '[[destinations]]\nname = "ex"\ntype = "ews"\nservice_endpoint = "https://mail.corp.example/EWS"\n'
+        'username = "svc@corp.example"\npassword = "pw"\nimpersonation = {impersonation}\n'
+        '[[accounts]]\nname = "all"\nhost = "pop.example"\nusername = "u"\npassword = "p"\n'
+        'destination = "ex"\n[accounts.routing]\ndefault = {{ mailbox = "pm@corp.example" }}\n'
+    )
+    with pytest.raises(ConfigError, match="needs impersonation = true"):
+        load_config(write(tmp_path, ews.format(impersonation="false")))
+    (account,) = load_config(write(tmp_path, ews.format(impersonation="true"))).accounts
+    assert account.routing is not None and account.mailbox is None

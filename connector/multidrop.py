@@ -1,0 +1,179 @@
+"""Catch-all (multidrop) delivery: one fetched message into each local mailbox its routing names, once.
+
+The ledger keeps a row per (message, recipient mailbox) (``connector/ledger/recipients.py``):
+
+    RETR -> route -> record the message ``pending`` -> for each recipient not yet delivered:
+    record the recipient ``pending`` (commit) -> deliver into its mailbox -> record it ``delivered`` (commit)
+    -> when every recipient is delivered: record the message ``delivered`` -> DELE per retention.
+
+A recipient found ``pending`` by a later poll may have been delivered before a crash: its mailbox is
+searched (Message-ID, size, SHA-256) before delivering again, exactly as for single deliveries. The POP3
+message is DELEted only once all its recipients are recorded. ``RoutedDelivery`` is mixed into the engine's
+per-poll state; ``DestinationPool`` keeps the sessions of one poll, one per recipient mailbox.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+
+from connector.config import Account
+from connector.destinations.base import DestinationSession
+from connector.ledger.models import RecipientState
+from connector.ledger.store import Ledger
+from connector.message import HEADER_PARSE_LIMIT, FetchedMessage
+from connector.plan import Delivery
+from connector.pop3 import MessageInfo
+from connector.protocol_log import protocol_note
+from connector.routing import route
+
+log = logging.getLogger("connector.multidrop")
+
+DestinationAction = Callable[[DestinationSession], "str | None"]
+# Sessions kept open at once in one poll; a domain's mail for more mailboxes logs the oldest out.
+SESSION_LIMIT = 8
+
+
+def header_section(fetched: FetchedMessage, limit: int = 2 * HEADER_PARSE_LIMIT) -> bytes:
+    """The message's header section (through the blank line), read from its spool, at most ``limit``."""
+    data = bytearray()
+    for chunk in fetched.chunks():
+        data += chunk
+        end = data.find(b"\r\n\r\n")
+        if end >= 0:
+            return bytes(data[: end + 4])
+        if len(data) >= limit:
+            break
+    return bytes(data[:limit])
+
+
+class DestinationPool:
+    """The destination sessions of one poll: the account's own (key None) or one per recipient mailbox,
+    at most ``limit`` open at once (the least recently used is logged out)."""
+
+    def __init__(self, open_session: Callable[[str | None], DestinationSession], limit: int = SESSION_LIMIT):
+        self._open = open_session
+        self._limit = limit
+        self._sessions: OrderedDict[str | None, DestinationSession] = OrderedDict()
+
+    def get(self, mailbox: str | None = None) -> DestinationSession:
+        session = self._sessions.get(mailbox)
+        if session is not None:
+            self._sessions.move_to_end(mailbox)
+            return session
+        while len(self._sessions) >= self._limit:
+            _close_quietly(self._sessions.popitem(last=False)[1])
+        session = self._sessions[mailbox] = self._open(mailbox)
+        return session
+
+    def close_all(self) -> None:
+        while self._sessions:
+            _close_quietly(self._sessions.popitem(last=False)[1])
+
+
+def _close_quietly(session: DestinationSession) -> None:
+    try:
+        session.close()
+    except Exception:  # closing a broken connection must not hide the poll's real result
+        log.debug("error closing a destination session", exc_info=True)
+
+
+class RoutedDelivery:
+    """Delivery of one message of a catch-all account to each recipient; mixed into the engine's ``_Poll``,
+    which provides the attributes and the steps declared here."""
+
+    ledger: Ledger
+    account: Account
+    account_id: int
+
+    def _record_pending(self, fetched: FetchedMessage, info: MessageInfo, *, headers_only: bool) -> None:
+        raise NotImplementedError
+
+    def _call_destination(
+        self,
+        fetched: FetchedMessage,
+        action: DestinationAction,
+        *,
+        counted: bool,
+        pending: bool,
+        mailbox: str | None = None,
+    ) -> str | None:
+        raise NotImplementedError
+
+    def _delivered(self, info: MessageInfo, ref: str) -> None:
+        raise NotImplementedError
+
+    def _quarantine(self, info: MessageInfo, reason: str) -> None:
+        raise NotImplementedError
+
+    def _count(self, *, recovered: bool) -> None:
+        raise NotImplementedError
+
+    def _deliver_routed(self, fetched: FetchedMessage, delivery: Delivery) -> None:
+        assert self.account.routing is not None
+        info = delivery.info
+        decision = route(header_section(fetched), self.account.routing)
+        if not decision.routed:
+            self._record_pending(fetched, info, headers_only=delivery.headers_only)
+            self._quarantine(
+                info,
+                f"no routing rule matches ({', '.join(self.account.routing.headers)}) "
+                "and there is no default mailbox; left on the server",
+            )
+            return
+        log.info("account %s: message %s goes to %s", self.account.name, info.uidl, decision.describe())
+        missing = self._missing(fetched, info, decision.mailboxes)
+        if missing and delivery.attempts >= self.account.retry.max_attempts:
+            self._quarantine(info, f"gave up after {delivery.attempts} attempts; the last one did not finish")
+            return
+        if missing:
+            self._record_pending(fetched, info, headers_only=delivery.headers_only)
+        # A list, not a generator: one recipient's server refusing the message must not cost the others.
+        delivered_all = all([self._deliver_to(fetched, info, mailbox) for mailbox in missing])
+        if delivered_all:
+            self._delivered(info, "routed to " + ", ".join(decision.mailboxes))
+
+    def _missing(self, fetched: FetchedMessage, info: MessageInfo, mailboxes: list[str]) -> list[str]:
+        """The recipients still to deliver to; a ``pending`` one found in its mailbox is recorded instead."""
+        states = self.ledger.recipient_states(self.account_id, info.uidl)
+        missing = []
+        for mailbox in mailboxes:
+            state = states.get(mailbox)
+            if state is RecipientState.DELIVERED:
+                continue
+            if state is RecipientState.PENDING and self._found(fetched, info, mailbox):
+                continue
+            missing.append(mailbox)
+        return missing
+
+    def _found(self, fetched: FetchedMessage, info: MessageInfo, mailbox: str) -> bool:
+        ref = self._call_destination(
+            fetched, lambda dest: dest.find(fetched), counted=False, pending=False, mailbox=mailbox
+        )
+        if ref is None:
+            return False
+        log.info(
+            "account %s: message %s was already delivered to %s (%s); recorded it",
+            self.account.name, info.uidl, mailbox, ref,
+        )  # fmt: skip
+        self.ledger.record_recipient_delivered(self.account_id, info.uidl, mailbox, ref)
+        self._count(recovered=True)
+        return True
+
+    def _deliver_to(self, fetched: FetchedMessage, info: MessageInfo, mailbox: str) -> bool:
+        self.ledger.record_recipient_pending(self.account_id, info.uidl, mailbox)
+        ref = self._call_destination(
+            fetched, lambda dest: dest.deliver(fetched), counted=True, pending=True, mailbox=mailbox
+        )
+        if ref is None:
+            return False
+        self.ledger.record_recipient_delivered(self.account_id, info.uidl, mailbox, ref)
+        self._count(recovered=False)
+        protocol_note("delivered %s to %s: %d bytes, sha256 %s -> %s", info.uidl, mailbox, fetched.size,
+                      fetched.sha256, ref)  # fmt: skip
+        log.info(
+            "account %s: message %s delivered (%d bytes) to %s: %s",
+            self.account.name, info.uidl, fetched.size, mailbox, ref,
+        )  # fmt: skip
+        return True
