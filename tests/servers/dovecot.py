@@ -146,10 +146,23 @@ def make_test_ca(directory: Path) -> tuple[Path, Path, Path]:
     return ca_file, cert, key
 
 
-def _config(root: Path, ports: Ports, cert: Path, key: Path, uid: int, gid: int) -> str:
+_LMTP_CONFIG = """
+# LMTP on a Unix socket (base_dir/lmtp) for peers that deliver over it (fetchmail in bench/); the
+# recipient's domain, if any, is ignored.
+protocol lmtp {
+  auth_username_format = %n
+}
+"""
+
+
+def _config(
+    root: Path, ports: Ports, cert: Path, key: Path, uid: int, gid: int, *, lmtp: bool = False
+) -> str:
+    protocols = "imap pop3 lmtp" if lmtp else "imap pop3"
+    extra = _LMTP_CONFIG if lmtp else ""
     return f"""\
 # Written by tests/servers/dovecot.py; nothing from /etc/dovecot is read.
-protocols = imap pop3
+protocols = {protocols}
 listen = {HOST}
 base_dir = {root}/run
 state_dir = {root}/state
@@ -224,7 +237,7 @@ service pop3-login {{
     ssl = yes
   }}
 }}
-"""
+{extra}"""
 
 
 class Dovecot:
@@ -243,6 +256,7 @@ class Dovecot:
         *,
         quotas: Mapping[str, str] | None = None,
         keep_files: bool = False,
+        lmtp: bool = False,
     ) -> None:
         self._binary = shutil.which("dovecot") or (
             "/usr/sbin/dovecot" if os.access("/usr/sbin/dovecot", os.X_OK) else None
@@ -256,6 +270,8 @@ class Dovecot:
         self.root = Path(tempfile.mkdtemp(prefix="dovecot-"))
         self.root.chmod(0o755)
         self.keep_files = keep_files
+        # Needs dovecot-lmtpd; the socket is then ``lmtp_socket``.
+        self.lmtp = lmtp
         self.conf = self.root / "dovecot.conf"
         self._passwd_dir = self.root / "users"
         self._mail = self.root / "mail"
@@ -290,7 +306,9 @@ class Dovecot:
         failure = ""
         for _ in range(_START_ATTEMPTS):
             self.ports = _free_ports(4)
-            self.conf.write_text(_config(self.root, self.ports, self._cert, self._key, self._uid, self._gid))
+            self.conf.write_text(
+                _config(self.root, self.ports, self._cert, self._key, self._uid, self._gid, lmtp=self.lmtp)
+            )
             self._spawn()
             failure = self._wait_ready()
             if not failure:
@@ -299,6 +317,10 @@ class Dovecot:
             if "Address already in use" not in failure:
                 break
         raise DovecotError(f"dovecot did not start: {failure}")
+
+    @property
+    def lmtp_socket(self) -> Path:
+        return self.root / "run" / "lmtp"
 
     def stop(self) -> None:
         self._terminate()
