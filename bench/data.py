@@ -9,7 +9,8 @@ _DOT_LINE = b".. a line that starts with a dot, stuffed on the wire.\r\n"
 def message(n: int, size: int) -> bytes:
     """Message ``n`` of about ``size`` bytes (CRLF line endings; at least the header section)."""
     header = (
-        f"Received: from mx.hosted.example by pop.hosted.example; Tue, 03 Jun 2025 08:{n % 60:02d}:05 +0000\r\n"
+        "Received: from mx.hosted.example by pop.hosted.example;"
+        f" Tue, 03 Jun 2025 08:{n % 60:02d}:05 +0000\r\n"
         "From: Sender <sender@example.net>\r\n"
         "To: alice@example.net\r\n"
         f"Subject: benchmark message {n}\r\n"

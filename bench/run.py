@@ -274,7 +274,7 @@ def format_table(rows: Sequence[Row]) -> str:
     lines = [" | ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in cells]
     lines.insert(1, "-+-".join("-" * width for width in widths))
     notes = [f"{r.scenario.split()[0]} {note}" for r in rows for note in r.notes]
-    return "\n".join(lines + [""] + notes)
+    return "\n".join([*lines, "", *notes])
 
 
 def machine() -> str:
@@ -284,7 +284,8 @@ def machine() -> str:
             cpu = line.split(":", 1)[1].strip()
             break
     load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
-    return f"{platform.platform()}, {cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}, load {load}"
+    python = platform.python_version()
+    return f"{platform.platform()}, {cpu}, {os.cpu_count()} CPUs, Python {python}, load average {load}"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
