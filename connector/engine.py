@@ -11,6 +11,7 @@ the destination is searched (Message-ID, size, SHA-256) before delivering again.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
@@ -26,21 +27,17 @@ from connector.errors import (
     DestinationError,
     LedgerError,
     PermanentError,
-    SourceMessageError,
 )
 from connector.ledger.models import MessageState
 from connector.ledger.store import Clock, Ledger, PollOutcome, utcnow
 from connector.message import FetchedMessage, MessageSpool, fallback_message_id
-from connector.plan import Delivery, PollPlan, plan_poll
+from connector.pipeline import Fetched, Prefetcher, plan_from_server
+from connector.plan import PollPlan, plan_poll
 from connector.policies.retention import should_delete
 from connector.policies.retry import account_backoff, jittered_interval
 from connector.pop3 import MessageInfo, Pop3Client
 
 log = logging.getLogger("connector.engine")
-
-# A RETR may legitimately be a little larger than LIST said (servers count differently); a runaway reply
-# from a broken server must still be bounded.
-RETR_SLACK_BYTES = 16 * 1024 * 1024
 
 
 @dataclass
@@ -109,6 +106,7 @@ class _Poll:
         self.result = PollResult(account=account.name)
         self.destination: DestinationSession | None = None
         self.to_delete: list[str] = []
+        self.dele_queue: list[MessageInfo] = []
         self.account_id = 0
         self.pop: Pop3Client | None = None
 
@@ -144,8 +142,12 @@ class _Poll:
             self._deliver_all(pop, plan)
             for info in plan.delete:
                 self._dele(info)
-        except BaseException:
-            # DELEs already sent follow committed deliveries, so letting QUIT apply them is safe.
+            self._send_deles()
+        except BaseException as exc:
+            # Queued DELEs follow committed deliveries, so letting QUIT apply them is safe.
+            if isinstance(exc, Exception) and pop.usable:
+                with contextlib.suppress(ConnectorError):
+                    self._send_deles()
             _quit_quietly(pop)
             self._close_destination()
             raise
@@ -156,9 +158,8 @@ class _Poll:
         self.result.deleted = len(self.to_delete)
 
     def _plan(self, pop: Pop3Client) -> PollPlan:
-        listing = pop.listing()
         known = self.ledger.known_messages(self.account_id)
-        plan = plan_poll(listing, known, self.account.retention, self.engine.clock())
+        listing, plan = plan_from_server(pop, known, self.account.retention, self.engine.clock())
         if plan.gone:
             self.ledger.prune(self.account_id, plan.gone)
         for uidl in plan.duplicates:
@@ -175,42 +176,39 @@ class _Poll:
         return plan
 
     def _deliver_all(self, pop: Pop3Client, plan: PollPlan) -> None:
-        for delivery in plan.deliver:
-            if self.stop.is_set():
-                self.result.status = "stopped"
-                log.info(
-                    "account %s: stop requested; ending the poll after the current message", self.account.name
-                )
-                return
-            try:
-                self._deliver_one(pop, delivery)
-            except _DestinationDown:
-                return
+        # The next messages are fetched while this thread records and delivers (see pipeline.py).
+        with Prefetcher(pop, plan.deliver, self._spool) as fetched_messages:
+            for fetched in fetched_messages:
+                with fetched:
+                    if self.stop.is_set():
+                        self.result.status = "stopped"
+                        log.info(
+                            "account %s: stop requested; ending the poll after the current message",
+                            self.account.name,
+                        )
+                        return
+                    try:
+                        self._deliver_one(fetched)
+                    except _DestinationDown:
+                        return
 
     # --- one message ---------------------------------------------------------------------------------
 
-    def _deliver_one(self, pop: Pop3Client, delivery: Delivery) -> None:
-        info = delivery.info
-        try:
-            fetched = self._fetch(pop, info)
-        except SourceMessageError as exc:
+    def _deliver_one(self, item: Fetched) -> None:
+        info, delivery = item.delivery.info, item.delivery
+        if item.message is None:
+            assert item.error is not None
             self.result.skipped += 1
-            self._problem(f"message {info.uidl!r}: cannot retrieve it: {exc.message}")
+            self._problem(f"message {info.uidl!r}: cannot retrieve it: {item.error.message}")
             return
-        with fetched:
-            if delivery.recover and self._recovered(fetched, info, delivery.attempts):
-                return
-            self._deliver_new(fetched, info)
+        fetched = item.message
+        if delivery.recover and self._recovered(fetched, info, delivery.attempts):
+            return
+        self._deliver_new(fetched, info)
 
-    def _fetch(self, pop: Pop3Client, info: MessageInfo) -> FetchedMessage:
+    def _spool(self, info: MessageInfo) -> MessageSpool:
         fallback = fallback_message_id(self.account.name, self.account.host, self.account.username, info.uidl)
-        spool = MessageSpool(info.uidl, fallback)
-        try:
-            pop.retr(info.number, spool, max_bytes=info.size * 2 + RETR_SLACK_BYTES)
-        except BaseException:
-            spool.abort()
-            raise
-        return spool.finish()
+        return MessageSpool(info.uidl, fallback)
 
     def _recovered(self, fetched: FetchedMessage, info: MessageInfo, attempts: int) -> bool:
         """A previous attempt may have reached the destination: look before delivering again."""
@@ -333,9 +331,15 @@ class _Poll:
     # --- deletion and bookkeeping --------------------------------------------------------------------
 
     def _dele(self, info: MessageInfo) -> None:
-        assert self.pop is not None
-        self.pop.dele(info.number)
-        self.to_delete.append(info.uidl)
+        # Queued, not sent: the connection may be busy fetching. Sent (pipelined) before QUIT.
+        self.dele_queue.append(info)
+
+    def _send_deles(self) -> None:
+        infos, self.dele_queue = self.dele_queue, []
+        if infos:
+            assert self.pop is not None
+            self.pop.dele_many([info.number for info in infos])
+            self.to_delete.extend(info.uidl for info in infos)
 
     def _fail(self, exc: ConnectorError) -> None:
         if exc.account is None:

@@ -14,7 +14,7 @@ import itertools
 import logging
 import socket
 import ssl
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Literal, Protocol, TypeVar
 
@@ -479,7 +479,7 @@ class Pop3Client:
     def pipelining(self) -> bool:
         return self._capabilities.has("PIPELINING")
 
-    def retr_many(self, numbers: Iterable[int], *, window: int = 1) -> Iterator[RetrReply]:
+    def retr_many(self, numbers: Iterable[int], *, window: int = 1) -> Generator[RetrReply, None, None]:
         """RETR each message of ``numbers`` in order, keeping up to ``window`` commands in flight when the
         server offers PIPELINING (one at a time otherwise).
 
