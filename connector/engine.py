@@ -144,7 +144,7 @@ class _Poll:
                 self._dele(info)
             self._send_deles()
         except BaseException as exc:
-            # Queued DELEs follow committed deliveries, so letting QUIT apply them is safe.
+            # Queued DELEs follow recorded deliveries, so letting QUIT apply them is safe.
             if isinstance(exc, Exception) and pop.usable:
                 with contextlib.suppress(ConnectorError):
                     self._send_deles()
@@ -254,7 +254,9 @@ class _Poll:
         )
 
     def _delivered(self, info: MessageInfo, ref: str) -> None:
-        delivered_at = self.ledger.record_delivered(self.account_id, info.uidl, ref)
+        # Committed with the next message's "pending" (one transaction per message), and always before
+        # the DELE is sent (_send_deles flushes).
+        delivered_at = self.ledger.record_delivered(self.account_id, info.uidl, ref, defer=True)
         # Retention for the messages delivered now is applied in the same session: the DELE is safe
         # because the delivery is already committed, and it only takes effect at QUIT.
         if should_delete(self.account.retention, delivered_at, self.engine.clock()):
@@ -335,6 +337,7 @@ class _Poll:
         self.dele_queue.append(info)
 
     def _send_deles(self) -> None:
+        self.ledger.flush(self.account_id)
         infos, self.dele_queue = self.dele_queue, []
         if infos:
             assert self.pop is not None

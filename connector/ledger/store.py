@@ -1,17 +1,24 @@
 """The ledger's operations. Every write is its own committed transaction: one message, one transaction.
 
+The one exception is ``record_delivered(..., defer=True)``: the row is updated in the next transaction of
+the same account (normally the next message's ``record_pending``) or at ``flush``, so a poll commits once
+per message instead of twice. Until then the row stays ``pending``, which is always safe: a crash leaves
+a message the next poll looks for in the destination before delivering it again, and the caller must
+``flush`` before it sends the DELE that the delivery allows.
+
 Database driver errors are translated into ``LedgerError`` here, so that the engine can stop a poll
 cleanly (a poll that cannot record what it did must not go on delivering or deleting).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import Engine, delete, func, select, update
+from sqlalchemy import Engine, Update, delete, func, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -78,16 +85,33 @@ _STATUS_FIELDS = (
 )
 
 
+@dataclass(frozen=True)
+class _Delivered:
+    uidl: str
+    destination_ref: str
+    at: datetime
+
+
 class Ledger:
     def __init__(self, engine: Engine, *, clock: Clock = utcnow) -> None:
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
         self._clock = clock
+        # Deferred "delivered" updates per account id; polls of different accounts share this object.
+        self._deferred: dict[int, list[_Delivered]] = {}
+        self._deferred_lock = threading.Lock()
 
     @contextmanager
-    def _transaction(self, what: str) -> Iterator[Session]:
+    def _transaction(self, what: str, account_id: int | None = None) -> Iterator[Session]:
+        """A committed transaction; with ``account_id``, it first applies that account's deferred writes."""
+        deferred: list[_Delivered] = []
+        if account_id is not None:
+            with self._deferred_lock:
+                deferred = self._deferred.pop(account_id, [])
         try:
             with self._sessions.begin() as session:
+                for item in deferred:
+                    session.execute(_delivered_update(account_id, item))
                 yield session
         except SQLAlchemyError as exc:
             raise LedgerError(f"ledger: cannot {what}: {exc.__class__.__name__}: {exc}") from exc
@@ -135,7 +159,7 @@ class Ledger:
             values["consecutive_failures"] = 0
         else:
             values["consecutive_failures"] = AccountRow.consecutive_failures + 1
-        with self._transaction("record poll result") as session:
+        with self._transaction("record poll result", account_id) as session:
             session.execute(update(AccountRow).where(AccountRow.id == account_id).values(**values))
 
     def consecutive_failures(self, account_id: int) -> int:
@@ -176,7 +200,7 @@ class Ledger:
 
     def known_messages(self, account_id: int) -> dict[str, KnownMessage]:
         """Everything the ledger knows of one account, in one query (100,000 rows is fine)."""
-        with self._transaction("read messages") as session:
+        with self._transaction("read messages", account_id) as session:
             rows = session.execute(
                 select(
                     MessageRow.uidl,
@@ -217,7 +241,7 @@ class Ledger:
         still ends in quarantine instead of looping forever.
         """
         now = self._clock()
-        with self._transaction(f"record message {uidl!r} as pending") as session:
+        with self._transaction(f"record message {uidl!r} as pending", account_id) as session:
             row = session.scalar(
                 select(MessageRow).where(MessageRow.account_id == account_id, MessageRow.uidl == uidl)
             )
@@ -236,21 +260,26 @@ class Ledger:
             session.flush()
             return row.attempts
 
-    def record_delivered(self, account_id: int, uidl: str, destination_ref: str) -> datetime:
-        now = self._clock()
-        with self._transaction(f"record message {uidl!r} as delivered") as session:
-            session.execute(
-                update(MessageRow)
-                .where(MessageRow.account_id == account_id, MessageRow.uidl == uidl)
-                .values(
-                    state=MessageState.DELIVERED,
-                    destination_ref=destination_ref,
-                    delivered_at=now,
-                    last_error=None,
-                    updated_at=now,
-                )
-            )
-        return now
+    def record_delivered(
+        self, account_id: int, uidl: str, destination_ref: str, *, defer: bool = False
+    ) -> datetime:
+        """Record the delivery; with ``defer``, in the account's next transaction (see the module doc)."""
+        item = _Delivered(uidl, destination_ref, self._clock())
+        if defer:
+            with self._deferred_lock:
+                self._deferred.setdefault(account_id, []).append(item)
+            return item.at
+        with self._transaction(f"record message {uidl!r} as delivered", account_id) as session:
+            session.execute(_delivered_update(account_id, item))
+        return item.at
+
+    def flush(self, account_id: int) -> None:
+        """Commit the account's deferred writes now (before a DELE that depends on them)."""
+        with self._deferred_lock:
+            if not self._deferred.get(account_id):
+                return
+        with self._transaction("record deliveries", account_id):
+            pass
 
     def record_failure(
         self, account_id: int, uidl: str, error: str, *, counted: bool, max_attempts: int
@@ -261,7 +290,7 @@ class Ledger:
         destination's (full, unreachable), not the message's.
         """
         now = self._clock()
-        with self._transaction(f"record failure of message {uidl!r}") as session:
+        with self._transaction(f"record failure of message {uidl!r}", account_id) as session:
             row = session.scalar(
                 select(MessageRow).where(MessageRow.account_id == account_id, MessageRow.uidl == uidl)
             )
@@ -276,7 +305,7 @@ class Ledger:
 
     def record_quarantined(self, account_id: int, uidl: str, error: str) -> None:
         now = self._clock()
-        with self._transaction(f"quarantine message {uidl!r}") as session:
+        with self._transaction(f"quarantine message {uidl!r}", account_id) as session:
             session.execute(
                 update(MessageRow)
                 .where(MessageRow.account_id == account_id, MessageRow.uidl == uidl)
@@ -289,7 +318,7 @@ class Ledger:
         if not uidl_list:
             return
         now = self._clock()
-        with self._transaction("record deletions") as session:
+        with self._transaction("record deletions", account_id) as session:
             for chunk in _chunks(uidl_list, 500):
                 session.execute(
                     update(MessageRow)
@@ -303,13 +332,27 @@ class Ledger:
         removed = 0
         if not uidl_list:
             return 0
-        with self._transaction("prune messages") as session:
+        with self._transaction("prune messages", account_id) as session:
             for chunk in _chunks(uidl_list, 500):
                 result = session.execute(
                     delete(MessageRow).where(MessageRow.account_id == account_id, MessageRow.uidl.in_(chunk))
                 )
                 removed += int(getattr(result, "rowcount", 0) or 0)
         return removed
+
+
+def _delivered_update(account_id: int | None, item: _Delivered) -> Update:
+    return (
+        update(MessageRow)
+        .where(MessageRow.account_id == account_id, MessageRow.uidl == item.uidl)
+        .values(
+            state=MessageState.DELIVERED,
+            destination_ref=item.destination_ref,
+            delivered_at=item.at,
+            last_error=None,
+            updated_at=item.at,
+        )
+    )
 
 
 def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
