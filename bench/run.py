@@ -61,7 +61,9 @@ class Row:
 
 
 class Bench:
-    def __init__(self, dovecot: Dovecot, workdir: Path, sizes: Sizes, *, use_fetchmail: bool, profile: bool):
+    def __init__(
+        self, dovecot: Dovecot, workdir: Path, sizes: Sizes, *, use_fetchmail: bool, profile: str | None
+    ):
         self.dovecot, self.workdir, self.sizes = dovecot, workdir, sizes
         self.use_fetchmail = use_fetchmail
         self.profile = profile
@@ -72,11 +74,30 @@ class Bench:
     def _worker(self, job: dict[str, Any]) -> dict[str, Any]:
         self._jobs += 1
         path = self.workdir / f"job{self._jobs}.json"
-        if self.profile and job["kind"] == "connector":
+        command = [sys.executable, "-m", "bench.worker", str(path)]
+        if self.profile == "cprofile" and job["kind"] == "connector":
             job["profile"] = str(self.workdir / f"job{self._jobs}.prof")
+        elif self.profile == "py-spy" and job["kind"] == "connector":
+            # Every thread, native waits included: shows where the fetching thread and the poll wait.
+            job["profile"] = str(self.workdir / f"job{self._jobs}.folded")
+            command = [
+                "py-spy",
+                "record",
+                "--idle",
+                "--threads",
+                "-r",
+                "250",
+                "-f",
+                "raw",
+                "-o",
+                job.pop("profile"),
+                "--",
+                *command,
+            ]
+            print(f"  profile: {self.workdir / f'job{self._jobs}.folded'}", file=sys.stderr)
         path.write_text(json.dumps(job))
         result = subprocess.run(
-            [sys.executable, "-m", "bench.worker", str(path)],
+            command,
             cwd=ROOT,
             capture_output=True,
             text=True,
@@ -84,7 +105,9 @@ class Bench:
         )
         if result.returncode != 0:
             raise RuntimeError(f"benchmark worker failed: {result.stdout[-1000:]}{result.stderr[-3000:]}")
-        figures: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+        # The last JSON line: a profiler may print its own lines after the worker's.
+        line = [line for line in result.stdout.splitlines() if line.startswith("{")][-1]
+        figures: dict[str, Any] = json.loads(line)
         if "profile" in job:
             print(f"  profile: {job['profile']}", file=sys.stderr)
         return figures
@@ -293,7 +316,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every scenario")
     parser.add_argument("--scenarios", default="1,2,3,4,5,6", help="comma-separated, e.g. 1,4")
     parser.add_argument("--no-fetchmail", action="store_true", help="skip fetchmail even where installed")
-    parser.add_argument("--profile", action="store_true", help="cProfile each connector run (.prof files)")
+    parser.add_argument(
+        "--profile",
+        choices=["cprofile", "py-spy"],
+        help="profile connector runs: cProfile (.prof, poll thread) or py-spy (folded stacks, all threads)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory (configs, profiles)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON to this file")
     for name, value in Sizes().__dict__.items():
