@@ -38,6 +38,8 @@ RETR_SLACK_BYTES = 16 * 1024 * 1024
 # that stopping early (which reads and discards what is in flight) stays quick.
 MAX_IN_FLIGHT = 64
 IN_FLIGHT_BYTES = 8 * 1024 * 1024
+# Up to this many messages to fetch, their sizes are asked one by one (pipelined) instead of listing all.
+SIZE_QUERIES = 200
 # Fetched messages waiting for delivery.
 FETCH_AHEAD = 4
 _POLL_SECONDS = 0.1
@@ -80,13 +82,19 @@ def plan_from_server(
     uidls = pop.uidl()
     listing = [MessageInfo(entry.number, entry.uidl, 0) for entry in uidls]
     plan = plan_poll(listing, known, retention, now)
-    if plan.deliver:
+    if not plan.deliver:
+        return listing, plan
+    if len(plan.deliver) <= SIZE_QUERIES:
+        sizes = {
+            entry.number: entry.size for entry in pop.list_sizes_of([d.info.number for d in plan.deliver])
+        }
+        listing = [info._replace(size=sizes.get(info.number, 0)) for info in listing]
+    else:
         try:
             listing = join_listings(uidls, pop.list_sizes())
         except SourceProtocolError as exc:
             raise SourceProtocolError(f"{pop.peer}: {exc.message}") from exc
-        plan = plan_poll(listing, known, retention, now)
-    return listing, plan
+    return listing, plan_poll(listing, known, retention, now)
 
 
 def retr_window(deliveries: Sequence[Delivery]) -> int:

@@ -26,7 +26,7 @@ from connector.errors import (
     SourceTLSError,
 )
 from connector.message import MessageSpool
-from connector.pop3 import MessageInfo, Pop3Client, connect_pop3
+from connector.pop3 import ListEntry, MessageInfo, Pop3Client, connect_pop3
 from connector.pop3.wire import BodyDecoder
 from connector.tls import TlsMode, make_ssl_context
 from tests.servers.scripted_pop3 import (
@@ -652,3 +652,13 @@ def test_dele_many(pipelining: bool) -> None:
         client.noop()  # every reply of the failed batch was read
     # Pipelined, the DELE after the failing one was already sent; one at a time, it never is.
     assert [m.uidl for m in srv.messages] == ([] if pipelining else ["u3"])
+
+
+@pytest.mark.parametrize("pipelining", [False, True])
+def test_list_sizes_of_single_messages(pipelining: bool) -> None:
+    messages = [StoredMessage(f"u{n}", HELLO * n) for n in range(1, 5)]
+    with ScriptedPop3Server(messages, pipelining=pipelining) as srv, logged_in(srv) as client:
+        assert client.list_sizes_of([2, 4]) == [ListEntry(2, len(HELLO) * 2), ListEntry(4, len(HELLO) * 4)]
+        with pytest.raises(SourcePermError, match="LIST"):
+            client.list_sizes_of([1, 9])
+        client.noop()
