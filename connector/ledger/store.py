@@ -220,7 +220,7 @@ class Ledger:
             states = _STATES
             return {
                 uidl: KnownMessage(uidl, states[state], attempts, delivered_at, message_id, size, sha256)
-                for uidl, state, attempts, delivered_at, message_id, size, sha256 in rows.tuples()
+                for uidl, state, attempts, delivered_at, message_id, size, sha256 in rows
             }
 
     def record_pending(
