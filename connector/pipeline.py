@@ -80,7 +80,8 @@ def plan_from_server(
     Sizes matter only for what is fetched (they bound the RETR reply), so without LIST they are 0.
     """
     uidls = pop.uidl()
-    listing = [MessageInfo(entry.number, entry.uidl, 0) for entry in uidls]
+    make = MessageInfo._make  # a mailbox may keep 100,000 messages: the cheapest way to build each
+    listing = [make((number, uidl, 0)) for number, uidl in uidls]
     plan = plan_poll(listing, known, retention, now)
     if not plan.deliver:
         return listing, plan
@@ -88,7 +89,9 @@ def plan_from_server(
         sizes = {
             entry.number: entry.size for entry in pop.list_sizes_of([d.info.number for d in plan.deliver])
         }
-        listing = [info._replace(size=sizes.get(info.number, 0)) for info in listing]
+        listing = [
+            info._replace(size=sizes[info.number]) if info.number in sizes else info for info in listing
+        ]
     else:
         try:
             listing = join_listings(uidls, pop.list_sizes())

@@ -102,6 +102,7 @@ class Ledger:
         # Deferred "delivered" updates per account id; polls of different accounts share this object.
         self._deferred: dict[int, list[_Delivered]] = {}
         self._deferred_lock = threading.Lock()
+        self._account_ids: dict[str, int] = {}
 
     @contextmanager
     def _transaction(self, what: str, account_id: int | None = None) -> Iterator[Session]:
@@ -121,8 +122,14 @@ class Ledger:
     # --- accounts ------------------------------------------------------------------------------------
 
     def account_id(self, name: str, *, create: bool = True) -> int | None:
+        # Account rows are never removed or renumbered, so an id once seen saves a query at every poll.
+        cached = self._account_ids.get(name)
+        if cached is not None:
+            return cached
         with self._transaction("look up account") as session:
             found = session.scalar(select(AccountRow.id).where(AccountRow.name == name))
+            if found is not None:
+                self._account_ids[name] = found
             if found is not None or not create:
                 return found
         try:
@@ -220,7 +227,7 @@ class Ledger:
             states = _STATES
             return {
                 uidl: KnownMessage(uidl, states[state], attempts, delivered_at, message_id, size, sha256)
-                for uidl, state, attempts, delivered_at, message_id, size, sha256 in rows
+                for uidl, state, attempts, delivered_at, message_id, size, sha256 in rows.all()
             }
 
     def record_pending(
