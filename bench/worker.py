@@ -37,8 +37,9 @@ def _connector(job: dict[str, Any]) -> Callable[[], int]:
     engine = SyncEngine(config, Ledger(open_database(config.service.database)))
 
     def run() -> int:
-        if len(config.accounts) == 1:  # in this thread, so that a profiler sees it
-            results = [engine.poll(config.accounts[0])]
+        if len(config.accounts) == 1 or job.get("profile", "").endswith(".prof"):
+            # In this thread, so that cProfile sees it (several accounts are then polled one at a time).
+            results = [engine.poll(account) for account in config.accounts]
         else:
             with ThreadPoolExecutor(max_workers=config.service.max_workers) as pool:
                 results = list(pool.map(engine.poll, config.accounts))

@@ -117,7 +117,7 @@ class _Poll:
             account_id = self.ledger.account_id(self.account.name)
             assert account_id is not None
             self.account_id = account_id
-            self.ledger.poll_started(account_id)
+            self.ledger.poll_started(account_id, defer=True)  # committed with the poll's first write
             self._session()
         except ConnectorError as exc:
             self._fail(exc)
@@ -176,6 +176,8 @@ class _Poll:
         return plan
 
     def _deliver_all(self, pop: Pop3Client, plan: PollPlan) -> None:
+        if not plan.deliver:
+            return
         # The next messages are fetched while this thread records and delivers (see pipeline.py).
         with Prefetcher(pop, plan.deliver, self._spool) as fetched_messages:
             for fetched in fetched_messages:

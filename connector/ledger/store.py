@@ -1,10 +1,11 @@
 """The ledger's operations. Every write is its own committed transaction: one message, one transaction.
 
-The one exception is ``record_delivered(..., defer=True)``: the row is updated in the next transaction of
-the same account (normally the next message's ``record_pending``) or at ``flush``, so a poll commits once
-per message instead of twice. Until then the row stays ``pending``, which is always safe: a crash leaves
-a message the next poll looks for in the destination before delivering it again, and the caller must
-``flush`` before it sends the DELE that the delivery allows.
+Two writes may be deferred to the account's next write transaction (or ``flush``), so that a poll
+commits once per message instead of twice, and an idle poll once in all:
+``record_delivered(..., defer=True)`` (normally it rides with the next message's ``record_pending``)
+and ``poll_started(..., defer=True)``. Until then a delivered row stays ``pending``, which is always
+safe: after a crash the next poll looks for the message in the destination before delivering it again.
+The caller must ``flush`` before it sends the DELE that a delivery allows.
 
 Database driver errors are translated into ``LedgerError`` here, so that the engine can stop a poll
 cleanly (a poll that cannot record what it did must not go on delivering or deleting).
@@ -99,22 +100,22 @@ class Ledger:
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
         self._clock = clock
-        # Deferred "delivered" updates per account id; polls of different accounts share this object.
-        self._deferred: dict[int, list[_Delivered]] = {}
+        # Deferred updates per account id; polls of different accounts share this object.
+        self._deferred: dict[int, list[Update]] = {}
         self._deferred_lock = threading.Lock()
         self._account_ids: dict[str, int] = {}
 
     @contextmanager
     def _transaction(self, what: str, account_id: int | None = None) -> Iterator[Session]:
         """A committed transaction; with ``account_id``, it first applies that account's deferred writes."""
-        deferred: list[_Delivered] = []
+        deferred: list[Update] = []
         if account_id is not None:
             with self._deferred_lock:
                 deferred = self._deferred.pop(account_id, [])
         try:
             with self._sessions.begin() as session:
-                for item in deferred:
-                    session.execute(_delivered_update(account_id, item))
+                for statement in deferred:
+                    session.execute(statement)
                 yield session
         except SQLAlchemyError as exc:
             raise LedgerError(f"ledger: cannot {what}: {exc.__class__.__name__}: {exc}") from exc
@@ -144,13 +145,16 @@ class Ledger:
                 raise
             return self.account_id(name, create=False)
 
-    def poll_started(self, account_id: int) -> None:
-        with self._transaction("record poll start") as session:
-            session.execute(
-                update(AccountRow)
-                .where(AccountRow.id == account_id)
-                .values(last_poll_started_at=self._clock())
-            )
+    def poll_started(self, account_id: int, *, defer: bool = False) -> None:
+        """With ``defer``, written with the account's next write (an idle poll then commits once)."""
+        statement = (
+            update(AccountRow).where(AccountRow.id == account_id).values(last_poll_started_at=self._clock())
+        )
+        if defer:
+            self._defer(account_id, statement)
+            return
+        with self._transaction("record poll start", account_id) as session:
+            session.execute(statement)
 
     def poll_finished(self, account_id: int, outcome: PollOutcome) -> None:
         now = self._clock()
@@ -209,7 +213,9 @@ class Ledger:
 
     def known_messages(self, account_id: int) -> dict[str, KnownMessage]:
         """Everything the ledger knows of one account, in one query (100,000 rows is fine)."""
-        with self._transaction("read messages", account_id) as session:
+        # A read: deferred writes stay deferred (none is needed to plan; a stale "pending" row only
+        # makes the poll look in the destination first).
+        with self._transaction("read messages") as session:
             # Through the Core connection: the ORM's row loading would double the cost per row.
             rows = session.connection().execute(
                 select(
@@ -271,12 +277,15 @@ class Ledger:
         """Record the delivery; with ``defer``, in the account's next transaction (see the module doc)."""
         item = _Delivered(uidl, destination_ref, self._clock())
         if defer:
-            with self._deferred_lock:
-                self._deferred.setdefault(account_id, []).append(item)
+            self._defer(account_id, _delivered_update(account_id, item))
             return item.at
         with self._transaction(f"record message {uidl!r} as delivered", account_id) as session:
             session.execute(_delivered_update(account_id, item))
         return item.at
+
+    def _defer(self, account_id: int, statement: Update) -> None:
+        with self._deferred_lock:
+            self._deferred.setdefault(account_id, []).append(statement)
 
     def flush(self, account_id: int) -> None:
         """Commit the account's deferred writes now (before a DELE that depends on them)."""
