@@ -18,9 +18,10 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-from sqlalchemy import Engine, Update, delete, func, select, update
+from sqlalchemy import Engine, Table, Update, delete, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -115,7 +116,7 @@ class Ledger:
         try:
             with self._sessions.begin() as session:
                 for statement in deferred:
-                    session.execute(statement)
+                    session.connection().execute(statement)
                 yield session
         except SQLAlchemyError as exc:
             raise LedgerError(f"ledger: cannot {what}: {exc.__class__.__name__}: {exc}") from exc
@@ -252,24 +253,28 @@ class Ledger:
         still ends in quarantine instead of looping forever.
         """
         now = self._clock()
-        with self._transaction(f"record message {uidl!r} as pending", account_id) as session:
-            row = session.scalar(
-                select(MessageRow).where(MessageRow.account_id == account_id, MessageRow.uidl == uidl)
+        table = MessageRow.__table__
+        assert isinstance(table, Table)
+        changes = {
+            "state": MessageState.PENDING.value,
+            "pop_size": pop_size,
+            "size": size,
+            "message_id": message_id,
+            "sha256": sha256,
+            "updated_at": now,
+        }
+        # One upsert statement through Core: the ORM's load-modify-flush cost more than the commit.
+        statement = (
+            _insert_for(self.engine.dialect.name)(table)
+            .values(account_id=account_id, uidl=uidl, attempts=1, first_seen_at=now, **changes)
+            .on_conflict_do_update(
+                index_elements=[table.c.account_id, table.c.uidl],
+                set_={**changes, "attempts": table.c.attempts + 1},
             )
-            if row is None:
-                row = MessageRow(
-                    account_id=account_id, uidl=uidl, attempts=0, first_seen_at=now, updated_at=now
-                )
-                session.add(row)
-            row.state = MessageState.PENDING
-            row.pop_size = pop_size
-            row.size = size
-            row.message_id = message_id
-            row.sha256 = sha256
-            row.attempts = (row.attempts or 0) + 1
-            row.updated_at = now
-            session.flush()
-            return row.attempts
+            .returning(table.c.attempts)
+        )
+        with self._transaction(f"record message {uidl!r} as pending", account_id) as session:
+            return int(session.connection().execute(statement).scalar_one())
 
     def record_delivered(
         self, account_id: int, uidl: str, destination_ref: str, *, defer: bool = False
@@ -353,6 +358,15 @@ class Ledger:
                 )
                 removed += int(getattr(result, "rowcount", 0) or 0)
         return removed
+
+
+def _insert_for(dialect: str) -> Callable[[Table], Any]:
+    """INSERT with ON CONFLICT DO UPDATE, which both supported databases spell the same way."""
+    if dialect == "postgresql":
+        return postgresql.insert
+    if dialect == "sqlite":
+        return sqlite.insert
+    raise LedgerError(f"ledger: database {dialect!r} is not supported (SQLite or PostgreSQL)")
 
 
 def _delivered_update(account_id: int | None, item: _Delivered) -> Update:
