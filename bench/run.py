@@ -67,6 +67,7 @@ class Bench:
         self.dovecot, self.workdir, self.sizes = dovecot, workdir, sizes
         self.use_fetchmail = use_fetchmail
         self.profile = profile
+        self.database_dir: Path | None = None
         self._jobs = 0
 
     # --- plumbing -------------------------------------------------------------------------------------
@@ -113,7 +114,8 @@ class Bench:
         return figures
 
     def _database(self, name: str) -> str:
-        return f"sqlite:///{self.workdir / (name + '.sqlite3')}"
+        directory = self.database_dir or self.workdir
+        return f"sqlite:///{directory / (name + '.sqlite3')}"
 
     def _user(self, prefix: str, messages: Sequence[bytes] = ()) -> MailUser:
         user = self.dovecot.new_user(prefix)
@@ -321,6 +323,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         choices=["cprofile", "py-spy"],
         help="profile connector runs: cProfile (.prof, poll thread) or py-spy (folded stacks, all threads)",
     )
+    parser.add_argument(
+        "--database-dir",
+        type=Path,
+        help="where the connector's SQLite ledgers go (default: the work directory), e.g. a tmpfs to see "
+        "what the ledger's fsyncs cost",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory (configs, profiles)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON to this file")
     for name, value in Sizes().__dict__.items():
@@ -335,11 +343,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     sizes = replace(sizes, **overrides)
     use_fetchmail = fetchmail.available() and not args.no_fetchmail
     workdir = Path(tempfile.mkdtemp(prefix="pop-connector-bench-"))
+    ledgers = Path(tempfile.mkdtemp(prefix="ledgers-", dir=args.database_dir)) if args.database_dir else None
     print(f"machine: {machine()}", flush=True)
     rows: list[Row] = []
     try:
         with Dovecot(lmtp=use_fetchmail) as dovecot:
             bench = Bench(dovecot, workdir, sizes, use_fetchmail=use_fetchmail, profile=args.profile)
+            bench.database_dir = ledgers
             scenarios = _scenarios(bench, sizes)
             for key in args.scenarios.split(","):
                 row = scenarios[key.strip()]()
@@ -355,6 +365,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"work directory kept: {workdir}", file=sys.stderr)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+        if ledgers is not None:
+            shutil.rmtree(ledgers, ignore_errors=True)
     if not use_fetchmail:
         print("fetchmail: not run (needs the fetchmail and dovecot-lmtpd packages)")
     print(format_table(rows))

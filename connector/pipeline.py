@@ -18,7 +18,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from connector.config import RetentionPolicy
@@ -86,17 +86,17 @@ def plan_from_server(
     if not plan.deliver:
         return listing, plan
     if len(plan.deliver) <= SIZE_QUERIES:
-        sizes = {
-            entry.number: entry.size for entry in pop.list_sizes_of([d.info.number for d in plan.deliver])
-        }
-        listing = [
-            info._replace(size=sizes[info.number]) if info.number in sizes else info for info in listing
-        ]
-    else:
-        try:
-            listing = join_listings(uidls, pop.list_sizes())
-        except SourceProtocolError as exc:
-            raise SourceProtocolError(f"{pop.peer}: {exc.message}") from exc
+        # Only the deliveries need their sizes, and nothing else in the plan depends on them.
+        numbers = [delivery.info.number for delivery in plan.deliver]
+        sizes = {entry.number: entry.size for entry in pop.list_sizes_of(numbers)}
+        if set(sizes) != set(numbers):
+            raise SourceProtocolError(f"{pop.peer}: LIST answered for other messages than asked")
+        deliver = [replace(d, info=d.info._replace(size=sizes[d.info.number])) for d in plan.deliver]
+        return listing, replace(plan, deliver=deliver)
+    try:
+        listing = join_listings(uidls, pop.list_sizes())
+    except SourceProtocolError as exc:
+        raise SourceProtocolError(f"{pop.peer}: {exc.message}") from exc
     return listing, plan_poll(listing, known, retention, now)
 
 

@@ -36,7 +36,6 @@ from connector.pop3.replies import (
     Reply,
     UidlEntry,
     error_for,
-    is_terminator,
     join_listings,
     parse_capabilities,
     parse_greeting,
@@ -258,34 +257,49 @@ class Pop3Client:
             raise SourceProtocolError(f"{self._peer}: {verb}: {exc.message}") from exc
 
     def _read_lines(self, verb: str) -> list[bytes]:
-        """The body of a short multi-line reply (CAPA, UIDL, LIST), unstuffed, terminator removed."""
-        lines: list[bytes] = []
+        """The body of a multi-line listing (CAPA, UIDL, LIST), unstuffed, terminator removed.
+
+        Read in large pieces and split afterwards: a UIDL listing may have 100,000 lines at every poll.
+        """
+        pieces: list[bytes] = []
         total = 0
+        at_line_start = True
         while True:
-            line = self._read_full_line(_MAX_LISTING_LINE, verb)
-            if is_terminator(line):
-                wire_log.debug("S: <%d lines>", len(lines))
-                return lines
-            total += len(line)
+            piece, done = self._body_piece(verb, at_line_start)
+            total += len(piece)
             if total > self._max_listing_bytes:
                 raise SourceProtocolError(
                     f"{self._peer}: {verb} reply longer than {self._max_listing_bytes} bytes"
                 )
-            lines.append(unstuff_line(line))
+            pieces.append(piece)
+            at_line_start = piece.endswith(b"\n") if piece else at_line_start
+            if done:
+                break
+        block = b"".join(pieces)
+        lines = [line + b"\n" for line in block.split(b"\n")[:-1]]
+        if lines and max(map(len, lines)) > _MAX_LISTING_LINE + 2:
+            raise SourceProtocolError(
+                f"{self._peer}: {verb}: reply line longer than {_MAX_LISTING_LINE} bytes"
+            )
+        if block.startswith(b".") or b"\n." in block:
+            lines = [unstuff_line(line) for line in lines]
+        wire_log.debug("S: <%d lines>", len(lines))
+        return lines
+
+    def _body_piece(self, verb: str, at_line_start: bool) -> tuple[bytes, bool]:
+        try:
+            return self._reader.body_piece(at_line_start)
+        except ConnectionClosed:
+            raise SourceConnectError(f"{self._peer}: server closed the connection during {verb}") from None
+        except OSError as exc:
+            raise SourceConnectError(f"{self._peer}: reading the reply to {verb}: {_cause(exc)}") from exc
 
     def _stream_body(self, verb: str, sink: Sink, max_bytes: int | None) -> int:
         decoder = BodyDecoder()
         received = 0
         written = 0
         while True:
-            try:
-                piece, done = self._reader.body_piece(decoder.at_line_start)
-            except ConnectionClosed:
-                raise SourceConnectError(
-                    f"{self._peer}: server closed the connection during {verb}"
-                ) from None
-            except OSError as exc:
-                raise SourceConnectError(f"{self._peer}: reading the reply to {verb}: {_cause(exc)}") from exc
+            piece, done = self._body_piece(verb, decoder.at_line_start)
             received += len(piece)
             if max_bytes is not None and received > max_bytes:
                 raise SourceProtocolError(f"{self._peer}: {verb} reply longer than {max_bytes} bytes")
