@@ -14,14 +14,20 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import FrameType
 
-from connector import __version__
+from sqlalchemy import Engine
+
+from connector import __version__, admin
 from connector.config import Account, Config, config_path, load_config
 from connector.connections import Connections
-from connector.engine import PollResult, SyncEngine
+from connector.engine import PollResult
 from connector.errors import ConfigError, ConnectorError
 from connector.ledger.database import open_database
 from connector.ledger.store import Ledger
+from connector.logs import LOG_FORMATS, setup_logging
+from connector.observe import ObservedEngine
+from connector.progress import SyncProgress, print_summary, summary_rows, sync_progress
 from connector.report import dry_run_lines, poll_line, status_json, status_records, status_text
+from connector.runtime import run_service
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
@@ -32,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pop-connector", description=__doc__.splitlines()[0])
     parser.add_argument("--config", "-c", help="configuration file (default: $POP_CONNECTOR_CONFIG)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument(
+        "--log-format", default="text", choices=LOG_FORMATS, help="text (default) or json lines"
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -47,19 +56,20 @@ def build_parser() -> argparse.ArgumentParser:
     db = commands.add_parser("db", help="ledger database maintenance")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")
     db_commands.add_parser("upgrade", help="apply pending schema migrations")
+    accounts = commands.add_parser("accounts", help="the accounts registry in the database")
+    accounts_commands = accounts.add_subparsers(
+        dest="accounts_command", required=True, metavar="ACCOUNTS_COMMAND"
+    )
+    accounts_commands.add_parser(
+        "sync-config", help="write the configured accounts into the database (distributed workers read it)"
+    )
+    admin.add_commands(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    if args.log_level != "DEBUG":
-        # Alembic announces every migration context at INFO on each start; only its warnings matter.
-        logging.getLogger("alembic").setLevel(logging.WARNING)
+    setup_logging(args.log_level, args.log_format)
     try:
         config = load_config(config_path(args.config))
     except ConfigError as exc:
@@ -81,19 +91,42 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
 
         return EXIT_OK if run_checks(config, print) else EXIT_FAILED
     assert config.service.database is not None
+    if args.command == "run":
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload during start-up must not kill it
     engine = open_database(config.service.database)
     ledger = Ledger(engine)
     if args.command == "db":
+        if config.service.mode == "distributed":
+            from connector.distributed import ensure_queue_schema
+
+            ensure_queue_schema(engine)
         print(f"ledger database is up to date: {engine.url.render_as_string(hide_password=True)}")
         return EXIT_OK
+    if args.command == "accounts":
+        return _sync_config(config, engine)
+    if args.command == "run" and config.service.mode == "distributed":
+        from connector.distributed import run_worker
+
+        engine.dispose()
+        return EXIT_OK if run_worker(config) else EXIT_FAILED
     if args.command == "status":
         records = status_records(config.accounts, ledger.statuses())
         print(status_json(records) if args.json else status_text(records))
         return EXIT_OK
-    sync_engine = SyncEngine(config, ledger, Connections())
+    if args.command in admin.COMMANDS:
+        return admin.run(args, config, ledger)
     if args.command == "run":
-        return _run_service(config, sync_engine, ledger)
-    return _sync(config, sync_engine, args)
+        run_service(config, ledger, config_path(args.config))
+        return EXIT_OK
+    return _sync(config, ObservedEngine(config, ledger, Connections()), args)
+
+
+def _sync_config(config: Config, engine: Engine) -> int:
+    from connector.distributed import sync_accounts
+
+    summary = sync_accounts(engine, config.accounts)
+    print(f"accounts: {summary.added} added, {summary.active} active, {summary.inactive} inactive")
+    return EXIT_OK
 
 
 def _selected_accounts(config: Config, names: list[str] | None) -> list[Account]:
@@ -114,7 +147,7 @@ def _stop_on_signals(stop: threading.Event) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
-def _sync(config: Config, engine: SyncEngine, args: argparse.Namespace) -> int:
+def _sync(config: Config, engine: ObservedEngine, args: argparse.Namespace) -> int:
     accounts = _selected_accounts(config, args.account)
     if not accounts:
         print("no enabled accounts in the configuration", file=sys.stderr)
@@ -125,21 +158,16 @@ def _sync(config: Config, engine: SyncEngine, args: argparse.Namespace) -> int:
     def poll(account: Account) -> PollResult:
         return engine.poll(account, dry_run=args.dry_run, stop=stop)
 
-    with ThreadPoolExecutor(max_workers=config.service.max_workers) as pool:
+    display = sync_progress(accounts, sys.stderr) if not args.dry_run else SyncProgress()
+    engine.observers.append(display)
+    with display, ThreadPoolExecutor(max_workers=config.service.max_workers) as pool:
         results = list(pool.map(poll, accounts))
     for result in results:
         print("\n".join(dry_run_lines(result)) if args.dry_run else poll_line(result))
+    if not args.dry_run:
+        print_summary(summary_rows(results, display.durations), sys.stdout)
     failed = any(not r.ok or r.failed or r.skipped or r.problems for r in results)
     return EXIT_FAILED if failed else EXIT_OK
-
-
-def _run_service(config: Config, engine: SyncEngine, ledger: Ledger) -> int:
-    from connector.scheduler import Service
-
-    service = Service(config, engine, ledger, on_result=lambda result: log.info("%s", poll_line(result)))
-    _stop_on_signals(service.stop)
-    service.run_until_stopped()
-    return EXIT_OK
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -27,6 +27,14 @@ from pydantic import (
 )
 
 from connector.errors import ConfigError
+from connector.oauth import (
+    ENTRA_AUTHORITY_HOST,
+    EXCHANGE_ONLINE_SCOPE,
+    Credentials,
+    EntraCredentials,
+    TokenEndpointCredentials,
+    check_token_url,
+)
 from connector.tls import TlsMode
 
 CONFIG_ENV = "POP_CONNECTOR_CONFIG"
@@ -80,7 +88,27 @@ def _resolve_secret(value: object) -> SecretStr:
     raise ValueError('expected a string, { env = "NAME" } or { file = "/path" }')
 
 
+_SIZE_RE = re.compile(r"(\d+)\s*([kmg]?)i?b?")
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def parse_size(value: object) -> int:
+    """``"25MB"``, ``"512K"``, ``"1G"`` (units of 1024) or a number of bytes."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as '25MB' or a number of bytes")
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, str) and (match := _SIZE_RE.fullmatch(value.strip().lower())):
+        number = int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+    else:
+        raise ValueError(f"{value!r} is not a size; write e.g. '25MB', '512KB' or a number of bytes")
+    if number <= 0:
+        raise ValueError("a size must be positive")
+    return number
+
+
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+ByteSize = Annotated[int, BeforeValidator(parse_size)]
 Secret = Annotated[SecretStr, BeforeValidator(_resolve_secret)]
 
 
@@ -112,6 +140,10 @@ class RetryPolicy(_Model):
     max_attempts: int = Field(default=5, ge=1, le=1000)
     initial_backoff: Duration = timedelta(minutes=1)
     max_backoff: Duration = timedelta(hours=1)
+    # Retrying a refused login at the normal rate could get the mailbox locked by the provider.
+    auth_failure_backoff: Duration = timedelta(hours=1)
+    # 0 = never suspend. The default is about two days of failures at the default max_backoff.
+    max_consecutive_failures: int = Field(default=50, ge=0, le=100_000)
 
     @model_validator(mode="after")
     def _ordered(self) -> RetryPolicy:
@@ -120,9 +152,66 @@ class RetryPolicy(_Model):
         return self
 
 
+def parse_listen_address(value: object) -> tuple[str, int] | None:
+    """``"HOST:PORT"``, ``"[IPv6]:PORT"`` or a bare port (then loopback only); port 0 picks a free one."""
+    if value is None:
+        return None
+    if isinstance(value, tuple):
+        return value  # already parsed (model_copy)
+    text = str(value).strip()
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        host, port_text = "127.0.0.1", text
+    host = host.strip("[]")
+    if not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError(f"{value!r} is not a listen address; write e.g. '127.0.0.1:9108' or '9108'")
+    return host, int(port_text)
+
+
 class ServiceConfig(_Model):
     database: str | None = None
     max_workers: int = Field(default=8, ge=1, le=256)
+    # Operations listener (metrics, health, status page); see connector/web.py.
+    metrics: Annotated[tuple[str, int] | None, BeforeValidator(parse_listen_address)] = None
+    status_token: Secret | None = None
+    status_refresh: Duration = timedelta(seconds=15)
+    health_grace: Duration = timedelta(minutes=10)
+
+    @field_validator("status_token")
+    @classmethod
+    def _token_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 8:
+            raise ValueError("status_token must be at least 8 characters (a short token protects nothing)")
+        return value
+    # "distributed": `run` is one of several workers sharing a PostgreSQL database (connector/distributed).
+    mode: Literal["embedded", "distributed"] = "embedded"
+    dispatch_interval: Duration = timedelta(seconds=10)
+    worker_name: str | None = Field(default=None, min_length=1, max_length=200)
+    heartbeat_interval: Duration = timedelta(seconds=10)
+    stalled_after: Duration = timedelta(seconds=30)
+
+    @field_validator("dispatch_interval")
+    @classmethod
+    def _dispatch_fits_a_minute(cls, value: timedelta) -> timedelta:
+        # It becomes the seconds field of a cron schedule, so it must divide a minute evenly.
+        seconds = value.total_seconds()
+        if not seconds.is_integer() or not 1 <= seconds <= 60 or 60 % int(seconds):
+            raise ValueError("dispatch_interval must be a whole number of seconds that divides 60 (1s..60s)")
+        return value
+
+    @model_validator(mode="after")
+    def _stall_after_heartbeats(self) -> ServiceConfig:
+        if self.heartbeat_interval < timedelta(seconds=1):
+            raise _PathError("service.heartbeat_interval", "heartbeat_interval must be at least 1s")
+        if self.stalled_after < 2 * self.heartbeat_interval:
+            raise _PathError(
+                "service.stalled_after", "stalled_after must be at least twice heartbeat_interval"
+            )
+        return self
+    # Protocol logs (connector/protocol_log.py): where, and how they rotate.
+    protocol_log_dir: Path | None = None
+    protocol_log_max_bytes: ByteSize = 10 * 1024 * 1024
+    protocol_log_backups: int = Field(default=5, ge=0, le=1000)
 
 
 class Defaults(_Model):
@@ -135,6 +224,13 @@ class Defaults(_Model):
     timeout: Duration = timedelta(seconds=60)
     folder: str = "INBOX"
     mark_seen: bool = False
+    # Limits and selection (docs/policies.md). None / 0 = no limit.
+    max_message_size: ByteSize | None = None
+    oversize: Literal["skip", "headers_only"] = "skip"
+    max_messages_per_poll: int = Field(default=0, ge=0)
+    start: Literal["all", "new"] = "all"
+    # Write this account's POP3/IMAP conversation to its own rotating file (secrets redacted).
+    protocol_log: bool = False
 
     @field_validator("poll_interval")
     @classmethod
@@ -151,6 +247,89 @@ class Defaults(_Model):
         return value
 
 
+class OAuthSettings(_Model):
+    """Where XOAUTH2 logins get their token: Microsoft Entra (``tenant_id``) or any token endpoint
+    (``token_url``). See docs/exchange-online.md."""
+
+    tenant_id: str | None = Field(default=None, min_length=1)
+    token_url: str | None = None
+    client_id: str = Field(min_length=1)
+    client_secret: Secret | None = None
+    certificate_file: Path | None = None
+    certificate_thumbprint: str | None = Field(default=None, pattern=r"^[0-9A-Fa-f:]{40,59}$")
+    certificate_password: Secret | None = None
+    scope: str | None = None
+    authority_host: str = ENTRA_AUTHORITY_HOST
+    refresh_token: Secret | None = None
+    client_auth: Literal["body", "basic"] = "body"
+    ca_file: Path | None = None
+    timeout: Duration = timedelta(seconds=30)
+
+    @field_validator("token_url", "authority_host")
+    @classmethod
+    def _secure_url(cls, value: str | None) -> str | None:
+        return None if value is None else check_token_url(value)
+
+    @model_validator(mode="after")
+    def _one_provider(self) -> OAuthSettings:
+        if (self.tenant_id is None) == (self.token_url is None):
+            raise ValueError("set either tenant_id (Microsoft Entra) or token_url (another provider)")
+        if self.tenant_id is not None:
+            if (self.client_secret is None) == (self.certificate_file is None):
+                raise ValueError("Microsoft Entra needs either client_secret or certificate_file")
+            if self.refresh_token is not None:
+                raise ValueError("refresh_token is only used with token_url")
+        else:
+            if self.certificate_file is not None:
+                raise ValueError("certificate_file is only used with tenant_id (Microsoft Entra)")
+            if self.client_secret is None and self.refresh_token is None:
+                raise ValueError("token_url needs client_secret (or refresh_token)")
+        if self.certificate_file is None and (self.certificate_thumbprint or self.certificate_password):
+            raise ValueError("certificate_thumbprint and certificate_password go with certificate_file")
+        return self
+
+    def credentials(self) -> Credentials:
+        """The provider's key: equal settings share one token cache."""
+        secret = self.client_secret.get_secret_value() if self.client_secret else None
+        timeout = self.timeout.total_seconds()
+        if self.tenant_id is not None:
+            password = self.certificate_password
+            return EntraCredentials(
+                tenant_id=self.tenant_id,
+                client_id=self.client_id,
+                client_secret=secret,
+                certificate_file=self.certificate_file,
+                certificate_thumbprint=self.certificate_thumbprint,
+                certificate_password=password.get_secret_value() if password else None,
+                scope=self.scope or EXCHANGE_ONLINE_SCOPE,
+                authority_host=self.authority_host,
+                ca_file=self.ca_file,
+                timeout=timeout,
+            )
+        assert self.token_url is not None  # validated above
+        refresh = self.refresh_token
+        return TokenEndpointCredentials(
+            token_url=self.token_url,
+            client_id=self.client_id,
+            client_secret=secret,
+            scope=self.scope,
+            refresh_token=refresh.get_secret_value() if refresh else None,
+            client_auth=self.client_auth,
+            ca_file=self.ca_file,
+            timeout=timeout,
+        )
+
+
+LoginMethod = Literal["password", "oauth2"]
+
+
+def _check_oauth(auth: str, oauth: OAuthSettings | None) -> None:
+    if auth == "oauth2" and oauth is None:
+        raise ValueError('auth = "oauth2" needs an oauth table (tenant_id or token_url, client_id, ...)')
+    if auth != "oauth2" and oauth is not None:
+        raise ValueError(f'oauth is only used with auth = "oauth2", not "{auth}"')
+
+
 class ImapDestination(_Model):
     name: str = Field(min_length=1)
     type: Literal["imap"]
@@ -161,6 +340,8 @@ class ImapDestination(_Model):
     ca_file: Path | None = None
     username: str | None = None
     password: Secret | None = None
+    auth: LoginMethod = "password"
+    oauth: OAuthSettings | None = None
     create_folders: bool = True
 
     @property
@@ -169,12 +350,98 @@ class ImapDestination(_Model):
 
     @model_validator(mode="after")
     def _password_with_username(self) -> ImapDestination:
-        if self.username is not None and self.password is None:
+        _check_oauth(self.auth, self.oauth)
+        if self.auth == "oauth2":
+            if self.password is not None:
+                raise ValueError('password is not used with auth = "oauth2"')
+        elif self.username is not None and self.password is None:
             raise ValueError("username is set but password is missing")
         return self
 
 
-Destination = ImapDestination
+EwsAuth = Literal["ntlm", "basic", "oauth2"]
+# Exchange versions exchangelib can be told instead of probing the server (the ``version`` field).
+EwsVersion = Literal["Exchange2013", "Exchange2013_SP1", "Exchange2016", "Exchange2019"]
+DEFAULT_EWS_MAX_MESSAGE_SIZE = 35 * 1024 * 1024
+
+
+class EwsDestination(_Model):
+    """Exchange Web Services (on-premises Exchange 2013-2019 and Subscription Edition), via exchangelib."""
+
+    name: str = Field(min_length=1)
+    type: Literal["ews"]
+    service_endpoint: str | None = None
+    autodiscover: bool = False
+    auth: EwsAuth = "ntlm"
+    username: str | None = None
+    password: Secret | None = None
+    tenant_id: str | None = None
+    client_id: str | None = None
+    client_secret: Secret | None = None
+    token_url: str | None = None
+    scope: str | None = None
+    version: EwsVersion | None = None
+    impersonation: bool = False
+    max_connections: int = Field(default=4, ge=1, le=64)
+    max_message_size: ByteSize = Field(default=DEFAULT_EWS_MAX_MESSAGE_SIZE, gt=0)
+    tls_verify: bool = True
+    ca_file: Path | None = None
+
+    @field_validator("service_endpoint", "token_url")
+    @classmethod
+    def _https_only(cls, value: str | None) -> str | None:
+        # Every EWS auth method sends something secret (password, NTLM exchange, bearer token) with each
+        # request: plain HTTP is not offered at all.
+        if value is not None and not value.lower().startswith("https://"):
+            raise ValueError("must be an https:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _complete(self) -> EwsDestination:
+        if self.service_endpoint is None and not self.autodiscover:
+            raise ValueError("service_endpoint is required unless autodiscover = true")
+        if self.auth == "oauth2":
+            missing = [f for f in ("client_id", "client_secret") if getattr(self, f) is None]
+            if self.tenant_id is None and self.token_url is None:
+                missing.append("tenant_id (or token_url)")
+            if missing:
+                raise ValueError(f'auth = "oauth2" needs {", ".join(missing)}')
+            if not self.impersonation:
+                raise ValueError('auth = "oauth2" (an application token) needs impersonation = true')
+        elif self.username is not None and self.password is None:
+            raise ValueError("username is set but password is missing")
+        return self
+
+
+Destination = Annotated[ImapDestination | EwsDestination, Field(discriminator="type")]
+
+
+DEFAULT_ROUTING_HEADERS = ("Delivered-To", "X-Original-To", "Envelope-To", "X-Envelope-To", "To", "Cc")
+
+
+class RoutingRule(_Model):
+    """``match``: an address or a pattern (``*@sales.example.org``); ``mailbox``: the local mailbox."""
+
+    match: str = Field(min_length=3, pattern=r"^[^@\s]+@[^@\s]+$")
+    mailbox: str = Field(min_length=1)
+
+
+class RoutingDefault(_Model):
+    mailbox: str = Field(min_length=1)
+
+
+class RoutingPolicy(_Model):
+    """Catch-all (multidrop) routing of one POP mailbox to several local mailboxes (connector/routing.py)."""
+
+    headers: list[str] = Field(default_factory=lambda: list(DEFAULT_ROUTING_HEADERS), min_length=1)
+    rules: list[RoutingRule] = Field(default_factory=list)
+    default: RoutingDefault | None = None
+
+    @model_validator(mode="after")
+    def _routes_something(self) -> RoutingPolicy:
+        if not self.rules and self.default is None:
+            raise ValueError("routing needs rules, a default, or both")
+        return self
 
 
 class Account(Defaults):
@@ -187,20 +454,44 @@ class Account(Defaults):
     tls: TlsMode = "implicit"
     tls_verify: bool = True
     ca_file: Path | None = None
-    auth: Literal["user", "apop"] = "user"
+    auth: Literal["user", "apop", "oauth2"] = "user"
     username: str = Field(min_length=1)
-    password: Secret
+    password: Secret | None = None
+    oauth: OAuthSettings | None = None
+    # XOAUTH2 with the token on the AUTH line (RFC 5034 initial response) instead of after a "+".
+    auth_initial_response: bool = False
     destination: str
     destination_username: str | None = None
     destination_password: Secret | None = None
+    # The target Exchange mailbox (SMTP address) of an EWS destination.
+    mailbox: str | None = None
+    routing: RoutingPolicy | None = None
 
     @property
     def effective_port(self) -> int:
         return self.port or (995 if self.tls == "implicit" else 110)
 
+    @field_validator("mailbox")
+    @classmethod
+    def _smtp_address(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[^@\s]+@[^@\s]+", value):
+            raise ValueError(f'{value!r} is not an SMTP address (write e.g. "alice@example.org")')
+        return value
+
+    @model_validator(mode="after")
+    def _source_login(self) -> Account:
+        _check_oauth(self.auth, self.oauth)
+        if self.auth == "oauth2" and self.password is not None:
+            raise ValueError('password is not used with auth = "oauth2"')
+        if self.auth != "oauth2" and self.password is None:
+            raise ValueError("password: required field is missing")
+        return self
+
     @model_validator(mode="after")
     def _destination_login_pair(self) -> Account:
-        if (self.destination_username is None) != (self.destination_password is None):
+        # An OAuth destination needs only the mailbox name; whether a password is missing is checked
+        # against the destination in Config.
+        if self.destination_password is not None and self.destination_username is None:
             raise ValueError("destination_username and destination_password go together")
         return self
 
@@ -225,15 +516,23 @@ class Config(_Model):
                     f"accounts[{index}].destination",
                     f"unknown destination {account.destination!r} (known: {known})",
                 )
+            if isinstance(destination, EwsDestination):
+                _check_ews_account(index, account, destination)
+                continue
             if destination.username is None and account.destination_username is None:
                 raise _PathError(
                     f"accounts[{index}]",
                     f"destination {destination.name!r} has no username, so the account needs "
                     "destination_username and destination_password",
                 )
+            _check_destination_password(index, account, destination)
+            if account.mailbox is not None:
+                raise _PathError(
+                    f"accounts[{index}].mailbox", 'only used with an EWS destination (type = "ews")'
+                )
         return self
 
-    def destination_for(self, account: Account) -> Destination:
+    def destination_for(self, account: Account) -> ImapDestination | EwsDestination:
         return next(d for d in self.destinations if d.name == account.destination)
 
     def account(self, name: str) -> Account:
@@ -243,6 +542,18 @@ class Config(_Model):
         raise ConfigError(f"no account named {name!r} in {self.source or 'the configuration'}")
 
 
+def _check_destination_password(index: int, account: Account, destination: ImapDestination) -> None:
+    oauth = destination.auth == "oauth2"
+    if oauth and account.destination_password is not None:
+        raise _PathError(
+            f"accounts[{index}].destination_password",
+            f"destination {destination.name!r} logs in with OAuth; destination_username alone names "
+            "the mailbox",
+        )
+    if not oauth and account.destination_username is not None and account.destination_password is None:
+        raise _PathError(f"accounts[{index}]", "destination_username and destination_password go together")
+
+
 class _PathError(ValueError):
     """A cross-field error that knows its own field path (pydantic would only say 'the whole file')."""
 
@@ -250,6 +561,44 @@ class _PathError(ValueError):
         super().__init__(message)
         self.path = path
         self.message = message
+
+
+def ews_mailbox(account: Account, destination: EwsDestination) -> str | None:
+    """The mailbox an account delivers into: its own ``mailbox``, else the login's (when it is an address)."""
+    if account.mailbox is not None:
+        return account.mailbox
+    login = account.destination_username or destination.username
+    return login if login is not None and "@" in login else None
+
+
+def _check_ews_account(index: int, account: Account, destination: EwsDestination) -> None:
+    where = f"accounts[{index}]"
+    if destination.impersonation and account.mailbox is None:
+        raise _PathError(
+            f"{where}.mailbox",
+            f"destination {destination.name!r} uses impersonation, so the account must name its target "
+            'mailbox (mailbox = "user@example.org")',
+        )
+    if ews_mailbox(account, destination) is None:
+        raise _PathError(
+            f"{where}.mailbox",
+            f"required: the SMTP address of the Exchange mailbox to deliver into (destination "
+            f"{destination.name!r} logs in as {account.destination_username or destination.username!r}, "
+            "which is not an address)",
+        )
+    if destination.auth != "oauth2" and destination.username is None and account.destination_username is None:
+        raise _PathError(
+            where,
+            f"destination {destination.name!r} has no username, so the account needs "
+            "destination_username and destination_password",
+        )
+    top = next((part for part in account.folder.split("/") if part), "Inbox")
+    if top.lower() != "inbox":
+        raise _PathError(
+            f"{where}.folder",
+            f'an EWS destination delivers into Inbox or a folder under it ("Inbox/{account.folder}"), '
+            f"not {account.folder!r}",
+        )
 
 
 def _check_unique(section: str, names: list[str]) -> None:
@@ -269,7 +618,7 @@ def format_location(loc: tuple[int | str, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             text += f"[{part}]"
-        elif part in ("imap", "function-after[_check_unique]"):
+        elif part in ("imap", "ews", "function-after[_check_unique]"):
             continue  # discriminator tags are not something the user wrote
         else:
             text += f".{part}" if text else part
@@ -281,6 +630,10 @@ def _describe(error: Mapping[str, Any]) -> str:
         return "unknown field (check the spelling)"
     if error["type"] == "missing":
         return "required field is missing"
+    if error["type"] == "union_tag_not_found":
+        return 'type is missing (write type = "imap" or type = "ews")'
+    if error["type"] == "union_tag_invalid":
+        return f'unknown type {error["ctx"]["tag"]!r} (expected "imap" or "ews")'
     message = str(error["msg"])
     return message.removeprefix("Value error, ")
 
@@ -330,6 +683,11 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
 
 def _with_database_default(config: Config, path: Path) -> Config:
     database = resolve_database_url(config.service.database, path.parent)
+    if config.service.mode == "distributed" and not database.startswith("postgresql"):
+        raise ConfigError(
+            f'{path}: service.mode: "distributed" needs a PostgreSQL database '
+            f'(service.database = "postgresql+psycopg://user@host/dbname"), not {database.split(":")[0]}'
+        )
     service = config.service.model_copy(update={"database": database})
     return config.model_copy(update={"service": service})
 

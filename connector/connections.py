@@ -5,25 +5,40 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from connector.config import Account, Destination
+from connector.config import Account, Destination, EwsDestination, ImapDestination, ews_mailbox
 from connector.destinations.base import DestinationSession
 from connector.destinations.imap import ImapSession, open_imap
+from connector.errors import (
+    DestinationConnectError,
+    OAuthError,
+    OAuthRefusedError,
+    SourceAuthError,
+    SourceConnectError,
+)
+from connector.oauth import DEFAULT_PROVIDERS, TokenProviders, login_with_token
 from connector.pop3 import Pop3Client, connect_pop3
 from connector.tls import make_ssl_context
 
 
-def open_source(account: Account) -> Pop3Client:
-    """Connect and log in to the account's POP3 server."""
+def _connect_source(account: Account) -> Pop3Client:
     context = None
     if account.tls != "none":
         context = make_ssl_context(verify=account.tls_verify, ca_file=account.ca_file)
-    client = connect_pop3(
+    return connect_pop3(
         account.host,
         account.effective_port,
         tls=account.tls,
         ssl_context=context,
         timeout=account.timeout.total_seconds(),
     )
+
+
+def open_source(account: Account, providers: TokenProviders = DEFAULT_PROVIDERS) -> Pop3Client:
+    """Connect and log in to the account's POP3 server."""
+    if account.auth == "oauth2":
+        return _open_source_oauth2(account, providers)
+    assert account.password is not None  # config validated
+    client = _connect_source(account)
     try:
         client.login(account.username, account.password.get_secret_value(), method=account.auth)
     except BaseException:
@@ -32,13 +47,51 @@ def open_source(account: Account) -> Pop3Client:
     return client
 
 
-def open_imap_destination(destination: Destination, account: Account) -> ImapSession:
-    """Log in to the IMAP destination, as the account's own user when it names one."""
-    if account.destination_username is not None and account.destination_password is not None:
-        username, secret = account.destination_username, account.destination_password
+def _open_source_oauth2(account: Account, providers: TokenProviders) -> Pop3Client:
+    """AUTH XOAUTH2 as the account's user. A retry with a new token uses a new connection: some servers
+    hang up after a failed AUTH."""
+    assert account.oauth is not None  # config validated
+    provider = providers.get(account.oauth.credentials())
+
+    def attempt(token: str) -> Pop3Client:
+        client = _connect_source(account)
+        try:
+            initial = account.auth_initial_response
+            client.authenticate_xoauth2(account.username, token, initial_response=initial)
+        except BaseException:
+            client.close()
+            raise
+        return client
+
+    try:
+        return login_with_token(provider, attempt, SourceAuthError)
+    except OAuthError as exc:
+        # A refused app registration is a login failure of this account; an unreachable token
+        # endpoint is a temporary one, like an unreachable server.
+        error_type = SourceAuthError if isinstance(exc, OAuthRefusedError) else SourceConnectError
+        where = f"{account.host}:{account.effective_port}"
+        raise error_type(f"{where}: no OAuth token: {exc.message}") from exc
+
+
+def open_imap_destination(
+    destination: ImapDestination, account: Account, providers: TokenProviders = DEFAULT_PROVIDERS
+) -> ImapSession:
+    """Log in to the IMAP destination, as the account's own user when it names one.
+
+    With ``auth = "oauth2"`` the user is the target mailbox (for Exchange Online app-only access, the
+    mailbox the app was given FullAccess to) and the password is a token from the destination's app.
+    """
+    username = account.destination_username or destination.username
+    assert username is not None  # config validated
+    password = None
+    token_provider = None
+    if destination.auth == "oauth2":
+        assert destination.oauth is not None  # config validated
+        token_provider = providers.get(destination.oauth.credentials())
     else:
-        assert destination.username is not None and destination.password is not None  # config validated
-        username, secret = destination.username, destination.password
+        secret = account.destination_password or destination.password
+        assert secret is not None  # config validated
+        password = secret.get_secret_value()
     context = None
     if destination.tls != "none":
         context = make_ssl_context(verify=destination.tls_verify, ca_file=destination.ca_file)
@@ -49,14 +102,43 @@ def open_imap_destination(destination: Destination, account: Account) -> ImapSes
         ssl_context=context,
         timeout=account.timeout.total_seconds(),
         username=username,
-        password=secret.get_secret_value(),
+        password=password,
+        token_provider=token_provider,
         folder=account.folder,
         mark_seen=account.mark_seen,
         create_folder=destination.create_folders,
     )
 
 
+def open_ews_destination(destination: EwsDestination, account: Account) -> DestinationSession:
+    """A session that delivers into the account's Exchange mailbox (exchangelib is imported only here)."""
+    try:
+        from connector.destinations.ews import open_ews
+    except ImportError as exc:
+        # Temporary, not per message: installing the extra fixes it without losing any attempts.
+        raise DestinationConnectError(
+            f"destination {destination.name!r}: EWS support is not installed ({exc.name} is missing); "
+            "install it with: pip install 'pop-connector[ews]'"
+        ) from exc
+
+    if account.destination_username is not None and account.destination_password is not None:
+        destination = destination.model_copy(
+            update={"username": account.destination_username, "password": account.destination_password}
+        )
+    mailbox = ews_mailbox(account, destination)
+    assert mailbox is not None  # config validated
+    return open_ews(
+        destination,
+        mailbox=mailbox,
+        folder=account.folder,
+        mark_seen=account.mark_seen,
+        timeout=account.timeout.total_seconds(),
+    )
+
+
 def open_destination(destination: Destination, account: Account) -> DestinationSession:
+    if isinstance(destination, EwsDestination):
+        return open_ews_destination(destination, account)
     return open_imap_destination(destination, account)
 
 

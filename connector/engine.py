@@ -1,22 +1,29 @@
 """The sync engine: one poll of one account.
 
-connect -> UIDL+LIST -> plan (server minus ledger) -> for each message, oldest first:
-RETR -> record ``pending`` (commit) -> deliver -> record ``delivered`` (commit) -> DELE if retention says
-so -> ... -> QUIT -> record ``deleted`` for what the server confirmed.
+connect -> UIDL (+LIST) -> plan (server minus ledger) -> for each message, oldest first:
+RETR -> record ``pending`` (commit) -> deliver -> record ``delivered`` -> queue the DELE if retention says
+so -> ... -> commit, send the queued DELEs -> QUIT -> record ``deleted`` for what the server confirmed.
 
 Crash safety comes from that order: a message is DELEted only after its delivery is committed, and the
 POP3 server only deletes after QUIT; a ``pending`` row found by a later poll means "maybe delivered", so
 the destination is searched (Message-ID, size, SHA-256) before delivering again.
+
+Speed: whole messages are RETRed ahead by a fetch thread (pipeline.py) while this thread records and
+delivers them; the ``delivered`` update commits with the next message's ``pending`` (one transaction per
+message) and always before any DELE. Headers-only fetches (TOP) and servers that delete whatever was
+retrieved at QUIT (EXPIRE 0) take the simple path: one message fetched, then delivered, at a time.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
+from typing import NamedTuple
 
 from connector.config import Account, Config
 from connector.connections import Connections
@@ -25,17 +32,26 @@ from connector.errors import (
     AuthenticationError,
     ConnectorError,
     DestinationError,
+    DestinationRejectedError,
+    DestinationTooLargeError,
     LedgerError,
-    PermanentError,
+    SourceLoginDelayError,
+    SourceMessageError,
 )
+from connector.fetch import fetch
+from connector.identity import baseline_entries, identify, migration
 from connector.ledger.models import MessageState
-from connector.ledger.store import Clock, Ledger, PollOutcome, utcnow
+from connector.ledger.store import Clock, KnownMessage, Ledger, PollOutcome, utcnow
 from connector.message import FetchedMessage, MessageSpool, fallback_message_id
-from connector.pipeline import Fetched, Prefetcher, plan_from_server
-from connector.plan import PollPlan, plan_poll
+from connector.pipeline import Fetched, Prefetcher, with_sizes
+from connector.plan import Delivery, PollPlan, plan_poll, with_recovery
+from connector.policies.limits import Limits, needs_baseline
 from connector.policies.retention import should_delete
-from connector.policies.retry import account_backoff, jittered_interval
+from connector.policies.retry import failure_delay, should_suspend, success_delay
+from connector.policies.server_limits import deletes_retrieved, login_delay, retention_conflict
+from connector.policies.uidl import UidlChange, rekeyed
 from connector.pop3 import MessageInfo, Pop3Client
+from connector.protocol_log import protocol_note, recording
 
 log = logging.getLogger("connector.engine")
 
@@ -43,7 +59,7 @@ log = logging.getLogger("connector.engine")
 @dataclass
 class PollResult:
     account: str
-    status: str = "ok"  # ok | error | auth_error | stopped
+    status: str = "ok"  # ok | error | auth_error | stopped | suspended
     error: str | None = None
     delivered: int = 0
     recovered: int = 0
@@ -70,8 +86,35 @@ def _quit_quietly(pop: Pop3Client) -> None:
         pop.close()
 
 
+def _seen(info: MessageInfo) -> KnownMessage:
+    return KnownMessage(info.uidl, MessageState.SEEN, 0, None, None, None, None, pop_size=info.size)
+
+
+def _routing_not_yet(account: Account, now: datetime) -> PollResult:
+    """Catch-all delivery is not built yet: such an account is never polled (delivering its mail to the
+    one destination login would put everybody's mail in one mailbox)."""
+    error = (
+        f"account {account.name!r}: catch-all routing ([accounts.routing]) can be previewed with "
+        f"`pop-connector routes --account {account.name}` but its delivery is not implemented yet; "
+        "the account is not polled"
+    )
+    log.error("%s", error)
+    return PollResult(
+        account=account.name, status="error", error=error, next_poll_at=now + account.poll_interval
+    )
+
+
 class _DestinationDown(Exception):
     """The destination cannot take more mail in this poll; the POP3 session still ends cleanly."""
+
+
+class _Listing(NamedTuple):
+    listing: list[MessageInfo]
+    known: dict[str, KnownMessage]
+    # To look for in the destination before delivering them (identity in doubt).
+    suspects: set[str]
+    # False: from UIDL alone, every size 0 (see identity.Identified.sized).
+    sized: bool = True
 
 
 class SyncEngine:
@@ -91,8 +134,14 @@ class SyncEngine:
     def poll(
         self, account: Account, *, dry_run: bool = False, stop: threading.Event | None = None
     ) -> PollResult:
+        if account.routing is not None:
+            return _routing_not_yet(account, self.clock())
         run = _Poll(self, account, stop or threading.Event())
-        return run.dry_run() if dry_run else run.run()
+        with recording(self.config, account):
+            return run.dry_run() if dry_run else run.run()
+
+    def planned(self, account: Account, plan: PollPlan) -> None:
+        """Called once a poll knows what it will deliver (the sizes known); for observers."""
 
 
 class _Poll:
@@ -109,6 +158,12 @@ class _Poll:
         self.dele_queue: list[MessageInfo] = []
         self.account_id = 0
         self.pop: Pop3Client | None = None
+        # LOGIN-DELAY: the next poll must not come sooner than this.
+        self.server_delay: timedelta | None = None
+        # Retrieved in this session and not (yet) delivered: what an EXPIRE 0 server would lose at QUIT.
+        self.undelivered: set[str] = set()
+        # Delivered as headers only: the POP3 server keeps the one whole copy, whatever the retention.
+        self.keep_on_server: set[str] = set()
 
     # --- whole poll ----------------------------------------------------------------------------------
 
@@ -117,26 +172,51 @@ class _Poll:
             account_id = self.ledger.account_id(self.account.name)
             assert account_id is not None
             self.account_id = account_id
+            if self._suspended():
+                return self.result
             self.ledger.poll_started(account_id, defer=True)  # committed with the poll's first write
             self._session()
         except ConnectorError as exc:
             self._fail(exc)
+        except Exception as exc:  # a bug must cost one account's poll, not the whole run
+            log.exception("account %s: internal error during the poll", self.account.name)
+            self._fail(ConnectorError(f"internal error: {exc.__class__.__name__}: {exc}"))
         self._finish()
         return self.result
+
+    def _suspended(self) -> bool:
+        """A suspended account is not polled at all; it is looked at again after ``poll_interval`` so
+        that the service notices ``pop-connector resume``."""
+        suspension = self.ledger.suspension(self.account_id)
+        if suspension is None:
+            return False
+        since, reason = suspension
+        self.result.status = "suspended"
+        self.result.error = (
+            f"suspended since {since.isoformat(timespec='seconds')}: {reason}; "
+            f"run `pop-connector resume {self.account.name}` once the cause is fixed"
+        )
+        self.result.next_poll_at = self.engine.clock() + self.account.poll_interval
+        self.ledger.set_next_poll(self.account_id, self.result.next_poll_at)
+        return True
 
     def dry_run(self) -> PollResult:
         try:
             account_id = self.ledger.account_id(self.account.name, create=False)
+            self.account_id = account_id or 0
             with self.engine.connections.open_source(self.account) as pop:
-                listing = pop.listing()
-                known = self.ledger.known_messages(account_id) if account_id is not None else {}
-                self.result.plan = plan_poll(listing, known, self.account.retention, self.engine.clock())
+                listed = self._listing(pop, apply=False)
+                self.result.plan = self._plan_of(listed, listed.listing)
         except ConnectorError as exc:
             self._fail(exc)
         return self.result
 
     def _session(self) -> None:
         pop = self.pop = self.engine.connections.open_source(self.account)
+        self.server_delay = login_delay(pop.capabilities)
+        conflict = retention_conflict(pop.capabilities, self.account.retention)
+        if conflict is not None:
+            log.warning("account %s: %s", self.account.name, conflict)
         try:
             plan = self._plan(pop)
             self._deliver_all(pop, plan)
@@ -148,51 +228,174 @@ class _Poll:
             if isinstance(exc, Exception) and pop.usable:
                 with contextlib.suppress(ConnectorError):
                     self._send_deles()
-            _quit_quietly(pop)
+            self._end_session(pop, clean=False)
             self._close_destination()
             raise
         self._close_destination()
+        if self._end_session(pop, clean=True):
+            # Only now has the server removed them (RFC 1939 §6).
+            self.ledger.record_deleted(self.account_id, self.to_delete)
+            self.result.deleted = len(self.to_delete)
+
+    def _end_session(self, pop: Pop3Client, *, clean: bool) -> bool:
+        """QUIT, which carries out the DELEs (all of them follow committed deliveries, so this is safe even
+        after an error), unless QUIT would also remove undelivered mail. True when QUIT was confirmed."""
+        if self.undelivered and deletes_retrieved(pop.capabilities):
+            pop.close()
+            self._problem(
+                f"the server deletes every retrieved message at QUIT (CAPA EXPIRE 0): ended the session "
+                f"without QUIT so that {len(self.undelivered)} undelivered message(s) stay on it; "
+                "deletions of delivered ones are repeated at the next poll"
+            )
+            return False
+        if not clean:
+            _quit_quietly(pop)
+            return False
         pop.quit()
-        # Only now has the server removed them (RFC 1939 §6).
-        self.ledger.record_deleted(self.account_id, self.to_delete)
-        self.result.deleted = len(self.to_delete)
+        return True
+
+    def _plan_of(self, listed: _Listing, listing: list[MessageInfo]) -> PollPlan:
+        limits = Limits.of(self.account)
+        plan = plan_poll(listing, listed.known, self.account.retention, self.engine.clock(), limits)
+        return with_recovery(plan, listed.suspects)
 
     def _plan(self, pop: Pop3Client) -> PollPlan:
-        known = self.ledger.known_messages(self.account_id)
-        listing, plan = plan_from_server(pop, known, self.account.retention, self.engine.clock())
+        listed = self._listing(pop)
+        listing, plan = listed.listing, self._plan_of(listed, listed.listing)
+        if not listed.sized:
+            listing, plan = with_sizes(pop, listing, plan, lambda sized: self._plan_of(listed, sized))
+        self.engine.planned(self.account, plan)
         if plan.gone:
             self.ledger.prune(self.account_id, plan.gone)
+        for info in plan.oversize:
+            self._skip_oversize(info, Limits.of(self.account))
         for uidl in plan.duplicates:
             self._problem(f"UIDL {uidl!r} is listed more than once by the server; left on the server")
         log.info(
-            "account %s: %d on server, %d to deliver (%d new), %d to delete, %d quarantined",
+            "account %s: %d on server, %d to deliver (%d new, %d left for later polls), %d to delete, "
+            "%d quarantined",
             self.account.name,
             len(listing),
             len(plan.deliver),
             plan.new_count,
+            plan.deferred,
             len(plan.delete),
             plan.quarantined,
         )
         return plan
 
+    def _listing(self, pop: Pop3Client, *, apply: bool = True) -> _Listing:
+        """The listing with trustworthy identities, the ledger's view of it (after a baseline or a UIDL
+        re-match), and the messages to look for in the destination before delivering them. With
+        ``apply=False`` (dry run) the ledger is only read."""
+        known = self.ledger.known_messages(self.account_id) if self.account_id else {}
+        baseline = self._needs_baseline(known)
+        # UIDL alone is enough unless sizes decide something: a limit, or a baseline recording them.
+        quick = apply and not baseline and self.account.max_message_size is None
+        identified = identify(pop, known, quick=quick)
+        listing = identified.listing
+        if identified.unidentified:
+            self._problem(
+                f"{identified.unidentified} message(s) have no UIDL and TOP failed; left on the server"
+            )
+        if baseline:
+            known = self._baseline(pop, listing) if apply else {i.uidl: _seen(i) for i in listing}
+        change = migration(pop, listing, known)
+        if apply:
+            note = self._uidl_change_note(change)
+            self.ledger.set_uidl_notes(self.account_id, identified.note, note, defer=True)
+        if change is None:
+            return _Listing(listing, known, set(), identified.sized)
+        if apply:
+            self.ledger.rekey(self.account_id, change.rematched)
+        return _Listing(listing, rekeyed(known, change.rematched), set(change.unmatched), identified.sized)
+
+    def _needs_baseline(self, known: dict[str, KnownMessage]) -> bool:
+        if self.account.start != "new":  # spares a query at every poll
+            return False
+        taken = bool(self.account_id) and self.ledger.baseline_taken(self.account_id)
+        return needs_baseline(self.account.start, taken, known)
+
+    def _baseline(self, pop: Pop3Client, listing: list[MessageInfo]) -> dict[str, KnownMessage]:
+        count = self.ledger.record_seen(self.account_id, baseline_entries(pop, listing, {}))
+        log.info(
+            'account %s: start = "new": %d messages on the server recorded as seen', self.account.name, count
+        )
+        return self.ledger.known_messages(self.account_id)
+
+    def _uidl_change_note(self, change: UidlChange | None) -> str | None:
+        if change is None:
+            return None
+        note = (
+            f"{self.engine.clock().isoformat(timespec='seconds')}: the server's UIDLs changed at once "
+            f"({change.vanished} known ones vanished; a host migration?): {len(change.rematched)} re-matched "
+            f"by header hash and size, {len(change.unmatched)} unmatched looked up in the destination before "
+            "delivery"
+        )
+        self._problem(note)
+        return note
+
+    def _skip_oversize(self, info: MessageInfo, limits: Limits) -> None:
+        reason = limits.skip_reason(info.size)
+        self.ledger.record_skipped(self.account_id, info.uidl, info.size, reason)
+        self.result.quarantined += 1
+        self._problem(f"message {info.uidl!r}: quarantined: {reason}")
+
     def _deliver_all(self, pop: Pop3Client, plan: PollPlan) -> None:
-        if not plan.deliver:
-            return
-        # The next messages are fetched while this thread records and delivers (see pipeline.py).
-        with Prefetcher(pop, plan.deliver, self._spool) as fetched_messages:
-            for fetched in fetched_messages:
-                with fetched:
-                    if self.stop.is_set():
-                        self.result.status = "stopped"
-                        log.info(
-                            "account %s: stop requested; ending the poll after the current message",
-                            self.account.name,
-                        )
-                        return
-                    try:
-                        self._deliver_one(fetched)
-                    except _DestinationDown:
-                        return
+        # Whatever a server with EXPIRE 0 has sent is gone at QUIT: it gets nothing fetched ahead.
+        simple_only = deletes_retrieved(pop.capabilities)
+        for simple, group in itertools.groupby(plan.deliver, lambda d: simple_only or d.headers_only):
+            deliveries = list(group)
+            go_on = (
+                self._deliver_simply(pop, deliveries) if simple else self._deliver_overlapped(pop, deliveries)
+            )
+            if not go_on:
+                return
+
+    def _deliver_overlapped(self, pop: Pop3Client, deliveries: Sequence[Delivery]) -> bool:
+        """The next messages are fetched while this thread records and delivers (see pipeline.py).
+        False when the poll must stop delivering."""
+        with Prefetcher(pop, deliveries, self._spool) as fetched_messages:
+            for item in fetched_messages:
+                with item:
+                    if self._stop_requested() or not self._deliver_guarded(item):
+                        return False
+        return True
+
+    def _deliver_simply(self, pop: Pop3Client, deliveries: Sequence[Delivery]) -> bool:
+        """One message fetched (RETR, or TOP for headers only), then delivered, at a time."""
+        for delivery in deliveries:
+            if self._stop_requested():
+                return False
+            with self._fetch_now(pop, delivery) as item:
+                if not self._deliver_guarded(item):
+                    return False
+        return True
+
+    def _fetch_now(self, pop: Pop3Client, delivery: Delivery) -> Fetched:
+        try:
+            message = fetch(pop, self.account, delivery.info, headers_only=delivery.headers_only)
+        except SourceMessageError as exc:
+            return Fetched(delivery, error=exc)
+        return Fetched(delivery, message=message)
+
+    def _stop_requested(self) -> bool:
+        if not self.stop.is_set():
+            return False
+        self.result.status = "stopped"
+        log.info("account %s: stop requested; ending the poll after the current message", self.account.name)
+        return True
+
+    def _deliver_guarded(self, item: Fetched) -> bool:
+        try:
+            self._deliver_one(item)
+        except _DestinationDown:
+            return False
+        return True
+
+    def _spool(self, info: MessageInfo) -> MessageSpool:
+        fallback = fallback_message_id(self.account.name, self.account.host, self.account.username, info.uidl)
+        return MessageSpool(info.uidl, fallback)
 
     # --- one message ---------------------------------------------------------------------------------
 
@@ -203,14 +406,13 @@ class _Poll:
             self.result.skipped += 1
             self._problem(f"message {info.uidl!r}: cannot retrieve it: {item.error.message}")
             return
+        self.undelivered.add(info.uidl)
+        if delivery.headers_only:
+            self.keep_on_server.add(info.uidl)
         fetched = item.message
         if delivery.recover and self._recovered(fetched, info, delivery.attempts):
             return
-        self._deliver_new(fetched, info)
-
-    def _spool(self, info: MessageInfo) -> MessageSpool:
-        fallback = fallback_message_id(self.account.name, self.account.host, self.account.username, info.uidl)
-        return MessageSpool(info.uidl, fallback)
+        self._deliver_new(fetched, info, headers_only=delivery.headers_only)
 
     def _recovered(self, fetched: FetchedMessage, info: MessageInfo, attempts: int) -> bool:
         """A previous attempt may have reached the destination: look before delivering again."""
@@ -222,6 +424,7 @@ class _Poll:
                 info.uidl,
                 ref,
             )
+            self._record_pending(fetched, info, headers_only=info.uidl in self.keep_on_server)
             self._delivered(info, ref)
             self.result.recovered += 1
             return True
@@ -233,7 +436,7 @@ class _Poll:
             return True
         return False
 
-    def _deliver_new(self, fetched: FetchedMessage, info: MessageInfo) -> None:
+    def _record_pending(self, fetched: FetchedMessage, info: MessageInfo, *, headers_only: bool) -> None:
         self.ledger.record_pending(
             self.account_id,
             info.uidl,
@@ -241,12 +444,21 @@ class _Poll:
             size=fetched.size,
             message_id=fetched.message_id,
             sha256=fetched.sha256,
+            headers_only=headers_only,
+            header_hash=fetched.header_sha256,
+            repairs=fetched.repairs,
         )
+        if fetched.repairs:
+            log.info("account %s: message %s repaired: %s", self.account.name, info.uidl, fetched.repairs)
+
+    def _deliver_new(self, fetched: FetchedMessage, info: MessageInfo, *, headers_only: bool) -> None:
+        self._record_pending(fetched, info, headers_only=headers_only)
         ref = self._call_destination(fetched, lambda dest: dest.deliver(fetched), counted=True, pending=True)
         if ref is None:
             return
         self._delivered(info, ref)
         self.result.delivered += 1
+        protocol_note("delivered %s: %d bytes, sha256 %s -> %s", info.uidl, fetched.size, fetched.sha256, ref)
         log.info(
             "account %s: message %s delivered (%d bytes) to %s",
             self.account.name,
@@ -259,8 +471,11 @@ class _Poll:
         # Committed with the next message's "pending" (one transaction per message), and always before
         # the DELE is sent (_send_deles flushes).
         delivered_at = self.ledger.record_delivered(self.account_id, info.uidl, ref, defer=True)
+        self.undelivered.discard(info.uidl)
         # Retention for the messages delivered now is applied in the same session: the DELE is safe
-        # because the delivery is already committed, and it only takes effect at QUIT.
+        # because it is sent after the delivery is committed, and it only takes effect at QUIT.
+        if info.uidl in self.keep_on_server:
+            return
         if should_delete(self.account.retention, delivered_at, self.engine.clock()):
             self._dele(info)
 
@@ -287,11 +502,14 @@ class _Poll:
         """
         try:
             return action(self._open_destination())
-        except (PermanentError, DestinationError) as exc:
-            permanent = isinstance(exc, PermanentError) and not isinstance(exc, AuthenticationError)
-            self._message_failed(fetched, exc, counted=counted and permanent, pending=pending)
-            if permanent and self.destination is not None:
-                return None
+        except DestinationRejectedError as exc:
+            # This message was refused; the destination itself is fine: go on with the next one.
+            final = isinstance(exc, DestinationTooLargeError)
+            self._message_failed(fetched, exc, counted=counted, pending=pending, final=final)
+            return None
+        except DestinationError as exc:
+            # Full, unreachable, TLS or login trouble: not the message's fault, and no use trying more.
+            self._message_failed(fetched, exc, counted=False, pending=pending)
             self._close_destination()
             raise _DestinationDown from exc
         except LedgerError:
@@ -305,10 +523,20 @@ class _Poll:
             return None
 
     def _message_failed(
-        self, fetched: FetchedMessage, exc: BaseException, *, counted: bool, pending: bool
+        self,
+        fetched: FetchedMessage,
+        exc: BaseException,
+        *,
+        counted: bool,
+        pending: bool,
+        final: bool = False,
     ) -> None:
-        text = str(exc) or exc.__class__.__name__
-        if pending:
+        # The error may already name the message (ConnectorError.__str__); the problem line adds it once.
+        text = (exc.message if isinstance(exc, ConnectorError) else str(exc)) or exc.__class__.__name__
+        if pending and final:
+            self.ledger.record_quarantined(self.account_id, fetched.uidl, text)
+            self.result.quarantined += 1
+        elif pending:
             state = self.ledger.record_failure(
                 self.account_id,
                 fetched.uidl,
@@ -319,7 +547,7 @@ class _Poll:
             if state is MessageState.FAILED:
                 self.result.quarantined += 1
         self.result.failed += 1
-        if isinstance(exc, ConnectorError) and not isinstance(exc, PermanentError):
+        if isinstance(exc, ConnectorError) and not isinstance(exc, DestinationRejectedError):
             self.result.status = "auth_error" if isinstance(exc, AuthenticationError) else "error"
             self.result.error = self.result.error or text
         self._problem(f"message {fetched.uidl!r}: {text}")
@@ -351,6 +579,8 @@ class _Poll:
             exc.account = self.account.name
         self.result.status = "auth_error" if isinstance(exc, AuthenticationError) else "error"
         self.result.error = str(exc)
+        if isinstance(exc, SourceLoginDelayError) and exc.login_delay:
+            self.server_delay = timedelta(seconds=exc.login_delay)
         log.error("%s", exc)
 
     def _problem(self, text: str) -> None:
@@ -359,11 +589,19 @@ class _Poll:
 
     def _finish(self) -> None:
         now = self.engine.clock()
+        failures = 0
         if self.result.ok:
-            delay = jittered_interval(self.account.poll_interval, self.account.poll_jitter)
+            delay = success_delay(
+                self.account.poll_interval, self.account.poll_jitter, server_delay=self.server_delay
+            )
         else:
             failures = self.ledger.consecutive_failures(self.account_id) + 1 if self.account_id else 1
-            delay = account_backoff(self.account.retry, failures)
+            delay = failure_delay(
+                self.account.retry,
+                failures,
+                auth_failure=self.result.status == "auth_error",
+                server_delay=self.server_delay,
+            )
         self.result.next_poll_at = now + delay
         if not self.account_id:
             return
@@ -377,5 +615,17 @@ class _Poll:
         )
         try:
             self.ledger.poll_finished(self.account_id, outcome)
+            if should_suspend(self.account.retry, failures):
+                self._suspend(failures)
         except LedgerError as exc:
             log.error("account %s: %s", self.account.name, exc)
+
+    def _suspend(self, failures: int) -> None:
+        reason = f"{failures} consecutive failed polls, the last: {self.result.error or self.result.status}"
+        self.ledger.suspend(self.account_id, reason)
+        log.error(
+            "account %s: suspended after %s; run `pop-connector resume %s` once the cause is fixed",
+            self.account.name,
+            reason,
+            self.account.name,
+        )

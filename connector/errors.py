@@ -83,7 +83,12 @@ class SourceInUseError(SourceError, TemporaryError):
 
 
 class SourceLoginDelayError(SourceError, TemporaryError):
-    """[LOGIN-DELAY]: logged in too soon after the last session."""
+    """[LOGIN-DELAY]: logged in too soon after the last session.
+
+    ``login_delay`` is the server's CAPA ``LOGIN-DELAY`` in seconds when it announced one: the earliest
+    a new login can succeed."""
+
+    login_delay: int | None = None
 
 
 class SourceTempError(SourceError, TemporaryError):
@@ -92,6 +97,11 @@ class SourceTempError(SourceError, TemporaryError):
 
 class SourcePermError(SourceError, PermanentError):
     """[SYS/PERM], or an -ERR on a command that cannot succeed as sent."""
+
+
+class SourceNoUidlError(SourcePermError):
+    """The server answered UIDL with a plain -ERR: it has no unique-ids (messages are then identified by a
+    hash of their headers)."""
 
 
 class SourceMessageError(SourceError, TemporaryError):
@@ -127,3 +137,24 @@ class DestinationTempError(DestinationError, TemporaryError):
 
 class DestinationRejectedError(DestinationError, PermanentError):
     """The destination refused this message or folder for good (bad content, too large, no such mailbox)."""
+
+
+# --- OAuth 2.0 tokens -----------------------------------------------------------------------------------
+
+
+class OAuthError(ConnectorError):
+    """No access token could be obtained. The POP3 source and the destinations re-raise it as their own
+    type (``SourceAuthError``, ``DestinationConnectError``, ...), so the engine never sees this one."""
+
+
+class OAuthRefusedError(OAuthError, AuthenticationError):
+    """The token endpoint refused the client's credentials, grant or scope (``invalid_client`` etc.)."""
+
+
+class OAuthUnavailableError(OAuthError, TemporaryError):
+    """The token endpoint could not be reached, timed out or failed (5xx, 429, a garbled answer)."""
+
+
+class DestinationTooLargeError(DestinationRejectedError):
+    """The message is larger than the destination takes: no retry can succeed, so it is quarantined at
+    once (and left on the POP3 server) instead of being downloaded again for every attempt."""

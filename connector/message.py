@@ -19,6 +19,8 @@ from email.policy import compat32
 from email.utils import parsedate_to_datetime
 from typing import IO
 
+from connector.policies.repair import RepairScanner, describe_repairs
+
 SPOOL_MEMORY_LIMIT = 1024 * 1024
 # A header section larger than this is not parsed for Message-ID/dates; the message is still delivered.
 HEADER_PARSE_LIMIT = 1024 * 1024
@@ -116,6 +118,10 @@ class FetchedMessage:
     headers: MessageHeaders
     message_id: str
     message_id_added: bool
+    # SHA-256 of the header section as received (before a Message-ID was added); see policies.uidl.
+    header_sha256: str | None = None
+    # What was changed on the way (policies.repair), for the ledger; None when nothing was.
+    repairs: str | None = None
     fetched_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     @property
@@ -163,8 +169,13 @@ class MessageSpool:
         self._headers = MessageHeaders(None, None, None)
         self._added = False
         self._closed = False
+        self._header_sha256: str | None = None
+        self._scanner = RepairScanner()
+        self.line_endings_repaired = False
 
     def write(self, data: bytes) -> int:
+        size = len(data)
+        data = self._scanner.feed(data)
         if self._header_buf is not None:
             self._header_buf += data
             end = _find_header_end(self._header_buf)
@@ -172,9 +183,9 @@ class MessageSpool:
                 self._flush_headers(end)
             elif len(self._header_buf) > HEADER_PARSE_LIMIT:
                 self._flush_headers(None)
-            return len(data)
+            return size
         self._emit(data)
-        return len(data)
+        return size
 
     def _emit(self, data: bytes | bytearray) -> None:
         if data:
@@ -190,6 +201,8 @@ class MessageSpool:
         self._header_buf = None
         if end is None:
             end = buf.rfind(b"\r\n", 0, HEADER_PARSE_LIMIT) + 2
+        elif end > 0:
+            self._header_sha256 = hashlib.sha256(bytes(buf[:end])).hexdigest()
         self._headers = parse_headers(bytes(buf[:end]))
         if self._headers.message_id is None:
             self._emit(b"Message-ID: " + self._fallback_id.encode("ascii") + b"\r\n")
@@ -201,6 +214,7 @@ class MessageSpool:
         if self._header_buf is not None:
             # The whole message was header section (no blank line): parse what there is.
             self._flush_headers(None)
+        self._scanner.finish()
         self._file.seek(0)
         message_id = self._fallback_id if self._added else (self._headers.message_id or self._fallback_id)
         return FetchedMessage(
@@ -211,6 +225,10 @@ class MessageSpool:
             headers=self._headers,
             message_id=message_id,
             message_id_added=self._added,
+            header_sha256=self._header_sha256,
+            repairs=describe_repairs(
+                self.line_endings_repaired, self._scanner.nul_removed, self._scanner.long_lines
+            ),
         )
 
     def abort(self) -> None:

@@ -14,26 +14,23 @@ messages (each in memory up to ``SPOOL_MEMORY_LIMIT``, then on disk) wait for de
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import queue
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
 
-from connector.config import RetentionPolicy
 from connector.errors import SourceMessageError, SourceProtocolError
-from connector.ledger.store import KnownMessage
+from connector.fetch import max_retr_bytes
 from connector.message import FetchedMessage, MessageSpool
-from connector.plan import Delivery, PollPlan, plan_poll
+from connector.plan import Delivery, PollPlan
 from connector.pop3 import MessageInfo, Pop3Client, join_listings
 from connector.pop3.client import RetrReply
+from connector.pop3.replies import UidlEntry
 
 log = logging.getLogger("connector.pipeline")
 
-# A RETR may legitimately be a little larger than LIST said (servers count differently); a runaway reply
-# from a broken server must still be bounded.
-RETR_SLACK_BYTES = 16 * 1024 * 1024
 # RETR commands in flight: enough to cover a long round trip with small messages, fewer for large ones so
 # that stopping early (which reads and discards what is in flight) stays quick.
 MAX_IN_FLIGHT = 64
@@ -72,21 +69,18 @@ class _Failure:
 _END = object()
 
 
-def plan_from_server(
-    pop: Pop3Client, known: Mapping[str, KnownMessage], retention: RetentionPolicy, now: datetime
+def with_sizes(
+    pop: Pop3Client,
+    listing: list[MessageInfo],
+    plan: PollPlan,
+    replan: Callable[[list[MessageInfo]], PollPlan],
 ) -> tuple[list[MessageInfo], PollPlan]:
-    """UIDL, and LIST only when the plan fetches something: an idle poll sends one listing command.
-
-    Sizes matter only for what is fetched (they bound the RETR reply), so without LIST they are 0.
-    """
-    uidls = pop.uidl()
-    make = MessageInfo._make  # a mailbox may keep 100,000 messages: the cheapest way to build each
-    listing = [make((number, uidl, 0)) for number, uidl in uidls]
-    plan = plan_poll(listing, known, retention, now)
+    """Sizes for a ``plan`` made from a UIDL-only listing (sizes 0): LIST is sent only when the plan fetches
+    something. Sizes matter only for what is fetched (they bound the RETR reply); the caller made sure
+    that nothing else in the plan depends on them (no ``max_message_size``)."""
     if not plan.deliver:
         return listing, plan
     if len(plan.deliver) <= SIZE_QUERIES:
-        # Only the deliveries need their sizes, and nothing else in the plan depends on them.
         numbers = [delivery.info.number for delivery in plan.deliver]
         sizes = {entry.number: entry.size for entry in pop.list_sizes_of(numbers)}
         if set(sizes) != set(numbers):
@@ -94,19 +88,15 @@ def plan_from_server(
         deliver = [replace(d, info=d.info._replace(size=sizes[d.info.number])) for d in plan.deliver]
         return listing, replace(plan, deliver=deliver)
     try:
-        listing = join_listings(uidls, pop.list_sizes())
+        listing = join_listings((UidlEntry(i.number, i.uidl) for i in listing), pop.list_sizes())
     except SourceProtocolError as exc:
         raise SourceProtocolError(f"{pop.peer}: {exc.message}") from exc
-    return listing, plan_poll(listing, known, retention, now)
+    return listing, replan(listing)
 
 
 def retr_window(deliveries: Sequence[Delivery]) -> int:
     largest = max((delivery.info.size for delivery in deliveries), default=1)
     return max(1, min(MAX_IN_FLIGHT, IN_FLIGHT_BYTES // max(largest, 1)))
-
-
-def max_retr_bytes(info: MessageInfo) -> int:
-    return info.size * 2 + RETR_SLACK_BYTES
 
 
 class Prefetcher:
@@ -130,7 +120,12 @@ class Prefetcher:
         self._spool_for = spool_for
         self._queue: queue.Queue[object] = queue.Queue(maxsize=max(1, ahead))
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"fetch {pop.peer}", daemon=True)
+        # The thread runs in a copy of this thread's context: log lines and the protocol log keep
+        # naming the account (connector.logs and connector.protocol_log keep it in context variables).
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(
+            target=context.run, args=(self._run,), name=f"fetch {pop.peer}", daemon=True
+        )
         self._thread.start()
 
     def __enter__(self) -> Prefetcher:
@@ -190,6 +185,7 @@ class Prefetcher:
         spool = self._spool_for(delivery.info)
         try:
             reply.into(spool, max_bytes=max_retr_bytes(delivery.info))
+            spool.line_endings_repaired = self._pop.last_body_repaired
         except SourceMessageError as exc:
             spool.abort()
             return Fetched(delivery, error=exc)

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from connector.config import RetentionPolicy
 from connector.ledger.models import MessageState
 from connector.ledger.store import KnownMessage
+from connector.policies.limits import Limits
 from connector.policies.retention import should_delete
 from connector.pop3 import MessageInfo
 
@@ -26,6 +27,7 @@ class Delivery:
     info: MessageInfo
     recover: bool
     attempts: int
+    headers_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -35,10 +37,27 @@ class PollPlan:
     gone: list[str] = field(default_factory=list)
     duplicates: list[str] = field(default_factory=list)
     quarantined: int = 0
+    # Over max_message_size with oversize = "skip": quarantined without being downloaded.
+    oversize: list[MessageInfo] = field(default_factory=list)
+    # Left for a later poll by max_messages_per_poll.
+    deferred: int = 0
+    # Recorded as already seen by a baseline (start = "new"): never delivered, never deleted by us.
+    seen: int = 0
 
     @property
     def new_count(self) -> int:
         return sum(1 for d in self.deliver if not d.recover)
+
+
+@dataclass
+class _Tally:
+    """What the per-message decisions add up to, before it becomes the frozen plan."""
+
+    deliver: list[Delivery] = field(default_factory=list)
+    delete: list[MessageInfo] = field(default_factory=list)
+    oversize: list[MessageInfo] = field(default_factory=list)
+    quarantined: int = 0
+    seen: int = 0
 
 
 def plan_poll(
@@ -46,26 +65,59 @@ def plan_poll(
     known: Mapping[str, KnownMessage],
     retention: RetentionPolicy,
     now: datetime,
+    limits: Limits = Limits(),  # noqa: B008 - frozen, so a shared default is safe
 ) -> PollPlan:
     """``listing`` is in server order (oldest first); the plan keeps that order."""
     counts = Counter(info.uidl for info in listing)
-    duplicates = sorted(uidl for uidl, count in counts.items() if count > 1)
-    deliver: list[Delivery] = []
-    delete: list[MessageInfo] = []
-    quarantined = 0
+    tally = _Tally()
     for info in listing:
         if counts[info.uidl] > 1:
             continue  # cannot tell these apart by UIDL; delivering one could deliver the wrong one twice
-        row = known.get(info.uidl)
-        if row is None:
-            deliver.append(Delivery(info, recover=False, attempts=0))
-        elif row.state is MessageState.PENDING:
-            deliver.append(Delivery(info, recover=True, attempts=row.attempts))
-        elif row.state is MessageState.FAILED:
-            quarantined += 1
-        elif should_delete(retention, row.delivered_at, now):
-            # DELIVERED, or DELETED whose deletion the server did not carry out: either way it is safe.
-            delete.append(info)
-    on_server = set(counts)
-    gone = [uidl for uidl in known if uidl not in on_server]
-    return PollPlan(deliver=deliver, delete=delete, gone=gone, duplicates=duplicates, quarantined=quarantined)
+        _decide(tally, info, known.get(info.uidl), retention, now, limits)
+    limit = limits.max_messages_per_poll
+    # Oldest first: what is over the limit waits for the next poll, in the same order.
+    deliver = tally.deliver[:limit] if limit else tally.deliver
+    return PollPlan(
+        deliver=deliver,
+        delete=tally.delete,
+        gone=[uidl for uidl in known if uidl not in counts],
+        duplicates=sorted(uidl for uidl, count in counts.items() if count > 1),
+        quarantined=tally.quarantined,
+        oversize=tally.oversize,
+        deferred=len(tally.deliver) - len(deliver),
+        seen=tally.seen,
+    )
+
+
+def _decide(
+    tally: _Tally,
+    info: MessageInfo,
+    row: KnownMessage | None,
+    retention: RetentionPolicy,
+    now: datetime,
+    limits: Limits,
+) -> None:
+    if row is not None and row.state is MessageState.FAILED:
+        tally.quarantined += 1
+    elif row is not None and row.state is MessageState.SEEN:
+        tally.seen += 1
+    elif row is None or row.state is MessageState.PENDING:
+        action = limits.oversize_action(info.size)
+        if action == "skip":
+            tally.oversize.append(info)
+            return
+        attempts = row.attempts if row is not None else 0
+        tally.deliver.append(Delivery(info, row is not None, attempts, headers_only=action == "headers_only"))
+    elif not row.headers_only and should_delete(retention, row.delivered_at, now):
+        # DELIVERED, or DELETED whose deletion the server did not carry out: either way it is safe.
+        # A headers-only delivery stays: the POP3 server has the only whole copy.
+        tally.delete.append(info)
+
+
+def with_recovery(plan: PollPlan, uidls: set[str]) -> PollPlan:
+    """``plan`` with the deliveries of ``uidls`` turned into recoveries: looked for in the destination
+    before being delivered (for messages whose identity is in doubt, e.g. after UIDLs changed)."""
+    if not uidls:
+        return plan
+    deliver = [replace(d, recover=True) if d.info.uidl in uidls else d for d in plan.deliver]
+    return replace(plan, deliver=deliver)

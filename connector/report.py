@@ -45,6 +45,13 @@ def dry_run_lines(result: PollResult) -> list[str]:
     ]
     lines += [f"  delete  #{i.number} uidl={i.uidl}" for i in plan.delete]
     lines += [f"  skip    uidl={uidl} (listed more than once)" for uidl in plan.duplicates]
+    lines += [
+        f"  quarantine #{i.number} uidl={i.uidl} size={i.size} (over max_message_size)" for i in plan.oversize
+    ]
+    if plan.deferred:
+        lines.append(f"  {plan.deferred} more left for later polls (max_messages_per_poll)")
+    if plan.seen:
+        lines.append(f'  {plan.seen} left alone: on the server before the baseline (start = "new")')
     return lines
 
 
@@ -72,9 +79,34 @@ def status_records(accounts: Sequence[Account], statuses: Iterable[AccountStatus
                     "deleted": status.last_deleted,
                 },
                 messages=status.counts,
+                last_worker=status.last_worker,
+                suspended=status.suspended_at is not None,
+                condition=account_condition(status),
+                identity=status.identity_note,
+                uidl_change=status.uidl_change_note,
             )
         records.append(record)
     return records
+
+
+def account_condition(status: AccountStatus) -> str | None:
+    """Why an account is not being polled normally, in words for an admin; None when it is."""
+    if status.suspended_at is not None:
+        return (
+            f"SUSPENDED since {_when(status.suspended_at)}: {status.suspended_reason}; "
+            f"run `pop-connector resume {status.name}` once the cause is fixed"
+        )
+    if status.last_result == "auth_error":
+        return (
+            f"AUTHENTICATION FAILING ({status.consecutive_failures} failed polls in a row): retried slowly "
+            f"so that the provider does not lock the mailbox; next attempt {_when(status.next_poll_at)}"
+        )
+    if status.consecutive_failures > 0:
+        return (
+            f"BACKING OFF after {status.consecutive_failures} failed polls in a row; "
+            f"next poll {_when(status.next_poll_at)}"
+        )
+    return None
 
 
 def status_text(records: list[dict[str, Any]]) -> str:
@@ -91,8 +123,16 @@ def status_text(records: list[dict[str, Any]]) -> str:
                 f"next poll {record['next_poll']}"
             )
             lines.append("  messages: " + ", ".join(f"{state} {count}" for state, count in counts.items()))
+            if record["last_worker"]:
+                lines.append(f"  last polled by worker {record['last_worker']}")
             if record["last_error"]:
                 lines.append(f"  last error: {record['last_error']}")
+            if record.get("condition"):
+                lines.append(f"  {record['condition']}")
+            if record.get("identity"):
+                lines.append(f"  identity: {record['identity']}")
+            if record.get("uidl_change"):
+                lines.append(f"  UIDL change: {record['uidl_change']}")
     return "\n".join(lines)
 
 

@@ -7,17 +7,20 @@ means two polls of one account never overlap; the executor's size is ``max_worke
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
 from datetime import datetime
 
 from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from connector.config import Account, Config
 from connector.engine import PollResult, SyncEngine
 from connector.ledger.store import Ledger
+from connector.reload import AccountChanges, account_changes
 
 log = logging.getLogger("connector.scheduler")
 
@@ -36,6 +39,7 @@ class Service:
         self.ledger = ledger
         self.stop = threading.Event()
         self._on_result = on_result
+        self._running: set[str] = set()  # only touched by add/discard, which are atomic
         self._scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(config.service.max_workers)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
@@ -44,6 +48,33 @@ class Service:
 
     def accounts(self) -> list[Account]:
         return [account for account in self.config.accounts if account.enabled]
+
+    def _current(self, name: str) -> Account | None:
+        return next((account for account in self.accounts() if account.name == name), None)
+
+    def scheduled(self) -> dict[str, datetime]:
+        """When each account waiting in the scheduler is due (accounts being polled are not listed)."""
+        jobs = self._scheduler.get_jobs()
+        return {job.id: job.next_run_time for job in jobs if job.next_run_time is not None}
+
+    def reload(self, config: Config) -> AccountChanges:
+        """Use a new configuration: removed accounts are unscheduled, added and changed ones polled now.
+
+        A poll in flight finishes with the settings it started with and is then rescheduled with the new
+        ones (or not at all if its account is gone). [service] settings need a restart.
+        """
+        changes = account_changes(self.config, config)
+        self.config = config
+        self.engine.config = config
+        for name in changes.removed:
+            with contextlib.suppress(JobLookupError):  # it may be running right now
+                self._scheduler.remove_job(name)
+        now = self.engine.clock()
+        for name in changes.added + changes.changed:
+            account = self._current(name)
+            if account is not None and name not in self._running:
+                self._schedule(account, now)
+        return changes
 
     def start(self) -> None:
         """Schedule every enabled account: due ones (or never polled ones) at once."""
@@ -85,15 +116,25 @@ class Service:
     def _poll(self, account: Account) -> None:
         if self.stop.is_set():
             return
+        self._running.add(account.name)
         try:
             result = self.engine.poll(account, stop=self.stop)
         except Exception:  # the schedule must survive a bug in one poll
-            log.exception("account %s: poll crashed", account.name)
+            log.exception("account %s: poll crashed", account.name, extra={"account": account.name})
             result = PollResult(account=account.name, status="error", error="internal error (see log)")
+        finally:
+            self._running.discard(account.name)
         if self._on_result is not None:
             self._on_result(result)
-        if self.stop.is_set():
+        current = self._current(account.name)  # a reload may have changed or removed it meanwhile
+        if self.stop.is_set() or current is None:
             return
+        account = current
         when = result.next_poll_at or self.engine.clock() + account.retry.initial_backoff
-        log.info("account %s: next poll at %s", account.name, when.isoformat(timespec="seconds"))
+        log.info(
+            "account %s: next poll at %s",
+            account.name,
+            when.isoformat(timespec="seconds"),
+            extra={"account": account.name},
+        )
         self._schedule(account, when)

@@ -7,6 +7,12 @@ from typing import Any
 
 from connector.config import Config, load_config
 from tests.servers.dovecot import Dovecot, MailUsers
+from tests.servers.ews import EwsServer
+
+# The EWS test server's service account (with the ApplicationImpersonation role) and target mailbox.
+EWS_SERVICE = "svc-import@corp.example"
+EWS_SERVICE_PASSWORD = "Imp0rt-secret!"
+EWS_MAILBOX = "alice@corp.example"
 
 
 def _toml_value(value: Any) -> str:
@@ -32,9 +38,27 @@ def config_toml(
     destination: dict[str, Any] | None = None,
     defaults: dict[str, Any] | None = None,
     name: str = "alice",
+    service: dict[str, Any] | None = None,
 ) -> str:
-    """One account reading ``users.source`` over plain POP3 into ``users.destination`` over plain IMAP."""
-    service = {"database": database, "max_workers": 4}
+    """One account reading ``users.source`` over plain POP3 into ``users.destination`` over plain IMAP.
+
+    A ``destination`` with ``type = "ews"`` replaces the IMAP destination altogether (named "exchange").
+    """
+    service = {"database": database, "max_workers": 4, **(service or {})}
+    destination_fields: dict[str, Any]
+    if (destination or {}).get("type") == "ews":
+        destination_fields = {"name": "exchange", **(destination or {})}
+    else:
+        destination_fields = {
+            "name": "dovecot",
+            "type": "imap",
+            "host": dovecot.host,
+            "port": dovecot.ports.imap,
+            "tls": "none",
+            "username": users.destination.name,
+            "password": users.destination.password,
+            **(destination or {}),
+        }
     account_fields: dict[str, Any] = {
         "name": name,
         "host": dovecot.host,
@@ -42,19 +66,9 @@ def config_toml(
         "tls": "none",
         "username": users.source.name,
         "password": users.source.password,
-        "destination": "dovecot",
+        "destination": destination_fields["name"],
         "timeout": "20s",
         **(account or {}),
-    }
-    destination_fields: dict[str, Any] = {
-        "name": "dovecot",
-        "type": "imap",
-        "host": dovecot.host,
-        "port": dovecot.ports.imap,
-        "tls": "none",
-        "username": users.destination.name,
-        "password": users.destination.password,
-        **(destination or {}),
     }
     return "\n".join(
         [
@@ -64,6 +78,19 @@ def config_toml(
             _table("[[accounts]]", account_fields),
         ]
     )
+
+
+def ews_destination(ews: EwsServer, **overrides: Any) -> dict[str, Any]:
+    """Fields of an impersonating EWS destination on the test server, trusting its CA; auth is the default."""
+    return {
+        "type": "ews",
+        "service_endpoint": ews.service_endpoint,
+        "username": EWS_SERVICE,
+        "password": EWS_SERVICE_PASSWORD,
+        "impersonation": True,
+        "ca_file": str(ews.ca_file),
+        **overrides,
+    }
 
 
 def write_config(path: Path, text: str) -> Path:

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
 import pytest
 from psycopg import sql
 
-from tests.servers.dovecot import Dovecot, DovecotError, MailUsers
+from tests.servers.dovecot import Dovecot, MailUsers, fresh_users, running_for_tests
+from tests.servers.ews import EwsServer
 
 POSTGRES_ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=5"
 POSTGRES_URL_BASE = "postgresql+psycopg://postgres@127.0.0.1:5432/"
@@ -22,30 +24,15 @@ POSTGRES_URL_BASE = "postgresql+psycopg://postgres@127.0.0.1:5432/"
 @pytest.fixture(scope="session")
 def dovecot() -> Iterator[Dovecot]:
     """One Dovecot for the whole run; tests keep apart by using their own users (``mail_users``)."""
-    try:
-        server = Dovecot()
-    except DovecotError as exc:
-        pytest.fail(f"cannot run the Dovecot test server: {exc}", pytrace=False)
-    try:
-        server.start()
-    except DovecotError as exc:
-        server.stop()
-        pytest.fail(f"cannot run the Dovecot test server: {exc}", pytrace=False)
-    try:
+    with running_for_tests() as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
 def mail_users(dovecot: Dovecot) -> Iterator[MailUsers]:
     """A fresh POP3 source user and IMAP destination user, removed (with their mail) afterwards."""
-    users = MailUsers(source=dovecot.new_user("src"), destination=dovecot.new_user("dst"))
-    try:
+    with fresh_users(dovecot) as users:
         yield users
-    finally:
-        dovecot.remove_user(users.source.name)
-        dovecot.remove_user(users.destination.name)
 
 
 def _admin_connection() -> psycopg.Connection[tuple[object, ...]]:
@@ -60,20 +47,46 @@ def _admin_connection() -> psycopg.Connection[tuple[object, ...]]:
         )
 
 
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """A SQLAlchemy URL of a database created for this run and dropped at its end."""
-    name = f"pop_connector_test_{secrets.token_hex(6)}"
+@contextmanager
+def fresh_postgres_database(prefix: str = "pop_connector_test") -> Iterator[str]:
+    """The SQLAlchemy URL of a new, empty database, dropped afterwards."""
+    name = f"{prefix}_{secrets.token_hex(6)}"
     with _admin_connection() as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     try:
         yield POSTGRES_URL_BASE + name
     finally:
-        with _admin_connection() as conn:
-            # FORCE: a connection pool a test forgot to dispose must not keep the database alive.
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        drop_postgres_database(POSTGRES_URL_BASE + name)
+
+
+def drop_postgres_database(url: str) -> None:
+    name = url.rsplit("/", 1)[1]
+    with _admin_connection() as conn:
+        # FORCE: a connection pool a test forgot to dispose must not keep the database alive.
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A SQLAlchemy URL of a database created for this run and dropped at its end."""
+    with fresh_postgres_database() as url:
+        yield url
 
 
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
+
+
+@pytest.fixture
+def ews() -> Iterator[EwsServer]:
+    """A fresh EWS test server (HTTPS, its own throwaway CA in ``ews.ca_file``) for one test."""
+    with EwsServer() as server:
+        yield server
+    # exchangelib keeps one connection pool per endpoint and login for the life of the process.
+    from exchangelib.protocol import close_connections
+
+    from connector.destinations.ews_connection import CONFIGURATIONS
+
+    CONFIGURATIONS.clear()
+    close_connections()

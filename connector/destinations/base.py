@@ -6,6 +6,15 @@ from typing import Protocol
 
 from connector.message import FetchedMessage
 
+SERVER_TEXT_LIMIT = 400
+
+
+def clip_server_text(text: str, limit: int = SERVER_TEXT_LIMIT) -> str:
+    """A server's reply as one short line for an error message: a hostile or chatty server must not
+    flood logs and status output."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
 
 class DestinationSession(Protocol):
     """One logged-in connection to a destination, used for one poll of one account.

@@ -20,6 +20,7 @@ from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
 from imapclient.imap_utf7 import encode as encode_utf7
 
+from connector.destinations.base import clip_server_text
 from connector.errors import (
     DestinationAuthError,
     DestinationConnectError,
@@ -28,15 +29,18 @@ from connector.errors import (
     DestinationRejectedError,
     DestinationTempError,
     DestinationTLSError,
+    DestinationTooLargeError,
+    OAuthError,
+    OAuthRefusedError,
 )
 from connector.message import FetchedMessage
+from connector.oauth import TokenProvider, describe_sasl_json, login_with_token, xoauth2_response
 from connector.tls import TlsMode, make_ssl_context
 
 # The separator of folder levels in the configured folder name, whatever the server's delimiter is.
 FOLDER_SEPARATOR = "/"
 # find() hashes candidates in slices of this size so that a large message is never held whole.
 _FETCH_SLICE = 1024 * 1024
-_MAX_TEXT = 400
 # RFC 7888: with LITERAL- only literals up to this size may be non-synchronizing.
 _LITERAL_MINUS_MAX = 4096
 # A literal up to this size goes out in the same write as its command (one small copy, one segment).
@@ -93,11 +97,6 @@ class ImapCheck:
         return f"folder {self.folder!r} does not exist; the first delivery will create {created}"
 
 
-def _clip(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= _MAX_TEXT else text[:_MAX_TEXT] + "..."
-
-
 def _server_text(exc: BaseException) -> str:
     """The server's words from an imaplib/imapclient error, without Python's ``b'...'`` wrapping."""
     raw = exc.args[0] if exc.args else exc
@@ -105,14 +104,14 @@ def _server_text(exc: BaseException) -> str:
     unwrapped = _BYTES_REPR_RE.fullmatch(text)
     if unwrapped:
         text = unwrapped.group(2)
-    return _clip(_FAILED_PREFIX_RE.sub("", text))
+    return clip_server_text(_FAILED_PREFIX_RE.sub("", text))
 
 
 def _response_text(data: list[Any]) -> str:
     parts = [
         item.decode("utf-8", "replace") if isinstance(item, bytes) else str(item) for item in data if item
     ]
-    return _clip(" ".join(parts))
+    return clip_server_text(" ".join(parts))
 
 
 def response_code(text: str) -> str | None:
@@ -130,6 +129,8 @@ def command_refused(where: Where, action: str, text: str) -> DestinationError:
     """Classify a NO/BAD: over quota pauses the account, busy retries, anything else is permanent."""
     code = response_code(text)
     message = where.say(f"{action} refused: {text}")
+    if code == "TOOBIG":
+        return DestinationTooLargeError(message)
     if code in _REJECT_CODES:
         return DestinationRejectedError(message)
     if code == "OVERQUOTA" or is_quota_text(text):
@@ -517,15 +518,17 @@ def open_imap(
     ssl_context: ssl.SSLContext | None,
     timeout: float,
     username: str,
-    password: str,
+    password: str | None,
     folder: str,
     mark_seen: bool,
     create_folder: bool = True,
+    token_provider: TokenProvider | None = None,
 ) -> ImapSession:
     """Connect, secure and log in; the one place an IMAP destination connection is built.
 
     ``ssl_context`` defaults to a verifying context (``connector.tls.make_ssl_context``). With
     ``tls="starttls"`` a server that does not offer STARTTLS is refused, never used in clear text.
+    With a ``token_provider`` the login is AUTHENTICATE XOAUTH2 as ``username`` instead of LOGIN.
     """
     where = Where(host, port, folder)
     context = ssl_context if ssl_context is not None else make_ssl_context()
@@ -533,7 +536,11 @@ def open_imap(
     try:
         if tls == "starttls":
             _starttls(client, where, context)
-        _login(client, where, username, password)
+        if token_provider is not None:
+            _login_oauth2(client, where, username, token_provider)
+        else:
+            assert password is not None, "a password or a token provider is needed"
+            _login(client, where, username, password)
     except BaseException:
         _discard(client)
         raise
@@ -570,6 +577,49 @@ def _login(client: Any, where: Where, username: str, password: str) -> None:
         raise DestinationAuthError(where.say(f"{action}: user name and password must be ASCII for LOGIN"))
     with _driver_errors(where, action, refused=_login_refused, secret=password):
         client.login(username, password)
+
+
+class _XOAuth2:
+    """The XOAUTH2 exchange as imaplib wants it: called with each decoded server challenge.
+
+    The first (empty) challenge gets the response; a second one is the server's error JSON, which SASL
+    says to answer with an empty response before the server sends its tagged NO.
+    """
+
+    def __init__(self, response: bytes) -> None:
+        self._response = response
+        self._sent = False
+        self.error: str | None = None
+
+    def __call__(self, challenge: bytes) -> bytes:
+        if not self._sent:
+            self._sent = True
+            return self._response
+        self.error = describe_sasl_json(challenge)
+        return b""
+
+
+def _login_oauth2(client: Any, where: Where, username: str, provider: TokenProvider) -> None:
+    action = f"AUTHENTICATE XOAUTH2 as {username!r}"
+
+    def authenticate(token: str) -> None:
+        try:
+            mechanism = _XOAuth2(xoauth2_response(username, token))
+        except ValueError as exc:
+            raise DestinationAuthError(where.say(f"{action}: {exc}")) from None
+        try:
+            with _driver_errors(where, action, refused=_login_refused, secret=token):
+                client.sasl_login("XOAUTH2", mechanism)
+        except DestinationAuthError as exc:
+            if mechanism.error:
+                exc.message += f" (server said: {mechanism.error})"
+            raise
+
+    try:
+        login_with_token(provider, authenticate, DestinationAuthError)
+    except OAuthError as exc:
+        error_type = DestinationAuthError if isinstance(exc, OAuthRefusedError) else DestinationConnectError
+        raise error_type(where.say(f"{action}: no OAuth token: {exc.message}")) from exc
 
 
 def _discard(client: Any) -> None:

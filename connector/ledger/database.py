@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
@@ -83,10 +85,31 @@ def alembic_config(engine: Engine) -> AlembicConfig:
     return config
 
 
+# Any constant: on PostgreSQL several processes (distributed workers) may start on one fresh database at
+# once, and two Alembic runs creating the same tables would fail; they take turns instead.
+_MIGRATION_LOCK_KEY = 0x504F504D
+
+
+@contextmanager
+def _migration_lock(engine: Engine) -> Iterator[None]:
+    if engine.dialect.name != "postgresql":
+        yield
+        return
+    with engine.connect() as connection:
+        connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
+        connection.commit()
+        try:
+            yield
+        finally:
+            connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _MIGRATION_LOCK_KEY})
+            connection.commit()
+
+
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Apply every migration not yet applied (a no-op on an up-to-date database)."""
     try:
-        command.upgrade(alembic_config(engine), revision)
+        with _migration_lock(engine):
+            command.upgrade(alembic_config(engine), revision)
     except SQLAlchemyError as exc:
         raise LedgerError(f"cannot migrate the ledger database: {exc}") from exc
 

@@ -3,6 +3,7 @@
 A message row moves ``pending`` (fetched, delivery under way or to be retried) -> ``delivered`` (the
 destination has it: from here on it is never delivered again) -> ``deleted`` (the POP3 server confirmed the
 deletion with +OK to QUIT), or to ``failed`` (quarantined after too many attempts; left on the server).
+``seen`` rows were on the server before the account's baseline and are left alone.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     DateTime,
     Dialect,
     ForeignKey,
@@ -21,6 +23,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    true,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -49,6 +52,9 @@ class MessageState(enum.StrEnum):
     DELIVERED = "delivered"
     DELETED = "deleted"
     FAILED = "failed"
+    # On the server before the account's baseline (start = "new", `pop-connector baseline`): never
+    # fetched, never delivered, so never deleted by us either.
+    SEEN = "seen"
 
 
 class Base(DeclarativeBase):
@@ -72,6 +78,19 @@ class AccountRow(Base):
     last_delivered: Mapped[int] = mapped_column(Integer, default=0)
     last_failed: Mapped[int] = mapped_column(Integer, default=0)
     last_deleted: Mapped[int] = mapped_column(Integer, default=0)
+    # Distributed mode: the worker that took the account's latest poll, and whether the dispatcher
+    # polls it at all (false once it left the configuration or was disabled; its rows are kept).
+    last_worker: Mapped[str | None] = mapped_column(String(200))
+    active: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
+    # Set after retry.max_consecutive_failures failed polls; only `pop-connector resume` clears it.
+    suspended_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    suspended_reason: Mapped[str | None] = mapped_column(Text)
+    # When what was on the server was recorded as already seen (start = "new" or `baseline`).
+    baseline_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # How the last poll identified messages when UIDLs could not be trusted (None: by UIDL).
+    identity_note: Mapped[str | None] = mapped_column(Text)
+    # The last time all UIDLs changed at once (a host migration) and what was done about it.
+    uidl_change_note: Mapped[str | None] = mapped_column(Text)
 
 
 class MessageRow(Base):
@@ -97,3 +116,9 @@ class MessageRow(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Only the header section was delivered (oversize = "headers_only"): never deleted from the server.
+    headers_only: Mapped[bool] = mapped_column(Boolean, default=False)
+    # SHA-256 of the header section as the POP3 server sent it: identity when UIDLs fail.
+    header_hash: Mapped[str | None] = mapped_column(String(64))
+    # What was changed in the message on its way (policies.repair); None when nothing was.
+    repairs: Mapped[str | None] = mapped_column(Text)

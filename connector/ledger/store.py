@@ -13,8 +13,9 @@ cleanly (a poll that cannot record what it did must not go on delivering or dele
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -47,6 +48,9 @@ class KnownMessage(NamedTuple):
     message_id: str | None
     size: int | None
     sha256: str | None
+    headers_only: bool = False
+    pop_size: int | None = None
+    header_hash: str | None = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,11 @@ class AccountStatus:
     last_failed: int
     last_deleted: int
     counts: dict[str, int]
+    last_worker: str | None = None
+    suspended_at: datetime | None = None
+    suspended_reason: str | None = None
+    identity_note: str | None = None
+    uidl_change_note: str | None = None
 
 
 _STATUS_FIELDS = (
@@ -86,6 +95,11 @@ _STATUS_FIELDS = (
     "last_delivered",
     "last_failed",
     "last_deleted",
+    "last_worker",
+    "suspended_at",
+    "suspended_reason",
+    "identity_note",
+    "uidl_change_note",
 )
 
 
@@ -96,7 +110,111 @@ class _Delivered:
     at: datetime
 
 
-class Ledger:
+@dataclass(frozen=True)
+class QuarantinedMessage:
+    """A message in state ``failed``: left on the POP3 server until a person retries it."""
+
+    id: int
+    account: str
+    uidl: str
+    attempts: int
+    last_error: str | None
+    size: int | None
+    pop_size: int | None
+    message_id: str | None
+    updated_at: datetime
+
+
+class _SuspensionAndQuarantine:
+    """Operations for the admin commands ``resume`` and ``quarantine``; mixed into ``Ledger``."""
+
+    _clock: Clock
+
+    def _transaction(self, what: str) -> contextlib.AbstractContextManager[Session]:
+        raise NotImplementedError
+
+    def suspend(self, account_id: int, reason: str) -> None:
+        with self._transaction("suspend account") as session:
+            session.execute(
+                update(AccountRow)
+                .where(AccountRow.id == account_id)
+                .values(suspended_at=self._clock(), suspended_reason=reason)
+            )
+
+    def suspension(self, account_id: int) -> tuple[datetime, str] | None:
+        """(since, reason) when the account is suspended."""
+        with self._transaction("read account") as session:
+            row = session.execute(
+                select(AccountRow.suspended_at, AccountRow.suspended_reason).where(
+                    AccountRow.id == account_id
+                )
+            ).one_or_none()
+        if row is None or row.suspended_at is None:
+            return None
+        return row.suspended_at, row.suspended_reason or ""
+
+    def resume(self, name: str) -> bool:
+        """Lift a suspension and start counting failures afresh; the account is due at once. False when
+        the ledger does not know the account."""
+        with self._transaction("resume account") as session:
+            result = session.execute(
+                update(AccountRow)
+                .where(AccountRow.name == name)
+                .values(
+                    suspended_at=None,
+                    suspended_reason=None,
+                    consecutive_failures=0,
+                    next_poll_at=self._clock(),
+                )
+            )
+            return bool(getattr(result, "rowcount", 0))
+
+    def quarantined(self, account: str | None = None) -> list[QuarantinedMessage]:
+        query = (
+            select(MessageRow, AccountRow.name)
+            .join(AccountRow, AccountRow.id == MessageRow.account_id)
+            .where(MessageRow.state == MessageState.FAILED)
+            .order_by(AccountRow.name, MessageRow.id)
+        )
+        if account is not None:
+            query = query.where(AccountRow.name == account)
+        with self._transaction("read quarantine") as session:
+            return [
+                QuarantinedMessage(
+                    id=row.id,
+                    account=name,
+                    uidl=row.uidl,
+                    attempts=row.attempts,
+                    last_error=row.last_error,
+                    size=row.size,
+                    pop_size=row.pop_size,
+                    message_id=row.message_id,
+                    updated_at=row.updated_at,
+                )
+                for row, name in session.execute(query)
+            ]
+
+    def release_quarantined(self, ids: Sequence[int] | None, account: str | None = None) -> int:
+        """Put quarantined messages (``ids``, or all when None) back to ``pending`` with no attempts.
+
+        ``pending``, not new: the next poll looks for each in the destination before delivering it,
+        because an attempt that was counted as failed may in fact have reached it.
+        """
+        query = update(MessageRow).where(MessageRow.state == MessageState.FAILED)
+        if ids is not None:
+            query = query.where(MessageRow.id.in_(list(ids)))
+        if account is not None:
+            query = query.where(
+                MessageRow.account_id.in_(select(AccountRow.id).where(AccountRow.name == account))
+            )
+        with self._transaction("release quarantined messages") as session:
+            result = session.execute(
+                query.values(state=MessageState.PENDING, attempts=0, updated_at=self._clock())
+            )
+            return int(getattr(result, "rowcount", 0) or 0)
+
+
+class Ledger(_SuspensionAndQuarantine):
     def __init__(self, engine: Engine, *, clock: Clock = utcnow) -> None:
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
@@ -227,14 +345,39 @@ class Ledger:
                     MessageRow.message_id,
                     MessageRow.size,
                     MessageRow.sha256,
+                    MessageRow.headers_only,
+                    MessageRow.pop_size,
+                    MessageRow.header_hash,
                 ).where(MessageRow.account_id == account_id)
             )
             # Positional unpacking and a dict lookup for the state: the per-row cost is what matters for a
             # mailbox that keeps 100,000 messages (named Row access and Enum() were most of it).
             states = _STATES
             return {
-                uidl: KnownMessage(uidl, states[state], attempts, delivered_at, message_id, size, sha256)
-                for uidl, state, attempts, delivered_at, message_id, size, sha256 in rows.all()
+                uidl: KnownMessage(
+                    uidl,
+                    states[state],
+                    attempts,
+                    delivered_at,
+                    message_id,
+                    size,
+                    sha256,
+                    bool(headers_only),
+                    pop_size,
+                    header_hash,
+                )
+                for (
+                    uidl,
+                    state,
+                    attempts,
+                    delivered_at,
+                    message_id,
+                    size,
+                    sha256,
+                    headers_only,
+                    pop_size,
+                    header_hash,
+                ) in rows.all()
             }
 
     def record_pending(
@@ -246,6 +389,9 @@ class Ledger:
         size: int,
         message_id: str,
         sha256: str,
+        headers_only: bool = False,
+        header_hash: str | None = None,
+        repairs: str | None = None,
     ) -> int:
         """Mark a fetched message as about to be delivered and count the attempt; returns attempts.
 
@@ -261,6 +407,9 @@ class Ledger:
             "size": size,
             "message_id": message_id,
             "sha256": sha256,
+            "headers_only": headers_only,
+            "header_hash": header_hash,
+            "repairs": repairs,
             "updated_at": now,
         }
         # One upsert statement through Core: the ORM's load-modify-flush cost more than the commit.
@@ -331,6 +480,75 @@ class Ledger:
                 .values(state=MessageState.FAILED, last_error=error, updated_at=now)
             )
 
+    def record_skipped(self, account_id: int, uidl: str, pop_size: int, reason: str) -> None:
+        """Quarantine a message that was never downloaded (over max_message_size)."""
+        now = self._clock()
+        with self._transaction(f"quarantine message {uidl!r}", account_id) as session:
+            _message_row(
+                session,
+                account_id,
+                uidl,
+                now,
+                state=MessageState.FAILED,
+                pop_size=pop_size,
+                last_error=reason,
+            )
+
+    def rekey(self, account_id: int, mapping: dict[str, str]) -> None:
+        """Give known messages their new UIDLs (old -> new) after a host migration, in one transaction.
+        Two steps through temporary keys, so that a swap of two UIDLs cannot hit the unique constraint."""
+        if not mapping:
+            return
+        with self._transaction("re-key messages") as session:
+            # A space never occurs in a UIDL (RFC 1939 §7), so these keys cannot clash.
+            for step, old in enumerate(mapping):
+                session.execute(
+                    update(MessageRow)
+                    .where(MessageRow.account_id == account_id, MessageRow.uidl == old)
+                    .values(uidl=f" rekey {step}")
+                )
+            for step, new in enumerate(mapping.values()):
+                session.execute(
+                    update(MessageRow)
+                    .where(MessageRow.account_id == account_id, MessageRow.uidl == f" rekey {step}")
+                    .values(uidl=new, updated_at=self._clock())
+                )
+
+    def set_uidl_notes(
+        self, account_id: int, identity: str | None, change: str | None = None, *, defer: bool = False
+    ) -> None:
+        """``identity`` replaces the last one (None: UIDLs were fine); ``change`` is kept until the next.
+        With ``defer``, written with the account's next write (an idle poll then still commits once)."""
+        values: dict[str, object] = {"identity_note": identity}
+        if change is not None:
+            values["uidl_change_note"] = change
+        statement = update(AccountRow).where(AccountRow.id == account_id).values(**values)
+        if defer:
+            self._defer(account_id, statement)
+            return
+        with self._transaction("record UIDL notes", account_id) as session:
+            session.execute(statement)
+
+    def baseline_taken(self, account_id: int) -> bool:
+        with self._transaction("read account") as session:
+            when = session.scalar(select(AccountRow.baseline_at).where(AccountRow.id == account_id))
+            return when is not None
+
+    def record_seen(self, account_id: int, listing: Iterable[tuple[str, int, str | None]]) -> int:
+        """Baseline: record every (UIDL, size, header hash) the ledger does not know yet as ``seen``, in one
+        transaction, and remember when. Known rows (delivered, pending, quarantined) are left as they are.
+        Returns how many were recorded."""
+        now = self._clock()
+        with self._transaction("record baseline") as session:
+            known = set(session.scalars(select(MessageRow.uidl).where(MessageRow.account_id == account_id)))
+            new = {uidl: (size, digest) for uidl, size, digest in listing if uidl not in known}
+            session.add_all(
+                _new_row(account_id, uidl, now, state=MessageState.SEEN, pop_size=size, header_hash=digest)
+                for uidl, (size, digest) in new.items()
+            )
+            session.execute(update(AccountRow).where(AccountRow.id == account_id).values(baseline_at=now))
+        return len(new)
+
     def record_deleted(self, account_id: int, uidls: Iterable[str]) -> None:
         """After QUIT was answered +OK: the server has really removed these."""
         uidl_list = list(uidls)
@@ -381,6 +599,33 @@ def _delivered_update(account_id: int | None, item: _Delivered) -> Update:
             updated_at=item.at,
         )
     )
+
+
+def _new_row(account_id: int, uidl: str, now: datetime, **values: object) -> MessageRow:
+    return MessageRow(
+        account_id=account_id,
+        uidl=uidl,
+        attempts=0,
+        headers_only=False,
+        first_seen_at=now,
+        updated_at=now,
+        **values,
+    )
+
+
+def _message_row(session: Session, account_id: int, uidl: str, now: datetime, **values: object) -> MessageRow:
+    """The message's row, added (with no attempts yet) when the ledger does not know it, with ``values``
+    set and ``updated_at`` = ``now``."""
+    row = session.scalar(
+        select(MessageRow).where(MessageRow.account_id == account_id, MessageRow.uidl == uidl)
+    )
+    if row is None:
+        row = _new_row(account_id, uidl, now)
+        session.add(row)
+    for name, value in values.items():
+        setattr(row, name, value)
+    row.updated_at = now
+    return row
 
 
 def _chunks(items: list[str], size: int) -> Iterator[list[str]]:

@@ -31,3 +31,42 @@ def jittered_interval(
 ) -> timedelta:
     """The next regular poll: ``interval`` ± ``jitter`` * interval, so accounts drift apart."""
     return interval * (1 + jitter * (2 * rand() - 1))
+
+
+def failure_delay(
+    policy: RetryPolicy,
+    consecutive_failures: int,
+    *,
+    auth_failure: bool,
+    server_delay: timedelta | None = None,
+    rand: Callable[[], float] = random.random,
+) -> timedelta:
+    """The wait after a failed poll (``consecutive_failures`` counts this one).
+
+    A refused login waits ``auth_failure_backoff`` flat: retrying at the normal rate could make the
+    provider lock the mailbox, and a password is not fixed by waiting longer and longer. Anything else
+    backs off exponentially. Neither is ever shorter than what the server asked for (LOGIN-DELAY).
+    """
+    if auth_failure:
+        delay = max(policy.auth_failure_backoff, account_backoff(policy, consecutive_failures, rand=rand))
+    else:
+        delay = account_backoff(policy, consecutive_failures, rand=rand)
+    return max(delay, server_delay or timedelta(0))
+
+
+def success_delay(
+    interval: timedelta,
+    jitter: float,
+    *,
+    server_delay: timedelta | None = None,
+    rand: Callable[[], float] = random.random,
+) -> timedelta:
+    """The wait after a successful poll: the jittered interval, but never less than LOGIN-DELAY, since a
+    login sooner than that is refused anyway."""
+    return max(jittered_interval(interval, jitter, rand=rand), server_delay or timedelta(0))
+
+
+def should_suspend(policy: RetryPolicy, consecutive_failures: int) -> bool:
+    """True once an account has failed ``max_consecutive_failures`` polls in a row (0 = never)."""
+    limit = policy.max_consecutive_failures
+    return limit > 0 and consecutive_failures >= limit

@@ -7,6 +7,7 @@ failure leaves here as one of the project's ``Source*`` errors, never as a drive
 
 from __future__ import annotations
 
+import base64
 import collections
 import contextlib
 import hashlib
@@ -22,11 +23,14 @@ from connector.errors import (
     SourceAuthError,
     SourceConnectError,
     SourceError,
+    SourceLoginDelayError,
+    SourceNoUidlError,
     SourcePermError,
     SourceProtocolError,
     SourceTempError,
     SourceTLSError,
 )
+from connector.oauth import describe_sasl_error, xoauth2_response
 from connector.pop3.replies import (
     MAX_STATUS_LINE,
     Capabilities,
@@ -86,6 +90,9 @@ def _format_peer(host: str, port: int) -> str:
 
 
 def _trace_line(verb: str, args: Sequence[str]) -> str:
+    if verb == "AUTH" and args:
+        # The mechanism name is not secret; an initial response (a token, a password) is.
+        return f"AUTH {args[0]} ****" if len(args) > 1 else f"AUTH {args[0]}"
     if args and verb in _SECRET_COMMANDS:
         return f"{verb} ****"
     return " ".join((verb, *args))
@@ -94,6 +101,12 @@ def _trace_line(verb: str, args: Sequence[str]) -> str:
 class _Discard:
     def write(self, data: bytes, /) -> int:
         return len(data)
+
+
+def _is_continuation(line: bytes) -> bool:
+    """A SASL continuation (RFC 5034): ``+`` alone or ``+ `` and a base64 challenge."""
+    body = strip_eol(line)
+    return body == b"+" or body.startswith(b"+ ")
 
 
 class RetrReply:
@@ -156,6 +169,8 @@ class Pop3Client:
         self._broken = False
         self._closed = False
         self._capabilities = Capabilities()
+        # Whether the last RETR/TOP body had bare LF or CR line endings (now CRLF).
+        self.last_body_repaired = False
         try:
             self._greeting = self._read_greeting()
             self._capabilities = self.capa()
@@ -250,11 +265,7 @@ class Pop3Client:
         return line
 
     def _read_status(self, verb: str) -> Reply:
-        line = self._read_status_line(verb)
-        try:
-            return parse_status(line)
-        except SourceProtocolError as exc:
-            raise SourceProtocolError(f"{self._peer}: {verb}: {exc.message}") from exc
+        return self._parse_reply(verb, self._read_status_line(verb))
 
     def _read_lines(self, verb: str) -> list[bytes]:
         """The body of a multi-line listing (CAPA, UIDL, LIST), unstuffed, terminator removed.
@@ -296,6 +307,8 @@ class Pop3Client:
 
     def _stream_body(self, verb: str, sink: Sink, max_bytes: int | None) -> int:
         decoder = BodyDecoder()
+        # Traces summarise a body by size and hash, never its content.
+        digest = hashlib.sha256() if wire_log.isEnabledFor(logging.DEBUG) else None
         received = 0
         written = 0
         while True:
@@ -305,11 +318,15 @@ class Pop3Client:
                 raise SourceProtocolError(f"{self._peer}: {verb} reply longer than {max_bytes} bytes")
             data = decoder.feed(piece) + (decoder.finish() if done else b"")
             if data:
+                if digest is not None:
+                    digest.update(data)
                 sink.write(data)
                 written += len(data)
             if done:
                 break
-        wire_log.debug("S: <%s body, %d bytes>", verb, written)
+        self.last_body_repaired = decoder.repaired
+        if digest is not None:
+            wire_log.debug("S: <%s body, %d bytes, sha256 %s>", verb, written, digest.hexdigest())
         return written
 
     # --- session setup --------------------------------------------------------------------------------
@@ -387,13 +404,69 @@ class Pop3Client:
         for what, value in (("username", username), ("password", password)):
             if any(bad in value for bad in _FORBIDDEN_IN_ARGUMENTS):
                 raise SourceAuthError(f"{self._peer}: the {what} contains a line break or NUL")
-        if method == "apop":
-            self._apop(username, password)
-        elif method == "user":
-            self._command("USER", username, secrets=(password,))
-            self._command("PASS", password, secrets=(password,))
-        else:
-            raise ValueError(f"unknown POP3 login method {method!r}")
+        try:
+            if method == "apop":
+                self._apop(username, password)
+            elif method == "user":
+                self._command("USER", username, secrets=(password,))
+                self._command("PASS", password, secrets=(password,))
+            else:
+                raise ValueError(f"unknown POP3 login method {method!r}")
+        except SourceLoginDelayError as exc:
+            # Only this session knows what CAPA announced; the retry policy needs it to wait long enough.
+            exc.login_delay = self._capabilities.login_delay
+            raise
+
+    def authenticate_xoauth2(self, username: str, token: str, *, initial_response: bool = False) -> None:
+        """``AUTH XOAUTH2`` with a bearer token for ``username`` (the mailbox).
+
+        Two steps by default (``AUTH XOAUTH2``, the server's ``+``, then the response), which every
+        server takes and Microsoft 365 requires; ``initial_response`` puts the response on the AUTH line
+        (RFC 5034 SASL-IR), saving a round trip. A refusal often comes as a base64 JSON challenge first:
+        it is answered with an empty line, as SASL requires, and its content goes into the error.
+        """
+        try:
+            encoded = base64.b64encode(xoauth2_response(username, token)).decode("ascii")
+        except ValueError as exc:
+            raise SourceAuthError(f"{self._peer}: {exc}") from None
+        secrets = (token, encoded)
+        with self._exchange():
+            if initial_response:
+                self._send(("AUTH", "XOAUTH2", encoded))
+                line = self._read_status_line("AUTH")
+            else:
+                self._send(("AUTH", "XOAUTH2"))
+                line = self._read_status_line("AUTH")
+                if _is_continuation(line):
+                    self._send_response(encoded.encode("ascii"), trace="****")
+                    line = self._read_status_line("AUTH")
+            challenge = None
+            if _is_continuation(line):
+                challenge = strip_eol(line)[2:]
+                self._send_response(b"", trace="")
+                line = self._read_status_line("AUTH")
+            reply = self._parse_reply("AUTH", line)
+        if not reply.ok:
+            error = error_for("AUTH", reply, peer=self._peer, secrets=secrets)
+            if challenge:
+                error.message += f" (server said: {describe_sasl_error(challenge)})"
+            raise error
+
+    def _send_response(self, data: bytes, *, trace: str) -> None:
+        """A SASL response line; ``trace`` is what the wire log shows instead of it."""
+        wire_log.debug("C: %s", trace)
+        try:
+            self._sock.sendall(data + b"\r\n")
+        except OSError as exc:
+            raise SourceConnectError(
+                f"{self._peer}: sending the AUTH response failed: {_cause(exc)}"
+            ) from exc
+
+    def _parse_reply(self, verb: str, line: bytes) -> Reply:
+        try:
+            return parse_status(line)
+        except SourceProtocolError as exc:
+            raise SourceProtocolError(f"{self._peer}: {verb}: {exc.message}") from exc
 
     def _apop(self, username: str, password: str) -> None:
         timestamp = self._greeting.apop_timestamp
@@ -417,7 +490,7 @@ class Pop3Client:
         if reply.ok:
             return
         if verb == "UIDL" and reply.code is None:
-            raise SourcePermError(f"{self._peer}: server does not support UIDL ({reply.describe()})")
+            raise SourceNoUidlError(f"{self._peer}: server does not support UIDL ({reply.describe()})")
         raise error_for(verb, reply, peer=self._peer)
 
     def _listing_lines(self, verb: str) -> list[bytes]:

@@ -106,6 +106,8 @@ class BodyDecoder:
     def __init__(self) -> None:
         self.at_line_start = True
         self._pending_cr = False
+        # Whether any line ending had to be repaired (bare LF or bare CR), for the ledger.
+        self.repaired = False
 
     def feed(self, chunk: bytes) -> bytes:
         if not chunk:
@@ -123,6 +125,7 @@ class BodyDecoder:
         self.at_line_start = ends_line
         crlf = chunk.count(b"\r\n")
         if chunk.count(b"\r") != crlf or chunk.count(b"\n") != crlf:
+            self.repaired = True
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
         return chunk
 
@@ -130,5 +133,6 @@ class BodyDecoder:
         """What is held back at the end of the body (a final bare CR becomes a line end)."""
         if self._pending_cr:
             self._pending_cr = False
+            self.repaired = True
             return b"\r\n"
         return b""

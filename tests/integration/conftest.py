@@ -14,7 +14,9 @@ from connector.engine import SyncEngine
 from connector.ledger.database import open_database
 from connector.ledger.store import Ledger
 from tests.configs import make_config
+from tests.messages import simple
 from tests.servers.dovecot import Dovecot, MailUsers
+from tests.servers.scripted_pop3 import ScriptedPop3Server, StoredMessage
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -52,3 +54,15 @@ def make_sync(
     yield factory
     for engine in engines:
         engine.dispose()
+
+
+@pytest.fixture
+def pop3() -> Iterator[ScriptedPop3Server]:
+    """A scripted POP3 server holding three simple messages, for faults Dovecot cannot produce."""
+    with ScriptedPop3Server([StoredMessage(f"uid-{n}", simple(n)) for n in range(3)]) as server:
+        yield server
+
+
+def scripted(server: ScriptedPop3Server, **extra: Any) -> dict[str, Any]:
+    """Account fields for ``make_sync`` that read from the scripted server instead of Dovecot's POP3."""
+    return {"port": server.port, "username": server.username, "password": server.password, **extra}

@@ -25,6 +25,7 @@ from connector.errors import (
     DestinationRejectedError,
     DestinationTempError,
     DestinationTLSError,
+    DestinationTooLargeError,
 )
 from connector.message import FetchedMessage, MessageSpool, fallback_message_id
 from connector.tls import TlsMode, make_ssl_context
@@ -284,7 +285,7 @@ def test_message_over_the_size_limit_is_rejected(dovecot: Dovecot, open_destinat
         ("[OVERQUOTA] Quota exceeded (mailbox for user is full)", DestinationFullError),
         ("Over quota", DestinationFullError),  # Cyrus: no response code
         ("Quota exceeded", DestinationFullError),
-        ("[TOOBIG] Message too large", DestinationRejectedError),
+        ("[TOOBIG] Message too large", DestinationTooLargeError),
         ("[CANNOT] Invalid message", DestinationRejectedError),
         ("[LIMIT] Too many messages, quota exceeded", DestinationRejectedError),
         ("[UNAVAILABLE] Backend down", DestinationTempError),

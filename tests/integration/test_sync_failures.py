@@ -124,3 +124,16 @@ def test_per_account_destination_login(
     assert len(dovecot.imap_messages(other.name)) == 1
     assert dovecot.imap_messages(mail_users.destination.name) == []
     dovecot.remove_user(other.name)
+
+
+def test_untrusted_destination_certificate_fails_the_poll_not_the_message(
+    dovecot: Dovecot, mail_users: MailUsers, make_sync: SyncFactory
+) -> None:
+    dovecot.seed(mail_users.source.name, [simple(1)])
+    config, engine = make_sync(destination={"tls": "implicit", "port": dovecot.ports.imaps})
+    result = engine.poll(config.accounts[0])
+    assert result.status == "error" and result.error is not None and "certificate" in result.error.lower()
+    account_id = engine.ledger.account_id(config.accounts[0].name) or 0
+    (row,) = engine.ledger.known_messages(account_id).values()
+    assert (row.state, row.attempts) == (MessageState.PENDING, 0)
+    assert dovecot.maildir_count(mail_users.source.name) == 1

@@ -155,9 +155,46 @@ protocol lmtp {
 """
 
 
+def _oauth2_config(root: Path, introspection_url: str | None) -> tuple[str, str]:
+    """(extra auth mechanisms, passdb block) that make Dovecot accept OAuth 2.0 bearer tokens.
+
+    The ``oauth2`` passdb is consulted only for XOAUTH2/OAUTHBEARER (``mechanisms``), so passwords keep
+    going to the passwd-file. It POSTs each token to the introspection URL (RFC 7662) and accepts it when
+    the answer is active and names the login user. Dovecot 2.3.19 does not expand %variables in that
+    URL: a ``%u`` there makes the auth process panic on an invalid URL.
+    """
+    if introspection_url is None:
+        return "", ""
+    settings = root / "dovecot-oauth2.conf.ext"
+    settings.write_text(
+        "introspection_mode = post\n"
+        f"introspection_url = {introspection_url}\n"
+        "username_attribute = username\n"
+        "active_attribute = active\n"
+        "active_value = true\n"
+    )
+    settings.chmod(0o644)
+    passdb = f"""passdb {{
+  driver = oauth2
+  mechanisms = xoauth2 oauthbearer
+  args = {settings}
+}}
+"""
+    return " xoauth2 oauthbearer", passdb
+
+
 def _config(
-    root: Path, ports: Ports, cert: Path, key: Path, uid: int, gid: int, *, lmtp: bool = False
+    root: Path,
+    ports: Ports,
+    cert: Path,
+    key: Path,
+    uid: int,
+    gid: int,
+    introspection_url: str | None = None,
+    *,
+    lmtp: bool = False,
 ) -> str:
+    mechanisms, oauth2_passdb = _oauth2_config(root, introspection_url)
     protocols = "imap pop3 lmtp" if lmtp else "imap pop3"
     extra = _LMTP_CONFIG if lmtp else ""
     return f"""\
@@ -172,7 +209,7 @@ auth_verbose = yes
 # to 15 s per attempt from one IP, and every test connects from 127.0.0.1).
 auth_failure_delay = 0
 disable_plaintext_auth = no
-auth_mechanisms = plain login
+auth_mechanisms = plain login{mechanisms}
 # Temp dirs are not under a "valid" uid range by default and nobody is 65534.
 first_valid_uid = 1
 last_valid_uid = 0
@@ -191,7 +228,7 @@ namespace inbox {{
   prefix =
 }}
 
-passdb {{
+{oauth2_passdb}passdb {{
   driver = passwd-file
   args = scheme=PLAIN {root}/users/%u
 }}
@@ -244,7 +281,9 @@ class Dovecot:
     """One Dovecot master serving POP3, POP3S, IMAP and IMAPS on free loopback ports.
 
     ``users`` maps name to password; ``quotas`` maps name to a storage limit such as ``"20K"``. More
-    users can be added (and removed) while the server runs; each has a passwd-file of its own.
+    users can be added (and removed) while the server runs; each has a passwd-file of its own. With
+    ``oauth2_introspection_url`` the server also accepts XOAUTH2 and OAUTHBEARER with bearer tokens that
+    URL says are active for the user (``tests/servers/token_server.py``); passwords keep working.
     """
 
     host = HOST
@@ -257,6 +296,7 @@ class Dovecot:
         quotas: Mapping[str, str] | None = None,
         keep_files: bool = False,
         lmtp: bool = False,
+        oauth2_introspection_url: str | None = None,
     ) -> None:
         self._binary = shutil.which("dovecot") or (
             "/usr/sbin/dovecot" if os.access("/usr/sbin/dovecot", os.X_OK) else None
@@ -272,6 +312,7 @@ class Dovecot:
         self.keep_files = keep_files
         # Needs dovecot-lmtpd; the socket is then ``lmtp_socket``.
         self.lmtp = lmtp
+        self.oauth2_introspection_url = oauth2_introspection_url
         self.conf = self.root / "dovecot.conf"
         self._passwd_dir = self.root / "users"
         self._mail = self.root / "mail"
@@ -307,7 +348,16 @@ class Dovecot:
         for _ in range(_START_ATTEMPTS):
             self.ports = _free_ports(4)
             self.conf.write_text(
-                _config(self.root, self.ports, self._cert, self._key, self._uid, self._gid, lmtp=self.lmtp)
+                _config(
+                    self.root,
+                    self.ports,
+                    self._cert,
+                    self._key,
+                    self._uid,
+                    self._gid,
+                    self.oauth2_introspection_url,
+                    lmtp=self.lmtp,
+                )
             )
             self._spawn()
             failure = self._wait_ready()
@@ -536,6 +586,37 @@ class Dovecot:
             stderr = result.stderr.decode(errors="replace")
             raise DovecotError(f"doveadm {' '.join(args)} exited {result.returncode}: {stderr}")
         return result
+
+
+@contextlib.contextmanager
+def running_for_tests(**kwargs: Any) -> Iterator[Dovecot]:
+    """A running Dovecot for a fixture; a missing or broken server fails the test (never skips it)."""
+    import pytest
+
+    try:
+        server = Dovecot(**kwargs)
+    except DovecotError as exc:
+        pytest.fail(f"cannot run the Dovecot test server: {exc}", pytrace=False)
+    try:
+        server.start()
+    except DovecotError as exc:
+        server.stop()
+        pytest.fail(f"cannot run the Dovecot test server: {exc}", pytrace=False)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def fresh_users(server: Dovecot) -> Iterator[MailUsers]:
+    """A new POP3 source user and IMAP destination user, removed (with their mail) afterwards."""
+    users = MailUsers(source=server.new_user("src"), destination=server.new_user("dst"))
+    try:
+        yield users
+    finally:
+        server.remove_user(users.source.name)
+        server.remove_user(users.destination.name)
 
 
 def _read_greeting(port: int, context: ssl.SSLContext | None) -> bytes:

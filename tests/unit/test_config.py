@@ -196,5 +196,8 @@ def test_default_database_in_state_directory(tmp_path: Path, monkeypatch: pytest
 def test_example_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("IMAP_PASSWORD", "ALICE_POP_PASSWORD", "BOB_POP_PASSWORD", "BOB_IMAP_PASSWORD"):
         monkeypatch.setenv(name, "x")
+    for name in ("EXO_CLIENT_SECRET", "CAROL_POP_PASSWORD"):
+        monkeypatch.setenv(name, "x")
+    monkeypatch.setenv("CATCHALL_POP_PASSWORD", "x")  # the catch-all routing example
     config = load_config(Path(__file__).parents[2] / "config.example.toml")
     assert config.accounts

@@ -8,6 +8,7 @@ from connector.config import RetentionPolicy
 from connector.ledger.models import MessageState
 from connector.ledger.store import KnownMessage
 from connector.plan import plan_poll
+from connector.policies.limits import Limits, headers_only_message, needs_baseline
 from connector.pop3 import MessageInfo
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
@@ -84,3 +85,52 @@ def test_large_mailbox_is_a_set_difference() -> None:
     rows = {u: known(u, MessageState.DELIVERED, delivered_days_ago=0) for u in uidls[:-10]}
     plan = plan_poll(listing(*uidls), rows, RetentionPolicy(mode="keep"), NOW)
     assert [d.info.uidl for d in plan.deliver] == uidls[-10:]
+
+
+# --- limits and selection (issue 4) -------------------------------------------------------------------
+
+
+def test_oversize_skip_is_quarantined_without_delivery() -> None:
+    limits = Limits(max_message_size=250)
+    plan = plan_poll(listing("a", "b", "c"), {}, DELETE, NOW, limits)  # sizes 100, 200, 300
+    assert [d.info.uidl for d in plan.deliver] == ["a", "b"]
+    assert [i.uidl for i in plan.oversize] == ["c"]
+
+
+def test_oversize_headers_only_is_delivered_as_headers_and_never_deleted() -> None:
+    limits = Limits(max_message_size=250, oversize="headers_only")
+    plan = plan_poll(listing("a", "b", "c"), {}, DELETE, NOW, limits)
+    assert [(d.info.uidl, d.headers_only) for d in plan.deliver] == [("a", False), ("b", False), ("c", True)]
+    delivered = KnownMessage("c", MessageState.DELIVERED, 1, NOW, "<c@x>", 10, "0" * 64, headers_only=True)
+    assert plan_poll(listing("c"), {"c": delivered}, DELETE, NOW, limits).delete == []
+
+
+def test_max_messages_per_poll_takes_the_oldest() -> None:
+    plan = plan_poll(listing("a", "b", "c", "d"), {}, DELETE, NOW, Limits(max_messages_per_poll=3))
+    assert [d.info.uidl for d in plan.deliver] == ["a", "b", "c"] and plan.deferred == 1
+
+
+def test_seen_rows_are_neither_delivered_nor_deleted() -> None:
+    rows = {"a": known("a", MessageState.SEEN, attempts=0)}
+    plan = plan_poll(listing("a", "b"), rows, DELETE, NOW)
+    assert [d.info.uidl for d in plan.deliver] == ["b"] and plan.delete == [] and plan.seen == 1
+
+
+def test_baseline_only_for_a_new_account_starting_new() -> None:
+    assert needs_baseline("new", False, {})
+    assert not needs_baseline("new", True, {})
+    assert not needs_baseline("new", False, {"a": object()})
+    assert not needs_baseline("all", False, {})
+
+
+def test_headers_only_message_keeps_headers_and_replaces_the_body() -> None:
+    top = (
+        b"Subject: big one\r\nContent-Type: multipart/mixed;\r\n boundary=xyz\r\n"
+        b"Message-ID: <big@x>\r\nMIME-Version: 1.0\r\n\r\n"
+    )
+    built = headers_only_message(top, 50_000_000, 26_214_400)
+    head, _, body = built.partition(b"\r\n\r\n")
+    assert b"Subject: big one" in head and b"Message-ID: <big@x>" in head
+    assert b"boundary" not in head and head.count(b"MIME-Version") == 1
+    assert b"Content-Type: text/plain" in head and b"50000000 bytes" in body
+    assert built == headers_only_message(top, 50_000_000, 26_214_400)  # deterministic for recovery

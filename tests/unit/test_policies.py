@@ -8,7 +8,15 @@ import pytest
 
 from connector.config import RetentionPolicy, RetryPolicy
 from connector.policies.retention import should_delete
-from connector.policies.retry import account_backoff, jittered_interval
+from connector.policies.retry import (
+    account_backoff,
+    failure_delay,
+    jittered_interval,
+    should_suspend,
+    success_delay,
+)
+from connector.policies.server_limits import deletes_retrieved, login_delay, retention_conflict
+from connector.pop3 import Capabilities, parse_capabilities
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 
@@ -51,3 +59,61 @@ def test_jittered_interval() -> None:
     assert jittered_interval(timedelta(minutes=10), 0.1, rand=lambda: 0.0) == timedelta(minutes=9)
     assert jittered_interval(timedelta(minutes=10), 0.1, rand=lambda: 1.0) == timedelta(minutes=11)
     assert jittered_interval(timedelta(minutes=10), 0.0) == timedelta(minutes=10)
+
+
+# --- account failures, LOGIN-DELAY, suspension (issue 4) ------------------------------------------------
+
+MIDDLE = lambda: 0.5  # noqa: E731 - no jitter at the midpoint
+
+
+def test_auth_failure_waits_auth_failure_backoff_flat() -> None:
+    policy = RetryPolicy(auth_failure_backoff=timedelta(hours=1), max_backoff=timedelta(minutes=10))
+    assert failure_delay(policy, 1, auth_failure=True, rand=MIDDLE) == timedelta(hours=1)
+    assert failure_delay(policy, 9, auth_failure=True, rand=MIDDLE) == timedelta(hours=1)
+    assert failure_delay(policy, 1, auth_failure=False, rand=MIDDLE) == timedelta(minutes=1)
+
+
+def test_failure_never_retries_before_login_delay() -> None:
+    policy = RetryPolicy()
+    delay = failure_delay(policy, 1, auth_failure=False, server_delay=timedelta(minutes=15), rand=MIDDLE)
+    assert delay == timedelta(minutes=15)
+    assert failure_delay(policy, 7, auth_failure=False, server_delay=timedelta(seconds=5), rand=MIDDLE) == (
+        timedelta(minutes=60)
+    )
+
+
+def test_success_waits_at_least_login_delay() -> None:
+    assert success_delay(timedelta(minutes=5), 0.0, server_delay=timedelta(minutes=15)) == timedelta(
+        minutes=15
+    )
+    assert success_delay(timedelta(minutes=5), 0.0, server_delay=None) == timedelta(minutes=5)
+    assert success_delay(timedelta(minutes=5), 0.0, server_delay=timedelta(seconds=1)) == timedelta(minutes=5)
+
+
+@pytest.mark.parametrize(
+    ("limit", "failures", "expected"), [(3, 2, False), (3, 3, True), (3, 9, True), (0, 99, False)]
+)
+def test_should_suspend(limit: int, failures: int, expected: bool) -> None:
+    assert should_suspend(RetryPolicy(max_consecutive_failures=limit), failures) is expected
+
+
+def _capabilities(*lines: str) -> Capabilities:
+    return parse_capabilities([line.encode() for line in lines])
+
+
+def test_server_limits_from_capa() -> None:
+    assert login_delay(_capabilities("LOGIN-DELAY 900")) == timedelta(seconds=900)
+    assert login_delay(_capabilities("LOGIN-DELAY 0")) is None
+    assert login_delay(_capabilities("TOP")) is None
+    assert deletes_retrieved(_capabilities("EXPIRE 0"))
+    assert not deletes_retrieved(_capabilities("EXPIRE NEVER"))
+    assert not deletes_retrieved(_capabilities("EXPIRE 30"))
+
+
+def test_retention_conflict_with_expire() -> None:
+    expire_30 = _capabilities("EXPIRE 30")
+    assert retention_conflict(expire_30, RetentionPolicy(mode="delete")) is None
+    assert retention_conflict(expire_30, RetentionPolicy(mode="days", days=14)) is None
+    assert "30 days" in (retention_conflict(expire_30, RetentionPolicy(mode="keep")) or "")
+    assert retention_conflict(expire_30, RetentionPolicy(mode="days", days=60)) is not None
+    assert retention_conflict(_capabilities("EXPIRE NEVER"), RetentionPolicy(mode="keep")) is None

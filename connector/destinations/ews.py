@@ -1,0 +1,377 @@
+"""EWS destination (exchangelib): each message goes in as its raw MIME with CreateItem, as received mail.
+
+Exchange turns ``CreateItem`` with ``MimeContent`` into an item, but on its own the item looks like an
+unsent draft dated at import time. Three MAPI properties are set at creation so that Outlook shows it as
+received mail: PidTagMessageFlags (0x0E07: the read flag per ``mark_seen``, never MSGFLAG_UNSENT),
+PidTagMessageDeliveryTime (0x0E06, the received time: newest ``Received:``, else ``Date:``) and
+PidTagClientSubmitTime (0x0039, the sent time: ``Date:``).
+
+``open_ews`` is the only place a session is built. Everything exchangelib, requests and oauthlib raise is
+translated (``ews_errors``) into the project's ``DestinationError`` types, naming the endpoint, mailbox
+and folder, never a secret; ``ews_connection`` shares one connection pool per endpoint and login.
+Throttling (``ErrorServerBusy`` with BackOffMilliseconds, HTTP 503 with Retry-After) is waited out and
+counted here; when the server stays busy the session gives up with a temporary error, so the account
+backs off instead of failing its messages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+import zoneinfo
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, TypeVar
+
+from exchangelib import DELEGATE, IMPERSONATION, Account, Message
+from exchangelib import errors as ews_errors
+from exchangelib.ewsdatetime import EWSDateTime, EWSTimeZone
+from exchangelib.extended_properties import ExtendedProperty
+from exchangelib.folders import Messages
+from exchangelib.items import SAVE_ONLY, SEND_TO_NONE
+from exchangelib.services import CreateFolder, CreateItem
+
+from connector.config import EwsDestination
+from connector.destinations.ews_connection import CONFIGURATIONS, describe, secret_of
+from connector.destinations.ews_errors import DRIVER_ERRORS, FOLDER_GONE, Where, translate
+from connector.errors import (
+    DestinationConnectError,
+    DestinationRejectedError,
+    DestinationTempError,
+    DestinationTooLargeError,
+)
+from connector.message import FetchedMessage
+
+log = logging.getLogger("connector.destinations.ews")
+
+FOLDER_SEPARATOR = "/"
+# How often one request is retried after ErrorServerBusy / 503 before the session gives up (temporary).
+BUSY_RETRIES = 4
+# A back-off longer than this is not waited out inside a poll: the account backs off instead.
+MAX_BUSY_WAIT = 300.0
+_UTC = zoneinfo.ZoneInfo("UTC")
+# Dates are sent in UTC whatever the host's zone is (containers often have none exchangelib can map).
+_EWS_UTC = EWSTimeZone("UTC")
+# PidTagMessageFlags bit: MSGFLAG_READ. MSGFLAG_UNSENT (0x8) is never set, so the item is not a draft.
+MSGFLAG_READ = 0x1
+
+T = TypeVar("T")
+
+
+# --- the properties set at creation ---------------------------------------------------------------------
+
+
+class MessageFlags(ExtendedProperty):  # type: ignore[misc]
+    property_tag = 0x0E07
+    property_type = "Integer"
+
+
+class MessageDeliveryTime(ExtendedProperty):  # type: ignore[misc]
+    property_tag = 0x0E06
+    property_type = "SystemTime"
+
+
+class ClientSubmitTime(ExtendedProperty):  # type: ignore[misc]
+    property_tag = 0x0039
+    property_type = "SystemTime"
+
+
+class ConnectorSha256(ExtendedProperty):  # type: ignore[misc]
+    """Our own named property: the SHA-256 of the MIME bytes we sent, so ``find`` can compare content."""
+
+    property_set_id = "6f2c6c2e-8f57-4a35-9b0e-5c1a3f0e7d41"
+    property_name = "PopConnectorSha256"
+    property_type = "String"
+
+
+_PROPERTIES = {
+    "pop_connector_flags": MessageFlags,
+    "pop_connector_delivery_time": MessageDeliveryTime,
+    "pop_connector_submit_time": ClientSubmitTime,
+    "pop_connector_sha256": ConnectorSha256,
+}
+_register_lock = threading.Lock()
+
+
+def _register_properties() -> None:
+    """Register the properties on exchangelib's Message once per process (registration is class-wide)."""
+    with _register_lock:
+        registered = {field.name for field in Message.FIELDS}
+        for name, cls in _PROPERTIES.items():
+            if name not in registered:
+                Message.register(name, cls)
+
+
+_register_properties()
+
+# Only these go into CreateItem: exchangelib would otherwise send its defaults for Importance,
+# Sensitivity, IsReadReceiptRequested ..., overriding what the MIME headers say.
+_CREATE_FIELDS = frozenset({"mime_content", "is_read", *_PROPERTIES})
+
+
+class _MimeMessage(Message):  # type: ignore[misc]
+    @classmethod
+    def supported_fields(cls, version: Any) -> tuple[Any, ...]:
+        return tuple(f for f in super().supported_fields(version) if f.name in _CREATE_FIELDS)
+
+
+# --- the session ----------------------------------------------------------------------------------------
+
+
+def folder_levels(folder: str) -> list[str]:
+    """``"Inbox/Hosted/2025"`` -> ``["Hosted", "2025"]``: the levels under the Inbox (checked by config)."""
+    parts = [part for part in folder.split(FOLDER_SEPARATOR) if part]
+    return parts[1:]
+
+
+def _ews_time(value: datetime) -> EWSDateTime:
+    return EWSDateTime.from_datetime(value.astimezone(_UTC))
+
+
+class EwsSession:
+    """Delivers into one folder of one mailbox (a ``DestinationSession``).
+
+    ``throttled`` counts how often the server asked us to back off during this session.
+    """
+
+    def __init__(
+        self,
+        account: Any,
+        *,
+        where: Where,
+        mark_seen: bool,
+        max_message_size: int,
+        secrets: tuple[str, ...] = (),
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self._account = account
+        self._where = where
+        self.mark_seen = mark_seen
+        self.max_message_size = max_message_size
+        self._secrets = secrets
+        self._sleep = sleep
+        self._folder: Any = None
+        self.throttled = 0
+
+    # --- DestinationSession ---------------------------------------------------------------------------
+
+    def deliver(self, message: FetchedMessage) -> str:
+        """CreateItem (SaveOnly) with the raw MIME; returns ``ews:<mailbox>/<folder>;ItemId=<id>``."""
+        if message.size > self.max_message_size:
+            # Exchange would refuse it after we uploaded it all; the engine quarantines it at once and it
+            # stays on the POP3 server.
+            raise DestinationTooLargeError(
+                self._where.say(
+                    f"message is {message.size} bytes, larger than this destination's max_message_size of "
+                    f"{self.max_message_size} bytes: not sent (raise max_message_size if the server takes it)"
+                ),
+                uidl=message.uidl,
+            )
+        try:
+            return self._create(message)
+        except DestinationRejectedError as exc:
+            if not isinstance(exc.__cause__, FOLDER_GONE):
+                raise
+        # Someone deleted the folder since this session found it: find or make it again, once.
+        log.info("%s", self._where.say("the folder is gone; creating it again"))
+        self._folder = None
+        return self._create(message)
+
+    def _create(self, message: FetchedMessage) -> str:
+        folder = self._call("find the folder", lambda: self._resolve_folder(create=True), message.uidl)
+        item = self._item(folder, message)
+        result = self._call(
+            "CreateItem",
+            lambda: CreateItem(account=self._account).get(
+                items=[item],
+                folder=folder,
+                message_disposition=SAVE_ONLY,
+                send_meeting_invitations=SEND_TO_NONE,
+            ),
+            message.uidl,
+        )
+        return self._reference(getattr(result, "id", None))
+
+    def find(self, message: FetchedMessage) -> str | None:
+        """After a crash: an item in the folder with the same InternetMessageId and SHA-256, or None.
+
+        What EWS can compare: InternetMessageId (a FindItem restriction). What it cannot: the item's Size is
+        the store's size of the item (MAPI properties, converted body and attachments), not the size of the
+        MIME we sent, and the MimeContent that GetItem returns is regenerated by Exchange's content
+        conversion, never our bytes, so hashing it would never match. So ``deliver`` stamps each item with a
+        named property holding the SHA-256 of what was sent, and that (which covers the size) is compared.
+        Items not created by the connector have no stamp and never match. Should Exchange have parsed the
+        Message-ID differently from us (odd characters, folding), a second FindItem looks for the stamp
+        itself, so a recovery never creates a second copy.
+        """
+        folder = self._call("find the folder", lambda: self._resolve_folder(create=False), message.uidl)
+        if folder is None:
+            return None
+        for criteria in ({"message_id": message.message_id}, {"pop_connector_sha256": message.sha256}):
+            candidates = self._call("FindItem", _searcher(folder, criteria), message.uidl)
+            for item in candidates:
+                if getattr(item, "pop_connector_sha256", None) == message.sha256:
+                    return self._reference(item.id)
+        return None
+
+    def check(self) -> str:
+        """Log in, open the mailbox, look for the folder (writing nothing); says what it found."""
+        missing: list[str] = []
+        self._call("open the folder", lambda: self._resolve_folder(create=False, missing=missing), None)
+        found = f"mailbox {self._where.mailbox!r}, folder {self._where.folder!r}"
+        if not missing:
+            return f"{found} exists"
+        return f"{found} does not exist; the first delivery creates {', '.join(missing)}"
+
+    def close(self) -> None:
+        # The HTTP connections belong to the shared per-endpoint pool, which outlives this session.
+        self._account = None
+        self._folder = None
+
+    def __enter__(self) -> EwsSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- internals --------------------------------------------------------------------------------------
+
+    def _item(self, folder: Any, message: FetchedMessage) -> _MimeMessage:
+        flags = MSGFLAG_READ if self.mark_seen else 0
+        submitted = message.headers.date or message.internal_date
+        return _MimeMessage(
+            account=self._account,
+            folder=folder,
+            mime_content=message.read_bytes(),
+            is_read=self.mark_seen,
+            pop_connector_flags=flags,
+            pop_connector_delivery_time=_ews_time(message.internal_date),
+            pop_connector_submit_time=_ews_time(submitted),
+            pop_connector_sha256=message.sha256,
+        )
+
+    def _reference(self, item_id: object) -> str:
+        base = f"ews:{self._where.mailbox}/{self._where.folder}"
+        return f"{base};ItemId={item_id}" if item_id else base
+
+    def _resolve_folder(self, *, create: bool, missing: list[str] | None = None) -> Any:
+        """The target folder (``Inbox`` and levels under it, each found with one shallow FindFolder).
+
+        With ``create`` missing levels are created; without, None is returned and ``missing`` lists them.
+        """
+        if self._folder is not None:
+            return self._folder
+        if self._account is None:
+            raise DestinationConnectError(self._where.say("the session is closed"))
+        folder = self._account.inbox
+        levels = folder_levels(self._where.folder)
+        for index, name in enumerate(levels):
+            child = _child(folder, name)
+            if child is None and not create:
+                if missing is not None:
+                    missing.extend(levels[index:])
+                return None
+            folder = child if child is not None else self._create_child(folder, name)
+        self._folder = folder
+        return folder
+
+    def _create_child(self, parent: Any, name: str) -> Any:
+        log.info("%s", self._where.say(f"creating folder {name!r}"))
+        with contextlib.suppress(ews_errors.ErrorFolderExists):  # another account made it meanwhile
+            CreateFolder(account=self._account).get(
+                parent_folder=parent, folders=[Messages(parent=parent, name=name)]
+            )
+        created = _child(parent, name)
+        if created is None:
+            raise ews_errors.ErrorFolderNotFound(f"folder {name!r} is missing right after it was created")
+        return created
+
+    def _call(self, action: str, work: Callable[[], T], uidl: str | None) -> T:
+        """Run ``work``, waiting out what the server asks (ErrorServerBusy, 503 + Retry-After), translating
+        every failure into a ``DestinationError``."""
+        for attempt in range(BUSY_RETRIES + 1):
+            try:
+                return work()
+            except ews_errors.ErrorServerBusy as exc:
+                wait = exc.back_off
+                if wait is None or wait > MAX_BUSY_WAIT or attempt == BUSY_RETRIES:
+                    raise self._busy(action, exc, uidl) from exc
+                self.throttled += 1
+                log.warning(
+                    "%s",
+                    self._where.say(
+                        f"{action}: server busy, waiting {wait:g}s as it asks (throttled "
+                        f"{self.throttled} times in this session)"
+                    ),
+                )
+                self._sleep(wait)
+            except DRIVER_ERRORS as exc:
+                error = translate(exc, self._where, action, self._secrets)
+                error.uidl = uidl
+                raise error from exc
+        raise AssertionError("unreachable")
+
+    def _busy(self, action: str, exc: ews_errors.ErrorServerBusy, uidl: str | None) -> DestinationTempError:
+        wait = f"; it asked for {exc.back_off:g}s more" if exc.back_off else ""
+        return DestinationTempError(
+            self._where.say(
+                f"{action}: server still busy after {self.throttled} back-offs{wait}; the account backs off"
+            ),
+            uidl=uidl,
+        )
+
+
+def _searcher(folder: Any, criteria: dict[str, str]) -> Callable[[], list[Any]]:
+    """A FindItem in ``folder`` (equality on ``criteria``) fetching only what ``find`` compares."""
+    return lambda: list(folder.filter(**criteria).only("id", "message_id", "pop_connector_sha256"))
+
+
+def _child(parent: Any, name: str) -> Any:
+    """A direct child by name, with one shallow FindFolder (``/`` would walk the whole tree first)."""
+    try:
+        return parent // name
+    except ews_errors.ErrorFolderNotFound:
+        return None
+
+
+def open_ews(
+    destination: EwsDestination,
+    *,
+    mailbox: str,
+    folder: str,
+    mark_seen: bool,
+    timeout: float,
+    sleep: Callable[[float], None] = time.sleep,
+) -> EwsSession:
+    """Build a session for ``mailbox``; the server is first contacted by the first deliver/find/check.
+
+    ``destination`` carries the login (connections.py puts an account's own login in it). With
+    ``version`` set no version probe is sent.
+    """
+    where = Where(describe(destination), mailbox, folder)
+    secrets = tuple(s for s in (secret_of(destination.password), secret_of(destination.client_secret)) if s)
+    try:
+        config = CONFIGURATIONS.get(destination)
+        account = Account(
+            primary_smtp_address=mailbox,
+            config=config,
+            autodiscover=destination.autodiscover,
+            credentials=config.credentials if destination.autodiscover else None,
+            access_type=IMPERSONATION if destination.impersonation else DELEGATE,
+            default_timezone=_EWS_UTC,
+            locale="en_US",
+        )
+        # Requests of this endpoint wait this long for an answer (the Protocol is shared; the last set wins).
+        account.protocol.TIMEOUT = timeout
+    except DRIVER_ERRORS as exc:
+        raise translate(exc, where, "connect", secrets) from exc
+    return EwsSession(
+        account,
+        where=where,
+        mark_seen=mark_seen,
+        max_message_size=destination.max_message_size,
+        secrets=secrets,
+        sleep=sleep,
+    )

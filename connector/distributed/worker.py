@@ -1,0 +1,268 @@
+"""A distributed worker: procrastinate runs the jobs, the sync engine does the polls.
+
+Every worker runs the same two tasks:
+
+- ``dispatch``, a periodic task (every ``dispatch_interval``; procrastinate defers each tick once for all
+  workers): re-queues the jobs of workers that stopped sending heartbeats, re-reads the configuration
+  file when it changed, then queues a ``poll`` job for every active account that is due and has none.
+- ``poll``, one account: its ``queueing_lock`` keeps one waiting job per account and its ``lock`` one
+  running job per account; under an advisory lock of its own it checks the account is still due, records
+  this worker as the account's ``last_worker`` and runs ``SyncEngine.poll`` -- the same engine as the
+  single-process service.
+
+Besides, each worker checks its configuration file every ``dispatch_interval``, busy or idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from procrastinate import App, PsycopgConnector
+from procrastinate.exceptions import AlreadyEnqueued
+from procrastinate.jobs import Job
+from sqlalchemy import Engine, create_engine
+from sqlalchemy.engine import make_url
+
+from connector.config import Account, Config
+from connector.connections import Connections
+from connector.distributed.config_watch import ConfigWatch
+from connector.distributed.queue_schema import SEARCH_PATH_OPTION
+from connector.distributed.registry import claimed, due_accounts, poll_lock_name, sync_accounts
+from connector.engine import PollResult, SyncEngine
+from connector.ledger.store import Ledger, utcnow
+
+log = logging.getLogger(__name__)
+
+POLL_TASK = "pop_connector.poll"
+DISPATCH_TASK = "pop_connector.dispatch"
+_DEFER_BATCH = 500
+
+
+def libpq_url(database: str) -> str:
+    """The SQLAlchemy URL as libpq (psycopg) takes it: same host, user, password and parameters."""
+    return make_url(database).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def worker_engine(database: str, max_workers: int) -> Engine:
+    """Each running poll holds one connection for its account lock and briefly borrows one for each
+    ledger write; connections open only when needed, so most workers use about ``max_workers + 2``."""
+    return create_engine(
+        make_url(database), pool_size=max_workers + 2, max_overflow=max_workers, pool_pre_ping=True
+    )
+
+
+def default_worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class DistributedWorker:
+    def __init__(
+        self,
+        config: Config,
+        engine: Engine,
+        *,
+        connections: Connections | None = None,
+        on_result: Callable[[PollResult], None] | None = None,
+    ) -> None:
+        assert config.service.database is not None
+        self.service = config.service
+        self.name = config.service.worker_name or default_worker_name()
+        self.engine = engine
+        self.ledger = Ledger(engine)
+        self.watch = ConfigWatch(config)
+        self.connections = connections or Connections()
+        self.stop = threading.Event()
+        self._on_result = on_result
+        self._polls = ThreadPoolExecutor(config.service.max_workers, thread_name_prefix="poll")
+        self._db = ThreadPoolExecutor(1, thread_name_prefix="dispatch")
+        self.app = App(
+            connector=PsycopgConnector(
+                conninfo=libpq_url(config.service.database),
+                kwargs={"options": SEARCH_PATH_OPTION},
+                min_size=1,
+                max_size=4,
+            )
+        )
+        self.poll_task = self.app.task(name=POLL_TASK)(self._poll_job)
+        seconds = int(config.service.dispatch_interval.total_seconds())
+        cron = "* * * * *" if seconds == 60 else f"* * * * * */{seconds}"
+        dispatch = self.app.task(name=DISPATCH_TASK, queueing_lock=DISPATCH_TASK)(self._dispatch_job)
+        self.app.periodic(cron=cron, periodic_id="dispatch")(dispatch)
+
+    # --- running ------------------------------------------------------------------------------------
+
+    def run(self) -> bool:
+        """Work until SIGTERM/SIGINT (True) or until the worker fails on its own (False)."""
+        try:
+            return asyncio.run(self._main())
+        finally:
+            self._polls.shutdown(wait=True)
+            self._db.shutdown(wait=True)
+
+    async def _main(self) -> bool:
+        loop = asyncio.get_running_loop()
+        async with self.app.open_async():
+            worker = asyncio.create_task(
+                self.app.run_worker_async(
+                    name=self.name,
+                    # One slot more than polls: the dispatch job must never wait behind them.
+                    concurrency=self.service.max_workers + 1,
+                    install_signal_handlers=False,
+                    update_heartbeat_interval=self.service.heartbeat_interval.total_seconds(),
+                    stalled_worker_timeout=self.service.stalled_after.total_seconds(),
+                    delete_jobs="successful",
+                )
+            )
+            watcher = asyncio.create_task(self._watch_config())
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, self._request_stop, signum, worker)
+            log.info(
+                "worker %s started: at most %d accounts polled at once, dispatch every %ss",
+                self.name,
+                self.service.max_workers,
+                int(self.service.dispatch_interval.total_seconds()),
+            )
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker
+            watcher.cancel()
+        log.info("worker %s stopped", self.name)
+        return self.stop.is_set()
+
+    def _request_stop(self, signum: int, worker: asyncio.Task[Any]) -> None:
+        log.warning(
+            "received %s: finishing the current message of each poll, then stopping",
+            signal.Signals(signum).name,
+        )
+        self.stop.set()
+        worker.cancel()
+
+    # --- poll ---------------------------------------------------------------------------------------
+
+    async def _poll_job(self, account: str) -> str:
+        return await asyncio.get_running_loop().run_in_executor(self._polls, self.poll_account, account)
+
+    def poll_account(self, name: str) -> str:
+        """One poll job: the configured account, claimed, polled by the sync engine. Never raises."""
+        if self.stop.is_set():
+            # Fetched just before the stop: leave the account due for the workers that stay.
+            return "stopped"
+        config = self.watch.current()
+        account = _configured(config, name)
+        if account is None:
+            log.warning("account %s: not an enabled account in this worker's configuration; skipped", name)
+            return "skipped"
+        try:
+            with claimed(self.engine, name, self.name, utcnow()) as claim:
+                if claim.reason is not None:
+                    log.info("account %s: poll skipped: %s", name, claim.reason)
+                    return "skipped"
+                log.info("account %s: poll started on worker %s", name, self.name)
+                result = self._run_engine(config, account, claim.account_id)
+                log.info("account %s: poll finished on worker %s: %s", name, self.name, result.status)
+        except Exception:  # the job must end; the dispatcher queues the account again when it is due
+            log.exception("account %s: poll job failed", name)
+            return "error"
+        if self._on_result is not None:
+            self._on_result(result)
+        return result.status
+
+    def _run_engine(self, config: Config, account: Account, account_id: int | None) -> PollResult:
+        try:
+            return SyncEngine(config, self.ledger, self.connections).poll(account, stop=self.stop)
+        except Exception:
+            # A bug in one poll: back off like a failed poll instead of being queued again every tick.
+            log.exception("account %s: poll crashed", account.name)
+            if account_id is not None:
+                self.ledger.set_next_poll(account_id, utcnow() + account.retry.initial_backoff)
+            return PollResult(account=account.name, status="error", error="internal error (see log)")
+
+    # --- dispatch -----------------------------------------------------------------------------------
+
+    async def _dispatch_job(self, timestamp: int) -> str:
+        retried = await self._retry_stalled()
+        due = await asyncio.get_running_loop().run_in_executor(self._db, self._due_accounts)
+        queued = await self._queue_polls(due)
+        if retried or queued:
+            log.info("dispatch: %d polls queued, %d stalled jobs retried", queued, retried)
+        return f"{queued} queued, {retried} retried"
+
+    async def _retry_stalled(self) -> int:
+        manager = self.app.job_manager
+        stalled = await manager.get_stalled_jobs(
+            seconds_since_heartbeat=self.service.stalled_after.total_seconds()
+        )
+        retried = 0
+        for job in stalled:
+            try:
+                await manager.retry_job(job)
+            except Exception:
+                log.exception("cannot retry stalled job %s", job.call_string)
+                continue
+            log.warning("job %s of a worker that stopped sending heartbeats: queued again", job.call_string)
+            retried += 1
+        return retried
+
+    async def _watch_config(self) -> None:
+        """Every worker notices a changed file within one dispatch period, busy or not."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.service.dispatch_interval.total_seconds())
+            try:
+                await loop.run_in_executor(self._db, self._reload_if_changed)
+            except Exception:
+                log.exception("cannot apply the changed configuration")
+
+    def _due_accounts(self) -> list[str]:
+        self._reload_if_changed()
+        return due_accounts(self.engine, utcnow())
+
+    def _reload_if_changed(self) -> None:
+        config, changed = self.watch.refresh()
+        if changed:
+            summary = sync_accounts(self.engine, config.accounts)
+            log.info(
+                "accounts written to the database: %d new, %d active, %d inactive",
+                summary.added,
+                summary.active,
+                summary.inactive,
+            )
+
+    async def _queue_polls(self, names: list[str]) -> int:
+        jobs = [self._poll_job_for(name) for name in names]
+        manager = self.app.job_manager
+        queued = 0
+        for chunk in _chunks(jobs, _DEFER_BATCH):
+            try:
+                await manager.batch_defer_jobs_async(chunk)
+                queued += len(chunk)
+            except AlreadyEnqueued:
+                # Another dispatch queued some of them meanwhile: the batch failed whole, go one by one.
+                for job in chunk:
+                    try:
+                        await manager.defer_job_async(job)
+                        queued += 1
+                    except AlreadyEnqueued:
+                        pass
+        return queued
+
+    def _poll_job_for(self, name: str) -> Job:
+        lock = poll_lock_name(name)
+        return self.poll_task.configure(lock=lock, queueing_lock=lock, task_kwargs={"account": name}).job
+
+
+def _configured(config: Config, name: str) -> Account | None:
+    return next((a for a in config.accounts if a.name == name and a.enabled), None)
+
+
+def _chunks(items: list[Job], size: int) -> Iterator[list[Job]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

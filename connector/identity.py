@@ -1,0 +1,111 @@
+"""Which message is which on the POP3 server when UIDLs cannot be trusted: the I/O half of
+``policies.uidl`` (it sends ``TOP n 0`` where the policy says a header hash is needed)."""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from connector.errors import SourceMessageError, SourceNoUidlError
+from connector.ledger.store import KnownMessage
+from connector.message import HEADER_PARSE_LIMIT
+from connector.policies.uidl import (
+    UidlChange,
+    hash_identity,
+    header_hash,
+    needs_header_hash,
+    rematch,
+    suspect_migration,
+)
+from connector.pop3 import MessageInfo, Pop3Client
+
+log = logging.getLogger("connector.identity")
+
+
+@dataclass(frozen=True)
+class Identified:
+    listing: list[MessageInfo]
+    # For `status`: how messages were identified when UIDLs were not enough (None: by UIDL).
+    note: str | None = None
+    # Messages that could not be identified at all (no UIDL and TOP refused): left alone.
+    unidentified: int = 0
+    # False when only UIDL was asked (``quick``): every size is 0 until the caller asks for the ones it needs.
+    sized: bool = True
+
+
+def header_hash_of(pop: Pop3Client, number: int) -> str | None:
+    """The header hash of message ``number`` from ``TOP n 0``; None when the server refuses TOP for it."""
+    top = io.BytesIO()
+    try:
+        pop.top(number, 0, top, max_bytes=2 * HEADER_PARSE_LIMIT)
+    except SourceMessageError as exc:
+        log.warning("%s", exc)
+        return None
+    return header_hash(top.getvalue())
+
+
+def uidl_listing(pop: Pop3Client) -> list[MessageInfo]:
+    """The listing from UIDL alone (sizes 0): an idle poll sends this one listing command."""
+    make = MessageInfo._make  # a mailbox may keep 100,000 messages: the cheapest way to build each
+    return [make((number, uidl, 0)) for number, uidl in pop.uidl()]
+
+
+def identify(pop: Pop3Client, known: Mapping[str, KnownMessage], *, quick: bool = False) -> Identified:
+    """The listing with every message given an identity the ledger can rely on. With ``quick``, UIDL
+    alone when the UIDLs are trustworthy (see ``Identified.sized``)."""
+    try:
+        listing = uidl_listing(pop) if quick else pop.listing()
+    except SourceNoUidlError:
+        return _by_header_hash(pop)
+    if quick and (needs_header_hash(listing, known) or suspect_migration(listing, known)):
+        # Telling these messages apart needs their sizes after all.
+        return identify(pop, known)
+    ambiguous = needs_header_hash(listing, known)
+    if not ambiguous:
+        return Identified(listing, sized=not quick)
+    replaced: dict[int, MessageInfo] = {}
+    for info in ambiguous:
+        digest = header_hash_of(pop, info.number)
+        if digest is not None:
+            replaced[info.number] = MessageInfo(info.number, hash_identity(digest, info.uidl), info.size)
+    uidls = len({info.uidl for info in ambiguous})
+    note = (
+        f"the server lists {uidls} UIDL(s) for more than one message; those messages are identified by "
+        "UIDL plus a hash of their headers (TOP n 0)"
+    )
+    return Identified([replaced.get(info.number, info) for info in listing], note)
+
+
+def _by_header_hash(pop: Pop3Client) -> Identified:
+    entries = pop.list_sizes()
+    listing = []
+    for entry in entries:
+        digest = header_hash_of(pop, entry.number)
+        if digest is not None:
+            listing.append(MessageInfo(entry.number, hash_identity(digest), entry.size))
+    note = "the server has no UIDL; messages are identified by a hash of their headers (TOP n 0)"
+    return Identified(listing, note, len(entries) - len(listing))
+
+
+def baseline_entries(
+    pop: Pop3Client, listing: Sequence[MessageInfo], known: Mapping[str, object]
+) -> list[tuple[str, int, str | None]]:
+    """(UIDL, size, header hash) of every listed message the ledger does not know, for a baseline. The
+    header hash (TOP n 0: headers only, the message itself is not downloaded) lets a later host migration
+    re-match these messages too, instead of delivering mail that was deliberately left alone."""
+    return [(i.uidl, i.size, header_hash_of(pop, i.number)) for i in listing if i.uidl not in known]
+
+
+def migration(
+    pop: Pop3Client, listing: Sequence[MessageInfo], known: Mapping[str, KnownMessage]
+) -> UidlChange | None:
+    """When the UIDLs look like they all changed (a host migration), re-match the new ones to known
+    messages by header hash and size; None when they did not."""
+    appeared = set(suspect_migration(listing, known))
+    if not appeared:
+        return None
+    infos = [info for info in listing if info.uidl in appeared]
+    hashes = {info.uidl: digest for info in infos if (digest := header_hash_of(pop, info.number))}
+    return rematch(infos, hashes, known)

@@ -1,0 +1,193 @@
+"""Distributed mode on real PostgreSQL: the registry, the queue schema, live configuration changes."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, select, text
+
+from connector.config import Account, parse_config
+from connector.connections import Connections
+from connector.distributed import ensure_queue_schema, sync_accounts
+from connector.distributed.registry import claimed, due_accounts
+from connector.distributed.worker import DistributedWorker
+from connector.ledger.database import open_database
+from connector.ledger.models import AccountRow
+from connector.ledger.store import utcnow
+from tests.distributed_setup import (
+    Fleet,
+    config_text,
+    fresh_database,
+    make_fleet,
+    poll_sessions,
+    start_worker,
+)
+from tests.servers.dovecot import Dovecot
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def engine(postgres_url: str) -> Iterator[Engine]:
+    with fresh_database() as url:
+        engine = open_database(url)
+        yield engine
+        engine.dispose()
+
+
+def _account(name: str, *, enabled: bool = True) -> Account:
+    return Account.model_validate(
+        {"name": name, "host": "pop.example", "username": name, "password": "pw", "destination": "d",
+         "enabled": enabled}
+    )  # fmt: skip
+
+
+def _active(engine: Engine) -> dict[str, bool]:
+    with engine.connect() as connection:
+        return {
+            name: active for name, active in connection.execute(select(AccountRow.name, AccountRow.active))
+        }
+
+
+def test_queue_schema_is_created_once_even_by_concurrent_workers(engine: Engine) -> None:
+    errors: list[BaseException] = []
+
+    def create() -> None:
+        try:
+            ensure_queue_schema(engine)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=create) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    ensure_queue_schema(engine)
+    with engine.connect() as connection:
+        tables = connection.execute(
+            text("SELECT table_name FROM information_schema.tables WHERE table_schema = 'procrastinate'")
+        ).scalars()
+        assert {"procrastinate_jobs", "procrastinate_workers"} <= set(tables)
+        # The ledger's own schema is untouched: Alembic's model comparison never sees the queue.
+        public = connection.execute(
+            text("SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'")
+        ).scalars()
+        assert set(public) == {"accounts", "messages", "alembic_version"}
+
+
+def test_sync_accounts_adds_disables_and_keeps_removed_accounts(engine: Engine) -> None:
+    ensure_queue_schema(engine)
+    summary = sync_accounts(engine, [_account("a"), _account("b"), _account("c", enabled=False)])
+    assert (summary.added, summary.active, summary.inactive) == (3, 2, 1)
+    assert _active(engine) == {"a": True, "b": True, "c": False}
+
+    summary = sync_accounts(engine, [_account("b", enabled=False), _account("c"), _account("d")])
+    assert (summary.added, summary.active, summary.inactive) == (1, 2, 2)
+    # "a" left the configuration: kept (its ledger stays), never polled again.
+    assert _active(engine) == {"a": False, "b": False, "c": True, "d": True}
+    assert sorted(due_accounts(engine, utcnow())) == ["c", "d"]
+
+
+def test_a_claim_excludes_a_second_poll_and_a_poll_that_is_not_due(engine: Engine) -> None:
+    sync_accounts(engine, [_account("a")])
+    now = utcnow()
+    with claimed(engine, "a", "w1", now) as first:
+        assert first.reason is None
+        with claimed(engine, "a", "w2", now) as second:
+            assert second.reason == "another worker is polling it"
+        with engine.begin() as connection:
+            connection.execute(text("UPDATE accounts SET next_poll_at = now() + interval '1 hour'"))
+    with claimed(engine, "a", "w2", now) as third:
+        assert third.reason == "not due any more (polled meanwhile)"
+    with claimed(engine, "nobody", "w2", now) as missing:
+        assert missing.reason is not None and "sync-config" in missing.reason
+    with engine.connect() as connection:
+        assert connection.scalar(select(AccountRow.last_worker)) == "w1"
+
+
+@pytest.fixture
+def small_fleet(dovecot: Dovecot) -> Iterator[Fleet]:
+    fleet = make_fleet(dovecot, 3, lambda index: 1)
+    try:
+        yield fleet
+    finally:
+        fleet.remove()
+
+
+def _wait(condition: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():  # type: ignore[operator]
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting until {what}")
+
+
+def test_running_workers_pick_up_added_and_removed_accounts(
+    small_fleet: Fleet, postgres_url: str, tmp_path: Path
+) -> None:
+    dovecot = small_fleet.dovecot
+    first, second, added = small_fleet.sources
+    with fresh_database() as database:
+        config = tmp_path / "config.toml"
+        small_fleet.sources = [first, second]
+        config.write_text(config_text(small_fleet, database, poll_interval="1s"))
+        workers = [start_worker(config, f"w{index}", tmp_path) for index in range(2)]
+        try:
+            _wait(lambda: not any(dovecot.maildir_count(u.name) for u in (first, second)), 40, "drained")
+            # Drop `first`, add `added`: no restart, no sync-config.
+            small_fleet.sources = [second, added]
+            config.write_text(config_text(small_fleet, database, poll_interval="1s"))
+            _wait(lambda: not dovecot.maildir_count(added.name), 30, "the new account was polled")
+            changed_at = datetime.now()
+            time.sleep(2.5)  # a few more dispatch periods with poll_interval = 1s
+        finally:
+            codes = [worker.stop() for worker in workers]
+        engine = open_database(database)
+        try:
+            active = _active(engine)
+        finally:
+            engine.dispose()
+    logs = {worker.name: worker.text() for worker in workers}
+    assert codes == [0, 0], "\n".join(logs.values())
+    assert active == {first.name: False, second.name: True, added.name: True}
+    assert all("configuration reloaded" in text for text in logs.values())
+    sessions = poll_sessions(logs)
+    assert not [s for s in sessions if s.account == first.name and s.start > changed_at]
+    assert len(dovecot.imap_messages(small_fleet.destination.name)) == 3
+
+
+def test_a_poll_that_crashes_backs_off_instead_of_being_queued_every_tick(engine: Engine) -> None:
+    url = engine.url.render_as_string(hide_password=False)
+    config = parse_config(
+        {
+            "service": {"mode": "distributed", "database": url, "worker_name": "w-test"},
+            "destinations": [{"name": "d", "type": "imap", "host": "127.0.0.1", "username": "u",
+                              "password": "p"}],
+            "accounts": [{"name": "a", "host": "127.0.0.1", "username": "a", "password": "p",
+                          "destination": "d"}],
+        },
+        Path("/nonexistent/config.toml"),
+    )  # fmt: skip
+    ensure_queue_schema(engine)
+    sync_accounts(engine, config.accounts)
+
+    def broken_source(account: Account) -> Any:
+        raise RuntimeError("a bug")
+
+    worker = DistributedWorker(config, engine, connections=Connections(open_source=broken_source))
+    assert worker.poll_account("a") == "error"
+    assert worker.poll_account("not-configured") == "skipped"
+    with engine.connect() as connection:
+        row = connection.execute(select(AccountRow.last_worker, AccountRow.next_poll_at)).one()
+    assert row.last_worker == "w-test"
+    assert row.next_poll_at is not None and row.next_poll_at > utcnow()
+    assert due_accounts(engine, utcnow()) == []

@@ -1,0 +1,376 @@
+"""The EWS destination, driven by the real exchangelib client against the EWS test server, and end to end
+through the sync engine with the real Dovecot as the POP3 side."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from exchangelib.errors import ErrorNameResolutionNoResults
+from sqlalchemy import select
+
+from connector.check import run_checks
+from connector.config import EwsDestination
+from connector.destinations.ews import EwsSession, open_ews
+from connector.destinations.ews_connection import CONFIGURATIONS
+from connector.errors import (
+    DestinationAuthError,
+    DestinationConnectError,
+    DestinationRejectedError,
+    DestinationTempError,
+    DestinationTLSError,
+)
+from connector.ledger.models import MessageRow, MessageState
+from connector.message import FetchedMessage, MessageSpool
+from tests.configs import EWS_MAILBOX as MAILBOX
+from tests.configs import EWS_SERVICE as SERVICE
+from tests.configs import EWS_SERVICE_PASSWORD as SERVICE_PASSWORD
+from tests.configs import ews_destination
+from tests.integration.conftest import SyncFactory
+from tests.messages import simple
+from tests.servers.dovecot import Dovecot, MailUsers
+from tests.servers.ews import EwsServer
+
+pytestmark = pytest.mark.integration
+
+FOLDER = "Inbox/Hosted/2025"
+# tests.messages.simple(n): Received: ... 08:<n>:05 +0000, Date: 07:58:00 +0000
+SENT = "2025-06-03T07:58:00Z"
+
+
+@pytest.fixture
+def database(sqlite_url: str) -> str:
+    return sqlite_url
+
+
+@pytest.fixture
+def exchange(ews: EwsServer) -> EwsServer:
+    """The server with a service account that holds the ApplicationImpersonation role, and one mailbox."""
+    ews.add_user(SERVICE, SERVICE_PASSWORD, impersonation=True)
+    ews.add_mailbox(MAILBOX)
+    return ews
+
+
+def destination(ews: EwsServer, **overrides: Any) -> dict[str, Any]:
+    """The destination's TOML fields, with the default auth, NTLM (a real handshake with the server)."""
+    return {**ews_destination(ews), "version": "Exchange2016", **overrides}
+
+
+def login(ews: EwsServer, **overrides: Any) -> EwsDestination:
+    """A validated destination for sessions on their own: Basic auth, 1 MiB limit."""
+    fields = {"name": "exchange", **destination(ews, auth="basic", max_message_size=1024 * 1024), **overrides}
+    return EwsDestination.model_validate(fields)
+
+
+class Waits(list[float]):
+    """Stands in for time.sleep: records what the server asked us to wait (tests never wait on the clock)."""
+
+    def __call__(self, seconds: float) -> None:
+        self.append(seconds)
+
+
+def session(
+    ews: EwsServer | EwsDestination,
+    *,
+    mailbox: str = MAILBOX,
+    folder: str = FOLDER,
+    mark_seen: bool = False,
+    waits: Waits | None = None,
+) -> EwsSession:
+    """A session as the engine opens it: ``ews`` is the server (default login) or a destination."""
+    target = login(ews) if isinstance(ews, EwsServer) else ews
+    sleep = waits if waits is not None else Waits()
+    return open_ews(target, mailbox=mailbox, folder=folder, mark_seen=mark_seen, timeout=20.0, sleep=sleep)
+
+
+@pytest.fixture
+def message() -> Iterator[FetchedMessage]:
+    spool = MessageSpool("uidl-1", "<fallback@pop.example>")
+    spool.write(simple(1))
+    with spool.finish() as fetched:
+        yield fetched
+
+
+# --- through the engine -------------------------------------------------------------------------------------
+
+
+def test_delivery_creates_folders_and_received_mail(
+    exchange: EwsServer, dovecot: Dovecot, mail_users: MailUsers, make_sync: SyncFactory
+) -> None:
+    messages = [simple(1), simple(2)]
+    dovecot.seed(mail_users.source.name, messages)
+    config, engine = make_sync(
+        account={"mailbox": MAILBOX, "folder": FOLDER}, destination=destination(exchange)
+    )
+    result = engine.poll(config.accounts[0])
+    assert (result.status, result.delivered, result.deleted) == ("ok", 2, 2), result
+    assert exchange.folder_paths(MAILBOX) == ["Inbox", "Inbox/Hosted", "Inbox/Hosted/2025"]
+    items = exchange.items(MAILBOX, FOLDER)
+    assert [item.mime for item in items] == messages
+    for n, item in zip((1, 2), items, strict=True):
+        assert item.tag(0x0E07) == "0"  # unread, and not MSGFLAG_UNSENT: received mail, not a draft
+        assert item.tag(0x0E06) == f"2025-06-03T08:0{n}:05Z"  # PidTagMessageDeliveryTime: newest Received:
+        assert item.tag(0x0039) == SENT  # PidTagClientSubmitTime: Date:
+        assert item.is_read is False
+    # Every request acted as the target mailbox, through impersonation.
+    assert {(r.login, r.impersonated) for r in exchange.requests} == {(SERVICE, MAILBOX)}
+    with engine.ledger.engine.connect() as db:
+        refs = db.scalars(select(MessageRow.destination_ref)).all()
+    assert sorted(refs) == sorted(f"ews:{MAILBOX}/{FOLDER};ItemId={item.id}" for item in items)
+    assert dovecot.maildir_count(mail_users.source.name) == 0
+
+
+def test_dedupe_after_a_crash_between_create_and_record(
+    exchange: EwsServer, dovecot: Dovecot, mail_users: MailUsers, make_sync: SyncFactory
+) -> None:
+    dovecot.seed(mail_users.source.name, [simple(1)])
+    config, engine = make_sync(
+        account={"mailbox": MAILBOX, "folder": FOLDER}, destination=destination(exchange)
+    )
+    account = config.accounts[0]
+    # The item is created, but the answer never arrives (a crash or timeout at the worst moment).
+    exchange.fail("CreateItem", "drop_after")
+    first = engine.poll(account)
+    assert (first.status, first.delivered, first.deleted) == ("error", 0, 0), first
+    assert len(exchange.items(MAILBOX, FOLDER)) == 1
+    account_id = engine.ledger.account_id(account.name) or 0
+    (row,) = engine.ledger.known_messages(account_id).values()
+    assert (row.state, row.attempts) == (MessageState.PENDING, 0)
+    assert dovecot.maildir_count(mail_users.source.name) == 1
+    exchange.requests.clear()
+    second = engine.poll(account)
+    assert (second.status, second.recovered, second.delivered, second.deleted) == ("ok", 1, 0, 1), second
+    assert "FindItem" in exchange.ops() and "CreateItem" not in exchange.ops()
+    assert len(exchange.items(MAILBOX, FOLDER)) == 1
+    assert dovecot.maildir_count(mail_users.source.name) == 0
+
+
+def test_busy_server_is_waited_out_then_the_account_backs_off(
+    exchange: EwsServer, dovecot: Dovecot, mail_users: MailUsers, make_sync: SyncFactory
+) -> None:
+    dovecot.seed(mail_users.source.name, [simple(1)])
+    config, engine = make_sync(account={"mailbox": MAILBOX}, destination=destination(exchange))
+    account = config.accounts[0]
+    exchange.fail("CreateItem", "busy", times=5, back_off_ms=1)  # one more than BUSY_RETRIES
+    first = engine.poll(account)
+    assert (first.status, first.delivered, first.quarantined) == ("error", 0, 0), first
+    assert first.error is not None and "still busy after 4 back-offs" in first.error
+    account_id = engine.ledger.account_id(account.name) or 0
+    (row,) = engine.ledger.known_messages(account_id).values()
+    assert row.attempts == 0  # a busy server does not count against the message
+    assert exchange.items(MAILBOX) == []
+    second = engine.poll(account)
+    assert (second.status, second.delivered) == ("ok", 1)
+    assert len(exchange.items(MAILBOX)) == 1
+
+
+def test_wrong_password_is_an_auth_error_and_leaves_the_message(
+    exchange: EwsServer, dovecot: Dovecot, mail_users: MailUsers, make_sync: SyncFactory
+) -> None:
+    dovecot.seed(mail_users.source.name, [simple(1)])
+    config, engine = make_sync(
+        account={"mailbox": MAILBOX}, destination=destination(exchange, password="wrong-password")
+    )
+    result = engine.poll(config.accounts[0])
+    assert result.status == "auth_error", result
+    assert (
+        result.error is not None and "login refused" in result.error and "wrong-password" not in result.error
+    )
+    account_id = engine.ledger.account_id(config.accounts[0].name) or 0
+    (row,) = engine.ledger.known_messages(account_id).values()
+    assert (row.state, row.attempts) == (MessageState.PENDING, 0)
+    assert dovecot.maildir_count(mail_users.source.name) == 1
+
+
+def test_unknown_mailbox_quarantines_the_message(
+    exchange: EwsServer, dovecot: Dovecot, mail_users: MailUsers, make_sync: SyncFactory
+) -> None:
+    dovecot.seed(mail_users.source.name, [simple(1)])
+    config, engine = make_sync(
+        account={"mailbox": "nobody@corp.example", "retry": {"max_attempts": 1}},
+        destination=destination(exchange),
+    )
+    result = engine.poll(config.accounts[0])
+    assert (result.status, result.failed, result.quarantined) == ("ok", 1, 1), result
+    assert any("ErrorNonExistentMailbox" in problem for problem in result.problems), result.problems
+    assert dovecot.maildir_count(mail_users.source.name) == 1
+
+
+def test_oversize_message_is_not_sent_and_stays_on_the_server(
+    exchange: EwsServer, dovecot: Dovecot, mail_users: MailUsers, make_sync: SyncFactory
+) -> None:
+    dovecot.seed(mail_users.source.name, [simple(1, size=5000), simple(2)])
+    config, engine = make_sync(
+        account={"mailbox": MAILBOX},  # quarantined at once, whatever max_attempts allows
+        destination=destination(exchange, max_message_size="4KB"),
+    )
+    result = engine.poll(config.accounts[0])
+    assert (result.status, result.delivered, result.quarantined) == ("ok", 1, 1), result
+    assert any("larger than this destination's max_message_size of 4096 bytes" in p for p in result.problems)
+    assert [item.mime for item in exchange.items(MAILBOX)] == [simple(2)]
+    assert dovecot.maildir_count(mail_users.source.name) == 1
+    again = engine.poll(config.accounts[0])
+    assert (again.delivered, again.failed) == (0, 0)  # not downloaded or tried again
+
+
+def test_check_logs_in_and_writes_nothing(
+    exchange: EwsServer, dovecot: Dovecot, mail_users: MailUsers, make_sync: SyncFactory
+) -> None:
+    config, _ = make_sync(account={"mailbox": MAILBOX, "folder": FOLDER}, destination=destination(exchange))
+    lines: list[str] = []
+    assert run_checks(config, lines.append)
+    assert any("destination exchange OK" in line and "creates Hosted, 2025" in line for line in lines), lines
+    assert set(exchange.ops()) <= {"GetFolder", "FindFolder"}
+    assert exchange.folder_paths(MAILBOX) == ["Inbox"]
+    config, _ = make_sync(
+        account={"mailbox": MAILBOX}, destination=destination(exchange, password="wrong-password")
+    )
+    lines.clear()
+    assert not run_checks(config, lines.append)
+    assert any("destination exchange FAILED" in line and "login refused" in line for line in lines), lines
+
+
+# --- the session on its own ---------------------------------------------------------------------------
+
+
+def test_mark_seen_sets_the_read_flag(exchange: EwsServer, message: FetchedMessage) -> None:
+    ref = session(exchange, mark_seen=True, folder="Inbox").deliver(message)
+    (item,) = exchange.items(MAILBOX, "Inbox")
+    assert (item.tag(0x0E07), item.is_read) == ("1", True)
+    assert ref == f"ews:{MAILBOX}/Inbox;ItemId={item.id}"
+
+
+def test_busy_back_off_and_retry_after_are_honoured_and_counted(
+    exchange: EwsServer, message: FetchedMessage
+) -> None:
+    waits = Waits()
+    ews = session(exchange, waits=waits)
+    exchange.fail("CreateItem", "busy", times=2, back_off_ms=250)
+    exchange.fail("FindFolder", "http", status=503, retry_after=2)
+    ews.deliver(message)
+    assert waits == [2.0, 0.25, 0.25]
+    assert ews.throttled == 3
+    assert len(exchange.items(MAILBOX, FOLDER)) == 1
+
+
+def test_unavailable_without_a_hint_gets_a_default_pause_then_gives_up(
+    exchange: EwsServer, message: FetchedMessage
+) -> None:
+    waits = Waits()
+    exchange.fail("GetFolder", "http", status=503)
+    session(exchange, waits=waits).deliver(message)
+    assert len(waits) == 1 and waits[0] > 0  # exchangelib's default pause when the server names none
+    exchange.fail("CreateItem", "http", status=503, retry_after=1, times=5)
+    with pytest.raises(DestinationTempError, match="still busy"):
+        session(exchange, waits=waits).deliver(message)
+    assert len(exchange.items(MAILBOX)) == 1
+
+
+def test_find_needs_the_same_content(exchange: EwsServer, message: FetchedMessage) -> None:
+    ews = session(exchange)
+    assert ews.find(message) is None  # the folder does not even exist yet
+    ref = ews.deliver(message)
+    assert ews.find(message) == ref
+    other = MessageSpool("uidl-2", "<fallback@pop.example>")
+    other.write(simple(1).replace(b"Body of", b"Changed body of"))
+    with other.finish() as changed:
+        assert changed.message_id == message.message_id
+        assert ews.find(changed) is None
+    # Exchange keeps InternetMessageId as it parsed it; when that differs from ours the stamp still finds it.
+    (item,) = exchange.items(MAILBOX, FOLDER)
+    item.mime = item.mime.replace(b"<msg1@example.net>", b"<MSG1@example.net>")
+    assert ews.find(message) == ref
+    assert exchange.ops().count("FindItem") == 5  # twice for each lookup that found nothing first
+
+
+def test_a_folder_deleted_during_the_session_is_made_again(
+    exchange: EwsServer, message: FetchedMessage
+) -> None:
+    ews = session(exchange)
+    ews.deliver(message)
+    exchange.delete_folder(MAILBOX, "Inbox/Hosted/2025")
+    ews.deliver(message)
+    assert len(exchange.items(MAILBOX, FOLDER)) == 1
+
+
+def test_resolve_names_as_exchange_answers(exchange: EwsServer) -> None:
+    protocol = session(exchange)._account.protocol
+    (found,) = protocol.resolve_names([MAILBOX])
+    assert found.email_address == MAILBOX
+    (missing,) = protocol.resolve_names(["nobody@corp.example"])
+    assert isinstance(missing, ErrorNameResolutionNoResults)  # exchangelib hands Exchange's answer back
+
+
+def test_impersonation_without_the_role_is_refused(ews: EwsServer, message: FetchedMessage) -> None:
+    ews.add_user(SERVICE, SERVICE_PASSWORD, impersonation=False)
+    ews.add_mailbox(MAILBOX)
+    with pytest.raises(DestinationRejectedError, match="ErrorImpersonateUserDenied"):
+        session(ews).deliver(message)
+
+
+def test_delegate_access_to_the_own_mailbox_and_version_probe(
+    ews: EwsServer, message: FetchedMessage
+) -> None:
+    ews.add_user(MAILBOX, "alice-pw")
+    own = login(ews, username=MAILBOX, password="alice-pw", version=None, impersonation=False)
+    session(own, folder="Inbox").deliver(message)
+    assert ews.ops()[0] == "ConvertId"  # no version configured: exchangelib asks the server first
+    assert {(r.login, r.impersonated) for r in ews.requests} == {(MAILBOX, None)}
+    assert len(ews.items(MAILBOX, "Inbox")) == 1
+
+
+def test_server_side_size_limit_is_a_rejection(exchange: EwsServer, message: FetchedMessage) -> None:
+    exchange.max_item_size = 100
+    with pytest.raises(DestinationRejectedError, match="ErrorMessageSizeExceeded"):
+        session(exchange).deliver(message)
+
+
+def test_oauth2_client_credentials(exchange: EwsServer, message: FetchedMessage) -> None:
+    exchange.add_client("app-id", "app-secret")
+
+    def app(secret: str) -> EwsDestination:
+        return login(
+            exchange,
+            auth="oauth2",
+            username=None,
+            password=None,
+            client_id="app-id",
+            client_secret=secret,
+            token_url=exchange.token_url,
+        )
+
+    session(app("app-secret"), folder="Inbox").deliver(message)
+    assert {(r.login, r.impersonated) for r in exchange.requests} == {("app-id", MAILBOX)}
+    with pytest.raises(DestinationAuthError) as caught:
+        session(app("nope"), folder="Inbox").deliver(message)
+    assert "nope" not in str(caught.value)
+
+
+def test_ntlm_domain_login(ews: EwsServer, message: FetchedMessage) -> None:
+    ews.add_user("CORP\\svc-import", SERVICE_PASSWORD, impersonation=True)
+    ews.add_mailbox(MAILBOX)
+    session(login(ews, auth="ntlm", username="CORP\\svc-import"), folder="Inbox").deliver(message)
+    assert {(r.login, r.impersonated) for r in ews.requests} == {("CORP\\svc-import", MAILBOX)}
+    with pytest.raises(DestinationAuthError):
+        session(login(ews, auth="ntlm", username="CORP\\svc-import", password="bad")).check()
+
+
+def test_untrusted_certificate_and_unreachable_endpoint(exchange: EwsServer) -> None:
+    with pytest.raises(DestinationTLSError, match="certificate"):
+        session(login(exchange, ca_file=None), folder="Inbox").check()
+    unverified = login(exchange, ca_file=None, tls_verify=False)
+    assert session(unverified, folder="Inbox").check().endswith("exists")
+    closed = login(exchange, service_endpoint="https://127.0.0.1:9/EWS/Exchange.asmx")
+    with pytest.raises(DestinationConnectError):
+        session(closed).check()
+
+
+def test_accounts_sharing_a_login_share_one_connection_pool(exchange: EwsServer) -> None:
+    exchange.add_mailbox("bob@corp.example")
+    first = session(exchange)
+    second = session(exchange, mailbox="bob@corp.example")
+    assert first._account.protocol is second._account.protocol
+    assert first._account.protocol.max_connections == 4
+    assert CONFIGURATIONS.get(login(exchange)) is CONFIGURATIONS.get(login(exchange))
+    assert CONFIGURATIONS.get(login(exchange, password="changed")) is not CONFIGURATIONS.get(login(exchange))

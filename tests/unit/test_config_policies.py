@@ -1,0 +1,53 @@
+"""Configuration fields of issue 4: sizes, limits, selection, retry additions."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from connector.config import load_config, parse_size
+from connector.errors import ConfigError
+from tests.unit.test_config import BASE, error_of, write
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("25MB", 25 * 2**20), ("512K", 512 * 1024), ("512 kb", 512 * 1024), ("1G", 2**30), (1000, 1000)],
+)
+def test_sizes(text: str | int, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "big", "-1", 0, "10 TB", True])
+def test_bad_sizes(text: object) -> None:
+    with pytest.raises(ValueError):
+        parse_size(text)
+
+
+def test_policy_defaults(tmp_path: Path) -> None:
+    (account,) = load_config(write(tmp_path, BASE)).accounts
+    assert account.max_message_size is None and account.oversize == "skip"
+    assert account.max_messages_per_poll == 0 and account.start == "all"
+    assert account.retry.auth_failure_backoff == timedelta(hours=1)
+    assert account.retry.max_consecutive_failures == 50
+
+
+def test_policy_fields_inherit_and_override(tmp_path: Path) -> None:
+    text = BASE.replace(
+        "[[destinations]]",
+        '[defaults]\nmax_message_size = "10MB"\nretry = { max_consecutive_failures = 3 }\n\n[[destinations]]',
+    )
+    text += 'oversize = "headers_only"\nstart = "new"\nretry = { auth_failure_backoff = "6h" }\n'
+    (account,) = load_config(write(tmp_path, text)).accounts
+    assert account.max_message_size == 10 * 2**20 and account.oversize == "headers_only"
+    assert account.start == "new" and account.retry.max_consecutive_failures == 3
+    assert account.retry.auth_failure_backoff == timedelta(hours=6)
+
+
+def test_bad_policy_fields_name_the_path(tmp_path: Path) -> None:
+    assert "accounts[0].max_message_size" in error_of(tmp_path, BASE + 'max_message_size = "huge"\n')
+    assert "accounts[0].start" in error_of(tmp_path, BASE + 'start = "old"\n')
+    with pytest.raises(ConfigError, match=r"accounts\[0\]\.oversize"):
+        load_config(write(tmp_path, BASE + 'oversize = "drop"\n'))

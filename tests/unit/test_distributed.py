@@ -1,0 +1,93 @@
+"""Pure parts of distributed mode: configuration rules, queue-schema migration choice, status output."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from connector.config import parse_config
+from connector.distributed.queue_schema import migrations_after, parse_version
+from connector.distributed.worker import libpq_url
+from connector.errors import ConfigError
+from connector.ledger.store import AccountStatus
+from connector.report import status_records, status_text
+
+CONFIG = Path("/etc/pop-connector/config.toml")
+
+
+def _error(service: dict[str, object]) -> str:
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"service": service}, CONFIG)
+    return str(caught.value)
+
+
+def test_distributed_mode_needs_postgresql() -> None:
+    message = _error({"mode": "distributed", "database": "sqlite:///state.db"})
+    assert message.startswith(f"{CONFIG}: service.mode:") and "PostgreSQL" in message
+    # No database at all means the default SQLite file: the same error.
+    assert "service.mode" in _error({"mode": "distributed"})
+
+
+def test_distributed_mode_on_postgresql() -> None:
+    config = parse_config(
+        {"service": {"mode": "distributed", "database": "postgresql+psycopg://u@db/pop"}}, CONFIG
+    )
+    assert config.service.mode == "distributed"
+    assert config.service.dispatch_interval.total_seconds() == 10
+
+
+@pytest.mark.parametrize("interval", ["7s", "90s", "1.5s", "0s"])
+def test_dispatch_interval_must_divide_a_minute(interval: str) -> None:
+    assert "service.dispatch_interval:" in _error({"dispatch_interval": interval})
+
+
+def test_stall_detection_must_outlast_heartbeats() -> None:
+    message = _error({"heartbeat_interval": "10s", "stalled_after": "15s"})
+    assert "service.stalled_after:" in message
+
+
+def test_unknown_mode_is_named() -> None:
+    assert "service.mode:" in _error({"mode": "cluster"})
+
+
+def test_migrations_after_picks_newer_scripts_in_order() -> None:
+    names = [
+        "03.04.00_50_post_add_retry.sql",
+        "03.02.00_01_pre_batch_defer_jobs.sql",
+        "03.04.00_01_pre_add_retry.sql",
+        "03.01.00_01_pre_add_heartbeat.sql",
+        "03.05.00_01_pre_future.sql",
+        "__init__.py",
+    ]
+    chosen = migrations_after(names, applied=(3, 1, 0), target=(3, 4, 2))
+    assert chosen == [
+        "03.02.00_01_pre_batch_defer_jobs.sql",
+        "03.04.00_01_pre_add_retry.sql",
+        "03.04.00_50_post_add_retry.sql",
+    ]
+    assert migrations_after(names, applied=(3, 5, 0), target=(3, 5, 0)) == []
+
+
+def test_parse_version() -> None:
+    assert parse_version("3.10.0") == (3, 10, 0)
+    assert parse_version("3.11") == (3, 11, 0)
+    assert parse_version("4.0.0rc1") == (4, 0, 0)
+
+
+def test_libpq_url_keeps_credentials_and_parameters() -> None:
+    url = libpq_url("postgresql+psycopg://pop:s%40cret@db.example:5433/pop?sslmode=require")
+    assert url == "postgresql://pop:s%40cret@db.example:5433/pop?sslmode=require"
+
+
+def test_status_names_the_worker_that_polled_last() -> None:
+    when = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    status = AccountStatus(
+        name="alice", last_poll_started_at=when, last_poll_finished_at=when, last_success_at=when,
+        last_result="ok", last_error=None, consecutive_failures=0, next_poll_at=when, last_delivered=1,
+        last_failed=0, last_deleted=1, counts={"deleted": 1}, last_worker="pop-2:4711",
+    )  # fmt: skip
+    records = status_records([], [status])
+    assert records[0]["last_worker"] == "pop-2:4711"
+    assert "last polled by worker pop-2:4711" in status_text(records)
