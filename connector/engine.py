@@ -1,21 +1,29 @@
 """The sync engine: one poll of one account.
 
-connect -> UIDL+LIST -> plan (server minus ledger) -> for each message, oldest first:
-RETR -> record ``pending`` (commit) -> deliver -> record ``delivered`` (commit) -> DELE if retention says
-so -> ... -> QUIT -> record ``deleted`` for what the server confirmed.
+connect -> UIDL (+LIST) -> plan (server minus ledger) -> for each message, oldest first:
+RETR -> record ``pending`` (commit) -> deliver -> record ``delivered`` -> queue the DELE if retention says
+so -> ... -> commit, send the queued DELEs -> QUIT -> record ``deleted`` for what the server confirmed.
 
 Crash safety comes from that order: a message is DELEted only after its delivery is committed, and the
 POP3 server only deletes after QUIT; a ``pending`` row found by a later poll means "maybe delivered", so
 the destination is searched (Message-ID, size, SHA-256) before delivering again.
+
+Speed: whole messages are RETRed ahead by a fetch thread (pipeline.py) while this thread records and
+delivers them; the ``delivered`` update commits with the next message's ``pending`` (one transaction per
+message) and always before any DELE. Headers-only fetches (TOP) and servers that delete whatever was
+retrieved at QUIT (EXPIRE 0) take the simple path: one message fetched, then delivered, at a time.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 from connector.config import Account, Config
 from connector.connections import Connections
@@ -34,8 +42,9 @@ from connector.fetch import fetch
 from connector.identity import baseline_entries, identify, migration
 from connector.ledger.models import MessageState
 from connector.ledger.store import Clock, KnownMessage, Ledger, PollOutcome, utcnow
-from connector.message import FetchedMessage
+from connector.message import FetchedMessage, MessageSpool, fallback_message_id
 from connector.multidrop import DestinationPool, RoutedDelivery
+from connector.pipeline import Fetched, Prefetcher, with_sizes
 from connector.plan import Delivery, PollPlan, plan_poll, with_recovery
 from connector.policies.limits import Limits, needs_baseline
 from connector.policies.retention import should_delete
@@ -86,6 +95,15 @@ class _DestinationDown(Exception):
     """The destination cannot take more mail in this poll; the POP3 session still ends cleanly."""
 
 
+class _Listing(NamedTuple):
+    listing: list[MessageInfo]
+    known: dict[str, KnownMessage]
+    # To look for in the destination before delivering them (identity in doubt).
+    suspects: set[str]
+    # False: from UIDL alone, every size 0 (see identity.Identified.sized).
+    sized: bool = True
+
+
 class SyncEngine:
     def __init__(
         self,
@@ -107,6 +125,9 @@ class SyncEngine:
         with recording(self.config, account):
             return run.dry_run() if dry_run else run.run()
 
+    def planned(self, account: Account, plan: PollPlan) -> None:
+        """Called once a poll knows what it will deliver (the sizes known); for observers."""
+
 
 class _Poll(RoutedDelivery):
     """The state of one poll; methods are the steps (those of catch-all delivery in ``RoutedDelivery``)."""
@@ -119,6 +140,7 @@ class _Poll(RoutedDelivery):
         self.result = PollResult(account=account.name)
         self.destinations = DestinationPool(self._open_destination)
         self.to_delete: list[str] = []
+        self.dele_queue: list[MessageInfo] = []
         self.account_id = 0
         self.pop: Pop3Client | None = None
         # LOGIN-DELAY: the next poll must not come sooner than this.
@@ -137,7 +159,7 @@ class _Poll(RoutedDelivery):
             self.account_id = account_id
             if self._suspended():
                 return self.result
-            self.ledger.poll_started(account_id)
+            self.ledger.poll_started(account_id, defer=True)  # committed with the poll's first write
             self._session()
         except ConnectorError as exc:
             self._fail(exc)
@@ -168,11 +190,8 @@ class _Poll(RoutedDelivery):
             account_id = self.ledger.account_id(self.account.name, create=False)
             self.account_id = account_id or 0
             with self.engine.connections.open_source(self.account) as pop:
-                listing, known, suspects = self._listing(pop, apply=False)
-                plan = plan_poll(
-                    listing, known, self.account.retention, self.engine.clock(), Limits.of(self.account)
-                )
-                self.result.plan = with_recovery(plan, suspects)
+                listed = self._listing(pop, apply=False)
+                self.result.plan = self._plan_of(listed, listed.listing)
         except ConnectorError as exc:
             self._fail(exc)
         return self.result
@@ -188,7 +207,12 @@ class _Poll(RoutedDelivery):
             self._deliver_all(pop, plan)
             for info in plan.delete:
                 self._dele(info)
-        except BaseException:
+            self._send_deles()
+        except BaseException as exc:
+            # Queued DELEs follow recorded deliveries, so letting QUIT apply them is safe.
+            if isinstance(exc, Exception) and pop.usable:
+                with contextlib.suppress(ConnectorError):
+                    self._send_deles()
             self._end_session(pop, clean=False)
             self._close_destination()
             raise
@@ -215,16 +239,21 @@ class _Poll(RoutedDelivery):
         pop.quit()
         return True
 
-    def _plan(self, pop: Pop3Client) -> PollPlan:
-        listing, known, suspects = self._listing(pop)
+    def _plan_of(self, listed: _Listing, listing: list[MessageInfo]) -> PollPlan:
         limits = Limits.of(self.account)
-        plan = with_recovery(
-            plan_poll(listing, known, self.account.retention, self.engine.clock(), limits), suspects
-        )
+        plan = plan_poll(listing, listed.known, self.account.retention, self.engine.clock(), limits)
+        return with_recovery(plan, listed.suspects)
+
+    def _plan(self, pop: Pop3Client) -> PollPlan:
+        listed = self._listing(pop)
+        listing, plan = listed.listing, self._plan_of(listed, listed.listing)
+        if not listed.sized:
+            listing, plan = with_sizes(pop, listing, plan, lambda sized: self._plan_of(listed, sized))
+        self.engine.planned(self.account, plan)
         if plan.gone:
             self.ledger.prune(self.account_id, plan.gone)
         for info in plan.oversize:
-            self._skip_oversize(info, limits)
+            self._skip_oversize(info, Limits.of(self.account))
         for uidl in plan.duplicates:
             self._problem(f"UIDL {uidl!r} is listed more than once by the server; left on the server")
         log.info(
@@ -240,30 +269,37 @@ class _Poll(RoutedDelivery):
         )
         return plan
 
-    def _listing(
-        self, pop: Pop3Client, *, apply: bool = True
-    ) -> tuple[list[MessageInfo], dict[str, KnownMessage], set[str]]:
+    def _listing(self, pop: Pop3Client, *, apply: bool = True) -> _Listing:
         """The listing with trustworthy identities, the ledger's view of it (after a baseline or a UIDL
         re-match), and the messages to look for in the destination before delivering them. With
         ``apply=False`` (dry run) the ledger is only read."""
         known = self.ledger.known_messages(self.account_id) if self.account_id else {}
-        identified = identify(pop, known)
+        baseline = self._needs_baseline(known)
+        # UIDL alone is enough unless sizes decide something: a limit, or a baseline recording them.
+        quick = apply and not baseline and self.account.max_message_size is None
+        identified = identify(pop, known, quick=quick)
         listing = identified.listing
         if identified.unidentified:
             self._problem(
                 f"{identified.unidentified} message(s) have no UIDL and TOP failed; left on the server"
             )
-        taken = bool(self.account_id) and self.ledger.baseline_taken(self.account_id)
-        if needs_baseline(self.account.start, taken, known):
+        if baseline:
             known = self._baseline(pop, listing) if apply else {i.uidl: _seen(i) for i in listing}
         change = migration(pop, listing, known)
         if apply:
-            self.ledger.set_uidl_notes(self.account_id, identified.note, self._uidl_change_note(change))
+            note = self._uidl_change_note(change)
+            self.ledger.set_uidl_notes(self.account_id, identified.note, note, defer=True)
         if change is None:
-            return listing, known, set()
+            return _Listing(listing, known, set(), identified.sized)
         if apply:
             self.ledger.rekey(self.account_id, change.rematched)
-        return listing, rekeyed(known, change.rematched), set(change.unmatched)
+        return _Listing(listing, rekeyed(known, change.rematched), set(change.unmatched), identified.sized)
+
+    def _needs_baseline(self, known: dict[str, KnownMessage]) -> bool:
+        if self.account.start != "new":  # spares a query at every poll
+            return False
+        taken = bool(self.account_id) and self.ledger.baseline_taken(self.account_id)
+        return needs_baseline(self.account.start, taken, known)
 
     def _baseline(self, pop: Pop3Client, listing: list[MessageInfo]) -> dict[str, KnownMessage]:
         count = self.ledger.record_seen(self.account_id, baseline_entries(pop, listing, {}))
@@ -291,38 +327,80 @@ class _Poll(RoutedDelivery):
         self._problem(f"message {info.uidl!r}: quarantined: {reason}")
 
     def _deliver_all(self, pop: Pop3Client, plan: PollPlan) -> None:
-        for delivery in plan.deliver:
-            if self.stop.is_set():
-                self.result.status = "stopped"
-                log.info(
-                    "account %s: stop requested; ending the poll after the current message", self.account.name
-                )
+        # Whatever a server with EXPIRE 0 has sent is gone at QUIT: it gets nothing fetched ahead.
+        simple_only = deletes_retrieved(pop.capabilities)
+        for simple, group in itertools.groupby(plan.deliver, lambda d: simple_only or d.headers_only):
+            deliveries = list(group)
+            go_on = (
+                self._deliver_simply(pop, deliveries) if simple else self._deliver_overlapped(pop, deliveries)
+            )
+            if not go_on:
                 return
-            try:
-                self._deliver_one(pop, delivery)
-            except _DestinationDown:
-                return
+
+    def _deliver_overlapped(self, pop: Pop3Client, deliveries: Sequence[Delivery]) -> bool:
+        """The next messages are fetched while this thread records and delivers (see pipeline.py).
+        False when the poll must stop delivering."""
+        with Prefetcher(pop, deliveries, self._spool) as fetched_messages:
+            for item in fetched_messages:
+                with item:
+                    if self._stop_requested() or not self._deliver_guarded(item):
+                        return False
+        return True
+
+    def _deliver_simply(self, pop: Pop3Client, deliveries: Sequence[Delivery]) -> bool:
+        """One message fetched (RETR, or TOP for headers only), then delivered, at a time."""
+        for delivery in deliveries:
+            if self._stop_requested():
+                return False
+            with self._fetch_now(pop, delivery) as item:
+                if not self._deliver_guarded(item):
+                    return False
+        return True
+
+    def _fetch_now(self, pop: Pop3Client, delivery: Delivery) -> Fetched:
+        try:
+            message = fetch(pop, self.account, delivery.info, headers_only=delivery.headers_only)
+        except SourceMessageError as exc:
+            return Fetched(delivery, error=exc)
+        return Fetched(delivery, message=message)
+
+    def _stop_requested(self) -> bool:
+        if not self.stop.is_set():
+            return False
+        self.result.status = "stopped"
+        log.info("account %s: stop requested; ending the poll after the current message", self.account.name)
+        return True
+
+    def _deliver_guarded(self, item: Fetched) -> bool:
+        try:
+            self._deliver_one(item)
+        except _DestinationDown:
+            return False
+        return True
+
+    def _spool(self, info: MessageInfo) -> MessageSpool:
+        fallback = fallback_message_id(self.account.name, self.account.host, self.account.username, info.uidl)
+        return MessageSpool(info.uidl, fallback)
 
     # --- one message ---------------------------------------------------------------------------------
 
-    def _deliver_one(self, pop: Pop3Client, delivery: Delivery) -> None:
-        info = delivery.info
-        try:
-            fetched = fetch(pop, self.account, info, headers_only=delivery.headers_only)
-        except SourceMessageError as exc:
+    def _deliver_one(self, item: Fetched) -> None:
+        info, delivery = item.delivery.info, item.delivery
+        if item.message is None:
+            assert item.error is not None
             self.result.skipped += 1
-            self._problem(f"message {info.uidl!r}: cannot retrieve it: {exc.message}")
+            self._problem(f"message {info.uidl!r}: cannot retrieve it: {item.error.message}")
             return
         self.undelivered.add(info.uidl)
         if delivery.headers_only:
             self.keep_on_server.add(info.uidl)
-        with fetched:
-            if self.account.routing is not None:
-                self._deliver_routed(fetched, delivery)
-                return
-            if delivery.recover and self._recovered(fetched, info, delivery.attempts):
-                return
-            self._deliver_new(fetched, info, headers_only=delivery.headers_only)
+        fetched = item.message
+        if self.account.routing is not None:
+            self._deliver_routed(fetched, delivery)
+            return
+        if delivery.recover and self._recovered(fetched, info, delivery.attempts):
+            return
+        self._deliver_new(fetched, info, headers_only=delivery.headers_only)
 
     def _recovered(self, fetched: FetchedMessage, info: MessageInfo, attempts: int) -> bool:
         """A previous attempt may have reached the destination: look before delivering again."""
@@ -386,10 +464,12 @@ class _Poll(RoutedDelivery):
         )
 
     def _delivered(self, info: MessageInfo, ref: str) -> None:
-        delivered_at = self.ledger.record_delivered(self.account_id, info.uidl, ref)
+        # Committed with the next message's "pending" (one transaction per message), and always before
+        # the DELE is sent (_send_deles flushes).
+        delivered_at = self.ledger.record_delivered(self.account_id, info.uidl, ref, defer=True)
         self.undelivered.discard(info.uidl)
         # Retention for the messages delivered now is applied in the same session: the DELE is safe
-        # because the delivery is already committed, and it only takes effect at QUIT.
+        # because it is sent after the delivery is committed, and it only takes effect at QUIT.
         if info.uidl in self.keep_on_server:
             return
         if should_delete(self.account.retention, delivered_at, self.engine.clock()):
@@ -478,9 +558,16 @@ class _Poll(RoutedDelivery):
     # --- deletion and bookkeeping --------------------------------------------------------------------
 
     def _dele(self, info: MessageInfo) -> None:
-        assert self.pop is not None
-        self.pop.dele(info.number)
-        self.to_delete.append(info.uidl)
+        # Queued, not sent: the connection may be busy fetching. Sent (pipelined) before QUIT.
+        self.dele_queue.append(info)
+
+    def _send_deles(self) -> None:
+        self.ledger.flush(self.account_id)
+        infos, self.dele_queue = self.dele_queue, []
+        if infos:
+            assert self.pop is not None
+            self.pop.dele_many([info.number for info in infos])
+            self.to_delete.extend(info.uidl for info in infos)
 
     def _fail(self, exc: ConnectorError) -> None:
         if exc.account is None:

@@ -15,6 +15,10 @@ from connector.pop3 import MessageInfo, Pop3Client
 RETR_SLACK_BYTES = 16 * 1024 * 1024
 
 
+def max_retr_bytes(info: MessageInfo) -> int:
+    return info.size * 2 + RETR_SLACK_BYTES
+
+
 def fetch(
     pop: Pop3Client, account: Account, info: MessageInfo, *, headers_only: bool = False
 ) -> FetchedMessage:
@@ -27,7 +31,7 @@ def fetch(
             pop.top(info.number, 0, top, max_bytes=2 * HEADER_PARSE_LIMIT)
             spool.write(headers_only_message(top.getvalue(), info.size, account.max_message_size))
         else:
-            pop.retr(info.number, spool, max_bytes=info.size * 2 + RETR_SLACK_BYTES)
+            pop.retr(info.number, spool, max_bytes=max_retr_bytes(info))
             spool.line_endings_repaired = pop.last_body_repaired
     except BaseException:
         spool.abort()

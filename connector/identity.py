@@ -31,6 +31,8 @@ class Identified:
     note: str | None = None
     # Messages that could not be identified at all (no UIDL and TOP refused): left alone.
     unidentified: int = 0
+    # False when only UIDL was asked (``quick``): every size is 0 until the caller asks for the ones it needs.
+    sized: bool = True
 
 
 def header_hash_of(pop: Pop3Client, number: int) -> str | None:
@@ -44,15 +46,25 @@ def header_hash_of(pop: Pop3Client, number: int) -> str | None:
     return header_hash(top.getvalue())
 
 
-def identify(pop: Pop3Client, known: Mapping[str, KnownMessage]) -> Identified:
-    """The listing with every message given an identity the ledger can rely on."""
+def uidl_listing(pop: Pop3Client) -> list[MessageInfo]:
+    """The listing from UIDL alone (sizes 0): an idle poll sends this one listing command."""
+    make = MessageInfo._make  # a mailbox may keep 100,000 messages: the cheapest way to build each
+    return [make((number, uidl, 0)) for number, uidl in pop.uidl()]
+
+
+def identify(pop: Pop3Client, known: Mapping[str, KnownMessage], *, quick: bool = False) -> Identified:
+    """The listing with every message given an identity the ledger can rely on. With ``quick``, UIDL
+    alone when the UIDLs are trustworthy (see ``Identified.sized``)."""
     try:
-        listing = pop.listing()
+        listing = uidl_listing(pop) if quick else pop.listing()
     except SourceNoUidlError:
         return _by_header_hash(pop)
+    if quick and (needs_header_hash(listing, known) or suspect_migration(listing, known)):
+        # Telling these messages apart needs their sizes after all.
+        return identify(pop, known)
     ambiguous = needs_header_hash(listing, known)
     if not ambiguous:
-        return Identified(listing)
+        return Identified(listing, sized=not quick)
     replaced: dict[int, MessageInfo] = {}
     for info in ambiguous:
         digest = header_hash_of(pop, info.number)

@@ -1,7 +1,9 @@
 """Watching polls from outside the engine: the progress display, the metrics and the log context.
 
 ``ObservedEngine`` is a ``SyncEngine`` whose connections are wrapped, so that what the engine does to the
-POP3 server and the destination (listing, each RETR, each delivery) is seen without the engine knowing.
+POP3 server and the destination (each RETR, pipelined or not, each delivery) is seen without the engine
+knowing; the engine only announces its plan (``SyncEngine.planned``). RETRs may run in the poll's fetch
+thread (pipeline.py), so observers are called under a lock.
 Observers are told when a poll starts, what it plans to deliver, each message it fetched and delivered,
 and the ``PollResult`` with the poll's duration and bytes. An observer that fails is logged and ignored:
 watching must never break a poll.
@@ -12,20 +14,20 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Generator, Iterable
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from connector.config import Account, Config, Destination
 from connector.connections import Connections
 from connector.destinations.base import DestinationSession
 from connector.engine import PollResult, SyncEngine
-from connector.errors import ConnectorError
 from connector.ledger.store import Ledger
 from connector.logs import log_context, set_message
 from connector.message import FetchedMessage
-from connector.plan import plan_poll
+from connector.plan import PollPlan
 from connector.pop3 import MessageInfo, Pop3Client, Sink
+from connector.pop3.client import RetrReply
 
 log = logging.getLogger("connector.observe")
 
@@ -42,6 +44,8 @@ class PollStats:
     fetched_bytes: int = 0
     delivered_bytes: int = 0
     duration: float = 0.0
+    # The planned messages by number, for the RETRs that follow.
+    infos: dict[int, MessageInfo] = field(default_factory=dict, repr=False)
 
     def backlog(self, result: PollResult) -> int | None:
         """Messages that were due for delivery and are still not delivered after this poll."""
@@ -89,6 +93,7 @@ class ObservedEngine(SyncEngine):
         self.observers: list[PollObserver] = list(observers)
         self._stats: dict[str, PollStats] = {}
         self._lock = threading.Lock()
+        self._notify_lock = threading.Lock()
 
     def poll(
         self, account: Account, *, dry_run: bool = False, stop: threading.Event | None = None
@@ -110,11 +115,12 @@ class ObservedEngine(SyncEngine):
             return result
 
     def _notify(self, hook: str, *args: Any) -> None:
-        for observer in self.observers:
-            try:
-                getattr(observer, hook)(*args)
-            except Exception:
-                log.exception("observer %s failed in %s", type(observer).__name__, hook)
+        with self._notify_lock:
+            for observer in self.observers:
+                try:
+                    getattr(observer, hook)(*args)
+                except Exception:
+                    log.exception("observer %s failed in %s", type(observer).__name__, hook)
 
     def _current(self, account: Account) -> PollStats | None:
         with self._lock:
@@ -139,14 +145,11 @@ class ObservedEngine(SyncEngine):
             return session
         return _ObservedDestination(session, self, stats)
 
-    def planned(self, account: Account, stats: PollStats, listing: Sequence[MessageInfo]) -> None:
-        """Works out what the poll will deliver the same way the engine does (``plan_poll``)."""
-        try:
-            account_id = self.ledger.account_id(account.name, create=False)
-            known = self.ledger.known_messages(account_id) if account_id is not None else {}
-        except ConnectorError:
-            return  # the engine will meet the same error and report it
-        plan = plan_poll(listing, known, account.retention, self.clock())
+    def planned(self, account: Account, plan: PollPlan) -> None:
+        stats = self._current(account)
+        if stats is None:
+            return
+        stats.infos = {delivery.info.number: delivery.info for delivery in plan.deliver}
         stats.planned = len(plan.deliver)
         stats.planned_bytes = sum(delivery.info.size for delivery in plan.deliver)
         self._notify("poll_planned", stats)
@@ -160,7 +163,6 @@ class _ObservedSource:
         self._engine = engine
         self._account = account
         self._stats = stats
-        self._by_number: dict[int, MessageInfo] = {}
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._client, name)
@@ -172,26 +174,31 @@ class _ObservedSource:
         set_message(None)
         self._client.__exit__(*exc_info)
 
-    def listing(self) -> list[MessageInfo]:
-        listing = self._client.listing()
-        self._by_number = {info.number: info for info in listing}
-        self._engine.planned(self._account, self._stats, listing)
-        return listing
-
     def _about(self, number: int) -> MessageInfo | None:
-        info = self._by_number.get(number)
+        info = self._stats.infos.get(number)
         set_message(info.uidl if info is not None else None)
         return info
 
     def retr(self, number: int, sink: Sink, *, max_bytes: int | None = None) -> int:
         info = self._about(number)
         written = self._client.retr(number, sink, max_bytes=max_bytes)
+        self.fetched(info, written)
+        return written
+
+    def retr_many(self, numbers: Iterable[int], *, window: int = 1) -> Generator[_ObservedReply, None, None]:
+        replies = self._client.retr_many(numbers, window=window)
+        try:
+            for reply in replies:
+                yield _ObservedReply(reply, self)
+        finally:
+            replies.close()  # the fetch thread's close() must reach the client's (it drains the stream)
+
+    def fetched(self, info: MessageInfo | None, written: int) -> None:
         self._stats.fetched += 1
         # Counted in the server's LIST sizes, like planned_bytes, so progress ends at exactly 100%.
         self._stats.fetched_bytes += info.size if info is not None else written
         if info is not None:
             self._engine._notify("message_fetched", self._stats, info.uidl, info.size)
-        return written
 
     def dele(self, number: int) -> None:
         self._about(number)
@@ -200,6 +207,24 @@ class _ObservedSource:
     def quit(self) -> None:
         set_message(None)
         self._client.quit()
+
+
+class _ObservedReply:
+    """One reply of a pipelined RETR (``RetrReply``), counted when it has been read."""
+
+    def __init__(self, reply: RetrReply, source: _ObservedSource) -> None:
+        self._reply = reply
+        self._source = source
+        self.number = reply.number
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reply, name)
+
+    def into(self, sink: Sink, *, max_bytes: int | None = None) -> int:
+        info = self._source._about(self.number)
+        written = self._reply.into(sink, max_bytes=max_bytes)
+        self._source.fetched(info, written)
+        return written
 
 
 class _ObservedDestination:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from connector.ledger.models import MessageState
 from connector.ledger.store import KnownMessage
@@ -115,5 +115,5 @@ def rekeyed(known: Mapping[str, KnownMessage], mapping: Mapping[str, str]) -> di
     """``known`` as it reads after the rows in ``mapping`` (old -> new UIDL) were re-keyed."""
     result = {uidl: row for uidl, row in known.items() if uidl not in mapping}
     for old, new in mapping.items():
-        result[new] = replace(known[old], uidl=new)
+        result[new] = known[old]._replace(uidl=new)
     return result

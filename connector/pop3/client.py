@@ -8,18 +8,21 @@ failure leaves here as one of the project's ``Source*`` errors, never as a drive
 from __future__ import annotations
 
 import base64
+import collections
 import contextlib
 import hashlib
+import itertools
 import logging
 import socket
 import ssl
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Literal, Protocol, TypeVar
 
 from connector.errors import (
     SourceAuthError,
     SourceConnectError,
+    SourceError,
     SourceLoginDelayError,
     SourceNoUidlError,
     SourcePermError,
@@ -37,10 +40,10 @@ from connector.pop3.replies import (
     Reply,
     UidlEntry,
     error_for,
-    is_terminator,
     join_listings,
     parse_capabilities,
     parse_greeting,
+    parse_list_line,
     parse_list_listing,
     parse_stat,
     parse_status,
@@ -49,6 +52,7 @@ from connector.pop3.replies import (
     strip_eol,
     unstuff_line,
 )
+from connector.pop3.wire import BodyDecoder, ConnectionClosed, StreamReader
 from connector.tls import TlsMode, make_ssl_context
 
 _T = TypeVar("_T")
@@ -56,8 +60,6 @@ _T = TypeVar("_T")
 log = logging.getLogger("connector.pop3")
 wire_log = logging.getLogger("connector.pop3.wire")
 
-# Bodies are read in pieces of this size, so a single enormous line never has to fit in memory.
-_BODY_CHUNK = 64 * 1024
 # Lines of CAPA/UIDL/LIST replies are short; a longer one is a broken or hostile server.
 _MAX_LISTING_LINE = MAX_STATUS_LINE
 # About 400,000 messages with RFC-maximum unique-ids (a million with typical ones): beyond any maildrop a
@@ -98,44 +100,53 @@ def _trace_line(verb: str, args: Sequence[str]) -> str:
     return " ".join((verb, *args))
 
 
+class _Discard:
+    def write(self, data: bytes, /) -> int:
+        return len(data)
+
+
 def _is_continuation(line: bytes) -> bool:
     """A SASL continuation (RFC 5034): ``+`` alone or ``+ `` and a base64 challenge."""
     body = strip_eol(line)
     return body == b"+" or body.startswith(b"+ ")
 
 
-class _BodyDecoder:
-    """Turns the wire form of a multi-line reply into message bytes, one ``readline`` chunk at a time.
+class RetrReply:
+    """One message's reply in ``Pop3Client.retr_many``, next in the stream."""
 
-    Dot-unstuffing applies only at the start of a line, and a chunk may end mid-line, so the decoder
-    remembers whether the next chunk starts a line. A CR at the very end of a chunk is held back: only the
-    next chunk tells whether it starts a CRLF or is a bare CR.
-    """
+    def __init__(self, client: Pop3Client, number: int) -> None:
+        self.number = number
+        self._client = client
+        self._started = False
+        self._finished = False
 
-    def __init__(self) -> None:
-        self.at_line_start = True
-        self._pending_cr = False
-        # Whether any line ending had to be repaired (bare LF or bare CR), for the ledger.
-        self.repaired = False
+    def into(self, sink: Sink, *, max_bytes: int | None = None) -> int:
+        """Stream the message into ``sink`` like ``Pop3Client.retr``; returns the bytes written.
 
-    def feed(self, chunk: bytes) -> bytes:
-        if self.at_line_start:
-            chunk = unstuff_line(chunk)
-        if self._pending_cr:
-            chunk = b"\r" + chunk
-            self._pending_cr = False
-        complete = chunk.endswith(b"\n")
-        if complete and not chunk.endswith(b"\r\n"):
-            self.repaired = True
-        content = strip_eol(chunk) if complete else chunk
-        if not complete and content.endswith(b"\r"):
-            content = content[:-1]
-            self._pending_cr = True
-        if b"\r" in content:
-            self.repaired = True
-            content = content.replace(b"\r", b"\r\n")
-        self.at_line_start = complete
-        return content + b"\r\n" if complete else content
+        An ``-ERR`` raises ``SourceMessageError`` (the stream stays in step); anything escaping while the
+        body is read (a failing sink, ``max_bytes`` exceeded) leaves the session broken.
+        """
+        if self._started:
+            raise RuntimeError(f"the reply to RETR {self.number} was already read")
+        self._started = True
+        reply, written = self._client._read_retr_reply(sink, max_bytes)
+        self._finished = True
+        if not reply.ok:
+            raise error_for("RETR", reply, peer=self._client.peer)
+        return written
+
+    def finish(self) -> None:
+        """Discard the reply if it was not read; refuse to go on if reading it failed half-way."""
+        if not self._started:
+            try:
+                self.into(_Discard())
+            except SourceError:
+                if not self._finished:
+                    raise
+        elif not self._finished:
+            raise SourceConnectError(
+                f"{self._client.peer}: the POP3 connection is unusable after an earlier error"
+            )
 
 
 class Pop3Client:
@@ -157,7 +168,7 @@ class Pop3Client:
         max_listing_bytes: int = DEFAULT_MAX_LISTING_BYTES,
     ) -> None:
         self._sock = sock
-        self._file = sock.makefile("rb")
+        self._reader = StreamReader(sock)
         self._peer = peer if peer is not None else self._peer_of(sock)
         self._max_listing_bytes = max_listing_bytes
         self._broken = False
@@ -238,7 +249,7 @@ class Pop3Client:
 
     def _readline(self, limit: int, during: str) -> bytes:
         try:
-            data = self._file.readline(limit)
+            data = self._reader.readline(limit)
         except OSError as exc:
             raise SourceConnectError(f"{self._peer}: reading the reply to {during}: {_cause(exc)}") from exc
         if not data:
@@ -269,58 +280,66 @@ class Pop3Client:
         return self._parse_reply(verb, self._read_status_line(verb))
 
     def _read_lines(self, verb: str) -> list[bytes]:
-        """The body of a short multi-line reply (CAPA, UIDL, LIST), unstuffed, terminator removed."""
-        lines: list[bytes] = []
+        """The body of a multi-line listing (CAPA, UIDL, LIST), unstuffed, terminator removed.
+
+        Read in large pieces and split afterwards: a UIDL listing may have 100,000 lines at every poll.
+        """
+        pieces: list[bytes] = []
         total = 0
+        at_line_start = True
         while True:
-            line = self._read_full_line(_MAX_LISTING_LINE, verb)
-            if is_terminator(line):
-                wire_log.debug("S: <%d lines>", len(lines))
-                return lines
-            total += len(line)
+            piece, done = self._body_piece(verb, at_line_start)
+            total += len(piece)
             if total > self._max_listing_bytes:
                 raise SourceProtocolError(
                     f"{self._peer}: {verb} reply longer than {self._max_listing_bytes} bytes"
                 )
-            lines.append(unstuff_line(line))
+            pieces.append(piece)
+            at_line_start = piece.endswith(b"\n") if piece else at_line_start
+            if done:
+                break
+        block = b"".join(pieces)
+        lines = [line + b"\n" for line in block.split(b"\n")[:-1]]
+        if lines and max(map(len, lines)) > _MAX_LISTING_LINE + 2:
+            raise SourceProtocolError(
+                f"{self._peer}: {verb}: reply line longer than {_MAX_LISTING_LINE} bytes"
+            )
+        if block.startswith(b".") or b"\n." in block:
+            lines = [unstuff_line(line) for line in lines]
+        wire_log.debug("S: <%d lines>", len(lines))
+        return lines
+
+    def _body_piece(self, verb: str, at_line_start: bool) -> tuple[bytes, bool]:
+        try:
+            return self._reader.body_piece(at_line_start)
+        except ConnectionClosed:
+            raise SourceConnectError(f"{self._peer}: server closed the connection during {verb}") from None
+        except OSError as exc:
+            raise SourceConnectError(f"{self._peer}: reading the reply to {verb}: {_cause(exc)}") from exc
 
     def _stream_body(self, verb: str, sink: Sink, max_bytes: int | None) -> int:
-        decoder = _BodyDecoder()
+        decoder = BodyDecoder()
         # Traces summarise a body by size and hash, never its content.
         digest = hashlib.sha256() if wire_log.isEnabledFor(logging.DEBUG) else None
         received = 0
         written = 0
-        pending = bytearray()
         while True:
-            chunk = self._readline(_BODY_CHUNK, verb)
-            if not chunk.endswith(b"\n") and len(chunk) < _BODY_CHUNK:
-                raise SourceConnectError(f"{self._peer}: server closed the connection during {verb}")
-            if decoder.at_line_start and is_terminator(chunk):
-                break
-            received += len(chunk)
+            piece, done = self._body_piece(verb, decoder.at_line_start)
+            received += len(piece)
             if max_bytes is not None and received > max_bytes:
                 raise SourceProtocolError(f"{self._peer}: {verb} reply longer than {max_bytes} bytes")
-            decoded = decoder.feed(chunk)
-            if digest is not None:
-                digest.update(decoded)
-            pending += decoded
-            # Many short lines are gathered into one write; a long line is written as it arrives.
-            if len(pending) >= _BODY_CHUNK:
-                written += self._flush(sink, pending)
-        written += self._flush(sink, pending)
+            data = decoder.feed(piece) + (decoder.finish() if done else b"")
+            if data:
+                if digest is not None:
+                    digest.update(data)
+                sink.write(data)
+                written += len(data)
+            if done:
+                break
         self.last_body_repaired = decoder.repaired
         if digest is not None:
             wire_log.debug("S: <%s body, %d bytes, sha256 %s>", verb, written, digest.hexdigest())
         return written
-
-    @staticmethod
-    def _flush(sink: Sink, pending: bytearray) -> int:
-        if not pending:
-            return 0
-        size = len(pending)
-        sink.write(bytes(pending))
-        pending.clear()
-        return size
 
     # --- session setup --------------------------------------------------------------------------------
 
@@ -361,19 +380,20 @@ class Pop3Client:
             raise SourceTLSError(f"{self._peer}: server refused STLS: {reply.describe()}")
         with self._exchange():
             self._refuse_injected_data()
-            self._file.close()
             self._sock = _wrap_socket(self._sock, context, server_hostname, self._peer)
-            self._file = self._sock.makefile("rb")
+            self._reader = StreamReader(self._sock)
         self._capabilities = Capabilities()
         self.capa()
 
     def _refuse_injected_data(self) -> None:
         """Anything already received after the STLS reply was sent in plaintext by someone who hopes it
         will be read as if it came over TLS (the CVE-2011-0411 family): refuse the session."""
+        if self._reader.buffered:
+            raise SourceTLSError(f"{self._peer}: server sent plaintext data after STLS; refusing to continue")
         timeout = self._sock.gettimeout()
         self._sock.settimeout(0)  # peek must not wait for data that is not there
         try:
-            leftover = self._file.peek(1)
+            leftover = self._sock.recv(1, socket.MSG_PEEK)
         except OSError:
             leftover = b""
         finally:
@@ -557,6 +577,104 @@ class Pop3Client:
             raise error_for(verb, reply, peer=self._peer)
         return written
 
+    # --- pipelined RETR and DELE (RFC 2449 PIPELINING) -----------------------------------------------
+
+    @property
+    def pipelining(self) -> bool:
+        return self._capabilities.has("PIPELINING")
+
+    def retr_many(self, numbers: Iterable[int], *, window: int = 1) -> Generator[RetrReply, None, None]:
+        """RETR each message of ``numbers`` in order, keeping up to ``window`` commands in flight when the
+        server offers PIPELINING (one at a time otherwise).
+
+        Yields one ``RetrReply`` per message, in order, when its reply is next in the stream; stream it
+        with ``reply.into(sink)`` before asking for the next one (a reply not read is discarded). Replies
+        wait in the network buffers, not in memory, so memory stays bounded whatever the sizes. Closing
+        the iterator early reads and discards the replies still in flight, so the session stays usable.
+        """
+        self._check_usable()
+        depth = max(1, window) if self.pipelining else 1
+        queue = iter(numbers)
+        in_flight: collections.deque[int] = collections.deque()
+        current: RetrReply | None = None
+        self._broken = True
+        try:
+            self._send_retrs(queue, in_flight, depth)
+            while in_flight:
+                current = RetrReply(self, in_flight.popleft())
+                yield current
+                current.finish()
+                if len(in_flight) <= depth // 2:
+                    self._send_retrs(queue, in_flight, depth - len(in_flight))
+            self._broken = False
+        except GeneratorExit:
+            self._drain(current, in_flight)
+            raise
+
+    def _send_retrs(self, queue: Iterator[int], in_flight: collections.deque[int], count: int) -> None:
+        batch = [_positive(number, "message number") for number in itertools.islice(queue, count)]
+        if batch:
+            self._send(*(("RETR", number) for number in batch))
+            in_flight.extend(int(number) for number in batch)
+
+    def _drain(self, current: RetrReply | None, in_flight: collections.deque[int]) -> None:
+        """Read and discard what is still in flight; the session stays broken if the stream is lost."""
+        try:
+            if current is not None:
+                current.finish()
+            for number in in_flight:
+                RetrReply(self, number).finish()
+        except (SourceError, RuntimeError) as exc:
+            log.debug("%s: could not discard the pipelined replies: %s", self._peer, exc)
+            return
+        self._broken = False
+
+    def _read_retr_reply(self, sink: Sink, max_bytes: int | None) -> tuple[Reply, int]:
+        reply = self._read_status("RETR")
+        return reply, (self._stream_body("RETR", sink, max_bytes) if reply.ok else 0)
+
+    def list_sizes_of(self, numbers: Sequence[int], *, batch: int = 128) -> list[ListEntry]:
+        """``LIST n`` for each message (pipelined when offered): cheaper than a whole LIST when a large
+        maildrop has only a few messages to fetch."""
+        entries: list[ListEntry] = []
+        for start in range(0, len(numbers), batch):
+            args = [_positive(number, "message number") for number in numbers[start : start + batch]]
+            if self.pipelining:
+                with self._exchange():
+                    self._send(*(("LIST", arg) for arg in args))
+                    replies = [self._read_status("LIST") for _ in args]
+            else:
+                replies = [self._read_reply_to("LIST", arg) for arg in args]
+            for reply in replies:
+                if not reply.ok:
+                    raise error_for("LIST", reply, peer=self._peer)
+                try:
+                    entries.append(parse_list_line(reply.text.encode()))
+                except SourceProtocolError as exc:
+                    raise SourceProtocolError(f"{self._peer}: LIST: {exc.message}") from exc
+        return entries
+
+    def _read_reply_to(self, verb: str, *args: str) -> Reply:
+        with self._exchange():
+            self._send((verb, *args))
+            return self._read_status(verb)
+
+    def dele_many(self, numbers: Sequence[int], *, batch: int = 128) -> None:
+        """DELE each message; with PIPELINING, ``batch`` commands per write. Every reply of a batch is read
+        before the first failure is raised, so the session stays in step."""
+        if not self.pipelining:
+            for number in numbers:
+                self.dele(number)
+            return
+        for start in range(0, len(numbers), batch):
+            args = [_positive(number, "message number") for number in numbers[start : start + batch]]
+            with self._exchange():
+                self._send(*(("DELE", arg) for arg in args))
+                replies = [self._read_status("DELE") for _ in args]
+            for reply in replies:
+                if not reply.ok:
+                    raise error_for("DELE", reply, peer=self._peer)
+
     def dele(self, number: int) -> None:
         """Mark a message deleted; the server deletes it only at a successful QUIT."""
         self._command("DELE", _positive(number, "message number"))
@@ -585,10 +703,9 @@ class Pop3Client:
         if self._closed:
             return
         self._closed = True
-        for resource in (self._file, self._sock):
-            # The connection is being abandoned: a failure to close it has no one to be reported to.
-            with contextlib.suppress(OSError):
-                resource.close()
+        # The connection is being abandoned: a failure to close it has no one to be reported to.
+        with contextlib.suppress(OSError):
+            self._sock.close()
 
     def __enter__(self) -> Pop3Client:
         return self

@@ -11,6 +11,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import NamedTuple
 
 from connector.errors import (
     SourceAuthError,
@@ -37,6 +38,12 @@ _TIMESTAMP_RE = re.compile(rb"<[\x21-\x3b\x3d\x3f\x41-\x7e]*@[\x21-\x3b\x3d\x3f-
 _DIGITS_RE = re.compile(rb"[0-9]{1,%d}" % _MAX_NUMBER_DIGITS)
 _CAPA_NAME_RE = re.compile(rb"[\x21-\x7e]+")
 _UIDL_RE = re.compile(rb"[\x21-\x7e]{1,%d}" % MAX_UIDL_LENGTH)
+# One UIDL line, anchored at both ends: optional blanks around the two words, as bytes.split() allows.
+_UIDL_LINES_RE = re.compile(
+    rb"^[ \t\x0b\x0c]*([0-9]{1,%d})[ \t\x0b\x0c]+([\x21-\x7e]{1,%d})[ \t\x0b\x0c\r]*$"
+    % (_MAX_NUMBER_DIGITS, MAX_UIDL_LENGTH),
+    re.MULTILINE,
+)
 
 
 @dataclass(frozen=True)
@@ -64,20 +71,17 @@ class Greeting:
     apop_timestamp: str | None
 
 
-@dataclass(frozen=True)
-class UidlEntry:
+class UidlEntry(NamedTuple):
     number: int
     uidl: str
 
 
-@dataclass(frozen=True)
-class ListEntry:
+class ListEntry(NamedTuple):
     number: int
     size: int
 
 
-@dataclass(frozen=True)
-class MessageInfo:
+class MessageInfo(NamedTuple):
     number: int
     uidl: str
     size: int
@@ -229,6 +233,9 @@ def parse_list_line(line: bytes) -> ListEntry:
 
 
 def _check_unique_numbers(numbers: Iterable[int], command: str) -> None:
+    numbers = list(numbers)
+    if len(set(numbers)) == len(numbers):
+        return
     seen: set[int] = set()
     for number in numbers:
         if number in seen:
@@ -241,8 +248,25 @@ def parse_uidl_listing(lines: Iterable[bytes]) -> list[UidlEntry]:
 
     A unique-id given to several messages is passed on: the poll planner leaves exactly those messages on
     the server and reports them, so one bad id does not stop the rest of the mailbox."""
-    entries = [parse_uidl_line(line) for line in lines]
+    lines = list(lines)
+    entries = _bulk_uidl(lines)
+    if entries is None:  # some line is not well-formed: the line-by-line parser says which and why
+        entries = [parse_uidl_line(line) for line in lines]
     _check_unique_numbers((entry.number for entry in entries), "UIDL")
+    return entries
+
+
+def _bulk_uidl(lines: list[bytes]) -> list[UidlEntry] | None:
+    """The whole listing with one regex pass (a mailbox may list 100,000 messages at every poll); None
+    unless every line is a well-formed entry, exactly as ``parse_uidl_line`` would accept it."""
+    matches = _UIDL_LINES_RE.findall(
+        b"".join(line if line.endswith(b"\n") else line + b"\n" for line in lines)
+    )
+    if len(matches) != len(lines):
+        return None
+    entries = [UidlEntry(int(number), uidl.decode("ascii")) for number, uidl in matches]
+    if any(entry.number < 1 for entry in entries):
+        return None
     return entries
 
 

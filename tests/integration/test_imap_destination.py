@@ -419,3 +419,17 @@ def test_find_after_delivery_of_a_message_with_nul_bytes(open_destination: Opene
     with fetched(b"Message-ID: <nul@x>\r\nSubject: s\r\n\r\na\0b\r\n") as message:
         reference = open_destination().deliver(message)
         assert open_destination().find(message) == reference
+
+
+@pytest.mark.parametrize("literal_plus", [True, False])
+def test_append_with_and_without_a_non_synchronizing_literal(
+    dovecot: Dovecot, mail_users: MailUsers, open_destination: Opener, literal_plus: bool
+) -> None:
+    # Dovecot offers LITERAL+; turning it off here exercises imaplib's synchronizing literal as well.
+    session = open_destination()
+    session._literal_plus, session._literal_minus = literal_plus, False
+    raws = [raw_message(n, body=f"body {n}") for n in range(3)]
+    for n, raw in enumerate(raws):
+        with fetched(raw, uidl=f"U{n}") as message:
+            assert ";UID=" in session.deliver(message)
+    assert dovecot.imap_messages(mail_users.destination.name) == raws

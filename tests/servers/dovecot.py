@@ -146,6 +146,15 @@ def make_test_ca(directory: Path) -> tuple[Path, Path, Path]:
     return ca_file, cert, key
 
 
+_LMTP_CONFIG = """
+# LMTP on a Unix socket (base_dir/lmtp) for peers that deliver over it (fetchmail in bench/); the
+# recipient's domain, if any, is ignored.
+protocol lmtp {
+  auth_username_format = %n
+}
+"""
+
+
 def _oauth2_config(root: Path, introspection_url: str | None) -> tuple[str, str]:
     """(extra auth mechanisms, passdb block) that make Dovecot accept OAuth 2.0 bearer tokens.
 
@@ -182,11 +191,15 @@ def _config(
     uid: int,
     gid: int,
     introspection_url: str | None = None,
+    *,
+    lmtp: bool = False,
 ) -> str:
     mechanisms, oauth2_passdb = _oauth2_config(root, introspection_url)
+    protocols = "imap pop3 lmtp" if lmtp else "imap pop3"
+    extra = _LMTP_CONFIG if lmtp else ""
     return f"""\
 # Written by tests/servers/dovecot.py; nothing from /etc/dovecot is read.
-protocols = imap pop3
+protocols = {protocols}
 listen = {HOST}
 base_dir = {root}/run
 state_dir = {root}/state
@@ -270,7 +283,7 @@ service pop3-login {{
     ssl = yes
   }}
 }}
-"""
+{extra}"""
 
 
 class Dovecot:
@@ -293,6 +306,7 @@ class Dovecot:
         *,
         quotas: Mapping[str, str] | None = None,
         keep_files: bool = False,
+        lmtp: bool = False,
         oauth2_introspection_url: str | None = None,
     ) -> None:
         self._binary = shutil.which("dovecot") or (
@@ -307,6 +321,8 @@ class Dovecot:
         self.root = Path(tempfile.mkdtemp(prefix="dovecot-"))
         self.root.chmod(0o755)
         self.keep_files = keep_files
+        # Needs dovecot-lmtpd; the socket is then ``lmtp_socket``.
+        self.lmtp = lmtp
         self.oauth2_introspection_url = oauth2_introspection_url
         self.conf = self.root / "dovecot.conf"
         self._passwd_dir = self.root / "users"
@@ -355,6 +371,7 @@ class Dovecot:
                     self._uid,
                     self._gid,
                     self.oauth2_introspection_url,
+                    lmtp=self.lmtp,
                 )
             )
             self._spawn()
@@ -365,6 +382,10 @@ class Dovecot:
             if "Address already in use" not in failure:
                 break
         raise DovecotError(f"dovecot did not start: {failure}")
+
+    @property
+    def lmtp_socket(self) -> Path:
+        return self.root / "run" / "lmtp"
 
     def stop(self) -> None:
         self._terminate()

@@ -26,8 +26,8 @@ from connector.errors import (
     SourceTLSError,
 )
 from connector.message import MessageSpool
-from connector.pop3 import MessageInfo, Pop3Client, connect_pop3
-from connector.pop3.client import _BodyDecoder
+from connector.pop3 import ListEntry, MessageInfo, Pop3Client, connect_pop3
+from connector.pop3.wire import BodyDecoder
 from connector.tls import TlsMode, make_ssl_context
 from tests.servers.scripted_pop3 import (
     CloseConnection,
@@ -347,7 +347,7 @@ def test_retr_cr_split_across_chunks_is_not_doubled(server: ScriptedPop3Server) 
 )
 def test_body_decoder_is_independent_of_chunking(lines: list[bytes], chunk: int) -> None:
     # readline(limit) hands over pieces of at most `chunk` bytes, the last one ending in LF.
-    decoder = _BodyDecoder()
+    decoder = BodyDecoder()
     output = b""
     for line in lines:
         wire = (b"." + line if line.startswith(b".") else line) + b"\r\n"
@@ -582,3 +582,95 @@ def test_plaintext_injected_after_stls_is_refused(tls_files: tuple[ssl.SSLContex
 
 def test_canonical_helper_matches_what_clients_receive() -> None:
     assert canonical(b"a\nb") == b"a\r\nb\r\n"
+
+
+# --- pipelined RETR and DELE --------------------------------------------------------------------------------
+
+
+def _retr_all(client: Pop3Client, numbers: list[int], window: int) -> list[bytes | str]:
+    results: list[bytes | str] = []
+    for reply in client.retr_many(numbers, window=window):
+        sink = io.BytesIO()
+        try:
+            reply.into(sink)
+        except SourceError as exc:
+            results.append(type(exc).__name__)
+        else:
+            results.append(sink.getvalue())
+    return results
+
+
+@pytest.mark.parametrize("pipelining", [False, True])
+def test_retr_many_gives_every_message_in_order(pipelining: bool) -> None:
+    contents = [HELLO, SECOND, b"Subject: dots\r\n\r\n.\r\n..\r\n", HELLO * 3000]
+    messages = [StoredMessage(f"uid-{n}", content) for n, content in enumerate(contents)]
+    waiting_at_first_retr: list[bytes] = []
+
+    def on_retr(session: Pop3Session, argument: str) -> None:
+        if not waiting_at_first_retr:
+            waiting_at_first_retr.append(session.wait_for_input(2.0 if pipelining else 0.3))
+        session.default("RETR", argument)
+
+    with ScriptedPop3Server(messages, pipelining=pipelining) as srv:
+        srv.on("RETR", on_retr)
+        with logged_in(srv) as client:
+            assert _retr_all(client, [1, 2, 3, 4], window=8) == [canonical(c) for c in contents]
+            client.noop()
+    assert waiting_at_first_retr == ([b"RETR 2\r\nRETR 3\r\nRETR 4\r\n"] if pipelining else [b""])
+
+
+def test_retr_many_keeps_going_after_an_error_reply() -> None:
+    messages = [StoredMessage("a", HELLO), StoredMessage("b", SECOND)]
+    with ScriptedPop3Server(messages, pipelining=True) as srv, logged_in(srv) as client:
+        assert _retr_all(client, [1, 7, 2], window=3) == [HELLO, "SourceMessageError", SECOND]
+        assert client.usable
+
+
+def test_closing_retr_many_early_discards_what_is_in_flight() -> None:
+    messages = [StoredMessage(f"u{n}", HELLO) for n in range(6)]
+    with ScriptedPop3Server(messages, pipelining=True) as srv, logged_in(srv) as client:
+        replies = client.retr_many(range(1, 7), window=4)
+        first = next(replies)
+        assert first.into(io.BytesIO()) == len(HELLO)
+        next(replies)  # not read: discarded too
+        replies.close()
+        assert client.usable
+        client.noop()
+    assert srv.recorded.commands[-2:] == ["NOOP", "QUIT"]
+
+
+def test_a_failing_sink_in_retr_many_breaks_the_session() -> None:
+    class FullDisk:
+        def write(self, data: bytes, /) -> int:
+            raise OSError(28, "No space left on device")
+
+    with ScriptedPop3Server([StoredMessage("a", HELLO), StoredMessage("b", SECOND)], pipelining=True) as srv:
+        client = logged_in(srv)
+        with client:
+            replies = client.retr_many([1, 2], window=2)
+            with pytest.raises(OSError, match="No space"):
+                next(replies).into(FullDisk())
+            replies.close()
+            assert not client.usable
+
+
+@pytest.mark.parametrize("pipelining", [False, True])
+def test_dele_many(pipelining: bool) -> None:
+    messages = [StoredMessage(f"u{n}", HELLO) for n in range(5)]
+    with ScriptedPop3Server(messages, pipelining=pipelining) as srv, logged_in(srv) as client:
+        client.dele_many([1, 3, 5], batch=2)
+        with pytest.raises(SourcePermError, match="DELE"):
+            client.dele_many([2, 9, 4])
+        client.noop()  # every reply of the failed batch was read
+    # Pipelined, the DELE after the failing one was already sent; one at a time, it never is.
+    assert [m.uidl for m in srv.messages] == ([] if pipelining else ["u3"])
+
+
+@pytest.mark.parametrize("pipelining", [False, True])
+def test_list_sizes_of_single_messages(pipelining: bool) -> None:
+    messages = [StoredMessage(f"u{n}", HELLO * n) for n in range(1, 5)]
+    with ScriptedPop3Server(messages, pipelining=pipelining) as srv, logged_in(srv) as client:
+        assert client.list_sizes_of([2, 4]) == [ListEntry(2, len(HELLO) * 2), ListEntry(4, len(HELLO) * 4)]
+        with pytest.raises(SourcePermError, match="LIST"):
+            client.list_sizes_of([1, 9])
+        client.noop()

@@ -19,6 +19,7 @@ from connector.errors import (
     SourceProtocolError,
     SourceTempError,
 )
+from connector.pop3 import replies
 from connector.pop3.replies import (
     MAX_STATUS_LINE,
     Capabilities,
@@ -331,3 +332,30 @@ def test_unstuffing_undoes_stuffing(lines: list[bytes]) -> None:
     for line in lines:
         stuffed = b"." + line if line.startswith(b".") else line
         assert unstuff_line(stuffed + b"\r\n") == line + b"\r\n"
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(min_value=0, max_value=10**6),
+            st.text(alphabet=st.characters(min_codepoint=0x1F, max_codepoint=0x7F), min_size=0, max_size=72),
+            st.sampled_from([b" ", b"  ", b"\t"]),
+            st.sampled_from([b"\r\n", b"\n", b" \r\n"]),
+        ),
+        max_size=20,
+    )
+)
+def test_uidl_listing_bulk_parser_agrees_with_the_line_parser(
+    rows: list[tuple[int, str, bytes, bytes]],
+) -> None:
+    lines = [str(number).encode() + gap + uidl.encode() + end for number, uidl, gap, end in rows]
+    try:
+        expected: object = [parse_uidl_line(line) for line in lines]
+    except SourceProtocolError:
+        expected = SourceProtocolError
+    try:
+        got: object = replies._bulk_uidl(lines)
+    except SourceProtocolError:  # pragma: no cover - the bulk parser never raises
+        got = SourceProtocolError
+    if got is not None:
+        assert got == expected

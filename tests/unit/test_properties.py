@@ -19,7 +19,6 @@ from hypothesis import strategies as st
 from connector.config import load_config, parse_config
 from connector.errors import ConfigError, SourceProtocolError
 from connector.message import MessageSpool, parse_header_date, parse_headers, received_date
-from connector.pop3.client import _BodyDecoder
 from connector.pop3.replies import (
     ListEntry,
     UidlEntry,
@@ -29,6 +28,7 @@ from connector.pop3.replies import (
     parse_capabilities,
     parse_status,
 )
+from connector.pop3.wire import BodyDecoder
 from tests.servers.scripted_pop3 import crlf_lines, dot_stuffed
 
 # --- POP3 replies -------------------------------------------------------------------------------------
@@ -112,12 +112,13 @@ def _readline_pieces(wire: bytes, limit: int) -> list[bytes]:
 def test_dot_unstuffing_of_whole_messages(content: bytes, limit: int) -> None:
     """Whatever the message, a server that stuffs it correctly gets it back as the canonical form."""
     wire = dot_stuffed(crlf_lines(content))
-    decoder = _BodyDecoder()
+    decoder = BodyDecoder()
     output = b""
     for piece in _readline_pieces(wire, limit):
         if decoder.at_line_start and is_terminator(piece):
             break
         output += decoder.feed(piece)
+    output += decoder.finish()
     # Line breaks become CRLF, a bare CR becomes CRLF too (README: "What changes in a delivered message").
     assert output == b"".join(line.replace(b"\r", b"\r\n") + b"\r\n" for line in crlf_lines(content))
 

@@ -1,0 +1,97 @@
+"""Preparing a run: users on the throwaway Dovecot, connector configs, a primed ledger."""
+
+from __future__ import annotations
+
+import poplib
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import insert
+
+from bench.baseline import Endpoint
+from connector.ledger.database import open_database
+from connector.ledger.models import MessageRow, MessageState
+from connector.ledger.store import Ledger
+from tests.servers.dovecot import Dovecot, MailUser
+
+
+def endpoint(dovecot: Dovecot, user: MailUser, port: int | None = None) -> Endpoint:
+    return Endpoint(dovecot.host, port or dovecot.ports.pop3, user.name, user.password)
+
+
+def imap_endpoint(dovecot: Dovecot, user: MailUser) -> dict[str, Any]:
+    return endpoint(dovecot, user, dovecot.ports.imap).__dict__
+
+
+def uidls(source: Endpoint) -> list[str]:
+    """The server's unique-ids (also makes Dovecot index a freshly seeded maildrop before timing)."""
+    pop = poplib.POP3(source.host, source.port, timeout=600)
+    try:
+        pop.user(source.user)
+        pop.pass_(source.password)
+        return [entry.split()[1].decode() for entry in pop.uidl()[1]]
+    finally:
+        pop.quit()
+
+
+def _quoted(value: object) -> str:
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def connector_config(
+    path: Path,
+    database: str,
+    dovecot: Dovecot,
+    sources: Sequence[MailUser],
+    destination: MailUser,
+    *,
+    retention: str = "delete",
+    pop3_port: int | None = None,
+) -> Path:
+    """A config with one account per source user, all delivering into ``destination``'s INBOX."""
+    parts = [
+        f"[service]\ndatabase = {_quoted(database)}\n",
+        '[[destinations]]\nname = "dovecot"\ntype = "imap"\n'
+        f'host = {_quoted(dovecot.host)}\nport = {dovecot.ports.imap}\ntls = "none"\n'
+        f"username = {_quoted(destination.name)}\npassword = {_quoted(destination.password)}\n",
+    ]
+    for user in sources:
+        parts.append(
+            f"[[accounts]]\nname = {_quoted(user.name)}\nhost = {_quoted(dovecot.host)}\n"
+            f'port = {pop3_port or dovecot.ports.pop3}\ntls = "none"\n'
+            f"username = {_quoted(user.name)}\npassword = {_quoted(user.password)}\n"
+            f'destination = "dovecot"\nfolder = "INBOX"\nretention = {_quoted(retention)}\n'
+            'timeout = "600s"\n'
+        )
+    path.write_text("\n".join(parts))
+    return path
+
+
+def prime_ledger(database: str, delivered: Mapping[str, Sequence[str]]) -> None:
+    """Record, per account name, these UIDLs as delivered long ago (as if earlier polls had run)."""
+    engine = open_database(database)
+    try:
+        ledger = Ledger(engine)
+        now = datetime.now(UTC)
+        for account, account_uidls in delivered.items():
+            account_id = ledger.account_id(account)
+            rows = [
+                {
+                    "account_id": account_id,
+                    "uidl": uidl,
+                    "state": MessageState.DELIVERED.value,
+                    "attempts": 1,
+                    "first_seen_at": now,
+                    "updated_at": now,
+                    "delivered_at": now,
+                    "destination_ref": "imap:INBOX",
+                }
+                for uidl in account_uidls
+            ]
+            if rows:
+                with engine.begin() as connection:
+                    connection.execute(insert(MessageRow), rows)
+    finally:
+        engine.dispose()

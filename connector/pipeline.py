@@ -1,0 +1,205 @@
+"""Fetching ahead of delivery within one poll of one account.
+
+A ``Prefetcher`` thread owns the POP3 connection while the poll delivers: it RETRs the planned messages in
+order (pipelined when the server offers PIPELINING), streams each into a ``MessageSpool`` and hands the
+spooled messages over through a small bounded queue. The poll's own thread takes them in the same order
+and does everything the ledger guarantees depend on, exactly as before: record ``pending`` (committed),
+deliver, record ``delivered`` (committed), and only then queue the DELE. Fetching is read-only on the
+POP3 server, so fetching message n+1 while n is being appended changes nothing about what a crash can
+leave behind.
+
+Memory stays bounded: replies in flight wait in the network buffers, and at most ``ahead`` spooled
+messages (each in memory up to ``SPOOL_MEMORY_LIMIT``, then on disk) wait for delivery.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+
+from connector.errors import SourceMessageError, SourceProtocolError
+from connector.fetch import max_retr_bytes
+from connector.message import FetchedMessage, MessageSpool
+from connector.plan import Delivery, PollPlan
+from connector.pop3 import MessageInfo, Pop3Client, join_listings
+from connector.pop3.client import RetrReply
+from connector.pop3.replies import UidlEntry
+
+log = logging.getLogger("connector.pipeline")
+
+# RETR commands in flight: enough to cover a long round trip with small messages, fewer for large ones so
+# that stopping early (which reads and discards what is in flight) stays quick.
+MAX_IN_FLIGHT = 64
+IN_FLIGHT_BYTES = 8 * 1024 * 1024
+# Up to this many messages to fetch, their sizes are asked one by one (pipelined) instead of listing all.
+SIZE_QUERIES = 200
+# Fetched messages waiting for delivery.
+FETCH_AHEAD = 4
+_POLL_SECONDS = 0.1
+
+
+@dataclass
+class Fetched:
+    """The outcome of fetching one planned message: the spooled message, or why the server refused it."""
+
+    delivery: Delivery
+    message: FetchedMessage | None = None
+    error: SourceMessageError | None = None
+
+    def close(self) -> None:
+        if self.message is not None:
+            self.message.close()
+
+    def __enter__(self) -> Fetched:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class _Failure:
+    error: BaseException
+
+
+_END = object()
+
+
+def with_sizes(
+    pop: Pop3Client,
+    listing: list[MessageInfo],
+    plan: PollPlan,
+    replan: Callable[[list[MessageInfo]], PollPlan],
+) -> tuple[list[MessageInfo], PollPlan]:
+    """Sizes for a ``plan`` made from a UIDL-only listing (sizes 0): LIST is sent only when the plan fetches
+    something. Sizes matter only for what is fetched (they bound the RETR reply); the caller made sure
+    that nothing else in the plan depends on them (no ``max_message_size``)."""
+    if not plan.deliver:
+        return listing, plan
+    if len(plan.deliver) <= SIZE_QUERIES:
+        numbers = [delivery.info.number for delivery in plan.deliver]
+        sizes = {entry.number: entry.size for entry in pop.list_sizes_of(numbers)}
+        if set(sizes) != set(numbers):
+            raise SourceProtocolError(f"{pop.peer}: LIST answered for other messages than asked")
+        deliver = [replace(d, info=d.info._replace(size=sizes[d.info.number])) for d in plan.deliver]
+        return listing, replace(plan, deliver=deliver)
+    try:
+        listing = join_listings((UidlEntry(i.number, i.uidl) for i in listing), pop.list_sizes())
+    except SourceProtocolError as exc:
+        raise SourceProtocolError(f"{pop.peer}: {exc.message}") from exc
+    return listing, replan(listing)
+
+
+def retr_window(deliveries: Sequence[Delivery]) -> int:
+    largest = max((delivery.info.size for delivery in deliveries), default=1)
+    return max(1, min(MAX_IN_FLIGHT, IN_FLIGHT_BYTES // max(largest, 1)))
+
+
+class Prefetcher:
+    """Iterate over it to get one ``Fetched`` per delivery, in plan order; ``close()`` when done (it stops
+    the thread and leaves the POP3 session usable for DELE and QUIT unless the connection failed).
+
+    A failure of the connection itself is raised by the iterator at the point where it happened, after the
+    messages fetched before it: the poll delivers those first, as it would without prefetching.
+    """
+
+    def __init__(
+        self,
+        pop: Pop3Client,
+        deliveries: Sequence[Delivery],
+        spool_for: Callable[[MessageInfo], MessageSpool],
+        *,
+        ahead: int = FETCH_AHEAD,
+    ) -> None:
+        self._pop = pop
+        self._deliveries = list(deliveries)
+        self._spool_for = spool_for
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=max(1, ahead))
+        self._stop = threading.Event()
+        # The thread runs in a copy of this thread's context: log lines and the protocol log keep
+        # naming the account (connector.logs and connector.protocol_log keep it in context variables).
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(
+            target=context.run, args=(self._run,), name=f"fetch {pop.peer}", daemon=True
+        )
+        self._thread.start()
+
+    def __enter__(self) -> Prefetcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[Fetched]:
+        while True:
+            item = self._queue.get()
+            if item is _END:
+                return
+            if isinstance(item, _Failure):
+                raise item.error
+            assert isinstance(item, Fetched)
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():
+            self._discard_queued()
+            self._thread.join(_POLL_SECONDS)
+        self._discard_queued()
+
+    def _discard_queued(self) -> None:
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, Fetched):
+                item.close()
+
+    # --- the fetching thread -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            numbers = [delivery.info.number for delivery in self._deliveries]
+            replies = self._pop.retr_many(numbers, window=retr_window(self._deliveries))
+            try:
+                for delivery, reply in zip(self._deliveries, replies, strict=True):
+                    if self._stop.is_set():
+                        break
+                    item = self._fetch(delivery, reply)
+                    if not self._put(item):
+                        item.close()
+                        break
+            finally:
+                replies.close()  # reads what is still in flight, so QUIT can follow
+        except BaseException as exc:  # handed to the poll's thread, which decides
+            self._put(_Failure(exc))
+        finally:
+            self._put(_END)
+
+    def _fetch(self, delivery: Delivery, reply: RetrReply) -> Fetched:
+        spool = self._spool_for(delivery.info)
+        try:
+            reply.into(spool, max_bytes=max_retr_bytes(delivery.info))
+            spool.line_endings_repaired = self._pop.last_body_repaired
+        except SourceMessageError as exc:
+            spool.abort()
+            return Fetched(delivery, error=exc)
+        except BaseException:
+            spool.abort()
+            raise
+        return Fetched(delivery, message=spool.finish())
+
+    def _put(self, item: object) -> bool:
+        """Queue ``item`` unless the consumer has stopped; False if it was not queued."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=_POLL_SECONDS)
+            except queue.Full:
+                continue
+            return True
+        return False

@@ -1,0 +1,42 @@
+"""The benchmark harness runs end to end on tiny data and prints its table. Never a time asserted."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.acceptance.conftest import ROOT
+
+pytestmark = pytest.mark.acceptance
+
+TINY = [
+    "--quick", "--no-fetchmail", "--small-count", "3", "--large-count", "1", "--large-size", "20000",
+    "--huge-size", "100000", "--latency-count", "3", "--latency-ms", "2", "--idle-accounts", "2",
+    "--big-mailbox", "20", "--new-messages", "2",
+]  # fmt: skip
+
+
+def test_bench_prints_a_row_per_scenario() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", *TINY],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("scenario"))
+    assert [cell.strip() for cell in header.split("|")] == [
+        "scenario",
+        "connector",
+        "baseline",
+        "ratio",
+        "fetchmail",
+    ]
+    for scenario in ("(1)", "(2)", "(3)", "(4)", "(5)", "(6)"):
+        row = next(line for line in lines if line.startswith(scenario))
+        float(row.split("|")[3])  # a ratio, whatever its value
