@@ -29,7 +29,7 @@ from pathlib import Path
 
 from connector.config import Account, Config, default_state_dir
 
-PROTOCOL_LOGGERS = ("connector.pop3.wire", "connector.protocol", "imapclient")
+PROTOCOL_LOGGERS = ("connector.pop3.wire", "connector.protocol", "imapclient", "connector.ews.wire")
 REDACTED = "****"
 
 _current: contextvars.ContextVar[str | None] = contextvars.ContextVar("protocol_log_account", default=None)

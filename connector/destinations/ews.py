@@ -45,6 +45,9 @@ from connector.errors import (
 from connector.message import FetchedMessage
 
 log = logging.getLogger("connector.destinations.ews")
+# One line per EWS request and its outcome, for protocol logs (connector.protocol_log). Not the SOAP itself:
+# exchangelib's own DEBUG output carries request headers, which hold credentials with Basic auth.
+wire = logging.getLogger("connector.ews.wire")
 
 FOLDER_SEPARATOR = "/"
 # How often one request is retried after ErrorServerBusy / 503 before the session gives up (temporary).
@@ -292,8 +295,11 @@ class EwsSession:
         """Run ``work``, waiting out what the server asks (ErrorServerBusy, 503 + Retry-After), translating
         every failure into a ``DestinationError``."""
         for attempt in range(BUSY_RETRIES + 1):
+            wire.debug("%s", self._where.say(f"> {action}" + (f" (message {uidl})" if uidl else "")))
             try:
-                return work()
+                result = work()
+                wire.debug("%s", self._where.say(f"< {action}: success"))
+                return result
             except ews_errors.ErrorServerBusy as exc:
                 wait = exc.back_off
                 if wait is None or wait > MAX_BUSY_WAIT or attempt == BUSY_RETRIES:
@@ -310,6 +316,7 @@ class EwsSession:
             except DRIVER_ERRORS as exc:
                 error = translate(exc, self._where, action, self._secrets)
                 error.uidl = uidl
+                wire.debug("%s", self._where.say(f"< {action}: {error.message}"))
                 raise error from exc
         raise AssertionError("unreachable")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable
 from pathlib import Path
 
@@ -50,3 +51,35 @@ def test_config_error_names_the_field(
     result = run_cli("--config", str(write_cfg(destination=ews_destination(ews))), "check")
     assert result.returncode == 2
     assert "accounts[0].mailbox: destination 'exchange' uses impersonation" in result.stdout + result.stderr
+
+
+def test_protocol_log_records_the_ews_conversation_without_secrets(
+    tmp_path: Path,
+    ews: EwsServer,
+    dovecot: Dovecot,
+    mail_users: MailUsers,
+    write_cfg: Callable[..., Path],
+    run_cli: RunCli,
+) -> None:
+    ews.add_user(SERVICE, PASSWORD, impersonation=True)
+    ews.add_mailbox(MAILBOX)
+    dovecot.seed(mail_users.source.name, [simple(1)])
+    logs = tmp_path / "protocol"
+    config = write_cfg(
+        account={"mailbox": MAILBOX, "protocol_log": True},
+        destination=ews_destination(ews, auth="basic"),  # Basic: the credentials ride on every request
+    )
+    config.write_text(
+        config.read_text().replace("[service]\n", f'[service]\nprotocol_log_dir = "{logs}"\n', 1)
+    )
+    synced = run_cli("--config", str(config), "--log-level", "DEBUG", "sync")
+    assert synced.returncode == 0, synced.stdout + synced.stderr
+    trace = (logs / "alice.log").read_text()
+    assert (
+        "connector.ews.wire" in trace
+        and "> CreateItem (message " in trace
+        and "< CreateItem: success" in trace
+    )
+    basic = base64.b64encode(f"{SERVICE}:{PASSWORD}".encode()).decode()
+    for secret in (PASSWORD, mail_users.source.password, basic):
+        assert secret not in trace and secret not in synced.stdout + synced.stderr
