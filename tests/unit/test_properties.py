@@ -16,7 +16,7 @@ from typing import Any
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from connector.config import load_config, parse_config
+from connector.config import RoutingDefault, RoutingPolicy, RoutingRule, load_config, parse_config
 from connector.errors import ConfigError, SourceProtocolError
 from connector.message import MessageSpool, parse_header_date, parse_headers, received_date
 from connector.pop3.replies import (
@@ -29,6 +29,7 @@ from connector.pop3.replies import (
     parse_status,
 )
 from connector.pop3.wire import BodyDecoder
+from connector.routing import route
 from tests.servers.scripted_pop3 import crlf_lines, dot_stuffed
 
 # --- POP3 replies -------------------------------------------------------------------------------------
@@ -197,3 +198,36 @@ def test_load_config_of_any_file_raises_only_config_errors(tmp_path_factory: Any
     path.write_bytes(raw)
     with contextlib.suppress(ConfigError):
         load_config(path)
+
+
+# --- catch-all routing --------------------------------------------------------------------------------
+
+_ROUTING = RoutingPolicy(
+    rules=[
+        RoutingRule(match="alice@example.org", mailbox="alice@corp.example"),
+        RoutingRule(match="*@sales.example.org", mailbox="sales@corp.example"),
+    ],
+    default=RoutingDefault(mailbox="postmaster@corp.example"),
+)
+_ROUTING_HEADER_NAMES = st.sampled_from([b"Delivered-To", b"X-Original-To", b"To", b"Cc", b"Envelope-To"])
+
+
+@given(
+    st.lists(
+        st.tuples(
+            _ROUTING_HEADER_NAMES,
+            st.binary(max_size=120)
+            | st.from_regex(rb"[ -~]{0,20}(alice@example\.org|bob@sales\.example\.org)[ -~,<>\"]{0,20}"),
+        ),
+        max_size=8,
+    ),
+    st.binary(max_size=60),
+)
+def test_routing_decides_for_any_header_bytes(headers: list[tuple[bytes, bytes]], junk: bytes) -> None:
+    """Whatever the recipient headers hold (8-bit, folded, broken), routing never raises, never names a
+    mailbox outside the table, never names one twice, and always decides (a default exists)."""
+    section = b"".join(name + b": " + value.replace(b"\n", b" ") + b"\r\n" for name, value in headers)
+    decision = route(section + junk + b"\r\n\r\n", _ROUTING)
+    mailboxes = decision.mailboxes
+    assert mailboxes and len(mailboxes) == len(set(mailboxes))
+    assert set(mailboxes) <= {"alice@corp.example", "sales@corp.example", "postmaster@corp.example"}
