@@ -45,7 +45,8 @@ def account_state(record: Mapping[str, Any], *, enabled: bool) -> str:
     """ok, backing off, suspended, auth failing, waiting (never polled) or removed."""
     if not record["configured"]:
         return "removed"
-    if not enabled:
+    # Disabled in the configuration, or suspended by the retry policy until `pop-connector resume`.
+    if not enabled or record.get("suspended"):
         return "suspended"
     result = record["last_result"]
     if result == "auth_error":

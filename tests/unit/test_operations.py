@@ -110,6 +110,7 @@ def test_text_lines_add_only_what_the_message_does_not_say() -> None:
         ({"configured": True, "last_result": "auth_error"}, True, "auth failing"),
         ({"configured": True, "last_result": "never polled"}, True, "waiting"),
         ({"configured": True, "last_result": "ok"}, False, "suspended"),
+        ({"configured": True, "last_result": "error", "suspended": True}, True, "suspended"),
         ({"configured": False, "last_result": "ok"}, False, "removed"),
     ],
 )
