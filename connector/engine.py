@@ -37,6 +37,7 @@ from connector.errors import (
     LedgerError,
     SourceLoginDelayError,
     SourceMessageError,
+    SourceReplyTooLongError,
 )
 from connector.fetch import fetch
 from connector.identity import baseline_entries, identify, migration
@@ -576,7 +577,21 @@ class _Poll(RoutedDelivery):
         self.result.error = str(exc)
         if isinstance(exc, SourceLoginDelayError) and exc.login_delay:
             self.server_delay = timedelta(seconds=exc.login_delay)
+        if isinstance(exc, SourceReplyTooLongError) and exc.uidl is not None and self.account_id:
+            self._quarantine_runaway(exc, exc.uidl)
         log.error("%s", exc)
+
+    def _quarantine_runaway(self, exc: SourceReplyTooLongError, uidl: str) -> None:
+        """The session is lost, but the next poll must get past this message instead of failing on it
+        for ever: quarantine it (it stays on the server; `quarantine retry` after a fix)."""
+        reason = f"the server sent far more than the {exc.pop_size} bytes LIST gave: {exc.message}"
+        try:
+            self.ledger.record_skipped(self.account_id, uidl, exc.pop_size, reason)
+        except LedgerError as ledger_exc:
+            log.error("account %s: %s", self.account.name, ledger_exc)
+            return
+        self.result.quarantined += 1
+        self._problem(f"message {uidl!r}: quarantined: {reason}")
 
     def _problem(self, text: str) -> None:
         self.result.problems.append(text)

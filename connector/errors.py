@@ -74,6 +74,14 @@ class SourceProtocolError(SourceError, TemporaryError):
     """The server sent something that is not valid POP3 (garbage, an oversized line, a bad listing)."""
 
 
+class SourceReplyTooLongError(SourceProtocolError):
+    """A RETR/TOP reply ran far past the size LIST gave: that message, not the mailbox, is the trouble.
+    The poll still ends (the session is unusable), but the message is quarantined so that the next poll
+    gets past it. ``pop_size`` is what LIST said."""
+
+    pop_size: int = 0
+
+
 class SourceAuthError(SourceError, AuthenticationError):
     """USER/PASS or APOP was refused ([AUTH] or a plain -ERR at login)."""
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 
 from connector.config import Account
+from connector.errors import SourceReplyTooLongError
 from connector.message import HEADER_PARSE_LIMIT, FetchedMessage, MessageSpool, fallback_message_id
 from connector.policies.limits import headers_only_message
 from connector.pop3 import MessageInfo, Pop3Client
@@ -33,7 +34,16 @@ def fetch(
         else:
             pop.retr(info.number, spool, max_bytes=max_retr_bytes(info))
             spool.line_endings_repaired = pop.last_body_repaired
+    except SourceReplyTooLongError as exc:
+        spool.abort()
+        name_runaway(exc, info)
+        raise
     except BaseException:
         spool.abort()
         raise
     return spool.finish()
+
+
+def name_runaway(exc: SourceReplyTooLongError, info: MessageInfo) -> None:
+    """Say which message ran away, so the engine can quarantine it."""
+    exc.uidl, exc.pop_size = info.uidl, info.size

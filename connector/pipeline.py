@@ -21,8 +21,8 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
-from connector.errors import SourceMessageError, SourceProtocolError
-from connector.fetch import max_retr_bytes
+from connector.errors import SourceMessageError, SourceProtocolError, SourceReplyTooLongError
+from connector.fetch import max_retr_bytes, name_runaway
 from connector.message import FetchedMessage, MessageSpool
 from connector.plan import Delivery, PollPlan
 from connector.pop3 import MessageInfo, Pop3Client, join_listings
@@ -189,6 +189,10 @@ class Prefetcher:
         except SourceMessageError as exc:
             spool.abort()
             return Fetched(delivery, error=exc)
+        except SourceReplyTooLongError as exc:
+            spool.abort()
+            name_runaway(exc, delivery.info)
+            raise
         except BaseException:
             spool.abort()
             raise

@@ -27,6 +27,7 @@ from connector.errors import (
     SourceNoUidlError,
     SourcePermError,
     SourceProtocolError,
+    SourceReplyTooLongError,
     SourceTempError,
     SourceTLSError,
 )
@@ -327,7 +328,7 @@ class Pop3Client:
             piece, done = self._body_piece(verb, decoder.at_line_start)
             received += len(piece)
             if max_bytes is not None and received > max_bytes:
-                raise SourceProtocolError(f"{self._peer}: {verb} reply longer than {max_bytes} bytes")
+                raise SourceReplyTooLongError(f"{self._peer}: {verb} reply longer than {max_bytes} bytes")
             data = decoder.feed(piece) + (decoder.finish() if done else b"")
             if data:
                 if digest is not None:

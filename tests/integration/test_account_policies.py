@@ -148,3 +148,29 @@ def test_connection_dropped_in_the_middle_of_retr(
     second = engine.poll(account)
     assert (second.status, second.delivered, second.deleted) == ("ok", 2, 3)
     assert len(dovecot.imap_messages(mail_users.destination.name)) == 3  # none twice, none lost
+
+
+def test_runaway_retr_reply_is_quarantined_so_the_mailbox_goes_on(
+    dovecot: Dovecot, mail_users: MailUsers, make_sync: SyncFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # LIST says a few hundred bytes; RETR sends 60 KB. Past the bound the session is unusable, so that poll
+    # fails, but the message is quarantined: the next poll gets past it instead of failing on it for ever.
+    monkeypatch.setattr("connector.fetch.RETR_SLACK_BYTES", 1000)
+    runaway = b"Subject: runaway\r\n\r\n" + (b"y" * 998 + b"\r\n") * 60 + b".\r\n"
+    messages = [
+        StoredMessage("a", simple(1)),
+        StoredMessage("runaway", simple(2), wire=runaway),
+        StoredMessage("c", simple(3)),
+    ]
+    with ScriptedPop3Server(messages) as server:
+        config, engine = make_sync(account=scripted(server))
+        account = config.accounts[0]
+        first = engine.poll(account)
+        assert first.status == "error" and "longer than" in (first.error or ""), first
+        assert first.quarantined == 1
+        second = engine.poll(account)
+        assert second.status == "ok", second
+        assert [m.uidl for m in server.messages] == ["runaway"]  # left on the server
+    assert sorted(dovecot.imap_messages(mail_users.destination.name)) == sorted([simple(1), simple(3)])
+    (row,) = [q for q in ledger_of(engine).quarantined() if q.uidl == "runaway"]
+    assert "far more than" in (row.last_error or "")
