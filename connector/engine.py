@@ -23,6 +23,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import partial
 from typing import NamedTuple
 
 from connector.config import Account, Config
@@ -39,11 +40,11 @@ from connector.errors import (
     SourceMessageError,
     SourceReplyTooLongError,
 )
-from connector.fetch import fetch
+from connector.fetch import fetch, spool_for
 from connector.identity import baseline_entries, identify, migration
 from connector.ledger.models import MessageState
 from connector.ledger.store import Clock, KnownMessage, Ledger, PollOutcome, utcnow
-from connector.message import FetchedMessage, MessageSpool, fallback_message_id
+from connector.message import FetchedMessage
 from connector.multidrop import DestinationPool, RoutedDelivery
 from connector.pipeline import Fetched, Prefetcher, with_sizes
 from connector.plan import Delivery, PollPlan, plan_poll, with_recovery
@@ -254,7 +255,7 @@ class _Poll(RoutedDelivery):
         if plan.gone:
             self.ledger.prune(self.account_id, plan.gone)
         for info in plan.oversize:
-            self._skip_oversize(info, Limits.of(self.account))
+            self._quarantine_unfetched(info.uidl, info.size, Limits.of(self.account).skip_reason(info.size))
         for uidl in plan.duplicates:
             self._problem(f"UIDL {uidl!r} is listed more than once by the server; left on the server")
         log.info(
@@ -321,11 +322,12 @@ class _Poll(RoutedDelivery):
         self._problem(note)
         return note
 
-    def _skip_oversize(self, info: MessageInfo, limits: Limits) -> None:
-        reason = limits.skip_reason(info.size)
-        self.ledger.record_skipped(self.account_id, info.uidl, info.size, reason)
+    def _quarantine_unfetched(self, uidl: str, pop_size: int, reason: str) -> None:
+        """Quarantine a message that has no complete copy here (over max_message_size, or a runaway
+        reply); it may have no ledger row yet."""
+        self.ledger.record_skipped(self.account_id, uidl, pop_size, reason)
         self.result.quarantined += 1
-        self._problem(f"message {info.uidl!r}: quarantined: {reason}")
+        self._problem(f"message {uidl!r}: quarantined: {reason}")
 
     def _deliver_all(self, pop: Pop3Client, plan: PollPlan) -> None:
         # Whatever a server with EXPIRE 0 has sent is gone at QUIT: it gets nothing fetched ahead.
@@ -341,7 +343,7 @@ class _Poll(RoutedDelivery):
     def _deliver_overlapped(self, pop: Pop3Client, deliveries: Sequence[Delivery]) -> bool:
         """The next messages are fetched while this thread records and delivers (see pipeline.py).
         False when the poll must stop delivering."""
-        with Prefetcher(pop, deliveries, self._spool) as fetched_messages:
+        with Prefetcher(pop, deliveries, partial(spool_for, self.account)) as fetched_messages:
             for item in fetched_messages:
                 with item:
                     if self._stop_requested() or not self._deliver_guarded(item):
@@ -378,10 +380,6 @@ class _Poll(RoutedDelivery):
         except _DestinationDown:
             return False
         return True
-
-    def _spool(self, info: MessageInfo) -> MessageSpool:
-        fallback = fallback_message_id(self.account.name, self.account.host, self.account.username, info.uidl)
-        return MessageSpool(info.uidl, fallback)
 
     # --- one message ---------------------------------------------------------------------------------
 
@@ -586,12 +584,9 @@ class _Poll(RoutedDelivery):
         for ever: quarantine it (it stays on the server; `quarantine retry` after a fix)."""
         reason = f"the server sent far more than the {exc.pop_size} bytes LIST gave: {exc.message}"
         try:
-            self.ledger.record_skipped(self.account_id, uidl, exc.pop_size, reason)
+            self._quarantine_unfetched(uidl, exc.pop_size, reason)
         except LedgerError as ledger_exc:
             log.error("account %s: %s", self.account.name, ledger_exc)
-            return
-        self.result.quarantined += 1
-        self._problem(f"message {uidl!r}: quarantined: {reason}")
 
     def _problem(self, text: str) -> None:
         self.result.problems.append(text)

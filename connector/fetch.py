@@ -20,11 +20,16 @@ def max_retr_bytes(info: MessageInfo) -> int:
     return info.size * 2 + RETR_SLACK_BYTES
 
 
+def spool_for(account: Account, info: MessageInfo) -> MessageSpool:
+    """Where one message is fetched to; the Message-ID it gets if it has none is stable per message."""
+    fallback = fallback_message_id(account.name, account.host, account.username, info.uidl)
+    return MessageSpool(info.uidl, fallback)
+
+
 def fetch(
     pop: Pop3Client, account: Account, info: MessageInfo, *, headers_only: bool = False
 ) -> FetchedMessage:
-    fallback = fallback_message_id(account.name, account.host, account.username, info.uidl)
-    spool = MessageSpool(info.uidl, fallback)
+    spool = spool_for(account, info)
     try:
         if headers_only:
             assert account.max_message_size is not None  # only planned when a limit is set

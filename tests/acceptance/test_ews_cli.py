@@ -20,15 +20,22 @@ from tests.servers.ews import EwsServer
 pytestmark = pytest.mark.acceptance
 
 
+@pytest.fixture
+def exchange(ews: EwsServer) -> EwsServer:
+    """The EWS test server with an impersonating service account and the target mailbox."""
+    ews.add_user(SERVICE, PASSWORD, impersonation=True)
+    ews.add_mailbox(MAILBOX)
+    return ews
+
+
 def test_check_then_sync_into_exchange(
-    ews: EwsServer,
+    exchange: EwsServer,
     dovecot: Dovecot,
     mail_users: MailUsers,
     write_cfg: Callable[..., Path],
     run_cli: RunCli,
 ) -> None:
-    ews.add_user(SERVICE, PASSWORD, impersonation=True)
-    ews.add_mailbox(MAILBOX)
+    ews = exchange
     dovecot.seed(mail_users.source.name, [simple(1)])
     account = {"mailbox": MAILBOX, "folder": "Inbox/Hosted"}
     checked = run_cli("--config", str(write_cfg(account=account, destination=ews_destination(ews))), "check")
@@ -55,14 +62,13 @@ def test_config_error_names_the_field(
 
 def test_protocol_log_records_the_ews_conversation_without_secrets(
     tmp_path: Path,
-    ews: EwsServer,
+    exchange: EwsServer,
     dovecot: Dovecot,
     mail_users: MailUsers,
     write_cfg: Callable[..., Path],
     run_cli: RunCli,
 ) -> None:
-    ews.add_user(SERVICE, PASSWORD, impersonation=True)
-    ews.add_mailbox(MAILBOX)
+    ews = exchange
     dovecot.seed(mail_users.source.name, [simple(1)])
     logs = tmp_path / "protocol"
     config = write_cfg(
