@@ -248,11 +248,18 @@ class Pop3Client:
             verb = commands[0][0]
             raise SourceConnectError(f"{self._peer}: sending {verb} failed: {_cause(exc)}") from exc
 
+    def _read_failed(self, during: str, exc: OSError) -> SourceConnectError:
+        if isinstance(exc, ConnectionResetError):
+            # A server that closes with our command still unread sends RST, not FIN: whether the client
+            # sees a reset or a clean end is a race, and both mean the same to the admin.
+            return SourceConnectError(f"{self._peer}: server closed the connection (reset) during {during}")
+        return SourceConnectError(f"{self._peer}: reading the reply to {during}: {_cause(exc)}")
+
     def _readline(self, limit: int, during: str) -> bytes:
         try:
             data = self._reader.readline(limit)
         except OSError as exc:
-            raise SourceConnectError(f"{self._peer}: reading the reply to {during}: {_cause(exc)}") from exc
+            raise self._read_failed(during, exc) from exc
         if not data:
             raise SourceConnectError(f"{self._peer}: server closed the connection during {during}")
         return data
@@ -316,7 +323,7 @@ class Pop3Client:
         except ConnectionClosed:
             raise SourceConnectError(f"{self._peer}: server closed the connection during {verb}") from None
         except OSError as exc:
-            raise SourceConnectError(f"{self._peer}: reading the reply to {verb}: {_cause(exc)}") from exc
+            raise self._read_failed(verb, exc) from exc
 
     def _stream_body(self, verb: str, sink: Sink, max_bytes: int | None) -> int:
         decoder = BodyDecoder()

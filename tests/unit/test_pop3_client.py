@@ -6,6 +6,7 @@ import io
 import logging
 import socket
 import ssl
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -120,6 +121,20 @@ def test_server_closing_after_greeting_is_a_connect_error() -> None:
         pytest.raises(SourceConnectError, match=f"127.0.0.1:{srv.port}.*CAPA"),
     ):
         connect(srv)
+
+
+def test_reset_reads_as_a_closed_connection(server: ScriptedPop3Server) -> None:
+    def reset(session: Pop3Session, argument: str) -> None:
+        # SO_LINGER with a zero timeout makes close() send RST instead of FIN.
+        session.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        raise CloseConnection
+
+    server.on("STAT", reset)
+    with (
+        logged_in(server) as client,
+        pytest.raises(SourceConnectError, match=r"closed the connection \(reset\) during STAT"),
+    ):
+        client.stat()
 
 
 def test_silent_server_times_out() -> None:
