@@ -61,7 +61,6 @@ class Where:
         return f"{self.endpoint}, mailbox {self.mailbox!r}, folder {self.folder!r}: {detail}"
 
 
-
 def _is_cert_failure(exc: BaseException) -> bool:
     seen: BaseException | None = exc
     while seen is not None:
