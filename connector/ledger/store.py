@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import Engine, Table, Update, delete, func, select, update
+from sqlalchemy import Connection, Engine, Executable, Table, bindparam, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -31,6 +31,8 @@ from connector.ledger.models import AccountRow, MessageRow, MessageState
 from connector.ledger.recipients import RecipientLedger
 
 Clock = Callable[[], datetime]
+# A write kept for the account's next transaction: a statement built once, and this write's values.
+_Write = tuple["Executable", dict[str, Any]]
 _STATES = {state.value: state for state in MessageState}
 
 
@@ -102,13 +104,6 @@ _STATUS_FIELDS = (
     "identity_note",
     "uidl_change_note",
 )
-
-
-@dataclass(frozen=True)
-class _Delivered:
-    uidl: str
-    destination_ref: str
-    at: datetime
 
 
 @dataclass(frozen=True)
@@ -221,22 +216,41 @@ class Ledger(_SuspensionAndQuarantine, RecipientLedger):
         self._sessions = sessionmaker(engine, expire_on_commit=False)
         self._clock = clock
         # Deferred updates per account id; polls of different accounts share this object.
-        self._deferred: dict[int, list[Update]] = {}
+        self._deferred: dict[int, list[_Write]] = {}
         self._deferred_lock = threading.Lock()
         self._account_ids: dict[str, int] = {}
+        # Built once: a statement object made anew per message costs more CPU (cache key, coercions)
+        # than SQLite needs to run and commit it.
+        self._pending_upsert = _pending_upsert(engine.dialect.name)
+
+    def _take_deferred(self, account_id: int | None) -> list[_Write]:
+        if account_id is None:
+            return []
+        with self._deferred_lock:
+            return self._deferred.pop(account_id, [])
 
     @contextmanager
     def _transaction(self, what: str, account_id: int | None = None) -> Iterator[Session]:
         """A committed transaction; with ``account_id``, it first applies that account's deferred writes."""
-        deferred: list[Update] = []
-        if account_id is not None:
-            with self._deferred_lock:
-                deferred = self._deferred.pop(account_id, [])
+        deferred = self._take_deferred(account_id)
         try:
             with self._sessions.begin() as session:
-                for statement in deferred:
-                    session.connection().execute(statement)
+                for statement, params in deferred:
+                    session.connection().execute(statement, params)
                 yield session
+        except SQLAlchemyError as exc:
+            raise LedgerError(f"ledger: cannot {what}: {exc.__class__.__name__}: {exc}") from exc
+
+    @contextmanager
+    def _core_transaction(self, what: str, account_id: int) -> Iterator[Connection]:
+        """As ``_transaction`` on a bare connection: the per-message path has no use for an ORM session,
+        which costs about as much CPU as the statements themselves."""
+        deferred = self._take_deferred(account_id)
+        try:
+            with self.engine.begin() as connection:
+                for statement, params in deferred:
+                    connection.execute(statement, params)
+                yield connection
         except SQLAlchemyError as exc:
             raise LedgerError(f"ledger: cannot {what}: {exc.__class__.__name__}: {exc}") from exc
 
@@ -271,7 +285,7 @@ class Ledger(_SuspensionAndQuarantine, RecipientLedger):
             update(AccountRow).where(AccountRow.id == account_id).values(last_poll_started_at=self._clock())
         )
         if defer:
-            self._defer(account_id, statement)
+            self._defer(account_id, statement, {})
             return
         with self._transaction("record poll start", account_id) as session:
             session.execute(statement)
@@ -399,10 +413,9 @@ class Ledger(_SuspensionAndQuarantine, RecipientLedger):
         The attempt is counted before delivery so that a message that crashes the process every time
         still ends in quarantine instead of looping forever.
         """
-        now = self._clock()
-        table = MessageRow.__table__
-        assert isinstance(table, Table)
-        changes = {
+        params = {
+            "account_id": account_id,
+            "uidl": uidl,
             "state": MessageState.PENDING.value,
             "pop_size": pop_size,
             "size": size,
@@ -411,43 +424,34 @@ class Ledger(_SuspensionAndQuarantine, RecipientLedger):
             "headers_only": headers_only,
             "header_hash": header_hash,
             "repairs": repairs,
-            "updated_at": now,
+            "updated_at": self._clock(),
         }
-        # One upsert statement through Core: the ORM's load-modify-flush cost more than the commit.
-        statement = (
-            _insert_for(self.engine.dialect.name)(table)
-            .values(account_id=account_id, uidl=uidl, attempts=1, first_seen_at=now, **changes)
-            .on_conflict_do_update(
-                index_elements=[table.c.account_id, table.c.uidl],
-                set_={**changes, "attempts": table.c.attempts + 1},
-            )
-            .returning(table.c.attempts)
-        )
-        with self._transaction(f"record message {uidl!r} as pending", account_id) as session:
-            return int(session.connection().execute(statement).scalar_one())
+        with self._core_transaction(f"record message {uidl!r} as pending", account_id) as connection:
+            return int(connection.execute(self._pending_upsert, params).scalar_one())
 
     def record_delivered(
         self, account_id: int, uidl: str, destination_ref: str, *, defer: bool = False
     ) -> datetime:
         """Record the delivery; with ``defer``, in the account's next transaction (see the module doc)."""
-        item = _Delivered(uidl, destination_ref, self._clock())
+        now = self._clock()
+        params = {"account": account_id, "message": uidl, "ref": destination_ref, "now": now}
         if defer:
-            self._defer(account_id, _delivered_update(account_id, item))
-            return item.at
-        with self._transaction(f"record message {uidl!r} as delivered", account_id) as session:
-            session.execute(_delivered_update(account_id, item))
-        return item.at
+            self._defer(account_id, _DELIVERED_UPDATE, params)
+            return now
+        with self._core_transaction(f"record message {uidl!r} as delivered", account_id) as connection:
+            connection.execute(_DELIVERED_UPDATE, params)
+        return now
 
-    def _defer(self, account_id: int, statement: Update) -> None:
+    def _defer(self, account_id: int, statement: Executable, params: dict[str, Any]) -> None:
         with self._deferred_lock:
-            self._deferred.setdefault(account_id, []).append(statement)
+            self._deferred.setdefault(account_id, []).append((statement, params))
 
     def flush(self, account_id: int) -> None:
         """Commit the account's deferred writes now (before a DELE that depends on them)."""
         with self._deferred_lock:
             if not self._deferred.get(account_id):
                 return
-        with self._transaction("record deliveries", account_id):
+        with self._core_transaction("record deliveries", account_id):
             pass
 
     def record_failure(
@@ -525,7 +529,7 @@ class Ledger(_SuspensionAndQuarantine, RecipientLedger):
             values["uidl_change_note"] = change
         statement = update(AccountRow).where(AccountRow.id == account_id).values(**values)
         if defer:
-            self._defer(account_id, statement)
+            self._defer(account_id, statement, {})
             return
         with self._transaction("record UIDL notes", account_id) as session:
             session.execute(statement)
@@ -588,18 +592,38 @@ def _insert_for(dialect: str) -> Callable[[Table], Any]:
     raise LedgerError(f"ledger: database {dialect!r} is not supported (SQLite or PostgreSQL)")
 
 
-def _delivered_update(account_id: int | None, item: _Delivered) -> Update:
-    return (
-        update(MessageRow)
-        .where(MessageRow.account_id == account_id, MessageRow.uidl == item.uidl)
-        .values(
-            state=MessageState.DELIVERED,
-            destination_ref=item.destination_ref,
-            delivered_at=item.at,
-            last_error=None,
-            updated_at=item.at,
-        )
+def _pending_upsert(dialect: str) -> Executable:
+    """Insert a message's row as ``pending`` with one attempt, or set it ``pending`` again and count one
+    more attempt (one statement through Core: the ORM's load-modify-flush cost more than the commit)."""
+    table = MessageRow.__table__
+    assert isinstance(table, Table)
+    changed = ("state", "pop_size", "size", "message_id", "sha256", "headers_only", "header_hash", "repairs")
+    changes: dict[str, Any] = {name: bindparam(name) for name in (*changed, "updated_at")}
+    statement = _insert_for(dialect)(table).values(
+        account_id=bindparam("account_id"),
+        uidl=bindparam("uidl"),
+        attempts=1,
+        first_seen_at=bindparam("updated_at"),
+        **changes,
     )
+    upsert: Executable = statement.on_conflict_do_update(
+        index_elements=[table.c.account_id, table.c.uidl],
+        set_={**{name: statement.excluded[name] for name in changes}, "attempts": table.c.attempts + 1},
+    ).returning(table.c.attempts)
+    return upsert
+
+
+_DELIVERED_UPDATE = (
+    update(MessageRow)
+    .where(MessageRow.account_id == bindparam("account"), MessageRow.uidl == bindparam("message"))
+    .values(
+        state=MessageState.DELIVERED,
+        destination_ref=bindparam("ref"),
+        delivered_at=bindparam("now"),
+        last_error=None,
+        updated_at=bindparam("now"),
+    )
+)
 
 
 def _new_row(account_id: int, uidl: str, now: datetime, **values: object) -> MessageRow:
