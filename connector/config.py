@@ -351,6 +351,8 @@ class ImapDestination(_Model):
     auth: LoginMethod = "password"
     oauth: OAuthSettings | None = None
     create_folders: bool = True
+    # Several messages per APPEND where the server offers MULTIAPPEND (off: for a server that mishandles it).
+    multiappend: bool = True
     # Catch-all accounts log in as each recipient with these (a master user / proxy authorisation).
     master_username: str | None = None
     master_password: Secret | None = None

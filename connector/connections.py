@@ -98,6 +98,7 @@ def _open_imap_as(
         folder=account.folder,
         mark_seen=account.mark_seen,
         create_folder=destination.create_folders,
+        multiappend=destination.multiappend,
     )
 
 

@@ -24,8 +24,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
+from connector.batched import BatchedDelivery, batchable
 from connector.config import Account, Config
 from connector.connections import Connections
 from connector.destinations.base import DestinationSession
@@ -46,7 +47,7 @@ from connector.ledger.models import MessageState
 from connector.ledger.store import Clock, KnownMessage, Ledger, PollOutcome, utcnow
 from connector.message import FetchedMessage
 from connector.multidrop import DestinationPool, RoutedDelivery
-from connector.pipeline import Fetched, Prefetcher, with_sizes
+from connector.pipeline import BATCH_BYTES, Fetched, Prefetcher, with_sizes
 from connector.plan import Delivery, PollPlan, plan_poll, with_recovery
 from connector.policies.limits import Limits, needs_baseline
 from connector.policies.retention import should_delete
@@ -80,6 +81,7 @@ class PollResult:
 
 
 _DestinationAction = Callable[[DestinationSession], "str | None"]
+_T = TypeVar("_T")
 
 
 def _quit_quietly(pop: Pop3Client) -> None:
@@ -131,8 +133,9 @@ class SyncEngine:
         """Called once a poll knows what it will deliver (the sizes known); for observers."""
 
 
-class _Poll(RoutedDelivery):
-    """The state of one poll; methods are the steps (those of catch-all delivery in ``RoutedDelivery``)."""
+class _Poll(RoutedDelivery, BatchedDelivery):
+    """The state of one poll; methods are the steps (those of catch-all delivery in ``RoutedDelivery``,
+    of several messages in one command in ``BatchedDelivery``)."""
 
     def __init__(self, engine: SyncEngine, account: Account, stop: threading.Event) -> None:
         self.engine = engine
@@ -341,13 +344,39 @@ class _Poll(RoutedDelivery):
                 return
 
     def _deliver_overlapped(self, pop: Pop3Client, deliveries: Sequence[Delivery]) -> bool:
-        """The next messages are fetched while this thread records and delivers (see pipeline.py).
+        """The next messages are fetched while this thread records and delivers (see pipeline.py); what
+        has been fetched meanwhile goes in one batch where the destination takes batches.
         False when the poll must stop delivering."""
-        with Prefetcher(pop, deliveries, partial(spool_for, self.account)) as fetched_messages:
-            for item in fetched_messages:
-                with item:
-                    if self._stop_requested() or not self._deliver_guarded(item):
+        with Prefetcher(pop, deliveries, partial(spool_for, self.account)) as prefetcher:
+            for item in prefetcher:
+                first = item.message.size if item.message is not None else 0
+                batch = [item, *prefetcher.ready(self._batch_room() - 1, BATCH_BYTES - first)]
+                with contextlib.ExitStack() as spools:
+                    for fetched in batch:
+                        spools.enter_context(fetched)
+                    if self._stop_requested() or not self._deliver_fetched(batch):
                         return False
+        return True
+
+    def _batch_room(self) -> int:
+        """Messages the next delivery may carry: known once the destination session is open."""
+        session = self.destinations.opened(None) if self.account.routing is None else None
+        return session.max_batch() if session is not None else 1
+
+    def _deliver_fetched(self, items: Sequence[Fetched]) -> bool:
+        """Deliver ``items`` in order, runs of plain new messages together; False when the poll must stop."""
+        run: list[Fetched] = []
+        for item in [*items, None]:
+            if item is not None and batchable(item, self.account):
+                run.append(item)
+                continue
+            if len(run) > 1 and not self._guarded(partial(self._deliver_together, run)):
+                return False
+            if len(run) == 1 and not self._deliver_guarded(run[0]):
+                return False
+            run = []
+            if item is not None and not self._deliver_guarded(item):
+                return False
         return True
 
     def _deliver_simply(self, pop: Pop3Client, deliveries: Sequence[Delivery]) -> bool:
@@ -375,8 +404,12 @@ class _Poll(RoutedDelivery):
         return True
 
     def _deliver_guarded(self, item: Fetched) -> bool:
+        return self._guarded(partial(self._deliver_one, item))
+
+    def _guarded(self, step: Callable[[], None]) -> bool:
+        """Run a delivery step; False when the destination is down and the poll must stop delivering."""
         try:
-            self._deliver_one(item)
+            step()
         except _DestinationDown:
             return False
         return True
@@ -448,9 +481,15 @@ class _Poll(RoutedDelivery):
 
     def _deliver_new(self, fetched: FetchedMessage, info: MessageInfo, *, headers_only: bool) -> None:
         self._record_pending(fetched, info, headers_only=headers_only)
+        self._deliver_recorded(fetched, info)
+
+    def _deliver_recorded(self, fetched: FetchedMessage, info: MessageInfo) -> None:
+        """Deliver a message already recorded ``pending``."""
         ref = self._call_destination(fetched, lambda dest: dest.deliver(fetched), counted=True, pending=True)
-        if ref is None:
-            return
+        if ref is not None:
+            self._delivered_new(fetched, info, ref)
+
+    def _delivered_new(self, fetched: FetchedMessage, info: MessageInfo, ref: str) -> None:
         self._delivered(info, ref)
         self.result.delivered += 1
         protocol_note("delivered %s: %d bytes, sha256 %s -> %s", info.uidl, fetched.size, fetched.sha256, ref)
@@ -497,25 +536,43 @@ class _Poll(RoutedDelivery):
         Permanent failures (the message was refused) count against the message and the mailbox goes on;
         anything else means the destination is not usable now: the poll stops delivering.
         """
+        return self._call_destination_for(
+            [fetched], action, counted=counted, pending=pending, mailbox=mailbox
+        )
+
+    def _call_destination_for(
+        self,
+        messages: Sequence[FetchedMessage],
+        action: Callable[[DestinationSession], _T],
+        *,
+        counted: bool,
+        pending: bool,
+        mailbox: str | None = None,
+    ) -> _T | None:
+        """As ``_call_destination`` for an action on several messages: a failure is each one's."""
         try:
             return action(self.destinations.get(mailbox))
         except DestinationRejectedError as exc:
-            # This message was refused; the destination itself is fine: go on with the next one.
+            # Refused; the destination itself is fine: go on with the next message.
             final = isinstance(exc, DestinationTooLargeError)
-            self._message_failed(fetched, exc, counted=counted, pending=pending, final=final, mailbox=mailbox)
+            for fetched in messages:
+                self._message_failed(
+                    fetched, exc, counted=counted, pending=pending, final=final, mailbox=mailbox
+                )
             return None
         except DestinationError as exc:
             # Full, unreachable, TLS or login trouble: not the message's fault, and no use trying more.
-            self._message_failed(fetched, exc, counted=False, pending=pending, mailbox=mailbox)
+            for fetched in messages:
+                self._message_failed(fetched, exc, counted=False, pending=pending, mailbox=mailbox)
             self._close_destination()
             raise _DestinationDown from exc
         except LedgerError:
             raise
         except Exception as exc:  # a bug or an unexpected driver error: quarantine-count it, go on
-            log.exception(
-                "account %s: unexpected error delivering message %s", self.account.name, fetched.uidl
-            )
-            self._message_failed(fetched, exc, counted=counted, pending=pending, mailbox=mailbox)
+            uidls = ", ".join(fetched.uidl for fetched in messages)
+            log.exception("account %s: unexpected error delivering message %s", self.account.name, uidls)
+            for fetched in messages:
+                self._message_failed(fetched, exc, counted=counted, pending=pending, mailbox=mailbox)
             self._close_destination()
             return None
 

@@ -67,6 +67,10 @@ class DestinationPool:
         session = self._sessions[mailbox] = self._open(mailbox)
         return session
 
+    def opened(self, mailbox: str | None = None) -> DestinationSession | None:
+        """The session for ``mailbox`` if one is open (without opening one)."""
+        return self._sessions.get(mailbox)
+
     def close_all(self) -> None:
         while self._sessions:
             _close_quietly(self._sessions.popitem(last=False)[1])

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Generator, Iterable
+from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -241,6 +241,18 @@ class _ObservedDestination:
         self._stats.delivered_bytes += message.size
         self._engine._notify("message_delivered", self._stats, message.uidl, message.size)
         return ref
+
+    def max_batch(self) -> int:
+        return self._session.max_batch()
+
+    def deliver_many(self, messages: Sequence[FetchedMessage]) -> list[str] | None:
+        set_message(messages[0].uidl)
+        refs = self._session.deliver_many(messages)
+        if refs is not None:
+            for message in messages:
+                self._stats.delivered_bytes += message.size
+                self._engine._notify("message_delivered", self._stats, message.uidl, message.size)
+        return refs
 
     def find(self, message: FetchedMessage) -> str | None:
         set_message(message.uidl)

@@ -37,8 +37,11 @@ MAX_IN_FLIGHT = 64
 IN_FLIGHT_BYTES = 8 * 1024 * 1024
 # Up to this many messages to fetch, their sizes are asked one by one (pipelined) instead of listing all.
 SIZE_QUERIES = 200
-# Fetched messages waiting for delivery.
-FETCH_AHEAD = 4
+# Fetched messages waiting for delivery: enough to fill a batch (destinations that take several messages
+# in one command) while the previous one is being delivered.
+FETCH_AHEAD = 16
+# Bytes of messages delivered in one batch (each message's literal is held in memory while it is sent).
+BATCH_BYTES = 4 * 1024 * 1024
 _POLL_SECONDS = 0.1
 
 
@@ -119,6 +122,8 @@ class Prefetcher:
         self._deliveries = list(deliveries)
         self._spool_for = spool_for
         self._queue: queue.Queue[object] = queue.Queue(maxsize=max(1, ahead))
+        # Taken from the queue by ready() but not for it to hand out: the end, or a failure.
+        self._held: list[object] = []
         self._stop = threading.Event()
         # The thread runs in a copy of this thread's context: log lines and the protocol log keep
         # naming the account (connector.logs and connector.protocol_log keep it in context variables).
@@ -136,7 +141,7 @@ class Prefetcher:
 
     def __iter__(self) -> Iterator[Fetched]:
         while True:
-            item = self._queue.get()
+            item = self._held.pop() if self._held else self._queue.get()
             if item is _END:
                 return
             if isinstance(item, _Failure):
@@ -144,12 +149,34 @@ class Prefetcher:
             assert isinstance(item, Fetched)
             yield item
 
+    def ready(self, count: int, max_bytes: int) -> list[Fetched]:
+        """Up to ``count`` more fetched messages, of at most ``max_bytes`` together, that are waiting now;
+        never blocks. The end of the fetching, or its failure, is left for the iterator to report."""
+        taken: list[Fetched] = []
+        room = max_bytes
+        while len(taken) < count and not self._held:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            size = item.message.size if isinstance(item, Fetched) and item.message is not None else 0
+            if not isinstance(item, Fetched) or size > room:
+                self._held.append(item)
+                break
+            taken.append(item)
+            room -= size
+        return taken
+
     def close(self) -> None:
         self._stop.set()
         while self._thread.is_alive():
             self._discard_queued()
             self._thread.join(_POLL_SECONDS)
         self._discard_queued()
+        for item in self._held:
+            if isinstance(item, Fetched):
+                item.close()
+        self._held.clear()
 
     def _discard_queued(self) -> None:
         while True:

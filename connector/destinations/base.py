@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from connector.message import FetchedMessage
@@ -27,6 +28,16 @@ class DestinationSession(Protocol):
     """
 
     def deliver(self, message: FetchedMessage) -> str: ...
+
+    def max_batch(self) -> int:
+        """How many messages one ``deliver_many`` may carry (1: the destination has no batch delivery)."""
+        ...
+
+    def deliver_many(self, messages: Sequence[FetchedMessage]) -> list[str] | None:
+        """Deliver all of ``messages`` in one atomic command and return their references in order; or
+        None when the destination refused the batch as a whole and stored none of it (the caller then
+        delivers them one at a time). Any other failure raises, as ``deliver`` does."""
+        ...
 
     def find(self, message: FetchedMessage) -> str | None: ...
 

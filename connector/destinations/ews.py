@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 import zoneinfo
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -159,6 +159,12 @@ class EwsSession:
         self.throttled = 0
 
     # --- DestinationSession ---------------------------------------------------------------------------
+
+    def max_batch(self) -> int:
+        return 1  # one CreateItem per message: each is looked up and created on its own
+
+    def deliver_many(self, messages: Sequence[FetchedMessage]) -> list[str] | None:
+        return [self.deliver(messages[0])] if len(messages) == 1 else None
 
     def deliver(self, message: FetchedMessage) -> str:
         """CreateItem (SaveOnly) with the raw MIME; returns ``ews:<mailbox>/<folder>;ItemId=<id>``."""

@@ -2,7 +2,11 @@
 
 Usage: python -m tests.acceptance.crash_driver POINT N -- CLI ARGS...
 POINT is one of: before-pending, before-append, before-delivered-record, before-quit, and for catch-all
-accounts before-recipient-record (the Nth recipient's copy is in its mailbox, its ledger row not yet).
+accounts before-recipient-record (the Nth recipient's copy is in its mailbox, its ledger row not yet);
+these run with one message per APPEND, so that the Nth call is the Nth message. before-multiappend and
+after-multiappend kill around the Nth MULTIAPPEND of several messages (after: they are stored, their
+``delivered`` records not written); the first single delivery then waits a moment, so that the fetching
+thread has the next messages ready and they go as a batch.
 The kill is a real SIGKILL of this process: no finally block, no atexit, no flush runs.
 """
 
@@ -12,6 +16,7 @@ import functools
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -26,18 +31,38 @@ TARGETS: dict[str, tuple[Any, str]] = {
     "before-delivered-record": (Ledger, "record_delivered"),
     "before-quit": (Pop3Client, "quit"),
     "before-recipient-record": (Ledger, "record_recipient_delivered"),
+    "before-multiappend": (imap.ImapSession, "deliver_many"),
+    "after-multiappend": (imap.ImapSession, "deliver_many"),
 }
+BATCH_POINTS = ("before-multiappend", "after-multiappend")
 
 
-def _killing(original: Callable[..., Any], nth: int) -> Callable[..., Any]:
+def _killing(original: Callable[..., Any], nth: int, *, after: bool = False) -> Callable[..., Any]:
     calls = 0
 
     @functools.wraps(original)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         nonlocal calls
         calls += 1
+        if calls == nth and not after:
+            os.kill(os.getpid(), signal.SIGKILL)
+        result = original(*args, **kwargs)
         if calls == nth:
             os.kill(os.getpid(), signal.SIGKILL)
+        return result
+
+    return wrapper
+
+
+def _first_call_waits(original: Callable[..., Any]) -> Callable[..., Any]:
+    calls = 0
+
+    @functools.wraps(original)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            time.sleep(0.3)
         return original(*args, **kwargs)
 
     return wrapper
@@ -47,7 +72,11 @@ def main() -> int:
     point, nth, separator, *cli_args = sys.argv[1:]
     assert separator == "--", __doc__
     owner, name = TARGETS[point]
-    setattr(owner, name, _killing(getattr(owner, name), int(nth)))
+    setattr(owner, name, _killing(getattr(owner, name), int(nth), after=point.startswith("after-")))
+    if point in BATCH_POINTS:
+        imap.ImapSession.deliver = _first_call_waits(imap.ImapSession.deliver)  # type: ignore[method-assign]
+    else:
+        imap.ImapSession.max_batch = lambda self: 1  # type: ignore[method-assign]
     return cli.main(cli_args)
 
 

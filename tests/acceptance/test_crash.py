@@ -59,3 +59,36 @@ def test_killed_then_rerun_delivers_exactly_once(
 
     third = run_cli("--config", config, "sync")
     assert third.returncode == 0 and "delivered=0 recovered=0" in third.stdout
+
+
+@pytest.mark.parametrize("point", ["before-multiappend", "after-multiappend"])
+@pytest.mark.parametrize("retention", ["delete", "keep"])
+def test_killed_around_a_batch_then_rerun_delivers_exactly_once(
+    dovecot: Dovecot,
+    mail_users: MailUsers,
+    write_cfg: Callable[..., Path],
+    run_cli: RunCli,
+    point: str,
+    retention: str,
+) -> None:
+    messages = [simple(n) for n in range(8)]
+    messages[4] = simple(4, message_id=False)
+    dovecot.seed(mail_users.source.name, messages)
+    config = str(write_cfg(account={"retention": retention}))
+    crashed = run_cli(point, "1", "--", "--config", config, "sync", module="tests.acceptance.crash_driver")
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    assert dovecot.maildir_count(mail_users.source.name) == 8
+    # The first message went alone (the session was not open yet); the seven after it, fetched while it
+    # was delivered, in one batch that the kill left unsent or stored but unrecorded.
+    stored_before = len(dovecot.imap_messages(mail_users.destination.name))
+    assert stored_before == (1 if point == "before-multiappend" else 8)
+
+    rerun = run_cli("--config", config, "sync")
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    bodies = dovecot.imap_messages(mail_users.destination.name)
+    assert len(bodies) == 8
+    for original in messages:
+        assert sum(original in body for body in bodies) == 1
+    assert dovecot.maildir_count(mail_users.source.name) == (0 if retention == "delete" else 8)
+    recovered = 7 if point == "after-multiappend" else 0
+    assert f"recovered={recovered}" in rerun.stdout, rerun.stdout

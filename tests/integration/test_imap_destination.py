@@ -433,3 +433,45 @@ def test_append_with_and_without_a_non_synchronizing_literal(
         with fetched(raw, uidl=f"U{n}") as message:
             assert ";UID=" in session.deliver(message)
     assert dovecot.imap_messages(mail_users.destination.name) == raws
+
+
+# --- MULTIAPPEND --------------------------------------------------------------------------------------
+
+
+def test_deliver_many_stores_a_batch_in_order_with_a_reference_each(
+    dovecot: Dovecot, mail_users: MailUsers, open_destination: Opener
+) -> None:
+    session = open_destination(folder="Batch", mark_seen=True)
+    assert session.max_batch() > 1  # Dovecot offers MULTIAPPEND and LITERAL+
+    raws = [raw_message(n, body=f"body {n}") for n in range(5)]
+    with contextlib.ExitStack() as stack:
+        messages = [stack.enter_context(fetched(raw, f"U{n}")) for n, raw in enumerate(raws)]
+        references = session.deliver_many(messages)
+    stored = dovecot.imap_fetch(mail_users.destination.name, "Batch")
+    assert [message.body for message in stored] == raws
+    assert all(message.internal_date == RECEIVED and message.flags == (b"\\Seen",) for message in stored)
+    assert references is not None
+    assert [int(REFERENCE_RE.match(ref)["uid"]) for ref in references] == [m.uid for m in stored]  # type: ignore[index]
+
+
+def test_a_refused_batch_stores_nothing(dovecot: Dovecot, open_destination: Opener) -> None:
+    # Each message fits the quota on its own, the batch does not: the server refuses all of it.
+    small = dovecot.new_user("small", quota="20K")
+    try:
+        session = open_destination(user=small)
+        with contextlib.ExitStack() as stack:
+            messages = [stack.enter_context(fetched(large_message(8 * 1024), f"U{n}")) for n in range(3)]
+            assert session.deliver_many(messages) is None
+        assert dovecot.imap_messages(small.name) == []
+    finally:
+        dovecot.remove_user(small.name)
+
+
+def test_no_batches_without_a_non_synchronizing_literal(open_destination: Opener) -> None:
+    session = open_destination()
+    session._literal_plus, session._literal_minus = False, False
+    assert session.max_batch() == 1
+
+
+def test_multiappend_can_be_turned_off(open_destination: Opener) -> None:
+    assert open_destination(multiappend=False).max_batch() == 1
