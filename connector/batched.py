@@ -22,7 +22,7 @@ from connector.config import Account
 from connector.destinations.base import DestinationSession
 from connector.errors import LedgerError
 from connector.ledger.store import Ledger
-from connector.logs import set_message
+from connector.logs import about_message
 from connector.message import FetchedMessage
 from connector.pipeline import Fetched
 from connector.pop3 import MessageInfo
@@ -84,8 +84,8 @@ class BatchedDelivery:
             self._deliver_one_by_one(pairs)
             return
         for (message, info), ref in zip(pairs, refs, strict=True):
-            set_message(info.uidl)  # log lines about each message name it, not the batch's first
-            self._delivered_new(message, info, ref)
+            with about_message(info.uidl):  # log lines name each message, not the batch's first
+                self._delivered_new(message, info, ref)
 
 
     def _deliver_one_by_one(self, pairs: Sequence[tuple[FetchedMessage, MessageInfo]]) -> None:

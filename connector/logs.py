@@ -40,6 +40,16 @@ def set_message(uidl: str | None) -> None:
     _uidl.set(uidl)
 
 
+@contextmanager
+def about_message(uidl: str) -> Iterator[None]:
+    """Log lines inside are about message ``uidl``; afterwards, about what they were about before."""
+    token = _uidl.set(uidl)
+    try:
+        yield
+    finally:
+        _uidl.reset(token)
+
+
 class ContextFilter(logging.Filter):
     """Puts ``account`` and ``uidl`` on every record; values given with ``extra=`` win."""
 

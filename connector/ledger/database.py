@@ -21,6 +21,8 @@ from connector.errors import ConfigError, LedgerError
 log = logging.getLogger(__name__)
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# Seconds; a ?connect_timeout= in the database URL wins.
+POSTGRES_CONNECT_TIMEOUT = 10
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: object) -> None:
@@ -63,8 +65,10 @@ def make_engine(url: str) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
         return engine
+    # libpq waits for an unreachable server as long as TCP does (minutes): a poll should fail sooner.
+    connect_args = {} if "connect_timeout" in parsed.query else {"connect_timeout": POSTGRES_CONNECT_TIMEOUT}
     try:
-        return create_engine(parsed, pool_pre_ping=True)
+        return create_engine(parsed, pool_pre_ping=True, connect_args=connect_args)
     except (ArgumentError, ImportError) as exc:
         raise ConfigError(f"service.database: cannot use {parsed.render_as_string()}: {exc}") from exc
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import Engine, inspect, text
+from sqlalchemy import Engine, event, inspect, text
 
 from connector.ledger.database import make_engine, open_database, upgrade
 from connector.ledger.models import Base, MessageState
@@ -54,6 +54,21 @@ def test_sqlite_runs_in_wal_mode(sqlite_url: str) -> None:
     with engine.connect() as connection:
         assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
+
+
+@pytest.mark.parametrize(("query", "expected"), [("", 10), ("?connect_timeout=3", "3")])
+def test_postgresql_connections_give_up_after_a_connect_timeout(
+    postgres_url: str, query: str, expected: object
+) -> None:
+    engine = make_engine(postgres_url + query)
+    seen: list[dict[str, object]] = []
+    event.listen(engine, "do_connect", lambda _dialect, _record, _args, params: seen.append(dict(params)))
+    try:
+        with engine.connect():
+            pass
+    finally:
+        engine.dispose()
+    assert seen[0]["connect_timeout"] == expected
 
 
 def test_message_lifecycle(engine: Engine) -> None:
