@@ -40,3 +40,10 @@ def test_bench_prints_a_row_per_scenario() -> None:
     for scenario in ("(1)", "(2)", "(3)", "(4)", "(5)", "(6)"):
         row = next(line for line in lines if line.startswith(scenario))
         float(row.split("|")[3])  # a ratio, whatever its value
+
+
+def test_ledger_bench_prints_its_ratio(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.ledger import main
+
+    assert main(["--messages", "20"]) == 0
+    assert "ratio (bare CPU / connector CPU):" in capsys.readouterr().out
