@@ -46,17 +46,12 @@ def header_hash_of(pop: Pop3Client, number: int) -> str | None:
     return header_hash(top.getvalue())
 
 
-def uidl_listing(pop: Pop3Client) -> list[MessageInfo]:
-    """The listing from UIDL alone (sizes 0): an idle poll sends this one listing command."""
-    make = MessageInfo._make  # a mailbox may keep 100,000 messages: the cheapest way to build each
-    return [make((number, uidl, 0)) for number, uidl in pop.uidl()]
-
-
 def identify(pop: Pop3Client, known: Mapping[str, KnownMessage], *, quick: bool = False) -> Identified:
     """The listing with every message given an identity the ledger can rely on. With ``quick``, UIDL
     alone when the UIDLs are trustworthy (see ``Identified.sized``)."""
     try:
-        listing = uidl_listing(pop) if quick else pop.listing()
+        # UIDL alone (sizes 0): an idle poll sends this one listing command.
+        listing = pop.uidl() if quick else pop.listing()
     except SourceNoUidlError:
         return _by_header_hash(pop)
     if quick and (needs_header_hash(listing, known) or suspect_migration(listing, known)):
