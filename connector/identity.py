@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from connector.errors import SourceMessageError, SourceNoUidlError
-from connector.ledger.store import KnownMessage
+from connector.ledger.store import KnownMessage, KnownMessages
 from connector.message import HEADER_PARSE_LIMIT
 from connector.policies.uidl import (
     UidlChange,
@@ -46,7 +46,7 @@ def header_hash_of(pop: Pop3Client, number: int) -> str | None:
     return header_hash(top.getvalue())
 
 
-def identify(pop: Pop3Client, known: Mapping[str, KnownMessage], *, quick: bool = False) -> Identified:
+def identify(pop: Pop3Client, known: KnownMessages, *, quick: bool = False) -> Identified:
     """The listing with every message given an identity the ledger can rely on. With ``quick``, UIDL
     alone when the UIDLs are trustworthy (see ``Identified.sized``)."""
     try:
@@ -54,10 +54,10 @@ def identify(pop: Pop3Client, known: Mapping[str, KnownMessage], *, quick: bool 
         listing = pop.uidl() if quick else pop.listing()
     except SourceNoUidlError:
         return _by_header_hash(pop)
-    if quick and (needs_header_hash(listing, known) or suspect_migration(listing, known)):
+    ambiguous = needs_header_hash(listing, known)
+    if quick and (ambiguous or suspect_migration(listing, known)):
         # Telling these messages apart needs their sizes after all.
         return identify(pop, known)
-    ambiguous = needs_header_hash(listing, known)
     if not ambiguous:
         return Identified(listing, sized=not quick)
     replaced: dict[int, MessageInfo] = {}
@@ -94,13 +94,15 @@ def baseline_entries(
 
 
 def migration(
-    pop: Pop3Client, listing: Sequence[MessageInfo], known: Mapping[str, KnownMessage]
-) -> UidlChange | None:
-    """When the UIDLs look like they all changed (a host migration), re-match the new ones to known
-    messages by header hash and size; None when they did not."""
-    appeared = set(suspect_migration(listing, known))
-    if not appeared:
-        return None
-    infos = [info for info in listing if info.uidl in appeared]
+    pop: Pop3Client,
+    listing: Sequence[MessageInfo],
+    known: Mapping[str, KnownMessage],
+    appeared: Iterable[str],
+) -> UidlChange:
+    """Re-match the UIDLs that ``appeared`` when all UIDLs looked changed (a host migration: see
+    ``policies.uidl.suspect_migration``) to the ``known`` messages (every row, in full) by header hash and
+    size."""
+    wanted = set(appeared)
+    infos = [info for info in listing if info.uidl in wanted]
     hashes = {info.uidl: digest for info in infos if (digest := header_hash_of(pop, info.number))}
     return rematch(infos, hashes, known)
