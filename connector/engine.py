@@ -153,6 +153,8 @@ class _Poll(RoutedDelivery):
         self.undelivered: set[str] = set()
         # Delivered as headers only: the POP3 server keeps the one whole copy, whatever the retention.
         self.keep_on_server: set[str] = set()
+        # The account's identity note as the ledger had it when the poll started (see _suspended).
+        self.identity_note: str | None = None
 
     # --- whole poll ----------------------------------------------------------------------------------
 
@@ -176,10 +178,11 @@ class _Poll(RoutedDelivery):
     def _suspended(self) -> bool:
         """A suspended account is not polled at all; it is looked at again after ``poll_interval`` so
         that the service notices ``pop-connector resume``."""
-        suspension = self.ledger.suspension(self.account_id)
-        if suspension is None:
+        state = self.ledger.account_state(self.account_id)
+        self.identity_note = state.identity_note
+        if state.suspension is None:
             return False
-        since, reason = suspension
+        since, reason = state.suspension
         self.result.status = "suspended"
         self.result.error = (
             f"suspended since {since.isoformat(timespec='seconds')}: {reason}; "
@@ -295,7 +298,8 @@ class _Poll(RoutedDelivery):
         change, known = self._rematched(pop, listing, known)
         if apply:
             note = self._uidl_change_note(change)
-            self.ledger.set_uidl_notes(self.account_id, identified.note, note, defer=True)
+            if note is not None or identified.note != self.identity_note:  # else a write that changes nothing
+                self.ledger.set_uidl_notes(self.account_id, identified.note, note, defer=True)
             if change is not None:
                 self.ledger.rekey(self.account_id, change.rematched)
         suspects = set(change.unmatched) if change is not None else set()

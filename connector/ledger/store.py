@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Set
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from operator import itemgetter
 from typing import Any, NamedTuple
 
 from sqlalchemy import (
@@ -93,6 +94,14 @@ class KnownMessages:
     def __iter__(self) -> Iterator[str]:
         """Every UIDL the ledger knows (``rows`` and ``kept`` never share one)."""
         return itertools.chain(self.rows, self.kept)
+
+
+class AccountState(NamedTuple):
+    """What a poll needs to know of its account row before it starts."""
+
+    # (since, reason) when the account is suspended.
+    suspension: tuple[datetime, str] | None
+    identity_note: str | None
 
 
 @dataclass(frozen=True)
@@ -175,18 +184,6 @@ class _SuspensionAndQuarantine:
                 .where(AccountRow.id == account_id)
                 .values(suspended_at=self._clock(), suspended_reason=reason)
             )
-
-    def suspension(self, account_id: int) -> tuple[datetime, str] | None:
-        """(since, reason) when the account is suspended."""
-        with self._transaction("read account") as session:
-            row = session.execute(
-                select(AccountRow.suspended_at, AccountRow.suspended_reason).where(
-                    AccountRow.id == account_id
-                )
-            ).one_or_none()
-        if row is None or row.suspended_at is None:
-            return None
-        return row.suspended_at, row.suspended_reason or ""
 
     def resume(self, name: str) -> bool:
         """Lift a suspension and start counting failures afresh; the account is due at once. False when
@@ -334,6 +331,19 @@ class Ledger(_SuspensionAndQuarantine, RecipientLedger):
                 raise
             return self.account_id(name, create=False)
 
+    def account_state(self, account_id: int) -> AccountState:
+        """One query at the start of every poll."""
+        with self._snapshot("read account") as connection:
+            row = connection.execute(
+                select(AccountRow.suspended_at, AccountRow.suspended_reason, AccountRow.identity_note).where(
+                    AccountRow.id == account_id
+                )
+            ).one_or_none()
+        if row is None:
+            return AccountState(None, None)
+        since, reason, identity_note = row
+        return AccountState(None if since is None else (since, reason or ""), identity_note)
+
     def poll_started(self, account_id: int, *, defer: bool = False) -> None:
         """With ``defer``, written with the account's next write (an idle poll then commits once)."""
         statement = (
@@ -428,7 +438,7 @@ class Ledger(_SuspensionAndQuarantine, RecipientLedger):
             rest = or_(other_state, and_(MessageRow.state == _DELIVERED, undated))
         with self._snapshot("read messages") as connection:
             rows = _known_rows(connection, and_(account, rest))
-            uidls = frozenset(connection.execute(select(MessageRow.uidl).where(account, kept)).scalars())
+            uidls = _uidl_set(connection, and_(account, kept))
         return KnownMessages(rows, uidls)
 
     def record_pending(
@@ -559,7 +569,8 @@ class Ledger(_SuspensionAndQuarantine, RecipientLedger):
         self, account_id: int, identity: str | None, change: str | None = None, *, defer: bool = False
     ) -> None:
         """``identity`` replaces the last one (None: UIDLs were fine); ``change`` is kept until the next.
-        With ``defer``, written with the account's next write (an idle poll then still commits once)."""
+        With ``defer``, written with the account's next write (an idle poll then still commits once).
+        Callers skip this when neither changed (see ``account_state``): most polls change nothing."""
         values: dict[str, object] = {"identity_note": identity}
         if change is not None:
             values["uidl_change_note"] = change
@@ -617,6 +628,15 @@ class Ledger(_SuspensionAndQuarantine, RecipientLedger):
                 )
                 removed += int(getattr(result, "rowcount", 0) or 0)
         return removed
+
+
+def _uidl_set(connection: Connection, where: ColumnElement[bool]) -> frozenset[str]:
+    result = connection.execute(select(MessageRow.uidl).where(where))
+    # The driver's rows, in one fetch: tuples of one str, which the garbage collector soon stops
+    # tracking. 100,000 of SQLAlchemy's Row objects cost more to build and, tracked until they are freed,
+    # set off full collections of the whole heap. (A str column has no result processing to miss.)
+    with contextlib.closing(result):
+        return frozenset(map(itemgetter(0), result.cursor.fetchall()))
 
 
 def _known_rows(connection: Connection, where: ColumnElement[bool]) -> dict[str, KnownMessage]:
