@@ -15,7 +15,7 @@ from sqlalchemy import Engine, inspect, text
 
 from connector.ledger.database import make_engine, open_database, upgrade
 from connector.ledger.models import Base, MessageState
-from connector.ledger.store import Ledger, PollOutcome
+from connector.ledger.store import KnownMessages, Ledger, PollOutcome
 
 pytestmark = pytest.mark.integration
 
@@ -158,6 +158,18 @@ def test_known_to_plan_names_only_what_retention_keeps(engine: Engine) -> None:
     old = ledger.known_to_plan(account, now - timedelta(days=14)).rows["old"]
     assert old.state is MessageState.DELIVERED and old.delivered_at is not None
     assert old.delivered_at.tzinfo is not None and old.delivered_at <= now - timedelta(days=30)
+
+
+def test_known_to_plan_reads_a_uidl_with_a_line_break_right(engine: Engine) -> None:
+    ledger = Ledger(engine)
+    account = ledger.account_id("odd")
+    assert account is not None
+    now = datetime.now(UTC)
+    rows = [_row(account, uidl, "delivered", now, 1) for uidl in ("a\nb", "a", "c")]
+    with engine.begin() as connection:
+        connection.execute(Base.metadata.tables["messages"].insert(), rows)
+    assert ledger.known_to_plan(account, None).kept == {"a\nb", "a", "c"}
+    assert ledger.known_to_plan(ledger.account_id("empty") or 0, None) == KnownMessages({}, set())
 
 
 def _row(account: int, uidl: str, state: str, now: datetime, age_days: int | None) -> dict[str, object]:
