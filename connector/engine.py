@@ -41,7 +41,7 @@ from connector.errors import (
     SourceReplyTooLongError,
 )
 from connector.fetch import fetch, spool_for
-from connector.identity import baseline_entries, identify, migration
+from connector.identity import Identified, baseline_entries, identify, migration
 from connector.ledger.models import MessageState
 from connector.ledger.store import Clock, KnownMessage, KnownMessages, Ledger, PollOutcome, utcnow
 from connector.message import FetchedMessage
@@ -295,7 +295,7 @@ class _Poll(RoutedDelivery):
             known = KnownMessages(
                 self._baseline(pop, listing) if apply else {i.uidl: _seen(i) for i in listing}
             )
-        change, known = self._rematched(pop, listing, known)
+        change, known = self._rematched(pop, identified, known)
         if apply:
             note = self._uidl_change_note(change)
             if note is not None or identified.note != self.identity_note:  # else a write that changes nothing
@@ -311,11 +311,12 @@ class _Poll(RoutedDelivery):
         return self.ledger.known_to_plan(self.account_id, deletable_until(self.account.retention, now))
 
     def _rematched(
-        self, pop: Pop3Client, listing: list[MessageInfo], known: KnownMessages
+        self, pop: Pop3Client, identified: Identified, known: KnownMessages
     ) -> tuple[UidlChange | None, KnownMessages]:
         """When the UIDLs look like they all changed (a host migration), the new ones re-matched to known
         messages, and the ledger as it reads once re-keyed; (None, ``known``) when they did not."""
-        appeared = suspect_migration(listing, known)
+        listing = identified.listing
+        appeared = [] if identified.migration_checked else suspect_migration(listing, known)
         if not appeared:
             return None, known
         # Re-matching compares header hashes of every known row, the kept ones too (read before re-keying).

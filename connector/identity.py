@@ -33,6 +33,9 @@ class Identified:
     unidentified: int = 0
     # False when only UIDL was asked (``quick``): every size is 0 until the caller asks for the ones it needs.
     sized: bool = True
+    # True when policies.uidl.suspect_migration already found no migration for this listing and the
+    # ledger as it was given (a quick listing is only kept then): no need to look again.
+    migration_checked: bool = False
 
 
 def header_hash_of(pop: Pop3Client, number: int) -> str | None:
@@ -59,7 +62,7 @@ def identify(pop: Pop3Client, known: KnownMessages, *, quick: bool = False) -> I
         # Telling these messages apart needs their sizes after all.
         return identify(pop, known)
     if not ambiguous:
-        return Identified(listing, sized=not quick)
+        return Identified(listing, sized=not quick, migration_checked=quick)
     replaced: dict[int, MessageInfo] = {}
     for info in ambiguous:
         digest = header_hash_of(pop, info.number)

@@ -76,7 +76,7 @@ def plan_poll(
     uidls = [info.uidl for info in listing]
     listed = set(uidls)
     # Duplicates cannot be told apart by UIDL: delivering one could deliver the wrong one twice.
-    duplicates = duplicated_uidls(uidls)
+    duplicates = duplicated_uidls(uidls) if len(listed) < len(uidls) else set()
     skipped = known.kept | duplicates if duplicates else known.kept
     tally = _Tally()
     rows = known.rows
