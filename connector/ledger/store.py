@@ -284,10 +284,11 @@ class Ledger(_SuspensionAndQuarantine, RecipientLedger):
             raise LedgerError(f"ledger: cannot {what}: {exc.__class__.__name__}: {exc}") from exc
 
     @contextmanager
-    def _snapshot(self, what: str) -> Iterator[Connection]:
-        """A read-only transaction whose statements all see the same committed state."""
+    def _reading(self, what: str, *, snapshot: bool = False) -> Iterator[Connection]:
+        """A read-only transaction through Core; with ``snapshot``, all its statements see the same
+        committed state."""
         try:
-            with self._snapshots.begin() as connection:
+            with (self._snapshots if snapshot else self.engine).begin() as connection:
                 yield connection
         except SQLAlchemyError as exc:
             raise LedgerError(f"ledger: cannot {what}: {exc.__class__.__name__}: {exc}") from exc
@@ -332,7 +333,7 @@ class Ledger(_SuspensionAndQuarantine, RecipientLedger):
 
     def account_state(self, account_id: int) -> AccountState:
         """One query at the start of every poll."""
-        with self._snapshot("read account") as connection:
+        with self._reading("read account") as connection:
             row = connection.execute(
                 select(AccountRow.suspended_at, AccountRow.suspended_reason, AccountRow.identity_note).where(
                     AccountRow.id == account_id
@@ -413,7 +414,7 @@ class Ledger(_SuspensionAndQuarantine, RecipientLedger):
         """Everything the ledger knows of one account, in one query (100,000 rows is fine)."""
         # A read: deferred writes stay deferred (none is needed to plan; a stale "pending" row only
         # makes the poll look in the destination first).
-        with self._snapshot("read messages") as connection:
+        with self._reading("read messages") as connection:
             return _known_rows(connection, MessageRow.account_id == account_id)
 
     def known_to_plan(self, account_id: int, deletable_until: datetime | None) -> KnownMessages:
@@ -434,7 +435,7 @@ class Ledger(_SuspensionAndQuarantine, RecipientLedger):
             # A delivery time that is not recorded is never deleted, but is read in full all the same.
             due = or_(MessageRow.delivered_at.is_(None), MessageRow.delivered_at <= deletable_until)
             rest = or_(rest, and_(MessageRow.state == _DELIVERED, due))
-        with self._snapshot("read messages") as connection:
+        with self._reading("read messages", snapshot=True) as connection:
             rows = _known_rows(connection, and_(account, rest))
             kept = _uidls(connection, account) - rows.keys()
         return KnownMessages(rows, kept)
