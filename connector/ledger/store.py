@@ -23,7 +23,6 @@ from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 from sqlalchemy import (
-    ColumnElement,
     Connection,
     Engine,
     Executable,
@@ -41,7 +40,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from connector.errors import LedgerError
-from connector.ledger.models import AccountRow, MessageRow, MessageState
+from connector.ledger.models import AccountRow, MessageRow, MessageState, UTCDateTime
 from connector.ledger.recipients import RecipientLedger
 
 Clock = Callable[[], datetime]
@@ -415,7 +414,7 @@ class Ledger(_SuspensionAndQuarantine, RecipientLedger):
         # A read: deferred writes stay deferred (none is needed to plan; a stale "pending" row only
         # makes the poll look in the destination first).
         with self._reading("read messages") as connection:
-            return _known_rows(connection, MessageRow.account_id == account_id)
+            return _known_rows(connection, _ALL_ROWS, {"account": account_id})
 
     def known_to_plan(self, account_id: int, deletable_until: datetime | None) -> KnownMessages:
         """What a poll plans with (see ``KnownMessages``): in full, every message that is not delivered
@@ -428,16 +427,11 @@ class Ledger(_SuspensionAndQuarantine, RecipientLedger):
         UIDL): 100,000 kept messages are read in a few tens of milliseconds instead of converting 100,000
         rows (their dates above all) that the plan would not use.
         """
-        account = MessageRow.account_id == account_id
-        # "state <> delivered" spelt as two ranges, so that the index on (account, state) serves it.
-        rest = or_(MessageRow.state < _DELIVERED, MessageRow.state > _DELIVERED)
-        if deletable_until is not None:
-            # A delivery time that is not recorded is never deleted, but is read in full all the same.
-            due = or_(MessageRow.delivered_at.is_(None), MessageRow.delivered_at <= deletable_until)
-            rest = or_(rest, and_(MessageRow.state == _DELIVERED, due))
+        params: dict[str, Any] = {"account": account_id, "until": deletable_until}
+        statement = _UNDELIVERED_ROWS if deletable_until is None else _UNKEPT_ROWS
         with self._reading("read messages", snapshot=True) as connection:
-            rows = _known_rows(connection, and_(account, rest))
-            kept = _uidls(connection, account) - rows.keys()
+            rows = _known_rows(connection, statement, params)
+            kept = _uidls(connection, account_id) - rows.keys()
         return KnownMessages(rows, kept)
 
     def record_pending(
@@ -629,35 +623,22 @@ class Ledger(_SuspensionAndQuarantine, RecipientLedger):
         return removed
 
 
-def _uidls(connection: Connection, where: ColumnElement[bool]) -> set[str]:
-    """The UIDLs of the rows ``where`` selects, joined into one value by the database and split here:
-    100,000 rows cost the driver and the garbage collector far more than one long string. A UIDL has no
-    line break (RFC 1939 allows 0x21-0x7E; ours add "/hdr:" and hex): the count makes sure of it."""
-    joined, count = connection.execute(
-        select(func.aggregate_strings(MessageRow.uidl, "\n"), func.count()).where(where)
-    ).one()
+def _uidls(connection: Connection, account_id: int) -> set[str]:
+    """Every UIDL of the account, joined into one value by the database and split here: 100,000 rows
+    cost the driver and the garbage collector far more than one long string. A UIDL has no line break
+    (RFC 1939 allows 0x21-0x7E; ours add "/hdr:" and hex): the count makes sure of it."""
+    joined, count = connection.execute(_JOINED_UIDLS, {"account": account_id}).one()
     uidls = joined.split("\n") if joined is not None else []
     if len(uidls) != count:  # a line break after all: never written by this program, but read it right
-        uidls = list(connection.execute(select(MessageRow.uidl).where(where)).scalars())
+        uidls = list(connection.execute(_UIDLS, {"account": account_id}).scalars())
     return set(uidls)
 
 
-def _known_rows(connection: Connection, where: ColumnElement[bool]) -> dict[str, KnownMessage]:
+def _known_rows(
+    connection: Connection, statement: Executable, params: dict[str, Any]
+) -> dict[str, KnownMessage]:
     # Through Core: the ORM's row loading would double the cost per row.
-    rows = connection.execute(
-        select(
-            MessageRow.uidl,
-            MessageRow.state,
-            MessageRow.attempts,
-            MessageRow.delivered_at,
-            MessageRow.message_id,
-            MessageRow.size,
-            MessageRow.sha256,
-            MessageRow.headers_only,
-            MessageRow.pop_size,
-            MessageRow.header_hash,
-        ).where(where)
-    )
+    rows = connection.execute(statement, params)
     # Positional unpacking and a dict lookup for the state: the per-row cost is what matters for a mailbox
     # that keeps 100,000 messages (named Row access and Enum() were most of it).
     states = _STATES
@@ -687,6 +668,35 @@ def _known_rows(connection: Connection, where: ColumnElement[bool]) -> dict[str,
             header_hash,
         ) in rows.all()
     }
+
+
+# The reads of every poll, built once (as the writes below): building a statement anew costs more CPU than
+# an idle poll's SQLite needs to run it.
+_ACCOUNT = MessageRow.account_id == bindparam("account")
+_KNOWN_COLUMNS = select(
+    MessageRow.uidl,
+    MessageRow.state,
+    MessageRow.attempts,
+    MessageRow.delivered_at,
+    MessageRow.message_id,
+    MessageRow.size,
+    MessageRow.sha256,
+    MessageRow.headers_only,
+    MessageRow.pop_size,
+    MessageRow.header_hash,
+)
+_ALL_ROWS = _KNOWN_COLUMNS.where(_ACCOUNT)
+# "state <> delivered" spelt as two ranges, so that the index on (account, state) serves it.
+_UNDELIVERED = or_(MessageRow.state < _DELIVERED, MessageRow.state > _DELIVERED)
+_UNDELIVERED_ROWS = _KNOWN_COLUMNS.where(_ACCOUNT, _UNDELIVERED)
+# Also the delivered ones the retention may delete now; a delivery time that is not recorded is never
+# deleted, but is read in full all the same.
+_DUE = or_(
+    MessageRow.delivered_at.is_(None), MessageRow.delivered_at <= bindparam("until", type_=UTCDateTime())
+)
+_UNKEPT_ROWS = _KNOWN_COLUMNS.where(_ACCOUNT, or_(_UNDELIVERED, and_(MessageRow.state == _DELIVERED, _DUE)))
+_JOINED_UIDLS = select(func.aggregate_strings(MessageRow.uidl, "\n"), func.count()).where(_ACCOUNT)
+_UIDLS = select(MessageRow.uidl).where(_ACCOUNT)
 
 
 def _insert_for(dialect: str) -> Callable[[Table], Any]:
