@@ -333,11 +333,7 @@ class Ledger(_SuspensionAndQuarantine, RecipientLedger):
     def account_state(self, account_id: int) -> AccountState:
         """One query at the start of every poll."""
         with self._reading("read account") as connection:
-            row = connection.execute(
-                select(AccountRow.suspended_at, AccountRow.suspended_reason, AccountRow.identity_note).where(
-                    AccountRow.id == account_id
-                )
-            ).one_or_none()
+            row = connection.execute(_ACCOUNT_STATE, {"account": account_id}).one_or_none()
         if row is None:
             return AccountState(None, None)
         since, reason, identity_note = row
@@ -695,6 +691,9 @@ _DUE = or_(
     MessageRow.delivered_at.is_(None), MessageRow.delivered_at <= bindparam("until", type_=UTCDateTime())
 )
 _UNKEPT_ROWS = _KNOWN_COLUMNS.where(_ACCOUNT, or_(_UNDELIVERED, and_(MessageRow.state == _DELIVERED, _DUE)))
+_ACCOUNT_STATE = select(AccountRow.suspended_at, AccountRow.suspended_reason, AccountRow.identity_note).where(
+    AccountRow.id == bindparam("account")
+)
 _JOINED_UIDLS = select(func.aggregate_strings(MessageRow.uidl, "\n"), func.count()).where(_ACCOUNT)
 _UIDLS = select(MessageRow.uidl).where(_ACCOUNT)
 
