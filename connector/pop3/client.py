@@ -288,7 +288,7 @@ class Pop3Client:
         return self._parse_reply(verb, self._read_status_line(verb))
 
     def _read_lines(self, verb: str) -> list[bytes]:
-        """The lines of a multi-line listing (CAPA, LIST), unstuffed, terminator removed."""
+        """The lines of a multi-line reply (CAPA), unstuffed, terminator removed."""
         return split_listing(self._read_block(verb))
 
     def _read_block(self, verb: str) -> bytes:
