@@ -13,7 +13,7 @@ from connector.config import Config, RoutingPolicy
 from connector.connections import Connections
 from connector.errors import SourceMessageError
 from connector.identity import baseline_entries, identify
-from connector.ledger.store import Ledger, QuarantinedMessage
+from connector.ledger.store import KnownMessages, Ledger, QuarantinedMessage
 from connector.message import HEADER_PARSE_LIMIT
 from connector.pop3 import MessageInfo, Pop3Client
 from connector.routing import route
@@ -107,7 +107,7 @@ def _baseline(config: Config, ledger: Ledger, name: str) -> int:
     account_id = ledger.account_id(name)
     assert account_id is not None
     with Connections().open_source(account) as pop:
-        listing = identify(pop, ledger.known_messages(account_id)).listing
+        listing = identify(pop, KnownMessages(ledger.known_messages(account_id))).listing
         entries = baseline_entries(pop, listing, ledger.known_messages(account_id))
     count = ledger.record_seen(account_id, entries)
     print(
@@ -124,7 +124,7 @@ def _routes(config: Config, name: str) -> int:
         print(f"account {name!r} has no routing table ([accounts.routing]): all its mail goes to one folder")
         return EXIT_CONFIG
     with Connections().open_source(account) as pop:
-        listing = identify(pop, {}).listing
+        listing = identify(pop, KnownMessages()).listing
         lines = [_route_line(pop, info, account.routing) for info in listing]
     print(f"account {name!r}: {len(listing)} messages on the server")
     print("\n".join(lines))

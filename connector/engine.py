@@ -42,18 +42,18 @@ from connector.errors import (
     SourceReplyTooLongError,
 )
 from connector.fetch import fetch, spool_for
-from connector.identity import baseline_entries, identify, migration
+from connector.identity import Identified, baseline_entries, identify, migration
 from connector.ledger.models import MessageState
-from connector.ledger.store import Clock, KnownMessage, Ledger, PollOutcome, utcnow
+from connector.ledger.store import Clock, KnownMessage, KnownMessages, Ledger, PollOutcome, utcnow
 from connector.message import FetchedMessage
 from connector.multidrop import DestinationPool, RoutedDelivery
 from connector.pipeline import BATCH_BYTES, Fetched, Prefetcher, with_sizes
 from connector.plan import Delivery, PollPlan, plan_poll, with_recovery
 from connector.policies.limits import Limits, needs_baseline
-from connector.policies.retention import should_delete
+from connector.policies.retention import deletable_until, should_delete
 from connector.policies.retry import failure_delay, should_suspend, success_delay
 from connector.policies.server_limits import deletes_retrieved, login_delay, retention_conflict
-from connector.policies.uidl import UidlChange, rekeyed
+from connector.policies.uidl import UidlChange, rekeyed, suspect_migration
 from connector.pop3 import MessageInfo, Pop3Client
 from connector.protocol_log import protocol_note, recording
 
@@ -101,9 +101,11 @@ class _DestinationDown(Exception):
 
 class _Listing(NamedTuple):
     listing: list[MessageInfo]
-    known: dict[str, KnownMessage]
+    known: KnownMessages
     # To look for in the destination before delivering them (identity in doubt).
     suspects: set[str]
+    # The time the plan is made for: the ledger was read for the retention at this time.
+    now: datetime
     # False: from UIDL alone, every size 0 (see identity.Identified.sized).
     sized: bool = True
 
@@ -154,6 +156,8 @@ class _Poll(RoutedDelivery, BatchedDelivery):
         self.undelivered: set[str] = set()
         # Delivered as headers only: the POP3 server keeps the one whole copy, whatever the retention.
         self.keep_on_server: set[str] = set()
+        # The account's identity note as the ledger had it when the poll started (see _suspended).
+        self.identity_note: str | None = None
 
     # --- whole poll ----------------------------------------------------------------------------------
 
@@ -177,10 +181,11 @@ class _Poll(RoutedDelivery, BatchedDelivery):
     def _suspended(self) -> bool:
         """A suspended account is not polled at all; it is looked at again after ``poll_interval`` so
         that the service notices ``pop-connector resume``."""
-        suspension = self.ledger.suspension(self.account_id)
-        if suspension is None:
+        state = self.ledger.account_state(self.account_id)
+        self.identity_note = state.identity_note
+        if state.suspension is None:
             return False
-        since, reason = suspension
+        since, reason = state.suspension
         self.result.status = "suspended"
         self.result.error = (
             f"suspended since {since.isoformat(timespec='seconds')}: {reason}; "
@@ -246,7 +251,7 @@ class _Poll(RoutedDelivery, BatchedDelivery):
 
     def _plan_of(self, listed: _Listing, listing: list[MessageInfo]) -> PollPlan:
         limits = Limits.of(self.account)
-        plan = plan_poll(listing, listed.known, self.account.retention, self.engine.clock(), limits)
+        plan = plan_poll(listing, listed.known, self.account.retention, listed.now, limits)
         return with_recovery(plan, listed.suspects)
 
     def _plan(self, pop: Pop3Client) -> PollPlan:
@@ -278,7 +283,8 @@ class _Poll(RoutedDelivery, BatchedDelivery):
         """The listing with trustworthy identities, the ledger's view of it (after a baseline or a UIDL
         re-match), and the messages to look for in the destination before delivering them. With
         ``apply=False`` (dry run) the ledger is only read."""
-        known = self.ledger.known_messages(self.account_id) if self.account_id else {}
+        now = self.engine.clock()
+        known = self._known(now)
         baseline = self._needs_baseline(known)
         # UIDL alone is enough unless sizes decide something: a limit, or a baseline recording them.
         quick = apply and not baseline and self.account.max_message_size is None
@@ -289,18 +295,39 @@ class _Poll(RoutedDelivery, BatchedDelivery):
                 f"{identified.unidentified} message(s) have no UIDL and TOP failed; left on the server"
             )
         if baseline:
-            known = self._baseline(pop, listing) if apply else {i.uidl: _seen(i) for i in listing}
-        change = migration(pop, listing, known)
+            known = KnownMessages(
+                self._baseline(pop, listing) if apply else {i.uidl: _seen(i) for i in listing}
+            )
+        change, known = self._rematched(pop, identified, known)
         if apply:
             note = self._uidl_change_note(change)
-            self.ledger.set_uidl_notes(self.account_id, identified.note, note, defer=True)
-        if change is None:
-            return _Listing(listing, known, set(), identified.sized)
-        if apply:
-            self.ledger.rekey(self.account_id, change.rematched)
-        return _Listing(listing, rekeyed(known, change.rematched), set(change.unmatched), identified.sized)
+            if note is not None or identified.note != self.identity_note:  # else a write that changes nothing
+                self.ledger.set_uidl_notes(self.account_id, identified.note, note, defer=True)
+            if change is not None:
+                self.ledger.rekey(self.account_id, change.rematched)
+        suspects = set(change.unmatched) if change is not None else set()
+        return _Listing(listing, known, suspects, now, identified.sized)
 
-    def _needs_baseline(self, known: dict[str, KnownMessage]) -> bool:
+    def _known(self, now: datetime) -> KnownMessages:
+        if not self.account_id:
+            return KnownMessages()
+        return self.ledger.known_to_plan(self.account_id, deletable_until(self.account.retention, now))
+
+    def _rematched(
+        self, pop: Pop3Client, identified: Identified, known: KnownMessages
+    ) -> tuple[UidlChange | None, KnownMessages]:
+        """When the UIDLs look like they all changed (a host migration), the new ones re-matched to known
+        messages, and the ledger as it reads once re-keyed; (None, ``known``) when they did not."""
+        listing = identified.listing
+        appeared = [] if identified.migration_checked else suspect_migration(listing, known)
+        if not appeared:
+            return None, known
+        # Re-matching compares header hashes of every known row, the kept ones too (read before re-keying).
+        rows = self.ledger.known_messages(self.account_id) if known.kept else known.rows
+        change = migration(pop, listing, rows, appeared)
+        return change, KnownMessages(rekeyed(rows, change.rematched))
+
+    def _needs_baseline(self, known: KnownMessages) -> bool:
         if self.account.start != "new":  # spares a query at every poll
             return False
         taken = bool(self.account_id) and self.ledger.baseline_taken(self.account_id)
@@ -618,12 +645,15 @@ class _Poll(RoutedDelivery, BatchedDelivery):
         self.dele_queue.append(info)
 
     def _send_deles(self) -> None:
+        if not self.dele_queue:
+            # Nothing waits for the deferred writes: they commit with the poll's result, one commit
+            # (one fsync) fewer for an idle poll or one that keeps its mail.
+            return
         self.ledger.flush(self.account_id)
         infos, self.dele_queue = self.dele_queue, []
-        if infos:
-            assert self.pop is not None
-            self.pop.dele_many([info.number for info in infos])
-            self.to_delete.extend(info.uidl for info in infos)
+        assert self.pop is not None
+        self.pop.dele_many([info.number for info in infos])
+        self.to_delete.extend(info.uidl for info in infos)
 
     def _fail(self, exc: ConnectorError) -> None:
         if exc.account is None:

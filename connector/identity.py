@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from connector.errors import SourceMessageError, SourceNoUidlError
-from connector.ledger.store import KnownMessage
+from connector.ledger.store import KnownMessage, KnownMessages
 from connector.message import HEADER_PARSE_LIMIT
 from connector.policies.uidl import (
     UidlChange,
@@ -33,6 +33,9 @@ class Identified:
     unidentified: int = 0
     # False when only UIDL was asked (``quick``): every size is 0 until the caller asks for the ones it needs.
     sized: bool = True
+    # True when policies.uidl.suspect_migration already found no migration for this listing and the
+    # ledger as it was given (a quick listing is only kept then): no need to look again.
+    migration_checked: bool = False
 
 
 def header_hash_of(pop: Pop3Client, number: int) -> str | None:
@@ -46,25 +49,20 @@ def header_hash_of(pop: Pop3Client, number: int) -> str | None:
     return header_hash(top.getvalue())
 
 
-def uidl_listing(pop: Pop3Client) -> list[MessageInfo]:
-    """The listing from UIDL alone (sizes 0): an idle poll sends this one listing command."""
-    make = MessageInfo._make  # a mailbox may keep 100,000 messages: the cheapest way to build each
-    return [make((number, uidl, 0)) for number, uidl in pop.uidl()]
-
-
-def identify(pop: Pop3Client, known: Mapping[str, KnownMessage], *, quick: bool = False) -> Identified:
+def identify(pop: Pop3Client, known: KnownMessages, *, quick: bool = False) -> Identified:
     """The listing with every message given an identity the ledger can rely on. With ``quick``, UIDL
     alone when the UIDLs are trustworthy (see ``Identified.sized``)."""
     try:
-        listing = uidl_listing(pop) if quick else pop.listing()
+        # UIDL alone (sizes 0): an idle poll sends this one listing command.
+        listing = pop.uidl() if quick else pop.listing()
     except SourceNoUidlError:
         return _by_header_hash(pop)
-    if quick and (needs_header_hash(listing, known) or suspect_migration(listing, known)):
+    ambiguous = needs_header_hash(listing, known)
+    if quick and (ambiguous or suspect_migration(listing, known)):
         # Telling these messages apart needs their sizes after all.
         return identify(pop, known)
-    ambiguous = needs_header_hash(listing, known)
     if not ambiguous:
-        return Identified(listing, sized=not quick)
+        return Identified(listing, sized=not quick, migration_checked=quick)
     replaced: dict[int, MessageInfo] = {}
     for info in ambiguous:
         digest = header_hash_of(pop, info.number)
@@ -99,13 +97,15 @@ def baseline_entries(
 
 
 def migration(
-    pop: Pop3Client, listing: Sequence[MessageInfo], known: Mapping[str, KnownMessage]
-) -> UidlChange | None:
-    """When the UIDLs look like they all changed (a host migration), re-match the new ones to known
-    messages by header hash and size; None when they did not."""
-    appeared = set(suspect_migration(listing, known))
-    if not appeared:
-        return None
-    infos = [info for info in listing if info.uidl in appeared]
+    pop: Pop3Client,
+    listing: Sequence[MessageInfo],
+    known: Mapping[str, KnownMessage],
+    appeared: Iterable[str],
+) -> UidlChange:
+    """Re-match the UIDLs that ``appeared`` when all UIDLs looked changed (a host migration: see
+    ``policies.uidl.suspect_migration``) to the ``known`` messages (every row, in full) by header hash and
+    size."""
+    wanted = set(appeared)
+    infos = [info for info in listing if info.uidl in wanted]
     hashes = {info.uidl: digest for info in infos if (digest := header_hash_of(pop, info.number))}
     return rematch(infos, hashes, known)

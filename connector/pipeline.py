@@ -27,7 +27,6 @@ from connector.message import FetchedMessage, MessageSpool
 from connector.plan import Delivery, PollPlan
 from connector.pop3 import MessageInfo, Pop3Client, join_listings
 from connector.pop3.client import RetrReply
-from connector.pop3.replies import UidlEntry
 
 log = logging.getLogger("connector.pipeline")
 
@@ -91,7 +90,7 @@ def with_sizes(
         deliver = [replace(d, info=d.info._replace(size=sizes[d.info.number])) for d in plan.deliver]
         return listing, replace(plan, deliver=deliver)
     try:
-        listing = join_listings((UidlEntry(i.number, i.uidl) for i in listing), pop.list_sizes())
+        listing = join_listings(listing, pop.list_sizes())
     except SourceProtocolError as exc:
         raise SourceProtocolError(f"{pop.peer}: {exc.message}") from exc
     return listing, replan(listing)

@@ -6,16 +6,16 @@ so that the rules (what is new, what is retried, what is deleted, what is forgot
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from connector.config import RetentionPolicy
 from connector.ledger.models import MessageState
-from connector.ledger.store import KnownMessage
+from connector.ledger.store import KnownMessage, KnownMessages
 from connector.policies.limits import Limits
 from connector.policies.retention import should_delete
+from connector.policies.uidl import duplicated_uidls
 from connector.pop3 import MessageInfo
 
 
@@ -62,26 +62,35 @@ class _Tally:
 
 def plan_poll(
     listing: Sequence[MessageInfo],
-    known: Mapping[str, KnownMessage],
+    known: KnownMessages,
     retention: RetentionPolicy,
     now: datetime,
     limits: Limits = Limits(),  # noqa: B008 - frozen, so a shared default is safe
 ) -> PollPlan:
-    """``listing`` is in server order (oldest first); the plan keeps that order."""
-    counts = Counter(info.uidl for info in listing)
+    """``listing`` is in server order (oldest first); the plan keeps that order.
+
+    ``known.kept`` (delivered, and the retention keeps them) need nothing, so they are only set aside:
+    the messages decided one by one are the others, which for a maildrop that keeps its mail are the
+    few new ones.
+    """
+    uidls = [info.uidl for info in listing]
+    listed = set(uidls)
+    # Duplicates cannot be told apart by UIDL: delivering one could deliver the wrong one twice.
+    duplicates = duplicated_uidls(uidls) if len(listed) < len(uidls) else set()
+    skipped = known.kept | duplicates if duplicates else known.kept
     tally = _Tally()
+    rows = known.rows
     for info in listing:
-        if counts[info.uidl] > 1:
-            continue  # cannot tell these apart by UIDL; delivering one could deliver the wrong one twice
-        _decide(tally, info, known.get(info.uidl), retention, now, limits)
+        if info.uidl not in skipped:
+            _decide(tally, info, rows.get(info.uidl), retention, now, limits)
     limit = limits.max_messages_per_poll
     # Oldest first: what is over the limit waits for the next poll, in the same order.
     deliver = tally.deliver[:limit] if limit else tally.deliver
     return PollPlan(
         deliver=deliver,
         delete=tally.delete,
-        gone=[uidl for uidl in known if uidl not in counts],
-        duplicates=sorted(uidl for uidl, count in counts.items() if count > 1),
+        gone=[uidl for uidl in rows if uidl not in listed] + sorted(known.kept - listed),
+        duplicates=sorted(duplicates),
         quarantined=tally.quarantined,
         oversize=tally.oversize,
         deferred=len(tally.deliver) - len(deliver),

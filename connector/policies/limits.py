@@ -9,7 +9,7 @@ and the message itself stays on the POP3 server whatever the retention, since on
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Literal
 
@@ -41,7 +41,7 @@ class Limits:
         return f"{size} bytes is over max_message_size ({self.max_message_size}); not downloaded"
 
 
-def needs_baseline(start: str, baseline_taken: bool, known: Mapping[str, object]) -> bool:
+def needs_baseline(start: str, baseline_taken: bool, known: Collection[str]) -> bool:
     """``start = "new"``: the first poll of an account records what is on the server as already seen.
     Only for an account the ledger knows nothing about, so that switching an existing account to "new"
     never hides mail that is already being delivered."""

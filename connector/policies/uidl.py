@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 
 from connector.ledger.models import MessageState
-from connector.ledger.store import KnownMessage
+from connector.ledger.store import KnownMessage, KnownMessages
 from connector.pop3 import MessageInfo
 
 HASH_PREFIX = "hdr:"
@@ -50,16 +51,29 @@ def hash_identity(digest: str, uidl: str | None = None) -> str:
     return f"{uidl}{_DUPLICATE_SEPARATOR}{HASH_PREFIX}{digest}" if uidl else f"{HASH_PREFIX}{digest}"
 
 
-def needs_header_hash(listing: Sequence[MessageInfo], known: Iterable[str]) -> list[MessageInfo]:
+def duplicated_uidls(uidls: Sequence[str]) -> set[str]:
+    """The UIDLs listed more than once (counted only when there are any: a set's size tells)."""
+    if len(set(uidls)) == len(uidls):
+        return set()
+    return {uidl for uidl, count in Counter(uidls).items() if count > 1}
+
+
+def needs_header_hash(listing: Sequence[MessageInfo], known: Collection[str]) -> list[MessageInfo]:
     """The listed messages whose UIDL alone does not identify them: duplicated in this listing, or a
     UIDL the ledger already knows only in its ``<uidl>/hdr:`` form."""
-    counts = Counter(info.uidl for info in listing)
-    hashed_uidls = {
-        key.split(_DUPLICATE_SEPARATOR + HASH_PREFIX, 1)[0]
-        for key in known
-        if _DUPLICATE_SEPARATOR + HASH_PREFIX in key
-    }
-    return [info for info in listing if counts[info.uidl] > 1 or info.uidl in hashed_uidls]
+    doubtful = duplicated_uidls([info.uidl for info in listing]) | _hashed_uidls(known)
+    if not doubtful:
+        return []
+    return [info for info in listing if info.uidl in doubtful]
+
+
+def _hashed_uidls(known: Collection[str]) -> set[str]:
+    """The UIDLs that the ledger knows in their ``<uidl>/hdr:`` form."""
+    marker = _DUPLICATE_SEPARATOR + HASH_PREFIX
+    # Looked for without Python code per UIDL first: nearly every ledger has none, and may know 100,000.
+    if not any(map(str.__contains__, known, repeat(marker))):
+        return set()
+    return {key.split(marker, 1)[0] for key in known if marker in key}
 
 
 @dataclass(frozen=True)
@@ -71,15 +85,16 @@ class UidlChange:
     vanished: int
 
 
-def suspect_migration(listing: Sequence[MessageInfo], known: Mapping[str, KnownMessage]) -> list[str]:
+def suspect_migration(listing: Sequence[MessageInfo], known: KnownMessages) -> list[str]:
     """The new UIDLs to re-match when the listing looks like a migrated host, else an empty list."""
     listed = {info.uidl for info in listing}
-    expected = [uidl for uidl, row in known.items() if row.state in _EXPECTED_ON_SERVER]
-    vanished = [uidl for uidl in expected if uidl not in listed]
-    appeared = [info.uidl for info in listing if info.uidl not in known]
-    if len(vanished) < max(MIGRATION_MIN_VANISHED, MIGRATION_VANISHED_SHARE * len(expected)):
+    expected = [uidl for uidl, row in known.rows.items() if row.state in _EXPECTED_ON_SERVER]
+    # Kept messages are delivered ones, expected on the server too; counted with set operations.
+    vanished = len(known.kept - listed) + sum(1 for uidl in expected if uidl not in listed)
+    if vanished < max(MIGRATION_MIN_VANISHED, MIGRATION_VANISHED_SHARE * (len(expected) + len(known.kept))):
         return []
-    if len(appeared) < MIGRATION_VANISHED_SHARE * len(vanished):
+    appeared = [info.uidl for info in listing if info.uidl not in known]
+    if len(appeared) < MIGRATION_VANISHED_SHARE * vanished:
         return []
     return appeared
 

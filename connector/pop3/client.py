@@ -39,19 +39,19 @@ from connector.pop3.replies import (
     ListEntry,
     MessageInfo,
     Reply,
-    UidlEntry,
     error_for,
     join_listings,
     parse_capabilities,
     parse_greeting,
+    parse_list_block,
     parse_list_line,
-    parse_list_listing,
     parse_stat,
     parse_status,
-    parse_uidl_listing,
+    parse_uidl_block,
     printable,
+    split_listing,
     strip_eol,
-    unstuff_line,
+    unstuff_block,
 )
 from connector.pop3.wire import BodyDecoder, ConnectionClosed, StreamReader
 from connector.tls import TlsMode, make_ssl_context
@@ -288,9 +288,15 @@ class Pop3Client:
         return self._parse_reply(verb, self._read_status_line(verb))
 
     def _read_lines(self, verb: str) -> list[bytes]:
-        """The body of a multi-line listing (CAPA, UIDL, LIST), unstuffed, terminator removed.
+        """The lines of a multi-line reply (CAPA), unstuffed, terminator removed."""
+        return split_listing(self._read_block(verb))
 
-        Read in large pieces and split afterwards: a UIDL listing may have 100,000 lines at every poll.
+    def _read_block(self, verb: str) -> bytes:
+        """The body of a multi-line listing (CAPA, UIDL, LIST) as one block, unstuffed, terminator removed,
+        every line ending in LF.
+
+        Read in large pieces and never split into lines here: a UIDL listing may have 100,000 lines at
+        every poll, and its parser works on the whole block.
         """
         pieces: list[bytes] = []
         total = 0
@@ -307,15 +313,13 @@ class Pop3Client:
             if done:
                 break
         block = b"".join(pieces)
-        lines = [line + b"\n" for line in block.split(b"\n")[:-1]]
-        if lines and max(map(len, lines)) > _MAX_LISTING_LINE + 2:
+        # The longest line without its LF; CR included, as the limit counts it.
+        if block and max(map(len, block.split(b"\n"))) > _MAX_LISTING_LINE + 1:
             raise SourceProtocolError(
                 f"{self._peer}: {verb}: reply line longer than {_MAX_LISTING_LINE} bytes"
             )
-        if block.startswith(b".") or b"\n." in block:
-            lines = [unstuff_line(line) for line in lines]
-        wire_log.debug("S: <%d lines>", len(lines))
-        return lines
+        wire_log.debug("S: <%d lines>", block.count(b"\n"))
+        return unstuff_block(block)
 
     def _body_piece(self, verb: str, at_line_start: bool) -> tuple[bytes, bool]:
         try:
@@ -517,51 +521,52 @@ class Pop3Client:
             raise SourceNoUidlError(f"{self._peer}: server does not support UIDL ({reply.describe()})")
         raise error_for(verb, reply, peer=self._peer)
 
-    def _listing_lines(self, verb: str) -> list[bytes]:
+    def _listing_block(self, verb: str) -> bytes:
         with self._exchange():
             self._send((verb,))
             reply = self._read_status(verb)
-            lines = self._read_lines(verb) if reply.ok else []
+            block = self._read_block(verb) if reply.ok else b""
         self._check_listing_reply(verb, reply)
-        return lines
+        return block
 
-    def uidl(self) -> list[UidlEntry]:
-        return self._parse_listing("UIDL", parse_uidl_listing, self._listing_lines("UIDL"))
+    def uidl(self) -> list[MessageInfo]:
+        """Every message's number and unique-id, in server order; sizes are 0 (see ``listing``)."""
+        return self._parse_listing("UIDL", parse_uidl_block, self._listing_block("UIDL"))
 
     def list_sizes(self) -> list[ListEntry]:
-        return self._parse_listing("LIST", parse_list_listing, self._listing_lines("LIST"))
+        return self._parse_listing("LIST", parse_list_block, self._listing_block("LIST"))
 
-    def _parse_listing(self, verb: str, parser: Callable[[list[bytes]], _T], lines: list[bytes]) -> _T:
+    def _parse_listing(self, verb: str, parser: Callable[[bytes], _T], block: bytes) -> _T:
         try:
-            return parser(lines)
+            return parser(block)
         except SourceProtocolError as exc:
             raise SourceProtocolError(f"{self._peer}: {verb}: {exc.message}") from exc
 
     def listing(self) -> list[MessageInfo]:
         """Every message's number, unique-id and size, in server order (oldest first)."""
         if self._capabilities.has("PIPELINING"):
-            uidl_lines, list_lines = self._pipelined_listing()
+            uidl_block, list_block = self._pipelined_listing()
         else:
-            uidl_lines = self._listing_lines("UIDL")
-            list_lines = self._listing_lines("LIST")
-        uidls = self._parse_listing("UIDL", parse_uidl_listing, uidl_lines)
-        sizes = self._parse_listing("LIST", parse_list_listing, list_lines)
+            uidl_block = self._listing_block("UIDL")
+            list_block = self._listing_block("LIST")
+        uidls = self._parse_listing("UIDL", parse_uidl_block, uidl_block)
+        sizes = self._parse_listing("LIST", parse_list_block, list_block)
         try:
             return join_listings(uidls, sizes)
         except SourceProtocolError as exc:
             raise SourceProtocolError(f"{self._peer}: {exc.message}") from exc
 
-    def _pipelined_listing(self) -> tuple[list[bytes], list[bytes]]:
+    def _pipelined_listing(self) -> tuple[bytes, bytes]:
         with self._exchange():
             self._send(("UIDL",), ("LIST",))
             # Both replies are read before either is judged, so an -ERR to UIDL leaves the stream in step.
             uidl_reply = self._read_status("UIDL")
-            uidl_lines = self._read_lines("UIDL") if uidl_reply.ok else []
+            uidl_block = self._read_block("UIDL") if uidl_reply.ok else b""
             list_reply = self._read_status("LIST")
-            list_lines = self._read_lines("LIST") if list_reply.ok else []
+            list_block = self._read_block("LIST") if list_reply.ok else b""
         self._check_listing_reply("UIDL", uidl_reply)
         self._check_listing_reply("LIST", list_reply)
-        return uidl_lines, list_lines
+        return uidl_block, list_block
 
     def retr(self, number: int, sink: Sink, *, max_bytes: int | None = None) -> int:
         """Stream message ``number`` into ``sink`` (unstuffed, CRLF line endings); returns bytes written.

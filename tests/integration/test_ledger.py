@@ -5,7 +5,7 @@ from __future__ import annotations
 import stat
 import threading
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -15,7 +15,7 @@ from sqlalchemy import Engine, event, inspect, text
 
 from connector.ledger.database import make_engine, open_database, upgrade
 from connector.ledger.models import Base, MessageState
-from connector.ledger.store import Ledger, PollOutcome
+from connector.ledger.store import KnownMessages, Ledger, PollOutcome
 
 pytestmark = pytest.mark.integration
 
@@ -147,6 +147,57 @@ def test_known_messages_of_a_large_mailbox_is_one_query(engine: Engine) -> None:
         event.remove(engine, "before_cursor_execute", count)
     assert len(known) == 20_000
     assert sum("messages" in s for s in statements) == 1
+
+
+def test_known_to_plan_names_only_what_retention_keeps(engine: Engine) -> None:
+    ledger = Ledger(engine)
+    account = ledger.account_id("split")
+    other = ledger.account_id("split-other")
+    assert account is not None and other is not None
+    now = datetime.now(UTC)
+    ages = {"old": 30, "young": 2, "undated": None}
+    rows = [_row(account, uidl, "delivered", now, age) for uidl, age in ages.items()]
+    rows += [_row(account, state, state, now, 1) for state in ("pending", "failed", "seen", "deleted")]
+    rows.append(_row(other, "young", "delivered", now, 2))
+    with engine.begin() as connection:
+        connection.execute(Base.metadata.tables["messages"].insert(), rows)
+    everything = set(ledger.known_messages(account))
+    for until, kept in [
+        (None, {"old", "young", "undated"}),  # keep
+        (now - timedelta(days=14), {"young"}),  # days = 14
+        (datetime.max.replace(tzinfo=UTC), set()),  # delete
+    ]:
+        known = ledger.known_to_plan(account, until)
+        assert known.kept == kept, until
+        assert set(known.rows) == everything - kept and set(known) == everything
+    old = ledger.known_to_plan(account, now - timedelta(days=14)).rows["old"]
+    assert old.state is MessageState.DELIVERED and old.delivered_at is not None
+    assert old.delivered_at.tzinfo is not None and old.delivered_at <= now - timedelta(days=30)
+
+
+def test_known_to_plan_reads_a_uidl_with_a_line_break_right(engine: Engine) -> None:
+    ledger = Ledger(engine)
+    account = ledger.account_id("odd")
+    assert account is not None
+    now = datetime.now(UTC)
+    rows = [_row(account, uidl, "delivered", now, 1) for uidl in ("a\nb", "a", "c")]
+    with engine.begin() as connection:
+        connection.execute(Base.metadata.tables["messages"].insert(), rows)
+    assert ledger.known_to_plan(account, None).kept == {"a\nb", "a", "c"}
+    assert ledger.known_to_plan(ledger.account_id("empty") or 0, None) == KnownMessages({}, set())
+
+
+def _row(account: int, uidl: str, state: str, now: datetime, age_days: int | None) -> dict[str, object]:
+    delivered_at = None if age_days is None else now - timedelta(days=age_days)
+    return {
+        "account_id": account,
+        "uidl": uidl,
+        "state": state,
+        "attempts": 1,
+        "first_seen_at": now,
+        "updated_at": now,
+        "delivered_at": delivered_at,
+    }
 
 
 def test_poll_status_and_counts(engine: Engine) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from sqlalchemy import event
 
 from connector.ledger.models import MessageState
 from connector.ledger.store import Ledger
@@ -52,6 +53,39 @@ def test_second_sync_delivers_nothing(
     third = engine.poll(config.accounts[0])
     assert third.delivered == 1
     assert len(dovecot.imap_messages(mail_users.destination.name)) == 4
+
+
+def test_an_idle_poll_and_a_keeping_poll_commit_once(
+    dovecot: Dovecot, mail_users: MailUsers, make_sync: SyncFactory
+) -> None:
+    dovecot.seed(mail_users.source.name, [simple(1)])
+    config, engine = make_sync(account={"retention": "keep"})
+    writing = [False]
+    commits: list[int] = []
+
+    def statement(_conn: object, _cursor: object, text: str, *_args: object) -> None:
+        writing[0] = writing[0] or text.lstrip().startswith(("INSERT", "UPDATE", "DELETE"))
+
+    def commit(_conn: object) -> None:
+        commits.append(int(writing[0]))
+        writing[0] = False
+
+    event.listen(ledger_of(engine).engine, "before_cursor_execute", statement)
+    event.listen(ledger_of(engine).engine, "commit", commit)
+    try:
+        engine.poll(config.accounts[0])  # creates the account, delivers one message and keeps it
+        commits.clear()
+        assert engine.poll(config.accounts[0]).delivered == 0
+        assert sum(commits) == 1  # the poll's start and result, together
+        dovecot.seed(mail_users.source.name, [simple(2)])
+        commits.clear()
+        assert engine.poll(config.accounts[0]).delivered == 1
+        # "pending" (with the poll's start), then "delivered" with the poll's result: nothing is deleted,
+        # so nothing waits for the delivery record before QUIT.
+        assert sum(commits) == 2
+    finally:
+        event.remove(ledger_of(engine).engine, "before_cursor_execute", statement)
+        event.remove(ledger_of(engine).engine, "commit", commit)
 
 
 def test_days_retention_deletes_only_old_deliveries(

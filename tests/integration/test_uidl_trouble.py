@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import pytest
+from sqlalchemy import event
 
 from connector.ledger.store import Ledger
 from connector.report import status_records, status_text
@@ -61,6 +62,33 @@ def test_duplicate_uidls_are_told_apart_by_header_hash(
     pop3.messages.pop(0)
     assert engine.poll(account).delivered == 0
     assert len(dovecot.imap_messages(mail_users.destination.name)) == 3
+
+
+def test_identity_note_is_written_only_when_it_changes(
+    pop3: ScriptedPop3Server, make_sync: SyncFactory
+) -> None:
+    pop3.messages = [StoredMessage("x", simple(1)), StoredMessage("x", simple(2))]
+    config, engine = make_sync(account=scripted(pop3, retention="keep"))
+    account = config.accounts[0]
+    writes: list[str] = []
+
+    def record(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        if statement.startswith("UPDATE accounts") and "identity_note" in statement:
+            writes.append(statement)
+
+    event.listen(engine.ledger.engine, "before_cursor_execute", record)
+    try:
+        assert engine.poll(account).delivered == 2 and len(writes) == 1
+        assert "1 UIDL(s) for more than one message" in status(engine, config)
+        engine.poll(account)
+        assert len(writes) == 1  # the same note: nothing to write
+        pop3.messages = []
+        engine.poll(account)
+        assert len(writes) == 2 and "identity:" not in status(engine, config)
+        engine.poll(account)
+        assert len(writes) == 2
+    finally:
+        event.remove(engine.ledger.engine, "before_cursor_execute", record)
 
 
 def test_identical_messages_under_one_uidl_stay_on_the_server(

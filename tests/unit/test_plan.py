@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 from connector.config import RetentionPolicy
 from connector.ledger.models import MessageState
-from connector.ledger.store import KnownMessage
+from connector.ledger.store import KnownMessage, KnownMessages
 from connector.plan import plan_poll
 from connector.policies.limits import Limits, headers_only_message, needs_baseline
 from connector.pop3 import MessageInfo
@@ -27,7 +27,7 @@ def listing(*uidls: str) -> list[MessageInfo]:
 
 
 def test_everything_new_on_first_poll_in_server_order() -> None:
-    plan = plan_poll(listing("a", "b", "c"), {}, DELETE, NOW)
+    plan = plan_poll(listing("a", "b", "c"), KnownMessages(), DELETE, NOW)
     assert [d.info.uidl for d in plan.deliver] == ["a", "b", "c"]
     assert not any(d.recover for d in plan.deliver)
     assert plan.new_count == 3 and plan.delete == [] and plan.gone == []
@@ -35,13 +35,13 @@ def test_everything_new_on_first_poll_in_server_order() -> None:
 
 def test_second_poll_delivers_nothing_for_delivered_and_kept() -> None:
     rows = {u: known(u, MessageState.DELIVERED, delivered_days_ago=0) for u in "ab"}
-    plan = plan_poll(listing("a", "b"), rows, RetentionPolicy(mode="keep"), NOW)
+    plan = plan_poll(listing("a", "b"), KnownMessages(rows), RetentionPolicy(mode="keep"), NOW)
     assert plan.deliver == [] and plan.delete == []
 
 
 def test_delivered_but_still_on_server_is_deleted_under_delete() -> None:
     rows = {"a": known("a", MessageState.DELIVERED, delivered_days_ago=0)}
-    plan = plan_poll(listing("a", "b"), rows, DELETE, NOW)
+    plan = plan_poll(listing("a", "b"), KnownMessages(rows), DELETE, NOW)
     assert [i.uidl for i in plan.delete] == ["a"]
     assert [d.info.uidl for d in plan.deliver] == ["b"]
 
@@ -51,31 +51,31 @@ def test_days_retention() -> None:
         "old": known("old", MessageState.DELIVERED, delivered_days_ago=20),
         "young": known("young", MessageState.DELIVERED, delivered_days_ago=2),
     }
-    plan = plan_poll(listing("old", "young"), rows, RetentionPolicy(mode="days", days=14), NOW)
+    plan = plan_poll(listing("old", "young"), KnownMessages(rows), RetentionPolicy(mode="days", days=14), NOW)
     assert [i.uidl for i in plan.delete] == ["old"]
 
 
 def test_pending_is_recovered_with_its_attempts() -> None:
     rows = {"a": known("a", MessageState.PENDING, attempts=3)}
-    plan = plan_poll(listing("a"), rows, DELETE, NOW)
+    plan = plan_poll(listing("a"), KnownMessages(rows), DELETE, NOW)
     assert plan.deliver[0].recover and plan.deliver[0].attempts == 3
     assert plan.new_count == 0
 
 
 def test_failed_stays_quarantined() -> None:
     rows = {"a": known("a", MessageState.FAILED, attempts=5)}
-    plan = plan_poll(listing("a"), rows, DELETE, NOW)
+    plan = plan_poll(listing("a"), KnownMessages(rows), DELETE, NOW)
     assert plan.deliver == [] and plan.delete == [] and plan.quarantined == 1
 
 
 def test_gone_rows_are_pruned() -> None:
     rows = {u: known(u, MessageState.DELETED, delivered_days_ago=1) for u in ("x", "y")}
-    plan = plan_poll(listing("x"), rows, RetentionPolicy(mode="keep"), NOW)
+    plan = plan_poll(listing("x"), KnownMessages(rows), RetentionPolicy(mode="keep"), NOW)
     assert plan.gone == ["y"]
 
 
 def test_duplicate_uidls_are_left_alone() -> None:
-    plan = plan_poll(listing("a", "dup", "b", "dup"), {}, DELETE, NOW)
+    plan = plan_poll(listing("a", "dup", "b", "dup"), KnownMessages(), DELETE, NOW)
     assert [d.info.uidl for d in plan.deliver] == ["a", "b"]
     assert plan.duplicates == ["dup"]
 
@@ -83,8 +83,29 @@ def test_duplicate_uidls_are_left_alone() -> None:
 def test_large_mailbox_is_a_set_difference() -> None:
     uidls = [f"u{i:06d}" for i in range(100_000)]
     rows = {u: known(u, MessageState.DELIVERED, delivered_days_ago=0) for u in uidls[:-10]}
-    plan = plan_poll(listing(*uidls), rows, RetentionPolicy(mode="keep"), NOW)
+    plan = plan_poll(listing(*uidls), KnownMessages(rows), RetentionPolicy(mode="keep"), NOW)
     assert [d.info.uidl for d in plan.deliver] == uidls[-10:]
+    # The same, with the delivered messages named only (as the ledger hands them over for "keep").
+    plan = plan_poll(
+        listing(*uidls), KnownMessages(kept=frozenset(uidls[:-10])), RetentionPolicy(mode="keep"), NOW
+    )
+    assert [d.info.uidl for d in plan.deliver] == uidls[-10:] and plan.delete == [] and plan.gone == []
+
+
+def test_known_messages_are_every_uidl_of_rows_and_kept() -> None:
+    known_messages = KnownMessages({"p": known("p", MessageState.PENDING)}, kept=frozenset({"k"}))
+    assert "p" in known_messages and "k" in known_messages and "x" not in known_messages
+    assert len(known_messages) == 2 and sorted(known_messages) == ["k", "p"]
+    assert not KnownMessages()
+
+
+def test_kept_messages_are_neither_delivered_nor_deleted_but_recognised() -> None:
+    rows = {"p": known("p", MessageState.PENDING, attempts=2), "gone": known("gone", MessageState.FAILED)}
+    known_messages = KnownMessages(rows, kept=frozenset({"k1", "k2", "k-gone", "dup"}))
+    plan = plan_poll(listing("k1", "p", "new", "dup", "k2", "dup"), known_messages, DELETE, NOW)
+    assert [(d.info.uidl, d.recover) for d in plan.deliver] == [("p", True), ("new", False)]
+    assert plan.delete == [] and plan.duplicates == ["dup"]
+    assert plan.gone == ["gone", "k-gone"]
 
 
 # --- limits and selection (issue 4) -------------------------------------------------------------------
@@ -92,27 +113,29 @@ def test_large_mailbox_is_a_set_difference() -> None:
 
 def test_oversize_skip_is_quarantined_without_delivery() -> None:
     limits = Limits(max_message_size=250)
-    plan = plan_poll(listing("a", "b", "c"), {}, DELETE, NOW, limits)  # sizes 100, 200, 300
+    plan = plan_poll(listing("a", "b", "c"), KnownMessages(), DELETE, NOW, limits)  # sizes 100, 200, 300
     assert [d.info.uidl for d in plan.deliver] == ["a", "b"]
     assert [i.uidl for i in plan.oversize] == ["c"]
 
 
 def test_oversize_headers_only_is_delivered_as_headers_and_never_deleted() -> None:
     limits = Limits(max_message_size=250, oversize="headers_only")
-    plan = plan_poll(listing("a", "b", "c"), {}, DELETE, NOW, limits)
+    plan = plan_poll(listing("a", "b", "c"), KnownMessages(), DELETE, NOW, limits)
     assert [(d.info.uidl, d.headers_only) for d in plan.deliver] == [("a", False), ("b", False), ("c", True)]
     delivered = KnownMessage("c", MessageState.DELIVERED, 1, NOW, "<c@x>", 10, "0" * 64, headers_only=True)
-    assert plan_poll(listing("c"), {"c": delivered}, DELETE, NOW, limits).delete == []
+    assert plan_poll(listing("c"), KnownMessages({"c": delivered}), DELETE, NOW, limits).delete == []
 
 
 def test_max_messages_per_poll_takes_the_oldest() -> None:
-    plan = plan_poll(listing("a", "b", "c", "d"), {}, DELETE, NOW, Limits(max_messages_per_poll=3))
+    plan = plan_poll(
+        listing("a", "b", "c", "d"), KnownMessages(), DELETE, NOW, Limits(max_messages_per_poll=3)
+    )
     assert [d.info.uidl for d in plan.deliver] == ["a", "b", "c"] and plan.deferred == 1
 
 
 def test_seen_rows_are_neither_delivered_nor_deleted() -> None:
     rows = {"a": known("a", MessageState.SEEN, attempts=0)}
-    plan = plan_poll(listing("a", "b"), rows, DELETE, NOW)
+    plan = plan_poll(listing("a", "b"), KnownMessages(rows), DELETE, NOW)
     assert [d.info.uidl for d in plan.deliver] == ["b"] and plan.delete == [] and plan.seen == 1
 
 

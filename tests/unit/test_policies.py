@@ -5,9 +5,11 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from connector.config import RetentionPolicy, RetryPolicy
-from connector.policies.retention import should_delete
+from connector.policies.retention import deletable_until, should_delete
 from connector.policies.retry import (
     account_backoff,
     failure_delay,
@@ -35,6 +37,28 @@ def test_keep_never_deletes() -> None:
 def test_days_mode(age_days: float, expected: bool) -> None:
     policy = RetentionPolicy(mode="days", days=14)
     assert should_delete(policy, NOW - timedelta(days=age_days), NOW) is expected
+
+
+_POLICIES = [
+    RetentionPolicy(mode="delete"),
+    RetentionPolicy(mode="keep"),
+    RetentionPolicy(mode="days", days=14),
+]
+
+
+@pytest.mark.parametrize("policy", _POLICIES, ids=lambda policy: policy.mode)
+@given(age=st.timedeltas(min_value=timedelta(days=-30), max_value=timedelta(days=3000)))
+def test_deletable_until_agrees_with_should_delete(policy: RetentionPolicy, age: timedelta) -> None:
+    # The ledger splits rows on this bound; the planner decides with should_delete: they must agree.
+    bound = deletable_until(policy, NOW)
+    delivered_at = NOW - age
+    assert should_delete(policy, delivered_at, NOW) is (bound is not None and delivered_at <= bound)
+
+
+def test_deletable_until_by_mode() -> None:
+    assert deletable_until(RetentionPolicy(mode="keep"), NOW) is None
+    assert deletable_until(RetentionPolicy(mode="days", days=14), NOW) == NOW - timedelta(days=14)
+    assert deletable_until(RetentionPolicy(mode="delete"), NOW) == datetime.max.replace(tzinfo=UTC)
 
 
 def test_backoff_doubles_and_caps() -> None:

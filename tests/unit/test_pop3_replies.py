@@ -32,12 +32,16 @@ from connector.pop3.replies import (
     join_listings,
     parse_capabilities,
     parse_greeting,
+    parse_list_block,
     parse_list_line,
     parse_list_listing,
     parse_stat,
     parse_status,
+    parse_uidl_block,
     parse_uidl_line,
     parse_uidl_listing,
+    split_listing,
+    unstuff_block,
     unstuff_line,
 )
 
@@ -334,28 +338,69 @@ def test_unstuffing_undoes_stuffing(lines: list[bytes]) -> None:
         assert unstuff_line(stuffed + b"\r\n") == line + b"\r\n"
 
 
-@given(
-    st.lists(
-        st.tuples(
-            st.integers(min_value=0, max_value=10**6),
-            st.text(alphabet=st.characters(min_codepoint=0x1F, max_codepoint=0x7F), min_size=0, max_size=72),
-            st.sampled_from([b" ", b"  ", b"\t"]),
-            st.sampled_from([b"\r\n", b"\n", b" \r\n"]),
-        ),
-        max_size=20,
-    )
-)
-def test_uidl_listing_bulk_parser_agrees_with_the_line_parser(
-    rows: list[tuple[int, str, bytes, bytes]],
-) -> None:
-    lines = [str(number).encode() + gap + uidl.encode() + end for number, uidl, gap, end in rows]
+_uidl_lines = st.lists(
+    st.tuples(
+        st.integers(min_value=0, max_value=10**6),
+        st.text(alphabet=st.characters(min_codepoint=0x1F, max_codepoint=0x7F), min_size=0, max_size=72),
+        st.sampled_from([b" ", b"  ", b"\t"]),
+        st.sampled_from([b"\r\n", b"\n", b" \r\n"]),
+    ),
+    max_size=20,
+).map(lambda rows: [str(number).encode() + gap + uidl.encode() + end for number, uidl, gap, end in rows])
+
+
+@given(_uidl_lines)
+def test_uidl_listing_bulk_parser_agrees_with_the_line_parser(lines: list[bytes]) -> None:
     try:
-        expected: object = [parse_uidl_line(line) for line in lines]
+        entries = [parse_uidl_line(line) for line in lines]
+        expected: object = ([e.number for e in entries], [e.uidl for e in entries])
     except SourceProtocolError:
         expected = SourceProtocolError
     try:
-        got: object = replies._bulk_uidl(lines)
+        got: object = replies._bulk_uidl(b"".join(lines))
     except SourceProtocolError:  # pragma: no cover - the bulk parser never raises
         got = SourceProtocolError
     if got is not None:
         assert got == expected
+
+
+@given(_uidl_lines)
+def test_uidl_block_parser_agrees_with_the_listing_parser(lines: list[bytes]) -> None:
+    try:
+        expected: object = [(e.number, e.uidl, 0) for e in parse_uidl_listing(lines)]
+    except SourceProtocolError:
+        expected = SourceProtocolError
+    try:
+        got: object = [tuple(info) for info in parse_uidl_block(b"".join(lines))]
+    except SourceProtocolError:
+        got = SourceProtocolError
+    assert got == expected
+
+
+def test_uidl_block_gives_message_infos_of_size_zero() -> None:
+    infos = parse_uidl_block(b"1 a\r\n 2\tb \r\n3 c\n")
+    assert infos == [MessageInfo(1, "a", 0), MessageInfo(2, "b", 0), MessageInfo(3, "c", 0)]
+    assert all(type(info) is MessageInfo for info in infos)
+    assert parse_uidl_block(b"") == []
+
+
+@pytest.mark.parametrize(
+    ("block", "match"),
+    [
+        (b"1 a\r\n0 b\r\n", "message number 0"),
+        (b"1 a\r\n2 b c\r\n", "malformed UIDL line"),
+        (b"1 a\r\n1 b\r\n", "twice"),
+        (b"1 a\r\n2 " + b"x" * 71 + b"\r\n", "invalid unique-id"),
+    ],
+)
+def test_uidl_block_refuses_what_the_line_parser_refuses(block: bytes, match: str) -> None:
+    with pytest.raises(SourceProtocolError, match=match):
+        parse_uidl_block(block)
+
+
+@given(st.lists(st.binary(max_size=20).filter(lambda b: b"\n" not in b), max_size=10))
+def test_block_helpers_agree_with_the_line_helpers(lines: list[bytes]) -> None:
+    block = b"".join(line + b"\n" for line in lines)
+    assert split_listing(block) == [line + b"\n" for line in lines]
+    assert unstuff_block(block) == b"".join(unstuff_line(line + b"\n") for line in lines)
+    assert parse_list_block(b"1 10\r\n2 20\r\n") == [ListEntry(1, 10), ListEntry(2, 20)]

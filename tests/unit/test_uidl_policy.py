@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from connector.ledger.models import MessageState
-from connector.ledger.store import KnownMessage
+from connector.ledger.store import KnownMessage, KnownMessages
 from connector.message import MessageSpool
 from connector.policies.uidl import (
     hash_identity,
@@ -56,16 +56,21 @@ def test_duplicates_and_formerly_duplicated_uidls_need_a_hash() -> None:
     # "z" was once listed twice: the ledger knows it only as "z/hdr:...", so it keeps that identity.
     assert [i.number for i in needs_header_hash(listing, {"z/hdr:abc": object()})] == [1, 2, 4]
     assert needs_header_hash(infos("a", "b"), {"a": object()}) == []
+    kept = KnownMessages(kept=frozenset({"z/hdr:abc", "x"}))
+    assert [i.number for i in needs_header_hash(listing, kept)] == [1, 2, 4]
 
 
 def test_migration_needs_most_expected_uidls_gone_and_as_many_new() -> None:
-    known = {u: row(u) for u in ("a", "b", "c", "d", "e")}
-    assert suspect_migration(infos("A", "B", "C", "D", "E", "F"), known) == ["A", "B", "C", "D", "E", "F"]
-    assert suspect_migration(infos("a", "b", "c", "D", "E"), known) == []  # only two vanished
-    assert suspect_migration(infos("X"), known) == []  # mail was deleted, little arrived
-    deleted = {u: row(u, MessageState.DELETED) for u in ("a", "b", "c", "d")}
+    # The same ledger twice: all rows in full, or the delivered ones named only (retention = "keep").
+    for known in (KnownMessages({u: row(u) for u in "abcde"}), KnownMessages(kept=frozenset("abcde"))):
+        expected = ["A", "B", "C", "D", "E", "F"]
+        assert suspect_migration(infos("A", "B", "C", "D", "E", "F"), known) == expected
+        assert suspect_migration(infos("a", "b", "c", "D", "E"), known) == []  # only two vanished
+        assert suspect_migration(infos("X"), known) == []  # mail was deleted, little arrived
+    deleted = KnownMessages({u: row(u, MessageState.DELETED) for u in ("a", "b", "c", "d")})
     assert suspect_migration(infos("N1", "N2", "N3", "N4"), deleted) == []  # deleted ones vanish normally
-    assert suspect_migration(infos("A", "B"), {"a": row("a"), "b": row("b")}) == []  # too few to tell
+    two = KnownMessages({"a": row("a")}, kept=frozenset({"b"}))
+    assert suspect_migration(infos("A", "B"), two) == []  # too few to tell
 
 
 def test_rematch_by_header_hash_then_size() -> None:
