@@ -87,7 +87,6 @@ class BatchedDelivery:
             with about_message(info.uidl):  # log lines name each message, not the batch's first
                 self._delivered_new(message, info, ref)
 
-
     def _deliver_one_by_one(self, pairs: Sequence[tuple[FetchedMessage, MessageInfo]]) -> None:
         for done, (message, info) in enumerate(pairs):
             try:
