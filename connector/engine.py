@@ -392,17 +392,12 @@ class _Poll(RoutedDelivery, BatchedDelivery):
 
     def _deliver_fetched(self, items: Sequence[Fetched]) -> bool:
         """Deliver ``items`` in order, runs of plain new messages together; False when the poll must stop."""
-        run: list[Fetched] = []
-        for item in [*items, None]:
-            if item is not None and batchable(item, self.account):
-                run.append(item)
-                continue
-            if len(run) > 1 and not self._guarded(partial(self._deliver_together, run)):
-                return False
-            if len(run) == 1 and not self._deliver_guarded(run[0]):
-                return False
-            run = []
-            if item is not None and not self._deliver_guarded(item):
+        for together, group in itertools.groupby(items, lambda item: batchable(item, self.account)):
+            run = list(group)
+            if together and len(run) > 1:
+                if not self._guarded(partial(self._deliver_together, run)):
+                    return False
+            elif not all(self._deliver_guarded(item) for item in run):  # stops at the first that fails
                 return False
         return True
 
