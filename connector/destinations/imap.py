@@ -47,9 +47,8 @@ _LITERAL_MINUS_MAX = 4096
 _ONE_WRITE_MAX = 256 * 1024
 
 _CODE_RE = re.compile(r"\[([A-Za-z0-9.-]+)[^\]]*\]")
-_APPENDUID_RE = re.compile(r"\[APPENDUID\s+(\d+)\s+(\d+)\]", re.IGNORECASE)
-# After a MULTIAPPEND (RFC 3502) the UIDs are a set: "[APPENDUID 38505 3955:3957,3960]".
-_APPENDUID_SET_RE = re.compile(r"\[APPENDUID\s+(\d+)\s+([\d:,]+)\]", re.IGNORECASE)
+# One UID after an APPEND, a set after a MULTIAPPEND (RFC 3502): "[APPENDUID 38505 3955:3957,3960]".
+_APPENDUID_RE = re.compile(r"\[APPENDUID\s+(\d+)\s+([\d:,]+)\]", re.IGNORECASE)
 # Messages per MULTIAPPEND: Dovecot stores a batch in one transaction, about three times faster per small
 # message than one APPEND each (bench/, scenario 1); few enough that a refused batch is cheap to redo.
 MULTIAPPEND_MESSAGES = 16
@@ -270,18 +269,10 @@ class ImapSession:
         ``imap:<folder>;UIDVALIDITY=<v>;UID=<u>`` when the server answers with APPENDUID (UIDPLUS), else
         ``imap:<folder>``.
         """
-        if self.create_folder:
-            self._ensure_folder(message.uidl)
-        status, text = self._append(message)
-        if status != "OK" and response_code(text) == "TRYCREATE" and self.create_folder:
-            # Someone deleted the folder since we looked: make it again, once.
-            self._folder_ready = False
-            self._ensure_folder(message.uidl)
-            status, text = self._append(message)
+        status, text = self._into_folder(message.uidl, lambda: self._append(message))
         if status != "OK":
             raise self._append_refused(text, message.uidl)
-        match = _APPENDUID_RE.search(text)
-        return self._reference(match.group(1), match.group(2)) if match else self._reference(None, None)
+        return self._references(text, 1)[0]
 
     def max_batch(self) -> int:
         """MULTIAPPEND needs non-synchronizing literals here: imaplib waits for one "+" per command only."""
@@ -299,19 +290,26 @@ class ImapSession:
         Returns their references in order, or None when the server refused the batch (nothing stored):
         the caller then delivers them one at a time, which tells which message was at fault.
         """
-        first = messages[0].uidl
+        status, text = self._into_folder(messages[0].uidl, lambda: self._append_batch(messages))
+        return self._references(text, len(messages)) if status == "OK" else None
+
+    def _into_folder(self, uidl: str, append: Callable[[], tuple[str, str]]) -> tuple[str, str]:
+        """Run ``append`` with the folder made first when it may be; once more if the server says the folder
+        is gone (someone deleted it since we looked)."""
         if self.create_folder:
-            self._ensure_folder(first)
-        status, text = self._append_batch(messages)
+            self._ensure_folder(uidl)
+        status, text = append()
         if status != "OK" and response_code(text) == "TRYCREATE" and self.create_folder:
             self._folder_ready = False
-            self._ensure_folder(first)
-            status, text = self._append_batch(messages)
-        if status != "OK":
-            return None
-        uids = _appended_uids(text, len(messages))
+            self._ensure_folder(uidl)
+            status, text = append()
+        return status, text
+
+    def _references(self, text: str, count: int) -> list[str]:
+        """The references of ``count`` appended messages, with UIDs when the server gave APPENDUID."""
+        uids = _appended_uids(text, count)
         if uids is None:
-            return [self._reference(None, None)] * len(messages)
+            return [self._reference(None, None)] * count
         validity, numbers = uids
         return [self._reference(validity, uid) for uid in numbers]
 
@@ -584,7 +582,7 @@ def _append_literal_plus(imap: Any, mailbox: bytes, items: Sequence[_Appended]) 
 
 def _appended_uids(text: str, count: int) -> tuple[str, list[str]] | None:
     """UIDVALIDITY and the UIDs of ``count`` messages from a (MULTI)APPEND's APPENDUID code, in order."""
-    match = _APPENDUID_SET_RE.search(text)
+    match = _APPENDUID_RE.search(text)
     if match is None:
         return None
     uids: list[str] = []

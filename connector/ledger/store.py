@@ -264,46 +264,34 @@ class Ledger(_SuspensionAndQuarantine, RecipientLedger):
             else engine
         )
 
-    def _take_deferred(self, account_id: int | None) -> list[_Write]:
-        if account_id is None:
-            return []
+    def _apply_deferred(self, connection: Connection, account_id: int) -> None:
         with self._deferred_lock:
-            return self._deferred.pop(account_id, [])
+            deferred = self._deferred.pop(account_id, [])
+        for statement, params in deferred:
+            connection.execute(statement, params)
 
     @contextmanager
     def _transaction(self, what: str, account_id: int | None = None) -> Iterator[Session]:
         """A committed transaction; with ``account_id``, it first applies that account's deferred writes."""
-        deferred = self._take_deferred(account_id)
-        try:
-            with self._sessions.begin() as session:
-                for statement, params in deferred:
-                    session.connection().execute(statement, params)
-                yield session
-        except SQLAlchemyError as exc:
-            raise LedgerError(f"ledger: cannot {what}: {exc.__class__.__name__}: {exc}") from exc
-
-    @contextmanager
-    def _reading(self, what: str, *, snapshot: bool = False) -> Iterator[Connection]:
-        """A read-only transaction through Core; with ``snapshot``, all its statements see the same
-        committed state."""
-        try:
-            with (self._snapshots if snapshot else self.engine).begin() as connection:
-                yield connection
-        except SQLAlchemyError as exc:
-            raise LedgerError(f"ledger: cannot {what}: {exc.__class__.__name__}: {exc}") from exc
+        with _translated(what), self._sessions.begin() as session:
+            if account_id is not None:
+                self._apply_deferred(session.connection(), account_id)
+            yield session
 
     @contextmanager
     def _core_transaction(self, what: str, account_id: int) -> Iterator[Connection]:
         """As ``_transaction`` on a bare connection: the per-message path has no use for an ORM session,
         which costs about as much CPU as the statements themselves."""
-        deferred = self._take_deferred(account_id)
-        try:
-            with self.engine.begin() as connection:
-                for statement, params in deferred:
-                    connection.execute(statement, params)
-                yield connection
-        except SQLAlchemyError as exc:
-            raise LedgerError(f"ledger: cannot {what}: {exc.__class__.__name__}: {exc}") from exc
+        with _translated(what), self.engine.begin() as connection:
+            self._apply_deferred(connection, account_id)
+            yield connection
+
+    @contextmanager
+    def _reading(self, what: str, *, snapshot: bool = False) -> Iterator[Connection]:
+        """A read-only transaction through Core; with ``snapshot``, all its statements see the same
+        committed state."""
+        with _translated(what), (self._snapshots if snapshot else self.engine).begin() as connection:
+            yield connection
 
     # --- accounts ------------------------------------------------------------------------------------
 
@@ -696,6 +684,16 @@ _ACCOUNT_STATE = select(AccountRow.suspended_at, AccountRow.suspended_reason, Ac
 )
 _JOINED_UIDLS = select(func.aggregate_strings(MessageRow.uidl, "\n"), func.count()).where(_ACCOUNT)
 _UIDLS = select(MessageRow.uidl).where(_ACCOUNT)
+
+
+@contextmanager
+def _translated(what: str) -> Iterator[None]:
+    """Driver errors become ``LedgerError`` naming what the ledger was doing (commit failures included:
+    this wraps the transaction)."""
+    try:
+        yield
+    except SQLAlchemyError as exc:
+        raise LedgerError(f"ledger: cannot {what}: {exc.__class__.__name__}: {exc}") from exc
 
 
 def _insert_for(dialect: str) -> Callable[[Table], Any]:
