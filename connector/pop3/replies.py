@@ -264,14 +264,8 @@ def parse_uidl_listing(lines: Iterable[bytes]) -> list[UidlEntry]:
 
     A unique-id given to several messages is passed on: the poll planner leaves exactly those messages on
     the server and reports them, so one bad id does not stop the rest of the mailbox."""
-    lines = list(lines)
-    columns = _bulk_uidl(b"".join(line if line.endswith(b"\n") else line + b"\n" for line in lines))
-    if columns is None or len(columns[0]) != len(lines):
-        entries = [parse_uidl_line(line) for line in lines]  # says which line is wrong and why
-    else:
-        entries = list(map(UidlEntry, *columns))
-    _check_unique_numbers((entry.number for entry in entries), "UIDL")
-    return entries
+    block = b"".join(line if line.endswith(b"\n") else line + b"\n" for line in lines)
+    return [UidlEntry(info.number, info.uidl) for info in parse_uidl_block(block)]
 
 
 def parse_uidl_block(block: bytes) -> list[MessageInfo]:
