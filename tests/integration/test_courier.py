@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from imapclient.exceptions import IMAPClientError
 
 from connector.config import Account, Config, Destination, load_config
 from connector.connections import Connections, open_destination
 from connector.destinations.base import DestinationSession
 from connector.destinations.imap import open_imap
 from connector.engine import PollResult, SyncEngine
-from connector.errors import DestinationConnectError
+from connector.errors import DestinationConnectError, DestinationError
 from connector.ledger.database import open_database
 from connector.ledger.models import MessageState
 from connector.ledger.store import Ledger
@@ -255,3 +256,19 @@ def test_a_folder_selected_read_write_is_never_closed(dovecot: Dovecot, mail_use
         session._leave_folder("U1")
         assert client._imap.state == "SELECTED"
     assert len(dovecot.imap_messages(user.name)) == 1
+
+
+def test_a_failing_lookup_still_leaves_the_folder(dovecot: Dovecot, mail_users: MailUsers) -> None:
+    """The lookup's own error is reported, and the examined folder is left all the same."""
+    options = _imap_options(dovecot, mail_users.destination, "INBOX")
+    with _spooled(simple(1), "U1").finish() as message, open_imap(**options) as session:
+        session.deliver(message)
+        client = session._client
+
+        def refused(*args: object) -> None:
+            raise IMAPClientError("SEARCH failed: NO [SERVERBUG] internal error")
+
+        client.search = refused
+        with pytest.raises(DestinationError, match="SERVERBUG"):
+            session.find(message)
+        assert client._imap.state == "AUTH"
