@@ -258,19 +258,16 @@ class Courier:
     def stop(self) -> None:
         process, self._process = self._process, None
         if process is not None:
-            # Each couriertcpd with the sessions it forked, then unshare's shell, which waits for them.
+            # Each couriertcpd with the sessions it forked; unshare's shell, waiting for them, then ends and
+            # reaps them (killing it first would leave them to init as zombies for a while).
             groups = [
-                int(path.read_text()) for path in self.root.glob("tcpd-*.pid") if path.read_text().strip()
+                int(text) for path in self.root.glob("tcpd-*.pid") if (text := path.read_text().strip())
             ]
-            for group in [*groups, process.pid]:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(group, signal.SIGTERM)
+            _signal_groups(groups, signal.SIGTERM)
             try:
-                process.wait(10)
+                process.wait(5)
             except subprocess.TimeoutExpired:
-                for group in [*groups, process.pid]:
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.killpg(group, signal.SIGKILL)
+                _signal_groups([*groups, process.pid], signal.SIGKILL)
                 process.wait(10)
         if self._auth is not None:
             self._auth.stop()
@@ -347,6 +344,12 @@ class Courier:
     def folders(self, user: str) -> list[str]:
         with self.imap(user) as client:
             return sorted(name for _flags, _delim, name in client.list_folders())
+
+
+def _signal_groups(groups: list[int], signum: signal.Signals) -> None:
+    for group in groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, signum)
 
 
 def _check_namespaces() -> None:
