@@ -33,6 +33,7 @@ from tests.delivery import assert_exactly_once, normalised
 from tests.messages import simple
 from tests.servers.courier import Courier, CourierError, CourierUnavailable
 from tests.servers.dovecot import Dovecot, MailUser, MailUsers
+from tests.servers.scripted_pop3 import CourierLikePop3Server, StoredMessage
 
 pytestmark = pytest.mark.integration
 
@@ -141,6 +142,24 @@ def test_utf8_headers_arrive_as_the_original_with_its_date(
     assert [message.body for message in delivered] == [normalised(UNICODE), normalised(simple(1))]
     assert delivered[0].internal_date.astimezone(UTC) == UNICODE_RECEIVED
     assert courier.maildir_count(source.name) == 0
+
+
+def test_utf8_headers_from_the_scripted_courier_arrive_as_the_original(
+    tmp_path: Path, dovecot: Dovecot, mail_users: MailUsers
+) -> None:
+    """The same through the whole engine with the scripted server playing Courier, which serves its
+    placeholder to a client that did not send UTF8."""
+    server = CourierLikePop3Server([StoredMessage("u1", UNICODE), StoredMessage("u2", simple(1))])
+    with server:
+        source = {"name": "scripted", "host": server.host, "port": server.port, "tls": "none",
+                  "username": server.username, "password": server.password, "destination": "d"}  # fmt: skip
+        result = Sync(tmp_path, source, _destination(dovecot, mail_users.destination)).poll()
+    assert (result.status, result.delivered, result.deleted) == ("ok", 2, 2), result.error
+    delivered = dovecot.imap_fetch(mail_users.destination.name)
+    assert [message.body for message in delivered] == [normalised(UNICODE), normalised(simple(1))]
+    assert delivered[0].internal_date.astimezone(UTC) == UNICODE_RECEIVED
+    assert server.recorded.deleted == ["u1", "u2"] and server.recorded.errors == []
+    assert [command.split(" ")[0] for command in server.recorded.commands][:3] == ["CAPA", "UTF8", "USER"]
 
 
 # --- 12.2: a recovery lookup must not leave the folder selected read-only --------------------------------
