@@ -316,8 +316,41 @@ class ImapSession:
     def find(self, message: FetchedMessage) -> str | None:
         """Look for a copy of ``message`` (same Message-ID, size and SHA-256) after a crash.
 
-        Read-only: EXAMINE and BODY.PEEK, so nothing is marked \\Seen.
+        The folder the lookup examined is left unselected afterwards, whatever happened: Courier-IMAP
+        refuses every APPEND to a folder its session has selected read-only, so one lookup would make
+        every later delivery of the poll fail.
         """
+        try:
+            found = self._lookup(message)
+        except BaseException:
+            # The lookup's own error is the one to report; the connection may be gone by now.
+            with contextlib.suppress(DestinationError):
+                self._leave_folder(message.uidl)
+            raise
+        self._leave_folder(message.uidl)
+        return found
+
+    def _leave_folder(self, uidl: str) -> None:
+        """UNSELECT (RFC 3691) when offered, else CLOSE, which expunges nothing in a folder opened with
+        EXAMINE (read-only). A folder selected read-write is never CLOSEd here: that would expunge."""
+        imap = self._client._imap if self._client is not None else None
+        if imap is None or imap.state != "SELECTED":
+            return
+        if self._client.has_capability("UNSELECT"):
+            action, leave = "UNSELECT", imap.unselect  # imaplib's: imapclient 3 keeps its state SELECTED
+        elif imap.is_readonly:
+            action, leave = "CLOSE", imap.close
+        else:
+            return
+        with self._guard(action, uidl=uidl):
+            status, data = leave()
+        if status != "OK":
+            raise DestinationTempError(
+                self._where.say(f"{action} after a lookup was refused: {_response_text(data)}"), uidl=uidl
+            )
+
+    def _lookup(self, message: FetchedMessage) -> str | None:
+        """find() itself. Read-only: EXAMINE and BODY.PEEK, so nothing is marked \\Seen."""
         mailbox = self.mailbox
         if not self._folder_ready and not self._exists(mailbox, message.uidl):
             return None

@@ -1,4 +1,4 @@
-"""A POP3 client (RFC 1939, CAPA/PIPELINING from RFC 2449, STLS from RFC 2595).
+"""A POP3 client (RFC 1939, CAPA/PIPELINING from RFC 2449, STLS from RFC 2595, UTF8 from RFC 6856).
 
 ``Pop3Client`` wraps one connected socket; ``connect_pop3`` builds it (TCP, TLS, greeting, CAPA) and is
 the one place tests replace. Replies are parsed by the pure functions in ``replies``. Every socket or TLS
@@ -175,6 +175,7 @@ class Pop3Client:
         self._broken = False
         self._closed = False
         self._capabilities = Capabilities()
+        self._utf8 = False
         # Whether the last RETR/TOP body had bare LF or CR line endings (now CRLF).
         self.last_body_repaired = False
         try:
@@ -207,6 +208,11 @@ class Pop3Client:
     @property
     def capabilities(self) -> Capabilities:
         return self._capabilities
+
+    @property
+    def utf8(self) -> bool:
+        """Whether the server accepted the UTF8 command (RFC 6856) in this session."""
+        return self._utf8
 
     @property
     def usable(self) -> bool:
@@ -432,6 +438,7 @@ class Pop3Client:
         for what, value in (("username", username), ("password", password)):
             if any(bad in value for bad in _FORBIDDEN_IN_ARGUMENTS):
                 raise SourceAuthError(f"{self._peer}: the {what} contains a line break or NUL")
+        self.enable_utf8()
         try:
             if method == "apop":
                 self._apop(username, password)
@@ -458,6 +465,7 @@ class Pop3Client:
         except ValueError as exc:
             raise SourceAuthError(f"{self._peer}: {exc}") from None
         secrets = (token, encoded)
+        self.enable_utf8()
         with self._exchange():
             if initial_response:
                 self._send(("AUTH", "XOAUTH2", encoded))
@@ -479,6 +487,32 @@ class Pop3Client:
             if challenge:
                 error.message += f" (server said: {describe_sasl_error(challenge)})"
             raise error
+
+    def enable_utf8(self) -> bool:
+        """Send UTF8 (RFC 6856) when CAPA offers it; returns whether UTF-8 mode is on.
+
+        Without it a server may hand out a stand-in for every message with raw UTF-8 headers (Courier
+        POP3 serves "Cannot display Unicode content" with the original attached), and the connector would
+        deliver the stand-in and delete the original. RFC 6856 allows the command only in the
+        AUTHORIZATION state, so it goes before the credentials (and after STLS, whose new CAPA is the one
+        that counts). A refusal is not fatal: the session goes on as before, and the log says why the
+        messages may look different.
+        """
+        if self._utf8 or not self._capabilities.has("UTF8"):
+            return self._utf8
+        with self._exchange():
+            self._send(("UTF8",))
+            reply = self._read_status("UTF8")
+        if reply.ok:
+            self._utf8 = True
+        else:
+            log.warning(
+                "%s: server offers UTF8 but refused it (%s); messages with raw UTF-8 headers may be "
+                "served in a converted form",
+                self._peer,
+                reply.describe(),
+            )
+        return self._utf8
 
     def _send_response(self, data: bytes, *, trace: str) -> None:
         """A SASL response line; ``trace`` is what the wire log shows instead of it."""

@@ -133,6 +133,7 @@ class Pop3Session:
         self.rfile: BinaryIO = sock.makefile("rb")
         self.state = "AUTHORIZATION"
         self.user: str | None = None
+        self.utf8 = False  # RFC 6856 UTF8 was accepted (see CourierLikePop3Server)
         self.tls = isinstance(sock, ssl.SSLSocket)
         self.messages: list[StoredMessage] = []
         self.marked: set[int] = set()
@@ -520,3 +521,51 @@ class ScriptedPop3Server:
         with self._lock:
             self.messages = [m for m in self.messages if all(m is not g for g in gone)]
         self.recorded.deleted.extend(m.uidl for m in gone)
+
+
+def has_raw_utf8_headers(content: bytes) -> bool:
+    """Whether the header section carries bytes beyond ASCII (RFC 6532 headers, unencoded)."""
+    lines = crlf_lines(content)
+    header = lines[: lines.index(b"")] if b"" in lines else lines
+    return any(byte > 0x7F for line in header for byte in line)
+
+
+def unicode_placeholder(content: bytes, boundary: str = "=_placeholder") -> bytes:
+    """What Courier POP3 serves for a message with raw UTF-8 headers to a client that did not send UTF8:
+    a notice of its own, without the original's Date or Message-ID, the original attached as
+    message/global (RFC 6532)."""
+    return (
+        b"From: Mail Delivery Subsystem <postmaster>\r\nSubject: Cannot display Unicode content\r\n"
+        b"Mime-Version: 1.0\r\n"
+        + f'Content-Type: multipart/mixed; boundary="{boundary}"\r\n\r\n--{boundary}\r\n'.encode()
+        + b"Content-Type: text/plain\r\n\r\nThis E-mail message was determined to be Unicode-formatted\r\n"
+        b"but your E-mail reader does not support Unicode E-mail.\r\n\r\n"
+        + f"--{boundary}\r\nContent-Type: message/global\r\n\r\n".encode()
+        + canonical(content)
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+
+
+class CourierLikePop3Server(ScriptedPop3Server):
+    """Plays Courier POP3 1.0 on RFC 6856: CAPA offers ``UTF8 USER``, the UTF8 command is accepted in the
+    AUTHORIZATION state, and until it was sent RETR serves a message with raw UTF-8 headers as Courier's
+    placeholder."""
+
+    def capability_lines(self, session: Pop3Session) -> list[str]:
+        return [*super().capability_lines(session), "UTF8 USER", "IMPLEMENTATION Courier Mail Server"]
+
+    def do_UTF8(self, session: Pop3Session, argument: str) -> None:
+        if session.state != "AUTHORIZATION":
+            session.err("UTF8 is only valid before logging in")
+            return
+        session.utf8 = True
+        session.ok("UTF8 enabled")
+
+    def do_RETR(self, session: Pop3Session, argument: str) -> None:
+        found = session.message(argument)
+        if found is None:
+            return
+        content = found[1].content
+        if not session.utf8 and has_raw_utf8_headers(content):
+            content = unicode_placeholder(content)
+        session.send_multiline(f"+OK {len(canonical(content))} octets", crlf_lines(content))
