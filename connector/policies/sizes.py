@@ -11,12 +11,15 @@ message goes to disk while it waits for delivery: the spool directory must have 
 
 from __future__ import annotations
 
+from connector.message import SPOOL_MEMORY_LIMIT
+
 # A RETR counts as short only when it is under half the LIST size AND this many bytes short of it: a small
 # message may be estimated at twice its size (Exchange), rounding costs under 1 KB, and an added X-UIDL:
-# header or uncounted CRs make RETR longer, not shorter. Only a gross shortfall trips it.
+# header or uncounted CRs make RETR longer, not shorter. Only a gross shortfall trips it (or nothing at all
+# for a message LIST says has content).
 SHORT_RETR_MIN_GAP = 8 * 1024
-# Messages up to this size stay in memory while they wait (message.SPOOL_MEMORY_LIMIT): no disk needed.
-SPOOL_SPACE_CHECK_FROM = 1024 * 1024
+# Messages up to this size stay in memory while they wait for delivery: no disk needed.
+SPOOL_SPACE_CHECK_FROM = SPOOL_MEMORY_LIMIT
 # Room left free beyond the message itself: the ledger, the logs and the other accounts' spools share the
 # disk.
 SPOOL_MARGIN = 64 * 1024 * 1024
@@ -24,7 +27,9 @@ SPOOL_MARGIN = 64 * 1024 * 1024
 
 def implausibly_short(list_size: int, retr_size: int) -> bool:
     """True when ``retr_size`` octets received for a message LIST gave as ``list_size`` octets cannot be
-    the message: under half of it and more than ``SHORT_RETR_MIN_GAP`` short."""
+    the message: under half of it and more than ``SHORT_RETR_MIN_GAP`` short, or nothing at all."""
+    if retr_size == 0:
+        return list_size > 0
     return retr_size * 2 < list_size and list_size - retr_size > SHORT_RETR_MIN_GAP
 
 

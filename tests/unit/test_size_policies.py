@@ -56,6 +56,8 @@ NOW = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
         (20_000, 20_042, False),  # GNU Mailutils adds an X-UIDL: header that LIST did not count
         (19_750, 20_000, False),  # an mbox server counts LF line endings, the wire has CRLF
         (20_480, 20_000, False),  # HP OpenMail rounded LIST sizes to 1024
+        (5_000, 0, True),  # nothing at all, for a message LIST says has content
+        (1, 0, True),
         (0, 0, False),
         (0, 500, False),  # no size known (a UIDL-only listing)
     ],
