@@ -110,6 +110,9 @@ def parse_size(value: object) -> int:
     return number
 
 
+# The hard bound on any one message, whatever LIST says (policies/sizes.py): well above real mail.
+DEFAULT_MESSAGE_SIZE_CEILING = 200 * 1024 * 1024
+
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
 ByteSize = Annotated[int, BeforeValidator(parse_size)]
 Secret = Annotated[SecretStr, BeforeValidator(_resolve_secret)]
@@ -233,6 +236,8 @@ class Defaults(_Model):
     max_message_size: ByteSize | None = None
     oversize: Literal["skip", "headers_only"] = "skip"
     max_messages_per_poll: int = Field(default=0, ge=0)
+    # No message above this is downloaded, whatever max_message_size and oversize say.
+    message_size_ceiling: ByteSize = DEFAULT_MESSAGE_SIZE_CEILING
     start: Literal["all", "new"] = "all"
     # Write this account's POP3/IMAP conversation to its own rotating file (secrets redacted).
     protocol_log: bool = False
@@ -250,6 +255,16 @@ class Defaults(_Model):
         if value <= timedelta(0):
             raise ValueError("timeout must be positive")
         return value
+
+    @model_validator(mode="after")
+    def _limit_under_ceiling(self) -> Defaults:
+        limit, ceiling = self.max_message_size, self.message_size_ceiling
+        if limit is not None and limit > ceiling:
+            raise ValueError(
+                f"max_message_size ({limit} bytes) is above message_size_ceiling ({ceiling} bytes), which "
+                "no message may pass: raise message_size_ceiling too"
+            )
+        return self
 
 
 class OAuthSettings(_Model):

@@ -40,6 +40,7 @@ from connector.errors import (
     SourceLoginDelayError,
     SourceMessageError,
     SourceReplyTooLongError,
+    SourceShortReplyError,
 )
 from connector.fetch import fetch, spool_for
 from connector.identity import Identified, baseline_entries, identify, migration
@@ -48,7 +49,7 @@ from connector.ledger.store import Clock, KnownMessage, KnownMessages, Ledger, P
 from connector.message import FetchedMessage
 from connector.multidrop import DestinationPool, RoutedDelivery
 from connector.pipeline import BATCH_BYTES, Fetched, Prefetcher, with_sizes
-from connector.plan import Delivery, PollPlan, plan_poll, with_recovery
+from connector.plan import Delivery, PollPlan, plan_poll, with_recovery, within_ceiling
 from connector.policies.limits import Limits, needs_baseline
 from connector.policies.retention import deletable_until, should_delete
 from connector.policies.retry import failure_delay, should_suspend, success_delay
@@ -71,6 +72,8 @@ class PollResult:
     quarantined: int = 0
     deleted: int = 0
     skipped: int = 0
+    # RETR replies far shorter than LIST said (counted in ``failed`` too); see policies/sizes.py.
+    short_retrs: int = 0
     next_poll_at: datetime | None = None
     plan: PollPlan | None = None
     problems: list[str] = field(default_factory=list)
@@ -259,6 +262,7 @@ class _Poll(RoutedDelivery, BatchedDelivery):
         listing, plan = listed.listing, self._plan_of(listed, listed.listing)
         if not listed.sized:
             listing, plan = with_sizes(pop, listing, plan, lambda sized: self._plan_of(listed, sized))
+            plan = within_ceiling(plan, Limits.of(self.account))
         self.engine.planned(self.account, plan)
         if plan.gone:
             self.ledger.prune(self.account_id, plan.gone)
@@ -374,7 +378,8 @@ class _Poll(RoutedDelivery, BatchedDelivery):
         """The next messages are fetched while this thread records and delivers (see pipeline.py); what
         has been fetched meanwhile goes in one batch where the destination takes batches.
         False when the poll must stop delivering."""
-        with Prefetcher(pop, deliveries, partial(spool_for, self.account)) as prefetcher:
+        spool = partial(spool_for, self.account)
+        with Prefetcher(pop, deliveries, spool, ceiling=self.account.message_size_ceiling) as prefetcher:
             for item in prefetcher:
                 first = item.message.size if item.message is not None else 0
                 batch = [item, *prefetcher.ready(self._batch_room() - 1, BATCH_BYTES - first)]
@@ -442,6 +447,9 @@ class _Poll(RoutedDelivery, BatchedDelivery):
         info, delivery = item.delivery.info, item.delivery
         if item.message is None:
             assert item.error is not None
+            if isinstance(item.error, SourceShortReplyError):
+                self._short_reply(info, item.error)
+                return
             self.result.skipped += 1
             self._problem(f"message {info.uidl!r}: cannot retrieve it: {item.error.message}")
             return
@@ -455,6 +463,22 @@ class _Poll(RoutedDelivery, BatchedDelivery):
         if delivery.recover and self._recovered(fetched, info, delivery.attempts):
             return
         self._deliver_new(fetched, info, headers_only=delivery.headers_only)
+
+    def _short_reply(self, info: MessageInfo, exc: SourceShortReplyError) -> None:
+        """A RETR far shorter than LIST said is not the message (a store hiccup): nothing is delivered or
+        deleted; the attempt counts, and once they run out the message is quarantined (on the server)."""
+        # Retrieved all the same: a server that deletes what was retrieved (EXPIRE 0) must not get QUIT.
+        self.undelivered.add(info.uidl)
+        state = self.ledger.record_fetch_failure(
+            self.account_id, info.uidl, info.size, exc.message, max_attempts=self.account.retry.max_attempts
+        )
+        self.result.failed += 1
+        self.result.short_retrs += 1
+        if state is MessageState.FAILED:
+            self.result.quarantined += 1
+            self._problem(f"message {info.uidl!r}: quarantined, out of attempts: {exc.message}")
+        else:
+            self._problem(f"message {info.uidl!r}: {exc.message}; retried at the next poll")
 
     def _recovered(self, fetched: FetchedMessage, info: MessageInfo, attempts: int) -> bool:
         """A previous attempt may have reached the destination: look before delivering again."""

@@ -116,6 +116,19 @@ class SourceMessageError(SourceError, TemporaryError):
     """One message could not be retrieved (-ERR to RETR/TOP); the rest of the mailbox goes on."""
 
 
+class SourceShortReplyError(SourceMessageError):
+    """RETR sent far less than LIST said (policies/sizes.py): not the message, so it is not delivered.
+    Unlike an -ERR this counts as an attempt at the message. ``list_size`` and ``retr_size`` in octets."""
+
+    list_size: int = 0
+    retr_size: int = 0
+
+
+class SpoolError(TemporaryError):
+    """The local spool cannot take the next message (its directory lacks the room, or writing failed):
+    not the message's fault, so the poll stops fetching and no attempt is counted."""
+
+
 # --- Destinations -------------------------------------------------------------------------------------
 
 

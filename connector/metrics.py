@@ -39,6 +39,12 @@ class PollMetrics(PollObserver):
             ["account"],
             registry=r,
         )
+        self.short_retrs = Counter(
+            "pop_connector_short_retrs",
+            "RETR replies far shorter than LIST said: not delivered, left on the POP3 server.",
+            ["account"],
+            registry=r,
+        )
         self.duration = Histogram(
             "pop_connector_poll_duration_seconds",
             "How long a poll took.",
@@ -78,6 +84,7 @@ class PollMetrics(PollObserver):
             self.last_success.labels(name).set_to_current_time()
         self.delivered.labels(name).inc(result.delivered + result.recovered)
         self.quarantined.labels(name).inc(result.quarantined)
+        self.short_retrs.labels(name).inc(result.short_retrs)
         self.duration.labels(name).observe(stats.duration)
         backlog = stats.backlog(result)
         if backlog is not None:

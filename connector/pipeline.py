@@ -21,8 +21,9 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
+from connector.config import DEFAULT_MESSAGE_SIZE_CEILING
 from connector.errors import SourceMessageError, SourceProtocolError, SourceReplyTooLongError
-from connector.fetch import max_retr_bytes, name_runaway
+from connector.fetch import check_retr_size, check_spool_space, max_retr_bytes, name_runaway, spool_failed
 from connector.message import FetchedMessage, MessageSpool
 from connector.plan import Delivery, PollPlan
 from connector.pop3 import MessageInfo, Pop3Client, join_listings
@@ -104,6 +105,7 @@ def retr_window(deliveries: Sequence[Delivery]) -> int:
 class Prefetcher:
     """Iterate over it to get one ``Fetched`` per delivery, in plan order; ``close()`` when done (it stops
     the thread and leaves the POP3 session usable for DELE and QUIT unless the connection failed).
+    No reply is read past ``ceiling`` bytes (``message_size_ceiling``).
 
     A failure of the connection itself is raised by the iterator at the point where it happened, after the
     messages fetched before it: the poll delivers those first, as it would without prefetching.
@@ -116,8 +118,10 @@ class Prefetcher:
         spool_for: Callable[[MessageInfo], MessageSpool],
         *,
         ahead: int = FETCH_AHEAD,
+        ceiling: int = DEFAULT_MESSAGE_SIZE_CEILING,
     ) -> None:
         self._pop = pop
+        self._ceiling = ceiling
         self._deliveries = list(deliveries)
         self._spool_for = spool_for
         self._queue: queue.Queue[object] = queue.Queue(maxsize=max(1, ahead))
@@ -208,17 +212,24 @@ class Prefetcher:
             self._put(_END)
 
     def _fetch(self, delivery: Delivery, reply: RetrReply) -> Fetched:
-        spool = self._spool_for(delivery.info)
+        info = delivery.info
+        # Before the reply is read: on a full disk the poll stops (the reply in flight is discarded).
+        check_spool_space(info)
+        spool = self._spool_for(info)
         try:
-            reply.into(spool, max_bytes=max_retr_bytes(delivery.info))
+            received = reply.into(spool, max_bytes=max_retr_bytes(info, self._ceiling))
             spool.line_endings_repaired = self._pop.last_body_repaired
-        except SourceMessageError as exc:
+            check_retr_size(info, received)
+        except SourceMessageError as exc:  # -ERR, or a reply far shorter than LIST: this message only
             spool.abort()
             return Fetched(delivery, error=exc)
         except SourceReplyTooLongError as exc:
             spool.abort()
-            name_runaway(exc, delivery.info)
+            name_runaway(exc, info, self._ceiling)
             raise
+        except OSError as exc:  # the spool's: the client turns socket errors into its own
+            spool.abort()
+            raise spool_failed(exc, info) from exc
         except BaseException:
             spool.abort()
             raise

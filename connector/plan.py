@@ -15,6 +15,7 @@ from connector.ledger.models import MessageState
 from connector.ledger.store import KnownMessage, KnownMessages
 from connector.policies.limits import Limits
 from connector.policies.retention import should_delete
+from connector.policies.sizes import over_ceiling
 from connector.policies.uidl import duplicated_uidls
 from connector.pop3 import MessageInfo
 
@@ -121,6 +122,16 @@ def _decide(
         # DELIVERED, or DELETED whose deletion the server did not carry out: either way it is safe.
         # A headers-only delivery stays: the POP3 server has the only whole copy.
         tally.delete.append(info)
+
+
+def within_ceiling(plan: PollPlan, limits: Limits) -> PollPlan:
+    """``plan`` with the deliveries over the hard size ceiling moved to ``oversize`` (quarantined, never
+    downloaded): for a plan made before the sizes were known (see pipeline.with_sizes)."""
+    over = [d.info for d in plan.deliver if over_ceiling(d.info.size, limits.ceiling)]
+    if not over:
+        return plan
+    deliver = [d for d in plan.deliver if not over_ceiling(d.info.size, limits.ceiling)]
+    return replace(plan, deliver=deliver, oversize=[*plan.oversize, *over])
 
 
 def with_recovery(plan: PollPlan, uidls: set[str]) -> PollPlan:

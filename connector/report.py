@@ -46,7 +46,7 @@ def dry_run_lines(result: PollResult) -> list[str]:
     lines += [f"  delete  #{i.number} uidl={i.uidl}" for i in plan.delete]
     lines += [f"  skip    uidl={uidl} (listed more than once)" for uidl in plan.duplicates]
     lines += [
-        f"  quarantine #{i.number} uidl={i.uidl} size={i.size} (over max_message_size)" for i in plan.oversize
+        f"  quarantine #{i.number} uidl={i.uidl} size={i.size} (too large to download)" for i in plan.oversize
     ]
     if plan.deferred:
         lines.append(f"  {plan.deferred} more left for later polls (max_messages_per_poll)")

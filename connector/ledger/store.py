@@ -499,6 +499,20 @@ class Ledger(_SuspensionAndQuarantine, RecipientLedger):
             row.updated_at = now
             return MessageState(row.state)
 
+    def record_fetch_failure(
+        self, account_id: int, uidl: str, pop_size: int, error: str, *, max_attempts: int
+    ) -> MessageState:
+        """Count a failed attempt that ended before delivery (the server sent something that is not the
+        message), adding the row as ``pending`` if the ledger did not know the message; quarantine
+        (``failed``) once the attempts reach ``max_attempts``. A known row keeps what it recorded of an
+        earlier attempt (a ``pending`` one may have reached the destination)."""
+        now = self._clock()
+        with self._transaction(f"record failure of message {uidl!r}", account_id) as session:
+            row = _message_row(session, account_id, uidl, now, pop_size=pop_size, last_error=error)
+            row.attempts = (row.attempts or 0) + 1
+            row.state = MessageState.FAILED if row.attempts >= max_attempts else MessageState.PENDING
+            return MessageState(row.state)
+
     def record_quarantined(self, account_id: int, uidl: str, error: str) -> None:
         now = self._clock()
         with self._transaction(f"quarantine message {uidl!r}", account_id) as session:

@@ -4,6 +4,7 @@ Pure functions.
 ``skip``: an oversized message is quarantined with its reason without being downloaded (the LIST size
 decides). ``headers_only``: its header section (``TOP n 0``) is delivered with a short note as the body,
 and the message itself stays on the POP3 server whatever the retention, since only there is it whole.
+Above the hard ceiling (``message_size_ceiling``, policies/sizes.py) a message is always skipped.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Literal
 
-from connector.config import Account
+from connector.config import DEFAULT_MESSAGE_SIZE_CEILING, Account
+from connector.policies.sizes import ceiling_reason, over_ceiling
 
 OversizeAction = Literal["skip", "headers_only"]
 
@@ -26,18 +28,28 @@ class Limits:
     max_message_size: int | None = None
     oversize: OversizeAction = "skip"
     max_messages_per_poll: int = 0
+    ceiling: int = DEFAULT_MESSAGE_SIZE_CEILING
 
     @classmethod
     def of(cls, account: Account) -> Limits:
-        return cls(account.max_message_size, account.oversize, account.max_messages_per_poll)
+        return cls(
+            account.max_message_size,
+            account.oversize,
+            account.max_messages_per_poll,
+            account.message_size_ceiling,
+        )
 
     def oversize_action(self, size: int) -> OversizeAction | None:
         """What to do with a message of ``size`` octets (the LIST size); None when it is within limits."""
+        if over_ceiling(size, self.ceiling):
+            return "skip"
         if self.max_message_size is None or size <= self.max_message_size:
             return None
         return self.oversize
 
     def skip_reason(self, size: int) -> str:
+        if over_ceiling(size, self.ceiling):
+            return ceiling_reason(size, self.ceiling)
         return f"{size} bytes is over max_message_size ({self.max_message_size}); not downloaded"
 
 
