@@ -35,7 +35,6 @@ from connector.errors import (
 )
 from connector.message import FetchedMessage
 from connector.oauth import TokenProvider, describe_sasl_json, login_with_token, xoauth2_response
-from connector.redaction import redact
 from connector.tls import TlsMode, make_ssl_context
 
 # The separator of folder levels in the configured folder name, whatever the server's delimiter is.
@@ -746,11 +745,9 @@ def _login_oauth2(client: Any, where: Where, username: str, provider: TokenProvi
         try:
             with _driver_errors(where, action, refused=_login_refused, secret=token):
                 client.sasl_login("XOAUTH2", mechanism)
-        except DestinationError as exc:
-            # A server may repeat the base64 response, not only the token (which alone is cut out above).
-            exc.message = redact(exc.message)
-            if isinstance(exc, DestinationAuthError) and mechanism.error:
-                exc.message += f" (server said: {redact(mechanism.error)})"
+        except DestinationAuthError as exc:
+            if mechanism.error:
+                exc.message += f" (server said: {mechanism.error})"
             raise
 
     try:

@@ -54,7 +54,6 @@ from connector.pop3.replies import (
     unstuff_block,
 )
 from connector.pop3.wire import BodyDecoder, ConnectionClosed, StreamReader
-from connector.redaction import redact
 from connector.tls import TlsMode, make_ssl_context
 
 _T = TypeVar("_T")
@@ -483,7 +482,7 @@ class Pop3Client:
         if not reply.ok:
             error = error_for("AUTH", reply, peer=self._peer, secrets=secrets)
             if challenge:
-                error.message += f" (server said: {redact(describe_sasl_error(challenge))})"
+                error.message += f" (server said: {describe_sasl_error(challenge)})"
             raise error
 
     def _send_response(self, data: bytes, *, trace: str) -> None:

@@ -25,7 +25,6 @@ from connector.errors import (
     SourceProtocolError,
     SourceTempError,
 )
-from connector.redaction import redact
 
 # RFC 2449 caps responses at 512 octets; real servers stay far below. The bound is generous so that a
 # chatty server still works, yet a server that never sends a line ending cannot exhaust memory.
@@ -387,15 +386,13 @@ def error_for(
 ) -> SourceError:
     """The typed error for an ``-ERR`` reply to ``command`` (the verb only, never its arguments).
 
-    ``secrets`` are cut out of the server's text, in case a server echoes what it was sent, and so is every
-    other secret the process knows: this text goes into the ledger and onto the status page.
+    ``secrets`` are cut out of the server's text, in case a server echoes what it was sent.
     """
     verb = command.upper()
     description = reply.describe()
     for secret in secrets:
         if secret:
             description = description.replace(secret, "****")
-    description = redact(description)
     subject = "server greeting" if verb == "GREETING" else verb
     prefix = f"{peer}: " if peer else ""
     return _error_type(verb, reply.code)(f"{prefix}{subject} failed: {description}")
