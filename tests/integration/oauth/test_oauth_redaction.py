@@ -1,28 +1,27 @@
 """12.8: access tokens obtained at runtime are redacted as soon as they exist. A POP3 server and an IMAP
 server that repeat the token and the base64 XOAUTH2 response in their refusal leave neither in the protocol
-log, the logs (both formats) or the ledger, for the first token and for the one fetched after it."""
+log, the logs (text and JSON, DEBUG) or the ledger: ``pop-connector sync`` runs twice, each time with a
+token it has just obtained."""
 
 from __future__ import annotations
 
 import base64
-import io
-import logging
 import socket
+import subprocess
+import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import pytest
 
-from connector.config import Config
-from connector.engine import PollResult
-from connector.logs import ContextFilter, JsonFormatter, TextFormatter
+from tests.acceptance.conftest import ROOT
+from tests.configs import write_tables
 from tests.integration.oauth.conftest import App, OAuthSync
 from tests.servers.scripted_pop3 import Pop3Session, ScriptedPop3Server, StoredMessage
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.acceptance
 
 
 def _token_in(encoded: str) -> str:
@@ -96,43 +95,36 @@ class EchoingImapServer:
                 send(f"{tag} BAD not here")
 
 
-@pytest.fixture
-def service_log() -> Iterator[io.StringIO]:
-    """What ``run``'s log handler writes at DEBUG, in the text and the JSON format."""
-    stream = io.StringIO()
-    handlers: list[logging.Handler] = []
-    for formatter in (TextFormatter(), JsonFormatter()):
-        handler = logging.StreamHandler(stream)
-        handler.setFormatter(formatter)
-        handler.addFilter(ContextFilter())
-        handlers.append(handler)
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.DEBUG)
-    for handler in handlers:
-        root.addHandler(handler)
-    yield stream
-    for handler in handlers:
-        root.removeHandler(handler)
-    root.setLevel(level)
-
-
-def _with_protocol_log(config: Config, directory: Path) -> Config:
-    service = config.service.model_copy(update={"protocol_log_dir": directory})
-    accounts = [account.model_copy(update={"protocol_log": True}) for account in config.accounts]
-    return config.model_copy(update={"service": service, "accounts": accounts})
+def _sync_twice(
+    oauth_sync: OAuthSync, tmp_path: Path, destination: dict[str, Any], account: dict[str, Any]
+) -> tuple[Path, list[subprocess.CompletedProcess[str]]]:
+    """``sync`` at DEBUG, in the text and then the JSON log format, with the account's protocol log on."""
+    logs = tmp_path / "protocol"
+    config = write_tables(tmp_path / "config.toml", oauth_sync.database, [destination], [account])
+    text = config.read_text().replace("[service]\n", f'[service]\nprotocol_log_dir = "{logs}"\n', 1)
+    config.write_text(text)
+    command = [sys.executable, "-m", "connector", "--config", str(config), "--log-level", "DEBUG"]
+    runs = [
+        subprocess.run(
+            [*command, "--log-format", log_format, "sync"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=ROOT,
+            check=False,
+        )
+        for log_format in ("text", "json")
+    ]
+    for run in runs:
+        assert run.returncode == 1 and "auth" in run.stdout, run.stdout + run.stderr
+    return logs, runs
 
 
 def _assert_nowhere(
-    oauth_sync: OAuthSync,
-    app: App,
-    user: str,
-    logs: Path,
-    service_log: io.StringIO,
-    results: list[PollResult],
+    oauth_sync: OAuthSync, app: App, user: str, logs: Path, runs: list[subprocess.CompletedProcess[str]]
 ) -> str:
-    """Two tokens were issued (the refused one is dropped, the next poll fetches another) and neither, nor
-    its XOAUTH2 response, is anywhere; returns the protocol log."""
+    """Each run obtained a token of its own, and neither token, nor its XOAUTH2 response, is anywhere;
+    returns the protocol log."""
     tokens = [token.value for token in oauth_sync.token_server.issued() if token.client_id == app.client_id]
     assert len(tokens) == 2
     responses = [
@@ -142,51 +134,49 @@ def _assert_nowhere(
     ledger = Path(oauth_sync.database.removeprefix("sqlite:///"))
     everywhere = {
         "protocol log": trace,
-        "service log": service_log.getvalue(),
-        "poll results": "\n".join(str(result.error) for result in results),
+        "output": "".join(run.stdout + run.stderr for run in runs),
         "ledger": b"".join(path.read_bytes() for path in ledger.parent.glob(ledger.name + "*")).decode(
             "latin-1"
         ),
     }
+    assert "XOAUTH2" in everywhere["output"]  # the DEBUG trace was on
     for where, text in everywhere.items():
         for secret in [*tokens, *responses]:
             assert secret not in text, f"a token or XOAUTH2 response is in the {where}"
     return trace
 
 
-def test_pop3_server_echoing_the_token(
-    oauth_sync: OAuthSync, tmp_path: Path, service_log: io.StringIO
-) -> None:
+def test_pop3_server_echoing_the_token(oauth_sync: OAuthSync, tmp_path: Path) -> None:
     app = oauth_sync.register("hosted-box")
     pop3 = ScriptedPop3Server([StoredMessage("u1", b"Subject: x\r\n\r\nbody\r\n")], username="hosted-box")
     pop3.on("AUTH", _pop3_echoing_auth)
-    logs = tmp_path / "protocol"
+    dovecot, users = oauth_sync.dovecot, oauth_sync.users
+    destination = {"name": "d", "type": "imap", "host": dovecot.host, "port": dovecot.ports.imap,
+                   "tls": "none", "username": users.destination.name,
+                   "password": users.destination.password}  # fmt: skip
     with pop3:
-        account = {"host": pop3.host, "port": pop3.port, "username": "hosted-box", "auth": "oauth2",
-                   "password": None, "oauth": app.table(oauth_sync.token_server)}  # fmt: skip
-        config = oauth_sync.config(
-            account=account, destination={"password": oauth_sync.users.destination.password}
-        )
-        config = _with_protocol_log(config, logs)
-        results = [oauth_sync.poll(config) for _ in range(2)]
-    assert [result.status for result in results] == ["auth_error", "auth_error"]
-    assert "-ERR [AUTH] token **** refused; you sent ****" in str(results[1].error)
-    trace = _assert_nowhere(oauth_sync, app, "hosted-box", logs, service_log, results)
+        account = {"name": "a", "host": pop3.host, "port": pop3.port, "tls": "none", "username": "hosted-box",
+                   "auth": "oauth2", "oauth": app.table(oauth_sync.token_server), "destination": "d",
+                   "protocol_log": True}  # fmt: skip
+        logs, runs = _sync_twice(oauth_sync, tmp_path, destination, account)
+    assert "-ERR [AUTH] token **** refused; you sent ****" in runs[1].stdout
+    trace = _assert_nowhere(oauth_sync, app, "hosted-box", logs, runs)
     assert trace.count("S: -ERR [AUTH] token **** refused; you sent ****") == 2
 
 
-def test_imap_server_echoing_the_token(
-    oauth_sync: OAuthSync, tmp_path: Path, service_log: io.StringIO
-) -> None:
-    app, destination = oauth_sync.destination_app()
+def test_imap_server_echoing_the_token(oauth_sync: OAuthSync, tmp_path: Path) -> None:
+    app = oauth_sync.register(oauth_sync.users.destination.name)
     oauth_sync.seed(1)
-    logs = tmp_path / "protocol"
+    dovecot, users = oauth_sync.dovecot, oauth_sync.users
     with EchoingImapServer() as imap:
-        config = oauth_sync.config(destination={**destination, "host": "127.0.0.1", "port": imap.port})
-        config = _with_protocol_log(config, logs)
-        results = [oauth_sync.poll(config) for _ in range(2)]
+        destination = {"name": "d", "type": "imap", "host": "127.0.0.1", "port": imap.port, "tls": "none",
+                       "username": users.destination.name, "auth": "oauth2",
+                       "oauth": app.table(oauth_sync.token_server)}  # fmt: skip
+        account = {"name": "a", "host": dovecot.host, "port": dovecot.ports.pop3, "tls": "none",
+                   "username": users.source.name, "password": users.source.password, "destination": "d",
+                   "protocol_log": True}  # fmt: skip
+        logs, runs = _sync_twice(oauth_sync, tmp_path, destination, account)
     assert imap.refusals == 2
-    assert [result.status for result in results] == ["auth_error", "auth_error"]
-    assert "refused; you sent ****" in str(results[1].error)
-    trace = _assert_nowhere(oauth_sync, app, oauth_sync.users.destination.name, logs, service_log, results)
+    assert "refused; you sent ****" in runs[1].stdout
+    trace = _assert_nowhere(oauth_sync, app, users.destination.name, logs, runs)
     assert trace.count("refused; you sent ****") == 4  # imaplib logs each reply and then its parse
