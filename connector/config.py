@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from connector import redaction
 from connector.errors import ConfigError
 from connector.oauth import (
     ENTRA_AUTHORITY_HOST,
@@ -745,7 +746,10 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         config = Config.model_validate({**data, "accounts": raw_accounts, "source": path})
     except ValidationError as exc:
         raise ConfigError("\n".join(_errors_from(exc, (), path))) from None
-    return _with_database_default(config, path)
+    config = _with_database_default(config, path)
+    # Before anything uses them: a reload's rotated passwords are redacted from its first log line on.
+    redaction.register_config(config)
+    return config
 
 
 def _with_database_default(config: Config, path: Path) -> Config:

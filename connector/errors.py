@@ -15,15 +15,30 @@ Two orthogonal axes:
 
 from __future__ import annotations
 
+from connector.redaction import redact
+
 
 class ConnectorError(Exception):
-    """Base of every error this project raises on purpose."""
+    """Base of every error this project raises on purpose.
+
+    ``message`` is read with every secret the process knows cut out (``connector.redaction``): it often
+    quotes a server, which may repeat a password or token, and it goes into the ledger, onto the status
+    page and into the logs.
+    """
 
     def __init__(self, message: str, *, account: str | None = None, uidl: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.account = account
         self.uidl = uidl
+
+    @property
+    def message(self) -> str:
+        return redact(self._message)
+
+    @message.setter
+    def message(self, value: str) -> None:
+        self._message = value
 
     def __str__(self) -> str:
         where = []

@@ -3,6 +3,9 @@
 The account and UIDL travel in context variables set around a poll (``log_context``) and around each
 message (``message_context``), and a filter copies them onto every record. That way no log call has to
 repeat them, and lines from libraries called during a poll (imapclient, SQLAlchemy) are tagged too.
+
+Both formats cut every secret the process knows out of each line (``connector.redaction``): a library's
+DEBUG trace or a server's reply may carry one that no log call of ours would write.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any, Literal, TextIO
+
+from connector.redaction import redact
 
 LogFormat = Literal["text", "json"]
 LOG_FORMATS: tuple[LogFormat, ...] = ("text", "json")
@@ -69,14 +74,14 @@ class JsonFormatter(logging.Formatter):
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": redact(record.getMessage()),
         }
         for key in ("account", "uidl"):
             value = getattr(record, key, None)
             if value is not None:
                 entry[key] = value
         if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
+            entry["exception"] = redact(self.formatException(record.exc_info))
         return json.dumps(entry, ensure_ascii=False)
 
 
@@ -87,7 +92,7 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+        line = redact(super().format(record))
         message = record.getMessage()
         tags = [
             f"{key}={value}"

@@ -9,7 +9,9 @@ Two ways to get a token, behind one small interface (``TokenProvider``: ``get_to
 
 Tokens are cached and fetched again a margin before they expire; ``TokenProviders`` hands out one provider
 per distinct set of credentials, so accounts sharing an app share its token. Tokens and secrets never
-appear in logs, reprs or exception messages.
+appear in logs, reprs or exception messages: each token obtained (and each rotated refresh token, and each
+XOAUTH2 response built from a token) is registered with ``connector.redaction`` before it is used, so that
+a server echoing it finds it cut out of every log line, protocol log and POP3 error text.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
+from connector import redaction
 from connector.errors import OAuthError, OAuthRefusedError, OAuthUnavailableError
 from connector.tls import make_ssl_context
 
@@ -167,6 +170,7 @@ class CachingTokenProvider:
                 return token.value
             started = self._clock()
             value, lifetime = self._fetch()
+            redaction.register(value)
             early = min(self._margin, lifetime / 2)
             self._token = _Token(value, started + lifetime - early)
             log.debug("%s: new access token, valid for %d s", self.description, int(lifetime))
@@ -235,7 +239,10 @@ def xoauth2_response(user: str, token: str) -> bytes:
     """The XOAUTH2 client response (before base64): ``user=U^Aauth=Bearer T^A^A``."""
     if any(bad in user for bad in ("\x01", "\r", "\n")):
         raise ValueError("the XOAUTH2 user name contains a control character")
-    return f"user={user}\x01auth=Bearer {token}\x01\x01".encode()
+    response = f"user={user}\x01auth=Bearer {token}\x01\x01".encode()
+    # Its base64 form is what goes on the wire, and what a careless server repeats in its refusal.
+    redaction.register(token, base64.b64encode(response).decode("ascii"))
+    return response
 
 
 def describe_sasl_error(challenge: bytes) -> str:
@@ -381,6 +388,7 @@ class TokenEndpointFetcher:
         rotated = answer.get("refresh_token")
         if self._refresh_token and isinstance(rotated, str) and rotated:
             # Providers that rotate refresh tokens invalidate the old one as they hand out the new one.
+            redaction.register(rotated)
             self._refresh_token = rotated
         return token, lifetime
 

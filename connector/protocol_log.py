@@ -7,8 +7,10 @@ context variable) and one dispatching handler writes each record to that account
 
 Secrets: the POP3 client writes PASS/APOP/AUTH arguments as ``****``, imapclient writes LOGIN and
 AUTHENTICATE as ``**REDACTED**``, SASL responses are logged by size only, and as a last guard every
-configured secret of the account is replaced by ``****`` in each line before it is written. Message
-bodies never appear: the POP3 trace gives size and SHA-256, imaplib only the literal's size.
+secret the process knows (``connector.redaction``: those of the current configuration, and of every earlier
+one since a reload; each OAuth token as soon as it was obtained) is replaced by ``****`` in each line
+when it is written. Message bodies never appear: the POP3 trace gives size and SHA-256, imaplib only the
+literal's size.
 
 Files are ``<protocol_log_dir>/<account>.log`` (+ ``.1`` ... after rotation), created mode 600 in a
 directory of mode 700.
@@ -27,10 +29,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from connector import redaction
 from connector.config import Account, Config, default_state_dir
 
 PROTOCOL_LOGGERS = ("connector.pop3.wire", "connector.protocol", "imapclient", "connector.ews.wire")
-REDACTED = "****"
 
 _current: contextvars.ContextVar[str | None] = contextvars.ContextVar("protocol_log_account", default=None)
 _lock = threading.Lock()
@@ -49,19 +51,17 @@ class _PrivateRotatingFile(logging.handlers.RotatingFileHandler):
 
 
 class _Redacting(logging.Formatter):
-    def __init__(self, secrets: list[str]) -> None:
+    """Reads the registry at each line, not a list taken when the file was opened: the file lives as long
+    as the process, its secrets change with each reload and each new token."""
+
+    def __init__(self) -> None:
         super().__init__("%(asctime)s.%(msecs)03dZ %(name)s %(message)s", datefmt="%Y-%m-%dT%H:%M:%S")
-        # Longest first, so that a secret containing another is replaced whole.
-        self.secrets = sorted((s for s in secrets if len(s) >= 3), key=len, reverse=True)
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         return time.strftime(datefmt or "%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
 
     def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        for secret in self.secrets:
-            text = text.replace(secret, REDACTED)
-        return text
+        return redaction.redact(super().format(record))
 
 
 class _Dispatcher(logging.Handler):
@@ -131,7 +131,7 @@ def _file_for(config: Config, account: Account) -> _PrivateRotatingFile:
         backupCount=config.service.protocol_log_backups,
         encoding="utf-8",
     )
-    handler.setFormatter(_Redacting(account_secrets(config, account)))
+    handler.setFormatter(_Redacting())
     return handler
 
 
@@ -141,6 +141,8 @@ def recording(config: Config, account: Account) -> Iterator[None]:
     if not account.protocol_log:
         yield
         return
+    # A configuration built in code, not by the loader, has its account's secrets redacted too.
+    redaction.register(*account_secrets(config, account))
     with _lock:
         _install()
         if account.name not in _files:

@@ -4,6 +4,8 @@
 Bound to loopback unless configured otherwise. With ``status_token`` set every path but ``/healthz`` wants
 the token, as ``?token=...`` (for a browser) or ``Authorization: Bearer ...`` (for Prometheus). Nothing
 served is secret: account names, states, times, counts and error texts (which never carry passwords).
+``/healthz`` answers anyone, but without the token only its status word: its problems name accounts, and a
+database error names the database's host and port, which a load balancer's probe has no need to know.
 """
 
 from __future__ import annotations
@@ -161,13 +163,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         url = urlsplit(self.path)
+        authorized = self._authorized(parse_qs(url.query).get("token", [None])[0])
         if url.path == "/healthz":
-            problems = self.server.ops.health_report()
-            body = {"status": "failing" if problems else "ok", "problems": problems}
-            status = HTTPStatus.SERVICE_UNAVAILABLE if problems else HTTPStatus.OK
-            self._send(status, "application/json", json.dumps(body).encode())
+            self._healthz(authorized)
             return
-        if not self._authorized(parse_qs(url.query).get("token", [None])[0]):
+        if not authorized:
             self._send(HTTPStatus.UNAUTHORIZED, "text/plain; charset=utf-8", b"access token required\n")
             return
         routes: dict[str, Callable[[], None]] = {
@@ -188,6 +188,14 @@ class _Handler(BaseHTTPRequestHandler):
         header = self.headers.get("Authorization", "")
         given = header[7:] if header.startswith("Bearer ") else query_token
         return given is not None and hmac.compare_digest(given.encode(), token.get_secret_value().encode())
+
+    def _healthz(self, authorized: bool) -> None:
+        problems = self.server.ops.health_report()
+        body: dict[str, object] = {"status": "failing" if problems else "ok"}
+        if authorized:
+            body["problems"] = problems
+        status = HTTPStatus.SERVICE_UNAVAILABLE if problems else HTTPStatus.OK
+        self._send(status, "application/json", json.dumps(body).encode())
 
     def _page(self) -> None:
         ops = self.server.ops

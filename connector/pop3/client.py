@@ -466,22 +466,27 @@ class Pop3Client:
             raise SourceAuthError(f"{self._peer}: {exc}") from None
         secrets = (token, encoded)
         self.enable_utf8()
-        with self._exchange():
-            if initial_response:
-                self._send(("AUTH", "XOAUTH2", encoded))
-                line = self._read_status_line("AUTH")
-            else:
-                self._send(("AUTH", "XOAUTH2"))
-                line = self._read_status_line("AUTH")
-                if _is_continuation(line):
-                    self._send_response(encoded.encode("ascii"), trace="****")
+        # Marked for the trace as PASS is: a server may echo the token or the response in its -ERR.
+        self._trace_secrets = secrets
+        try:
+            with self._exchange():
+                if initial_response:
+                    self._send(("AUTH", "XOAUTH2", encoded))
                     line = self._read_status_line("AUTH")
-            challenge = None
-            if _is_continuation(line):
-                challenge = strip_eol(line)[2:]
-                self._send_response(b"", trace="")
-                line = self._read_status_line("AUTH")
-            reply = self._parse_reply("AUTH", line)
+                else:
+                    self._send(("AUTH", "XOAUTH2"))
+                    line = self._read_status_line("AUTH")
+                    if _is_continuation(line):
+                        self._send_response(encoded.encode("ascii"), trace="****")
+                        line = self._read_status_line("AUTH")
+                challenge = None
+                if _is_continuation(line):
+                    challenge = strip_eol(line)[2:]
+                    self._send_response(b"", trace="")
+                    line = self._read_status_line("AUTH")
+                reply = self._parse_reply("AUTH", line)
+        finally:
+            self._trace_secrets = ()
         if not reply.ok:
             error = error_for("AUTH", reply, peer=self._peer, secrets=secrets)
             if challenge:

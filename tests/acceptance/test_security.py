@@ -5,13 +5,17 @@ protocol trace, status output, error message or ledger byte after a run with eve
 
 from __future__ import annotations
 
+import json
 import secrets
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.acceptance.conftest import RunCli
+from tests.acceptance.service import RunningService, free_port, wait_for
+from tests.acceptance.test_operations import metric
 from tests.configs import write_tables
 from tests.messages import simple
 from tests.servers.dovecot import Dovecot, MailUsers
@@ -150,3 +154,55 @@ def test_starttls_required_sends_no_password_to_a_server_without_stls(
         command.upper().startswith(("USER", "PASS", "APOP")) for command in server.recorded.commands
     )
     assert dovecot.imap_messages(mail_users.destination.name) == []
+
+
+def test_a_rotated_password_is_redacted_after_a_reload(
+    tmp_path: Path, write_cfg: Callable[..., Path]
+) -> None:
+    """12.7: the running service (protocol log on, DEBUG logging) has its password rotated on the server and
+    in the file, then SIGHUP. The server repeats the password in its -ERR to UIDL, a line the POP3 client
+    does not know to redact (unlike the answer to PASS): the new password is in no log, protocol log,
+    page, metric or ledger byte."""
+    old, new, token = _secret("oldpw"), _secret("rotatedpw"), _secret("status-token")
+    server = ScriptedPop3Server([StoredMessage("r-1", simple(1))], username="rotating", password=old)
+
+    def echo_in_uidl(session: Pop3Session, _argument: str) -> None:
+        session.send_line(f"-ERR [SYS/TEMP] maildrop rotating:{session.server.password} is busy")
+
+    server.on("UIDL", echo_in_uidl)
+    logs, port = tmp_path / "protocol", free_port()
+    with server:
+        config = write_cfg(
+            service={"metrics": f"127.0.0.1:{port}", "protocol_log_dir": str(logs), "status_token": token},
+            defaults={"poll_interval": "1h"},
+            account={"host": server.host, "port": server.port, "username": "rotating", "password": old,
+                     "protocol_log": True},
+        )  # fmt: skip
+
+        def failed_polls() -> float:
+            metrics = service.get("/metrics", token=token)[1]
+            return metric(metrics, "pop_connector_polls_total", account="alice", result="error") or 0
+
+        with RunningService(config, port, "--log-level", "DEBUG") as service:
+            wait_for("the first poll", lambda: failed_polls() == 1, service)
+            server.password = new
+            config.write_text(config.read_text().replace(old, new))
+            service.hup()
+            wait_for("the poll after the reload", lambda: failed_polls() == 2, service)
+            assert f"PASS {new}" in server.recorded.commands
+            pages = {path: service.get(path, token=token)[1] for path in ("/", "/status.json", "/metrics")}
+            pages["/healthz"] = service.get("/healthz")[1]
+    status = json.loads(pages["/status.json"])[0]
+    assert "is busy" in status["last_error"]  # the echo reached the ledger and the page, redacted
+    trace = (logs / "alice.log").read_text()
+    assert trace.count("maildrop rotating:**** is busy") == 2 and "PASS ****" in trace
+    everything = {
+        "service log": service.log(),
+        **pages,
+        **{str(path): path.read_bytes().decode("utf-8", "replace") for path in logs.iterdir()},
+        **{str(path): path.read_bytes().decode("latin-1") for path in tmp_path.glob("ledger.sqlite3*")},
+    }
+    assert "configuration reloaded: changed alice" in everything["service log"]
+    for where, content in everything.items():
+        for secret in (old, new):
+            assert secret not in content, f"a password is in {where}"

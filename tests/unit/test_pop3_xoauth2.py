@@ -136,3 +136,30 @@ def test_wire_trace_hides_the_token(server: ScriptedPop3Server, caplog: pytest.L
 def test_control_characters_in_the_user_are_refused(server: ScriptedPop3Server) -> None:
     with connect(server) as client, pytest.raises(SourceAuthError, match="control character"):
         client.authenticate_xoauth2("a\x01b", TOKEN)
+
+
+class EchoingAuth:
+    """A careless server that repeats the token and the whole base64 response in its refusal (12.8)."""
+
+    def __call__(self, session: Pop3Session, argument: str) -> None:
+        _mechanism, _, initial = argument.partition(" ")
+        if not initial:
+            session.send_line("+ ")
+            initial = session.rfile.readline().rstrip(b"\r\n").decode()
+        token = base64.b64decode(initial).split(b"Bearer ", 1)[1].split(b"\x01", 1)[0].decode()
+        session.err(f"[AUTH] token {token} refused; you sent {initial}")
+
+
+@pytest.mark.parametrize("initial_response", [False, True], ids=["two-step", "one-line"])
+def test_a_refusal_echoing_the_token_is_redacted_in_the_trace_and_the_error(
+    server: ScriptedPop3Server, caplog: pytest.LogCaptureFixture, initial_response: bool
+) -> None:
+    server.on("AUTH", EchoingAuth())
+    encoded = base64.b64encode(EXPECTED).decode()
+    caplog.set_level(logging.DEBUG, logger="connector.pop3.wire")
+    with connect(server) as client, pytest.raises(SourceAuthError) as caught:
+        client.authenticate_xoauth2(USER, TOKEN, initial_response=initial_response)
+    assert "S: -ERR [AUTH] token **** refused; you sent ****" in caplog.text
+    assert "AUTH failed: -ERR [AUTH] token **** refused; you sent ****" in str(caught.value)
+    for text in (caplog.text, str(caught.value)):
+        assert TOKEN not in text and encoded not in text

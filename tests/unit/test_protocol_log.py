@@ -6,12 +6,14 @@ import logging
 import stat
 from pathlib import Path
 
+from connector import redaction
 from connector.protocol_log import _PrivateRotatingFile, _Redacting
 
 
 def test_rotated_files_stay_private_and_secrets_are_redacted(tmp_path: Path) -> None:
     handler = _PrivateRotatingFile(tmp_path / "a.log", maxBytes=200, backupCount=2, encoding="utf-8")
-    handler.setFormatter(_Redacting(["hunter22", "xy"]))
+    redaction.register("hunter22", "xy")
+    handler.setFormatter(_Redacting())
     logger = logging.getLogger("tests.protocol_log")
     logger.propagate = False
     logger.addHandler(handler)
