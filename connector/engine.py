@@ -29,6 +29,7 @@ from typing import NamedTuple, TypeVar
 from connector.batched import BatchedDelivery, batchable
 from connector.config import Account, Config
 from connector.connections import Connections
+from connector.deletions import DeleQueue
 from connector.destinations.base import DestinationSession
 from connector.errors import (
     AuthenticationError,
@@ -147,7 +148,8 @@ class _Poll(RoutedDelivery, BatchedDelivery):
         self.result = PollResult(account=account.name)
         self.destinations = DestinationPool(self._open_destination)
         self.to_delete: list[str] = []
-        self.dele_queue: list[MessageInfo] = []
+        # Only a successful flush of the ledger releases these (see connector/deletions.py).
+        self.dele_queue = DeleQueue(lambda: self.ledger.flush(self.account_id))
         self.account_id = 0
         self.pop: Pop3Client | None = None
         # LOGIN-DELAY: the next poll must not come sooner than this.
@@ -219,7 +221,8 @@ class _Poll(RoutedDelivery, BatchedDelivery):
                 self._dele(info)
             self._send_deles()
         except BaseException as exc:
-            # Queued DELEs follow recorded deliveries, so letting QUIT apply them is safe.
+            # Queued DELEs go out only once the deliveries they follow are committed (a failed flush drops
+            # them), so letting QUIT apply them is safe.
             if isinstance(exc, Exception) and pop.usable:
                 with contextlib.suppress(ConnectorError):
                     self._send_deles()
@@ -637,15 +640,14 @@ class _Poll(RoutedDelivery, BatchedDelivery):
 
     def _dele(self, info: MessageInfo) -> None:
         # Queued, not sent: the connection may be busy fetching. Sent (pipelined) before QUIT.
-        self.dele_queue.append(info)
+        self.dele_queue.add(info)
 
     def _send_deles(self) -> None:
-        if not self.dele_queue:
-            # Nothing waits for the deferred writes: they commit with the poll's result, one commit
-            # (one fsync) fewer for an idle poll or one that keeps its mail.
+        # An idle poll or one that keeps its mail flushes nothing here: its deferred writes commit with the
+        # poll's result, one commit (one fsync) fewer.
+        infos = self.dele_queue.release()
+        if not infos:
             return
-        self.ledger.flush(self.account_id)
-        infos, self.dele_queue = self.dele_queue, []
         assert self.pop is not None
         self.pop.dele_many([info.number for info in infos])
         self.to_delete.extend(info.uidl for info in infos)
