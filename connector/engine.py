@@ -50,6 +50,7 @@ from connector.message import FetchedMessage
 from connector.multidrop import DestinationPool, RoutedDelivery
 from connector.pipeline import BATCH_BYTES, Fetched, Prefetcher, with_sizes
 from connector.plan import Delivery, PollPlan, plan_poll, with_recovery
+from connector.policies.blame import Blame, DropWitness, Verdict, blame
 from connector.policies.limits import Limits, needs_baseline
 from connector.policies.retention import deletable_until, should_delete
 from connector.policies.retry import failure_delay, should_suspend, success_delay
@@ -147,6 +148,7 @@ class _Poll(RoutedDelivery, BatchedDelivery):
         self.stop = stop
         self.result = PollResult(account=account.name)
         self.destinations = DestinationPool(self._open_destination)
+        self.drops = DropWitness()
         self.to_delete: list[str] = []
         # Only a successful flush of the ledger releases these (see connector/deletions.py).
         self.dele_queue = DeleQueue(lambda: self.ledger.flush(self.account_id))
@@ -576,7 +578,7 @@ class _Poll(RoutedDelivery, BatchedDelivery):
     ) -> _T | None:
         """As ``_call_destination`` for an action on several messages: a failure is each one's."""
         try:
-            return action(self.destinations.get(mailbox))
+            result = action(self.destinations.get(mailbox))
         except DestinationRejectedError as exc:
             # Refused; the destination itself is fine: go on with the next message.
             final = isinstance(exc, DestinationTooLargeError)
@@ -586,6 +588,8 @@ class _Poll(RoutedDelivery, BatchedDelivery):
                 )
             return None
         except DestinationError as exc:
+            if self._not_the_destination(messages, exc, delivering=counted, pending=pending, mailbox=mailbox):
+                return None
             # Full, unreachable, TLS or login trouble: not the message's fault, and no use trying more.
             for fetched in messages:
                 self._message_failed(fetched, exc, counted=False, pending=pending, mailbox=mailbox)
@@ -600,6 +604,62 @@ class _Poll(RoutedDelivery, BatchedDelivery):
                 self._message_failed(fetched, exc, counted=counted, pending=pending, mailbox=mailbox)
             self._close_destination()
             return None
+        if counted and result:  # a delivery: the destination takes mail (see connector/policies/blame.py)
+            for uidl, error in self.drops.took(mailbox):
+                self._charge_drop(uidl, error)
+        return result
+
+    def _not_the_destination(
+        self,
+        messages: Sequence[FetchedMessage],
+        exc: DestinationError,
+        *,
+        delivering: bool,
+        pending: bool,
+        mailbox: str | None,
+    ) -> bool:
+        """Handle a failure that is one recipient mailbox's or one message's (connector/policies/blame.py);
+        True when it was and the poll goes on, False when it is the destination's."""
+        fault = blame(
+            exc,
+            in_session=self.destinations.opened(mailbox) is not None,
+            delivering_one=delivering and len(messages) == 1,
+            routed=mailbox is not None,
+        )
+        if fault is Blame.DESTINATION:
+            return False
+        [fetched] = messages
+        charge = False
+        if fault is Blame.MESSAGE:
+            verdict = self.drops.dropped(mailbox, fetched.uidl, exc.message)
+            if verdict is Verdict.DOWN and mailbox is None:
+                return False  # the account's own destination drops whatever it is sent: as if it were down
+            self.destinations.discard(mailbox)  # the connection is gone; the next delivery opens another
+            charge = verdict is Verdict.COUNT
+            if verdict is Verdict.DOWN:  # a recipient's mailbox that drops whatever it is sent
+                fault = Blame.RECIPIENT
+        if fault is Blame.RECIPIENT:
+            assert mailbox is not None
+            self.destinations.hold(mailbox)
+        self._message_failed(fetched, exc, counted=False, pending=pending, mailbox=mailbox, fails_poll=False)
+        if charge:
+            self._charge_drop(fetched.uidl, exc.message)
+        return True
+
+    def _charge_drop(self, uidl: str, error: str) -> None:
+        """Count the attempt that a dropped connection was given back: the destination took other mail."""
+        reason = (
+            f"the destination dropped the connection while this message was being delivered, and took other "
+            f"messages in the same poll (counted as a failed attempt): {error}"
+        )
+        state = self.ledger.count_failed_attempt(
+            self.account_id, uidl, reason, max_attempts=self.account.retry.max_attempts
+        )
+        if state is MessageState.FAILED:
+            self.result.quarantined += 1
+            self._problem(
+                f"message {uidl!r}: quarantined after {self.account.retry.max_attempts} attempts: {reason}"
+            )
 
     def _message_failed(
         self,
@@ -610,6 +670,7 @@ class _Poll(RoutedDelivery, BatchedDelivery):
         pending: bool,
         final: bool = False,
         mailbox: str | None = None,
+        fails_poll: bool = True,
     ) -> None:
         # The error may already name the message (ConnectorError.__str__); the problem line adds it once.
         text = (exc.message if isinstance(exc, ConnectorError) else str(exc)) or exc.__class__.__name__
@@ -627,7 +688,7 @@ class _Poll(RoutedDelivery, BatchedDelivery):
             if state is MessageState.FAILED:
                 self.result.quarantined += 1
         self.result.failed += 1
-        if isinstance(exc, ConnectorError) and not isinstance(exc, DestinationRejectedError):
+        if fails_poll and isinstance(exc, ConnectorError) and not isinstance(exc, DestinationRejectedError):
             self.result.status = "auth_error" if isinstance(exc, AuthenticationError) else "error"
             self.result.error = self.result.error or text
         recipient = f" for {mailbox}" if mailbox is not None else ""
