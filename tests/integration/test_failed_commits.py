@@ -65,19 +65,30 @@ def big_message_id(n: int, size: int) -> bytes:
 
 
 @pytest.mark.parametrize("database", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("outage", ["next message's row", "rest of the poll"])
 def test_sqlite_disk_full_on_the_commit_carrying_a_delivery(
-    dovecot: Dovecot, mail_users: MailUsers, make_sync: SyncFactory, database: str
+    dovecot: Dovecot, mail_users: MailUsers, make_sync: SyncFactory, database: str, outage: str
 ) -> None:
     _, engine = make_sync(destination={"multiappend": False})
     account = engine.config.accounts[0]
     path = database.removeprefix("sqlite:///")
     ledger_engine: Engine = engine.ledger.engine
     limit: list[int | None] = [None]
+    with sqlite3.connect(path) as setup:
+        free = int(setup.execute("PRAGMA freelist_count").fetchone()[0])
+        setup.execute("CREATE TABLE disk_filler (data BLOB)")
 
     @event.listens_for(ledger_engine, "begin")
     def apply_limit(connection: Any) -> None:
         # Per connection, so set at each transaction on whichever pooled connection runs it.
         connection.exec_driver_sql(f"PRAGMA max_page_count = {limit[0] or 4294967294}")
+
+    @event.listens_for(ledger_engine, "before_cursor_execute")
+    def fill_the_disk(connection: Any, cursor: Any, statement: str, *args: Any) -> None:
+        # "Rest of the poll": whatever else the transaction that carries a "delivered" update writes,
+        # it needs room the file cannot have, down to the flush before the DELEs.
+        if outage == "rest of the poll" and limit[0] and statement.startswith("UPDATE messages"):
+            connection.exec_driver_sql("INSERT INTO disk_filler VALUES (zeroblob(65536))")
 
     original = engine.ledger.record_delivered
 
@@ -89,8 +100,6 @@ def test_sqlite_disk_full_on_the_commit_carrying_a_delivery(
         return done
 
     engine.ledger.record_delivered = then_disk_full  # type: ignore[method-assign]
-    with sqlite3.connect(path) as probe:
-        free = int(probe.execute("PRAGMA freelist_count").fetchone()[0])
     # The second message's row cannot fit in the pages the file has: its "pending" insert, which carries
     # the first message's deferred "delivered" update, fails with SQLITE_FULL.
     seeded = [simple(1), big_message_id(2, (free + 4) * 4096), simple(3)]
@@ -101,15 +110,22 @@ def test_sqlite_disk_full_on_the_commit_carrying_a_delivery(
     assert first.status == "error" and "database or disk is full" in (first.error or ""), first
     assert first.delivered == 1
     assert_deleted_only_when_recorded(dovecot, mail_users, engine, seeded)
-    assert dovecot.maildir_count(mail_users.source.name) >= 2  # the second and third were never delivered
+    if outage == "rest of the poll":
+        assert dovecot.maildir_count(mail_users.source.name) == 3  # nothing could be recorded delivered
+    else:
+        # The flush before the DELEs found room for the small update alone: it committed, then the DELE.
+        assert dovecot.maildir_count(mail_users.source.name) == 2
 
     limit[0] = None  # space again
     engine.ledger.record_delivered = original  # type: ignore[method-assign]
     second = engine.poll(account)
 
     assert second.ok, second
+    if outage == "rest of the poll":
+        assert second.recovered == 1  # the first message's row was "pending": found by the lookup
     assert_each_delivered_once(dovecot, mail_users, seeded)
     event.remove(ledger_engine, "begin", apply_limit)
+    event.remove(ledger_engine, "before_cursor_execute", fill_the_disk)
 
 
 @pytest.fixture
@@ -156,10 +172,15 @@ def test_postgresql_backend_terminated_while_a_delivery_is_committed(
     if outage == "rest of the poll":
         # No transaction carrying the delivered update could commit: nothing may have been deleted.
         assert dovecot.maildir_count(mail_users.source.name) == 3
+    else:
+        # The error path's flush, on a new connection, committed it: then, and only then, the DELE.
+        assert dovecot.maildir_count(mail_users.source.name) == 2
 
     armed[0] = False
     second = engine.poll(account)
 
     assert second.ok, second
+    if outage == "rest of the poll":
+        assert second.recovered == 1  # the first message's row was "pending": found by the lookup
     assert_each_delivered_once(dovecot, mail_users, seeded)
     event.remove(ledger_engine, "before_cursor_execute", terminate)
