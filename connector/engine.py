@@ -641,7 +641,10 @@ class _Poll(RoutedDelivery, BatchedDelivery):
         if fault is Blame.RECIPIENT:
             assert mailbox is not None
             self.destinations.hold(mailbox)
-        self._message_failed(fetched, exc, counted=False, pending=pending, mailbox=mailbox, fails_poll=False)
+        # A drop still fails the poll (the destination hung up, the account backs off a little), but nothing
+        # confined to one catch-all recipient does: one mailbox must not back off or suspend a whole domain.
+        failed = fault is Blame.MESSAGE and mailbox is None
+        self._message_failed(fetched, exc, counted=False, pending=pending, mailbox=mailbox, fails_poll=failed)
         if charge:
             self._charge_drop(fetched.uidl, exc.message)
         return True

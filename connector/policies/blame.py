@@ -14,7 +14,7 @@
   as one of the message's attempts (``retry.max_attempts`` then quarantines it) when the same destination
   took another message in the same poll, before or after; a second drop with no delivery in between
   means the destination itself is in trouble, and nobody more is charged. The poll goes on with a new
-  connection, so the message does not hold back the mail after it.
+  connection, so the message does not hold back the mail after it (the poll still reports the error).
 
 Pure: the engine asks, and writes the ledger itself.
 """
