@@ -276,7 +276,7 @@ class Ledger(_SuspensionAndQuarantine, RecipientLedger):
             with self._deferred_lock:
                 # Only this account's poll defers for it, and it waits for this transaction: the
                 # applied writes are still the first ones of the queue.
-                del self._deferred[account_id][: len(deferred)]
+                del self._deferred.get(account_id, [])[: len(deferred)]
 
     def _apply_deferred(self, connection: Connection, deferred: list[_Write]) -> None:
         for statement, params in deferred:

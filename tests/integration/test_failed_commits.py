@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator
+from contextlib import closing
 from typing import Any
 
 import psycopg
@@ -18,7 +19,9 @@ import pytest
 from sqlalchemy import Engine, event
 
 from connector.engine import SyncEngine
+from connector.errors import LedgerError
 from connector.ledger.models import MessageState
+from connector.ledger.store import Ledger, PollOutcome
 from tests.conftest import POSTGRES_ADMIN_DSN
 from tests.integration.conftest import SyncFactory
 from tests.messages import simple
@@ -74,7 +77,7 @@ def test_sqlite_disk_full_on_the_commit_carrying_a_delivery(
     path = database.removeprefix("sqlite:///")
     ledger_engine: Engine = engine.ledger.engine
     limit: list[int | None] = [None]
-    with sqlite3.connect(path) as setup:
+    with closing(sqlite3.connect(path)) as setup:
         free = int(setup.execute("PRAGMA freelist_count").fetchone()[0])
         setup.execute("CREATE TABLE disk_filler (data BLOB)")
 
@@ -95,7 +98,7 @@ def test_sqlite_disk_full_on_the_commit_carrying_a_delivery(
     def then_disk_full(*args: Any, **kwargs: Any) -> Any:
         done = original(*args, **kwargs)
         if limit[0] is None:
-            with sqlite3.connect(path) as probe:
+            with closing(sqlite3.connect(path)) as probe:
                 limit[0] = int(probe.execute("PRAGMA page_count").fetchone()[0])
         return done
 
@@ -184,3 +187,51 @@ def test_postgresql_backend_terminated_while_a_delivery_is_committed(
         assert second.recovered == 1  # the first message's row was "pending": found by the lookup
     assert_each_delivered_once(dovecot, mail_users, seeded)
     event.remove(ledger_engine, "before_cursor_execute", terminate)
+
+
+@pytest.mark.parametrize("database", ["sqlite"], indirect=True)
+def test_deferred_writes_leave_the_queue_only_when_committed(ledger_engine: Engine) -> None:
+    ledger = Ledger(ledger_engine)
+    account = ledger.account_id("alice")
+    assert account is not None
+    for uidl in ("u1", "u2"):
+        ledger.record_pending(account, uidl, pop_size=10, size=10, message_id=f"<{uidl}>", sha256="0" * 64)
+    ledger.record_delivered(account, "u1", "ref-1", defer=True)
+    path = str(ledger_engine.url.database)
+    with closing(sqlite3.connect(path)) as setup:
+        setup.execute("CREATE TABLE disk_filler (data BLOB)")
+    full = [True]
+
+    @event.listens_for(ledger_engine, "begin")
+    def no_room(connection: Any) -> None:
+        with closing(sqlite3.connect(path)) as probe:
+            pages = probe.execute("PRAGMA page_count").fetchone()[0] if full[0] else 4294967294
+        connection.exec_driver_sql(f"PRAGMA max_page_count = {pages}")
+
+    @event.listens_for(ledger_engine, "before_cursor_execute")
+    def every_write_needs_room(connection: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if full[0] and statement.startswith(("UPDATE", "INSERT INTO messages")):
+            connection.exec_driver_sql("INSERT INTO disk_filler VALUES (zeroblob(65536))")
+
+    def state(uidl: str) -> MessageState:
+        return ledger.known_messages(account)[uidl].state
+
+    with pytest.raises(LedgerError, match="database or disk is full"):
+        ledger.flush(account)
+    with pytest.raises(LedgerError, match="database or disk is full"):  # carried by the next one: fails too
+        ledger.record_pending(account, "u3", pop_size=10, size=10, message_id="<u3>", sha256="0" * 64)
+    assert state("u1") is MessageState.PENDING
+    full[0] = False
+    ledger.flush(account)  # still queued: committed now
+    assert state("u1") is MessageState.DELIVERED
+
+    # What a poll could not commit by its result write is dropped with it, not applied by a later poll.
+    ledger.record_delivered(account, "u2", "ref-2", defer=True)
+    full[0] = True
+    with pytest.raises(LedgerError, match="database or disk is full"):
+        ledger.poll_finished(account, PollOutcome("error", "x", 0, 0, 0, None))
+    full[0] = False
+    ledger.flush(account)
+    assert state("u2") is MessageState.PENDING
+    event.remove(ledger_engine, "begin", no_room)
+    event.remove(ledger_engine, "before_cursor_execute", every_write_needs_room)
