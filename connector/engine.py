@@ -561,7 +561,9 @@ class _Poll(RoutedDelivery, BatchedDelivery):
         """Run ``action`` against the destination, translating failures into ledger state.
 
         Permanent failures (the message was refused) count against the message and the mailbox goes on;
-        anything else means the destination is not usable now: the poll stops delivering.
+        so do a connection dropped in one message's delivery and a catch-all recipient that cannot take mail
+        (``_not_the_destination``); anything else means the destination is not usable now: the poll stops
+        delivering.
         """
         return self._call_destination_for(
             [fetched], action, counted=counted, pending=pending, mailbox=mailbox
