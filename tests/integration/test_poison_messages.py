@@ -37,7 +37,6 @@ def imap_proxy(dovecot: Dovecot) -> Iterator[FaultProxy]:
         yield proxy
 
 
-@pytest.mark.parametrize("database", ["sqlite"], indirect=True)
 @pytest.mark.parametrize("multiappend", [False, True])
 def test_a_message_that_drops_the_connection_is_quarantined_and_the_rest_delivered(
     dovecot: Dovecot,
