@@ -5,7 +5,10 @@ commits once per message instead of twice, and an idle poll once in all:
 ``record_delivered(..., defer=True)`` (normally it rides with the next message's ``record_pending``)
 and ``poll_started(..., defer=True)``. Until then a delivered row stays ``pending``, which is always
 safe: after a crash the next poll looks for the message in the destination before delivering it again.
-The caller must ``flush`` before it sends the DELE that a delivery allows.
+The caller must ``flush`` before it sends the DELE that a delivery allows. A deferred write leaves the
+queue only once a transaction that applied it has committed: after a failed one it is still there for the
+next transaction or ``flush``, and only the poll's result write (``poll_finished``) drops what it cannot
+commit, so that nothing deferred outlives its poll.
 
 Database driver errors are translated into ``LedgerError`` here, so that the engine can stop a poll
 cleanly (a poll that cannot record what it did must not go on delivering or deleting).
@@ -536,7 +539,7 @@ class Ledger(_SuspensionAndQuarantine, RecipientLedger):
     ) -> MessageState:
         """Count one more failed attempt of a ``pending`` message and keep ``error``: one given back by
         ``record_failure(counted=False)`` that turned out to be the message's fault after all (see
-        ``connector/drops.py``); quarantine (``failed``) once the attempts reach ``max_attempts``."""
+        ``connector/policies/blame.py``); quarantine (``failed``) once the attempts reach ``max_attempts``."""
         now = self._clock()
         with self._transaction(f"count a failed attempt of message {uidl!r}", account_id) as session:
             row = session.scalar(
