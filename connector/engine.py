@@ -29,6 +29,7 @@ from typing import NamedTuple, TypeVar
 from connector.batched import BatchedDelivery, batchable
 from connector.config import Account, Config
 from connector.connections import Connections
+from connector.deletions import DeleQueue
 from connector.destinations.base import DestinationSession
 from connector.errors import (
     AuthenticationError,
@@ -50,6 +51,7 @@ from connector.message import FetchedMessage
 from connector.multidrop import DestinationPool, RoutedDelivery
 from connector.pipeline import BATCH_BYTES, Fetched, Prefetcher, with_sizes
 from connector.plan import Delivery, PollPlan, plan_poll, with_recovery, within_ceiling
+from connector.policies.blame import Blame, DropWitness, Verdict, blame
 from connector.policies.limits import Limits, needs_baseline
 from connector.policies.retention import deletable_until, should_delete
 from connector.policies.retry import failure_delay, should_suspend, success_delay
@@ -149,8 +151,10 @@ class _Poll(RoutedDelivery, BatchedDelivery):
         self.stop = stop
         self.result = PollResult(account=account.name)
         self.destinations = DestinationPool(self._open_destination)
+        self.drops = DropWitness()
         self.to_delete: list[str] = []
-        self.dele_queue: list[MessageInfo] = []
+        # Only a successful flush of the ledger releases these (see connector/deletions.py).
+        self.dele_queue = DeleQueue(lambda: self.ledger.flush(self.account_id))
         self.account_id = 0
         self.pop: Pop3Client | None = None
         # LOGIN-DELAY: the next poll must not come sooner than this.
@@ -222,7 +226,8 @@ class _Poll(RoutedDelivery, BatchedDelivery):
                 self._dele(info)
             self._send_deles()
         except BaseException as exc:
-            # Queued DELEs follow recorded deliveries, so letting QUIT apply them is safe.
+            # Queued DELEs go out only once the deliveries they follow are committed (a failed flush drops
+            # them), so letting QUIT apply them is safe.
             if isinstance(exc, Exception) and pop.usable:
                 with contextlib.suppress(ConnectorError):
                     self._send_deles()
@@ -580,7 +585,9 @@ class _Poll(RoutedDelivery, BatchedDelivery):
         """Run ``action`` against the destination, translating failures into ledger state.
 
         Permanent failures (the message was refused) count against the message and the mailbox goes on;
-        anything else means the destination is not usable now: the poll stops delivering.
+        so do a connection dropped in one message's delivery and a catch-all recipient that cannot take mail
+        (``_not_the_destination``); anything else means the destination is not usable now: the poll stops
+        delivering.
         """
         return self._call_destination_for(
             [fetched], action, counted=counted, pending=pending, mailbox=mailbox
@@ -597,7 +604,7 @@ class _Poll(RoutedDelivery, BatchedDelivery):
     ) -> _T | None:
         """As ``_call_destination`` for an action on several messages: a failure is each one's."""
         try:
-            return action(self.destinations.get(mailbox))
+            result = action(self.destinations.get(mailbox))
         except DestinationRejectedError as exc:
             # Refused; the destination itself is fine: go on with the next message.
             final = isinstance(exc, DestinationTooLargeError)
@@ -607,6 +614,8 @@ class _Poll(RoutedDelivery, BatchedDelivery):
                 )
             return None
         except DestinationError as exc:
+            if self._not_the_destination(messages, exc, delivering=counted, pending=pending, mailbox=mailbox):
+                return None
             # Full, unreachable, TLS or login trouble: not the message's fault, and no use trying more.
             for fetched in messages:
                 self._message_failed(fetched, exc, counted=False, pending=pending, mailbox=mailbox)
@@ -621,6 +630,65 @@ class _Poll(RoutedDelivery, BatchedDelivery):
                 self._message_failed(fetched, exc, counted=counted, pending=pending, mailbox=mailbox)
             self._close_destination()
             return None
+        if counted and result:  # a delivery: the destination takes mail (see connector/policies/blame.py)
+            for uidl, error in self.drops.took(mailbox):
+                self._charge_drop(uidl, error)
+        return result
+
+    def _not_the_destination(
+        self,
+        messages: Sequence[FetchedMessage],
+        exc: DestinationError,
+        *,
+        delivering: bool,
+        pending: bool,
+        mailbox: str | None,
+    ) -> bool:
+        """Handle a failure that is one recipient mailbox's or one message's (connector/policies/blame.py);
+        True when it was and the poll goes on, False when it is the destination's."""
+        fault = blame(
+            exc,
+            in_session=self.destinations.opened(mailbox) is not None,
+            delivering_one=delivering and len(messages) == 1,
+            routed=mailbox is not None,
+        )
+        if fault is Blame.DESTINATION:
+            return False
+        [fetched] = messages
+        charge = False
+        if fault is Blame.MESSAGE:
+            verdict = self.drops.dropped(mailbox, fetched.uidl, exc.message)
+            if verdict is Verdict.DOWN and mailbox is None:
+                return False  # the account's own destination drops whatever it is sent: as if it were down
+            self.destinations.discard(mailbox)  # the connection is gone; the next delivery opens another
+            charge = verdict is Verdict.COUNT
+            if verdict is Verdict.DOWN:  # a recipient's mailbox that drops whatever it is sent
+                fault = Blame.RECIPIENT
+        if fault is Blame.RECIPIENT:
+            assert mailbox is not None
+            self.destinations.hold(mailbox)
+        # A drop still fails the poll (the destination hung up, the account backs off a little), but nothing
+        # confined to one catch-all recipient does: one mailbox must not back off or suspend a whole domain.
+        failed = fault is Blame.MESSAGE and mailbox is None
+        self._message_failed(fetched, exc, counted=False, pending=pending, mailbox=mailbox, fails_poll=failed)
+        if charge:
+            self._charge_drop(fetched.uidl, exc.message)
+        return True
+
+    def _charge_drop(self, uidl: str, error: str) -> None:
+        """Count the attempt that a dropped connection was given back: the destination took other mail."""
+        reason = (
+            f"the destination dropped the connection while this message was being delivered, and took other "
+            f"messages in the same poll (counted as a failed attempt): {error}"
+        )
+        state = self.ledger.count_failed_attempt(
+            self.account_id, uidl, reason, max_attempts=self.account.retry.max_attempts
+        )
+        if state is MessageState.FAILED:
+            self.result.quarantined += 1
+            self._problem(
+                f"message {uidl!r}: quarantined after {self.account.retry.max_attempts} attempts: {reason}"
+            )
 
     def _message_failed(
         self,
@@ -631,6 +699,7 @@ class _Poll(RoutedDelivery, BatchedDelivery):
         pending: bool,
         final: bool = False,
         mailbox: str | None = None,
+        fails_poll: bool = True,
     ) -> None:
         # The error may already name the message (ConnectorError.__str__); the problem line adds it once.
         text = (exc.message if isinstance(exc, ConnectorError) else str(exc)) or exc.__class__.__name__
@@ -648,7 +717,7 @@ class _Poll(RoutedDelivery, BatchedDelivery):
             if state is MessageState.FAILED:
                 self.result.quarantined += 1
         self.result.failed += 1
-        if isinstance(exc, ConnectorError) and not isinstance(exc, DestinationRejectedError):
+        if fails_poll and isinstance(exc, ConnectorError) and not isinstance(exc, DestinationRejectedError):
             self.result.status = "auth_error" if isinstance(exc, AuthenticationError) else "error"
             self.result.error = self.result.error or text
         recipient = f" for {mailbox}" if mailbox is not None else ""
@@ -661,15 +730,14 @@ class _Poll(RoutedDelivery, BatchedDelivery):
 
     def _dele(self, info: MessageInfo) -> None:
         # Queued, not sent: the connection may be busy fetching. Sent (pipelined) before QUIT.
-        self.dele_queue.append(info)
+        self.dele_queue.add(info)
 
     def _send_deles(self) -> None:
-        if not self.dele_queue:
-            # Nothing waits for the deferred writes: they commit with the poll's result, one commit
-            # (one fsync) fewer for an idle poll or one that keeps its mail.
+        # An idle poll or one that keeps its mail flushes nothing here: its deferred writes commit with the
+        # poll's result, one commit (one fsync) fewer.
+        infos = self.dele_queue.release()
+        if not infos:
             return
-        self.ledger.flush(self.account_id)
-        infos, self.dele_queue = self.dele_queue, []
         assert self.pop is not None
         self.pop.dele_many([info.number for info in infos])
         self.to_delete.extend(info.uidl for info in infos)

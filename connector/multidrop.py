@@ -56,6 +56,8 @@ class DestinationPool:
         self._open = open_session
         self._limit = limit
         self._sessions: OrderedDict[str | None, DestinationSession] = OrderedDict()
+        # Recipient mailboxes that cannot take mail in this poll (over quota, busy): left out until the next.
+        self._held: set[str] = set()
 
     def get(self, mailbox: str | None = None) -> DestinationSession:
         session = self._sessions.get(mailbox)
@@ -70,6 +72,20 @@ class DestinationPool:
     def opened(self, mailbox: str | None = None) -> DestinationSession | None:
         """The session for ``mailbox`` if one is open (without opening one)."""
         return self._sessions.get(mailbox)
+
+    def hold(self, mailbox: str) -> None:
+        """Leave ``mailbox`` out for the rest of the poll."""
+        self._held.add(mailbox)
+        self.discard(mailbox)
+
+    def held(self, mailbox: str) -> bool:
+        return mailbox in self._held
+
+    def discard(self, mailbox: str | None) -> None:
+        """Close the session for ``mailbox`` (broken, or no longer wanted); the next ``get`` opens another."""
+        session = self._sessions.pop(mailbox, None)
+        if session is not None:
+            _close_quietly(session)
 
     def close_all(self) -> None:
         while self._sessions:
@@ -90,6 +106,7 @@ class RoutedDelivery:
     ledger: Ledger
     account: Account
     account_id: int
+    destinations: DestinationPool
 
     def _record_pending(self, fetched: FetchedMessage, info: MessageInfo, *, headers_only: bool) -> None:
         raise NotImplementedError
@@ -131,12 +148,31 @@ class RoutedDelivery:
         if missing and delivery.attempts >= self.account.retry.max_attempts:
             self._quarantine(info, f"gave up after {delivery.attempts} attempts; the last one did not finish")
             return
-        if missing:
+        # A recipient whose mailbox could not take mail earlier in this poll waits for the next one.
+        ready = [mailbox for mailbox in missing if not self.destinations.held(mailbox)]
+        if ready:
             self._record_pending(fetched, info, headers_only=delivery.headers_only)
         # A list, not a generator: one recipient's server refusing the message must not cost the others.
-        delivered_all = all([self._deliver_to(fetched, info, mailbox) for mailbox in missing])
-        if delivered_all:
+        delivered_all = all([self._deliver_to(fetched, info, mailbox) for mailbox in ready])
+        if len(ready) < len(missing):
+            self._held_back(info, [mailbox for mailbox in missing if mailbox not in ready], tried=bool(ready))
+        elif delivered_all:
             self._delivered(info, "routed to " + ", ".join(decision.mailboxes))
+
+    def _held_back(self, info: MessageInfo, held: list[str], *, tried: bool) -> None:
+        """Not delivered to ``held`` in this poll: the message stays, to be delivered to them later."""
+        log.info(
+            "account %s: message %s waits for the next poll for %s (could not take mail in this poll)",
+            self.account.name, info.uidl, ", ".join(held),
+        )  # fmt: skip
+        if tried:  # the attempt counted for the others is not this message's fault for these
+            self.ledger.record_failure(
+                self.account_id,
+                info.uidl,
+                f"not delivered to {', '.join(held)}: could not take mail in this poll",
+                counted=False,
+                max_attempts=self.account.retry.max_attempts,
+            )
 
     def _missing(self, fetched: FetchedMessage, info: MessageInfo, mailboxes: list[str]) -> list[str]:
         """The recipients still to deliver to; a ``pending`` one found in its mailbox is recorded instead."""
@@ -146,7 +182,11 @@ class RoutedDelivery:
             state = states.get(mailbox)
             if state is RecipientState.DELIVERED:
                 continue
-            if state is RecipientState.PENDING and self._found(fetched, info, mailbox):
+            if (
+                state is RecipientState.PENDING
+                and not self.destinations.held(mailbox)
+                and self._found(fetched, info, mailbox)
+            ):
                 continue
             missing.append(mailbox)
         return missing

@@ -5,7 +5,10 @@ commits once per message instead of twice, and an idle poll once in all:
 ``record_delivered(..., defer=True)`` (normally it rides with the next message's ``record_pending``)
 and ``poll_started(..., defer=True)``. Until then a delivered row stays ``pending``, which is always
 safe: after a crash the next poll looks for the message in the destination before delivering it again.
-The caller must ``flush`` before it sends the DELE that a delivery allows.
+The caller must ``flush`` before it sends the DELE that a delivery allows. A deferred write leaves the
+queue only once a transaction that applied it has committed: after a failed one it is still there for the
+next transaction or ``flush``, and only the poll's result write (``poll_finished``) drops what it cannot
+commit, so that nothing deferred outlives its poll.
 
 Database driver errors are translated into ``LedgerError`` here, so that the engine can stop a poll
 cleanly (a poll that cannot record what it did must not go on delivering or deleting).
@@ -264,26 +267,46 @@ class Ledger(_SuspensionAndQuarantine, RecipientLedger):
             else engine
         )
 
-    def _apply_deferred(self, connection: Connection, account_id: int) -> None:
+    @contextmanager
+    def _deferred_writes(self, account_id: int | None) -> Iterator[list[_Write]]:
+        """The account's deferred writes, for a transaction to apply; they leave the queue only once that
+        transaction has committed (this wraps it), so that a failed one leaves them queued for the next
+        transaction or ``flush`` instead of losing them while the DELEs they allow are still waiting."""
         with self._deferred_lock:
-            deferred = self._deferred.pop(account_id, [])
+            deferred = list(self._deferred.get(account_id, ())) if account_id is not None else []
+        yield deferred
+        if deferred and account_id is not None:
+            with self._deferred_lock:
+                # Only this account's poll defers for it, and it waits for this transaction: the
+                # applied writes are still the first ones of the queue.
+                del self._deferred.get(account_id, [])[: len(deferred)]
+
+    def _apply_deferred(self, connection: Connection, deferred: list[_Write]) -> None:
         for statement, params in deferred:
             connection.execute(statement, params)
 
     @contextmanager
     def _transaction(self, what: str, account_id: int | None = None) -> Iterator[Session]:
         """A committed transaction; with ``account_id``, it first applies that account's deferred writes."""
-        with _translated(what), self._sessions.begin() as session:
+        with (
+            _translated(what),
+            self._deferred_writes(account_id) as deferred,
+            self._sessions.begin() as session,
+        ):
             if account_id is not None:
-                self._apply_deferred(session.connection(), account_id)
+                self._apply_deferred(session.connection(), deferred)
             yield session
 
     @contextmanager
     def _core_transaction(self, what: str, account_id: int) -> Iterator[Connection]:
         """As ``_transaction`` on a bare connection: the per-message path has no use for an ORM session,
         which costs about as much CPU as the statements themselves."""
-        with _translated(what), self.engine.begin() as connection:
-            self._apply_deferred(connection, account_id)
+        with (
+            _translated(what),
+            self._deferred_writes(account_id) as deferred,
+            self.engine.begin() as connection,
+        ):
+            self._apply_deferred(connection, deferred)
             yield connection
 
     @contextmanager
@@ -354,8 +377,15 @@ class Ledger(_SuspensionAndQuarantine, RecipientLedger):
             values["consecutive_failures"] = 0
         else:
             values["consecutive_failures"] = AccountRow.consecutive_failures + 1
-        with self._transaction("record poll result", account_id) as session:
-            session.execute(update(AccountRow).where(AccountRow.id == account_id).values(**values))
+        try:
+            with self._transaction("record poll result", account_id) as session:
+                session.execute(update(AccountRow).where(AccountRow.id == account_id).values(**values))
+        except LedgerError:
+            # The poll's last write: what it deferred and could not commit is dropped with it, so that no
+            # later poll (perhaps after another worker's) applies it late. Losing a "delivered" update is
+            # safe: the row stays ``pending`` and the next poll looks in the destination first.
+            self.discard_deferred(account_id)
+            raise
 
     def consecutive_failures(self, account_id: int) -> int:
         with self._transaction("read account") as session:
@@ -469,8 +499,13 @@ class Ledger(_SuspensionAndQuarantine, RecipientLedger):
         with self._deferred_lock:
             self._deferred.setdefault(account_id, []).append((statement, params))
 
+    def discard_deferred(self, account_id: int) -> None:
+        with self._deferred_lock:
+            self._deferred.pop(account_id, None)
+
     def flush(self, account_id: int) -> None:
-        """Commit the account's deferred writes now (before a DELE that depends on them)."""
+        """Commit the account's deferred writes now (before a DELE that depends on them). Returns only once
+        every write deferred so far is committed; when it raises, they are all still queued."""
         with self._deferred_lock:
             if not self._deferred.get(account_id):
                 return
@@ -511,6 +546,25 @@ class Ledger(_SuspensionAndQuarantine, RecipientLedger):
             row = _message_row(session, account_id, uidl, now, pop_size=pop_size, last_error=error)
             row.attempts = (row.attempts or 0) + 1
             row.state = MessageState.FAILED if row.attempts >= max_attempts else MessageState.PENDING
+            return MessageState(row.state)
+
+    def count_failed_attempt(
+        self, account_id: int, uidl: str, error: str, *, max_attempts: int
+    ) -> MessageState:
+        """Count one more failed attempt of a ``pending`` message and keep ``error``: one given back by
+        ``record_failure(counted=False)`` that turned out to be the message's fault after all (see
+        ``connector/policies/blame.py``); quarantine (``failed``) once the attempts reach ``max_attempts``."""
+        now = self._clock()
+        with self._transaction(f"count a failed attempt of message {uidl!r}", account_id) as session:
+            row = session.scalar(
+                select(MessageRow).where(MessageRow.account_id == account_id, MessageRow.uidl == uidl)
+            )
+            if row is None or row.state != MessageState.PENDING:
+                return MessageState(row.state) if row is not None else MessageState.PENDING
+            row.attempts += 1
+            row.state = MessageState.FAILED if row.attempts >= max_attempts else MessageState.PENDING
+            row.last_error = error
+            row.updated_at = now
             return MessageState(row.state)
 
     def record_quarantined(self, account_id: int, uidl: str, error: str) -> None:
