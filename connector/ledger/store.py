@@ -40,6 +40,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from connector.errors import LedgerError
+from connector.ledger.lease import Leases
 from connector.ledger.models import AccountRow, MessageRow, MessageState, UTCDateTime
 from connector.ledger.recipients import RecipientLedger
 
@@ -172,7 +173,9 @@ class _SuspensionAndQuarantine:
 
     _clock: Clock
 
-    def _transaction(self, what: str) -> contextlib.AbstractContextManager[Session]:
+    def _transaction(
+        self, what: str, account_id: int | None = None
+    ) -> contextlib.AbstractContextManager[Session]:
         raise NotImplementedError
 
     def suspend(self, account_id: int, reason: str) -> None:
@@ -249,6 +252,8 @@ class Ledger(_SuspensionAndQuarantine, RecipientLedger):
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
         self._clock = clock
+        # The poll leases; a poll of this process holding one fences every transaction of its account.
+        self.leases = Leases(engine, lambda: self._clock())
         # Deferred updates per account id; polls of different accounts share this object.
         self._deferred: dict[int, list[_Write]] = {}
         self._deferred_lock = threading.Lock()
@@ -265,6 +270,8 @@ class Ledger(_SuspensionAndQuarantine, RecipientLedger):
         )
 
     def _apply_deferred(self, connection: Connection, account_id: int) -> None:
+        # First the fence: a poll that lost its lease must write nothing, the deferred writes included.
+        self.leases.check(connection, account_id)
         with self._deferred_lock:
             deferred = self._deferred.pop(account_id, [])
         for statement, params in deferred:
@@ -472,7 +479,8 @@ class Ledger(_SuspensionAndQuarantine, RecipientLedger):
     def flush(self, account_id: int) -> None:
         """Commit the account's deferred writes now (before a DELE that depends on them)."""
         with self._deferred_lock:
-            if not self._deferred.get(account_id):
+            # Fenced, it also proves the poll still holds its lease: a DELE follows.
+            if not self._deferred.get(account_id) and not self.leases.fenced(account_id):
                 return
         with self._core_transaction("record deliveries", account_id):
             pass
@@ -527,7 +535,7 @@ class Ledger(_SuspensionAndQuarantine, RecipientLedger):
         Two steps through temporary keys, so that a swap of two UIDLs cannot hit the unique constraint."""
         if not mapping:
             return
-        with self._transaction("re-key messages") as session:
+        with self._transaction("re-key messages", account_id) as session:
             # A space never occurs in a UIDL (RFC 1939 §7), so these keys cannot clash.
             for step, old in enumerate(mapping):
                 session.execute(
@@ -568,7 +576,7 @@ class Ledger(_SuspensionAndQuarantine, RecipientLedger):
         transaction, and remember when. Known rows (delivered, pending, quarantined) are left as they are.
         Returns how many were recorded."""
         now = self._clock()
-        with self._transaction("record baseline") as session:
+        with self._transaction("record baseline", account_id) as session:
             known = set(session.scalars(select(MessageRow.uidl).where(MessageRow.account_id == account_id)))
             new = {uidl: (size, digest) for uidl, size, digest in listing if uidl not in known}
             session.add_all(
