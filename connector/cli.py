@@ -111,6 +111,11 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
         return EXIT_OK if run_worker(config) else EXIT_FAILED
     if args.command == "status":
         records = status_records(config.accounts, ledger.statuses())
+        polling = ledger.leases.live()
+        for record in records:
+            if record["account"] in polling:
+                held = polling[record["account"]]
+                record["polling"] = {"pid": held.pid, "host": held.host, "since": held.since.isoformat()}
         print(status_json(records) if args.json else status_text(records))
         return EXIT_OK
     if args.command in admin.COMMANDS:

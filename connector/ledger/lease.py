@@ -25,7 +25,7 @@ from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from connector.errors import LedgerError
-from connector.ledger.models import LeaseRow, UTCDateTime
+from connector.ledger.models import AccountRow, LeaseRow, UTCDateTime
 from connector.policies.lease import Claimant, LeaseHeld, LeaseRecord, holder_name, renew_every, take
 
 log = logging.getLogger("connector.lease")
@@ -151,6 +151,17 @@ class Leases:
         with _translated("read the poll lease"), self.engine.connect() as connection:
             row = connection.execute(_CURRENT, {"account": account_id}).one_or_none()
         return LeaseRecord(*row) if row is not None else None
+
+    def live(self) -> dict[str, LeaseHeld]:
+        """Account name -> who polls it now, for every lease that has not expired (for ``status``)."""
+        query = (
+            select(AccountRow.name, LeaseRow.holder, LeaseRow.host, LeaseRow.pid)
+            .add_columns(LeaseRow.acquired_at, LeaseRow.expires_at)
+            .join(AccountRow, AccountRow.id == LeaseRow.account_id)
+            .where(LeaseRow.expires_at > self._clock())
+        )
+        with _translated("read the poll leases"), self.engine.connect() as connection:
+            return {name: LeaseHeld(*held) for name, *held in connection.execute(query)}
 
     # --- fencing -------------------------------------------------------------------------------------
 

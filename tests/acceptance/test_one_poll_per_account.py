@@ -88,6 +88,7 @@ def test_a_second_process_skips_the_account_and_every_message_arrives_once(
         try:
             _wait_for(pause / "paused", holder, log)
             second = run_cli("--config", str(config), "sync", *(["--account", "alice"] if named else []))
+            status = run_cli("--config", str(config), "status")
             (pause / "go").write_text("go\n")
             if first == "sync":
                 assert holder.wait(120) == 0, log.read_text()[-3000:]
@@ -106,6 +107,7 @@ def test_a_second_process_skips_the_account_and_every_message_arrives_once(
     expected = f"account alice is being polled by PID {holder.pid} on host {socket.gethostname()} since "
     assert expected in output and "; skipped" in output, output
     assert "Traceback" not in output
+    assert f"being polled now by PID {holder.pid} on host {socket.gethostname()} since" in status.stdout
     assert second.returncode == (1 if named else 0), output
 
     delivered = Counter(dovecot.imap_messages(mail_users.destination.name))
