@@ -96,12 +96,14 @@ def test_a_poll_whose_lock_was_lost_stops_before_its_next_dele_and_nothing_arriv
                 first.process.send_signal(signal.SIGCONT)
                 codes = [first.stop(), second.stop() if second is not None else None]
             status = cli("--config", str(config), "status", "--json")
+        delivered = Counter(dovecot.imap_messages(fleet.destination.name))
     finally:
         fleet.remove()
 
     w1, w2 = first.text(), second.text()
-    assert codes == [0, 0], w1[-3000:] + w2[-3000:]
-    delivered = Counter(dovecot.imap_messages(fleet.destination.name))
+    # w1 itself may not survive: procrastinate removed it as a stalled worker while it was frozen, and its
+    # next job fetch fails on that (a matter of the queue, not of the mail).
+    assert codes[1] == 0, w2[-3000:]
     assert sum(delivered.values()) == MESSAGES, f"{sum(delivered.values())} delivered\n{w1[-3000:]}"
     assert all(count == 1 for count in delivered.values())
     # w1 learnt it had lost the account at its first write after the pause, and stopped there.
