@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from connector.config import parse_config
+from connector.errors import ConfigError
 from connector.policies.lease import (
     Claimant,
     LeaseHeld,
@@ -94,3 +98,12 @@ def test_generation_increases_at_every_take_and_never_otherwise(
 def test_renewal_moves_the_expiry_and_happens_three_times_per_ttl() -> None:
     assert renewed_until(NOW, TTL) == NOW + TTL
     assert renew_every(TTL) == timedelta(seconds=40)
+
+
+def test_lease_ttl_defaults_to_two_minutes_and_must_be_at_least_a_second() -> None:
+    config_file = Path("/etc/pop-connector/config.toml")
+    assert parse_config({}, config_file).service.lease_ttl == timedelta(minutes=2)
+    assert parse_config({"service": {"lease_ttl": "5s"}}, config_file).service.lease_ttl.total_seconds() == 5
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"service": {"lease_ttl": "0s"}}, config_file)
+    assert "service.lease_ttl:" in str(caught.value) and "at least 1s" in str(caught.value)
