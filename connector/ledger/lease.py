@@ -280,6 +280,8 @@ class PollLease:
         self._fence.releasing = True
         try:
             self._leases._confirm(self._fence)
+        except LeaseLostError:
+            pass  # another poll has it: nothing of this poll's to release
         except LedgerError as exc:  # it expires by itself after lease_ttl
             log.warning("account %s: cannot release the poll lease: %s", self.account, exc.message)
         self._ended = True

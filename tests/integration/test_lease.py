@@ -6,6 +6,7 @@ import os
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, update
@@ -15,6 +16,9 @@ from connector.ledger.lease import LeaseLostError, PollLease
 from connector.ledger.models import LeaseRow
 from connector.ledger.store import Ledger
 from connector.policies.lease import LeaseHeld
+from tests.integration.conftest import SyncFactory
+from tests.messages import simple
+from tests.servers.dovecot import Dovecot, MailUsers
 
 pytestmark = pytest.mark.integration
 
@@ -142,3 +146,70 @@ def test_the_lease_of_a_process_gone_from_this_host_is_free_at_once(
     takeover = Ledger(engine).leases.take_for_poll(account_id, "alice", TTL)
     assert isinstance(takeover, PollLease) and takeover.generation == 2
     takeover.close()
+
+
+def test_a_busy_account_is_skipped_untouched_and_not_counted_as_a_failure(
+    dovecot: Dovecot, mail_users: MailUsers, make_sync: SyncFactory
+) -> None:
+    dovecot.seed(mail_users.source.name, [simple(n) for n in range(3)])
+    config, engine = make_sync()
+    account = config.accounts[0]
+    other = Ledger(engine.ledger.engine)
+    account_id = other.account_id(account.name)
+    assert account_id is not None
+    holding = other.leases.take_for_poll(account_id, account.name, TTL)
+    assert isinstance(holding, PollLease)
+    try:
+        result = engine.poll(account)
+    finally:
+        holding.close()
+    assert result.status == "busy" and result.error is not None
+    assert result.error.startswith(f"account {account.name} is being polled by PID {os.getpid()} on host ")
+    assert result.next_poll_at is not None
+    assert dovecot.maildir_count(mail_users.source.name) == 3
+    assert dovecot.imap_messages(mail_users.destination.name) == []
+    status = next(s for s in other.statuses() if s.name == account.name)
+    assert (status.last_result, status.consecutive_failures) == (None, 0)
+    # Released: the next poll takes the lease and does the work.
+    assert engine.poll(account).delivered == 3
+
+
+def test_a_poll_taken_over_mid_way_sends_no_dele_and_no_quit(
+    dovecot: Dovecot, mail_users: MailUsers, make_sync: SyncFactory
+) -> None:
+    """After the 2nd delivery record another process takes the account over (this poll stalled past its
+    lease): the next write is refused, and the server deletes nothing this poll asked for."""
+    dovecot.seed(mail_users.source.name, [simple(n) for n in range(5)])
+    config, engine = make_sync()
+    account = config.accounts[0]
+    ledger = engine.ledger
+    original = ledger.record_delivered
+    calls = 0
+    takeover: list[PollLease] = []
+
+    def taken_over_after_second(account_id: int, *args: Any, **kwargs: Any) -> datetime:
+        nonlocal calls
+        calls += 1
+        recorded = original(account_id, *args, **kwargs)
+        if calls == 2:
+            _expire(ledger.engine, account_id)
+            lease = Ledger(ledger.engine).leases.take_for_poll(account_id, account.name, TTL)
+            assert isinstance(lease, PollLease)
+            takeover.append(lease)
+        return recorded
+
+    ledger.record_delivered = taken_over_after_second  # type: ignore[method-assign]
+    try:
+        result = engine.poll(account)
+    finally:
+        for lease in takeover:
+            lease.close()
+    assert result.status == "lease_lost", result
+    assert result.error is not None and "lost its lease (generation 1) to another poll" in result.error
+    assert result.deleted == 0
+    # The stale poll's last deliveries stay ``pending``: the next poll looks for them before delivering.
+    states = {m.state.value for m in ledger.known_messages(ledger.account_id(account.name) or 0).values()}
+    assert "pending" in states
+    assert dovecot.maildir_count(mail_users.source.name) == 5  # no DELE took effect: no QUIT was sent
+    status = next(s for s in ledger.statuses() if s.name == account.name)
+    assert status.last_result is None  # the poll that took over records the result, not this one
