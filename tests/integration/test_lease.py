@@ -6,11 +6,13 @@ import os
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine, update
 
+from connector import cli
 from connector.ledger.database import open_database
 from connector.ledger.lease import LeaseLostError, PollLease
 from connector.ledger.models import LeaseRow
@@ -213,3 +215,26 @@ def test_a_poll_taken_over_mid_way_sends_no_dele_and_no_quit(
     assert dovecot.maildir_count(mail_users.source.name) == 5  # no DELE took effect: no QUIT was sent
     status = next(s for s in ledger.statuses() if s.name == account.name)
     assert status.last_result is None  # the poll that took over records the result, not this one
+
+
+def test_baseline_waits_its_turn_while_a_poll_holds_the_account(
+    dovecot: Dovecot,
+    mail_users: MailUsers,
+    make_sync: SyncFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    dovecot.seed(mail_users.source.name, [simple(1)])
+    config, engine = make_sync()
+    account = config.accounts[0]
+    account_id = engine.ledger.account_id(account.name)
+    assert account_id is not None
+    holding = engine.ledger.leases.take_for_poll(account_id, account.name, TTL)
+    assert isinstance(holding, PollLease)
+    try:
+        code = cli.main(["--config", str(tmp_path / "config.toml"), "baseline", "--account", account.name])
+    finally:
+        holding.close()
+    assert code == 1
+    assert f"account {account.name} is being polled by PID {os.getpid()}" in capsys.readouterr().err
+    assert engine.ledger.known_messages(account_id) == {}
