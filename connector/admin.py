@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import sys
 from typing import Any
 
 from connector.config import Config, RoutingPolicy
@@ -15,6 +16,7 @@ from connector.errors import SourceMessageError
 from connector.identity import baseline_entries, identify
 from connector.ledger.store import KnownMessages, Ledger, QuarantinedMessage
 from connector.message import HEADER_PARSE_LIMIT
+from connector.policies.lease import LeaseHeld
 from connector.pop3 import MessageInfo, Pop3Client
 from connector.routing import route
 
@@ -106,10 +108,18 @@ def _baseline(config: Config, ledger: Ledger, name: str) -> int:
     account = config.account(name)
     account_id = ledger.account_id(name)
     assert account_id is not None
-    with Connections().open_source(account) as pop:
-        listing = identify(pop, KnownMessages(ledger.known_messages(account_id))).listing
-        entries = baseline_entries(pop, listing, ledger.known_messages(account_id))
-    count = ledger.record_seen(account_id, entries)
+    # A poll running meanwhile would deliver what this records as seen: one of the two at a time.
+    lease = ledger.leases.take_for_poll(account_id, name, config.service.lease_ttl)
+    if isinstance(lease, LeaseHeld):
+        print(lease.describe(name), file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        with Connections().open_source(account) as pop:
+            listing = identify(pop, KnownMessages(ledger.known_messages(account_id))).listing
+            entries = baseline_entries(pop, listing, ledger.known_messages(account_id))
+        count = ledger.record_seen(account_id, entries)
+    finally:
+        lease.close()
     print(
         f"account {name!r}: {count} of the {len(listing)} messages on the server recorded as already seen "
         "(not downloaded; they will never be delivered or deleted by pop-connector); mail arriving from now "

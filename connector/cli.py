@@ -111,6 +111,11 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
         return EXIT_OK if run_worker(config) else EXIT_FAILED
     if args.command == "status":
         records = status_records(config.accounts, ledger.statuses())
+        polling = ledger.leases.live()
+        for record in records:
+            if record["account"] in polling:
+                held = polling[record["account"]]
+                record["polling"] = {"pid": held.pid, "host": held.host, "since": held.since.isoformat()}
         print(status_json(records) if args.json else status_text(records))
         return EXIT_OK
     if args.command in admin.COMMANDS:
@@ -166,8 +171,17 @@ def _sync(config: Config, engine: ObservedEngine, args: argparse.Namespace) -> i
         print("\n".join(dry_run_lines(result)) if args.dry_run else poll_line(result))
     if not args.dry_run:
         print_summary(summary_rows(results, display.durations), sys.stdout)
-    failed = any(not r.ok or r.failed or r.skipped or r.problems for r in results)
+    named = set(args.account or ())
+    failed = any(_failed(r, named) for r in results)
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def _failed(result: PollResult, named: set[str]) -> bool:
+    """An account another process was polling (``busy``) fails the run only when it was asked for by
+    name: a sync of all accounts next to a running service is no failure."""
+    if result.status == "busy":
+        return result.account in named
+    return not result.ok or bool(result.failed or result.skipped or result.problems)
 
 
 if __name__ == "__main__":  # pragma: no cover

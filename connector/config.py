@@ -197,6 +197,16 @@ class ServiceConfig(_Model):
     worker_name: str | None = Field(default=None, min_length=1, max_length=200)
     heartbeat_interval: Duration = timedelta(seconds=10)
     stalled_after: Duration = timedelta(seconds=30)
+    # The poll lease (one poll per account across processes and machines): renewed every third of it
+    # while a poll runs; a process that dies holding one blocks its account this long at most.
+    lease_ttl: Duration = timedelta(minutes=2)
+
+    @field_validator("lease_ttl")
+    @classmethod
+    def _lease_long_enough(cls, value: timedelta) -> timedelta:
+        if value < timedelta(seconds=1):
+            raise ValueError("lease_ttl must be at least 1s (a poll renews its lease every third of it)")
+        return value
 
     @field_validator("dispatch_interval")
     @classmethod

@@ -45,6 +45,7 @@ from connector.errors import (
 )
 from connector.fetch import fetch, spool_for
 from connector.identity import Identified, baseline_entries, identify, migration
+from connector.ledger.lease import LeaseLostError, PollLease
 from connector.ledger.models import MessageState
 from connector.ledger.store import Clock, KnownMessage, KnownMessages, Ledger, PollOutcome, utcnow
 from connector.message import FetchedMessage
@@ -52,6 +53,7 @@ from connector.multidrop import DestinationPool, RoutedDelivery
 from connector.pipeline import BATCH_BYTES, Fetched, Prefetcher, with_sizes
 from connector.plan import Delivery, PollPlan, plan_poll, with_recovery, within_ceiling
 from connector.policies.blame import Blame, DropWitness, Verdict, blame
+from connector.policies.lease import LeaseHeld
 from connector.policies.limits import Limits, needs_baseline
 from connector.policies.retention import deletable_until, should_delete
 from connector.policies.retry import failure_delay, should_suspend, success_delay
@@ -66,7 +68,9 @@ log = logging.getLogger("connector.engine")
 @dataclass
 class PollResult:
     account: str
-    status: str = "ok"  # ok | error | auth_error | stopped | suspended
+    # ok | error | auth_error | stopped | suspended | busy (another poll holds the account's lease) |
+    # lease_lost (another poll took the account over while this one stalled)
+    status: str = "ok"
     error: str | None = None
     delivered: int = 0
     recovered: int = 0
@@ -165,15 +169,24 @@ class _Poll(RoutedDelivery, BatchedDelivery):
         self.keep_on_server: set[str] = set()
         # The account's identity note as the ledger had it when the poll started (see _suspended).
         self.identity_note: str | None = None
+        # One poll per account across processes: every ledger write of this poll is fenced by it.
+        self.lease: PollLease | None = None
 
     # --- whole poll ----------------------------------------------------------------------------------
 
     def run(self) -> PollResult:
         try:
+            return self._run()
+        finally:
+            if self.lease is not None:  # however the poll ended: stop renewing; release unless done
+                self.lease.close()
+
+    def _run(self) -> PollResult:
+        try:
             account_id = self.ledger.account_id(self.account.name)
             assert account_id is not None
             self.account_id = account_id
-            if self._suspended():
+            if self._suspended() or not self._leased():
                 return self.result
             self.ledger.poll_started(account_id, defer=True)  # committed with the poll's first write
             self._session()
@@ -184,6 +197,20 @@ class _Poll(RoutedDelivery, BatchedDelivery):
             self._fail(ConnectorError(f"internal error: {exc.__class__.__name__}: {exc}"))
         self._finish()
         return self.result
+
+    def _leased(self) -> bool:
+        """Take the account's lease; False (status ``busy``, not a failure) when another poll holds it:
+        this one is skipped and tried again after ``poll_interval``."""
+        ttl = self.engine.config.service.lease_ttl
+        taken = self.ledger.leases.take_for_poll(self.account_id, self.account.name, ttl)
+        if isinstance(taken, LeaseHeld):
+            self.result.status = "busy"
+            self.result.error = taken.describe(self.account.name)
+            self.result.next_poll_at = self.engine.clock() + self.account.poll_interval
+            log.warning("%s", self.result.error)
+            return False
+        self.lease = taken
+        return True
 
     def _suspended(self) -> bool:
         """A suspended account is not polled at all; it is looked at again after ``poll_interval`` so
@@ -225,7 +252,14 @@ class _Poll(RoutedDelivery, BatchedDelivery):
             for info in plan.delete:
                 self._dele(info)
             self._send_deles()
+            if self.to_delete and self.lease is not None:
+                self.lease.confirm()  # QUIT carries the DELEs out: only while this poll holds the account
         except BaseException as exc:
+            if isinstance(exc, LeaseLostError):
+                # Another poll has the account: no DELE, no QUIT, so that the server deletes nothing.
+                pop.close()
+                self._close_destination()
+                raise
             # Queued DELEs go out only once the deliveries they follow are committed (a failed flush drops
             # them), so letting QUIT apply them is safe.
             if isinstance(exc, Exception) and pop.usable:
@@ -746,6 +780,8 @@ class _Poll(RoutedDelivery, BatchedDelivery):
         if exc.account is None:
             exc.account = self.account.name
         self.result.status = "auth_error" if isinstance(exc, AuthenticationError) else "error"
+        if isinstance(exc, LeaseLostError):
+            self.result.status = "lease_lost"
         self.result.error = str(exc)
         if isinstance(exc, SourceLoginDelayError) and exc.login_delay:
             self.server_delay = timedelta(seconds=exc.login_delay)
@@ -769,6 +805,10 @@ class _Poll(RoutedDelivery, BatchedDelivery):
     def _finish(self) -> None:
         now = self.engine.clock()
         failures = 0
+        if self.result.status == "lease_lost":
+            # The poll that took the account over records the result: this one writes nothing more.
+            self.result.next_poll_at = now + self.account.poll_interval
+            return
         if self.result.ok:
             delay = success_delay(
                 self.account.poll_interval, self.account.poll_jitter, server_delay=self.server_delay
@@ -793,7 +833,11 @@ class _Poll(RoutedDelivery, BatchedDelivery):
             next_poll_at=self.result.next_poll_at,
         )
         try:
-            self.ledger.poll_finished(self.account_id, outcome)
+            if self.lease is not None:
+                # The lease is released in the same transaction as the result.
+                self.lease.end_with(partial(self.ledger.poll_finished, self.account_id, outcome))
+            else:
+                self.ledger.poll_finished(self.account_id, outcome)
             if should_suspend(self.account.retry, failures):
                 self._suspend(failures)
         except LedgerError as exc:

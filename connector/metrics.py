@@ -78,7 +78,9 @@ class PollMetrics(PollObserver):
         name = result.account
         self.in_progress.labels(name).set(0)
         self.polls.labels(name, result.status).inc()
-        if not result.ok:
+        if result.status in ("busy", "lease_lost"):
+            pass  # another process polls the account: neither this poll's success nor its failure
+        elif not result.ok:
             self.failures.labels(name).inc()
         else:
             self.last_success.labels(name).set_to_current_time()

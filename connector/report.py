@@ -116,6 +116,9 @@ def status_text(records: list[dict[str, Any]]) -> str:
         if not record["configured"]:
             head += " (no longer in the configuration)"
         lines.append(head)
+        if record.get("polling"):
+            pid, host, since = (record["polling"][key] for key in ("pid", "host", "since"))
+            lines.append(f"  being polled now by PID {pid} on host {host} since {since}")
         if "last_poll" in record:
             counts = record["messages"]
             lines.append(

@@ -144,3 +144,21 @@ class RecipientRow(Base):
     destination_ref: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class LeaseRow(Base):
+    """The poll lease of one account (connector/policies/lease.py): at most one poll at a time, across
+    processes and machines. The row outlives its leases, so that ``generation`` (the fencing token) only
+    ever grows."""
+
+    __tablename__ = "leases"
+
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True)
+    generation: Mapped[int] = mapped_column(BigInteger)
+    # host:pid:random, unique to one poll.
+    holder: Mapped[str] = mapped_column(String(400))
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    acquired_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # Renewed by the poll's writes and a timer; set to the release time when the poll ends.
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())

@@ -19,7 +19,9 @@ from connector.ledger.models import MessageRow, RecipientRow, RecipientState
 class RecipientLedger:
     _clock: Callable[[], datetime]
 
-    def _transaction(self, what: str) -> contextlib.AbstractContextManager[Session]:
+    def _transaction(
+        self, what: str, account_id: int | None = None
+    ) -> contextlib.AbstractContextManager[Session]:
         raise NotImplementedError
 
     def recipient_states(self, account_id: int, uidl: str) -> dict[str, RecipientState]:
@@ -35,7 +37,7 @@ class RecipientLedger:
     def record_recipient_pending(self, account_id: int, uidl: str, mailbox: str) -> None:
         """About to deliver into ``mailbox``; the message row must exist (``record_pending`` first)."""
         now = self._clock()
-        with self._transaction(f"record recipient {mailbox!r} of message {uidl!r}") as session:
+        with self._transaction(f"record recipient {mailbox!r} of message {uidl!r}", account_id) as session:
             message_id = session.scalar(_message(account_id, uidl))
             assert message_id is not None, "record_pending must come first"
             found = session.scalar(
@@ -54,7 +56,7 @@ class RecipientLedger:
         self, account_id: int, uidl: str, mailbox: str, destination_ref: str
     ) -> None:
         now = self._clock()
-        with self._transaction(f"record delivery of message {uidl!r} to {mailbox!r}") as session:
+        with self._transaction(f"record delivery of message {uidl!r} to {mailbox!r}", account_id) as session:
             session.execute(
                 update(RecipientRow)
                 .where(

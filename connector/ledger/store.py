@@ -43,6 +43,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from connector.errors import LedgerError
+from connector.ledger.lease import Leases
 from connector.ledger.models import AccountRow, MessageRow, MessageState, UTCDateTime
 from connector.ledger.recipients import RecipientLedger
 
@@ -175,7 +176,9 @@ class _SuspensionAndQuarantine:
 
     _clock: Clock
 
-    def _transaction(self, what: str) -> contextlib.AbstractContextManager[Session]:
+    def _transaction(
+        self, what: str, account_id: int | None = None
+    ) -> contextlib.AbstractContextManager[Session]:
         raise NotImplementedError
 
     def suspend(self, account_id: int, reason: str) -> None:
@@ -252,6 +255,8 @@ class Ledger(_SuspensionAndQuarantine, RecipientLedger):
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
         self._clock = clock
+        # The poll leases; a poll of this process holding one fences every transaction of its account.
+        self.leases = Leases(engine, lambda: self._clock())
         # Deferred updates per account id; polls of different accounts share this object.
         self._deferred: dict[int, list[_Write]] = {}
         self._deferred_lock = threading.Lock()
@@ -281,7 +286,9 @@ class Ledger(_SuspensionAndQuarantine, RecipientLedger):
                 # applied writes are still the first ones of the queue.
                 del self._deferred.get(account_id, [])[: len(deferred)]
 
-    def _apply_deferred(self, connection: Connection, deferred: list[_Write]) -> None:
+    def _apply_deferred(self, connection: Connection, account_id: int, deferred: list[_Write]) -> None:
+        # First the fence: a poll that lost its lease must write nothing, the deferred writes included.
+        self.leases.check(connection, account_id)
         for statement, params in deferred:
             connection.execute(statement, params)
 
@@ -294,7 +301,7 @@ class Ledger(_SuspensionAndQuarantine, RecipientLedger):
             self._sessions.begin() as session,
         ):
             if account_id is not None:
-                self._apply_deferred(session.connection(), deferred)
+                self._apply_deferred(session.connection(), account_id, deferred)
             yield session
 
     @contextmanager
@@ -306,7 +313,7 @@ class Ledger(_SuspensionAndQuarantine, RecipientLedger):
             self._deferred_writes(account_id) as deferred,
             self.engine.begin() as connection,
         ):
-            self._apply_deferred(connection, deferred)
+            self._apply_deferred(connection, account_id, deferred)
             yield connection
 
     @contextmanager
@@ -507,7 +514,8 @@ class Ledger(_SuspensionAndQuarantine, RecipientLedger):
         """Commit the account's deferred writes now (before a DELE that depends on them). Returns only once
         every write deferred so far is committed; when it raises, they are all still queued."""
         with self._deferred_lock:
-            if not self._deferred.get(account_id):
+            # Fenced, it also proves the poll still holds its lease: a DELE follows.
+            if not self._deferred.get(account_id) and not self.leases.fenced(account_id):
                 return
         with self._core_transaction("record deliveries", account_id):
             pass
@@ -595,7 +603,7 @@ class Ledger(_SuspensionAndQuarantine, RecipientLedger):
         Two steps through temporary keys, so that a swap of two UIDLs cannot hit the unique constraint."""
         if not mapping:
             return
-        with self._transaction("re-key messages") as session:
+        with self._transaction("re-key messages", account_id) as session:
             # A space never occurs in a UIDL (RFC 1939 §7), so these keys cannot clash.
             for step, old in enumerate(mapping):
                 session.execute(
@@ -636,7 +644,7 @@ class Ledger(_SuspensionAndQuarantine, RecipientLedger):
         transaction, and remember when. Known rows (delivered, pending, quarantined) are left as they are.
         Returns how many were recorded."""
         now = self._clock()
-        with self._transaction("record baseline") as session:
+        with self._transaction("record baseline", account_id) as session:
             known = set(session.scalars(select(MessageRow.uidl).where(MessageRow.account_id == account_id)))
             new = {uidl: (size, digest) for uidl, size, digest in listing if uidl not in known}
             session.add_all(

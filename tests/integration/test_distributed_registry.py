@@ -80,7 +80,7 @@ def test_queue_schema_is_created_once_even_by_concurrent_workers(engine: Engine)
         public = connection.execute(
             text("SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'")
         ).scalars()
-        assert set(public) == {"accounts", "messages", "recipients", "alembic_version"}
+        assert set(public) == {"accounts", "messages", "recipients", "leases", "alembic_version"}
 
 
 def test_sync_accounts_adds_disables_and_keeps_removed_accounts(engine: Engine) -> None:
