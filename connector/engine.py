@@ -59,6 +59,9 @@ from connector.protocol_log import protocol_note, recording
 
 log = logging.getLogger("connector.engine")
 
+# Problems kept in the account's identity note (shown by `status`); more are counted, not quoted.
+_NOTED_PROBLEMS = 5
+
 
 @dataclass
 class PollResult:
@@ -71,6 +74,9 @@ class PollResult:
     quarantined: int = 0
     deleted: int = 0
     skipped: int = 0
+    # Left on the POP3 server because the poll could not identify them (a malformed listing line, copies
+    # nothing tells apart, no UIDL and TOP refused); reported when first seen, then shown by `status`.
+    unidentified: int = 0
     next_poll_at: datetime | None = None
     plan: PollPlan | None = None
     problems: list[str] = field(default_factory=list)
@@ -158,6 +164,9 @@ class _Poll(RoutedDelivery, BatchedDelivery):
         self.keep_on_server: set[str] = set()
         # The account's identity note as the ledger had it when the poll started (see _suspended).
         self.identity_note: str | None = None
+        # How the listing was identified, and the note of a UIDL change found in it (see _listing).
+        self.identified = Identified([])
+        self.uidl_change_note: str | None = None
 
     # --- whole poll ----------------------------------------------------------------------------------
 
@@ -260,12 +269,12 @@ class _Poll(RoutedDelivery, BatchedDelivery):
         if not listed.sized:
             listing, plan = with_sizes(pop, listing, plan, lambda sized: self._plan_of(listed, sized))
         self.engine.planned(self.account, plan)
-        if plan.gone:
+        self._left_unidentified(pop, listing, plan)
+        # A message left out of a malformed listing may still be on the server: its row is not forgotten.
+        if plan.gone and not pop.unlisted:
             self.ledger.prune(self.account_id, plan.gone)
         for info in plan.oversize:
             self._quarantine_unfetched(info.uidl, info.size, Limits.of(self.account).skip_reason(info.size))
-        for uidl in plan.duplicates:
-            self._problem(f"UIDL {uidl!r} is listed more than once by the server; left on the server")
         log.info(
             "account %s: %d on server, %d to deliver (%d new, %d left for later polls), %d to delete, "
             "%d quarantined",
@@ -288,21 +297,15 @@ class _Poll(RoutedDelivery, BatchedDelivery):
         baseline = self._needs_baseline(known)
         # UIDL alone is enough unless sizes decide something: a limit, or a baseline recording them.
         quick = apply and not baseline and self.account.max_message_size is None
-        identified = identify(pop, known, quick=quick)
+        identified = self.identified = identify(pop, known, quick=quick)
         listing = identified.listing
-        if identified.unidentified:
-            self._problem(
-                f"{identified.unidentified} message(s) have no UIDL and TOP failed; left on the server"
-            )
         if baseline:
             known = KnownMessages(
                 self._baseline(pop, listing) if apply else {i.uidl: _seen(i) for i in listing}
             )
         change, known = self._rematched(pop, identified, known)
         if apply:
-            note = self._uidl_change_note(change)
-            if note is not None or identified.note != self.identity_note:  # else a write that changes nothing
-                self.ledger.set_uidl_notes(self.account_id, identified.note, note, defer=True)
+            self.uidl_change_note = self._uidl_change_note(change)  # written with the identity note
             if change is not None:
                 self.ledger.rekey(self.account_id, change.rematched)
         suspects = set(change.unmatched) if change is not None else set()
@@ -326,6 +329,37 @@ class _Poll(RoutedDelivery, BatchedDelivery):
         rows = self.ledger.known_messages(self.account_id) if known.kept else known.rows
         change = migration(pop, listing, rows, appeared)
         return change, KnownMessages(rekeyed(rows, change.rematched))
+
+    def _left_unidentified(self, pop: Pop3Client, listing: Sequence[MessageInfo], plan: PollPlan) -> None:
+        """Report the messages left on the server because they cannot be identified, and record the
+        account's identity note. Reported as problems by the poll that first finds them (the note changes);
+        the polls after it log them and `status` shows the note: the server keeps listing them that way,
+        which is no failure of the account to be reported at every poll."""
+        identified = self.identified
+        texts = [
+            f"UIDL {uidl!r} is listed more than once by the server; left on the server"
+            for uidl in plan.duplicates
+        ]
+        if identified.unidentified:
+            texts.append(
+                f"{identified.unidentified} message(s) have no UIDL and TOP failed; left on the server"
+            )
+        texts += [f"left on the server: {entry.reason}" for entry in pop.unlisted]
+        note = "; ".join(filter(None, [identified.note, *texts[:_NOTED_PROBLEMS]]))
+        if len(texts) > _NOTED_PROBLEMS:
+            note += f"; and {len(texts) - _NOTED_PROBLEMS} more"
+        for text in texts:
+            if note != self.identity_note:
+                self._problem(text)
+            else:
+                log.warning("account %s: %s", self.account.name, text)
+        duplicates = set(plan.duplicates)
+        copies = sum(1 for info in listing if info.uidl in duplicates) if duplicates else 0
+        self.result.unidentified = copies + identified.unidentified + len(pop.unlisted)
+        if (
+            self.uidl_change_note is not None or (note or None) != self.identity_note
+        ):  # else a write for nothing
+            self.ledger.set_uidl_notes(self.account_id, note or None, self.uidl_change_note, defer=True)
 
     def _needs_baseline(self, known: KnownMessages) -> bool:
         if self.account.start != "new":  # spares a query at every poll
@@ -459,6 +493,15 @@ class _Poll(RoutedDelivery, BatchedDelivery):
     def _recovered(self, fetched: FetchedMessage, info: MessageInfo, attempts: int) -> bool:
         """A previous attempt may have reached the destination: look before delivering again."""
         ref = self._call_destination(fetched, lambda dest: dest.find(fetched), counted=False, pending=False)
+        if ref is not None and info.uidl in self.identified.doubtful:
+            # What was found may be an identical copy's delivery: recording this copy delivered could lose
+            # it, delivering it again could make a duplicate. It stays on the server for a person to judge.
+            self._quarantine(
+                info,
+                f"an identical copy listed under the same UIDL is in the destination ({ref}), so it cannot "
+                "be told whether this copy was delivered before the interruption; left on the server",
+            )
+            return True
         if ref is not None:
             log.info(
                 "account %s: message %s was already delivered (%s); recorded it",

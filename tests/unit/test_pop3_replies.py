@@ -186,7 +186,7 @@ def test_parse_uidl_and_list_lines() -> None:
         b"x abc",
         b"1_0 abc",
         b"\xd9\xa1 abc",  # an Arabic-Indic digit: int() would accept it
-        b"1 " + b"a" * 71,
+        b"1 " + b"a" * 401,
         b"1 caf\xc3\xa9",
         b"9" * 19 + b" abc",
     ],
@@ -390,7 +390,7 @@ def test_uidl_block_gives_message_infos_of_size_zero() -> None:
         (b"1 a\r\n0 b\r\n", "message number 0"),
         (b"1 a\r\n2 b c\r\n", "malformed UIDL line"),
         (b"1 a\r\n1 b\r\n", "twice"),
-        (b"1 a\r\n2 " + b"x" * 71 + b"\r\n", "invalid unique-id"),
+        (b"1 a\r\n2 " + b"x" * 401 + b"\r\n", "invalid unique-id"),
     ],
 )
 def test_uidl_block_refuses_what_the_line_parser_refuses(block: bytes, match: str) -> None:
