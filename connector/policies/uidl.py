@@ -211,8 +211,7 @@ def key_twins(listing: Sequence[MessageInfo], known: KnownMessages) -> Twins:
         copies += len(infos) - 1
         for info, member in zip(infos, _matched(identity, rows, len(infos)), strict=True):
             replaced[info.number] = info._replace(uidl=member.key)
-            siblings = [row for row in rows if row.key != member.key and row.state in _IN_DESTINATION]
-            if member.state is MessageState.PENDING and siblings:
+            if member.state is MessageState.PENDING and _doubtful(member, rows):
                 doubtful.add(member.key)
     if not replaced:
         return Twins(list(listing), unresolved=unresolved)
@@ -253,6 +252,13 @@ def _members(
         if len(identities) == 1 and (row is None or row.header_hash in (None, identity.rpartition(":")[2])):
             add(identity, plain, 0)
     return members
+
+
+def _doubtful(member: _Member, rows: Sequence[_Member]) -> bool:
+    """Whether a pending copy's recovery lookup could find an identical sibling's delivery instead of its
+    own: a sibling row says so, and so does a further copy's key (its siblings' rows may be forgotten, once
+    they were deleted from the server; their deliveries stay in the destination)."""
+    return member.copy >= 2 or any(row.key != member.key and row.state in _IN_DESTINATION for row in rows)
 
 
 def _matched(identity: str, rows: Sequence[_Member], count: int) -> list[_Member]:
