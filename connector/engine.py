@@ -334,20 +334,27 @@ class _Poll(RoutedDelivery, BatchedDelivery):
         """Report the messages left on the server because they cannot be identified, and record the
         account's identity note. Reported as problems by the poll that first finds them (the note changes);
         the polls after it log them and `status` shows the note: the server keeps listing them that way,
-        which is no failure of the account to be reported at every poll."""
+        which is no failure of the account to be reported at every poll. The note names no message number
+        (they shift as other messages are deleted), so that it stays the same while nothing new happens."""
         identified = self.identified
-        texts = [
+        noted = [
             f"UIDL {uidl!r} is listed more than once by the server; left on the server"
-            for uidl in plan.duplicates
+            for uidl in plan.duplicates[:_NOTED_PROBLEMS]
         ]
+        if len(plan.duplicates) > _NOTED_PROBLEMS:
+            noted.append(f"{len(plan.duplicates) - _NOTED_PROBLEMS} more UIDL(s) listed more than once")
         if identified.unidentified:
-            texts.append(
+            noted.append(
                 f"{identified.unidentified} message(s) have no UIDL and TOP failed; left on the server"
             )
+        if pop.unlisted:
+            noted.append(
+                f"{len(pop.unlisted)} line(s) of the UIDL or LIST listing malformed; their messages left on "
+                "the server (each poll logs which)"
+            )
+        note = "; ".join(filter(None, [identified.note, *noted])) or None
+        texts = noted[: len(noted) - bool(pop.unlisted)]
         texts += [f"left on the server: {entry.reason}" for entry in pop.unlisted]
-        note = "; ".join(filter(None, [identified.note, *texts[:_NOTED_PROBLEMS]]))
-        if len(texts) > _NOTED_PROBLEMS:
-            note += f"; and {len(texts) - _NOTED_PROBLEMS} more"
         for text in texts:
             if note != self.identity_note:
                 self._problem(text)
@@ -356,10 +363,8 @@ class _Poll(RoutedDelivery, BatchedDelivery):
         duplicates = set(plan.duplicates)
         copies = sum(1 for info in listing if info.uidl in duplicates) if duplicates else 0
         self.result.unidentified = copies + identified.unidentified + len(pop.unlisted)
-        if (
-            self.uidl_change_note is not None or (note or None) != self.identity_note
-        ):  # else a write for nothing
-            self.ledger.set_uidl_notes(self.account_id, note or None, self.uidl_change_note, defer=True)
+        if self.uidl_change_note is not None or note != self.identity_note:  # else a write for nothing
+            self.ledger.set_uidl_notes(self.account_id, note, self.uidl_change_note, defer=True)
 
     def _needs_baseline(self, known: KnownMessages) -> bool:
         if self.account.start != "new":  # spares a query at every poll

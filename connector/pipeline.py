@@ -87,7 +87,8 @@ def with_sizes(
         sizes = {entry.number: entry.size for entry in pop.list_sizes_of(numbers)}
         # A message whose LIST reply was malformed is left on the server (the client reports it).
         refused = {entry.number for entry in pop.unlisted}
-        if set(sizes) - set(numbers) or not set(numbers) - set(sizes) <= refused | {None}:
+        missing = set(numbers) - set(sizes)
+        if set(sizes) - set(numbers) or (None not in refused and not missing <= refused):
             raise SourceProtocolError(f"{pop.peer}: LIST answered for other messages than asked")
         deliver = [
             replace(d, info=d.info._replace(size=sizes[d.info.number]))

@@ -108,7 +108,8 @@ class StoredMessage:
     content: bytes
     wire: bytes | None = None
     # When set, the whole line of this message in a UIDL (LIST) listing, and the text after "+OK " of a
-    # single-message UIDL n (LIST n) reply: for servers that list a message wrongly.
+    # single-message UIDL n (LIST n) reply, "{n}" replaced by its message number: for servers that list
+    # a message wrongly.
     uidl_line: bytes | None = None
     list_line: bytes | None = None
 
@@ -460,18 +461,21 @@ class ScriptedPop3Server:
         value: Callable[[StoredMessage], str],
         line: Callable[[StoredMessage], bytes | None],
     ) -> None:
+        def listed(number: int, message: StoredMessage) -> bytes:
+            given = line(message)
+            if given is None:
+                return f"{number} {value(message)}".encode()
+            return given.replace(b"{n}", str(number).encode())
+
         if argument:
             found = session.message(argument)
             if found is not None:
-                given = line(found[1])
-                session.send_line(
-                    b"+OK " + given if given is not None else f"+OK {found[0]} {value(found[1])}"
-                )
+                session.send_line(b"+OK " + listed(*found))
             return
         if session.state != "TRANSACTION":
             session.err("not authenticated")
             return
-        lines = [line(m) or f"{n} {value(m)}".encode() for n, m in session.live()]
+        lines = [listed(n, m) for n, m in session.live()]
         session.send_multiline("+OK listing follows", lines)
 
     def do_LIST(self, session: Pop3Session, argument: str) -> None:
