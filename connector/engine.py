@@ -347,14 +347,14 @@ class _Poll(RoutedDelivery, BatchedDelivery):
             noted.append(
                 f"{identified.unidentified} message(s) have no UIDL and TOP failed; left on the server"
             )
+        # Each malformed line is reported with its message number and text; the note only counts them.
+        texts = [*noted, *(f"left on the server: {entry.reason}" for entry in pop.unlisted)]
         if pop.unlisted:
             noted.append(
                 f"{len(pop.unlisted)} line(s) of the UIDL or LIST listing malformed; their messages left on "
                 "the server (each poll logs which)"
             )
         note = "; ".join(filter(None, [identified.note, *noted])) or None
-        texts = noted[: len(noted) - bool(pop.unlisted)]
-        texts += [f"left on the server: {entry.reason}" for entry in pop.unlisted]
         for text in texts:
             if note != self.identity_note:
                 self._problem(text)
