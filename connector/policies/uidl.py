@@ -4,6 +4,9 @@
   header section (``TOP n 0``) instead: ``hdr:<sha256>``, or ``<uidl>/hdr:<sha256>`` for a duplicated UIDL.
   Once a UIDL was seen duplicated, it keeps being identified that way (the ledger has ``<uidl>/hdr:`` rows),
   so the message left alone later is not taken for a new one.
+* Identical copies (one such identity listed several times with one size, as popa3d's content-hash UIDLs
+  list a message delivered twice): each copy gets a key of its own, ``<identity> #<k>`` for further copies,
+  matched to the ledger's rows by count at every poll (``key_twins``).
 * All UIDLs changing at once (the host migrated): most of the UIDLs the ledger expects on the server have
   vanished while about as many unknown ones appeared. Known messages are re-matched to the new UIDLs by
   header hash (and size, to tell identical headers apart) instead of being delivered again.
