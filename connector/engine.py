@@ -64,6 +64,9 @@ from connector.protocol_log import protocol_note, recording
 
 log = logging.getLogger("connector.engine")
 
+# Problems kept in the account's identity note (shown by `status`); more are counted, not quoted.
+_NOTED_PROBLEMS = 5
+
 
 @dataclass
 class PollResult:
@@ -80,6 +83,9 @@ class PollResult:
     skipped: int = 0
     # RETR replies far shorter than LIST said (counted in ``failed`` too); see policies/sizes.py.
     short_retrs: int = 0
+    # Left on the POP3 server because the poll could not identify them (a malformed listing line, copies
+    # nothing tells apart, no UIDL and TOP refused); reported when first seen, then shown by `status`.
+    unidentified: int = 0
     next_poll_at: datetime | None = None
     plan: PollPlan | None = None
     problems: list[str] = field(default_factory=list)
@@ -171,6 +177,9 @@ class _Poll(RoutedDelivery, BatchedDelivery):
         self.identity_note: str | None = None
         # One poll per account across processes: every ledger write of this poll is fenced by it.
         self.lease: PollLease | None = None
+        # How the listing was identified, and the note of a UIDL change found in it (see _listing).
+        self.identified = Identified([])
+        self.uidl_change_note: str | None = None
 
     # --- whole poll ----------------------------------------------------------------------------------
 
@@ -303,12 +312,12 @@ class _Poll(RoutedDelivery, BatchedDelivery):
             listing, plan = with_sizes(pop, listing, plan, lambda sized: self._plan_of(listed, sized))
             plan = within_ceiling(plan, Limits.of(self.account))
         self.engine.planned(self.account, plan)
-        if plan.gone:
+        self._left_unidentified(pop, listing, plan)
+        # A message left out of a malformed listing may still be on the server: its row is not forgotten.
+        if plan.gone and not pop.unlisted:
             self.ledger.prune(self.account_id, plan.gone)
         for info in plan.oversize:
             self._quarantine_unfetched(info.uidl, info.size, Limits.of(self.account).skip_reason(info.size))
-        for uidl in plan.duplicates:
-            self._problem(f"UIDL {uidl!r} is listed more than once by the server; left on the server")
         log.info(
             "account %s: %d on server, %d to deliver (%d new, %d left for later polls), %d to delete, "
             "%d quarantined",
@@ -331,21 +340,15 @@ class _Poll(RoutedDelivery, BatchedDelivery):
         baseline = self._needs_baseline(known)
         # UIDL alone is enough unless sizes decide something: a limit, or a baseline recording them.
         quick = apply and not baseline and self.account.max_message_size is None
-        identified = identify(pop, known, quick=quick)
+        identified = self.identified = identify(pop, known, quick=quick)
         listing = identified.listing
-        if identified.unidentified:
-            self._problem(
-                f"{identified.unidentified} message(s) have no UIDL and TOP failed; left on the server"
-            )
         if baseline:
             known = KnownMessages(
                 self._baseline(pop, listing) if apply else {i.uidl: _seen(i) for i in listing}
             )
         change, known = self._rematched(pop, identified, known)
         if apply:
-            note = self._uidl_change_note(change)
-            if note is not None or identified.note != self.identity_note:  # else a write that changes nothing
-                self.ledger.set_uidl_notes(self.account_id, identified.note, note, defer=True)
+            self.uidl_change_note = self._uidl_change_note(change)  # written with the identity note
             if change is not None:
                 self.ledger.rekey(self.account_id, change.rematched)
         suspects = set(change.unmatched) if change is not None else set()
@@ -369,6 +372,42 @@ class _Poll(RoutedDelivery, BatchedDelivery):
         rows = self.ledger.known_messages(self.account_id) if known.kept else known.rows
         change = migration(pop, listing, rows, appeared)
         return change, KnownMessages(rekeyed(rows, change.rematched))
+
+    def _left_unidentified(self, pop: Pop3Client, listing: Sequence[MessageInfo], plan: PollPlan) -> None:
+        """Report the messages left on the server because they cannot be identified, and record the
+        account's identity note. Reported as problems by the poll that first finds them (the note changes);
+        the polls after it log them and `status` shows the note: the server keeps listing them that way,
+        which is no failure of the account to be reported at every poll. The note names no message number
+        (they shift as other messages are deleted), so that it stays the same while nothing new happens."""
+        identified = self.identified
+        noted = [
+            f"UIDL {uidl!r} is listed more than once by the server; left on the server"
+            for uidl in plan.duplicates[:_NOTED_PROBLEMS]
+        ]
+        if len(plan.duplicates) > _NOTED_PROBLEMS:
+            noted.append(f"{len(plan.duplicates) - _NOTED_PROBLEMS} more UIDL(s) listed more than once")
+        if identified.unidentified:
+            noted.append(
+                f"{identified.unidentified} message(s) have no UIDL and TOP failed; left on the server"
+            )
+        # Each malformed line is reported with its message number and text; the note only counts them.
+        texts = [*noted, *(f"left on the server: {entry.reason}" for entry in pop.unlisted)]
+        if pop.unlisted:
+            noted.append(
+                f"{len(pop.unlisted)} line(s) of the UIDL or LIST listing malformed; their messages left on "
+                "the server (each poll logs which)"
+            )
+        note = "; ".join(filter(None, [identified.note, *noted])) or None
+        for text in texts:
+            if note != self.identity_note:
+                self._problem(text)
+            else:
+                log.warning("account %s: %s", self.account.name, text)
+        duplicates = set(plan.duplicates)
+        copies = sum(1 for info in listing if info.uidl in duplicates) if duplicates else 0
+        self.result.unidentified = copies + identified.unidentified + len(pop.unlisted)
+        if self.uidl_change_note is not None or note != self.identity_note:  # else a write for nothing
+            self.ledger.set_uidl_notes(self.account_id, note, self.uidl_change_note, defer=True)
 
     def _needs_baseline(self, known: KnownMessages) -> bool:
         if self.account.start != "new":  # spares a query at every poll
@@ -522,6 +561,15 @@ class _Poll(RoutedDelivery, BatchedDelivery):
     def _recovered(self, fetched: FetchedMessage, info: MessageInfo, attempts: int) -> bool:
         """A previous attempt may have reached the destination: look before delivering again."""
         ref = self._call_destination(fetched, lambda dest: dest.find(fetched), counted=False, pending=False)
+        if ref is not None and info.uidl in self.identified.doubtful:
+            # What was found may be an identical copy's delivery: recording this copy delivered could lose
+            # it, delivering it again could make a duplicate. It stays on the server for a person to judge.
+            self._quarantine(
+                info,
+                f"an identical copy listed under the same UIDL is in the destination ({ref}), so it cannot "
+                "be told whether this copy was delivered before the interruption; left on the server",
+            )
+            return True
         if ref is not None:
             log.info(
                 "account %s: message %s was already delivered (%s); recorded it",

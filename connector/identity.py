@@ -15,6 +15,7 @@ from connector.policies.uidl import (
     UidlChange,
     hash_identity,
     header_hash,
+    key_twins,
     needs_header_hash,
     rematch,
     suspect_migration,
@@ -36,6 +37,10 @@ class Identified:
     # True when policies.uidl.suspect_migration already found no migration for this listing and the
     # ledger as it was given (a quick listing is only kept then): no need to look again.
     migration_checked: bool = False
+    # Messages listed under one identity that nothing tells apart (see policies.uidl.key_twins): left alone.
+    unresolved: int = 0
+    # Pending identical copies whose recovery lookup could find a sibling's delivery (policies.uidl.Twins).
+    doubtful: frozenset[str] = frozenset()
 
 
 def header_hash_of(pop: Pop3Client, number: int) -> str | None:
@@ -56,7 +61,7 @@ def identify(pop: Pop3Client, known: KnownMessages, *, quick: bool = False) -> I
         # UIDL alone (sizes 0): an idle poll sends this one listing command.
         listing = pop.uidl() if quick else pop.listing()
     except SourceNoUidlError:
-        return _by_header_hash(pop)
+        return _by_header_hash(pop, known)
     ambiguous = needs_header_hash(listing, known)
     if quick and (ambiguous or suspect_migration(listing, known)):
         # Telling these messages apart needs their sizes after all.
@@ -73,10 +78,10 @@ def identify(pop: Pop3Client, known: KnownMessages, *, quick: bool = False) -> I
         f"the server lists {uidls} UIDL(s) for more than one message; those messages are identified by "
         "UIDL plus a hash of their headers (TOP n 0)"
     )
-    return Identified([replaced.get(info.number, info) for info in listing], note)
+    return _with_twins([replaced.get(info.number, info) for info in listing], known, note)
 
 
-def _by_header_hash(pop: Pop3Client) -> Identified:
+def _by_header_hash(pop: Pop3Client, known: KnownMessages) -> Identified:
     entries = pop.list_sizes()
     listing = []
     for entry in entries:
@@ -84,7 +89,25 @@ def _by_header_hash(pop: Pop3Client) -> Identified:
         if digest is not None:
             listing.append(MessageInfo(entry.number, hash_identity(digest), entry.size))
     note = "the server has no UIDL; messages are identified by a hash of their headers (TOP n 0)"
-    return Identified(listing, note, len(entries) - len(listing))
+    return _with_twins(listing, known, note, len(entries) - len(listing))
+
+
+def _with_twins(
+    listing: list[MessageInfo], known: KnownMessages, note: str, unidentified: int = 0
+) -> Identified:
+    """``listing`` (identified by header hash where needed) with identical copies keyed apart."""
+    twins = key_twins(listing, known)
+    if twins.copies:
+        note += (
+            f"; {twins.copies} identical cop(ies) of a listed message (same identity and size) are each "
+            "delivered once"
+        )
+    if twins.unresolved:
+        note += (
+            f"; {twins.unresolved} message(s) have one UIDL and the same headers but different sizes: "
+            "nothing tells them apart, they stay on the server"
+        )
+    return Identified(twins.listing, note, unidentified, unresolved=twins.unresolved, doubtful=twins.doubtful)
 
 
 def baseline_entries(

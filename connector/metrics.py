@@ -64,6 +64,13 @@ class PollMetrics(PollObserver):
             ["account"],
             registry=r,
         )
+        self.unidentified = Gauge(
+            "pop_connector_messages_unidentified",
+            "Messages the last successful poll left on the POP3 server because it could not identify them "
+            "(a malformed UIDL or LIST line, copies under one UIDL that nothing tells apart).",
+            ["account"],
+            registry=r,
+        )
         self.in_progress = Gauge(
             "pop_connector_polls_in_progress", "1 while the account is being polled.", ["account"], registry=r
         )
@@ -84,6 +91,8 @@ class PollMetrics(PollObserver):
             self.failures.labels(name).inc()
         else:
             self.last_success.labels(name).set_to_current_time()
+            # Only a poll that got through its listing knows; a failed one leaves the last value.
+            self.unidentified.labels(name).set(result.unidentified)
         self.delivered.labels(name).inc(result.delivered + result.recovered)
         self.quarantined.labels(name).inc(result.quarantined)
         self.short_retrs.labels(name).inc(result.short_retrs)
@@ -94,7 +103,7 @@ class PollMetrics(PollObserver):
 
     def forget(self, account: str) -> None:
         """An account removed from the configuration: drop its gauges (counters keep their history)."""
-        for gauge in (self.last_success, self.backlog, self.in_progress):
+        for gauge in (self.last_success, self.backlog, self.in_progress, self.unidentified):
             with contextlib.suppress(KeyError):
                 gauge.remove(account)
 

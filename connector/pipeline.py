@@ -86,12 +86,19 @@ def with_sizes(
     if len(plan.deliver) <= SIZE_QUERIES:
         numbers = [delivery.info.number for delivery in plan.deliver]
         sizes = {entry.number: entry.size for entry in pop.list_sizes_of(numbers)}
-        if set(sizes) != set(numbers):
+        # A message whose LIST reply was malformed is left on the server (the client reports it).
+        refused = {entry.number for entry in pop.unlisted}
+        missing = set(numbers) - set(sizes)
+        if set(sizes) - set(numbers) or (None not in refused and not missing <= refused):
             raise SourceProtocolError(f"{pop.peer}: LIST answered for other messages than asked")
-        deliver = [replace(d, info=d.info._replace(size=sizes[d.info.number])) for d in plan.deliver]
+        deliver = [
+            replace(d, info=d.info._replace(size=sizes[d.info.number]))
+            for d in plan.deliver
+            if d.info.number in sizes
+        ]
         return listing, replace(plan, deliver=deliver)
     try:
-        listing = join_listings(listing, pop.list_sizes())
+        listing = join_listings(listing, pop.list_sizes(), pop.unlisted)
     except SourceProtocolError as exc:
         raise SourceProtocolError(f"{pop.peer}: {exc.message}") from exc
     return listing, replan(listing)

@@ -4,6 +4,9 @@
   header section (``TOP n 0``) instead: ``hdr:<sha256>``, or ``<uidl>/hdr:<sha256>`` for a duplicated UIDL.
   Once a UIDL was seen duplicated, it keeps being identified that way (the ledger has ``<uidl>/hdr:`` rows),
   so the message left alone later is not taken for a new one.
+* Identical copies (one such identity listed several times with one size, as popa3d's content-hash UIDLs
+  list a message delivered twice): each copy gets a key of its own, ``<identity> #<k>`` for further copies,
+  matched to the ledger's rows by count at every poll (``key_twins``).
 * All UIDLs changing at once (the host migrated): most of the UIDLs the ledger expects on the server have
   vanished while about as many unknown ones appeared. Known messages are re-matched to the new UIDLs by
   header hash (and size, to tell identical headers apart) instead of being delivered again.
@@ -132,3 +135,148 @@ def rekeyed(known: Mapping[str, KnownMessage], mapping: Mapping[str, str]) -> di
     for old, new in mapping.items():
         result[new] = known[old]._replace(uidl=new)
     return result
+
+
+# --- identical copies under one identity ------------------------------------------------------------------
+
+# Joins an identity and a copy number: a space never occurs in a UIDL (RFC 1939: 0x21-0x7E) nor in
+# "hdr:<hex>", so a copy's key can never be a real UIDL or another message's identity.
+TWIN_SEPARATOR = " #"
+# When more ledger rows than listed copies remain (copies removed by someone else), the rows kept for the
+# copies left: the ones that need nothing done first, so that no copy is delivered again.
+_TWIN_KEEP_ORDER = {
+    MessageState.DELIVERED: 0,
+    MessageState.PENDING: 1,
+    MessageState.FAILED: 2,
+    MessageState.SEEN: 3,
+}
+# A pending copy's recovery lookup may find one of these siblings' content instead of its own.
+_IN_DESTINATION = frozenset({MessageState.DELIVERED, MessageState.DELETED, MessageState.PENDING})
+
+
+def twin_key(identity: str, copy: int) -> str:
+    """The ledger key of the ``copy``-th (1-based) identical copy of ``identity``: the first one keeps it."""
+    return identity if copy == 1 else f"{identity}{TWIN_SEPARATOR}{copy}"
+
+
+def is_hashed(identity: str) -> bool:
+    """An identity made from a header hash (``hdr:…`` or ``<uidl>/hdr:…``): the only ones twins can have."""
+    return identity.startswith(HASH_PREFIX) or _DUPLICATE_SEPARATOR + HASH_PREFIX in identity
+
+
+@dataclass(frozen=True)
+class Twins:
+    """The listing with identical copies keyed apart (see ``key_twins``)."""
+
+    listing: list[MessageInfo]
+    # Listed copies beyond the first of identical messages: each is delivered once, under its own key.
+    copies: int = 0
+    # Messages listed under one identity whose sizes differ: nothing tells them apart; left on the server.
+    unresolved: int = 0
+    # Keys of pending copies whose recovery lookup could find an identical sibling's delivery instead.
+    doubtful: frozenset[str] = frozenset()
+
+
+@dataclass
+class _Member:
+    key: str
+    copy: int  # 0: the plain UIDL the message had before it was identified by header hash
+    state: MessageState | None  # None: no ledger row, a copy new to the connector
+
+
+def key_twins(listing: Sequence[MessageInfo], known: KnownMessages) -> Twins:
+    """Give each listed copy of identical messages (one header-hash identity listed several times with one
+    size: one UIDL, equal headers, equal size) a key of its own, so that each is delivered exactly once.
+
+    Copies are byte-identical, so which copy is which does not matter, only how many there are: the
+    ledger rows of an identity (its key, ``<identity> #k`` for further copies, and the plain UIDL it had
+    before it was hashed) are matched to the listed copies by count, every poll. A ``deleted`` row is a copy
+    the server confirmed removed, so it matches no listed copy. Rows still expected on the server are given
+    to the copies in listing order, delivered ones first, so that no copy is delivered twice; copies left
+    over are new and get fresh keys (never the key of a ``deleted`` row, which would be taken for a deletion
+    to repeat); rows left over belong to copies someone else removed and are forgotten as usual.
+    """
+    groups: dict[str, list[MessageInfo]] = {}
+    for info in listing:
+        if is_hashed(info.uidl):
+            groups.setdefault(info.uidl, []).append(info)
+    members = _members(groups, listing, known)
+    replaced: dict[int, MessageInfo] = {}
+    copies = unresolved = 0
+    doubtful: set[str] = set()
+    for identity, infos in groups.items():
+        rows = members.get(identity, [])
+        if len(infos) == 1 and not rows:
+            continue
+        if len({info.size for info in infos}) > 1:
+            unresolved += len(infos)
+            continue
+        copies += len(infos) - 1
+        for info, member in zip(infos, _matched(identity, rows, len(infos)), strict=True):
+            replaced[info.number] = info._replace(uidl=member.key)
+            if member.state is MessageState.PENDING and _doubtful(member, rows):
+                doubtful.add(member.key)
+    if not replaced:
+        return Twins(list(listing), unresolved=unresolved)
+    keyed = [replaced.get(info.number, info) for info in listing]
+    return Twins(keyed, copies, unresolved, frozenset(doubtful))
+
+
+def _members(
+    groups: Mapping[str, list[MessageInfo]], listing: Sequence[MessageInfo], known: KnownMessages
+) -> dict[str, list[_Member]]:
+    """The ledger rows of each identity in ``groups``: its own key, its further copies' keys and (when every
+    listed message of that UIDL has this one identity) the plain UIDL it had before it was hashed."""
+    members: dict[str, list[_Member]] = {}
+
+    def add(identity: str, key: str, copy: int) -> None:
+        row = known.rows.get(key)
+        if row is not None:
+            members.setdefault(identity, []).append(_Member(key, copy, row.state))
+        elif key in known.kept:
+            members.setdefault(identity, []).append(_Member(key, copy, MessageState.DELIVERED))
+
+    for identity in groups:
+        add(identity, identity, 1)
+    if any(map(str.__contains__, known, repeat(TWIN_SEPARATOR))):
+        for key in known:
+            identity, separator, copy = key.rpartition(TWIN_SEPARATOR)
+            if separator and identity in groups and copy.isdigit():
+                add(identity, key, int(copy))
+    plain_identities: dict[str, set[str]] = {}
+    for info in listing:
+        plain, separator, _ = info.uidl.partition(_DUPLICATE_SEPARATOR + HASH_PREFIX)
+        if separator:
+            plain_identities.setdefault(plain, set()).add(info.uidl)
+    for plain, identities in plain_identities.items():
+        identity = next(iter(identities))
+        row = known.rows.get(plain)
+        # Which of several different messages the plain row was is known only from its header hash.
+        if len(identities) == 1 and (row is None or row.header_hash in (None, identity.rpartition(":")[2])):
+            add(identity, plain, 0)
+    return members
+
+
+def _doubtful(member: _Member, rows: Sequence[_Member]) -> bool:
+    """Whether a pending copy's recovery lookup could find an identical sibling's delivery instead of its
+    own: a sibling row says so, and so does a further copy's key (its siblings' rows may be forgotten, once
+    they were deleted from the server; their deliveries stay in the destination)."""
+    return member.copy >= 2 or any(row.key != member.key and row.state in _IN_DESTINATION for row in rows)
+
+
+def _matched(identity: str, rows: Sequence[_Member], count: int) -> list[_Member]:
+    """The rows for ``count`` listed copies: the rows still expected on the server, delivered ones first,
+    then new members with fresh keys."""
+    expected = sorted(
+        (row for row in rows if row.state in _TWIN_KEEP_ORDER),
+        key=lambda row: (_TWIN_KEEP_ORDER.get(row.state, 0) if row.state else 0, row.copy),
+    )
+    matched = expected[:count]
+    used = {row.copy for row in rows}
+    copy = 1
+    while len(matched) < count:
+        if copy not in used:
+            matched.append(_Member(twin_key(identity, copy), copy, None))
+            used.add(copy)
+        copy += 1
+    return matched

@@ -2,6 +2,7 @@
 
 from connector.pop3.client import DEFAULT_MAX_LISTING_BYTES, Pop3Client, Sink, connect_pop3
 from connector.pop3.replies import (
+    MAX_ACCEPTED_UIDL_LENGTH,
     MAX_STATUS_LINE,
     MAX_UIDL_LENGTH,
     Capabilities,
@@ -10,6 +11,7 @@ from connector.pop3.replies import (
     MessageInfo,
     Reply,
     UidlEntry,
+    Unlisted,
     error_for,
     is_terminator,
     join_listings,
@@ -30,6 +32,7 @@ from connector.pop3.replies import (
 
 __all__ = [
     "DEFAULT_MAX_LISTING_BYTES",
+    "MAX_ACCEPTED_UIDL_LENGTH",
     "MAX_STATUS_LINE",
     "MAX_UIDL_LENGTH",
     "Capabilities",
@@ -40,6 +43,7 @@ __all__ = [
     "Reply",
     "Sink",
     "UidlEntry",
+    "Unlisted",
     "connect_pop3",
     "error_for",
     "is_terminator",

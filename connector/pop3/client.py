@@ -15,7 +15,7 @@ import itertools
 import logging
 import socket
 import ssl
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Literal, Protocol, TypeVar
 
@@ -39,18 +39,20 @@ from connector.pop3.replies import (
     ListEntry,
     MessageInfo,
     Reply,
+    Unlisted,
     error_for,
     join_listings,
     parse_capabilities,
     parse_greeting,
-    parse_list_block,
+    parse_list_block_lenient,
     parse_list_line,
     parse_stat,
     parse_status,
-    parse_uidl_block,
+    parse_uidl_block_lenient,
     printable,
     split_listing,
     strip_eol,
+    unlisted_line,
     unstuff_block,
 )
 from connector.pop3.wire import BodyDecoder, ConnectionClosed, StreamReader
@@ -178,6 +180,9 @@ class Pop3Client:
         self._utf8 = False
         # Whether the last RETR/TOP body had bare LF or CR line endings (now CRLF).
         self.last_body_repaired = False
+        # The lines of the last listing (UIDL or UIDL+LIST, then LIST or LIST n) that could not be taken
+        # in: their messages were left out of what the listing methods returned, so they stay on the server.
+        self.unlisted: list[Unlisted] = []
         try:
             self._greeting = self._read_greeting()
             self._capabilities = self.capa()
@@ -569,29 +574,37 @@ class Pop3Client:
         return block
 
     def uidl(self) -> list[MessageInfo]:
-        """Every message's number and unique-id, in server order; sizes are 0 (see ``listing``)."""
-        return self._parse_listing("UIDL", parse_uidl_block, self._listing_block("UIDL"))
+        """Every message's number and unique-id, in server order; sizes are 0 (see ``listing``). A message
+        whose line is malformed is left out and added to ``unlisted`` (which starts afresh: a new listing)."""
+        self.unlisted = []
+        return self._lenient(parse_uidl_block_lenient(self._listing_block("UIDL")))
 
     def list_sizes(self) -> list[ListEntry]:
-        return self._parse_listing("LIST", parse_list_block, self._listing_block("LIST"))
+        """Every message's number and size (a malformed line: see ``uidl``)."""
+        return self._lenient(parse_list_block_lenient(self._listing_block("LIST")))
 
-    def _parse_listing(self, verb: str, parser: Callable[[bytes], _T], block: bytes) -> _T:
-        try:
-            return parser(block)
-        except SourceProtocolError as exc:
-            raise SourceProtocolError(f"{self._peer}: {verb}: {exc.message}") from exc
+    def _lenient(self, parsed: tuple[_T, list[Unlisted]]) -> _T:
+        entries, unlisted = parsed
+        for entry in unlisted:
+            log.warning("%s: left on the server: %s", self._peer, entry.reason)
+        self.unlisted.extend(unlisted)
+        return entries
 
     def listing(self) -> list[MessageInfo]:
-        """Every message's number, unique-id and size, in server order (oldest first)."""
+        """Every message's number, unique-id and size, in server order (oldest first); a message with a
+        malformed line in either listing is left out (see ``uidl``)."""
+        self.unlisted = []
         if self._capabilities.has("PIPELINING"):
             uidl_block, list_block = self._pipelined_listing()
         else:
             uidl_block = self._listing_block("UIDL")
             list_block = self._listing_block("LIST")
-        uidls = self._parse_listing("UIDL", parse_uidl_block, uidl_block)
-        sizes = self._parse_listing("LIST", parse_list_block, list_block)
+        uidls, uidl_unlisted = parse_uidl_block_lenient(uidl_block)
+        sizes, list_unlisted = parse_list_block_lenient(list_block)
+        unlisted = uidl_unlisted + list_unlisted
+        self._lenient(([], unlisted))
         try:
-            return join_listings(uidls, sizes)
+            return join_listings(uidls, sizes, unlisted)
         except SourceProtocolError as exc:
             raise SourceProtocolError(f"{self._peer}: {exc.message}") from exc
 
@@ -703,7 +716,8 @@ class Pop3Client:
                 try:
                     entries.append(parse_list_line(reply.text.encode()))
                 except SourceProtocolError as exc:
-                    raise SourceProtocolError(f"{self._peer}: LIST: {exc.message}") from exc
+                    # As for a line of a whole LIST: that message stays on the server, the others go on.
+                    self._lenient(([], [unlisted_line("LIST", reply.text.encode(), exc)]))
         return entries
 
     def _read_reply_to(self, verb: str, *args: str) -> Reply:

@@ -8,7 +8,8 @@ relies on that to turn every oddity into one retryable error type.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections import Counter
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import repeat
@@ -29,8 +30,12 @@ from connector.errors import (
 # RFC 2449 caps responses at 512 octets; real servers stay far below. The bound is generous so that a
 # chatty server still works, yet a server that never sends a line ending cannot exhaust memory.
 MAX_STATUS_LINE = 8 * 1024
-# RFC 1939 §7: a unique-id is 1 to 70 characters in 0x21..0x7E. The ledger may rely on this bound.
+# RFC 1939 §7: a unique-id is 1 to 70 characters in 0x21..0x7E.
 MAX_UIDL_LENGTH = 70
+# What is accepted: some servers send longer unique-ids, otherwise valid and stable, and refusing them would
+# leave their messages on the server for ever. The ledger's column holds 512 characters; this leaves room
+# for the forms policies.uidl builds from a unique-id ("<uidl>/hdr:<64 hex>", then " #<copy>").
+MAX_ACCEPTED_UIDL_LENGTH = 400
 # Message numbers and sizes are bounded so a hostile number cannot reach int()'s digit limit.
 _MAX_NUMBER_DIGITS = 18
 
@@ -39,14 +44,14 @@ _CODE_RE = re.compile(rb"\[([\x21-\x5a\x5c\x5e-\x7e]+)\]")
 _TIMESTAMP_RE = re.compile(rb"<[\x21-\x3b\x3d\x3f\x41-\x7e]*@[\x21-\x3b\x3d\x3f-\x7e]*>")
 _DIGITS_RE = re.compile(rb"[0-9]{1,%d}" % _MAX_NUMBER_DIGITS)
 _CAPA_NAME_RE = re.compile(rb"[\x21-\x7e]+")
-_UIDL_RE = re.compile(rb"[\x21-\x7e]{1,%d}" % MAX_UIDL_LENGTH)
+_UIDL_RE = re.compile(rb"[\x21-\x7e]{1,%d}" % MAX_ACCEPTED_UIDL_LENGTH)
 # A whole UIDL reply body whose every line is well-formed: optional blanks around the two words (as
 # bytes.split() allows), each line ending in LF. No groups: checking 100,000 lines creates no object per line.
 # Possessive quantifiers (a quarter of the time): each part's characters cannot start the next part, so
 # giving some back could never make a match.
 _UIDL_BLOCK_RE = re.compile(
     rb"(?:[ \t\x0b\x0c]*+[0-9]{1,%d}+[ \t\x0b\x0c]++[\x21-\x7e]{1,%d}+[ \t\x0b\x0c\r]*+\n)*+"
-    % (_MAX_NUMBER_DIGITS, MAX_UIDL_LENGTH)
+    % (_MAX_NUMBER_DIGITS, MAX_ACCEPTED_UIDL_LENGTH)
 )
 
 
@@ -89,6 +94,14 @@ class MessageInfo(NamedTuple):
     number: int
     uidl: str
     size: int
+
+
+class Unlisted(NamedTuple):
+    """A listing line the connector could not take in. Its message (``number``, None when the number itself
+    was unreadable) is left on the server and reported; the rest of the listing is used."""
+
+    number: int | None
+    reason: str
 
 
 # Builds a MessageInfo from a (number, uidl, size) tuple without running Python code (MessageInfo(...) and
@@ -226,7 +239,7 @@ def parse_uidl_line(line: bytes) -> UidlEntry:
     """``n uidl`` from a UIDL listing (or the text of a single-message UIDL reply)."""
     words = strip_eol(line).split()
     if len(words) != 2:
-        raise SourceProtocolError(f"malformed UIDL line {printable(line[:80])!r}")
+        raise SourceProtocolError(f"malformed UIDL line {printable(strip_eol(line)[:80])!r}")
     number = _message_number(words[0])
     if _UIDL_RE.fullmatch(words[1]) is None:
         raise SourceProtocolError(f"invalid unique-id {printable(words[1][:80])!r} for message {number}")
@@ -237,19 +250,8 @@ def parse_list_line(line: bytes) -> ListEntry:
     """``n size`` from a LIST listing; RFC 1939 lets servers append more information, which is ignored."""
     words = strip_eol(line).split()
     if len(words) < 2:
-        raise SourceProtocolError(f"malformed LIST line {printable(line[:80])!r}")
+        raise SourceProtocolError(f"malformed LIST line {printable(strip_eol(line)[:80])!r}")
     return ListEntry(number=_message_number(words[0]), size=_number(words[1], "message size"))
-
-
-def _check_unique_numbers(numbers: Iterable[int], command: str) -> None:
-    numbers = list(numbers)
-    if len(set(numbers)) == len(numbers):
-        return
-    seen: set[int] = set()
-    for number in numbers:
-        if number in seen:
-            raise SourceProtocolError(f"{command} lists message {number} twice")
-        seen.add(number)
 
 
 def split_listing(block: bytes) -> list[bytes]:
@@ -272,13 +274,36 @@ def parse_uidl_block(block: bytes) -> list[MessageInfo]:
     """A whole UIDL reply body (unstuffed, terminator removed, every line ending in LF) as one message per
     line, each of size 0 (UIDL gives none), in server order. As ``parse_uidl_listing`` for the rest, but
     built for a mailbox that lists 100,000 messages at every poll: no Python code runs per message."""
+    infos, unlisted = parse_uidl_block_lenient(block)
+    _refuse_unlisted(unlisted)
+    return infos
+
+
+def parse_uidl_block_lenient(block: bytes) -> tuple[list[MessageInfo], list[Unlisted]]:
+    """As ``parse_uidl_block``, but a bad line (or a message number listed twice) does not fail the whole
+    listing: it is returned as ``Unlisted`` and its message left out, so that one message the server lists
+    wrongly stays on the server while the others are delivered. A well-formed listing takes the fast path;
+    only one with a bad line is parsed line by line."""
     columns = _bulk_uidl(block)
+    unlisted: list[Unlisted] = []
     if columns is None:
-        entries = [parse_uidl_line(line) for line in split_listing(block)]  # says which line and why
-        columns = [entry.number for entry in entries], [entry.uidl for entry in entries]
+        numbers: list[int] = []
+        uidls: list[str] = []
+        for line in split_listing(block):
+            try:
+                entry = parse_uidl_line(line)
+            except SourceProtocolError as exc:
+                unlisted.append(unlisted_line("UIDL", line, exc))
+                continue
+            numbers.append(entry.number)
+            uidls.append(entry.uidl)
+        columns = numbers, uidls
     numbers, uidls = columns
-    _check_unique_numbers(numbers, "UIDL")
-    return list(map(_message_info, zip(numbers, uidls, repeat(0))))
+    twice = _listed_twice(numbers, "UIDL", unlisted)
+    if twice:
+        kept = [index for index, number in enumerate(numbers) if number not in twice]
+        numbers, uidls = [numbers[i] for i in kept], [uidls[i] for i in kept]
+    return list(map(_message_info, zip(numbers, uidls, repeat(0)))), unlisted
 
 
 def _bulk_uidl(block: bytes) -> tuple[list[int], list[str]] | None:
@@ -295,14 +320,62 @@ def _bulk_uidl(block: bytes) -> tuple[list[int], list[str]] | None:
 
 
 def parse_list_listing(lines: Iterable[bytes]) -> list[ListEntry]:
-    entries = [parse_list_line(line) for line in lines]
-    _check_unique_numbers((entry.number for entry in entries), "LIST")
+    entries, unlisted = parse_list_listing_lenient(lines)
+    _refuse_unlisted(unlisted)
     return entries
+
+
+def parse_list_listing_lenient(lines: Iterable[bytes]) -> tuple[list[ListEntry], list[Unlisted]]:
+    """As ``parse_list_listing``, a bad line returned as ``Unlisted`` instead of failing the listing (see
+    ``parse_uidl_block_lenient``)."""
+    entries: list[ListEntry] = []
+    unlisted: list[Unlisted] = []
+    for line in lines:
+        try:
+            entries.append(parse_list_line(line))
+        except SourceProtocolError as exc:
+            unlisted.append(unlisted_line("LIST", line, exc))
+    twice = _listed_twice([entry.number for entry in entries], "LIST", unlisted)
+    if twice:
+        entries = [entry for entry in entries if entry.number not in twice]
+    return entries, unlisted
 
 
 def parse_list_block(block: bytes) -> list[ListEntry]:
     """A whole LIST reply body (unstuffed, terminator removed, every line ending in LF)."""
     return parse_list_listing(split_listing(block))
+
+
+def parse_list_block_lenient(block: bytes) -> tuple[list[ListEntry], list[Unlisted]]:
+    return parse_list_listing_lenient(split_listing(block))
+
+
+def unlisted_line(command: str, line: bytes, exc: SourceProtocolError) -> Unlisted:
+    """The ``Unlisted`` for a listing ``line`` that ``exc`` refused (its number, when it can be read)."""
+    words = strip_eol(line).split()
+    number: int | None = None
+    if words and _DIGITS_RE.fullmatch(words[0]) is not None and int(words[0]) >= 1:
+        number = int(words[0])
+    quoted = repr(printable(strip_eol(line)[:80]))
+    # "malformed UIDL line '...'" names the line already; "invalid message size '12k'" does not.
+    return Unlisted(
+        number, exc.message if quoted in exc.message else f"{command} line {quoted}: {exc.message}"
+    )
+
+
+def _listed_twice(numbers: Sequence[int], command: str, unlisted: list[Unlisted]) -> set[int]:
+    """The message numbers listed more than once (each added to ``unlisted``): which line is right cannot
+    be told, so the message is left alone."""
+    if len(set(numbers)) == len(numbers):
+        return set()
+    twice = {number for number, count in Counter(numbers).items() if count > 1}
+    unlisted.extend(Unlisted(number, f"{command} lists message {number} twice") for number in sorted(twice))
+    return twice
+
+
+def _refuse_unlisted(unlisted: Sequence[Unlisted]) -> None:
+    if unlisted:
+        raise SourceProtocolError(unlisted[0].reason)
 
 
 def parse_stat(reply: Reply) -> tuple[int, int]:
@@ -314,20 +387,32 @@ def parse_stat(reply: Reply) -> tuple[int, int]:
 
 
 def join_listings(
-    uidls: Iterable[UidlEntry] | Iterable[MessageInfo], sizes: Iterable[ListEntry]
+    uidls: Iterable[UidlEntry] | Iterable[MessageInfo],
+    sizes: Iterable[ListEntry],
+    unlisted: Collection[Unlisted] = (),
 ) -> list[MessageInfo]:
     """Pair UIDL and LIST entries by message number, in UIDL (server) order (the sizes of ``uidls``, if
-    any, are replaced)."""
+    any, are replaced).
+
+    ``unlisted``: the lines either listing had wrong. Their messages are left out of the result (they stay
+    on the server). When one of those lines had no readable message number, a message found in only one
+    listing is left out too (it may be that line's); otherwise that is the server contradicting itself."""
+    dropped = {entry.number for entry in unlisted}
+    unreadable = None in dropped
     size_by_number = {entry.number: entry.size for entry in sizes}
     infos: list[MessageInfo] = []
     for entry in uidls:
         size = size_by_number.pop(entry.number, None)
+        if dropped and entry.number in dropped:
+            continue
         if size is None:
+            if unreadable:
+                continue
             raise SourceProtocolError(f"message {entry.number} is in UIDL but not in LIST")
         infos.append(MessageInfo(number=entry.number, uidl=entry.uidl, size=size))
-    if size_by_number:
-        number = min(size_by_number)
-        raise SourceProtocolError(f"message {number} is in LIST but not in UIDL")
+    left = set(size_by_number) - dropped
+    if left and not unreadable:
+        raise SourceProtocolError(f"message {min(left)} is in LIST but not in UIDL")
     return infos
 
 

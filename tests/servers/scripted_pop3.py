@@ -107,6 +107,11 @@ class StoredMessage:
     uidl: str
     content: bytes
     wire: bytes | None = None
+    # When set, the whole line of this message in a UIDL (LIST) listing, and the text after "+OK " of a
+    # single-message UIDL n (LIST n) reply, "{n}" replaced by its message number: for servers that list
+    # a message wrongly.
+    uidl_line: bytes | None = None
+    list_line: bytes | None = None
 
     @property
     def size(self) -> int:
@@ -450,23 +455,35 @@ class ScriptedPop3Server:
         live = session.live()
         session.ok(f"{len(live)} {sum(m.size for _, m in live)}")
 
-    def _listing(self, session: Pop3Session, argument: str, value: Callable[[StoredMessage], str]) -> None:
+    def _listing(
+        self,
+        session: Pop3Session,
+        argument: str,
+        value: Callable[[StoredMessage], str],
+        line: Callable[[StoredMessage], bytes | None],
+    ) -> None:
+        def listed(number: int, message: StoredMessage) -> bytes:
+            given = line(message)
+            if given is None:
+                return f"{number} {value(message)}".encode()
+            return given.replace(b"{n}", str(number).encode())
+
         if argument:
             found = session.message(argument)
             if found is not None:
-                session.ok(f"{found[0]} {value(found[1])}")
+                session.send_line(b"+OK " + listed(*found))
             return
         if session.state != "TRANSACTION":
             session.err("not authenticated")
             return
-        lines = [f"{n} {value(m)}".encode() for n, m in session.live()]
+        lines = [listed(n, m) for n, m in session.live()]
         session.send_multiline("+OK listing follows", lines)
 
     def do_LIST(self, session: Pop3Session, argument: str) -> None:
-        self._listing(session, argument, lambda m: str(m.size))
+        self._listing(session, argument, lambda m: str(m.size), lambda m: m.list_line)
 
     def do_UIDL(self, session: Pop3Session, argument: str) -> None:
-        self._listing(session, argument, lambda m: m.uidl)
+        self._listing(session, argument, lambda m: m.uidl, lambda m: m.uidl_line)
 
     def do_RETR(self, session: Pop3Session, argument: str) -> None:
         found = session.message(argument)
@@ -569,3 +586,16 @@ class CourierLikePop3Server(ScriptedPop3Server):
         if not session.utf8 and has_raw_utf8_headers(content):
             content = unicode_placeholder(content)
         session.send_multiline(f"+OK {len(canonical(content))} octets", crlf_lines(content))
+
+
+def popa3d_message(content: bytes) -> StoredMessage:
+    """A message as popa3d 1.0.3 lists it: its UIDL is a hash of its content, so identical copies (a
+    message delivered twice by the MTA) share one UIDL."""
+    return StoredMessage(hashlib.md5(canonical(content), usedforsecurity=False).hexdigest(), content)
+
+
+def popa3d_like(messages: Iterable[StoredMessage] = ()) -> ScriptedPop3Server:
+    """A server that behaves as popa3d 1.0.3 does: a bare "+OK" greeting (no APOP timestamp), CAPA
+    answered with -ERR (so no PIPELINING, no STLS, no RESP-CODES), USER/PASS, UIDL, TOP, LIST.
+    Give it messages made with ``popa3d_message``."""
+    return ScriptedPop3Server(messages, timestamp=None, greeting=b"+OK\r\n", capa_supported=False)

@@ -245,6 +245,16 @@ def test_metrics_from_a_poll_result() -> None:
     assert "pop_connector_backlog_messages{" not in metrics.render().decode()
 
 
+def test_metric_of_messages_left_unidentified() -> None:
+    metrics = PollMetrics()
+    metrics.poll_finished(PollResult("alice", unidentified=2), PollStats("alice", 0.0))
+    # A failed poll did not get through its listing: the last known value stays.
+    metrics.poll_finished(PollResult("alice", status="error", error="x"), PollStats("alice", 0.0))
+    assert 'pop_connector_messages_unidentified{account="alice"} 2.0' in metrics.render().decode()
+    metrics.poll_finished(PollResult("alice"), PollStats("alice", 0.0))
+    assert 'pop_connector_messages_unidentified{account="alice"} 0.0' in metrics.render().decode()
+
+
 def test_a_short_status_token_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"service\.status_token: .*at least 8 characters"):
         config([], status_token="short")

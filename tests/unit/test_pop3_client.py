@@ -27,7 +27,7 @@ from connector.errors import (
     SourceTLSError,
 )
 from connector.message import MessageSpool
-from connector.pop3 import ListEntry, MessageInfo, Pop3Client, connect_pop3
+from connector.pop3 import ListEntry, MessageInfo, Pop3Client, Unlisted, connect_pop3
 from connector.pop3.wire import BodyDecoder
 from connector.tls import TlsMode, make_ssl_context
 from tests.servers.scripted_pop3 import (
@@ -301,10 +301,37 @@ def test_listing_that_disagrees_is_a_protocol_error(server: ScriptedPop3Server) 
         client.listing()
 
 
-def test_malformed_listing_is_a_protocol_error(server: ScriptedPop3Server) -> None:
-    server.on("UIDL", lambda s, a: s.send_multiline("+OK", [b"1 uid with spaces"]))
-    with logged_in(server) as client, pytest.raises(SourceProtocolError, match="UIDL"):
-        client.uidl()
+def test_malformed_listing_line_leaves_that_message_out(server: ScriptedPop3Server) -> None:
+    server.on("UIDL", lambda s, a: s.send_multiline("+OK", [b"1 uid with spaces", b"2 uid-2"]))
+    with logged_in(server) as client:
+        assert client.uidl() == [MessageInfo(2, "uid-2", 0)]
+        assert client.unlisted == [Unlisted(1, "malformed UIDL line '1 uid with spaces'")]
+        client.noop()  # the session is still in step
+
+
+@pytest.mark.parametrize("pipelining", [False, True])
+def test_malformed_lines_in_uidl_and_list_leave_those_messages_out(pipelining: bool) -> None:
+    messages = [StoredMessage(f"uid-{n}", HELLO) for n in range(1, 5)]
+    with ScriptedPop3Server(messages, pipelining=pipelining) as srv:
+        srv.on(
+            "UIDL",
+            lambda s, a: s.send_multiline("+OK", [b"1 uid-1", b"2 " + b"u" * 401, b"3 uid-3", b"4 uid-4"]),
+        )
+        listing = [b"1 10", b"2 20", b"3 3O", b"4 40"]
+        srv.on("LIST", lambda s, a: s.default("LIST", a) if a else s.send_multiline("+OK", listing))
+        with logged_in(srv) as client:
+            assert client.listing() == [MessageInfo(1, "uid-1", 10), MessageInfo(4, "uid-4", 40)]
+            assert [entry.number for entry in client.unlisted] == [2, 3]
+            assert "invalid unique-id" in client.unlisted[0].reason
+            assert client.unlisted[1].reason == "LIST line '3 3O': invalid message size '3O'"
+            assert client.list_sizes_of([4]) == [ListEntry(4, len(HELLO))]
+
+
+def test_a_malformed_list_reply_for_one_message_leaves_that_message_out(server: ScriptedPop3Server) -> None:
+    server.on("LIST", lambda s, a: s.send_line("+OK 1 big") if a == "1" else s.default("LIST", a))
+    with logged_in(server) as client:
+        assert client.list_sizes_of([1, 2]) == [ListEntry(2, len(SECOND))]
+        assert [entry.number for entry in client.unlisted] == [1]
 
 
 def test_runaway_listing_is_bounded(server: ScriptedPop3Server) -> None:

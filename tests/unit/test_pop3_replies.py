@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 from collections.abc import Callable
 
 import pytest
@@ -27,17 +28,20 @@ from connector.pop3.replies import (
     MessageInfo,
     Reply,
     UidlEntry,
+    Unlisted,
     error_for,
     is_terminator,
     join_listings,
     parse_capabilities,
     parse_greeting,
     parse_list_block,
+    parse_list_block_lenient,
     parse_list_line,
     parse_list_listing,
     parse_stat,
     parse_status,
     parse_uidl_block,
+    parse_uidl_block_lenient,
     parse_uidl_line,
     parse_uidl_listing,
     split_listing,
@@ -186,7 +190,7 @@ def test_parse_uidl_and_list_lines() -> None:
         b"x abc",
         b"1_0 abc",
         b"\xd9\xa1 abc",  # an Arabic-Indic digit: int() would accept it
-        b"1 " + b"a" * 71,
+        b"1 " + b"a" * 401,
         b"1 caf\xc3\xa9",
         b"9" * 19 + b" abc",
     ],
@@ -390,7 +394,7 @@ def test_uidl_block_gives_message_infos_of_size_zero() -> None:
         (b"1 a\r\n0 b\r\n", "message number 0"),
         (b"1 a\r\n2 b c\r\n", "malformed UIDL line"),
         (b"1 a\r\n1 b\r\n", "twice"),
-        (b"1 a\r\n2 " + b"x" * 71 + b"\r\n", "invalid unique-id"),
+        (b"1 a\r\n2 " + b"x" * 401 + b"\r\n", "invalid unique-id"),
     ],
 )
 def test_uidl_block_refuses_what_the_line_parser_refuses(block: bytes, match: str) -> None:
@@ -404,3 +408,70 @@ def test_block_helpers_agree_with_the_line_helpers(lines: list[bytes]) -> None:
     assert split_listing(block) == [line + b"\n" for line in lines]
     assert unstuff_block(block) == b"".join(unstuff_line(line + b"\n") for line in lines)
     assert parse_list_block(b"1 10\r\n2 20\r\n") == [ListEntry(1, 10), ListEntry(2, 20)]
+
+
+# --- one malformed line (issue 11.7) ------------------------------------------------------------------------
+
+
+def test_lenient_uidl_listing_leaves_out_bad_lines_only() -> None:
+    block = (
+        b"1 a\r\n2 "
+        + b"x" * 401
+        + b"\r\n3 c\r\nx4 d\r\n5 e f\r\n6 f\r\n6 g\r\n0 h\r\n7 "
+        + b"y" * 400
+        + b"\r\n"
+    )
+    infos, unlisted = parse_uidl_block_lenient(block)
+    assert infos == [MessageInfo(1, "a", 0), MessageInfo(3, "c", 0), MessageInfo(7, "y" * 400, 0)]
+    assert [entry.number for entry in unlisted] == [2, None, 5, None, 6]
+    assert "invalid unique-id" in unlisted[0].reason and "message 2" in unlisted[0].reason
+    assert unlisted[-1].reason == "UIDL lists message 6 twice"
+
+
+def test_lenient_uidl_listing_of_a_good_listing_has_nothing_unlisted() -> None:
+    block = b"".join(b"%d uid-%d\r\n" % (n, n) for n in range(1, 1001))
+    infos, unlisted = parse_uidl_block_lenient(block)
+    assert unlisted == [] and infos == parse_uidl_block(block) and len(infos) == 1000
+
+
+def test_lenient_list_listing() -> None:
+    entries, unlisted = parse_list_block_lenient(b"1 10\r\n2 1O\r\n\xff\r\n4 40 extra\r\n")
+    assert entries == [ListEntry(1, 10), ListEntry(4, 40)]
+    assert unlisted == [
+        Unlisted(2, "LIST line '2 1O': invalid message size '1O'"),
+        Unlisted(None, "malformed LIST line '\ufffd'"),
+    ]
+
+
+def test_join_leaves_out_what_either_listing_had_wrong() -> None:
+    uidls = [UidlEntry(1, "a"), UidlEntry(2, "b"), UidlEntry(3, "c")]
+    sizes = [ListEntry(1, 10), ListEntry(3, 30)]
+    assert join_listings(uidls, sizes, [Unlisted(2, "bad size")]) == [
+        MessageInfo(1, "a", 10),
+        MessageInfo(3, "c", 30),
+    ]
+    # A UIDL line whose number could not be read: the message only LIST has is that one, left out.
+    assert join_listings(uidls[:2], [*sizes, ListEntry(2, 20)][1:], [Unlisted(None, "x")]) == [
+        MessageInfo(2, "b", 20)
+    ]
+    # Without a bad line, disagreeing listings are still the server contradicting itself.
+    with pytest.raises(SourceProtocolError, match="not in LIST"):
+        join_listings(uidls, sizes, [Unlisted(3, "bad")])
+
+
+@given(_uidl_lines)
+def test_lenient_uidl_parser_agrees_with_the_line_parser(lines: list[bytes]) -> None:
+    infos, unlisted = parse_uidl_block_lenient(b"".join(lines))
+    good = []
+    for line in lines:
+        with contextlib.suppress(SourceProtocolError):
+            good.append(parse_uidl_line(line))
+    counts = Counter(entry.number for entry in good)
+    assert [(i.number, i.uidl) for i in infos] == [(e.number, e.uidl) for e in good if counts[e.number] == 1]
+    assert len(unlisted) == len(lines) - len(good) + sum(1 for count in counts.values() if count > 1)
+
+
+@given(data=_pop3ish)
+def test_lenient_parsers_never_raise(data: bytes) -> None:
+    parse_uidl_block_lenient(data + b"\n")
+    parse_list_block_lenient(data + b"\n")
