@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import poplib
 import ssl
+import time
 
 import pytest
 from imapclient import IMAPClient
@@ -93,6 +94,28 @@ def test_quota_user_and_doveadm(dovecot: Dovecot) -> None:
     try:
         output = dovecot.doveadm("quota", "get", "-u", user.name).stdout.decode()
         assert "STORAGE" in output and "20" in output
+    finally:
+        dovecot.remove_user(user.name)
+
+
+def _storage_limit_kib(dovecot: Dovecot, user: str) -> int:
+    with dovecot.imap(user) as client:
+        _roots, quotas = client.get_quota_root("INBOX")
+    [quota] = [quota for quota in quotas if quota.resource == "STORAGE"]
+    return int(quota.limit)
+
+
+def test_a_replaced_user_is_seen_even_when_the_file_changed_within_the_same_second(
+    dovecot: Dovecot,
+) -> None:
+    # Dovecot re-reads a passwd-file only when its mtime (whole seconds) or its size changed. Quota "1K"
+    # replaced by "1M" is the same size, so a replacement in the second the file was read went unseen.
+    time.sleep(1 - time.time() % 1)  # start at the beginning of a second: all of it happens within it
+    user = dovecot.new_user("requota", quota="1K")
+    try:
+        assert _storage_limit_kib(dovecot, user.name) == 1  # Dovecot has read (and remembers) the file
+        dovecot.add_user(user.name, user.password, quota="1M")
+        assert _storage_limit_kib(dovecot, user.name) == 1024
     finally:
         dovecot.remove_user(user.name)
 

@@ -329,6 +329,9 @@ class Dovecot:
         self._mail = self.root / "mail"
         self._uid, self._gid = _mail_owner()
         self._users: dict[str, _UserEntry] = {}
+        # The mtime (ns) last given to each user's passwd-file; kept after remove_user, because Dovecot
+        # keeps what it read from a path, and a user added again under that name must still look new.
+        self._passwd_mtimes: dict[str, int] = {}
         self.master = MailUser("connector-master", f"master-{secrets.token_hex(8)}")
         self._process: subprocess.Popen[bytes] | None = None
         self.ports = Ports(0, 0, 0, 0)
@@ -467,7 +470,9 @@ class Dovecot:
 
         Each user has a passwd-file of its own (``users/<name>``): Dovecot checks a passwd-file for
         changes at most once a second, so a new line in a shared file could go unseen, while a new
-        file is read at its first lookup. Replacing an existing user waits out that second.
+        file is read at its first lookup. Replacing an existing user waits out that second. Dovecot
+        re-reads the file only if its size or its mtime in whole seconds changed, so each version of
+        a user's file gets a later mtime second than the one before (see ``_write_passwd``).
         """
         if not _NAME_RE.match(name):
             raise ValueError(f"user name {name!r} must match {_NAME_RE.pattern}")
@@ -515,6 +520,15 @@ class Dovecot:
         tmp = path.with_name(f".{name}.tmp")
         tmp.write_text(f"{name}:{{PLAIN}}{entry.password}::::::{extra}\n")
         tmp.chmod(0o644)
+        # Dovecot compares (mtime in whole seconds, size) with what it read: "1K" replaced by "1M" in
+        # the same second would look unchanged and the old quota would stay in force. So each version
+        # gets an mtime at least one whole second after the previous one (in the future, if need be).
+        mtime = time.time_ns()
+        previous = self._passwd_mtimes.get(name)
+        if previous is not None:
+            mtime = max(mtime, (previous // 1_000_000_000 + 1) * 1_000_000_000)
+        os.utime(tmp, ns=(mtime, mtime))
+        self._passwd_mtimes[name] = mtime
         os.replace(tmp, path)
 
     def maildir(self, user: str) -> Path:
