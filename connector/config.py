@@ -234,6 +234,9 @@ class Defaults(_Model):
     oversize: Literal["skip", "headers_only"] = "skip"
     max_messages_per_poll: int = Field(default=0, ge=0)
     start: Literal["all", "new"] = "all"
+    # A message missing from the listing is forgotten after both (policies.listing).
+    forget_missing_after_polls: int = Field(default=3, ge=1, le=10_000)
+    forget_missing_after: Duration = timedelta(hours=24)
     # Write this account's POP3/IMAP conversation to its own rotating file (secrets redacted).
     protocol_log: bool = False
 

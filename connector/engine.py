@@ -48,14 +48,16 @@ from connector.ledger.store import Clock, KnownMessage, KnownMessages, Ledger, P
 from connector.message import FetchedMessage
 from connector.multidrop import DestinationPool, RoutedDelivery
 from connector.pipeline import BATCH_BYTES, Fetched, Prefetcher, with_sizes
-from connector.plan import Delivery, PollPlan, plan_poll, with_recovery
+from connector.plan import Delivery, PollPlan, plan_poll, with_identities_checked, with_recovery
 from connector.policies.limits import Limits, needs_baseline
+from connector.policies.listing import Forgetting
 from connector.policies.retention import deletable_until, should_delete
 from connector.policies.retry import failure_delay, should_suspend, success_delay
 from connector.policies.server_limits import deletes_retrieved, login_delay, retention_conflict
 from connector.policies.uidl import UidlChange, rekeyed, suspect_migration
 from connector.pop3 import MessageInfo, Pop3Client
 from connector.protocol_log import protocol_note, recording
+from connector.recheck import not_the_recorded
 
 log = logging.getLogger("connector.engine")
 
@@ -251,7 +253,8 @@ class _Poll(RoutedDelivery, BatchedDelivery):
 
     def _plan_of(self, listed: _Listing, listing: list[MessageInfo]) -> PollPlan:
         limits = Limits.of(self.account)
-        plan = plan_poll(listing, listed.known, self.account.retention, listed.now, limits)
+        forgetting = Forgetting.of(self.account)
+        plan = plan_poll(listing, listed.known, self.account.retention, listed.now, limits, forgetting)
         return with_recovery(plan, listed.suspects)
 
     def _plan(self, pop: Pop3Client) -> PollPlan:
@@ -259,9 +262,18 @@ class _Poll(RoutedDelivery, BatchedDelivery):
         listing, plan = listed.listing, self._plan_of(listed, listed.listing)
         if not listed.sized:
             listing, plan = with_sizes(pop, listing, plan, lambda sized: self._plan_of(listed, sized))
+        # A UIDL may have been given to another message since its row was written (policies.listing).
+        others = not_the_recorded(pop, plan.delete, listed.known.rows, sized=listed.sized)
+        plan = with_identities_checked(plan, others)
+        for info in others:
+            log.info(
+                "account %s: message %s is not the one delivered under that UIDL (size or headers "
+                "differ): delivering it as new, after looking for it in the destination",
+                self.account.name,
+                info.uidl,
+            )
         self.engine.planned(self.account, plan)
-        if plan.gone:
-            self.ledger.prune(self.account_id, plan.gone)
+        self._record_listing(plan)
         for info in plan.oversize:
             self._quarantine_unfetched(info.uidl, info.size, Limits.of(self.account).skip_reason(info.size))
         for uidl in plan.duplicates:
@@ -278,6 +290,15 @@ class _Poll(RoutedDelivery, BatchedDelivery):
             plan.quarantined,
         )
         return plan
+
+    def _record_listing(self, plan: PollPlan) -> None:
+        """What the listing says about known messages: rows to forget, missing, or back again."""
+        if plan.gone:
+            self.ledger.prune(self.account_id, plan.gone)
+        if plan.sudden_loss is not None:
+            self._problem(plan.sudden_loss)
+        self.ledger.record_missing(self.account_id, plan.missing, counted=plan.sudden_loss is None)
+        self.ledger.record_listed_again(self.account_id, plan.listed_again)
 
     def _listing(self, pop: Pop3Client, *, apply: bool = True) -> _Listing:
         """The listing with trustworthy identities, the ledger's view of it (after a baseline or a UIDL

@@ -98,6 +98,7 @@ class MessageRow(Base):
     __table_args__ = (
         UniqueConstraint("account_id", "uidl", name="uq_messages_account_uidl"),
         Index("ix_messages_account_state", "account_id", "state"),
+        Index("ix_messages_account_missing", "account_id", "missing_since"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -122,6 +123,10 @@ class MessageRow(Base):
     header_hash: Mapped[str | None] = mapped_column(String(64))
     # What was changed in the message on its way (policies.repair); None when nothing was.
     repairs: Mapped[str | None] = mapped_column(Text)
+    # Missing from the server's listing since then, for this many polls in a row (None / 0: listed at the
+    # last poll). A row is forgotten only after both limits (policies.listing), never at one short listing.
+    missing_since: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    missing_polls: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class RecipientState(enum.StrEnum):

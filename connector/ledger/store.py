@@ -68,6 +68,9 @@ class KnownMessage(NamedTuple):
     headers_only: bool = False
     pop_size: int | None = None
     header_hash: str | None = None
+    # Not in the server's listing since then, for this many polls in a row (policies.listing).
+    missing_polls: int = 0
+    missing_since: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,8 @@ class KnownMessages:
     ``kept`` names the delivered messages that the retention keeps at this poll: the plan has nothing to
     do with them but recognise them, so they come as UIDLs only, and a maildrop that keeps 100,000
     delivered messages costs no Python object per message (see ``Ledger.known_to_plan``). ``rows`` has
-    every other message in full; with ``kept`` empty, it is everything the ledger knows.
+    every other message in full (kept ones missing from the listing too); with ``kept`` empty, it is
+    everything the ledger knows.
     """
 
     rows: Mapping[str, KnownMessage] = field(default_factory=dict)
@@ -401,10 +405,10 @@ class Ledger(_SuspensionAndQuarantine, RecipientLedger):
             return _known_rows(connection, _ALL_ROWS, {"account": account_id})
 
     def known_to_plan(self, account_id: int, deletable_until: datetime | None) -> KnownMessages:
-        """What a poll plans with (see ``KnownMessages``): in full, every message that is not delivered
-        or that the retention may delete now (delivered at or before ``deletable_until``; None: it
-        deletes none, see ``policies.retention.deletable_until``); every other one, delivered and kept,
-        by UIDL only.
+        """What a poll plans with (see ``KnownMessages``): in full, every message that is not delivered,
+        that the retention may delete now (delivered at or before ``deletable_until``; None: it deletes
+        none, see ``policies.retention.deletable_until``) or that was missing from the last listing;
+        every other one, delivered and kept, by UIDL only.
 
         Two queries on one snapshot. For a maildrop that keeps its mail the first finds a handful of rows
         through the index on (account, state), and the second is one value from the index on (account,
@@ -578,6 +582,38 @@ class Ledger(_SuspensionAndQuarantine, RecipientLedger):
             session.execute(update(AccountRow).where(AccountRow.id == account_id).values(baseline_at=now))
         return len(new)
 
+    def record_missing(self, account_id: int, uidls: Iterable[str], *, counted: bool = True) -> None:
+        """These were not in this poll's listing: one more poll missing (``counted``), missing since now
+        unless they already were. ``counted=False`` (a listing that lost most of the maildrop at once)
+        only starts the clock: such a listing is not trusted to count as evidence."""
+        uidl_list = list(uidls)
+        if not uidl_list:
+            return
+        now = self._clock()
+        values: dict[str, Any] = {"missing_since": func.coalesce(MessageRow.missing_since, now)}
+        if counted:
+            values["missing_polls"] = MessageRow.missing_polls + 1
+        with self._transaction("record messages missing from the listing", account_id) as session:
+            for chunk in _chunks(uidl_list, 500):
+                session.execute(
+                    update(MessageRow)
+                    .where(MessageRow.account_id == account_id, MessageRow.uidl.in_(chunk))
+                    .values(**values)
+                )
+
+    def record_listed_again(self, account_id: int, uidls: Iterable[str]) -> None:
+        """These were missing and are in this poll's listing again: no longer missing."""
+        uidl_list = list(uidls)
+        if not uidl_list:
+            return
+        with self._transaction("record messages listed again", account_id) as session:
+            for chunk in _chunks(uidl_list, 500):
+                session.execute(
+                    update(MessageRow)
+                    .where(MessageRow.account_id == account_id, MessageRow.uidl.in_(chunk))
+                    .values(missing_since=None, missing_polls=0)
+                )
+
     def record_deleted(self, account_id: int, uidls: Iterable[str]) -> None:
         """After QUIT was answered +OK: the server has really removed these."""
         uidl_list = list(uidls)
@@ -638,6 +674,8 @@ def _known_rows(
             bool(headers_only),
             pop_size,
             header_hash,
+            missing_polls,
+            missing_since,
         )
         for (
             uidl,
@@ -650,6 +688,8 @@ def _known_rows(
             headers_only,
             pop_size,
             header_hash,
+            missing_polls,
+            missing_since,
         ) in rows.all()
     }
 
@@ -668,17 +708,23 @@ _KNOWN_COLUMNS = select(
     MessageRow.headers_only,
     MessageRow.pop_size,
     MessageRow.header_hash,
+    MessageRow.missing_polls,
+    MessageRow.missing_since,
 )
 _ALL_ROWS = _KNOWN_COLUMNS.where(_ACCOUNT)
 # "state <> delivered" spelt as two ranges, so that the index on (account, state) serves it.
 _UNDELIVERED = or_(MessageRow.state < _DELIVERED, MessageRow.state > _DELIVERED)
-_UNDELIVERED_ROWS = _KNOWN_COLUMNS.where(_ACCOUNT, _UNDELIVERED)
+# Missing from the last listing: kept ones too, whose counts the plan needs (few, through their index).
+_MISSING = MessageRow.missing_since.is_not(None)
+_UNDELIVERED_ROWS = _KNOWN_COLUMNS.where(_ACCOUNT, or_(_UNDELIVERED, _MISSING))
 # Also the delivered ones the retention may delete now; a delivery time that is not recorded is never
 # deleted, but is read in full all the same.
 _DUE = or_(
     MessageRow.delivered_at.is_(None), MessageRow.delivered_at <= bindparam("until", type_=UTCDateTime())
 )
-_UNKEPT_ROWS = _KNOWN_COLUMNS.where(_ACCOUNT, or_(_UNDELIVERED, and_(MessageRow.state == _DELIVERED, _DUE)))
+_UNKEPT_ROWS = _KNOWN_COLUMNS.where(
+    _ACCOUNT, or_(_UNDELIVERED, _MISSING, and_(MessageRow.state == _DELIVERED, _DUE))
+)
 _ACCOUNT_STATE = select(AccountRow.suspended_at, AccountRow.suspended_reason, AccountRow.identity_note).where(
     AccountRow.id == bindparam("account")
 )
