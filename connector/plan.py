@@ -151,7 +151,9 @@ def _decide(
         tally.delete.append(info)
 
 
-def _deliver(tally: _Tally, info: MessageInfo, row: KnownMessage | None, limits: Limits, *, recover: bool) -> None:
+def _deliver(
+    tally: _Tally, info: MessageInfo, row: KnownMessage | None, limits: Limits, *, recover: bool
+) -> None:
     action = limits.oversize_action(info.size)
     if action == "skip":
         tally.oversize.append(info)
@@ -169,7 +171,7 @@ class _Absence:
 
 
 def _absence(
-    known: KnownMessages, listed: Collection[str], listed_count: int, now: datetime, forgetting: Forgetting
+    known: KnownMessages, listed: set[str], listed_count: int, now: datetime, forgetting: Forgetting
 ) -> _Absence:
     """What the listing says about the known messages it lacks (or lacked at the last poll)."""
     rows = known.rows

@@ -34,7 +34,9 @@ def by_position(session: Pop3Session, argument: str) -> None:
     session.send_multiline("+OK", [f"{n} {n}".encode() for n, _ in session.live()])
 
 
-def listing_once(server: ScriptedPop3Server, keep: Callable[[list[StoredMessage]], list[StoredMessage]]) -> None:
+def listing_once(
+    server: ScriptedPop3Server, keep: Callable[[list[StoredMessage]], list[StoredMessage]]
+) -> None:
     """The next session sees only ``keep(messages)`` (a locked or half-mounted maildrop); later ones all."""
     used = False
 
@@ -51,7 +53,7 @@ def listing_once(server: ScriptedPop3Server, keep: Callable[[list[StoredMessage]
 def later(engine: SyncEngine, delta: timedelta) -> None:
     """Both the poll's and the ledger's clock ``delta`` ahead."""
     engine.clock = lambda: datetime.now(UTC) + delta
-    engine.ledger._clock = engine.clock  # noqa: SLF001 - the ledger takes its clock at construction
+    engine.ledger._clock = engine.clock  # the ledger takes its clock at construction
 
 
 def rows(engine: SyncEngine, name: str) -> dict[str, object]:
