@@ -23,6 +23,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
     true,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -98,7 +99,14 @@ class MessageRow(Base):
     __table_args__ = (
         UniqueConstraint("account_id", "uidl", name="uq_messages_account_uidl"),
         Index("ix_messages_account_state", "account_id", "state"),
-        Index("ix_messages_account_missing", "account_id", "missing_since"),
+        # Partial: only rows missing from the last listing (few), so that the planner never prefers it for
+        # the per-state reads of every poll.
+        Index(
+            "ix_messages_account_missing",
+            "account_id",
+            sqlite_where=text("missing_since IS NOT NULL"),
+            postgresql_where=text("missing_since IS NOT NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
