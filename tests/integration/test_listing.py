@@ -134,6 +134,38 @@ def test_a_deletion_the_server_did_not_carry_out_delivers_nothing_twice(
     assert len(dovecot.imap_messages(mail_users.destination.name)) == 3
 
 
+def test_a_catch_all_deletion_the_server_did_not_carry_out_delivers_nothing_twice(
+    dovecot: Dovecot, pop3: ScriptedPop3Server, make_sync: SyncFactory
+) -> None:
+    def quit_keeping_everything(session: Pop3Session, argument: str) -> None:
+        session.ok("bye")
+        session.state = "CLOSED"
+
+    people = [dovecot.new_user(name) for name in ("ann", "ben")]
+    try:
+        pop3.messages = [
+            StoredMessage(
+                f"uid-{n}", simple(n).replace(b"To: alice@example.net", b"To: ann@x.org, ben@x.org")
+            )
+            for n in range(2)
+        ]
+        pop3.on("QUIT", quit_keeping_everything)
+        rules = [{"match": f"{p.name[:3]}@x.org", "mailbox": p.name} for p in people]
+        config, engine = make_sync(
+            account=scripted(pop3, retention="delete", routing={"rules": rules}),
+            destination={"master_username": dovecot.master.name, "master_password": dovecot.master.password},
+        )
+        account = config.accounts[0]
+        assert engine.poll(account).delivered == 4
+        again = engine.poll(account)
+        # Each recipient's mailbox is looked in first: found, recorded, deleted again.
+        assert (again.status, again.delivered, again.recovered, again.deleted) == ("ok", 0, 4, 2), again
+        assert [len(dovecot.imap_messages(p.name)) for p in people] == [2, 2]
+    finally:
+        for person in people:
+            dovecot.remove_user(person.name)
+
+
 # --- 11.4: a listing that is empty or short for one poll ---------------------------------------------
 
 
