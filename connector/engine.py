@@ -50,7 +50,7 @@ from connector.multidrop import DestinationPool, RoutedDelivery
 from connector.pipeline import BATCH_BYTES, Fetched, Prefetcher, with_sizes
 from connector.plan import Delivery, PollPlan, plan_poll, with_identities_checked, with_recovery
 from connector.policies.limits import Limits, needs_baseline
-from connector.policies.listing import Forgetting
+from connector.policies.listing import Forgetting, listed_last_time
 from connector.policies.retention import deletable_until, should_delete
 from connector.policies.retry import failure_delay, should_suspend, success_delay
 from connector.policies.server_limits import deletes_retrieved, login_delay, retention_conflict
@@ -340,7 +340,7 @@ class _Poll(RoutedDelivery, BatchedDelivery):
         """When the UIDLs look like they all changed (a host migration), the new ones re-matched to known
         messages, and the ledger as it reads once re-keyed; (None, ``known``) when they did not."""
         listing = identified.listing
-        appeared = [] if identified.migration_checked else suspect_migration(listing, known)
+        appeared = [] if identified.migration_checked else suspect_migration(listing, listed_last_time(known))
         if not appeared:
             return None, known
         # Re-matching compares header hashes of every known row, the kept ones too (read before re-keying).

@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 
 from connector.config import Account
 from connector.ledger.models import MessageState
-from connector.ledger.store import KnownMessage
+from connector.ledger.store import KnownMessage, KnownMessages
 from connector.pop3 import MessageInfo
 
 # A listing lacking more than this share of the known maildrop at once, of at least SUDDEN_LOSS_MIN
@@ -109,3 +109,12 @@ def lost_report(expected: int, lost: int, listed: int) -> str:
         "are missing from it at once (a locked or half-mounted maildrop?): nothing is forgotten in this "
         "poll; mail removed on purpose is forgotten once later listings confirm it"
     )
+
+
+def listed_last_time(known: KnownMessages) -> KnownMessages:
+    """``known`` without the rows already missing from the last listing: what can vanish "at once" (a host
+    migration, policies.uidl) is only what was there at the last poll."""
+    if not any(row.missing_since is not None for row in known.rows.values()):
+        return known
+    rows = {uidl: row for uidl, row in known.rows.items() if row.missing_since is None}
+    return KnownMessages(rows, known.kept)

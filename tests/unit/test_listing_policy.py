@@ -12,6 +12,7 @@ from connector.policies.listing import (
     FORGOTTEN_ROWS_KEPT,
     Forgetting,
     forgotten,
+    listed_last_time,
     retired,
     same_message,
     sudden_loss,
@@ -159,3 +160,16 @@ def test_with_identities_checked_delivers_the_other_message_instead_of_deleting_
     assert checked.delete == [first] and checked.gone == ["2"] and checked.listed_again == []
     assert [(d.info, d.recover) for d in checked.deliver] == [(second, True), (new, False)]
     assert with_identities_checked(plan, []) is plan
+
+
+def test_rows_missing_before_do_not_look_like_a_migration() -> None:
+    from connector.policies.uidl import suspect_migration
+
+    rows = {u: row(u, polls=2, hours=30) for u in ("a", "b", "c", "d")}
+    known = KnownMessages(rows, kept=frozenset({"e"}))
+    assert listed_last_time(known) == KnownMessages({}, frozenset({"e"}))
+    appeared = listing("e", "n1", "n2", "n3", "n4")
+    assert suspect_migration(appeared, known) != []  # counted as vanished at once, they would
+    assert suspect_migration(appeared, listed_last_time(known)) == []
+    plain = KnownMessages({"a": row("a")})
+    assert listed_last_time(plain) is plain
