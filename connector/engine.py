@@ -263,11 +263,12 @@ class _Poll(RoutedDelivery, BatchedDelivery):
         if not listed.sized:
             listing, plan = with_sizes(pop, listing, plan, lambda sized: self._plan_of(listed, sized))
         # A UIDL may have been given to another message since its row was written (policies.listing).
-        others = not_the_recorded(pop, plan.delete, listed.known.rows, sized=listed.sized)
+        sized = listed.sized or listing is not listed.listing  # with_sizes may have listed them all
+        others = not_the_recorded(pop, plan.delete, listed.known.rows, sized=sized)
         plan = with_identities_checked(plan, others)
         for info in others:
             log.info(
-                "account %s: message %s is not the one delivered under that UIDL (size or headers "
+                "account %s: message %s is not the one delivered under that UIDL (headers or size "
                 "differ): delivering it as new, after looking for it in the destination",
                 self.account.name,
                 info.uidl,

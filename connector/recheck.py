@@ -3,9 +3,10 @@ half of ``policies.listing.same_message`` (LIST sizes when the listing had none,
 header hash).
 
 Cost: nothing for a poll that deletes nothing (an idle poll keeping its mail). For each message whose DELE
-a row decides (retention "days" once it is due, or a deletion an earlier session did not complete):
-its LIST size (pipelined ``LIST n``) when the listing was UIDL alone, and one ``TOP n 0`` when the size
-matches and the row has a header hash. Messages delivered in this same session are deleted without it.
+a row decides (retention "days" once it is due, or a deletion an earlier session did not complete): one
+``TOP n 0`` when the row has a header hash (every row written since header hashes are recorded), else its
+LIST size (pipelined ``LIST n`` when the listing was UIDL alone). Messages delivered in this same session
+are deleted without it.
 """
 
 from __future__ import annotations
@@ -27,20 +28,26 @@ def not_the_recorded(
     same UIDL; ``sized``: the listing already has LIST sizes."""
     if not deletions:
         return []
-    infos = list(deletions) if sized else _sized(pop, deletions)
+    # Sizes only where a row has no header hash to compare.
+    unhashed = [
+        info for info in deletions if (row := rows.get(info.uidl)) is not None and not row.header_hash
+    ]
+    sizes = {info.number: info.size for info in (unhashed if sized else _sized(pop, unhashed))}
+    infos = [info._replace(size=sizes.get(info.number, info.size)) for info in deletions]
     others: list[MessageInfo] = []
     for info in infos:
         row = rows.get(info.uidl)
         if row is None:
             continue
-        size_matches = row.pop_size is None or row.pop_size == info.size
-        digest = header_hash_of(pop, info.number) if size_matches and row.header_hash else None
+        digest = header_hash_of(pop, info.number) if row.header_hash else None
         if not same_message(info, row, digest):
             others.append(info)
     return others
 
 
 def _sized(pop: Pop3Client, infos: Sequence[MessageInfo]) -> list[MessageInfo]:
+    if not infos:
+        return []
     if len(infos) <= SIZE_QUERIES:
         entries = pop.list_sizes_of([info.number for info in infos])
     else:

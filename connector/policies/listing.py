@@ -4,8 +4,8 @@ A UIDL is unique only among the messages that exist (RFC 1939 §7): once a messa
 numbers by position, or whose counter was reset, may give its UIDL to a new one. And one listing can be
 wrong for a moment (a locked or half-mounted maildrop lists nothing, or a few). So:
 
-* A known row decides a DELE only when the listed message is still the one it is about: same LIST size,
-  and same header hash (``TOP n 0``) when the row has one (``same_message``). A row whose message has left
+* A known row decides a DELE only when the listed message is still the one it is about: same header hash
+  (``TOP n 0``) when the row has one, else same LIST size (``same_message``). A row whose message has left
   the server (``deleted`` after QUIT, or missing long enough to be forgotten) decides nothing: a message
   listed under its UIDL is delivered as new, looked up in the destination first (``retired``).
 * A row missing from the listing is forgotten only after ``Forgetting.polls`` polls *and*
@@ -94,13 +94,14 @@ def sudden_loss(expected: int, lost: int, listed: int) -> bool:
 
 def same_message(info: MessageInfo, row: KnownMessage, header_hash: str | None) -> bool:
     """Whether the listed message (``info`` with its LIST size; ``header_hash`` from ``TOP n 0``, None
-    when not asked or refused) is the one ``row`` recorded under that UIDL. What the row does not record
-    cannot tell them apart; a row that records neither size nor header hash is never taken as proof."""
-    if row.pop_size is None and row.header_hash is None:
-        return False
-    if row.pop_size is not None and info.size != row.pop_size:
-        return False
-    return row.header_hash is None or header_hash is None or header_hash == row.header_hash
+    when the server refused it) is the one ``row`` recorded under that UIDL.
+
+    The header hash decides when both are known (Received lines, Date and Message-ID differ between two
+    messages; a size may not, and a host migration re-matched by header hash may report sizes its own
+    way); else the LIST size. A row that records neither is never taken as proof."""
+    if row.header_hash is not None and header_hash is not None:
+        return header_hash == row.header_hash
+    return row.pop_size is not None and info.size == row.pop_size
 
 
 def lost_report(expected: int, lost: int, listed: int) -> str:

@@ -8,8 +8,10 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from sqlalchemy import update
 
 from connector.engine import SyncEngine
+from connector.ledger.models import MessageRow
 from connector.ledger.store import Ledger
 from tests.integration.conftest import SyncFactory, scripted
 from tests.messages import simple
@@ -101,6 +103,26 @@ def test_a_due_dele_is_not_sent_for_another_message_under_the_same_uidl(
     later(engine, timedelta(days=4))
     third = engine.poll(account)
     assert (third.delivered, third.deleted) == (0, 3) and pop3.messages == []
+
+
+def test_rows_without_a_header_hash_are_compared_by_list_size(
+    dovecot: Dovecot, mail_users: MailUsers, pop3: ScriptedPop3Server, make_sync: SyncFactory
+) -> None:
+    pop3.on("UIDL", by_position)
+    pop3.messages = [StoredMessage("-", simple(n)) for n in (1, 2)]
+    config, engine = make_sync(account=scripted(pop3, retention={"mode": "days", "days": 1}))
+    account = config.accounts[0]
+    assert engine.poll(account).delivered == 2
+    with engine.ledger.engine.begin() as connection:  # rows written before header hashes were recorded
+        connection.execute(update(MessageRow).values(header_hash=None))
+    # Both are gone; two bigger new messages are "1" and "2".
+    new = [StoredMessage("-", simple(n, size=4000 + n)) for n in (3, 4)]
+    pop3.messages = list(new)
+    later(engine, timedelta(days=2))
+    second = engine.poll(account)
+    assert (second.status, second.delivered, second.deleted) == ("ok", 2, 0), second
+    assert not any(command.startswith("TOP") for command in pop3.recorded.commands)
+    assert len(dovecot.imap_messages(mail_users.destination.name)) == 4 and pop3.messages == new
 
 
 def test_a_due_dele_of_the_same_message_still_happens_on_dovecot(

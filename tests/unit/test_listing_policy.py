@@ -78,13 +78,16 @@ def test_sudden_loss_rule() -> None:
     assert not sudden_loss(expected=5, lost=0, listed=0)
 
 
-def test_same_message_compares_size_and_header_hash() -> None:
+def test_same_message_compares_header_hash_else_size() -> None:
     old = row("1")
     assert same_message(MessageInfo(1, "1", 100), old, "h" * 64)
-    assert not same_message(MessageInfo(1, "1", 101), old, "h" * 64)
-    assert not same_message(MessageInfo(1, "1", 100), old, "x" * 64)
-    # TOP refused: the size is all there is to compare.
+    assert not same_message(MessageInfo(1, "1", 100), old, "x" * 64)  # same size, other headers
+    # The header hash decides: a host that reports sizes its own way still has the same message.
+    assert same_message(MessageInfo(1, "1", 101), old, "h" * 64)
+    # TOP refused, or a row from before header hashes: the size is all there is to compare.
     assert same_message(MessageInfo(1, "1", 100), old, None)
+    assert not same_message(MessageInfo(1, "1", 101), old, None)
+    assert same_message(MessageInfo(1, "1", 100), row("1", header_hash=None), "x" * 64)
     # A row that recorded nothing to compare is never proof.
     assert not same_message(MessageInfo(1, "1", 100), row("1", pop_size=None, header_hash=None), None)
 
