@@ -298,6 +298,8 @@ class _Poll(RoutedDelivery, BatchedDelivery):
             self.ledger.prune(self.account_id, plan.gone)
         if plan.sudden_loss is not None:
             self._problem(plan.sudden_loss)
+            when = self.engine.clock().isoformat(timespec="seconds")
+            self.ledger.set_listing_note(self.account_id, f"{when}: {plan.sudden_loss}")
         self.ledger.record_missing(self.account_id, plan.missing, counted=plan.sudden_loss is None)
         self.ledger.record_listed_again(self.account_id, plan.listed_again)
 

@@ -84,6 +84,7 @@ def status_records(accounts: Sequence[Account], statuses: Iterable[AccountStatus
                 condition=account_condition(status),
                 identity=status.identity_note,
                 uidl_change=status.uidl_change_note,
+                listing=status.listing_note,
             )
         records.append(record)
     return records
@@ -133,6 +134,8 @@ def status_text(records: list[dict[str, Any]]) -> str:
                 lines.append(f"  identity: {record['identity']}")
             if record.get("uidl_change"):
                 lines.append(f"  UIDL change: {record['uidl_change']}")
+            if record.get("listing"):
+                lines.append(f"  short listing: {record['listing']}")
     return "\n".join(lines)
 
 

@@ -92,6 +92,8 @@ class AccountRow(Base):
     identity_note: Mapped[str | None] = mapped_column(Text)
     # The last time all UIDLs changed at once (a host migration) and what was done about it.
     uidl_change_note: Mapped[str | None] = mapped_column(Text)
+    # The last time a listing lacked most of the known maildrop at once, and what was done about it.
+    listing_note: Mapped[str | None] = mapped_column(Text)
 
 
 class MessageRow(Base):

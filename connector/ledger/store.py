@@ -135,6 +135,7 @@ class AccountStatus:
     suspended_reason: str | None = None
     identity_note: str | None = None
     uidl_change_note: str | None = None
+    listing_note: str | None = None
 
 
 _STATUS_FIELDS = (
@@ -153,6 +154,7 @@ _STATUS_FIELDS = (
     "suspended_reason",
     "identity_note",
     "uidl_change_note",
+    "listing_note",
 )
 
 
@@ -563,6 +565,12 @@ class Ledger(_SuspensionAndQuarantine, RecipientLedger):
             return
         with self._transaction("record UIDL notes", account_id) as session:
             session.execute(statement)
+
+    def set_listing_note(self, account_id: int, note: str) -> None:
+        """Keep ``note`` (a listing that lacked most of the maildrop) for ``status`` until the next one;
+        written with the account's next write."""
+        statement = update(AccountRow).where(AccountRow.id == account_id).values(listing_note=note)
+        self._defer(account_id, statement, {})
 
     def baseline_taken(self, account_id: int) -> bool:
         with self._transaction("read account") as session:

@@ -1,4 +1,5 @@
-"""missing from the listing: since when and for how many polls a message has not been listed
+"""missing from the listing: since when and for how many polls a message has not been listed, and the
+last listing that lacked most of the known maildrop at once
 
 Revision ID: 0005
 Revises: 0004
@@ -19,6 +20,8 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
+    with op.batch_alter_table("accounts", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("listing_note", sa.Text(), nullable=True))
     with op.batch_alter_table("messages", schema=None) as batch_op:
         batch_op.add_column(sa.Column("missing_since", sa.DateTime(timezone=True), nullable=True))
         batch_op.add_column(sa.Column("missing_polls", sa.Integer(), nullable=False, server_default="0"))
@@ -38,3 +41,5 @@ def downgrade() -> None:
     with op.batch_alter_table("messages", schema=None) as batch_op:
         batch_op.drop_column("missing_polls")
         batch_op.drop_column("missing_since")
+    with op.batch_alter_table("accounts", schema=None) as batch_op:
+        batch_op.drop_column("listing_note")

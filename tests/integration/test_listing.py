@@ -13,6 +13,7 @@ from sqlalchemy import update
 from connector.engine import SyncEngine
 from connector.ledger.models import MessageRow
 from connector.ledger.store import Ledger
+from connector.report import status_records, status_text
 from tests.integration.conftest import SyncFactory, scripted
 from tests.messages import simple
 from tests.servers.dovecot import Dovecot, MailUsers
@@ -220,6 +221,8 @@ def test_a_short_listing_once_forgets_nothing_and_is_reported(
     assert len(dovecot.imap_messages(mail_users.destination.name)) == 5
     assert forgot == 0
     assert any(f"listed {listed} message(s)" in problem for problem in short.problems), short.problems
+    status = status_text(status_records(config.accounts, engine.ledger.statuses()))
+    assert "short listing: 20" in status and f"listed {listed} message(s), and " in status, status
 
 
 def test_a_missing_message_is_forgotten_after_polls_and_time_and_looked_up_when_it_comes_back(
