@@ -265,7 +265,7 @@ class _Poll(RoutedDelivery, BatchedDelivery):
         # A UIDL may have been given to another message since its row was written (policies.listing).
         sized = listed.sized or listing is not listed.listing  # with_sizes may have listed them all
         others = not_the_recorded(pop, plan.delete, listed.known.rows, sized=sized)
-        plan = with_identities_checked(plan, others)
+        plan = with_identities_checked(plan, others, Limits.of(self.account))
         for info in others:
             log.info(
                 "account %s: message %s is not the one delivered under that UIDL (headers or size "

@@ -202,18 +202,26 @@ def _absence(
     )
 
 
-def with_identities_checked(plan: PollPlan, others: Collection[MessageInfo]) -> PollPlan:
+def with_identities_checked(
+    plan: PollPlan,
+    others: Collection[MessageInfo],
+    limits: Limits = Limits(),  # noqa: B008 - frozen, so a shared default is safe
+) -> PollPlan:
     """``plan`` once the messages it would delete were compared with their rows: ``others`` (with their
     LIST sizes) are not the messages their rows are about, but new ones under a UIDL used again. They
-    are not deleted but delivered, looked up in the destination first, and their rows are forgotten."""
+    are not deleted but delivered (within ``limits``), looked up in the destination first, and their
+    rows are forgotten."""
     if not others:
         return plan
     numbers = {info.number for info in others}
-    extra = [Delivery(info, recover=True, attempts=0) for info in others]
-    deliver = sorted([*plan.deliver, *extra], key=lambda delivery: delivery.info.number)
+    tally = _Tally()
+    for info in others:
+        _deliver(tally, info, None, limits, recover=True)
+    deliver = sorted([*plan.deliver, *tally.deliver], key=lambda delivery: delivery.info.number)
     return replace(
         plan,
         deliver=deliver,
+        oversize=[*plan.oversize, *tally.oversize],
         delete=[info for info in plan.delete if info.number not in numbers],
         gone=[*plan.gone, *(info.uidl for info in others)],
         listed_again=[uidl for uidl in plan.listed_again if uidl not in {info.uidl for info in others}],

@@ -176,3 +176,12 @@ def test_rows_missing_before_do_not_look_like_a_migration() -> None:
     assert suspect_migration(appeared, listed_last_time(known)) == []
     plain = KnownMessages({"a": row("a")})
     assert listed_last_time(plain) is plain
+
+
+def test_another_message_over_the_size_limit_is_quarantined_not_fetched() -> None:
+    from connector.policies.limits import Limits
+
+    big = MessageInfo(1, "1", 5000)
+    checked = with_identities_checked(PollPlan(delete=[big]), [big], Limits(max_message_size=1000))
+    assert checked.deliver == [] and checked.delete == [] and checked.oversize == [big]
+    assert checked.gone == ["1"]
