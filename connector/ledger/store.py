@@ -31,6 +31,7 @@ from sqlalchemy import (
     bindparam,
     delete,
     func,
+    literal,
     or_,
     select,
     update,
@@ -600,7 +601,8 @@ class Ledger(_SuspensionAndQuarantine, RecipientLedger):
         if not uidl_list:
             return
         now = self._clock()
-        values: dict[str, Any] = {"missing_since": func.coalesce(MessageRow.missing_since, now)}
+        since = func.coalesce(MessageRow.missing_since, literal(now, UTCDateTime()))
+        values: dict[str, Any] = {"missing_since": since}
         if counted:
             values["missing_polls"] = MessageRow.missing_polls + 1
         with self._transaction("record messages missing from the listing", account_id) as session:
