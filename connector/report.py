@@ -52,6 +52,12 @@ def dry_run_lines(result: PollResult) -> list[str]:
         lines.append(f"  {plan.deferred} more left for later polls (max_messages_per_poll)")
     if plan.seen:
         lines.append(f'  {plan.seen} left alone: on the server before the baseline (start = "new")')
+    if plan.missing:
+        lines.append(
+            f"  {len(plan.missing)} known but missing from this listing (counted, not forgotten yet)"
+        )
+    if plan.sudden_loss:
+        lines.append(f"  problem: {plan.sudden_loss}")
     return lines
 
 

@@ -185,3 +185,13 @@ def test_another_message_over_the_size_limit_is_quarantined_not_fetched() -> Non
     checked = with_identities_checked(PollPlan(delete=[big]), [big], Limits(max_message_size=1000))
     assert checked.deliver == [] and checked.delete == [] and checked.oversize == [big]
     assert checked.gone == ["1"]
+
+
+def test_dry_run_names_missing_messages_and_a_sudden_loss() -> None:
+    from connector.engine import PollResult
+    from connector.report import dry_run_lines
+
+    plan = plan_poll([], KnownMessages(kept=frozenset({"k1", "k2"})), KEEP, NOW, forgetting=RULE)
+    lines = dry_run_lines(PollResult(account="a", plan=plan))
+    assert "  2 known but missing from this listing (counted, not forgotten yet)" in lines
+    assert any(line.startswith("  problem: the server listed 0 message(s)") for line in lines)
