@@ -469,6 +469,10 @@ class _Poll(RoutedDelivery, BatchedDelivery):
             self.result.skipped += 1
             self._problem(f"message {info.uidl!r}: cannot retrieve it: {item.error.message}")
             return
+        if delivery.replaces_row:
+            # Only now: a crash before this message is recorded leaves the row, and the next poll again
+            # looks for the message in the destination first.
+            self.ledger.prune(self.account_id, [info.uidl])
         self.undelivered.add(info.uidl)
         if delivery.headers_only:
             self.keep_on_server.add(info.uidl)

@@ -37,6 +37,9 @@ class Delivery:
     recover: bool
     attempts: int
     headers_only: bool = False
+    # The ledger's row under this UIDL is about another message (or about this one before it went
+    # missing): it is deleted just before this message is recorded (policies.listing.retired).
+    replaces_row: bool = False
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,8 @@ class _Tally:
     seen: int = 0
     # Listed under the UIDL of a row that no longer decides anything (policies.listing.retired).
     retired: list[str] = field(default_factory=list)
+    # Of those, the ones quarantined over max_message_size: their rows go now.
+    retired_oversize: list[str] = field(default_factory=list)
 
 
 def plan_poll(
@@ -104,21 +109,17 @@ def plan_poll(
             row = rows.get(info.uidl)
             if row is not None and retired(row, now, forgetting):
                 tally.retired.append(info.uidl)
-                _deliver(tally, info, None, limits, recover=True)
+                _deliver(tally, info, None, limits, recover=True, replaces_row=True)
             else:
                 _decide(tally, info, row, retention, now, limits)
     limit = limits.max_messages_per_poll
     # Oldest first: what is over the limit waits for the next poll, in the same order.
     deliver = tally.deliver[:limit] if limit else tally.deliver
     absence = _absence(known, listed, len(listing), now, forgetting)
-    # A retired row goes only when its successor is dealt with now: one left for a later poll keeps
-    # being looked up in the destination first.
-    later = {d.info.uidl for d in tally.deliver[len(deliver) :]}
-    retired_now = [uidl for uidl in tally.retired if uidl not in later]
     return PollPlan(
         deliver=deliver,
         delete=tally.delete,
-        gone=absence.gone + retired_now,
+        gone=absence.gone + tally.retired_oversize,
         missing=absence.missing,
         listed_again=[uidl for uidl in absence.listed_again if uidl not in tally.retired],
         sudden_loss=absence.sudden_loss,
@@ -152,14 +153,25 @@ def _decide(
 
 
 def _deliver(
-    tally: _Tally, info: MessageInfo, row: KnownMessage | None, limits: Limits, *, recover: bool
+    tally: _Tally,
+    info: MessageInfo,
+    row: KnownMessage | None,
+    limits: Limits,
+    *,
+    recover: bool,
+    replaces_row: bool = False,
 ) -> None:
     action = limits.oversize_action(info.size)
     if action == "skip":
         tally.oversize.append(info)
+        if replaces_row:
+            tally.retired_oversize.append(info.uidl)
         return
     attempts = row.attempts if row is not None else 0
-    tally.deliver.append(Delivery(info, recover, attempts, headers_only=action == "headers_only"))
+    headers_only = action == "headers_only"
+    tally.deliver.append(
+        Delivery(info, recover, attempts, headers_only=headers_only, replaces_row=replaces_row)
+    )
 
 
 @dataclass(frozen=True)
@@ -210,20 +222,20 @@ def with_identities_checked(
     """``plan`` once the messages it would delete were compared with their rows: ``others`` (with their
     LIST sizes) are not the messages their rows are about, but new ones under a UIDL used again. They
     are not deleted but delivered (within ``limits``), looked up in the destination first, and their
-    rows are forgotten."""
+    rows are forgotten (see ``Delivery.replaces_row``)."""
     if not others:
         return plan
     numbers = {info.number for info in others}
     tally = _Tally()
     for info in others:
-        _deliver(tally, info, None, limits, recover=True)
+        _deliver(tally, info, None, limits, recover=True, replaces_row=True)
     deliver = sorted([*plan.deliver, *tally.deliver], key=lambda delivery: delivery.info.number)
     return replace(
         plan,
         deliver=deliver,
         oversize=[*plan.oversize, *tally.oversize],
         delete=[info for info in plan.delete if info.number not in numbers],
-        gone=[*plan.gone, *(info.uidl for info in others)],
+        gone=[*plan.gone, *tally.retired_oversize],
         listed_again=[uidl for uidl in plan.listed_again if uidl not in {info.uidl for info in others}],
     )
 

@@ -4,6 +4,7 @@ source where a well-behaved server is wanted)."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -154,6 +155,25 @@ def test_a_deletion_the_server_did_not_carry_out_delivers_nothing_twice(
     again = engine.poll(account)
     # Looked up in the destination first: found there, recorded, deleted again; not delivered twice.
     assert (again.status, again.delivered, again.recovered, again.deleted) == ("ok", 0, 3, 3), again
+    assert len(dovecot.imap_messages(mail_users.destination.name)) == 3
+
+
+def test_a_poll_that_stops_before_such_a_message_keeps_its_row_for_the_lookup(
+    dovecot: Dovecot, mail_users: MailUsers, pop3: ScriptedPop3Server, make_sync: SyncFactory
+) -> None:
+    def quit_keeping_everything(session: Pop3Session, argument: str) -> None:
+        session.ok("bye")
+        session.state = "CLOSED"
+
+    pop3.on("QUIT", quit_keeping_everything)
+    config, engine = make_sync(account=scripted(pop3, retention="delete"))
+    account = config.accounts[0]
+    assert engine.poll(account).deleted == 3
+    stop = threading.Event()
+    stop.set()  # as a crash or a shutdown after planning: none of the three is dealt with
+    assert engine.poll(account, stop=stop).status == "stopped"
+    again = engine.poll(account)
+    assert (again.status, again.delivered, again.recovered) == ("ok", 0, 3), again
     assert len(dovecot.imap_messages(mail_users.destination.name)) == 3
 
 

@@ -133,8 +133,8 @@ def test_a_missing_message_listed_again_is_known_again() -> None:
 def test_a_forgotten_message_that_comes_back_is_looked_up_before_delivery() -> None:
     rows = {"k": row("k", polls=3, hours=30), "s": row("s", MessageState.SEEN, polls=3, hours=30)}
     plan = plan_poll(listing("k", "s"), KnownMessages(rows), KEEP, NOW, forgetting=RULE)
-    assert [(d.info.uidl, d.recover) for d in plan.deliver] == [("k", True)]
-    assert plan.gone == ["k"] and plan.listed_again == ["s"] and plan.seen == 1
+    assert [(d.info.uidl, d.recover, d.replaces_row) for d in plan.deliver] == [("k", True, True)]
+    assert plan.gone == [] and plan.listed_again == ["s"] and plan.seen == 1
 
 
 def test_forgotten_rows_are_not_counted_again() -> None:
@@ -142,12 +142,16 @@ def test_forgotten_rows_are_not_counted_again() -> None:
     assert plan_poll([], KnownMessages(rows), KEEP, NOW, forgetting=RULE).missing == []
 
 
-def test_a_retired_row_left_for_a_later_poll_stays() -> None:
+def test_a_retired_row_goes_with_its_delivery_or_at_once_when_over_the_size_limit() -> None:
     from connector.policies.limits import Limits
 
-    rows = {u: row(u, MessageState.DELETED) for u in ("1", "2")}
-    plan = plan_poll(listing("1", "2"), KnownMessages(rows), KEEP, NOW, Limits(max_messages_per_poll=1), RULE)
-    assert [d.info.uidl for d in plan.deliver] == ["1"] and plan.gone == ["1"] and plan.deferred == 1
+    rows = {u: row(u, MessageState.DELETED) for u in ("1", "2", "3")}
+    big = [MessageInfo(1, "1", 100), MessageInfo(2, "2", 100), MessageInfo(3, "3", 5000)]
+    limits = Limits(max_message_size=1000, max_messages_per_poll=1)
+    plan = plan_poll(big, KnownMessages(rows), KEEP, NOW, limits, RULE)
+    # "2" is left for a later poll with its row, still looked up first then.
+    assert [(d.info.uidl, d.replaces_row) for d in plan.deliver] == [("1", True)] and plan.deferred == 1
+    assert plan.oversize == [big[2]] and plan.gone == ["3"]
 
 
 def test_due_deletions_are_planned_for_the_identity_check() -> None:
@@ -160,8 +164,11 @@ def test_with_identities_checked_delivers_the_other_message_instead_of_deleting_
     first, second, new = MessageInfo(1, "1", 100), MessageInfo(2, "2", 300), MessageInfo(3, "n", 5)
     plan = PollPlan(deliver=[Delivery(new, False, 0)], delete=[first, second], listed_again=["2"])
     checked = with_identities_checked(plan, [second])
-    assert checked.delete == [first] and checked.gone == ["2"] and checked.listed_again == []
-    assert [(d.info, d.recover) for d in checked.deliver] == [(second, True), (new, False)]
+    assert checked.delete == [first] and checked.gone == [] and checked.listed_again == []
+    assert [(d.info, d.recover, d.replaces_row) for d in checked.deliver] == [
+        (second, True, True),
+        (new, False, False),
+    ]
     assert with_identities_checked(plan, []) is plan
 
 
