@@ -250,6 +250,9 @@ class Defaults(_Model):
     # No message above this is downloaded, whatever max_message_size and oversize say.
     message_size_ceiling: ByteSize = DEFAULT_MESSAGE_SIZE_CEILING
     start: Literal["all", "new"] = "all"
+    # A message missing from the listing is forgotten after both (policies.listing).
+    forget_missing_after_polls: int = Field(default=3, ge=1, le=10_000)
+    forget_missing_after: Duration = timedelta(hours=24)
     # Write this account's POP3/IMAP conversation to its own rotating file (secrets redacted).
     protocol_log: bool = False
 

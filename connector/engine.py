@@ -51,16 +51,25 @@ from connector.ledger.store import Clock, KnownMessage, KnownMessages, Ledger, P
 from connector.message import FetchedMessage
 from connector.multidrop import DestinationPool, RoutedDelivery
 from connector.pipeline import BATCH_BYTES, Fetched, Prefetcher, with_sizes
-from connector.plan import Delivery, PollPlan, plan_poll, with_recovery, within_ceiling
+from connector.plan import (
+    Delivery,
+    PollPlan,
+    plan_poll,
+    with_identities_checked,
+    with_recovery,
+    within_ceiling,
+)
 from connector.policies.blame import Blame, DropWitness, Verdict, blame
 from connector.policies.lease import LeaseHeld
 from connector.policies.limits import Limits, needs_baseline
+from connector.policies.listing import Forgetting, listed_last_time
 from connector.policies.retention import deletable_until, should_delete
 from connector.policies.retry import failure_delay, should_suspend, success_delay
 from connector.policies.server_limits import deletes_retrieved, login_delay, retention_conflict
 from connector.policies.uidl import UidlChange, rekeyed, suspect_migration
 from connector.pop3 import MessageInfo, Pop3Client
 from connector.protocol_log import protocol_note, recording
+from connector.recheck import not_the_recorded
 
 log = logging.getLogger("connector.engine")
 
@@ -302,7 +311,8 @@ class _Poll(RoutedDelivery, BatchedDelivery):
 
     def _plan_of(self, listed: _Listing, listing: list[MessageInfo]) -> PollPlan:
         limits = Limits.of(self.account)
-        plan = plan_poll(listing, listed.known, self.account.retention, listed.now, limits)
+        forgetting = Forgetting.of(self.account)
+        plan = plan_poll(listing, listed.known, self.account.retention, listed.now, limits, forgetting)
         return with_recovery(plan, listed.suspects)
 
     def _plan(self, pop: Pop3Client) -> PollPlan:
@@ -311,11 +321,22 @@ class _Poll(RoutedDelivery, BatchedDelivery):
         if not listed.sized:
             listing, plan = with_sizes(pop, listing, plan, lambda sized: self._plan_of(listed, sized))
             plan = within_ceiling(plan, Limits.of(self.account))
+        # A UIDL may have been given to another message since its row was written (policies.listing).
+        sized = listed.sized or listing is not listed.listing  # with_sizes may have listed them all
+        others = not_the_recorded(pop, plan.delete, listed.known.rows, sized=sized)
+        plan = with_identities_checked(plan, others, Limits.of(self.account))
+        for info in others:
+            log.info(
+                "account %s: message %s is not the one delivered under that UIDL (headers or size "
+                "differ): delivering it as new, after looking for it in the destination",
+                self.account.name,
+                info.uidl,
+            )
         self.engine.planned(self.account, plan)
         self._left_unidentified(pop, listing, plan)
-        # A message left out of a malformed listing may still be on the server: its row is not forgotten.
-        if plan.gone and not pop.unlisted:
-            self.ledger.prune(self.account_id, plan.gone)
+        # A message left out of a malformed listing may still be on the server: such a listing forgets
+        # nothing and counts no row missing.
+        self._record_listing(plan, believed=not pop.unlisted)
         for info in plan.oversize:
             self._quarantine_unfetched(info.uidl, info.size, Limits.of(self.account).skip_reason(info.size))
         log.info(
@@ -330,6 +351,20 @@ class _Poll(RoutedDelivery, BatchedDelivery):
             plan.quarantined,
         )
         return plan
+
+    def _record_listing(self, plan: PollPlan, *, believed: bool) -> None:
+        """What the listing says about known messages: rows to forget, missing, or back again. A listing
+        not ``believed`` (malformed lines left messages out of it) forgets nothing and counts nothing."""
+        if plan.gone and believed:
+            self.ledger.prune(self.account_id, plan.gone)
+        if plan.sudden_loss is not None:
+            self._problem(plan.sudden_loss)
+            when = self.engine.clock().isoformat(timespec="seconds")
+            self.ledger.set_listing_note(self.account_id, f"{when}: {plan.sudden_loss}")
+        self.ledger.record_missing(
+            self.account_id, plan.missing, counted=plan.sudden_loss is None and believed
+        )
+        self.ledger.record_listed_again(self.account_id, plan.listed_again)
 
     def _listing(self, pop: Pop3Client, *, apply: bool = True) -> _Listing:
         """The listing with trustworthy identities, the ledger's view of it (after a baseline or a UIDL
@@ -365,7 +400,7 @@ class _Poll(RoutedDelivery, BatchedDelivery):
         """When the UIDLs look like they all changed (a host migration), the new ones re-matched to known
         messages, and the ledger as it reads once re-keyed; (None, ``known``) when they did not."""
         listing = identified.listing
-        appeared = [] if identified.migration_checked else suspect_migration(listing, known)
+        appeared = [] if identified.migration_checked else suspect_migration(listing, listed_last_time(known))
         if not appeared:
             return None, known
         # Re-matching compares header hashes of every known row, the kept ones too (read before re-keying).
@@ -531,6 +566,10 @@ class _Poll(RoutedDelivery, BatchedDelivery):
             self.result.skipped += 1
             self._problem(f"message {info.uidl!r}: cannot retrieve it: {item.error.message}")
             return
+        if delivery.replaces_row:
+            # Only now: a crash before this message is recorded leaves the row, and the next poll again
+            # looks for the message in the destination first.
+            self.ledger.prune(self.account_id, [info.uidl])
         self.undelivered.add(info.uidl)
         if delivery.headers_only:
             self.keep_on_server.add(info.uidl)

@@ -144,7 +144,7 @@ class RoutedDelivery:
             )
             return
         log.info("account %s: message %s goes to %s", self.account.name, info.uidl, decision.describe())
-        missing = self._missing(fetched, info, decision.mailboxes)
+        missing = self._missing(fetched, info, decision.mailboxes, recover=delivery.recover)
         if missing and delivery.attempts >= self.account.retry.max_attempts:
             self._quarantine(info, f"gave up after {delivery.attempts} attempts; the last one did not finish")
             return
@@ -174,19 +174,20 @@ class RoutedDelivery:
                 max_attempts=self.account.retry.max_attempts,
             )
 
-    def _missing(self, fetched: FetchedMessage, info: MessageInfo, mailboxes: list[str]) -> list[str]:
-        """The recipients still to deliver to; a ``pending`` one found in its mailbox is recorded instead."""
+    def _missing(
+        self, fetched: FetchedMessage, info: MessageInfo, mailboxes: list[str], *, recover: bool
+    ) -> list[str]:
+        """The recipients still to deliver to; a ``pending`` one found in its mailbox is recorded instead,
+        and with ``recover`` (the message's identity is in doubt: it may have been delivered under a row
+        the ledger no longer has) so is one the ledger knows nothing about."""
         states = self.ledger.recipient_states(self.account_id, info.uidl)
         missing = []
         for mailbox in mailboxes:
             state = states.get(mailbox)
             if state is RecipientState.DELIVERED:
                 continue
-            if (
-                state is RecipientState.PENDING
-                and not self.destinations.held(mailbox)
-                and self._found(fetched, info, mailbox)
-            ):
+            doubtful = state is RecipientState.PENDING or (state is None and recover)
+            if doubtful and not self.destinations.held(mailbox) and self._found(fetched, info, mailbox):
                 continue
             missing.append(mailbox)
         return missing

@@ -6,7 +6,7 @@ so that the rules (what is new, what is retried, what is deleted, what is forgot
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
@@ -14,6 +14,15 @@ from connector.config import RetentionPolicy
 from connector.ledger.models import MessageState
 from connector.ledger.store import KnownMessage, KnownMessages
 from connector.policies.limits import Limits
+from connector.policies.listing import (
+    EXPECTED_ON_SERVER,
+    Forgetting,
+    forgotten,
+    lost_report,
+    retired,
+    sudden_loss,
+    to_delete_from_ledger,
+)
 from connector.policies.retention import should_delete
 from connector.policies.sizes import over_ceiling
 from connector.policies.uidl import duplicated_uidls
@@ -29,13 +38,23 @@ class Delivery:
     recover: bool
     attempts: int
     headers_only: bool = False
+    # The ledger's row under this UIDL is about another message (or about this one before it went
+    # missing): it is deleted just before this message is recorded (policies.listing.retired).
+    replaces_row: bool = False
 
 
 @dataclass(frozen=True)
 class PollPlan:
     deliver: list[Delivery] = field(default_factory=list)
     delete: list[MessageInfo] = field(default_factory=list)
+    # Rows to delete from the ledger now, before anything is delivered (see policies.listing).
     gone: list[str] = field(default_factory=list)
+    # Rows not in this listing, to count as missing; and rows that were missing and are listed again.
+    missing: list[str] = field(default_factory=list)
+    listed_again: list[str] = field(default_factory=list)
+    # Set when the listing lacks most of the known maildrop at once: it is not evidence (forgets nothing,
+    # counts no poll), and the poll reports this.
+    sudden_loss: str | None = None
     duplicates: list[str] = field(default_factory=list)
     quarantined: int = 0
     # Over max_message_size with oversize = "skip": quarantined without being downloaded.
@@ -59,6 +78,10 @@ class _Tally:
     oversize: list[MessageInfo] = field(default_factory=list)
     quarantined: int = 0
     seen: int = 0
+    # Listed under the UIDL of a row that no longer decides anything (policies.listing.retired).
+    retired: list[str] = field(default_factory=list)
+    # Of those, the ones quarantined over max_message_size: their rows go now.
+    retired_oversize: list[str] = field(default_factory=list)
 
 
 def plan_poll(
@@ -67,6 +90,7 @@ def plan_poll(
     retention: RetentionPolicy,
     now: datetime,
     limits: Limits = Limits(),  # noqa: B008 - frozen, so a shared default is safe
+    forgetting: Forgetting = Forgetting(),  # noqa: B008 - frozen, so a shared default is safe
 ) -> PollPlan:
     """``listing`` is in server order (oldest first); the plan keeps that order.
 
@@ -83,14 +107,23 @@ def plan_poll(
     rows = known.rows
     for info in listing:
         if info.uidl not in skipped:
-            _decide(tally, info, rows.get(info.uidl), retention, now, limits)
+            row = rows.get(info.uidl)
+            if row is not None and retired(row, now, forgetting):
+                tally.retired.append(info.uidl)
+                _deliver(tally, info, None, limits, recover=True, replaces_row=True)
+            else:
+                _decide(tally, info, row, retention, now, limits)
     limit = limits.max_messages_per_poll
     # Oldest first: what is over the limit waits for the next poll, in the same order.
     deliver = tally.deliver[:limit] if limit else tally.deliver
+    absence = _absence(known, listed, len(listing), now, forgetting)
     return PollPlan(
         deliver=deliver,
         delete=tally.delete,
-        gone=[uidl for uidl in rows if uidl not in listed] + sorted(known.kept - listed),
+        gone=absence.gone + tally.retired_oversize,
+        missing=absence.missing,
+        listed_again=[uidl for uidl in absence.listed_again if uidl not in tally.retired],
+        sudden_loss=absence.sudden_loss,
         duplicates=sorted(duplicates),
         quarantined=tally.quarantined,
         oversize=tally.oversize,
@@ -112,15 +145,11 @@ def _decide(
     elif row is not None and row.state is MessageState.SEEN:
         tally.seen += 1
     elif row is None or row.state is MessageState.PENDING:
-        action = limits.oversize_action(info.size)
-        if action == "skip":
-            tally.oversize.append(info)
-            return
-        attempts = row.attempts if row is not None else 0
-        tally.deliver.append(Delivery(info, row is not None, attempts, headers_only=action == "headers_only"))
+        _deliver(tally, info, row, limits, recover=row is not None)
     elif not row.headers_only and should_delete(retention, row.delivered_at, now):
-        # DELIVERED, or DELETED whose deletion the server did not carry out: either way it is safe.
-        # A headers-only delivery stays: the POP3 server has the only whole copy.
+        # DELIVERED (DELETED rows are retired before this). The engine compares the listed message with
+        # the row before the DELE is sent (with_identities_checked). A headers-only delivery stays: the
+        # POP3 server has the only whole copy.
         tally.delete.append(info)
 
 
@@ -132,6 +161,94 @@ def within_ceiling(plan: PollPlan, limits: Limits) -> PollPlan:
         return plan
     deliver = [d for d in plan.deliver if not over_ceiling(d.info.size, limits.ceiling)]
     return replace(plan, deliver=deliver, oversize=[*plan.oversize, *over])
+
+
+def _deliver(
+    tally: _Tally,
+    info: MessageInfo,
+    row: KnownMessage | None,
+    limits: Limits,
+    *,
+    recover: bool,
+    replaces_row: bool = False,
+) -> None:
+    action = limits.oversize_action(info.size)
+    if action == "skip":
+        tally.oversize.append(info)
+        if replaces_row:
+            tally.retired_oversize.append(info.uidl)
+        return
+    attempts = row.attempts if row is not None else 0
+    headers_only = action == "headers_only"
+    tally.deliver.append(
+        Delivery(info, recover, attempts, headers_only=headers_only, replaces_row=replaces_row)
+    )
+
+
+@dataclass(frozen=True)
+class _Absence:
+    gone: list[str]
+    missing: list[str]
+    listed_again: list[str]
+    sudden_loss: str | None
+
+
+def _absence(
+    known: KnownMessages, listed: set[str], listed_count: int, now: datetime, forgetting: Forgetting
+) -> _Absence:
+    """What the listing says about the known messages it lacks (or lacked at the last poll)."""
+    rows = known.rows
+    lost_kept = known.kept - listed  # every kept row was listed at the last poll (else it is in rows)
+    not_listed = [row for uidl, row in rows.items() if uidl not in listed]
+    expected = len(known.kept) + sum(
+        1 for row in rows.values() if row.state in EXPECTED_ON_SERVER and row.missing_since is None
+    )
+    lost = len(lost_kept) + sum(
+        1 for row in not_listed if row.state in EXPECTED_ON_SERVER and row.missing_since is None
+    )
+    sudden = sudden_loss(expected, lost, listed_count)
+    gone: list[str] = []
+    missing: list[str] = []
+    for row in not_listed:
+        if to_delete_from_ledger(row, now, forgetting):
+            # A listing not to be believed forgets nothing (the server confirmed ``deleted`` ones).
+            if not sudden or row.state is MessageState.DELETED:
+                gone.append(row.uidl)
+        elif row.state in EXPECTED_ON_SERVER and not forgotten(row, now, forgetting):
+            missing.append(row.uidl)
+    again = [uidl for uidl, row in rows.items() if row.missing_since is not None and uidl in listed]
+    return _Absence(
+        gone=gone,
+        missing=missing + sorted(lost_kept),
+        listed_again=again,
+        sudden_loss=lost_report(expected, lost, listed_count) if sudden else None,
+    )
+
+
+def with_identities_checked(
+    plan: PollPlan,
+    others: Collection[MessageInfo],
+    limits: Limits = Limits(),  # noqa: B008 - frozen, so a shared default is safe
+) -> PollPlan:
+    """``plan`` once the messages it would delete were compared with their rows: ``others`` (with their
+    LIST sizes) are not the messages their rows are about, but new ones under a UIDL used again. They
+    are not deleted but delivered (within ``limits``), looked up in the destination first, and their
+    rows are forgotten (see ``Delivery.replaces_row``)."""
+    if not others:
+        return plan
+    numbers = {info.number for info in others}
+    tally = _Tally()
+    for info in others:
+        _deliver(tally, info, None, limits, recover=True, replaces_row=True)
+    deliver = sorted([*plan.deliver, *tally.deliver], key=lambda delivery: delivery.info.number)
+    return replace(
+        plan,
+        deliver=deliver,
+        oversize=[*plan.oversize, *tally.oversize],
+        delete=[info for info in plan.delete if info.number not in numbers],
+        gone=[*plan.gone, *tally.retired_oversize],
+        listed_again=[uidl for uidl in plan.listed_again if uidl not in {info.uidl for info in others}],
+    )
 
 
 def with_recovery(plan: PollPlan, uidls: set[str]) -> PollPlan:

@@ -52,6 +52,12 @@ def dry_run_lines(result: PollResult) -> list[str]:
         lines.append(f"  {plan.deferred} more left for later polls (max_messages_per_poll)")
     if plan.seen:
         lines.append(f'  {plan.seen} left alone: on the server before the baseline (start = "new")')
+    if plan.missing:
+        lines.append(
+            f"  {len(plan.missing)} known but missing from this listing (counted, not forgotten yet)"
+        )
+    if plan.sudden_loss:
+        lines.append(f"  problem: {plan.sudden_loss}")
     return lines
 
 
@@ -84,6 +90,7 @@ def status_records(accounts: Sequence[Account], statuses: Iterable[AccountStatus
                 condition=account_condition(status),
                 identity=status.identity_note,
                 uidl_change=status.uidl_change_note,
+                listing=status.listing_note,
             )
         records.append(record)
     return records
@@ -136,6 +143,8 @@ def status_text(records: list[dict[str, Any]]) -> str:
                 lines.append(f"  identity: {record['identity']}")
             if record.get("uidl_change"):
                 lines.append(f"  UIDL change: {record['uidl_change']}")
+            if record.get("listing"):
+                lines.append(f"  short listing: {record['listing']}")
     return "\n".join(lines)
 
 

@@ -23,6 +23,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
     true,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -91,6 +92,8 @@ class AccountRow(Base):
     identity_note: Mapped[str | None] = mapped_column(Text)
     # The last time all UIDLs changed at once (a host migration) and what was done about it.
     uidl_change_note: Mapped[str | None] = mapped_column(Text)
+    # The last time a listing lacked most of the known maildrop at once, and what was done about it.
+    listing_note: Mapped[str | None] = mapped_column(Text)
 
 
 class MessageRow(Base):
@@ -98,6 +101,14 @@ class MessageRow(Base):
     __table_args__ = (
         UniqueConstraint("account_id", "uidl", name="uq_messages_account_uidl"),
         Index("ix_messages_account_state", "account_id", "state"),
+        # Partial: only rows missing from the last listing (few), so that the planner never prefers it for
+        # the per-state reads of every poll.
+        Index(
+            "ix_messages_account_missing",
+            "account_id",
+            sqlite_where=text("missing_since IS NOT NULL"),
+            postgresql_where=text("missing_since IS NOT NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -122,6 +133,10 @@ class MessageRow(Base):
     header_hash: Mapped[str | None] = mapped_column(String(64))
     # What was changed in the message on its way (policies.repair); None when nothing was.
     repairs: Mapped[str | None] = mapped_column(Text)
+    # Missing from the server's listing since then, for this many polls in a row (None / 0: listed at the
+    # last poll). A row is forgotten only after both limits (policies.listing), never at one short listing.
+    missing_since: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    missing_polls: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class RecipientState(enum.StrEnum):

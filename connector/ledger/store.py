@@ -34,6 +34,7 @@ from sqlalchemy import (
     bindparam,
     delete,
     func,
+    literal,
     or_,
     select,
     update,
@@ -72,6 +73,9 @@ class KnownMessage(NamedTuple):
     headers_only: bool = False
     pop_size: int | None = None
     header_hash: str | None = None
+    # Not in the server's listing since then, for this many polls in a row (policies.listing).
+    missing_polls: int = 0
+    missing_since: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -81,7 +85,8 @@ class KnownMessages:
     ``kept`` names the delivered messages that the retention keeps at this poll: the plan has nothing to
     do with them but recognise them, so they come as UIDLs only, and a maildrop that keeps 100,000
     delivered messages costs no Python object per message (see ``Ledger.known_to_plan``). ``rows`` has
-    every other message in full; with ``kept`` empty, it is everything the ledger knows.
+    every other message in full (kept ones missing from the listing too); with ``kept`` empty, it is
+    everything the ledger knows.
     """
 
     rows: Mapping[str, KnownMessage] = field(default_factory=dict)
@@ -135,6 +140,7 @@ class AccountStatus:
     suspended_reason: str | None = None
     identity_note: str | None = None
     uidl_change_note: str | None = None
+    listing_note: str | None = None
 
 
 _STATUS_FIELDS = (
@@ -153,6 +159,7 @@ _STATUS_FIELDS = (
     "suspended_reason",
     "identity_note",
     "uidl_change_note",
+    "listing_note",
 )
 
 
@@ -438,20 +445,22 @@ class Ledger(_SuspensionAndQuarantine, RecipientLedger):
             return _known_rows(connection, _ALL_ROWS, {"account": account_id})
 
     def known_to_plan(self, account_id: int, deletable_until: datetime | None) -> KnownMessages:
-        """What a poll plans with (see ``KnownMessages``): in full, every message that is not delivered
-        or that the retention may delete now (delivered at or before ``deletable_until``; None: it
-        deletes none, see ``policies.retention.deletable_until``); every other one, delivered and kept,
-        by UIDL only.
+        """What a poll plans with (see ``KnownMessages``): in full, every message that is not delivered,
+        that the retention may delete now (delivered at or before ``deletable_until``; None: it deletes
+        none, see ``policies.retention.deletable_until``) or that was missing from the last listing;
+        every other one, delivered and kept, by UIDL only.
 
-        Two queries on one snapshot. For a maildrop that keeps its mail the first finds a handful of rows
-        through the index on (account, state), and the second is one value from the index on (account,
-        UIDL): 100,000 kept messages are read in a few tens of milliseconds instead of converting 100,000
-        rows (their dates above all) that the plan would not use.
+        Three queries on one snapshot. For a maildrop that keeps its mail the first finds a handful of rows
+        through the index on (account, state), the second (rows missing from the last listing) none or a
+        few through its partial index, and the third is one value from the index on (account, UIDL):
+        100,000 kept messages are read in a few tens of milliseconds instead of converting 100,000 rows
+        (their dates above all) that the plan would not use.
         """
         params: dict[str, Any] = {"account": account_id, "until": deletable_until}
         statement = _UNDELIVERED_ROWS if deletable_until is None else _UNKEPT_ROWS
         with self._reading("read messages", snapshot=True) as connection:
             rows = _known_rows(connection, statement, params)
+            rows.update(_known_rows(connection, _MISSING_ROWS, params))
             kept = _uidls(connection, account_id) - rows.keys()
         return KnownMessages(rows, kept)
 
@@ -634,6 +643,12 @@ class Ledger(_SuspensionAndQuarantine, RecipientLedger):
         with self._transaction("record UIDL notes", account_id) as session:
             session.execute(statement)
 
+    def set_listing_note(self, account_id: int, note: str) -> None:
+        """Keep ``note`` (a listing that lacked most of the maildrop) for ``status`` until the next one;
+        written with the account's next write."""
+        statement = update(AccountRow).where(AccountRow.id == account_id).values(listing_note=note)
+        self._defer(account_id, statement, {})
+
     def baseline_taken(self, account_id: int) -> bool:
         with self._transaction("read account") as session:
             when = session.scalar(select(AccountRow.baseline_at).where(AccountRow.id == account_id))
@@ -653,6 +668,39 @@ class Ledger(_SuspensionAndQuarantine, RecipientLedger):
             )
             session.execute(update(AccountRow).where(AccountRow.id == account_id).values(baseline_at=now))
         return len(new)
+
+    def record_missing(self, account_id: int, uidls: Iterable[str], *, counted: bool = True) -> None:
+        """These were not in this poll's listing: one more poll missing (``counted``), missing since now
+        unless they already were. ``counted=False`` (a listing that lost most of the maildrop at once)
+        only starts the clock: such a listing is not trusted to count as evidence."""
+        uidl_list = list(uidls)
+        if not uidl_list:
+            return
+        now = self._clock()
+        since = func.coalesce(MessageRow.missing_since, literal(now, UTCDateTime()))
+        values: dict[str, Any] = {"missing_since": since}
+        if counted:
+            values["missing_polls"] = MessageRow.missing_polls + 1
+        with self._transaction("record messages missing from the listing", account_id) as session:
+            for chunk in _chunks(uidl_list, 500):
+                session.execute(
+                    update(MessageRow)
+                    .where(MessageRow.account_id == account_id, MessageRow.uidl.in_(chunk))
+                    .values(**values)
+                )
+
+    def record_listed_again(self, account_id: int, uidls: Iterable[str]) -> None:
+        """These were missing and are in this poll's listing again: no longer missing."""
+        uidl_list = list(uidls)
+        if not uidl_list:
+            return
+        with self._transaction("record messages listed again", account_id) as session:
+            for chunk in _chunks(uidl_list, 500):
+                session.execute(
+                    update(MessageRow)
+                    .where(MessageRow.account_id == account_id, MessageRow.uidl.in_(chunk))
+                    .values(missing_since=None, missing_polls=0)
+                )
 
     def record_deleted(self, account_id: int, uidls: Iterable[str]) -> None:
         """After QUIT was answered +OK: the server has really removed these."""
@@ -714,6 +762,8 @@ def _known_rows(
             bool(headers_only),
             pop_size,
             header_hash,
+            missing_polls,
+            missing_since,
         )
         for (
             uidl,
@@ -726,6 +776,8 @@ def _known_rows(
             headers_only,
             pop_size,
             header_hash,
+            missing_polls,
+            missing_since,
         ) in rows.all()
     }
 
@@ -744,11 +796,16 @@ _KNOWN_COLUMNS = select(
     MessageRow.headers_only,
     MessageRow.pop_size,
     MessageRow.header_hash,
+    MessageRow.missing_polls,
+    MessageRow.missing_since,
 )
 _ALL_ROWS = _KNOWN_COLUMNS.where(_ACCOUNT)
 # "state <> delivered" spelt as two ranges, so that the index on (account, state) serves it.
 _UNDELIVERED = or_(MessageRow.state < _DELIVERED, MessageRow.state > _DELIVERED)
 _UNDELIVERED_ROWS = _KNOWN_COLUMNS.where(_ACCOUNT, _UNDELIVERED)
+# Missing from the last listing: kept ones too, whose counts the plan needs (few, found through their own
+# index; one query with the others in an OR would make SQLite read every row of the account).
+_MISSING_ROWS = _KNOWN_COLUMNS.where(_ACCOUNT, MessageRow.missing_since.is_not(None))
 # Also the delivered ones the retention may delete now; a delivery time that is not recorded is never
 # deleted, but is read in full all the same.
 _DUE = or_(

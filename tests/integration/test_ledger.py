@@ -175,6 +175,32 @@ def test_known_to_plan_names_only_what_retention_keeps(engine: Engine) -> None:
     assert old.delivered_at.tzinfo is not None and old.delivered_at <= now - timedelta(days=30)
 
 
+def test_missing_rows_are_counted_read_in_full_and_listed_again(engine: Engine) -> None:
+    start = datetime(2026, 12, 1, 8, 0, tzinfo=UTC)
+    clock = [start]
+    ledger = Ledger(engine, clock=lambda: clock[0])
+    account = ledger.account_id("absent")
+    assert account is not None
+    with engine.begin() as connection:
+        rows = [_row(account, uidl, "delivered", start, 1) for uidl in ("a", "b", "c")]
+        connection.execute(Base.metadata.tables["messages"].insert(), rows)
+    ledger.record_missing(account, ["a", "b"])
+    clock[0] = start + timedelta(hours=5)
+    ledger.record_missing(account, ["a"])
+    ledger.record_missing(account, ["b"], counted=False)  # a listing not to be believed
+    known = ledger.known_to_plan(account, None)
+    # Kept rows missing from the listing come in full, with their counts; the others by UIDL.
+    assert known.kept == {"c"} and set(known.rows) == {"a", "b"}
+    assert (known.rows["a"].missing_polls, known.rows["a"].missing_since) == (2, start)
+    assert (known.rows["b"].missing_polls, known.rows["b"].missing_since) == (1, start)
+    ledger.record_listed_again(account, ["a"])
+    known = ledger.known_to_plan(account, None)
+    assert known.kept == {"a", "c"} and set(known.rows) == {"b"}
+    ledger.set_listing_note(account, "short")
+    ledger.flush(account)
+    assert [s.listing_note for s in ledger.statuses() if s.name == "absent"] == ["short"]
+
+
 def test_known_to_plan_reads_a_uidl_with_a_line_break_right(engine: Engine) -> None:
     ledger = Ledger(engine)
     account = ledger.account_id("odd")

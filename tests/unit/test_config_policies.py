@@ -51,3 +51,24 @@ def test_bad_policy_fields_name_the_path(tmp_path: Path) -> None:
     assert "accounts[0].start" in error_of(tmp_path, BASE + 'start = "old"\n')
     with pytest.raises(ConfigError, match=r"accounts\[0\]\.oversize"):
         load_config(write(tmp_path, BASE + 'oversize = "drop"\n'))
+
+
+def test_forgetting_missing_messages_defaults_and_overrides(tmp_path: Path) -> None:
+    (account,) = load_config(write(tmp_path, BASE)).accounts
+    assert account.forget_missing_after_polls == 3 and account.forget_missing_after == timedelta(hours=24)
+    text = BASE.replace("[[destinations]]", '[defaults]\nforget_missing_after = "2h"\n\n[[destinations]]')
+    (account,) = load_config(write(tmp_path, text + "forget_missing_after_polls = 1\n")).accounts
+    assert account.forget_missing_after_polls == 1 and account.forget_missing_after == timedelta(hours=2)
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("forget_missing_after_polls = 0", "accounts[0].forget_missing_after_polls"),
+        ('forget_missing_after_polls = "many"', "accounts[0].forget_missing_after_polls"),
+        ('forget_missing_after = "soon"', "accounts[0].forget_missing_after"),
+        ('forget_missing_after = "-1h"', "accounts[0].forget_missing_after"),
+    ],
+)
+def test_bad_forgetting_fields_name_the_path(tmp_path: Path, line: str, expected: str) -> None:
+    assert expected in error_of(tmp_path, BASE + line + "\n")

@@ -68,10 +68,16 @@ def test_failed_stays_quarantined() -> None:
     assert plan.deliver == [] and plan.delete == [] and plan.quarantined == 1
 
 
-def test_gone_rows_are_pruned() -> None:
+def test_deleted_rows_are_pruned_and_never_decide_a_dele() -> None:
     rows = {u: known(u, MessageState.DELETED, delivered_days_ago=1) for u in ("x", "y")}
     plan = plan_poll(listing("x"), KnownMessages(rows), RetentionPolicy(mode="keep"), NOW)
-    assert plan.gone == ["y"]
+    # "x" is listed again after QUIT removed it: another message under a UIDL used again (or a deletion
+    # the server did not carry out): delivered, looked up in the destination first, never DELEted unseen.
+    assert plan.gone == ["y"] and plan.delete == [] and plan.missing == []
+    # Its row goes just before the message is recorded (a crash before that keeps the lookup).
+    assert [(d.info.uidl, d.recover, d.attempts, d.replaces_row) for d in plan.deliver] == [
+        ("x", True, 0, True)
+    ]
 
 
 def test_duplicate_uidls_are_left_alone() -> None:
@@ -105,7 +111,8 @@ def test_kept_messages_are_neither_delivered_nor_deleted_but_recognised() -> Non
     plan = plan_poll(listing("k1", "p", "new", "dup", "k2", "dup"), known_messages, DELETE, NOW)
     assert [(d.info.uidl, d.recover) for d in plan.deliver] == [("p", True), ("new", False)]
     assert plan.delete == [] and plan.duplicates == ["dup"]
-    assert plan.gone == ["gone", "k-gone"]
+    # Missing rows are counted, not forgotten at once (issue 11.4).
+    assert plan.gone == [] and plan.missing == ["gone", "k-gone"] and plan.sudden_loss is None
 
 
 # --- limits and selection (issue 4) -------------------------------------------------------------------
