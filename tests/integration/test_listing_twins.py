@@ -102,9 +102,11 @@ def test_identical_copies_kept_on_the_server_are_not_delivered_again(
     # Someone removes two copies with another client: nothing is delivered again, nothing forgotten wrongly.
     del popa3d.messages[0:2]
     assert engine.poll(account).delivered == 0
+    # A copy listed again while the removed ones are still counted missing (rows are forgotten only after
+    # polls and time, issue 11.4) cannot be told from one of them coming back: it is not delivered again.
     popa3d.messages.append(popa3d_message(TWIN))
-    assert engine.poll(account).delivered == 1
-    assert delivered(dovecot, mail_users) == {canonical(TWIN): 4, canonical(OTHER): 1}
+    assert engine.poll(account).delivered == 0
+    assert delivered(dovecot, mail_users) == {canonical(TWIN): 3, canonical(OTHER): 1}
 
 
 def test_a_copy_arriving_after_the_first_was_delivered(
