@@ -29,7 +29,7 @@ from typing import NamedTuple, TypeVar
 from connector.batched import BatchedDelivery, batchable
 from connector.config import Account, Config
 from connector.connections import Connections
-from connector.destinations.base import DestinationSession
+from connector.destinations.base import DestinationSession, look_up
 from connector.errors import (
     AuthenticationError,
     ConnectorError,
@@ -458,7 +458,7 @@ class _Poll(RoutedDelivery, BatchedDelivery):
 
     def _recovered(self, fetched: FetchedMessage, info: MessageInfo, attempts: int) -> bool:
         """A previous attempt may have reached the destination: look before delivering again."""
-        ref = self._call_destination(fetched, lambda dest: dest.find(fetched), counted=False, pending=False)
+        ref = self._call_destination(fetched, partial(look_up, message=fetched), counted=False, pending=False)
         if ref is not None:
             log.info(
                 "account %s: message %s was already delivered (%s); recorded it",
