@@ -534,13 +534,16 @@ class ImapSession:
             return None
         with self._guard("FETCH", uidl=message.uidl, refused=_lookup_refused):
             found = self._client.fetch(uids, ["RFC822.SIZE", f"BODY.PEEK[HEADER.FIELDS ({STAMP_HEADER})]"])
-        wanted = _wanted(message)
+        start = len(message.stamp_line)
+        wanted = Wanted(message.stamp, message.size - start)
+        ours: str | None = None  # hashed only for an unstamped copy of the right size
         for uid in uids:
             stored = _stored(found.get(uid, {}))
             verdict = judge(wanted, stored)
             if verdict is Verdict.COMPARE_BYTES:
                 assert stored.size is not None
-                verdict = by_bytes(wanted, self._sha256(uid, stored.size, message.uidl))
+                ours = ours or _stored_sha256(message, start)
+                verdict = by_bytes(ours, self._sha256(uid, stored.size, message.uidl))
             if verdict is Verdict.SAME:
                 return uid
         return None
@@ -578,12 +581,6 @@ def _stored_sha256(message: FetchedMessage, start: int = 0) -> str:
     for chunk in message.chunks(start=start):
         digest.update(_literal_safe(chunk))
     return digest.hexdigest()
-
-
-def _wanted(message: FetchedMessage) -> Wanted:
-    """What a copy of ``message`` looks like: its stamp, and the bytes a delivery before stamps stored."""
-    start = len(message.stamp_line)
-    return Wanted(message.stamp, message.size - start, _stored_sha256(message, start))
 
 
 def _stored(items: dict[bytes, Any]) -> Stored:

@@ -59,12 +59,11 @@ def stamps_in(header_fields: bytes) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Wanted:
-    """The message looked for: its stamp (None for a message without one) and the size and SHA-256 of
-    the bytes a delivery without the stamp line stored."""
+    """The message looked for: its stamp (None for a message without one) and the size of the bytes a
+    delivery without the stamp line stored."""
 
     stamp: str | None
     unstamped_size: int
-    unstamped_sha256: str
 
 
 @dataclass(frozen=True)
@@ -89,7 +88,7 @@ def judge(wanted: Wanted, stored: Stored) -> Verdict:
     return Verdict.COMPARE_BYTES
 
 
-def by_bytes(wanted: Wanted, stored_sha256: str | None) -> Verdict:
-    """The verdict on an unstamped copy of the right size, from the SHA-256 of its stored bytes (None: it
-    was expunged while we looked)."""
-    return Verdict.SAME if stored_sha256 == wanted.unstamped_sha256 else Verdict.OTHER
+def by_bytes(unstamped_sha256: str, stored_sha256: str | None) -> Verdict:
+    """The verdict on an unstamped copy of the right size: the SHA-256 of our message without its stamp
+    line against that of its stored bytes (None: it was expunged while we looked)."""
+    return Verdict.SAME if stored_sha256 == unstamped_sha256 else Verdict.OTHER

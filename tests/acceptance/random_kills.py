@@ -221,11 +221,11 @@ class CrashRun:
             # Rows of messages deleted by earlier runs were pruned when this run saw them gone.
             assert on_server == [] and states <= {"deleted"}, states
             assert uids <= {m.uid for m in stored}
-            assert shas <= {hashlib.sha256(m.body).hexdigest() for m in stored}
+            assert shas <= {hashlib.sha256(m.stored).hexdigest() for m in stored}
         else:
             assert len(on_server) == len(self.messages) and states == {"delivered"}, states
             assert uids == {m.uid for m in stored}
-            assert shas == {hashlib.sha256(m.body).hexdigest() for m in stored}
+            assert shas == {hashlib.sha256(m.stored).hexdigest() for m in stored}
 
 
 def _uid(reference: str | None) -> int:

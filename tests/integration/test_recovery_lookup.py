@@ -250,3 +250,49 @@ def test_an_ews_finditem_error_stops_the_poll_and_delivers_nothing(
     third = engine.poll(account)
     assert (third.status, third.recovered, third.delivered) == ("ok", 1, 0), third
     assert len(ews.items(EWS_MAILBOX)) == 1
+
+
+# --- the rule against Dovecot, which keeps bytes ------------------------------------------------------------
+
+
+@contextmanager
+def dovecot_session(dovecot: Dovecot, mail_users: MailUsers) -> Iterator[ImapSession]:
+    user = mail_users.destination
+    session = open_imap(
+        host=dovecot.host, port=dovecot.ports.imap, tls="none", ssl_context=None, timeout=20.0,
+        username=user.name, password=user.password, folder="INBOX", mark_seen=False,
+    )  # fmt: skip
+    with session:
+        yield session
+
+
+def test_a_copy_delivered_before_stamps_existed_is_found_by_its_bytes(
+    dovecot: Dovecot, mail_users: MailUsers
+) -> None:
+    # Pending after a crash of the previous version, looked for by this one after the upgrade.
+    raw = simple(1)
+    old = MessageSpool("U1", fallback_message_id("acct", "pop.example", "alice", "U1"))
+    old.write(raw)
+    with old.finish() as unstamped, fetched(raw, "U1") as stamped:
+        assert unstamped.stamp is None and stamped.stamp is not None
+        with dovecot_session(dovecot, mail_users) as session:
+            reference = session.deliver(unstamped)
+        with dovecot_session(dovecot, mail_users) as session:
+            assert session.find(stamped) == reference
+    changed = simple(1).replace(b"Body of", b"Text of")
+    with fetched(changed, "U1") as other, dovecot_session(dovecot, mail_users) as session:
+        assert session.find(other) is None  # same Message-ID and size, other bytes
+
+
+def test_the_same_message_delivered_for_another_account_is_not_taken_for_ours(
+    dovecot: Dovecot, mail_users: MailUsers
+) -> None:
+    raw = simple(1)
+    with fetched(raw, "U1", account="bob") as bobs, fetched(raw, "U1", account="alice") as alices:
+        with dovecot_session(dovecot, mail_users) as session:
+            session.deliver(bobs)
+        with dovecot_session(dovecot, mail_users) as session:
+            assert session.find(alices) is None
+            reference = session.deliver(alices)
+        with dovecot_session(dovecot, mail_users) as session:
+            assert session.find(alices) == reference

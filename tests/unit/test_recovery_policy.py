@@ -20,7 +20,7 @@ from connector.policies.recovery import (
 
 OURS = "0123456789abcdef0123456789abcdef"
 THEIRS = "fedcba9876543210fedcba9876543210"
-WANTED = Wanted(stamp=OURS, unstamped_size=1000, unstamped_sha256="a" * 64)
+WANTED = Wanted(stamp=OURS, unstamped_size=1000)
 KEY = stamp_key("alice", "pop.example", "alice@example")
 
 
@@ -68,13 +68,13 @@ def test_an_unstamped_copy_of_another_size_is_another_message() -> None:
 
 def test_an_unstamped_copy_of_our_size_is_decided_by_its_bytes() -> None:
     assert judge(WANTED, Stored((), 1000)) is Verdict.COMPARE_BYTES
-    assert by_bytes(WANTED, "a" * 64) is Verdict.SAME
-    assert by_bytes(WANTED, "b" * 64) is Verdict.OTHER
-    assert by_bytes(WANTED, None) is Verdict.OTHER  # expunged while we looked
+    assert by_bytes("a" * 64, "a" * 64) is Verdict.SAME
+    assert by_bytes("a" * 64, "b" * 64) is Verdict.OTHER
+    assert by_bytes("a" * 64, None) is Verdict.OTHER  # expunged while we looked
 
 
 def test_a_message_without_stamp_never_takes_a_stamped_copy() -> None:
-    unstamped = Wanted(stamp=None, unstamped_size=1000, unstamped_sha256="a" * 64)
+    unstamped = Wanted(stamp=None, unstamped_size=1000)
     assert judge(unstamped, Stored((OURS,), 1000)) is Verdict.OTHER
 
 
