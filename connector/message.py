@@ -216,15 +216,17 @@ class MessageSpool:
         buf = self._header_buf
         assert buf is not None
         self._header_buf = None
+        ended = end is not None and end > 0
         if end is None:
             end = buf.rfind(b"\r\n", 0, HEADER_PARSE_LIMIT) + 2
-        elif end > 0:
-            self._header_sha256 = hashlib.sha256(bytes(buf[:end])).hexdigest()
         section = bytes(buf[:end])
+        section_sha256 = hashlib.sha256(section).hexdigest()
+        if ended:
+            self._header_sha256 = section_sha256
         self._headers = parse_headers(section)
         if self._stamp_key is not None:
             message_id = self._headers.message_id or self._fallback_id
-            self._stamp = delivery_stamp(self._stamp_key, message_id, hashlib.sha256(section).hexdigest())
+            self._stamp = delivery_stamp(self._stamp_key, message_id, section_sha256)
             self._emit(stamp_header_line(self._stamp))
         if self._headers.message_id is None:
             self._emit(b"Message-ID: " + self._fallback_id.encode("ascii") + b"\r\n")

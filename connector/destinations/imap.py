@@ -333,18 +333,16 @@ class ImapSession:
         """Look for a copy of ``message`` after a crash; ``policies.recovery`` says what counts as one.
 
         Read-only: EXAMINE and BODY.PEEK, so nothing is marked \\Seen. A lookup the server does not answer
-        (NO/BAD to LIST, EXAMINE, SEARCH or FETCH) raises ``DestinationTempError``, never returns None:
-        "could not look" must not be taken for "not there", which would deliver it a second time.
+        raises, never returns None: "could not look" must not be taken for "not there", which would deliver
+        the message a second time (NO/BAD to EXAMINE, SEARCH, FETCH: ``DestinationTempError``; the engine
+        calls this through ``base.look_up``, which makes any failure destination trouble).
         """
-        try:
-            mailbox = self.mailbox
-            if not self._folder_ready and not self._exists(mailbox, message.uidl):
-                return None
-            with self._guard("EXAMINE", uidl=message.uidl, refused=_lookup_refused):
-                selected = self._client.select_folder(mailbox, readonly=True)
-            uid = self._matching_copy(message)
-        except DestinationRejectedError as exc:  # LIST refused
-            raise lookup_failed(exc) from exc
+        mailbox = self.mailbox
+        if not self._folder_ready and not self._exists(mailbox, message.uidl):
+            return None
+        with self._guard("EXAMINE", uidl=message.uidl, refused=_lookup_refused):
+            selected = self._client.select_folder(mailbox, readonly=True)
+        uid = self._matching_copy(message)
         return None if uid is None else self._reference(selected.get(b"UIDVALIDITY"), uid)
 
     def close(self) -> None:
@@ -599,12 +597,6 @@ def _lookup_criteria(message: FetchedMessage) -> bytes:
         return by_id
     by_stamp = b"HEADER " + STAMP_HEADER.encode("ascii") + b" " + _quote_search_string(message.stamp)
     return by_stamp if not part else b"OR " + by_id + b" " + by_stamp
-
-
-def lookup_failed(exc: DestinationError) -> DestinationTempError:
-    """A lookup the server refused: destination trouble (the account backs off; the message stays
-    pending and is looked for again), never "not found"."""
-    return DestinationTempError(f"{exc.message}; {LOOKUP_FAILED}", uidl=exc.uidl)
 
 
 @dataclass(frozen=True)
