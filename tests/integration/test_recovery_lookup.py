@@ -183,7 +183,14 @@ def test_lost_append_answers_through_a_rewriting_proxy_are_found_not_repeated(
 
 @pytest.mark.parametrize(
     ("command", "answer"),
-    [("EXAMINE", "NO"), ("EXAMINE", "BAD"), ("SEARCH", "NO"), ("SEARCH", "BAD"), ("FETCH", "NO")],
+    [
+        ("LIST", "NO"),
+        ("EXAMINE", "NO"),
+        ("EXAMINE", "BAD"),
+        ("SEARCH", "NO"),
+        ("SEARCH", "BAD"),
+        ("FETCH", "NO"),
+    ],
 )
 def test_a_refused_lookup_stops_the_poll_and_delivers_nothing(
     dovecot: Dovecot, mail_users: MailUsers, make_sync: SyncFactory, command: str, answer: str
