@@ -94,10 +94,10 @@ def fetched(raw: bytes, uidl: str, account: str = "acct") -> FetchedMessage:
 
 
 @contextmanager
-def pymap_session(pymap: Pymap) -> Iterator[ImapSession]:
+def pymap_session(pymap: Pymap, folder: str = "INBOX") -> Iterator[ImapSession]:
     session = open_imap(
         host=pymap.host, port=pymap.port, tls="none", ssl_context=None, timeout=20.0,
-        username=pymap.user, password=pymap.password, folder="INBOX", mark_seen=False,
+        username=pymap.user, password=pymap.password, folder=folder, mark_seen=False,
     )  # fmt: skip
     with session:
         yield session
@@ -132,6 +132,19 @@ def test_pymap_stores_other_bytes_and_find_still_finds_each_message(pymap: Pymap
         assert session.find(messages[-2]) == references[-1]
     for message in messages:
         message.close()
+
+
+def test_pymap_without_namespace_gets_nested_folders_and_lookups(pymap: Pymap) -> None:
+    # pymap offers no NAMESPACE (and answers it BAD): the levels come from LIST's delimiter instead.
+    with pymap.imap() as client:
+        assert not client.has_capability("NAMESPACE")
+    with fetched(header_only(1), "U1") as message:
+        with pymap_session(pymap, "Imported/Hosted") as session:
+            reference = session.deliver(message)
+            assert session.mailbox == "Imported/Hosted"
+        with pymap_session(pymap, "Imported/Hosted") as session:
+            assert session.find(message) == reference
+    assert len(pymap.stored("Imported/Hosted")) == 1
 
 
 @pytest.mark.parametrize("multiappend", [False, True], ids=["append", "multiappend"])
