@@ -30,7 +30,7 @@ from connector.batched import BatchedDelivery, batchable
 from connector.config import Account, Config
 from connector.connections import Connections
 from connector.deletions import DeleQueue
-from connector.destinations.base import DestinationSession
+from connector.destinations.base import DestinationSession, look_up
 from connector.errors import (
     AuthenticationError,
     ConnectorError,
@@ -599,7 +599,7 @@ class _Poll(RoutedDelivery, BatchedDelivery):
 
     def _recovered(self, fetched: FetchedMessage, info: MessageInfo, attempts: int) -> bool:
         """A previous attempt may have reached the destination: look before delivering again."""
-        ref = self._call_destination(fetched, lambda dest: dest.find(fetched), counted=False, pending=False)
+        ref = self._call_destination(fetched, partial(look_up, message=fetched), counted=False, pending=False)
         if ref is not None and info.uidl in self.identified.doubtful:
             # What was found may be an identical copy's delivery: recording this copy delivered could lose
             # it, delivering it again could make a duplicate. It stays on the server for a person to judge.

@@ -14,7 +14,13 @@ from shutil import disk_usage
 
 from connector.config import Account
 from connector.errors import SourceReplyTooLongError, SourceShortReplyError, SpoolError
-from connector.message import HEADER_PARSE_LIMIT, FetchedMessage, MessageSpool, fallback_message_id
+from connector.message import (
+    HEADER_PARSE_LIMIT,
+    FetchedMessage,
+    MessageSpool,
+    fallback_message_id,
+    stamp_key,
+)
 from connector.policies.limits import headers_only_message
 from connector.policies.sizes import implausibly_short, short_retr_reason, spool_room_needed, spool_shortfall
 from connector.pop3 import MessageInfo, Pop3Client
@@ -30,9 +36,11 @@ def max_retr_bytes(info: MessageInfo, ceiling: int | None = None) -> int:
 
 
 def spool_for(account: Account, info: MessageInfo) -> MessageSpool:
-    """Where one message is fetched to; the Message-ID it gets if it has none is stable per message."""
+    """Where one message is fetched to; the Message-ID it gets if it has none, and its stamp
+    (policies.recovery), are stable per message."""
     fallback = fallback_message_id(account.name, account.host, account.username, info.uidl)
-    return MessageSpool(info.uidl, fallback)
+    key = stamp_key(account.name, account.host, account.username)
+    return MessageSpool(info.uidl, fallback, stamp_key=key)
 
 
 def spool_directory() -> str:

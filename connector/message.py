@@ -19,6 +19,7 @@ from email.policy import compat32
 from email.utils import parsedate_to_datetime
 from typing import IO
 
+from connector.policies.recovery import delivery_stamp, stamp_header_line
 from connector.policies.repair import RepairScanner, describe_repairs
 
 SPOOL_MEMORY_LIMIT = 1024 * 1024
@@ -122,6 +123,8 @@ class FetchedMessage:
     header_sha256: str | None = None
     # What was changed on the way (policies.repair), for the ledger; None when nothing was.
     repairs: str | None = None
+    # The value of the ``X-Pop-Connector-Id`` line the spool put first (policies.recovery); None: none.
+    stamp: str | None = None
     fetched_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     @property
@@ -129,8 +132,13 @@ class FetchedMessage:
         """The date a destination should file the message under (never the import time if known)."""
         return self.headers.arrival_time or self.fetched_at
 
-    def chunks(self, size: int = _READ_CHUNK) -> Iterator[bytes]:
-        self.spool.seek(0)
+    @property
+    def stamp_line(self) -> bytes:
+        """The stamp header line at the start of the message (empty when it has none)."""
+        return stamp_header_line(self.stamp) if self.stamp is not None else b""
+
+    def chunks(self, size: int = _READ_CHUNK, *, start: int = 0) -> Iterator[bytes]:
+        self.spool.seek(start)
         while chunk := self.spool.read(size):
             yield chunk
 
@@ -154,14 +162,23 @@ class MessageSpool:
 
     ``fallback_message_id`` is prepended as a ``Message-ID:`` header when the message has none, so the
     message can be found in the destination again after a crash. It must be deterministic for one POP3
-    message (derive it from the account and UIDL), so a re-fetch produces the same bytes.
+    message (derive it from the account and UIDL), so a re-fetch produces the same bytes. With a
+    ``stamp_key`` (the same kind of value) an ``X-Pop-Connector-Id:`` line goes first (see
+    ``policies.recovery``): a destination that rewrites what it stores still keeps that header.
     """
 
     def __init__(
-        self, uidl: str, fallback_message_id: str, *, memory_limit: int = SPOOL_MEMORY_LIMIT
+        self,
+        uidl: str,
+        fallback_message_id: str,
+        *,
+        memory_limit: int = SPOOL_MEMORY_LIMIT,
+        stamp_key: str | None = None,
     ) -> None:
         self.uidl = uidl
         self._fallback_id = fallback_message_id
+        self._stamp_key = stamp_key
+        self._stamp: str | None = None
         self._file: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=memory_limit)  # noqa: SIM115
         self._hash = hashlib.sha256()
         self._size = 0
@@ -199,11 +216,18 @@ class MessageSpool:
         buf = self._header_buf
         assert buf is not None
         self._header_buf = None
+        ended = end is not None and end > 0
         if end is None:
             end = buf.rfind(b"\r\n", 0, HEADER_PARSE_LIMIT) + 2
-        elif end > 0:
-            self._header_sha256 = hashlib.sha256(bytes(buf[:end])).hexdigest()
-        self._headers = parse_headers(bytes(buf[:end]))
+        section = bytes(buf[:end])
+        section_sha256 = hashlib.sha256(section).hexdigest()
+        if ended:
+            self._header_sha256 = section_sha256
+        self._headers = parse_headers(section)
+        if self._stamp_key is not None:
+            message_id = self._headers.message_id or self._fallback_id
+            self._stamp = delivery_stamp(self._stamp_key, message_id, section_sha256)
+            self._emit(stamp_header_line(self._stamp))
         if self._headers.message_id is None:
             self._emit(b"Message-ID: " + self._fallback_id.encode("ascii") + b"\r\n")
             self._added = True
@@ -229,6 +253,7 @@ class MessageSpool:
             repairs=describe_repairs(
                 self.line_endings_repaired, self._scanner.nul_removed, self._scanner.long_lines
             ),
+            stamp=self._stamp,
         )
 
     def abort(self) -> None:
@@ -240,3 +265,9 @@ def fallback_message_id(account: str, pop_host: str, username: str, uidl: str) -
     digest = hashlib.sha256(f"{account}\0{pop_host}\0{username}\0{uidl}".encode()).hexdigest()[:32]
     host = pop_host.strip("[]") or "localhost"
     return f"<pop-connector.{digest}@{host}>"
+
+
+def stamp_key(account: str, pop_host: str, username: str) -> str:
+    """What a message's stamp is derived from, apart from its header section: the account (not the UIDL,
+    so that a message whose UIDL changed, in a host migration, is still recognised)."""
+    return hashlib.sha256(f"stamp\0{account}\0{pop_host}\0{username}".encode()).hexdigest()

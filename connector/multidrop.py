@@ -19,7 +19,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from connector.config import Account
-from connector.destinations.base import DestinationSession
+from connector.destinations.base import DestinationSession, look_up
 from connector.ledger.models import RecipientState
 from connector.ledger.store import Ledger
 from connector.message import HEADER_PARSE_LIMIT, FetchedMessage
@@ -194,7 +194,7 @@ class RoutedDelivery:
 
     def _found(self, fetched: FetchedMessage, info: MessageInfo, mailbox: str) -> bool:
         ref = self._call_destination(
-            fetched, lambda dest: dest.find(fetched), counted=False, pending=False, mailbox=mailbox
+            fetched, lambda dest: look_up(dest, fetched), counted=False, pending=False, mailbox=mailbox
         )
         if ref is None:
             return False

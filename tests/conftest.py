@@ -19,6 +19,7 @@ from psycopg import sql
 from connector import redaction
 from tests.servers.dovecot import Dovecot, MailUsers, fresh_users, running_for_tests
 from tests.servers.ews import EwsServer
+from tests.servers.pymap import Pymap, running_pymap
 
 # HYPOTHESIS_PROFILE=deep runs every property with 10,000 examples instead of 100 (docs/reliability.md).
 settings.register_profile("deep", max_examples=10_000, deadline=None)
@@ -32,6 +33,13 @@ POSTGRES_URL_BASE = "postgresql+psycopg://postgres@127.0.0.1:5432/"
 def dovecot() -> Iterator[Dovecot]:
     """One Dovecot for the whole run; tests keep apart by using their own users (``mail_users``)."""
     with running_for_tests() as server:
+        yield server
+
+
+@pytest.fixture
+def pymap() -> Iterator[Pymap]:
+    """A fresh pymap (an IMAP server that does not store what it is given) for one test."""
+    with running_pymap() as server:
         yield server
 
 

@@ -1,7 +1,8 @@
 """What "delivered exactly once, byte for byte" means, as assertions shared by the fault and crash suites.
 
-README, "What changes in a delivered message": line endings become CRLF, the message ends with CRLF, and a
-message without Message-ID gets ``Message-ID: <pop-connector.HASH@HOST>`` as its first line. NUL bytes,
+README, "What changes in a delivered message": line endings become CRLF, the message ends with CRLF, every
+message gets ``X-Pop-Connector-Id: HASH`` as its first line (the crash-recovery stamp, policies.recovery),
+and a message without Message-ID gets ``Message-ID: <pop-connector.HASH@HOST>`` right after it. NUL bytes,
 which IMAP cannot carry, arrive as 0x80 (what this branch's IMAP destination and Dovecot do) or not at all
 (the message repair of the policies work removes them): both are accepted.
 """
@@ -12,6 +13,7 @@ import re
 from collections import Counter
 
 _ADDED_ID = re.compile(rb"\AMessage-ID: <pop-connector\.[0-9a-f]{32}@[^>\r\n]+>\r\n")
+STAMP_LINE = re.compile(rb"\AX-Pop-Connector-Id: ([0-9a-f]{32})\r\n")
 
 
 def normalised(original: bytes) -> bytes:
@@ -20,8 +22,18 @@ def normalised(original: bytes) -> bytes:
     return text if text.endswith(b"\r\n") or not text else text + b"\r\n"
 
 
+def without_stamp(delivered: bytes) -> bytes:
+    """The delivered bytes without the connector's stamp line (a no-op on bytes without one)."""
+    return STAMP_LINE.sub(b"", delivered, count=1)
+
+
+def stamp_of(delivered: bytes) -> str | None:
+    match = STAMP_LINE.match(delivered)
+    return match.group(1).decode("ascii") if match else None
+
+
 def without_added_id(delivered: bytes) -> bytes:
-    return _ADDED_ID.sub(b"", delivered, count=1)
+    return _ADDED_ID.sub(b"", without_stamp(delivered), count=1)
 
 
 def match_deliveries(originals: list[bytes], delivered: list[bytes]) -> Counter[int]:
@@ -34,7 +46,7 @@ def match_deliveries(originals: list[bytes], delivered: list[bytes]) -> Counter[
             wanted.setdefault(form, []).append(index)
     counts: Counter[int] = Counter()
     for body in delivered:
-        indexes = wanted.get(body) or wanted.get(without_added_id(body))
+        indexes = wanted.get(without_stamp(body)) or wanted.get(without_added_id(body))
         assert indexes is not None, f"a delivered message matches no original: {body[:200]!r}"
         counts[min(indexes, key=lambda i: counts[i])] += 1
     return counts

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Protocol
 
+from connector.errors import ConnectorError, DestinationRejectedError, DestinationTempError
 from connector.message import FetchedMessage
+from connector.policies.recovery import LOOKUP_FAILED
+
+log = logging.getLogger("connector.destinations")
 
 SERVER_TEXT_LIMIT = 400
 
@@ -22,9 +27,9 @@ class DestinationSession(Protocol):
 
     ``deliver`` returns a reference string that the ledger keeps (for IMAP
     ``imap:<folder>;UIDVALIDITY=<v>;UID=<u>`` when the server has UIDPLUS, else ``imap:<folder>``).
-    ``find`` is for crash recovery only: it looks for a message with the same Message-ID, size and SHA-256
-    in the target folder and returns its reference, or None. Errors are the project's own
-    ``DestinationError`` subclasses.
+    ``find`` is for crash recovery only: it looks for a copy of the message in the target folder
+    (``policies.recovery`` says what counts as one) and returns its reference, or None only when it looked
+    and there is none. Errors are the project's own ``DestinationError`` subclasses.
     """
 
     def deliver(self, message: FetchedMessage) -> str: ...
@@ -46,3 +51,20 @@ class DestinationSession(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def look_up(session: DestinationSession, message: FetchedMessage) -> str | None:
+    """``session.find(message)`` for the engine: a lookup that fails in any way is destination trouble
+    (``DestinationTempError``: the poll stops, no attempt is counted, the message stays pending), never
+    None, which would deliver the message a second time. Even a refusal "for good" of a search is about
+    the destination, not about this message."""
+    try:
+        return session.find(message)
+    except DestinationRejectedError as exc:
+        raise DestinationTempError(f"{exc.message}; {LOOKUP_FAILED}", uidl=exc.uidl) from exc
+    except ConnectorError:
+        raise
+    except Exception as exc:  # a bug or an unexpected driver error: still not "not found"
+        log.exception("message %s: unexpected error looking for an earlier delivery", message.uidl)
+        detail = f"{exc.__class__.__name__}: {exc}"
+        raise DestinationTempError(f"lookup failed: {detail}; {LOOKUP_FAILED}", uidl=message.uidl) from exc

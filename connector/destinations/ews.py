@@ -213,7 +213,8 @@ class EwsSession:
         named property holding the SHA-256 of what was sent, and that (which covers the size) is compared.
         Items not created by the connector have no stamp and never match. Should Exchange have parsed the
         Message-ID differently from us (odd characters, folding), a second FindItem looks for the stamp
-        itself, so a recovery never creates a second copy.
+        itself, so a recovery never creates a second copy. A FindItem that fails raises (a
+        ``DestinationError``), never returns None: the engine then stops the poll (``base.look_up``).
         """
         folder = self._call("find the folder", lambda: self._resolve_folder(create=False), message.uidl)
         if folder is None:
@@ -337,8 +338,20 @@ class EwsSession:
 
 
 def _searcher(folder: Any, criteria: dict[str, str]) -> Callable[[], list[Any]]:
-    """A FindItem in ``folder`` (equality on ``criteria``) fetching only what ``find`` compares."""
-    return lambda: list(folder.filter(**criteria).only("id", "message_id", "pop_connector_sha256"))
+    """A FindItem in ``folder`` (equality on ``criteria``) fetching only what ``find`` compares.
+
+    exchangelib hands some failed response messages over as exception instances among the results
+    instead of raising them: those are raised here, so that a lookup that failed is never read as "no
+    such item" (which would create the item a second time)."""
+
+    def search() -> list[Any]:
+        found = list(folder.filter(**criteria).only("id", "message_id", "pop_connector_sha256"))
+        for item in found:
+            if isinstance(item, Exception):
+                raise item
+        return found
+
+    return search
 
 
 def _child(parent: Any, name: str) -> Any:

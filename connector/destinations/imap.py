@@ -35,6 +35,16 @@ from connector.errors import (
 )
 from connector.message import FetchedMessage
 from connector.oauth import TokenProvider, describe_sasl_json, login_with_token, xoauth2_response
+from connector.policies.recovery import (
+    LOOKUP_FAILED,
+    STAMP_HEADER,
+    Stored,
+    Verdict,
+    Wanted,
+    by_bytes,
+    judge,
+    stamps_in,
+)
 from connector.tls import TlsMode, make_ssl_context
 
 # The separator of folder levels in the configured folder name, whatever the server's delimiter is.
@@ -144,6 +154,12 @@ def command_refused(where: Where, action: str, text: str) -> DestinationError:
     return DestinationRejectedError(message)
 
 
+def _lookup_refused(where: Where, action: str, text: str) -> DestinationError:
+    """A NO/BAD while looking for an earlier delivery: whatever the code, the destination could not answer
+    (destination trouble), which is never "not found"."""
+    return DestinationTempError(where.say(f"{action} refused: {text}; {LOOKUP_FAILED}"))
+
+
 def _login_refused(where: Where, action: str, text: str) -> DestinationError:
     if response_code(text) in _LOGIN_TEMP_CODES:
         return DestinationTempError(where.say(f"{action}: server cannot log in now: {text}"))
@@ -220,7 +236,7 @@ def _searchable_part(message_id: str) -> str:
     """The longest run of printable ASCII in a Message-ID.
 
     SEARCH HEADER matches substrings, so a part finds the message too; this keeps odd (8-bit or control)
-    characters out of the command, and the size and SHA-256 checks weed out any extra hits.
+    characters out of the command, and ``policies.recovery`` weeds out any extra hits.
     """
     runs = re.findall(r"[\x21-\x7e]+", message_id)
     return max(runs, key=len) if runs else ""
@@ -314,7 +330,12 @@ class ImapSession:
         return [self._reference(validity, uid) for uid in numbers]
 
     def find(self, message: FetchedMessage) -> str | None:
-        """Look for a copy of ``message`` (same Message-ID, size and SHA-256) after a crash.
+        """Look for a copy of ``message`` after a crash; ``policies.recovery`` says what counts as one.
+
+        Read-only: EXAMINE and BODY.PEEK, so nothing is marked \\Seen. A lookup the server does not answer
+        raises, never returns None: "could not look" must not be taken for "not there", which would deliver
+        the message a second time (NO/BAD to EXAMINE, SEARCH, FETCH: ``DestinationTempError``; the engine
+        calls this through ``base.look_up``, which makes any failure destination trouble).
 
         The folder the lookup examined is left unselected afterwards, whatever happened: Courier-IMAP
         refuses every APPEND to a folder its session has selected read-only, so one lookup would make
@@ -350,18 +371,14 @@ class ImapSession:
             )
 
     def _lookup(self, message: FetchedMessage) -> str | None:
-        """find() itself. Read-only: EXAMINE and BODY.PEEK, so nothing is marked \\Seen."""
+        """find() itself, without leaving the folder."""
         mailbox = self.mailbox
         if not self._folder_ready and not self._exists(mailbox, message.uidl):
             return None
-        with self._guard("EXAMINE", uidl=message.uidl):
+        with self._guard("EXAMINE", uidl=message.uidl, refused=_lookup_refused):
             selected = self._client.select_folder(mailbox, readonly=True)
-        validity = selected.get(b"UIDVALIDITY")
-        expected = _stored_sha256(message)
-        for uid in self._same_size_candidates(message):
-            if self._sha256(uid, message.size, message.uidl) == expected:
-                return self._reference(validity, uid)
-        return None
+        uid = self._matching_copy(message)
+        return None if uid is None else self._reference(selected.get(b"UIDVALIDITY"), uid)
 
     def close(self) -> None:
         """LOGOUT; errors are swallowed because the connection is often already broken when we get here."""
@@ -540,20 +557,35 @@ class ImapSession:
 
     # --- find ---------------------------------------------------------------------------------------------
 
-    def _same_size_candidates(self, message: FetchedMessage) -> list[int]:
-        criteria = b"HEADER Message-ID " + _quote_search_string(_searchable_part(message.message_id))
-        with self._guard("SEARCH", uidl=message.uidl):
-            uids = sorted(self._client.search(criteria))
-            if not uids:
-                return []
-            sizes = self._client.fetch(uids, ["RFC822.SIZE"])
-        return [uid for uid in uids if sizes.get(uid, {}).get(b"RFC822.SIZE") == message.size]
+    def _matching_copy(self, message: FetchedMessage) -> int | None:
+        """The UID of our copy of ``message`` in the selected folder, or None: SEARCH by Message-ID or
+        stamp, FETCH each candidate's size and stamps, then ``recovery.judge`` (the bytes only where no
+        stamp decides)."""
+        with self._guard("SEARCH", uidl=message.uidl, refused=_lookup_refused):
+            uids: list[int] = sorted(self._client.search(_lookup_criteria(message)))
+        if not uids:
+            return None
+        with self._guard("FETCH", uidl=message.uidl, refused=_lookup_refused):
+            found = self._client.fetch(uids, ["RFC822.SIZE", f"BODY.PEEK[HEADER.FIELDS ({STAMP_HEADER})]"])
+        start = len(message.stamp_line)
+        wanted = Wanted(message.stamp, message.size - start)
+        ours: str | None = None  # hashed only for an unstamped copy of the right size
+        for uid in uids:
+            stored = _stored(found.get(uid, {}))
+            verdict = judge(wanted, stored)
+            if verdict is Verdict.COMPARE_BYTES:
+                assert stored.size is not None
+                ours = ours or _stored_sha256(message, start)
+                verdict = by_bytes(ours, self._sha256(uid, stored.size, message.uidl))
+            if verdict is Verdict.SAME:
+                return uid
+        return None
 
     def _sha256(self, uid: int, size: int, uidl: str) -> str | None:
         """SHA-256 of one stored message, fetched in slices (BODY.PEEK leaves \\Seen alone)."""
         digest = hashlib.sha256()
         for offset in range(0, size, _FETCH_SLICE):
-            with self._guard("FETCH", uidl=uidl):
+            with self._guard("FETCH", uidl=uidl, refused=_lookup_refused):
                 response = self._client.fetch([uid], [f"BODY.PEEK[]<{offset}.{_FETCH_SLICE}>"])
             chunk = response.get(uid, {}).get(f"BODY[]<{offset}>".encode())
             if chunk is None:
@@ -561,10 +593,12 @@ class ImapSession:
             digest.update(chunk)
         return digest.hexdigest()
 
-    def _guard(self, action: str, *, uidl: str | None = None) -> contextlib.AbstractContextManager[None]:
+    def _guard(
+        self, action: str, *, uidl: str | None = None, refused: Refusal = command_refused
+    ) -> contextlib.AbstractContextManager[None]:
         if self._client is None:
             raise DestinationConnectError(self._where.say(f"{action}: the session is closed"), uidl=uidl)
-        return _driver_errors(self._where, action, uidl=uidl)
+        return _driver_errors(self._where, action, uidl=uidl, refused=refused)
 
 
 def _literal_safe(data: bytes) -> bytes:
@@ -573,12 +607,31 @@ def _literal_safe(data: bytes) -> bytes:
     return data.replace(b"\0", b"\x80") if b"\0" in data else data
 
 
-def _stored_sha256(message: FetchedMessage) -> str:
-    """SHA-256 of the message as APPEND stores it (equal to ``message.sha256`` unless it has NUL bytes)."""
+def _stored_sha256(message: FetchedMessage, start: int = 0) -> str:
+    """SHA-256 of the message as APPEND stores it (equal to ``message.sha256`` unless it has NUL bytes),
+    from byte ``start`` on."""
     digest = hashlib.sha256()
-    for chunk in message.chunks():
+    for chunk in message.chunks(start=start):
         digest.update(_literal_safe(chunk))
     return digest.hexdigest()
+
+
+def _stored(items: dict[bytes, Any]) -> Stored:
+    """One candidate from FETCH (RFC822.SIZE BODY.PEEK[HEADER.FIELDS (X-Pop-Connector-Id)])."""
+    fields = next((value for key, value in items.items() if key.upper().startswith(b"BODY[HEADER")), b"")
+    size = items.get(b"RFC822.SIZE")
+    return Stored(stamps_in(fields or b""), size if isinstance(size, int) else None)
+
+
+def _lookup_criteria(message: FetchedMessage) -> bytes:
+    """SEARCH for our Message-ID or our stamp: a server may have stored the Message-ID differently (odd
+    characters, folding), never the stamp, which is plain ASCII and short."""
+    part = _searchable_part(message.message_id)
+    by_id = b"HEADER Message-ID " + _quote_search_string(part)
+    if message.stamp is None:
+        return by_id
+    by_stamp = b"HEADER " + STAMP_HEADER.encode("ascii") + b" " + _quote_search_string(message.stamp)
+    return by_stamp if not part else b"OR " + by_id + b" " + by_stamp
 
 
 @dataclass(frozen=True)

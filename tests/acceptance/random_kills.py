@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tests.delivery import assert_at_most_once, assert_nothing_lost, match_deliveries, normalised
 from tests.messages import simple
-from tests.servers.dovecot import Dovecot, MailUsers
+from tests.servers.dovecot import Dovecot, ImapMessage, MailUsers
 
 ROOT = Path(__file__).resolve().parents[2]
 # Logged by the engine once the listing is planned: from here on the poll is delivering.
@@ -170,26 +170,28 @@ class CrashRun:
 
     # --- checks ---------------------------------------------------------------------------------------
 
-    def _state(self) -> tuple[list[bytes], list[bytes], dict[str, Row]]:
-        delivered = self.dovecot.imap_messages(self.users.destination.name)
+    def _state(self) -> tuple[list[ImapMessage], list[bytes], dict[str, Row]]:
+        delivered = self.dovecot.imap_fetch(self.users.destination.name)
         on_server = self.dovecot.maildir_messages(self.users.source.name)
         rows = {row.sha256: row for row in ledger_rows(self.database) if row.sha256}
         return delivered, on_server, rows
 
-    def _row_of(self, delivered: list[bytes], rows: dict[str, Row]) -> dict[int, Row | None]:
-        """For each delivered original (by index), the ledger row with the SHA-256 of what arrived."""
+    def _row_of(self, delivered: list[ImapMessage], rows: dict[str, Row]) -> dict[int, Row | None]:
+        """For each delivered original (by index), the ledger row with the SHA-256 of what arrived (the
+        stored bytes, the connector's stamp line included)."""
         by_index: dict[int, Row | None] = {}
-        for body in delivered:
-            index = next(iter(match_deliveries(self.messages, [body])))
-            by_index[index] = rows.get(hashlib.sha256(body).hexdigest())
+        for message in delivered:
+            index = next(iter(match_deliveries(self.messages, [message.body])))
+            by_index[index] = rows.get(hashlib.sha256(message.stored).hexdigest())
         return by_index
 
     def check_invariants(self) -> None:
-        delivered, on_server, rows = self._state()
+        fetched, on_server, rows = self._state()
+        delivered = [message.body for message in fetched]
         assert_at_most_once(self.messages, delivered)
         assert_nothing_lost(self.messages, delivered, on_server)
         left = {normalised(message) for message in on_server}
-        row_of = self._row_of(delivered, rows)
+        row_of = self._row_of(fetched, rows)
         gone = {index for index, message in enumerate(self.messages) if normalised(message) not in left}
         for index in gone - self._gone:
             # It left the server during the last run, which cannot also have pruned its row (a poll
@@ -222,8 +224,8 @@ class CrashRun:
         return len(self.dovecot.imap_messages(self.users.destination.name)) == len(self.messages)
 
     def check_final(self) -> None:
-        delivered, on_server, _ = self._state()
-        counts = assert_at_most_once(self.messages, delivered)
+        fetched, on_server, _ = self._state()
+        counts = assert_at_most_once(self.messages, [message.body for message in fetched])
         assert sorted(counts) == list(range(len(self.messages))), "not everything was delivered"
         ledger = ledger_rows(self.database)
         states = {row.state for row in ledger if not row.missing}
@@ -236,11 +238,11 @@ class CrashRun:
             assert on_server == [] and states <= {"deleted"}, states
             assert {row.state for row in ledger if row.missing} <= {"delivered"}
             assert uids <= {m.uid for m in stored}
-            assert shas <= {hashlib.sha256(m.body).hexdigest() for m in stored}
+            assert shas <= {hashlib.sha256(m.stored).hexdigest() for m in stored}
         else:
             assert len(on_server) == len(self.messages) and states == {"delivered"}, states
             assert uids == {m.uid for m in stored}
-            assert shas == {hashlib.sha256(m.body).hexdigest() for m in stored}
+            assert shas == {hashlib.sha256(m.stored).hexdigest() for m in stored}
 
 
 def _uid(reference: str | None) -> int:

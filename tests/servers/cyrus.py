@@ -26,6 +26,7 @@ from typing import Any
 
 from imapclient import IMAPClient
 
+from tests.delivery import without_stamp
 from tests.servers.dovecot import HOST, MailUser, _free_ports
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -206,14 +207,15 @@ class Cyrus:
                 client.append("INBOX", message)
 
     def imap_messages(self, user: str, folder: str = "INBOX") -> list[bytes]:
-        """Every message in ``folder`` (a server-side name, e.g. "INBOX/Imported/Hosted"), in UID order."""
+        """Every message in ``folder`` (a server-side name, e.g. "INBOX/Imported/Hosted"), in UID order,
+        without the connector's stamp line (as ``Dovecot.imap_messages``)."""
         with self.imap(user) as client:
             client.select_folder(folder, readonly=True)
             uids = sorted(client.search("ALL"))
             if not uids:
                 return []
             data = client.fetch(uids, ["BODY.PEEK[]"])
-        return [data[uid][b"BODY[]"] for uid in uids]
+        return [without_stamp(data[uid][b"BODY[]"]) for uid in uids]
 
     def folders(self, user: str) -> list[str]:
         with self.imap(user) as client:

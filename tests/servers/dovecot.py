@@ -28,6 +28,8 @@ from typing import Any, NamedTuple
 
 from imapclient import IMAPClient
 
+from tests.delivery import stamp_of, without_stamp
+
 HOST = "127.0.0.1"
 # Dovecot's default for Maildir++; the tests spell nested folders with it ("Imported.Hosted").
 SEPARATOR = "."
@@ -52,10 +54,16 @@ class Ports(NamedTuple):
 
 
 class ImapMessage(NamedTuple):
+    """One stored message. ``body`` is what was stored less the connector's ``X-Pop-Connector-Id`` stamp
+    line (README, "What changes in a delivered message"), so tests compare it with what was sent;
+    ``stored`` is every byte, ``stamp`` the stamp's value (None: no stamp line)."""
+
     uid: int
     flags: tuple[bytes, ...]
     internal_date: datetime
     body: bytes
+    stored: bytes = b""
+    stamp: str | None = None
 
 
 @dataclass(frozen=True)
@@ -627,7 +635,9 @@ class Dovecot:
                 uid,
                 tuple(flag for flag in data[uid][b"FLAGS"] if flag != b"\\Recent"),
                 data[uid][b"INTERNALDATE"],
+                without_stamp(data[uid][b"BODY[]"]),
                 data[uid][b"BODY[]"],
+                stamp_of(data[uid][b"BODY[]"]),
             )
             for uid in uids
         ]

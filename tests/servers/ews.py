@@ -38,6 +38,7 @@ from xml.sax.saxutils import escape, quoteattr
 import spnego
 import spnego.exceptions
 
+from tests.delivery import without_stamp
 from tests.servers.dovecot import make_test_ca
 
 SOAP = "http://schemas.xmlsoap.org/soap/envelope/"
@@ -79,6 +80,10 @@ class Folder:
 
 @dataclass
 class StoredItem:
+    """One created item. ``mime`` is its MIME content less the connector's ``X-Pop-Connector-Id`` stamp
+    line (README, "What changes in a delivered message"), for comparing with what was sent; ``stored_mime``
+    is every byte."""
+
     id: str
     mailbox: str
     folder: Folder
@@ -87,6 +92,7 @@ class StoredItem:
     # Tagged properties by tag (0x0E07 -> "1"), named ones by (property set id, name).
     properties: dict[object, str]
     created_by: str
+    stored_mime: bytes = b""
 
     @property
     def message_id(self) -> str | None:
@@ -110,10 +116,13 @@ class Fault:
     """One queued failure for the next request of ``op`` ("*" for any)."""
 
     op: str
-    kind: str  # busy | http | drop_after
+    kind: str  # busy | http | drop_after | error
     back_off_ms: int = 0
     status: int = 500
     retry_after: int | None = None
+    # kind "error": the operation answers one response message with ResponseClass="Error" and this code.
+    code: str = "ErrorInternalServerTransientError"
+    text: str = "An internal server error occurred. Try again later."
 
 
 class EwsError(Exception):
@@ -236,7 +245,8 @@ class EwsServer:
 
     def fail(self, op: str, kind: str, *, times: int = 1, **kwargs: Any) -> None:
         """Queue ``times`` failures for ``op``: ``busy`` (back_off_ms), ``http`` (status, retry_after),
-        ``drop_after`` (do the work, then close the connection without answering)."""
+        ``drop_after`` (do the work, then close the connection without answering), ``error`` (an error
+        response message with ``code`` and ``text``, HTTP 200, as Exchange answers a failed FindItem)."""
         with self._lock:
             self.faults.extend(Fault(op, kind, **kwargs) for _ in range(times))
 
@@ -328,6 +338,16 @@ class EwsServer:
             return fault.status, b"", headers, False
         if fault is not None and fault.kind == "busy":
             return 500, _busy_fault(fault.back_off_ms), {}, False
+        if fault is not None and fault.kind == "error":
+            error = _error(op, EwsError(fault.code, fault.text), "")
+            return (
+                200,
+                _envelope(
+                    f"<m:{op}Response><m:ResponseMessages>{error}</m:ResponseMessages></m:{op}Response>"
+                ),
+                {},
+                False,
+            )
         try:
             principal = self._principal(login, impersonated)
             handler = getattr(self, f"_op_{op}", None)
@@ -451,10 +471,11 @@ class EwsServer:
                 id=self._new_id("item"),
                 mailbox=folder.mailbox,
                 folder=folder,
-                mime=mime,
+                mime=without_stamp(mime),
                 is_read=None if is_read is None else is_read in ("true", "1"),
                 properties=_extended_properties(element),
                 created_by=principal,
+                stored_mime=mime,
             )
             self.stored.append(item)
             out.append(
@@ -607,7 +628,7 @@ def _item_xml(item: StoredItem, shape: ET.Element | None) -> str:
             if item.message_id is not None:
                 parts.append(f"<t:InternetMessageId>{escape(item.message_id)}</t:InternetMessageId>")
         elif uri.tag == _q(T, "FieldURI") and uri.get("FieldURI") == "item:Size":
-            parts.append(f"<t:Size>{len(item.mime)}</t:Size>")
+            parts.append(f"<t:Size>{len(item.stored_mime)}</t:Size>")
         elif uri.tag == _q(T, "ExtendedFieldURI"):
             value = item.properties.get(_property_key(uri))
             if value is not None:

@@ -7,7 +7,8 @@ import requests
 from exchangelib import errors as ews_errors
 from oauthlib.oauth2 import InvalidClientError
 
-from connector.destinations.ews import folder_levels
+from connector.destinations.base import look_up
+from connector.destinations.ews import EwsSession, folder_levels
 from connector.destinations.ews_errors import Where, translate
 from connector.errors import (
     DestinationAuthError,
@@ -18,6 +19,7 @@ from connector.errors import (
     DestinationTempError,
     DestinationTLSError,
 )
+from connector.message import MessageSpool
 
 WHERE = Where("EWS https://mail.corp.example/EWS/Exchange.asmx", "alice@corp.example", "Inbox/Hosted")
 
@@ -77,3 +79,25 @@ def test_secrets_are_blanked_and_text_clipped() -> None:
 )
 def test_folder_levels(folder: str, levels: list[str]) -> None:
     assert folder_levels(folder) == levels
+
+
+class _FolderYieldingAnError:
+    """exchangelib's QuerySet passes failed response messages on as exception instances among the items."""
+
+    def filter(self, **criteria: str) -> _FolderYieldingAnError:
+        return self
+
+    def only(self, *fields: str) -> list[object]:
+        return [ews_errors.ErrorInvalidRestriction("The restriction cannot be evaluated.")]
+
+
+def test_a_finditem_error_among_the_results_is_raised_not_read_as_not_found() -> None:
+    session = EwsSession(object(), where=WHERE, mark_seen=False, max_message_size=1 << 20)
+    session._folder = _FolderYieldingAnError()
+    spool = MessageSpool("U1", "<fallback@x>")
+    spool.write(b"Message-ID: <m@x>\r\n\r\nbody\r\n")
+    with spool.finish() as message:
+        with pytest.raises(DestinationRejectedError, match="ErrorInvalidRestriction"):
+            session.find(message)
+        with pytest.raises(DestinationTempError, match="not delivered again now"):
+            look_up(session, message)
