@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import imaplib
+import logging
 import re
 import ssl
 from collections.abc import Callable, Iterator, Sequence
@@ -46,6 +47,8 @@ from connector.policies.recovery import (
     stamps_in,
 )
 from connector.tls import TlsMode, make_ssl_context
+
+log = logging.getLogger("connector.destinations.imap")
 
 # The separator of folder levels in the configured folder name, whatever the server's delimiter is.
 FOLDER_SEPARATOR = "/"
@@ -366,8 +369,15 @@ class ImapSession:
         with self._guard(action, uidl=uidl):
             status, data = leave()
         if status != "OK":
-            raise DestinationTempError(
-                self._where.say(f"{action} after a lookup was refused: {_response_text(data)}"), uidl=uidl
+            # pymap refuses CLOSE in a folder opened with EXAMINE ("[READ-ONLY]"), against RFC 3501, and
+            # takes APPENDs while it is selected: nothing is lost by staying there. A server that refused
+            # the APPEND too would say so then, naming the message.
+            log.info(
+                "%s",
+                self._where.say(
+                    f"{action} after a lookup was refused ({_response_text(data)}); the folder "
+                    "stays selected read-only"
+                ),
             )
 
     def _lookup(self, message: FetchedMessage) -> str | None:
