@@ -39,6 +39,7 @@ from typing import Any
 from imapclient import IMAPClient
 
 from tests.servers.dovecot import HOST, MailUser, _free_ports
+from tests.servers.readiness import unanswered
 
 ROOT = Path(__file__).resolve().parents[2]
 _START_TIMEOUT = 15.0
@@ -237,19 +238,14 @@ class Courier:
 
     def _wait_ready(self) -> None:
         assert self._process is not None
-        deadline = time.monotonic() + _START_TIMEOUT
-        pending = {self.imap_port: b"* OK", self.pop3_port: b"+OK"}
-        while pending and time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise CourierError(f"courier exited with {self._process.returncode}: {self.log_tail()}")
-            for port, greeting in list(pending.items()):
-                with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=2) as sock:
-                    if sock.makefile("rb").readline().startswith(greeting):
-                        del pending[port]
-            if pending:
-                time.sleep(0.05)
-        if pending:
-            raise CourierError(f"courier did not answer on {sorted(pending)}: {self.log_tail()}")
+        try:
+            silent = unanswered(
+                self._process, HOST, {self.imap_port: b"* OK", self.pop3_port: b"+OK"}, _START_TIMEOUT
+            )
+        except ChildProcessError as exc:
+            raise CourierError(f"courier {exc}: {self.log_tail()}") from None
+        if silent:
+            raise CourierError(f"courier did not answer on {silent}: {self.log_tail()}")
 
     def log_tail(self) -> str:
         path = self.root / "courier.out"

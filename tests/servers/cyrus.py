@@ -16,10 +16,8 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ from imapclient import IMAPClient
 
 from tests.delivery import without_stamp
 from tests.servers.dovecot import HOST, MailUser, _free_ports
+from tests.servers.readiness import unanswered
 
 ROOT = Path(__file__).resolve().parents[2]
 ADMIN = "cyrusadmin"
@@ -113,20 +112,15 @@ class Cyrus:
 
     def _wait_ready(self) -> None:
         assert self._process is not None
-        deadline = time.monotonic() + _START_TIMEOUT
-        pending = {self.imap_port: b"* OK", self.pop3_port: b"+OK"}
-        while pending and time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise CyrusError(f"cyrus master exited with {self._process.returncode}: {self.log_tail()}")
-            for port, greeting in list(pending.items()):
-                with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=2) as sock:
-                    if sock.makefile("rb").readline().startswith(greeting):
-                        del pending[port]
-            if pending:
-                time.sleep(0.05)
-        if pending:
+        try:
+            silent = unanswered(
+                self._process, HOST, {self.imap_port: b"* OK", self.pop3_port: b"+OK"}, _START_TIMEOUT
+            )
+        except ChildProcessError as exc:
+            raise CyrusError(f"cyrus master {exc}: {self.log_tail()}") from None
+        if silent:
             self.stop()
-            raise CyrusError(f"cyrus did not answer on {sorted(pending)}: {self.log_tail()}")
+            raise CyrusError(f"cyrus did not answer on {silent}: {self.log_tail()}")
 
     def log_tail(self) -> str:
         path = self.root / "master.out"
