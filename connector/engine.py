@@ -103,6 +103,11 @@ class PollResult:
     def ok(self) -> bool:
         return self.status in ("ok", "stopped")
 
+    @property
+    def poll_failed(self) -> bool:
+        """The poll ran and failed; an account skipped because another process polls it is no failure."""
+        return not self.ok and self.status != "busy"
+
 
 _DestinationAction = Callable[[DestinationSession], "str | None"]
 _T = TypeVar("_T")

@@ -74,12 +74,12 @@ def summary_rows(results: Sequence[PollResult], durations: dict[str, float]) -> 
             delivered=r.delivered + r.recovered,
             skipped=r.skipped,
             quarantined=r.quarantined,
-            errors=r.failed + (0 if r.ok else 1),
+            errors=r.failed + (1 if r.poll_failed else 0),
             duration=durations.get(r.account, 0.0),
         )
         for r in results
     ]
-    failed = sum(1 for r in results if not r.ok)
+    failed = sum(1 for r in results if r.poll_failed)
     total = SummaryRow(
         account=f"{len(rows)} accounts",
         result="ok" if not failed else f"{failed} failed",
