@@ -25,6 +25,9 @@ from connector.reload import AccountChanges, account_changes
 log = logging.getLogger("connector.scheduler")
 
 
+_UNLIMITED = 1 << 30
+
+
 class Service:
     def __init__(
         self,
@@ -42,7 +45,11 @@ class Service:
         self._running: set[str] = set()  # only touched by add/discard, which are atomic
         self._scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(config.service.max_workers)},
-            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+            # No instance limit: a poll job adds the account's next run before it returns, and when that run
+            # is already due (a poll longer than the interval, a slow end) a limit makes APScheduler skip it,
+            # and a skipped date job is gone: the account would never be polled again. One account is still
+            # never polled twice at once: each run adds the next only once its poll (and lease) is over.
+            job_defaults={"coalesce": True, "max_instances": _UNLIMITED, "misfire_grace_time": None},
             timezone="UTC",
         )
 

@@ -105,3 +105,23 @@ def test_shutdown_waits_for_polls_in_flight(tmp_path: Path) -> None:
     polls = dict(engine.polls)
     time.sleep(0.1)
     assert dict(engine.polls) == polls  # nothing runs after shutdown
+
+
+class _SlowToReturn(Service):
+    """A poll job that is still returning when its next run is due: it schedules that run first (as a poll
+    that took longer than the interval, or a slow end of the poll, does), then takes a while."""
+
+    def _schedule(self, account: Account, when: datetime) -> None:
+        super()._schedule(account, when)
+        time.sleep(0.1)
+
+
+def test_a_next_run_due_before_the_last_one_returned_still_runs(tmp_path: Path) -> None:
+    # With one instance per job APScheduler skips such a run, and a date job skipped is gone: the account
+    # would never be polled again (seen in the 100-account load test under CI load).
+    config = config_with(accounts=1, max_workers=2)
+    engine = RecordingEngine()
+    ledger = Ledger(open_database(f"sqlite:///{tmp_path / 'l.db'}"))
+    run_for(_SlowToReturn(config, engine, ledger), 0.8)  # type: ignore[arg-type]
+    assert engine.polls["a0"] >= 3, dict(engine.polls)
+    assert engine.max_running_per_account == 1
