@@ -52,6 +52,8 @@ def ledger_rows(database: Path) -> list[Row]:
     if not database.exists():
         return []  # killed before the ledger was created
     with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as conn:
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'messages'").fetchone() is None:
+            return []  # killed after the file was created, before its tables were
         query = "SELECT uidl, state, sha256, destination_ref, missing_since IS NOT NULL FROM messages"
         rows = conn.execute(query).fetchall()
     return [Row(*row[:4], missing=bool(row[4])) for row in rows]
