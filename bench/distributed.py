@@ -191,9 +191,9 @@ def _table_stats(engine: Engine) -> dict[str, tuple[int, int, int]]:
 
 def db_cost(args: argparse.Namespace, dovecot: Dovecot) -> None:
     from connector.config import load_config
-    from connector.distributed import ensure_queue_schema, sync_accounts
-    from connector.distributed.worker import DistributedWorker, worker_engine
     from connector.ledger.database import upgrade
+    from connector.service.distributed import ensure_queue_schema, sync_accounts
+    from connector.service.distributed.worker import DistributedWorker, worker_engine
 
     fleet = make_fleet(dovecot, args.accounts, lambda index: 0)
     _reseed(fleet)

@@ -28,9 +28,9 @@ def _rss_kib(field: str) -> int:
 
 def _connector(job: dict[str, Any]) -> Callable[[], int]:
     from connector.config import load_config
-    from connector.engine import SyncEngine
     from connector.ledger.database import open_database
     from connector.ledger.store import Ledger
+    from connector.poll.engine import SyncEngine
 
     config = load_config(Path(job["config"]))
     assert config.service.database is not None

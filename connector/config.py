@@ -178,7 +178,7 @@ def parse_listen_address(value: object) -> tuple[str, int] | None:
 class ServiceConfig(_Model):
     database: str | None = None
     max_workers: int = Field(default=8, ge=1, le=256)
-    # Operations listener (metrics, health, status page); see connector/web.py.
+    # Operations listener (metrics, health, status page); see connector/ops/web.py.
     metrics: Annotated[tuple[str, int] | None, BeforeValidator(parse_listen_address)] = None
     status_token: Secret | None = None
     status_refresh: Duration = timedelta(seconds=15)
@@ -227,7 +227,7 @@ class ServiceConfig(_Model):
             )
         return self
 
-    # Protocol logs (connector/protocol_log.py): where, and how they rotate.
+    # Protocol logs (connector/ops/protocol_log.py): where, and how they rotate.
     protocol_log_dir: Path | None = None
     protocol_log_max_bytes: ByteSize = 10 * 1024 * 1024
     protocol_log_backups: int = Field(default=5, ge=0, le=1000)
@@ -481,7 +481,8 @@ class RoutingDefault(_Model):
 
 
 class RoutingPolicy(_Model):
-    """Catch-all (multidrop) routing of one POP mailbox to several local mailboxes (connector/routing.py)."""
+    """Catch-all (multidrop) routing of one POP mailbox to several local mailboxes
+    (connector/policies/routing.py)."""
 
     headers: list[str] = Field(default_factory=lambda: list(DEFAULT_ROUTING_HEADERS), min_length=1)
     rules: list[RoutingRule] = Field(default_factory=list)

@@ -1,6 +1,6 @@
 """The secrets this process knows, and the one function that cuts them out of text before it is kept.
 
-Every place that writes text a person or a file keeps (the log formatters of ``connector.logs``, the
+Every place that writes text a person or a file keeps (the log formatters of ``connector.ops.logs``, the
 protocol logs, POP3 error texts that end up in the ledger and on the status page) passes it through
 ``redact``. The registry is fed where secrets come into being, not where they are used:
 

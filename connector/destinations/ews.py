@@ -45,7 +45,8 @@ from connector.errors import (
 from connector.message import FetchedMessage
 
 log = logging.getLogger("connector.destinations.ews")
-# One line per EWS request and its outcome, for protocol logs (connector.protocol_log). Not the SOAP itself:
+# One line per EWS request and its outcome, for protocol logs (connector.ops.protocol_log); not the SOAP
+# itself:
 # exchangelib's own DEBUG output carries request headers, which hold credentials with Basic auth.
 wire = logging.getLogger("connector.ews.wire")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from connector.progress import SUMMARY_COLUMNS
+from connector.ops.progress import SUMMARY_COLUMNS
 from tests.acceptance.conftest import ROOT, RunCli
 from tests.acceptance.service import RunningService, free_port, wait_for
 from tests.conftest import drop_postgres_database, fresh_postgres_database

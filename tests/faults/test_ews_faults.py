@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from connector.engine import SyncEngine
 from connector.ledger.database import open_database
 from connector.ledger.store import Ledger
+from connector.poll.engine import SyncEngine
 from tests.configs import EWS_MAILBOX as MAILBOX
 from tests.configs import EWS_SERVICE, EWS_SERVICE_PASSWORD, ews_destination, make_config
 from tests.delivery import assert_at_most_once, assert_exactly_once, assert_nothing_lost

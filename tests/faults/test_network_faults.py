@@ -14,9 +14,9 @@ from typing import Literal
 
 import pytest
 
-from connector.engine import SyncEngine
 from connector.ledger.database import open_database
 from connector.ledger.store import Ledger
+from connector.poll.engine import SyncEngine
 from tests.configs import make_config
 from tests.delivery import assert_at_most_once, assert_exactly_once, assert_nothing_lost
 from tests.messages import simple

@@ -10,9 +10,9 @@ import pytest
 from sqlalchemy import Engine
 
 from connector.config import Config
-from connector.engine import SyncEngine
 from connector.ledger.database import open_database
 from connector.ledger.store import Ledger
+from connector.poll.engine import SyncEngine
 from tests.configs import make_config
 from tests.messages import simple
 from tests.servers.dovecot import Dovecot, MailUsers

@@ -10,8 +10,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from connector.cli.report import status_records, status_text
 from connector.ledger.store import Ledger
-from connector.report import status_records, status_text
 from tests.integration.conftest import SyncFactory, scripted
 from tests.messages import simple
 from tests.servers.dovecot import Dovecot, MailUsers
@@ -155,7 +155,7 @@ def test_runaway_retr_reply_is_quarantined_so_the_mailbox_goes_on(
 ) -> None:
     # LIST says a few hundred bytes; RETR sends 60 KB. Past the bound the session is unusable, so that poll
     # fails, but the message is quarantined: the next poll gets past it instead of failing on it for ever.
-    monkeypatch.setattr("connector.fetch.RETR_SLACK_BYTES", 1000)
+    monkeypatch.setattr("connector.poll.fetch.RETR_SLACK_BYTES", 1000)
     runaway = b"Subject: runaway\r\n\r\n" + (b"y" * 998 + b"\r\n") * 60 + b".\r\n"
     messages = [
         StoredMessage("a", simple(1)),

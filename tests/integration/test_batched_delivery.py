@@ -1,4 +1,4 @@
-"""Several messages per MULTIAPPEND (connector/batched.py), end to end against the real Dovecot.
+"""Several messages per MULTIAPPEND (connector/poll/batched.py), end to end against the real Dovecot.
 
 Dovecot offers MULTIAPPEND and LITERAL+, so the engine batches what the fetching thread has ready. The
 destination sessions are wrapped (``Connections.open_destination``, the one factory tests replace) to see

@@ -22,12 +22,12 @@ from connector.config import Account, Config, Destination, load_config
 from connector.connections import Connections, open_destination
 from connector.destinations.base import DestinationSession
 from connector.destinations.imap import open_imap
-from connector.engine import PollResult, SyncEngine
 from connector.errors import DestinationConnectError, DestinationError
 from connector.ledger.database import open_database
 from connector.ledger.models import MessageState
 from connector.ledger.store import Ledger
 from connector.message import FetchedMessage, MessageSpool
+from connector.poll.engine import PollResult, SyncEngine
 from tests.configs import write_tables
 from tests.delivery import assert_exactly_once, normalised
 from tests.messages import simple

@@ -15,12 +15,12 @@ import pytest
 
 from connector.config import Config, load_config
 from connector.destinations.imap import open_imap
-from connector.engine import PollResult, SyncEngine
 from connector.errors import DestinationFullError
 from connector.ledger.database import open_database
 from connector.ledger.models import MessageState
 from connector.ledger.store import Ledger
 from connector.message import MessageSpool
+from connector.poll.engine import PollResult, SyncEngine
 from tests.configs import write_tables
 from tests.delivery import assert_exactly_once
 from tests.messages import simple

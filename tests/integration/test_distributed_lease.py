@@ -32,7 +32,7 @@ from tests.servers.dovecot import Dovecot
 pytestmark = pytest.mark.integration
 
 MESSAGES = 400
-# The advisory lock's class (connector/distributed/registry.py): its backend is the one to end.
+# The advisory lock's class (connector/service/distributed/registry.py): its backend is the one to end.
 POLL_LOCK_CLASS = 0x504F50
 PAUSE_AT = ["-m", "tests.acceptance.pause_driver", "before-delivered-record", "40"]
 

@@ -14,12 +14,12 @@ from sqlalchemy import Engine, select, text
 
 from connector.config import Account, parse_config
 from connector.connections import Connections
-from connector.distributed import ensure_queue_schema, sync_accounts
-from connector.distributed.registry import claimed, due_accounts
-from connector.distributed.worker import DistributedWorker
 from connector.ledger.database import open_database
 from connector.ledger.models import AccountRow
 from connector.ledger.store import utcnow
+from connector.service.distributed import ensure_queue_schema, sync_accounts
+from connector.service.distributed.registry import claimed, due_accounts
+from connector.service.distributed.worker import DistributedWorker
 from tests.distributed_setup import (
     Fleet,
     config_text,

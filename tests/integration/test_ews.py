@@ -10,7 +10,7 @@ import pytest
 from exchangelib.errors import ErrorNameResolutionNoResults
 from sqlalchemy import select
 
-from connector.check import run_checks
+from connector.cli.check import run_checks
 from connector.config import EwsDestination
 from connector.destinations.ews import EwsSession, open_ews
 from connector.destinations.ews_connection import CONFIGURATIONS

@@ -18,10 +18,10 @@ import psycopg
 import pytest
 from sqlalchemy import Engine, event
 
-from connector.engine import SyncEngine
 from connector.errors import LedgerError
 from connector.ledger.models import MessageState
 from connector.ledger.store import Ledger, PollOutcome
+from connector.poll.engine import SyncEngine
 from tests.conftest import POSTGRES_ADMIN_DSN
 from tests.integration.conftest import SyncFactory
 from tests.messages import simple

@@ -10,12 +10,12 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from connector.health import HealthMonitor
 from connector.ledger.database import make_engine, open_database
 from connector.ledger.store import Ledger
-from connector.metrics import PollMetrics
-from connector.runtime import Runtime
-from connector.web import Operations, OpsServer
+from connector.ops.health import HealthMonitor
+from connector.ops.metrics import PollMetrics
+from connector.ops.web import Operations, OpsServer
+from connector.service.runtime import Runtime
 from tests.configs import make_config
 from tests.servers.dovecot import Dovecot, MailUsers
 from tests.waiting import wait_until

@@ -11,10 +11,10 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import update
 
-from connector.engine import SyncEngine
+from connector.cli.report import status_records, status_text
 from connector.ledger.models import MessageRow
 from connector.ledger.store import Ledger
-from connector.report import status_records, status_text
+from connector.poll.engine import SyncEngine
 from tests.integration.conftest import SyncFactory, scripted
 from tests.messages import simple
 from tests.servers.dovecot import Dovecot, MailUsers

@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 
+from connector.cli.report import status_records, status_text
 from connector.config import Account
-from connector.engine import PollResult, SyncEngine
 from connector.errors import DestinationConnectError
 from connector.ledger.store import Ledger
+from connector.poll.engine import PollResult, SyncEngine
 from connector.pop3 import connect_pop3
-from connector.report import status_records, status_text
 from tests.integration.conftest import SyncFactory, scripted
 from tests.messages import simple
 from tests.servers.dovecot import Dovecot, MailUsers

@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 
 from connector.config import load_config
-from connector.engine import PollResult, SyncEngine
 from connector.ledger.database import open_database
 from connector.ledger.store import Ledger
-from connector.scheduler import Service
+from connector.poll.engine import PollResult, SyncEngine
+from connector.service.scheduler import Service
 from tests.messages import simple
 from tests.servers.dovecot import Dovecot, MailUser
 

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine
 
-from connector.engine import SyncEngine
 from connector.ledger.database import open_database
 from connector.ledger.models import MessageState
 from connector.ledger.store import KnownMessage, Ledger
+from connector.poll.engine import SyncEngine
 from tests.integration.conftest import SyncFactory, scripted
 from tests.messages import simple
 from tests.servers.dovecot import Dovecot, MailUsers
@@ -257,7 +257,7 @@ def test_spool_without_room_stops_the_poll_before_fetching(
     written: list[int] = []
     real_usage = shutil.disk_usage
     # Under 2 MiB + the margin. (raising=False: the code before this fix had no such check to inject into.)
-    monkeypatch.setattr("connector.fetch.disk_usage", free_bytes(32 * MIB), raising=False)
+    monkeypatch.setattr("connector.poll.fetch.disk_usage", free_bytes(32 * MIB), raising=False)
     with ScriptedPop3Server(three(big), capabilities=capabilities) as server:
         config, engine = make_sync(account=scripted(server))
         account = config.accounts[0]
@@ -269,7 +269,9 @@ def test_spool_without_room_stops_the_poll_before_fetching(
         assert row(engine, account.name, "c") is None  # nothing fetched after it
         assert [m.uidl for m in server.messages] == ["short", "c"]
 
-        monkeypatch.setattr("connector.fetch.disk_usage", lambda path: written.append(1) or real_usage(path))
+        monkeypatch.setattr(
+            "connector.poll.fetch.disk_usage", lambda path: written.append(1) or real_usage(path)
+        )
         second = engine.poll(account)
         assert (second.status, second.delivered) == ("ok", 2), second
         assert written  # the check ran, against the real disk this time

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from sqlalchemy import event
 
+from connector.cli.report import status_records, status_text
 from connector.ledger.store import Ledger
-from connector.report import status_records, status_text
 from tests.integration.conftest import SyncFactory, scripted
 from tests.messages import simple
 from tests.servers.dovecot import Dovecot, MailUsers

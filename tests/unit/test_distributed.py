@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from connector.cli.report import status_records, status_text
 from connector.config import parse_config
-from connector.distributed.queue_schema import migrations_after, parse_version
-from connector.distributed.worker import libpq_url
 from connector.errors import ConfigError
 from connector.ledger.store import AccountStatus
-from connector.report import status_records, status_text
+from connector.service.distributed.queue_schema import migrations_after, parse_version
+from connector.service.distributed.worker import libpq_url
 
 CONFIG = Path("/etc/pop-connector/config.toml")
 

@@ -7,7 +7,6 @@ from datetime import UTC, datetime, timedelta
 from connector.config import RetentionPolicy
 from connector.ledger.models import MessageState
 from connector.ledger.store import KnownMessage, KnownMessages
-from connector.plan import Delivery, PollPlan, plan_poll, with_identities_checked
 from connector.policies.listing import (
     FORGOTTEN_ROWS_KEPT,
     Forgetting,
@@ -18,6 +17,7 @@ from connector.policies.listing import (
     sudden_loss,
     to_delete_from_ledger,
 )
+from connector.poll.plan import Delivery, PollPlan, plan_poll, with_identities_checked
 from connector.pop3 import MessageInfo
 
 NOW = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
@@ -195,8 +195,8 @@ def test_another_message_over_the_size_limit_is_quarantined_not_fetched() -> Non
 
 
 def test_dry_run_names_missing_messages_and_a_sudden_loss() -> None:
-    from connector.engine import PollResult
-    from connector.report import dry_run_lines
+    from connector.cli.report import dry_run_lines
+    from connector.poll.engine import PollResult
 
     plan = plan_poll([], KnownMessages(kept=frozenset({"k1", "k2"})), KEEP, NOW, forgetting=RULE)
     lines = dry_run_lines(PollResult(account="a", plan=plan))

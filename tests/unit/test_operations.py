@@ -15,18 +15,18 @@ from typing import Any
 import pytest
 
 from connector.config import Account, ServiceConfig, parse_config
-from connector.engine import PollResult
 from connector.errors import ConfigError
-from connector.health import HealthMonitor, health_problems, overdue_accounts
 from connector.ledger.database import open_database
 from connector.ledger.store import Ledger
-from connector.logs import ContextFilter, JsonFormatter, TextFormatter, log_context, set_message
-from connector.metrics import PollMetrics
-from connector.observe import PollStats
-from connector.progress import SUMMARY_COLUMNS, format_duration, plain_table, summary_rows
-from connector.reload import account_changes, service_changes
-from connector.scheduler import Service
-from connector.web import Operations, OpsServer, account_state, render_status_page
+from connector.ops.health import HealthMonitor, health_problems, overdue_accounts
+from connector.ops.logs import ContextFilter, JsonFormatter, TextFormatter, log_context, set_message
+from connector.ops.metrics import PollMetrics
+from connector.ops.progress import SUMMARY_COLUMNS, format_duration, plain_table, summary_rows
+from connector.ops.web import Operations, OpsServer, account_state, render_status_page
+from connector.poll.engine import PollResult
+from connector.poll.observe import PollStats
+from connector.service.reload import account_changes, service_changes
+from connector.service.scheduler import Service
 from tests.unit.test_scheduler import RecordingEngine
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)

@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta
 from connector.config import RetentionPolicy
 from connector.ledger.models import MessageState
 from connector.ledger.store import KnownMessage, KnownMessages
-from connector.plan import plan_poll
 from connector.policies.limits import Limits, headers_only_message, needs_baseline
+from connector.poll.plan import plan_poll
 from connector.pop3 import MessageInfo
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)

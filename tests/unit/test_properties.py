@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from connector.config import RoutingDefault, RoutingPolicy, RoutingRule, load_config, parse_config
 from connector.errors import ConfigError, SourceProtocolError
 from connector.message import MessageSpool, parse_header_date, parse_headers, received_date
+from connector.policies.routing import route
 from connector.pop3.replies import (
     ListEntry,
     UidlEntry,
@@ -29,7 +30,6 @@ from connector.pop3.replies import (
     parse_status,
 )
 from connector.pop3.wire import BodyDecoder
-from connector.routing import route
 from tests.servers.scripted_pop3 import crlf_lines, dot_stuffed
 
 # --- POP3 replies -------------------------------------------------------------------------------------

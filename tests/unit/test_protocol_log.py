@@ -7,7 +7,7 @@ import stat
 from pathlib import Path
 
 from connector import redaction
-from connector.protocol_log import _PrivateRotatingFile, _Redacting
+from connector.ops.protocol_log import _PrivateRotatingFile, _Redacting
 
 
 def test_rotated_files_stay_private_and_secrets_are_redacted(tmp_path: Path) -> None:

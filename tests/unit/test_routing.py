@@ -8,7 +8,7 @@ import pytest
 
 from connector.config import RoutingPolicy, load_config
 from connector.errors import ConfigError
-from connector.routing import route, rule_for
+from connector.policies.routing import route, rule_for
 from tests.unit.test_config import BASE, write
 
 POLICY = RoutingPolicy.model_validate(

@@ -9,10 +9,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from connector.config import Account, Config, parse_config
-from connector.engine import PollResult
 from connector.ledger.database import open_database
 from connector.ledger.store import Ledger
-from connector.scheduler import Service
+from connector.poll.engine import PollResult
+from connector.service.scheduler import Service
 
 
 def config_with(accounts: int, max_workers: int) -> Config:

@@ -12,14 +12,10 @@ from pathlib import Path
 import pytest
 
 from connector.config import DEFAULT_MESSAGE_SIZE_CEILING, RetentionPolicy, load_config
-from connector.engine import PollResult
 from connector.errors import SourceShortReplyError, SpoolError
-from connector.fetch import check_retr_size, check_spool_space, fetch, max_retr_bytes
 from connector.ledger.store import KnownMessages
 from connector.message import MessageSpool
-from connector.metrics import PollMetrics
-from connector.observe import PollStats
-from connector.plan import Delivery, PollPlan, plan_poll, within_ceiling
+from connector.ops.metrics import PollMetrics
 from connector.policies.limits import Limits
 from connector.policies.sizes import (
     SHORT_RETR_MIN_GAP,
@@ -29,6 +25,10 @@ from connector.policies.sizes import (
     spool_room_needed,
     spool_shortfall,
 )
+from connector.poll.engine import PollResult
+from connector.poll.fetch import check_retr_size, check_spool_space, fetch, max_retr_bytes
+from connector.poll.observe import PollStats
+from connector.poll.plan import Delivery, PollPlan, plan_poll, within_ceiling
 from connector.pop3 import MessageInfo, connect_pop3
 from tests.messages import simple
 from tests.servers.scripted_pop3 import ScriptedPop3Server, StoredMessage
@@ -166,18 +166,18 @@ def _free(free: int) -> object:
 
 def test_spool_space_check_reads_the_spool_directory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     seen: list[str] = []
-    monkeypatch.setattr("connector.fetch.spool_directory", lambda: str(tmp_path))
+    monkeypatch.setattr("connector.poll.fetch.spool_directory", lambda: str(tmp_path))
 
     def usage(path: str) -> object:
         seen.append(path)
         return shutil.disk_usage(path)
 
-    monkeypatch.setattr("connector.fetch.disk_usage", usage)
+    monkeypatch.setattr("connector.poll.fetch.disk_usage", usage)
     check_spool_space(MessageInfo(1, "small", 1000))
     assert seen == []  # stays in memory: no system call
     check_spool_space(MessageInfo(1, "big", 2 * MIB))
     assert seen == [str(tmp_path)]
-    monkeypatch.setattr("connector.fetch.disk_usage", _free(10 * MIB))
+    monkeypatch.setattr("connector.poll.fetch.disk_usage", _free(10 * MIB))
     with pytest.raises(SpoolError) as caught:
         check_spool_space(MessageInfo(1, "big", 2 * MIB))
     text = caught.value.message
@@ -188,7 +188,7 @@ def test_unreadable_spool_space_is_a_spool_error(monkeypatch: pytest.MonkeyPatch
     def broken(path: str) -> object:
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr("connector.fetch.disk_usage", broken)
+    monkeypatch.setattr("connector.poll.fetch.disk_usage", broken)
     with pytest.raises(
         SpoolError, match=r"cannot read the free space of the spool directory .*Permission denied"
     ):
@@ -204,7 +204,7 @@ def test_a_spool_that_cannot_be_written_is_a_spool_error_not_a_traceback(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     (account,) = load_config(write(tmp_path, BASE)).accounts
-    monkeypatch.setattr("connector.fetch.spool_for", lambda account, info: _FullDisk(info.uidl, "<x@y>"))
+    monkeypatch.setattr("connector.poll.fetch.spool_for", lambda account, info: _FullDisk(info.uidl, "<x@y>"))
     server = ScriptedPop3Server([StoredMessage("uid-1", simple(1))])
     with server, connect_pop3(server.host, server.port, tls="none", ssl_context=None, timeout=5) as pop:
         pop.login("alice", "secret")

@@ -10,8 +10,8 @@ import pytest
 from connector.config import RetentionPolicy
 from connector.ledger.models import MessageState
 from connector.ledger.store import KnownMessage, KnownMessages
-from connector.plan import plan_poll
 from connector.policies.uidl import TWIN_SEPARATOR, is_hashed, key_twins, twin_key
+from connector.poll.plan import plan_poll
 from connector.pop3 import MessageInfo
 
 NOW = datetime(2026, 12, 6, tzinfo=UTC)

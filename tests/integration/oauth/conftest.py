@@ -18,10 +18,10 @@ from sqlalchemy import Engine
 
 from connector.config import Config, parse_config
 from connector.connections import Connections, open_imap_destination, open_source
-from connector.engine import PollResult, SyncEngine
 from connector.ledger.database import open_database
 from connector.ledger.store import Ledger
 from connector.oauth import TokenProviders
+from connector.poll.engine import PollResult, SyncEngine
 from tests.messages import simple
 from tests.servers.dovecot import Dovecot, MailUsers, fresh_users, running_for_tests
 from tests.servers.scripted_pop3 import tls_contexts

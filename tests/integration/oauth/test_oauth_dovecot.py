@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from connector.check import run_checks
+from connector.cli.check import run_checks
 from tests.integration.oauth.conftest import OAuthSync
 from tests.messages import simple
 from tests.servers.scripted_pop3 import CloseConnection, Pop3Session, ScriptedPop3Server, StoredMessage

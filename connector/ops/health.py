@@ -15,9 +15,9 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from connector.config import Account
-from connector.engine import PollResult
 from connector.ledger.store import Ledger
-from connector.observe import PollObserver, PollStats
+from connector.poll.engine import PollResult
+from connector.poll.observe import PollObserver, PollStats
 
 
 def overdue_accounts(due: Mapping[str, datetime], now: datetime, grace: timedelta) -> list[str]:

@@ -18,11 +18,11 @@ from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from connector.config import Account, Config
-from connector.engine import PollResult, SyncEngine
 from connector.ledger.store import Ledger
-from connector.reload import AccountChanges, account_changes
+from connector.poll.engine import PollResult, SyncEngine
+from connector.service.reload import AccountChanges, account_changes
 
-log = logging.getLogger("connector.scheduler")
+log = logging.getLogger("connector.service.scheduler")
 
 
 _UNLIMITED = 1 << 30

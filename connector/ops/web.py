@@ -25,14 +25,14 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from connector import __version__
+from connector.cli.report import status_records
 from connector.config import Config
 from connector.errors import ConfigError, LedgerError
-from connector.health import HealthMonitor, database_error, health_problems
 from connector.ledger.store import Ledger
-from connector.metrics import PollMetrics
-from connector.report import status_records
+from connector.ops.health import HealthMonitor, database_error, health_problems
+from connector.ops.metrics import PollMetrics
 
-log = logging.getLogger("connector.web")
+log = logging.getLogger("connector.ops.web")
 
 SECURITY_HEADERS = {
     "Cache-Control": "no-store",

@@ -21,15 +21,15 @@ from typing import Any, cast
 from connector.config import Account, Config, Destination
 from connector.connections import Connections
 from connector.destinations.base import DestinationSession
-from connector.engine import PollResult, SyncEngine
 from connector.ledger.store import Ledger
-from connector.logs import log_context, set_message
 from connector.message import FetchedMessage
-from connector.plan import PollPlan
+from connector.ops.logs import log_context, set_message
+from connector.poll.engine import PollResult, SyncEngine
+from connector.poll.plan import PollPlan
 from connector.pop3 import MessageInfo, Pop3Client, Sink
 from connector.pop3.client import RetrReply
 
-log = logging.getLogger("connector.observe")
+log = logging.getLogger("connector.poll.observe")
 
 
 @dataclass

@@ -22,7 +22,7 @@ from connector.policies.uidl import (
 )
 from connector.pop3 import MessageInfo, Pop3Client
 
-log = logging.getLogger("connector.identity")
+log = logging.getLogger("connector.poll.identity")
 
 
 @dataclass(frozen=True)

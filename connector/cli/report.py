@@ -8,8 +8,8 @@ from datetime import datetime
 from typing import Any
 
 from connector.config import Account
-from connector.engine import PollResult
 from connector.ledger.store import AccountStatus
+from connector.poll.engine import PollResult
 
 
 def _when(value: datetime | None) -> str:

@@ -14,10 +14,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from connector.errors import SourceProtocolError
-from connector.identity import header_hash_of
 from connector.ledger.store import KnownMessage
-from connector.pipeline import SIZE_QUERIES
 from connector.policies.listing import same_message
+from connector.poll.identity import header_hash_of
+from connector.poll.pipeline import SIZE_QUERIES
 from connector.pop3 import MessageInfo, Pop3Client
 
 

@@ -23,13 +23,19 @@ from dataclasses import dataclass, replace
 
 from connector.config import DEFAULT_MESSAGE_SIZE_CEILING
 from connector.errors import SourceMessageError, SourceProtocolError, SourceReplyTooLongError
-from connector.fetch import check_retr_size, check_spool_space, max_retr_bytes, name_runaway, spool_failed
 from connector.message import FetchedMessage, MessageSpool
-from connector.plan import Delivery, PollPlan
+from connector.poll.fetch import (
+    check_retr_size,
+    check_spool_space,
+    max_retr_bytes,
+    name_runaway,
+    spool_failed,
+)
+from connector.poll.plan import Delivery, PollPlan
 from connector.pop3 import MessageInfo, Pop3Client, join_listings
 from connector.pop3.client import RetrReply
 
-log = logging.getLogger("connector.pipeline")
+log = logging.getLogger("connector.poll.pipeline")
 
 # RETR commands in flight: enough to cover a long round trip with small messages, fewer for large ones so
 # that stopping early (which reads and discards what is in flight) stays quick.
@@ -136,7 +142,7 @@ class Prefetcher:
         self._held: list[object] = []
         self._stop = threading.Event()
         # The thread runs in a copy of this thread's context: log lines and the protocol log keep
-        # naming the account (connector.logs and connector.protocol_log keep it in context variables).
+        # naming the account (connector.ops.logs and connector.ops.protocol_log keep it in context variables).
         context = contextvars.copy_context()
         self._thread = threading.Thread(
             target=context.run, args=(self._run,), name=f"fetch {pop.peer}", daemon=True

@@ -13,12 +13,12 @@ from typing import Any
 from connector.config import Config, RoutingPolicy
 from connector.connections import Connections
 from connector.errors import SourceMessageError
-from connector.identity import baseline_entries, identify
 from connector.ledger.store import KnownMessages, Ledger, QuarantinedMessage
 from connector.message import HEADER_PARSE_LIMIT
 from connector.policies.lease import LeaseHeld
+from connector.policies.routing import route
+from connector.poll.identity import baseline_entries, identify
 from connector.pop3 import MessageInfo, Pop3Client
-from connector.routing import route
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 COMMANDS = ("quarantine", "resume", "baseline", "routes")

@@ -8,18 +8,18 @@ import threading
 from pathlib import Path
 from types import FrameType
 
+from connector.cli.report import poll_line
 from connector.config import Config, load_config
 from connector.connections import Connections
-from connector.engine import PollResult
 from connector.errors import ConfigError
-from connector.health import HealthMonitor
 from connector.ledger.store import Ledger
-from connector.metrics import PollMetrics
-from connector.observe import ObservedEngine
-from connector.reload import service_changes
-from connector.report import poll_line
-from connector.scheduler import Service
-from connector.web import Operations, OpsServer
+from connector.ops.health import HealthMonitor
+from connector.ops.metrics import PollMetrics
+from connector.ops.web import Operations, OpsServer
+from connector.poll.engine import PollResult
+from connector.poll.observe import ObservedEngine
+from connector.service.reload import service_changes
+from connector.service.scheduler import Service
 
 log = logging.getLogger("connector")
 

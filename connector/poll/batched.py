@@ -22,9 +22,9 @@ from connector.config import Account
 from connector.destinations.base import DestinationSession
 from connector.errors import LedgerError
 from connector.ledger.store import Ledger
-from connector.logs import about_message
 from connector.message import FetchedMessage
-from connector.pipeline import Fetched
+from connector.ops.logs import about_message
+from connector.poll.pipeline import Fetched
 from connector.pop3 import MessageInfo
 
 _T = TypeVar("_T")

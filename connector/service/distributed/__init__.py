@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 
 from connector.config import Config
-from connector.distributed.queue_schema import ensure_queue_schema
-from connector.distributed.registry import SyncSummary, sync_accounts
+from connector.service.distributed.queue_schema import ensure_queue_schema
+from connector.service.distributed.registry import SyncSummary, sync_accounts
 
 __all__ = ["SyncSummary", "ensure_queue_schema", "run_worker", "sync_accounts"]
 
@@ -22,8 +22,8 @@ log = logging.getLogger(__name__)
 
 def run_worker(config: Config) -> bool:
     """``pop-connector run`` in distributed mode. True when stopped by a signal, False on failure."""
-    from connector.distributed.worker import DistributedWorker, worker_engine
-    from connector.report import poll_line
+    from connector.cli.report import poll_line
+    from connector.service.distributed.worker import DistributedWorker, worker_engine
 
     assert config.service.database is not None
     engine = worker_engine(config.service.database, config.service.max_workers)

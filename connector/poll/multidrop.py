@@ -23,12 +23,12 @@ from connector.destinations.base import DestinationSession, look_up
 from connector.ledger.models import RecipientState
 from connector.ledger.store import Ledger
 from connector.message import HEADER_PARSE_LIMIT, FetchedMessage
-from connector.plan import Delivery
+from connector.ops.protocol_log import protocol_note
+from connector.policies.routing import route
+from connector.poll.plan import Delivery
 from connector.pop3 import MessageInfo
-from connector.protocol_log import protocol_note
-from connector.routing import route
 
-log = logging.getLogger("connector.multidrop")
+log = logging.getLogger("connector.poll.multidrop")
 
 DestinationAction = Callable[[DestinationSession], "str | None"]
 # Sessions kept open at once in one poll; a domain's mail for more mailboxes logs the oldest out.

@@ -19,10 +19,10 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 
 from connector.config import Account
-from connector.distributed.queue_schema import QUEUE_SCHEMA
 from connector.errors import LedgerError
 from connector.ledger.models import AccountRow
 from connector.ledger.store import utcnow
+from connector.service.distributed.queue_schema import QUEUE_SCHEMA
 
 log = logging.getLogger(__name__)
 

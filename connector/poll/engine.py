@@ -26,10 +26,8 @@ from datetime import datetime, timedelta
 from functools import partial
 from typing import NamedTuple, TypeVar
 
-from connector.batched import BatchedDelivery, batchable
 from connector.config import Account, Config
 from connector.connections import Connections
-from connector.deletions import DeleQueue
 from connector.destinations.base import DestinationSession, look_up
 from connector.errors import (
     AuthenticationError,
@@ -43,22 +41,11 @@ from connector.errors import (
     SourceReplyTooLongError,
     SourceShortReplyError,
 )
-from connector.fetch import fetch, spool_for
-from connector.identity import Identified, baseline_entries, identify, migration
 from connector.ledger.lease import LeaseLostError, PollLease
 from connector.ledger.models import MessageState
 from connector.ledger.store import Clock, KnownMessage, KnownMessages, Ledger, PollOutcome, utcnow
 from connector.message import FetchedMessage
-from connector.multidrop import DestinationPool, RoutedDelivery
-from connector.pipeline import BATCH_BYTES, Fetched, Prefetcher, with_sizes
-from connector.plan import (
-    Delivery,
-    PollPlan,
-    plan_poll,
-    with_identities_checked,
-    with_recovery,
-    within_ceiling,
-)
+from connector.ops.protocol_log import protocol_note, recording
 from connector.policies.blame import Blame, DropWitness, Verdict, blame
 from connector.policies.lease import LeaseHeld
 from connector.policies.limits import Limits, needs_baseline
@@ -67,11 +54,24 @@ from connector.policies.retention import deletable_until, should_delete
 from connector.policies.retry import failure_delay, should_suspend, success_delay
 from connector.policies.server_limits import deletes_retrieved, login_delay, retention_conflict
 from connector.policies.uidl import UidlChange, rekeyed, suspect_migration
+from connector.poll.batched import BatchedDelivery, batchable
+from connector.poll.deletions import DeleQueue
+from connector.poll.fetch import fetch, spool_for
+from connector.poll.identity import Identified, baseline_entries, identify, migration
+from connector.poll.multidrop import DestinationPool, RoutedDelivery
+from connector.poll.pipeline import BATCH_BYTES, Fetched, Prefetcher, with_sizes
+from connector.poll.plan import (
+    Delivery,
+    PollPlan,
+    plan_poll,
+    with_identities_checked,
+    with_recovery,
+    within_ceiling,
+)
+from connector.poll.recheck import not_the_recorded
 from connector.pop3 import MessageInfo, Pop3Client
-from connector.protocol_log import protocol_note, recording
-from connector.recheck import not_the_recorded
 
-log = logging.getLogger("connector.engine")
+log = logging.getLogger("connector.poll.engine")
 
 # Problems kept in the account's identity note (shown by `status`); more are counted, not quoted.
 _NOTED_PROBLEMS = 5
@@ -177,7 +177,7 @@ class _Poll(RoutedDelivery, BatchedDelivery):
         self.destinations = DestinationPool(self._open_destination)
         self.drops = DropWitness()
         self.to_delete: list[str] = []
-        # Only a successful flush of the ledger releases these (see connector/deletions.py).
+        # Only a successful flush of the ledger releases these (see connector/poll/deletions.py).
         self.dele_queue = DeleQueue(lambda: self.ledger.flush(self.account_id))
         self.account_id = 0
         self.pop: Pop3Client | None = None

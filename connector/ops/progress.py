@@ -27,10 +27,10 @@ from rich.progress import (
 from rich.table import Table
 
 from connector.config import Account
-from connector.engine import PollResult
-from connector.observe import PollObserver, PollStats
+from connector.poll.engine import PollResult
+from connector.poll.observe import PollObserver, PollStats
 
-log = logging.getLogger("connector.progress")
+log = logging.getLogger("connector.ops.progress")
 
 SUMMARY_COLUMNS = ("account", "result", "delivered", "skipped", "quarantined", "errors", "duration")
 

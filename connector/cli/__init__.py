@@ -16,18 +16,19 @@ from types import FrameType
 
 from sqlalchemy import Engine
 
-from connector import __version__, admin
+from connector import __version__
+from connector.cli import admin
+from connector.cli.report import dry_run_lines, poll_line, status_json, status_records, status_text
 from connector.config import Account, Config, config_path, load_config
 from connector.connections import Connections
-from connector.engine import PollResult
 from connector.errors import ConfigError, ConnectorError
 from connector.ledger.database import open_database
 from connector.ledger.store import Ledger
-from connector.logs import LOG_FORMATS, setup_logging
-from connector.observe import ObservedEngine
-from connector.progress import SyncProgress, print_summary, summary_rows, sync_progress
-from connector.report import dry_run_lines, poll_line, status_json, status_records, status_text
-from connector.runtime import run_service
+from connector.ops.logs import LOG_FORMATS, setup_logging
+from connector.ops.progress import SyncProgress, print_summary, summary_rows, sync_progress
+from connector.poll.engine import PollResult
+from connector.poll.observe import ObservedEngine
+from connector.service.runtime import run_service
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
@@ -87,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace, config: Config) -> int:
     if args.command == "check":
-        from connector.check import run_checks
+        from connector.cli.check import run_checks
 
         return EXIT_OK if run_checks(config, print) else EXIT_FAILED
     assert config.service.database is not None
@@ -97,7 +98,7 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
     ledger = Ledger(engine)
     if args.command == "db":
         if config.service.mode == "distributed":
-            from connector.distributed import ensure_queue_schema
+            from connector.service.distributed import ensure_queue_schema
 
             ensure_queue_schema(engine)
         print(f"ledger database is up to date: {engine.url.render_as_string(hide_password=True)}")
@@ -105,7 +106,7 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
     if args.command == "accounts":
         return _sync_config(config, engine)
     if args.command == "run" and config.service.mode == "distributed":
-        from connector.distributed import run_worker
+        from connector.service.distributed import run_worker
 
         engine.dispose()
         return EXIT_OK if run_worker(config) else EXIT_FAILED
@@ -127,7 +128,7 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
 
 
 def _sync_config(config: Config, engine: Engine) -> int:
-    from connector.distributed import sync_accounts
+    from connector.service.distributed import sync_accounts
 
     summary = sync_accounts(engine, config.accounts)
     print(f"accounts: {summary.added} added, {summary.active} active, {summary.inactive} inactive")

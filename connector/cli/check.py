@@ -7,7 +7,7 @@ from collections.abc import Callable
 from connector.config import Account, Config
 from connector.connections import Connections
 from connector.errors import ConnectorError
-from connector.routing import routed_mailboxes
+from connector.policies.routing import routed_mailboxes
 
 
 def run_checks(config: Config, out: Callable[[str], None], connections: Connections | None = None) -> bool:

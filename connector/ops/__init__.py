@@ -1,0 +1,1 @@
+"""Operating it: logs, metrics, health, the status page, progress display, protocol logs."""

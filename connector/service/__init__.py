@@ -1,0 +1,1 @@
+"""The long-running service: `run` in one process (scheduler) or as distributed workers."""
