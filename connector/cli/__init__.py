@@ -26,8 +26,8 @@ from connector.ledger.database import open_database
 from connector.ledger.store import Ledger
 from connector.ops.logs import LOG_FORMATS, setup_logging
 from connector.ops.progress import SyncProgress, print_summary, summary_rows, sync_progress
-from connector.poll.engine import PollResult
 from connector.poll.observe import ObservedEngine
+from connector.poll.result import PollResult
 from connector.service.runtime import run_service
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
@@ -165,7 +165,7 @@ def _sync(config: Config, engine: ObservedEngine, args: argparse.Namespace) -> i
         return engine.poll(account, dry_run=args.dry_run, stop=stop)
 
     display = sync_progress(accounts, sys.stderr) if not args.dry_run else SyncProgress()
-    engine.observers.append(display)
+    engine.hooks.append(display)
     with display, ThreadPoolExecutor(max_workers=config.service.max_workers) as pool:
         results = list(pool.map(poll, accounts))
     for result in results:

@@ -9,7 +9,7 @@ from typing import Any
 
 from connector.config import Account
 from connector.ledger.store import AccountStatus
-from connector.poll.engine import PollResult
+from connector.poll.result import PollResult
 
 
 def _when(value: datetime | None) -> str:

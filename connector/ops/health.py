@@ -16,8 +16,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from connector.config import Account
 from connector.ledger.store import Ledger
-from connector.poll.engine import PollResult
 from connector.poll.observe import PollObserver, PollStats
+from connector.poll.result import PollResult
 
 
 def overdue_accounts(due: Mapping[str, datetime], now: datetime, grace: timedelta) -> list[str]:

@@ -8,8 +8,8 @@ import contextlib
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from connector.config import Account
-from connector.poll.engine import PollResult
 from connector.poll.observe import PollObserver, PollStats
+from connector.poll.result import PollResult
 
 # Polls of an empty mailbox take well under a second; a first migration of a big one takes hours.
 DURATION_BUCKETS = (0.25, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600)

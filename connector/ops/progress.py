@@ -27,8 +27,8 @@ from rich.progress import (
 from rich.table import Table
 
 from connector.config import Account
-from connector.poll.engine import PollResult
 from connector.poll.observe import PollObserver, PollStats
+from connector.poll.result import PollResult
 
 log = logging.getLogger("connector.ops.progress")
 

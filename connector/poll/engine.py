@@ -20,8 +20,8 @@ import contextlib
 import itertools
 import logging
 import threading
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+import time
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from functools import partial
 from typing import NamedTuple, TypeVar
@@ -45,6 +45,7 @@ from connector.ledger.lease import LeaseLostError, PollLease
 from connector.ledger.models import MessageState
 from connector.ledger.store import Clock, KnownMessage, KnownMessages, Ledger, PollOutcome, utcnow
 from connector.message import FetchedMessage
+from connector.ops.logs import log_context
 from connector.ops.protocol_log import protocol_note, recording
 from connector.policies.blame import Blame, DropWitness, Verdict, blame
 from connector.policies.lease import LeaseHeld
@@ -56,6 +57,7 @@ from connector.policies.server_limits import deletes_retrieved, login_delay, ret
 from connector.policies.uidl import UidlChange, rekeyed, suspect_migration
 from connector.poll.batched import BatchedDelivery, batchable
 from connector.poll.deletions import DeleQueue
+from connector.poll.events import Finished, Observers, Planned, PollObserver, Started
 from connector.poll.fetch import fetch, spool_for
 from connector.poll.identity import Identified, baseline_entries, identify, migration
 from connector.poll.multidrop import DestinationPool, RoutedDelivery
@@ -69,44 +71,13 @@ from connector.poll.plan import (
     within_ceiling,
 )
 from connector.poll.recheck import not_the_recorded
+from connector.poll.result import PollResult
 from connector.pop3 import MessageInfo, Pop3Client
 
 log = logging.getLogger("connector.poll.engine")
 
 # Problems kept in the account's identity note (shown by `status`); more are counted, not quoted.
 _NOTED_PROBLEMS = 5
-
-
-@dataclass
-class PollResult:
-    account: str
-    # ok | error | auth_error | stopped | suspended | busy (another poll holds the account's lease) |
-    # lease_lost (another poll took the account over while this one stalled)
-    status: str = "ok"
-    error: str | None = None
-    delivered: int = 0
-    recovered: int = 0
-    failed: int = 0
-    quarantined: int = 0
-    deleted: int = 0
-    skipped: int = 0
-    # RETR replies far shorter than LIST said (counted in ``failed`` too); see policies/sizes.py.
-    short_retrs: int = 0
-    # Left on the POP3 server because the poll could not identify them (a malformed listing line, copies
-    # nothing tells apart, no UIDL and TOP refused); reported when first seen, then shown by `status`.
-    unidentified: int = 0
-    next_poll_at: datetime | None = None
-    plan: PollPlan | None = None
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return self.status in ("ok", "stopped")
-
-    @property
-    def poll_failed(self) -> bool:
-        """The poll ran and failed; an account skipped because another process polls it is no failure."""
-        return not self.ok and self.status != "busy"
 
 
 _DestinationAction = Callable[[DestinationSession], "str | None"]
@@ -140,6 +111,8 @@ class _Listing(NamedTuple):
 
 
 class SyncEngine:
+    """Polls accounts; every poll reports what it does to ``observers`` (connector/poll/events.py)."""
+
     def __init__(
         self,
         config: Config,
@@ -147,21 +120,36 @@ class SyncEngine:
         connections: Connections | None = None,
         *,
         clock: Clock = utcnow,
+        observers: Iterable[PollObserver] = (),
     ) -> None:
         self.config = config
         self.ledger = ledger
         self.connections = connections or Connections()
         self.clock = clock
+        self.observers = observers if isinstance(observers, Observers) else Observers(observers)
 
     def poll(
         self, account: Account, *, dry_run: bool = False, stop: threading.Event | None = None
     ) -> PollResult:
-        run = _Poll(self, account, stop or threading.Event())
-        with recording(self.config, account):
-            return run.dry_run() if dry_run else run.run()
+        with log_context(account.name), recording(self.config, account):
+            run = _Poll(self, account, stop or threading.Event())
+            if dry_run:  # changes nothing, reports nothing
+                return run.dry_run()
+            started = time.monotonic()
+            self.observers.emit(Started(account.name))
+            result = run.run()
+            self.observers.emit(Finished(account.name, result, time.monotonic() - started, run.planned_count))
+            return result
 
     def planned(self, account: Account, plan: PollPlan) -> None:
-        """Called once a poll knows what it will deliver (the sizes known); for observers."""
+        self.observers.emit(
+            Planned(
+                account.name,
+                len(plan.deliver),
+                sum(delivery.info.size for delivery in plan.deliver),
+                len(plan.delete),
+            )
+        )
 
 
 class _Poll(RoutedDelivery, BatchedDelivery):
@@ -194,6 +182,8 @@ class _Poll(RoutedDelivery, BatchedDelivery):
         # How the listing was identified, and the note of a UIDL change found in it (see _listing).
         self.identified = Identified([])
         self.uidl_change_note: str | None = None
+        # Messages the plan fetches and delivers; None until the plan is made (see events.Finished).
+        self.planned_count: int | None = None
 
     # --- whole poll ----------------------------------------------------------------------------------
 
@@ -337,6 +327,7 @@ class _Poll(RoutedDelivery, BatchedDelivery):
                 self.account.name,
                 info.uidl,
             )
+        self.planned_count = len(plan.deliver)
         self.engine.planned(self.account, plan)
         self._left_unidentified(pop, listing, plan)
         # A message left out of a malformed listing may still be on the server: such a listing forgets

@@ -24,8 +24,9 @@ from connector.destinations.base import DestinationSession
 from connector.ledger.store import Ledger
 from connector.message import FetchedMessage
 from connector.ops.logs import log_context, set_message
-from connector.poll.engine import PollResult, SyncEngine
+from connector.poll.engine import SyncEngine
 from connector.poll.plan import PollPlan
+from connector.poll.result import PollResult
 from connector.pop3 import MessageInfo, Pop3Client, Sink
 from connector.pop3.client import RetrReply
 
@@ -90,7 +91,7 @@ class ObservedEngine(SyncEngine):
             open_destination=self._open_destination,
             open_recipient=self._open_recipient,
         )
-        self.observers: list[PollObserver] = list(observers)
+        self.hooks: list[PollObserver] = list(observers)
         self._stats: dict[str, PollStats] = {}
         self._lock = threading.Lock()
         self._notify_lock = threading.Lock()
@@ -116,7 +117,7 @@ class ObservedEngine(SyncEngine):
 
     def _notify(self, hook: str, *args: Any) -> None:
         with self._notify_lock:
-            for observer in self.observers:
+            for observer in self.hooks:
                 try:
                     getattr(observer, hook)(*args)
                 except Exception:

@@ -16,8 +16,8 @@ from connector.ledger.store import Ledger
 from connector.ops.health import HealthMonitor
 from connector.ops.metrics import PollMetrics
 from connector.ops.web import Operations, OpsServer
-from connector.poll.engine import PollResult
 from connector.poll.observe import ObservedEngine
+from connector.poll.result import PollResult
 from connector.service.reload import service_changes
 from connector.service.scheduler import Service
 

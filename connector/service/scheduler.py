@@ -19,7 +19,8 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from connector.config import Account, Config
 from connector.ledger.store import Ledger
-from connector.poll.engine import PollResult, SyncEngine
+from connector.poll.engine import SyncEngine
+from connector.poll.result import PollResult
 from connector.service.reload import AccountChanges, account_changes
 
 log = logging.getLogger("connector.service.scheduler")

@@ -20,7 +20,8 @@ from connector.ledger.database import open_database
 from connector.ledger.models import MessageState
 from connector.ledger.store import Ledger
 from connector.message import MessageSpool
-from connector.poll.engine import PollResult, SyncEngine
+from connector.poll.engine import SyncEngine
+from connector.poll.result import PollResult
 from tests.configs import write_tables
 from tests.delivery import assert_exactly_once
 from tests.messages import simple

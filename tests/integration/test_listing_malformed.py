@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from connector.cli.report import status_records, status_text
-from connector.poll.engine import PollResult
+from connector.poll.result import PollResult
 from tests.integration.conftest import SyncFactory, scripted
 from tests.messages import simple
 from tests.servers.dovecot import Dovecot, MailUsers

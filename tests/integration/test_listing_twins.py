@@ -17,7 +17,8 @@ from connector.cli.report import status_records, status_text
 from connector.config import Account
 from connector.errors import DestinationConnectError
 from connector.ledger.store import Ledger
-from connector.poll.engine import PollResult, SyncEngine
+from connector.poll.engine import SyncEngine
+from connector.poll.result import PollResult
 from connector.pop3 import connect_pop3
 from tests.integration.conftest import SyncFactory, scripted
 from tests.messages import simple

@@ -22,7 +22,8 @@ import pytest
 from connector.config import load_config
 from connector.ledger.database import open_database
 from connector.ledger.store import Ledger
-from connector.poll.engine import PollResult, SyncEngine
+from connector.poll.engine import SyncEngine
+from connector.poll.result import PollResult
 from connector.service.scheduler import Service
 from tests.messages import simple
 from tests.servers.dovecot import Dovecot, MailUser

@@ -196,7 +196,7 @@ def test_another_message_over_the_size_limit_is_quarantined_not_fetched() -> Non
 
 def test_dry_run_names_missing_messages_and_a_sudden_loss() -> None:
     from connector.cli.report import dry_run_lines
-    from connector.poll.engine import PollResult
+    from connector.poll.result import PollResult
 
     plan = plan_poll([], KnownMessages(kept=frozenset({"k1", "k2"})), KEEP, NOW, forgetting=RULE)
     lines = dry_run_lines(PollResult(account="a", plan=plan))

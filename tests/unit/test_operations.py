@@ -23,8 +23,8 @@ from connector.ops.logs import ContextFilter, JsonFormatter, TextFormatter, log_
 from connector.ops.metrics import PollMetrics
 from connector.ops.progress import SUMMARY_COLUMNS, format_duration, plain_table, summary_rows
 from connector.ops.web import Operations, OpsServer, account_state, render_status_page
-from connector.poll.engine import PollResult
 from connector.poll.observe import PollStats
+from connector.poll.result import PollResult
 from connector.service.reload import account_changes, service_changes
 from connector.service.scheduler import Service
 from tests.unit.test_scheduler import RecordingEngine

@@ -11,7 +11,7 @@ from pathlib import Path
 from connector.config import Account, Config, parse_config
 from connector.ledger.database import open_database
 from connector.ledger.store import Ledger
-from connector.poll.engine import PollResult
+from connector.poll.result import PollResult
 from connector.service.scheduler import Service
 
 

@@ -25,10 +25,10 @@ from connector.policies.sizes import (
     spool_room_needed,
     spool_shortfall,
 )
-from connector.poll.engine import PollResult
 from connector.poll.fetch import check_retr_size, check_spool_space, fetch, max_retr_bytes
 from connector.poll.observe import PollStats
 from connector.poll.plan import Delivery, PollPlan, plan_poll, within_ceiling
+from connector.poll.result import PollResult
 from connector.pop3 import MessageInfo, connect_pop3
 from tests.messages import simple
 from tests.servers.scripted_pop3 import ScriptedPop3Server, StoredMessage

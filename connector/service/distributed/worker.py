@@ -35,7 +35,8 @@ from sqlalchemy.engine import make_url
 from connector.config import Account, Config
 from connector.connections import Connections
 from connector.ledger.store import Ledger, utcnow
-from connector.poll.engine import PollResult, SyncEngine
+from connector.poll.engine import SyncEngine
+from connector.poll.result import PollResult
 from connector.service.distributed.config_watch import ConfigWatch
 from connector.service.distributed.queue_schema import SEARCH_PATH_OPTION
 from connector.service.distributed.registry import claimed, due_accounts, poll_lock_name, sync_accounts

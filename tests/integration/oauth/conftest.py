@@ -21,7 +21,8 @@ from connector.connections import Connections, open_imap_destination, open_sourc
 from connector.ledger.database import open_database
 from connector.ledger.store import Ledger
 from connector.oauth import TokenProviders
-from connector.poll.engine import PollResult, SyncEngine
+from connector.poll.engine import SyncEngine
+from connector.poll.result import PollResult
 from tests.messages import simple
 from tests.servers.dovecot import Dovecot, MailUsers, fresh_users, running_for_tests
 from tests.servers.scripted_pop3 import tls_contexts
