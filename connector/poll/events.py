@@ -54,12 +54,13 @@ class Fetched:
 
 @dataclass(frozen=True, slots=True)
 class Delivered:
-    """The destination confirmed message ``uidl`` (``size`` octets as delivered) as ``ref``; ``mailbox`` is
-    the recipient's for catch-all accounts."""
+    """The destination confirmed message ``uidl`` (``size`` octets as delivered, ``sha256`` of them) as
+    ``ref``; ``mailbox`` is the recipient's for catch-all accounts."""
 
     account: str
     uidl: str
     size: int
+    sha256: str
     ref: str
     mailbox: str | None = None
 
