@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 from connector.config import DEFAULT_MESSAGE_SIZE_CEILING
-from connector.errors import SourceMessageError, SourceProtocolError, SourceReplyTooLongError
+from connector.errors import MessageFetchError, SourceProtocolError, SourceReplyTooLongError
 from connector.message import FetchedMessage, MessageSpool
 from connector.poll.fetch import (
     check_retr_size,
@@ -57,7 +57,7 @@ class Fetched:
 
     delivery: Delivery
     message: FetchedMessage | None = None
-    error: SourceMessageError | None = None
+    error: MessageFetchError | None = None
 
     def close(self) -> None:
         if self.message is not None:
@@ -233,7 +233,7 @@ class Prefetcher:
             received = reply.into(spool, max_bytes=max_retr_bytes(info, self._ceiling))
             spool.line_endings_repaired = self._pop.last_body_repaired
             check_retr_size(info, received)
-        except SourceMessageError as exc:  # -ERR, or a reply far shorter than LIST: this message only
+        except MessageFetchError as exc:  # -ERR, or a reply far shorter than LIST: this message only
             spool.abort()
             return Fetched(delivery, error=exc)
         except SourceReplyTooLongError as exc:
