@@ -188,7 +188,6 @@ class MessageSpool:
         self._closed = False
         self._header_sha256: str | None = None
         self._scanner = RepairScanner()
-        self.line_endings_repaired = False
 
     def write(self, data: bytes) -> int:
         size = len(data)
@@ -233,8 +232,10 @@ class MessageSpool:
             self._added = True
         self._emit(buf)
 
-    def finish(self) -> FetchedMessage:
-        """Close the sink and hand over the spooled message (positioned at its start)."""
+    def finish(self, *, line_endings_repaired: bool = False) -> FetchedMessage:
+        """Close the sink and hand over the spooled message (positioned at its start).
+        ``line_endings_repaired``: whether the POP3 client had to repair the body's line endings
+        (``Streamed.repaired``), recorded with the spool's own repairs."""
         if self._header_buf is not None:
             # The whole message was header section (no blank line): parse what there is.
             self._flush_headers(None)
@@ -251,7 +252,7 @@ class MessageSpool:
             message_id_added=self._added,
             header_sha256=self._header_sha256,
             repairs=describe_repairs(
-                self.line_endings_repaired, self._scanner.nul_removed, self._scanner.long_lines
+                line_endings_repaired, self._scanner.nul_removed, self._scanner.long_lines
             ),
             stamp=self._stamp,
         )
