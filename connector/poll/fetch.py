@@ -18,7 +18,7 @@ from typing import Protocol
 from connector.config import Account
 from connector.errors import SourceReplyTooLongError, SourceShortReplyError, SpoolError
 from connector.message import (
-    HEADER_PARSE_LIMIT,
+    HEADER_SECTION_LIMIT,
     FetchedMessage,
     MessageSpool,
     fallback_message_id,
@@ -125,7 +125,7 @@ def fetch(
     # The header section alone stays in memory (no spool space needed); its bound is TOP's, not the ceiling.
     with _filling(spool, info, None):
         top = io.BytesIO()
-        pop.top(info.number, 0, top, max_bytes=2 * HEADER_PARSE_LIMIT)
+        pop.top(info.number, 0, top, max_bytes=HEADER_SECTION_LIMIT)
         spool.write(headers_only_message(top.getvalue(), info.size, account.max_message_size))
     return spool.finish()
 

@@ -22,7 +22,8 @@ from connector.config import Account
 from connector.destinations.base import DestinationSession, look_up
 from connector.ledger.models import RecipientState
 from connector.ledger.store import Ledger
-from connector.message import HEADER_PARSE_LIMIT, FetchedMessage
+from connector.message import FetchedMessage
+from connector.message import spooled_header_section as header_section
 from connector.ops.protocol_log import protocol_note
 from connector.policies.routing import route
 from connector.poll.plan import Delivery
@@ -33,19 +34,6 @@ log = logging.getLogger("connector.poll.multidrop")
 DestinationAction = Callable[[DestinationSession], "str | None"]
 # Sessions kept open at once in one poll; a domain's mail for more mailboxes logs the oldest out.
 SESSION_LIMIT = 8
-
-
-def header_section(fetched: FetchedMessage, limit: int = 2 * HEADER_PARSE_LIMIT) -> bytes:
-    """The message's header section (through the blank line), read from its spool, at most ``limit``."""
-    data = bytearray()
-    for chunk in fetched.chunks():
-        data += chunk
-        end = data.find(b"\r\n\r\n")
-        if end >= 0:
-            return bytes(data[: end + 4])
-        if len(data) >= limit:
-            break
-    return bytes(data[:limit])
 
 
 class DestinationPool:
