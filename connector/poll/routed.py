@@ -18,7 +18,7 @@ import logging
 
 from connector.config import RoutingPolicy
 from connector.ledger.models import RecipientState
-from connector.message import HEADER_PARSE_LIMIT, FetchedMessage
+from connector.message import FetchedMessage, spooled_header_section
 from connector.policies.routing import route
 from connector.poll.destination import Destinations
 from connector.poll.plan import Delivery
@@ -26,19 +26,6 @@ from connector.poll.recorder import Recorder
 from connector.pop3 import MessageInfo
 
 log = logging.getLogger("connector.poll.routed")
-
-
-def header_section(fetched: FetchedMessage, limit: int = 2 * HEADER_PARSE_LIMIT) -> bytes:
-    """The message's header section (through the blank line), read from its spool, at most ``limit``."""
-    data = bytearray()
-    for chunk in fetched.chunks():
-        data += chunk
-        end = data.find(b"\r\n\r\n")
-        if end >= 0:
-            return bytes(data[: end + 4])
-        if len(data) >= limit:
-            break
-    return bytes(data[:limit])
 
 
 class RoutedDelivery:
@@ -51,7 +38,7 @@ class RoutedDelivery:
 
     def deliver(self, fetched: FetchedMessage, delivery: Delivery) -> None:
         info, recorder = delivery.info, self._recorder
-        decision = route(header_section(fetched), self._routing)
+        decision = route(spooled_header_section(fetched), self._routing)
         if not decision.routed:
             recorder.pending(fetched, info, headers_only=delivery.headers_only)
             recorder.quarantine(
