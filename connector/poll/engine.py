@@ -102,24 +102,27 @@ class _Poll:
         self.lease: PollLease | None = None
 
     def run(self) -> PollResult:
+        try:
+            return self._run()
+        finally:
+            if self.lease is not None:  # however the poll ended: stop renewing; release unless done
+                self.lease.close()
+
+    def _run(self) -> PollResult:
         account_id = 0
         try:
             account_id = self.ledger.account_id(self.account.name) or 0
             state = self.ledger.account_state(account_id)
-            if not self._suspended(account_id, state) and self._leased(account_id):
-                self.ledger.poll_started(account_id, defer=True)  # committed with the poll's first write
-                self._session(account_id, state.identity_note)
-            else:
+            if self._suspended(account_id, state) or not self._leased(account_id):
                 return self.result
+            self.ledger.poll_started(account_id, defer=True)  # committed with the poll's first write
+            self._session(account_id, state.identity_note)
         except ConnectorError as exc:
             self._fail(exc)
         except Exception as exc:  # a bug must cost one account's poll, not the whole run
             log.exception("account %s: internal error during the poll", self.account.name)
             self._fail(ConnectorError(f"internal error: {exc.__class__.__name__}: {exc}"))
-        finally:
-            if self.lease is not None:  # however the poll ended: stop renewing; release unless done
-                self.lease.close()
-        self._finish(account_id)
+        self._finish(account_id)  # releases the lease in the transaction of the poll's result
         return self.result
 
     def dry_run(self) -> PollResult:
