@@ -13,7 +13,8 @@ from typing import Any
 from connector.config import Config, RoutingPolicy
 from connector.connections import Connections
 from connector.errors import SourceMessageError
-from connector.ledger.store import KnownMessages, Ledger, QuarantinedMessage
+from connector.ledger.records import KnownMessages, QuarantinedMessage
+from connector.ledger.store import Ledger
 from connector.message import HEADER_PARSE_LIMIT
 from connector.policies.lease import LeaseHeld
 from connector.policies.routing import route

@@ -13,7 +13,8 @@ from datetime import datetime
 from sqlalchemy import Select, select, update
 from sqlalchemy.orm import Session
 
-from connector.ledger.models import MessageRow, RecipientRow, RecipientState
+from connector.ledger.models import MessageRow, RecipientRow
+from connector.ledger.records import RecipientState
 
 
 class RecipientLedger:

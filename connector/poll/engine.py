@@ -42,8 +42,8 @@ from connector.errors import (
     SourceShortReplyError,
 )
 from connector.ledger.lease import LeaseLostError, PollLease
-from connector.ledger.models import MessageState
-from connector.ledger.store import Clock, KnownMessage, KnownMessages, Ledger, PollOutcome, utcnow
+from connector.ledger.records import Clock, KnownMessage, KnownMessages, MessageState, PollOutcome, utcnow
+from connector.ledger.store import Ledger
 from connector.message import FetchedMessage
 from connector.ops.logs import log_context
 from connector.ops.protocol_log import protocol_note, recording

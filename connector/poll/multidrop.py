@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from connector.config import Account
 from connector.destinations.base import DestinationSession, look_up
-from connector.ledger.models import RecipientState
+from connector.ledger.records import RecipientState
 from connector.ledger.store import Ledger
 from connector.message import HEADER_PARSE_LIMIT, FetchedMessage
 from connector.ops.protocol_log import protocol_note

@@ -14,8 +14,9 @@ from alembic.migration import MigrationContext
 from sqlalchemy import Engine, event, inspect, text
 
 from connector.ledger.database import make_engine, open_database, upgrade
-from connector.ledger.models import Base, MessageState
-from connector.ledger.store import KnownMessages, Ledger, PollOutcome
+from connector.ledger.models import Base
+from connector.ledger.records import KnownMessages, MessageState, PollOutcome
+from connector.ledger.store import Ledger
 
 pytestmark = pytest.mark.integration
 

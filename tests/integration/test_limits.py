@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from connector.ledger.models import MessageState
+from connector.ledger.records import MessageState
 from connector.ledger.store import Ledger
 from tests.integration.conftest import SyncFactory
 from tests.messages import simple

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from connector.ledger.models import MessageState
+from connector.ledger.records import MessageState
 from tests.integration.conftest import SyncFactory
 from tests.integration.test_multidrop import addressed, master
 from tests.messages import simple

@@ -14,8 +14,8 @@ import pytest
 from sqlalchemy import Engine
 
 from connector.ledger.database import open_database
-from connector.ledger.models import MessageState
-from connector.ledger.store import KnownMessage, Ledger
+from connector.ledger.records import KnownMessage, MessageState
+from connector.ledger.store import Ledger
 from connector.poll.engine import SyncEngine
 from tests.integration.conftest import SyncFactory, scripted
 from tests.messages import simple
