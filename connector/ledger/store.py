@@ -16,9 +16,8 @@ cleanly (a poll that cannot record what it did must not go on delivering or dele
 
 from __future__ import annotations
 
-import contextlib
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
@@ -44,7 +43,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from connector.errors import LedgerError
 from connector.ledger.lease import Leases
 from connector.ledger.models import AccountRow, MessageRow, UTCDateTime
-from connector.ledger.recipients import RecipientLedger
+from connector.ledger.quarantine import Quarantine
+from connector.ledger.recipients import Recipients
 from connector.ledger.records import (
     AccountState,
     AccountStatus,
@@ -53,9 +53,9 @@ from connector.ledger.records import (
     KnownMessages,
     MessageState,
     PollOutcome,
-    QuarantinedMessage,
     utcnow,
 )
+from connector.ledger.suspensions import Suspensions
 
 # A write kept for the account's next transaction: a statement built once, and this write's values.
 _Write = tuple["Executable", dict[str, Any]]
@@ -83,92 +83,17 @@ _STATUS_FIELDS = (
 )
 
 
-class _SuspensionAndQuarantine:
-    """Operations for the admin commands ``resume`` and ``quarantine``; mixed into ``Ledger``."""
-
-    _clock: Clock
-
-    def _transaction(
-        self, what: str, account_id: int | None = None
-    ) -> contextlib.AbstractContextManager[Session]:
-        raise NotImplementedError
-
-    def suspend(self, account_id: int, reason: str) -> None:
-        with self._transaction("suspend account") as session:
-            session.execute(
-                update(AccountRow)
-                .where(AccountRow.id == account_id)
-                .values(suspended_at=self._clock(), suspended_reason=reason)
-            )
-
-    def resume(self, name: str) -> bool:
-        """Lift a suspension and start counting failures afresh; the account is due at once. False when
-        the ledger does not know the account."""
-        with self._transaction("resume account") as session:
-            result = session.execute(
-                update(AccountRow)
-                .where(AccountRow.name == name)
-                .values(
-                    suspended_at=None,
-                    suspended_reason=None,
-                    consecutive_failures=0,
-                    next_poll_at=self._clock(),
-                )
-            )
-            return bool(getattr(result, "rowcount", 0))
-
-    def quarantined(self, account: str | None = None) -> list[QuarantinedMessage]:
-        query = (
-            select(MessageRow, AccountRow.name)
-            .join(AccountRow, AccountRow.id == MessageRow.account_id)
-            .where(MessageRow.state == MessageState.FAILED)
-            .order_by(AccountRow.name, MessageRow.id)
-        )
-        if account is not None:
-            query = query.where(AccountRow.name == account)
-        with self._transaction("read quarantine") as session:
-            return [
-                QuarantinedMessage(
-                    id=row.id,
-                    account=name,
-                    uidl=row.uidl,
-                    attempts=row.attempts,
-                    last_error=row.last_error,
-                    size=row.size,
-                    pop_size=row.pop_size,
-                    message_id=row.message_id,
-                    updated_at=row.updated_at,
-                )
-                for row, name in session.execute(query)
-            ]
-
-    def release_quarantined(self, ids: Sequence[int] | None, account: str | None = None) -> int:
-        """Put quarantined messages (``ids``, or all when None) back to ``pending`` with no attempts.
-
-        ``pending``, not new: the next poll looks for each in the destination before delivering it,
-        because an attempt that was counted as failed may in fact have reached it.
-        """
-        query = update(MessageRow).where(MessageRow.state == MessageState.FAILED)
-        if ids is not None:
-            query = query.where(MessageRow.id.in_(list(ids)))
-        if account is not None:
-            query = query.where(
-                MessageRow.account_id.in_(select(AccountRow.id).where(AccountRow.name == account))
-            )
-        with self._transaction("release quarantined messages") as session:
-            result = session.execute(
-                query.values(state=MessageState.PENDING, attempts=0, updated_at=self._clock())
-            )
-            return int(getattr(result, "rowcount", 0) or 0)
-
-
-class Ledger(_SuspensionAndQuarantine, RecipientLedger):
+class Ledger:
     def __init__(self, engine: Engine, *, clock: Clock = utcnow) -> None:
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
         self._clock = clock
         # The poll leases; a poll of this process holding one fences every transaction of its account.
         self.leases = Leases(engine, lambda: self._clock())
+        # Parts with their own noun, each given the transaction below (see connector/ledger/transactions.py).
+        self.recipients = Recipients(self._transaction, clock)
+        self.suspensions = Suspensions(self._transaction, clock)
+        self.quarantine = Quarantine(self._transaction, clock)
         # Deferred updates per account id; polls of different accounts share this object.
         self._deferred: dict[int, list[_Write]] = {}
         self._deferred_lock = threading.Lock()

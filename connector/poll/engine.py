@@ -928,7 +928,7 @@ class _Poll(RoutedDelivery, BatchedDelivery):
 
     def _suspend(self, failures: int) -> None:
         reason = f"{failures} consecutive failed polls, the last: {self.result.error or self.result.status}"
-        self.ledger.suspend(self.account_id, reason)
+        self.ledger.suspensions.suspend(self.account_id, reason)
         log.error(
             "account %s: suspended after %s; run `pop-connector resume %s` once the cause is fixed",
             self.account.name,

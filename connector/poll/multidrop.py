@@ -180,7 +180,7 @@ class RoutedDelivery:
         """The recipients still to deliver to; a ``pending`` one found in its mailbox is recorded instead,
         and with ``recover`` (the message's identity is in doubt: it may have been delivered under a row
         the ledger no longer has) so is one the ledger knows nothing about."""
-        states = self.ledger.recipient_states(self.account_id, info.uidl)
+        states = self.ledger.recipients.states(self.account_id, info.uidl)
         missing = []
         for mailbox in mailboxes:
             state = states.get(mailbox)
@@ -202,18 +202,18 @@ class RoutedDelivery:
             "account %s: message %s was already delivered to %s (%s); recorded it",
             self.account.name, info.uidl, mailbox, ref,
         )  # fmt: skip
-        self.ledger.record_recipient_delivered(self.account_id, info.uidl, mailbox, ref)
+        self.ledger.recipients.record_delivered(self.account_id, info.uidl, mailbox, ref)
         self._count(recovered=True)
         return True
 
     def _deliver_to(self, fetched: FetchedMessage, info: MessageInfo, mailbox: str) -> bool:
-        self.ledger.record_recipient_pending(self.account_id, info.uidl, mailbox)
+        self.ledger.recipients.record_pending(self.account_id, info.uidl, mailbox)
         ref = self._call_destination(
             fetched, lambda dest: dest.deliver(fetched), counted=True, pending=True, mailbox=mailbox
         )
         if ref is None:
             return False
-        self.ledger.record_recipient_delivered(self.account_id, info.uidl, mailbox, ref)
+        self.ledger.recipients.record_delivered(self.account_id, info.uidl, mailbox, ref)
         self._count(recovered=False)
         protocol_note("delivered %s to %s: %d bytes, sha256 %s -> %s", info.uidl, mailbox, fetched.size,
                       fetched.sha256, ref)  # fmt: skip
