@@ -27,7 +27,7 @@ from connector.ops.logs import log_context, set_message
 from connector.poll.engine import SyncEngine
 from connector.poll.plan import PollPlan
 from connector.poll.result import PollResult
-from connector.pop3 import MessageInfo, Pop3Client, Sink
+from connector.pop3 import MessageInfo, Pop3Client, Sink, Streamed
 from connector.pop3.client import RetrReply
 
 log = logging.getLogger("connector.poll.observe")
@@ -180,11 +180,11 @@ class _ObservedSource:
         set_message(info.uidl if info is not None else None)
         return info
 
-    def retr(self, number: int, sink: Sink, *, max_bytes: int | None = None) -> int:
+    def retr(self, number: int, sink: Sink, *, max_bytes: int | None = None) -> Streamed:
         info = self._about(number)
-        written = self._client.retr(number, sink, max_bytes=max_bytes)
-        self.fetched(info, written)
-        return written
+        streamed = self._client.retr(number, sink, max_bytes=max_bytes)
+        self.fetched(info, streamed.octets)
+        return streamed
 
     def retr_many(self, numbers: Iterable[int], *, window: int = 1) -> Generator[_ObservedReply, None, None]:
         replies = self._client.retr_many(numbers, window=window)
@@ -221,11 +221,11 @@ class _ObservedReply:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._reply, name)
 
-    def into(self, sink: Sink, *, max_bytes: int | None = None) -> int:
+    def into(self, sink: Sink, *, max_bytes: int | None = None) -> Streamed:
         info = self._source._about(self.number)
-        written = self._reply.into(sink, max_bytes=max_bytes)
-        self._source.fetched(info, written)
-        return written
+        streamed = self._reply.into(sink, max_bytes=max_bytes)
+        self._source.fetched(info, streamed.octets)
+        return streamed
 
 
 class _ObservedDestination:

@@ -5,11 +5,10 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from connector.ledger.records import KnownMessage, KnownMessages, MessageState
-from connector.message import MessageSpool
+from connector.message import MessageSpool, header_section
 from connector.policies.uidl import (
     hash_identity,
     header_hash,
-    header_section,
     needs_header_hash,
     rekeyed,
     rematch,
