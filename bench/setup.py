@@ -12,7 +12,8 @@ from sqlalchemy import insert
 
 from bench.baseline import Endpoint
 from connector.ledger.database import open_database
-from connector.ledger.models import MessageRow, MessageState
+from connector.ledger.models import MessageRow
+from connector.ledger.records import MessageState
 from connector.ledger.store import Ledger
 from tests.servers.dovecot import Dovecot, MailUser
 

@@ -13,7 +13,8 @@ from typing import Any
 from connector.config import Config, RoutingPolicy
 from connector.connections import Connections
 from connector.errors import SourceMessageError
-from connector.ledger.store import KnownMessages, Ledger, QuarantinedMessage
+from connector.ledger.records import KnownMessages, QuarantinedMessage
+from connector.ledger.store import Ledger
 from connector.message import HEADER_PARSE_LIMIT
 from connector.policies.lease import LeaseHeld
 from connector.policies.routing import route
@@ -72,7 +73,7 @@ def quarantine_line(message: QuarantinedMessage) -> str:
 
 
 def _list(ledger: Ledger, account: str | None) -> int:
-    messages = ledger.quarantined(account)
+    messages = ledger.quarantine.messages(account)
     if not messages:
         print("no quarantined messages")
         return EXIT_OK
@@ -85,7 +86,7 @@ def _retry(ledger: Ledger, args: argparse.Namespace) -> int:
         print("error: name message ids or --all (not both)")
         return EXIT_CONFIG
     ids = None if args.all else list(args.ids)
-    released = ledger.release_quarantined(ids, args.account)
+    released = ledger.quarantine.release(ids, args.account)
     if ids is not None and released < len(ids):
         print(f"{len(ids) - released} of the given ids are not quarantined messages")
     print(
@@ -97,7 +98,7 @@ def _retry(ledger: Ledger, args: argparse.Namespace) -> int:
 
 def _resume(config: Config, ledger: Ledger, name: str) -> int:
     config.account(name)
-    if not ledger.resume(name):
+    if not ledger.suspensions.resume(name):
         print(f"account {name!r} has never been polled: nothing to resume")
         return EXIT_OK
     print(f"account {name!r} resumed: failure count reset, due for polling now")

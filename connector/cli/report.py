@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from connector.config import Account
-from connector.ledger.store import AccountStatus
+from connector.ledger.records import AccountStatus
 from connector.poll.result import PollResult
 
 

@@ -3,12 +3,13 @@
 A message row moves ``pending`` (fetched, delivery under way or to be retried) -> ``delivered`` (the
 destination has it: from here on it is never delivered again) -> ``deleted`` (the POP3 server confirmed the
 deletion with +OK to QUIT), or to ``failed`` (quarantined after too many attempts; left on the server).
-``seen`` rows were on the server before the account's baseline and are left alone.
+``seen`` rows were on the server before the account's baseline and are left alone. The states are
+``MessageState`` and ``RecipientState`` in ``connector/ledger/records.py``, with the other plain records
+that pure code reads without importing SQLAlchemy; a row's ``state`` column holds their values.
 """
 
 from __future__ import annotations
 
-import enum
 from datetime import UTC, datetime
 
 from sqlalchemy import (
@@ -46,16 +47,6 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-class MessageState(enum.StrEnum):
-    PENDING = "pending"
-    DELIVERED = "delivered"
-    DELETED = "deleted"
-    FAILED = "failed"
-    # On the server before the account's baseline (start = "new", `pop-connector baseline`): never
-    # fetched, never delivered, so never deleted by us either.
-    SEEN = "seen"
 
 
 class Base(DeclarativeBase):
@@ -137,12 +128,6 @@ class MessageRow(Base):
     # last poll). A row is forgotten only after both limits (policies.listing), never at one short listing.
     missing_since: Mapped[datetime | None] = mapped_column(UTCDateTime())
     missing_polls: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
-
-
-class RecipientState(enum.StrEnum):
-    # The delivery into this mailbox started and may have reached it: look there before delivering again.
-    PENDING = "pending"
-    DELIVERED = "delivered"
 
 
 class RecipientRow(Base):

@@ -1,30 +1,24 @@
 """Ledger operations for catch-all (multidrop) delivery: one row per (message, recipient mailbox).
 
-Mixed into ``Ledger``. Each write is its own committed transaction, like every other ledger write, so a
+``Ledger.recipients``. Each write is its own committed transaction, like every other ledger write, so a
 crash between two recipients leaves exactly the delivered ones recorded.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable
-from datetime import datetime
-
 from sqlalchemy import Select, select, update
-from sqlalchemy.orm import Session
 
-from connector.ledger.models import MessageRow, RecipientRow, RecipientState
+from connector.ledger.models import MessageRow, RecipientRow
+from connector.ledger.records import Clock, RecipientState
+from connector.ledger.transactions import Transaction
 
 
-class RecipientLedger:
-    _clock: Callable[[], datetime]
+class Recipients:
+    def __init__(self, transaction: Transaction, clock: Clock) -> None:
+        self._transaction = transaction
+        self._clock = clock
 
-    def _transaction(
-        self, what: str, account_id: int | None = None
-    ) -> contextlib.AbstractContextManager[Session]:
-        raise NotImplementedError
-
-    def recipient_states(self, account_id: int, uidl: str) -> dict[str, RecipientState]:
+    def states(self, account_id: int, uidl: str) -> dict[str, RecipientState]:
         """mailbox -> state of every recipient row of one message (empty for a message never routed)."""
         with self._transaction(f"read recipients of message {uidl!r}") as session:
             rows = session.execute(
@@ -34,8 +28,8 @@ class RecipientLedger:
             )
             return {row.mailbox: RecipientState(row.state) for row in rows}
 
-    def record_recipient_pending(self, account_id: int, uidl: str, mailbox: str) -> None:
-        """About to deliver into ``mailbox``; the message row must exist (``record_pending`` first)."""
+    def record_pending(self, account_id: int, uidl: str, mailbox: str) -> None:
+        """About to deliver into ``mailbox``; the message row must exist (``Ledger.record_pending`` first)."""
         now = self._clock()
         with self._transaction(f"record recipient {mailbox!r} of message {uidl!r}", account_id) as session:
             message_id = session.scalar(_message(account_id, uidl))
@@ -52,9 +46,7 @@ class RecipientLedger:
                     )
                 )
 
-    def record_recipient_delivered(
-        self, account_id: int, uidl: str, mailbox: str, destination_ref: str
-    ) -> None:
+    def record_delivered(self, account_id: int, uidl: str, mailbox: str, destination_ref: str) -> None:
         now = self._clock()
         with self._transaction(f"record delivery of message {uidl!r} to {mailbox!r}", account_id) as session:
             session.execute(

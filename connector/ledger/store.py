@@ -16,14 +16,11 @@ cleanly (a poll that cannot record what it did must not go on delivering or dele
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Set
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from datetime import datetime
+from typing import Any
 
 from sqlalchemy import (
     Connection,
@@ -45,102 +42,25 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from connector.errors import LedgerError
 from connector.ledger.lease import Leases
-from connector.ledger.models import AccountRow, MessageRow, MessageState, UTCDateTime
-from connector.ledger.recipients import RecipientLedger
+from connector.ledger.models import AccountRow, MessageRow, UTCDateTime
+from connector.ledger.quarantine import Quarantine
+from connector.ledger.recipients import Recipients
+from connector.ledger.records import (
+    AccountState,
+    AccountStatus,
+    Clock,
+    KnownMessage,
+    KnownMessages,
+    MessageState,
+    PollOutcome,
+    utcnow,
+)
+from connector.ledger.suspensions import Suspensions
 
-Clock = Callable[[], datetime]
 # A write kept for the account's next transaction: a statement built once, and this write's values.
 _Write = tuple["Executable", dict[str, Any]]
 _STATES = {state.value: state for state in MessageState}
 _DELIVERED = MessageState.DELIVERED.value
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-class KnownMessage(NamedTuple):
-    """What the ledger remembers of one UIDL, as the sync planner needs it (a tuple: cheap to build by
-    the hundred thousand)."""
-
-    uidl: str
-    state: MessageState
-    attempts: int
-    delivered_at: datetime | None
-    message_id: str | None
-    size: int | None
-    sha256: str | None
-    headers_only: bool = False
-    pop_size: int | None = None
-    header_hash: str | None = None
-    # Not in the server's listing since then, for this many polls in a row (policies.listing).
-    missing_polls: int = 0
-    missing_since: datetime | None = None
-
-
-@dataclass(frozen=True)
-class KnownMessages:
-    """What the ledger knows of one account's messages, as a poll plans with it.
-
-    ``kept`` names the delivered messages that the retention keeps at this poll: the plan has nothing to
-    do with them but recognise them, so they come as UIDLs only, and a maildrop that keeps 100,000
-    delivered messages costs no Python object per message (see ``Ledger.known_to_plan``). ``rows`` has
-    every other message in full (kept ones missing from the listing too); with ``kept`` empty, it is
-    everything the ledger knows.
-    """
-
-    rows: Mapping[str, KnownMessage] = field(default_factory=dict)
-    kept: Set[str] = frozenset()
-
-    def __contains__(self, uidl: object) -> bool:
-        return uidl in self.kept or uidl in self.rows
-
-    def __len__(self) -> int:
-        return len(self.rows) + len(self.kept)
-
-    def __iter__(self) -> Iterator[str]:
-        """Every UIDL the ledger knows (``rows`` and ``kept`` never share one)."""
-        return itertools.chain(self.rows, self.kept)
-
-
-class AccountState(NamedTuple):
-    """What a poll needs to know of its account row before it starts."""
-
-    # (since, reason) when the account is suspended.
-    suspension: tuple[datetime, str] | None
-    identity_note: str | None
-
-
-@dataclass(frozen=True)
-class PollOutcome:
-    result: str
-    error: str | None
-    delivered: int
-    failed: int
-    deleted: int
-    next_poll_at: datetime | None
-
-
-@dataclass(frozen=True)
-class AccountStatus:
-    name: str
-    last_poll_started_at: datetime | None
-    last_poll_finished_at: datetime | None
-    last_success_at: datetime | None
-    last_result: str | None
-    last_error: str | None
-    consecutive_failures: int
-    next_poll_at: datetime | None
-    last_delivered: int
-    last_failed: int
-    last_deleted: int
-    counts: dict[str, int]
-    last_worker: str | None = None
-    suspended_at: datetime | None = None
-    suspended_reason: str | None = None
-    identity_note: str | None = None
-    uidl_change_note: str | None = None
-    listing_note: str | None = None
 
 
 _STATUS_FIELDS = (
@@ -163,107 +83,17 @@ _STATUS_FIELDS = (
 )
 
 
-@dataclass(frozen=True)
-class QuarantinedMessage:
-    """A message in state ``failed``: left on the POP3 server until a person retries it."""
-
-    id: int
-    account: str
-    uidl: str
-    attempts: int
-    last_error: str | None
-    size: int | None
-    pop_size: int | None
-    message_id: str | None
-    updated_at: datetime
-
-
-class _SuspensionAndQuarantine:
-    """Operations for the admin commands ``resume`` and ``quarantine``; mixed into ``Ledger``."""
-
-    _clock: Clock
-
-    def _transaction(
-        self, what: str, account_id: int | None = None
-    ) -> contextlib.AbstractContextManager[Session]:
-        raise NotImplementedError
-
-    def suspend(self, account_id: int, reason: str) -> None:
-        with self._transaction("suspend account") as session:
-            session.execute(
-                update(AccountRow)
-                .where(AccountRow.id == account_id)
-                .values(suspended_at=self._clock(), suspended_reason=reason)
-            )
-
-    def resume(self, name: str) -> bool:
-        """Lift a suspension and start counting failures afresh; the account is due at once. False when
-        the ledger does not know the account."""
-        with self._transaction("resume account") as session:
-            result = session.execute(
-                update(AccountRow)
-                .where(AccountRow.name == name)
-                .values(
-                    suspended_at=None,
-                    suspended_reason=None,
-                    consecutive_failures=0,
-                    next_poll_at=self._clock(),
-                )
-            )
-            return bool(getattr(result, "rowcount", 0))
-
-    def quarantined(self, account: str | None = None) -> list[QuarantinedMessage]:
-        query = (
-            select(MessageRow, AccountRow.name)
-            .join(AccountRow, AccountRow.id == MessageRow.account_id)
-            .where(MessageRow.state == MessageState.FAILED)
-            .order_by(AccountRow.name, MessageRow.id)
-        )
-        if account is not None:
-            query = query.where(AccountRow.name == account)
-        with self._transaction("read quarantine") as session:
-            return [
-                QuarantinedMessage(
-                    id=row.id,
-                    account=name,
-                    uidl=row.uidl,
-                    attempts=row.attempts,
-                    last_error=row.last_error,
-                    size=row.size,
-                    pop_size=row.pop_size,
-                    message_id=row.message_id,
-                    updated_at=row.updated_at,
-                )
-                for row, name in session.execute(query)
-            ]
-
-    def release_quarantined(self, ids: Sequence[int] | None, account: str | None = None) -> int:
-        """Put quarantined messages (``ids``, or all when None) back to ``pending`` with no attempts.
-
-        ``pending``, not new: the next poll looks for each in the destination before delivering it,
-        because an attempt that was counted as failed may in fact have reached it.
-        """
-        query = update(MessageRow).where(MessageRow.state == MessageState.FAILED)
-        if ids is not None:
-            query = query.where(MessageRow.id.in_(list(ids)))
-        if account is not None:
-            query = query.where(
-                MessageRow.account_id.in_(select(AccountRow.id).where(AccountRow.name == account))
-            )
-        with self._transaction("release quarantined messages") as session:
-            result = session.execute(
-                query.values(state=MessageState.PENDING, attempts=0, updated_at=self._clock())
-            )
-            return int(getattr(result, "rowcount", 0) or 0)
-
-
-class Ledger(_SuspensionAndQuarantine, RecipientLedger):
+class Ledger:
     def __init__(self, engine: Engine, *, clock: Clock = utcnow) -> None:
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
         self._clock = clock
         # The poll leases; a poll of this process holding one fences every transaction of its account.
         self.leases = Leases(engine, lambda: self._clock())
+        # Parts with their own noun, each given the transaction below (see connector/ledger/transactions.py).
+        self.recipients = Recipients(self._transaction, clock)
+        self.suspensions = Suspensions(self._transaction, clock)
+        self.quarantine = Quarantine(self._transaction, clock)
         # Deferred updates per account id; polls of different accounts share this object.
         self._deferred: dict[int, list[_Write]] = {}
         self._deferred_lock = threading.Lock()

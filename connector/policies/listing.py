@@ -21,8 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from connector.config import Account
-from connector.ledger.models import MessageState
-from connector.ledger.store import KnownMessage, KnownMessages
+from connector.ledger.records import KnownMessage, KnownMessages, MessageState
 from connector.pop3 import MessageInfo
 
 # A listing lacking more than this share of the known maildrop at once, of at least SUDDEN_LOSS_MIN

@@ -20,8 +20,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import repeat
 
-from connector.ledger.models import MessageState
-from connector.ledger.store import KnownMessage, KnownMessages
+from connector.ledger.records import KnownMessage, KnownMessages, MessageState
 from connector.message import header_section
 from connector.pop3 import MessageInfo
 

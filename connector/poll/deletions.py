@@ -14,7 +14,7 @@ from collections.abc import Callable
 from datetime import datetime
 
 from connector.config import Account
-from connector.ledger.store import Clock
+from connector.ledger.records import Clock
 from connector.policies.retention import should_delete
 from connector.pop3 import MessageInfo, Pop3Client
 

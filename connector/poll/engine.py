@@ -34,7 +34,8 @@ from connector.errors import (
     SourceReplyTooLongError,
 )
 from connector.ledger.lease import LeaseLostError, PollLease
-from connector.ledger.store import AccountState, Clock, Ledger, PollOutcome, utcnow
+from connector.ledger.records import AccountState, Clock, PollOutcome, utcnow
+from connector.ledger.store import Ledger
 from connector.ops.logs import log_context
 from connector.ops.protocol_log import recording
 from connector.policies.failures import backoff
@@ -266,7 +267,7 @@ class _Poll:
                 self.ledger.poll_finished(account_id, outcome)
             if should_suspend(account.retry, failures):
                 reason = f"{failures} consecutive failed polls, the last: {result.error or result.status}"
-                self.ledger.suspend(account_id, reason)
+                self.ledger.suspensions.suspend(account_id, reason)
                 log.error(
                     "account %s: suspended after %s; run `pop-connector resume %s` once the cause is fixed",
                     account.name, reason, account.name,

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from connector.errors import SourceMessageError, SourceNoUidlError
-from connector.ledger.store import KnownMessage, KnownMessages
+from connector.ledger.records import KnownMessage, KnownMessages
 from connector.message import HEADER_PARSE_LIMIT
 from connector.policies.uidl import (
     UidlChange,

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from connector.config import Account
-from connector.ledger.models import MessageState
-from connector.ledger.store import Clock, KnownMessage, KnownMessages, Ledger
+from connector.ledger.records import Clock, KnownMessage, KnownMessages, MessageState
+from connector.ledger.store import Ledger
 from connector.policies.limits import Limits, needs_baseline
 from connector.policies.listing import Forgetting, listed_last_time
 from connector.policies.retention import deletable_until

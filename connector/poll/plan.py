@@ -11,8 +11,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from connector.config import RetentionPolicy
-from connector.ledger.models import MessageState
-from connector.ledger.store import KnownMessage, KnownMessages
+from connector.ledger.records import KnownMessage, KnownMessages, MessageState
 from connector.policies.limits import Limits
 from connector.policies.listing import (
     EXPECTED_ON_SERVER,

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from connector.errors import SourceProtocolError
-from connector.ledger.store import KnownMessage
+from connector.ledger.records import KnownMessage
 from connector.policies.listing import same_message
 from connector.poll.identity import header_hash_of
 from connector.poll.pipeline import SIZE_QUERIES

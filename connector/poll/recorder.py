@@ -17,7 +17,7 @@ from collections.abc import Iterable
 
 from connector.config import Account
 from connector.errors import AuthenticationError, ConnectorError, DestinationRejectedError
-from connector.ledger.models import MessageState
+from connector.ledger.records import MessageState
 from connector.ledger.store import Ledger
 from connector.message import FetchedMessage
 from connector.ops.logs import about_message
@@ -210,16 +210,16 @@ class Recorder:
         self._deletions.delivered(info, delivered_at)
 
     def recipient_pending(self, uidl: str, mailbox: str) -> None:
-        self.ledger.record_recipient_pending(self.account_id, uidl, mailbox)
+        self.ledger.recipients.record_pending(self.account_id, uidl, mailbox)
 
     def recipient_delivered(self, fetched: FetchedMessage, uidl: str, mailbox: str, ref: str) -> None:
-        self.ledger.record_recipient_delivered(self.account_id, uidl, mailbox, ref)
+        self.ledger.recipients.record_delivered(self.account_id, uidl, mailbox, ref)
         self.result.delivered += 1
         event = Delivered(self.account.name, uidl, fetched.size, fetched.sha256, ref, mailbox=mailbox)
         self._emit_about(uidl, event)
 
     def recipient_recovered(self, uidl: str, mailbox: str, ref: str) -> None:
-        self.ledger.record_recipient_delivered(self.account_id, uidl, mailbox, ref)
+        self.ledger.recipients.record_delivered(self.account_id, uidl, mailbox, ref)
         self.result.recovered += 1
         self._emit_about(uidl, Recovered(self.account.name, uidl, ref, mailbox=mailbox))
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 
 from connector.config import RoutingPolicy
-from connector.ledger.models import RecipientState
+from connector.ledger.records import RecipientState
 from connector.message import FetchedMessage, spooled_header_section
 from connector.policies.routing import route
 from connector.poll.destination import Destinations
@@ -83,7 +83,7 @@ class RoutedDelivery:
         and with ``recover`` (the message's identity is in doubt: it may have been delivered under a row
         the ledger no longer has) so is one the ledger knows nothing about."""
         recorder = self._recorder
-        states = recorder.ledger.recipient_states(recorder.account_id, info.uidl)
+        states = recorder.ledger.recipients.states(recorder.account_id, info.uidl)
         missing = []
         for mailbox in mailboxes:
             state = states.get(mailbox)

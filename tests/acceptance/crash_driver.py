@@ -22,6 +22,7 @@ from typing import Any
 
 from connector import cli
 from connector.destinations import imap
+from connector.ledger.recipients import Recipients
 from connector.ledger.store import Ledger
 from connector.pop3 import Pop3Client
 
@@ -30,7 +31,7 @@ TARGETS: dict[str, tuple[Any, str]] = {
     "before-append": (imap.ImapSession, "deliver"),
     "before-delivered-record": (Ledger, "record_delivered"),
     "before-quit": (Pop3Client, "quit"),
-    "before-recipient-record": (Ledger, "record_recipient_delivered"),
+    "before-recipient-record": (Recipients, "record_delivered"),
     "before-multiappend": (imap.ImapSession, "deliver_many"),
     "after-multiappend": (imap.ImapSession, "deliver_many"),
 }

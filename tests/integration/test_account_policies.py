@@ -97,7 +97,7 @@ def test_suspended_after_max_consecutive_failures_until_resumed(
     assert pop3.recorded.connections == connections  # not even a connection while suspended
     text = status_text(status_records(config.accounts, ledger_of(engine).statuses()))
     assert "SUSPENDED since" in text and "2 consecutive failed polls" in text and "SYS/TEMP" in text
-    assert ledger_of(engine).resume(account.name)
+    assert ledger_of(engine).suspensions.resume(account.name)
     resumed = engine.poll(account)
     assert (resumed.status, resumed.delivered) == ("ok", 3)
     (status,) = ledger_of(engine).statuses()
@@ -172,5 +172,5 @@ def test_runaway_retr_reply_is_quarantined_so_the_mailbox_goes_on(
         assert second.status == "ok", second
         assert [m.uidl for m in server.messages] == ["runaway"]  # left on the server
     assert sorted(dovecot.imap_messages(mail_users.destination.name)) == sorted([simple(1), simple(3)])
-    (row,) = [q for q in ledger_of(engine).quarantined() if q.uidl == "runaway"]
+    (row,) = [q for q in ledger_of(engine).quarantine.messages() if q.uidl == "runaway"]
     assert "far more than" in (row.last_error or "")

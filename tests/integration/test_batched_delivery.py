@@ -18,7 +18,7 @@ from connector.config import Account, Destination
 from connector.connections import Connections, open_destination
 from connector.destinations.base import DestinationSession
 from connector.errors import DestinationConnectError
-from connector.ledger.models import MessageState
+from connector.ledger.records import MessageState
 from connector.message import FetchedMessage
 from tests.integration.conftest import SyncFactory
 from tests.messages import simple

@@ -24,7 +24,7 @@ from connector.destinations.base import DestinationSession
 from connector.destinations.imap import open_imap
 from connector.errors import DestinationConnectError, DestinationError
 from connector.ledger.database import open_database
-from connector.ledger.models import MessageState
+from connector.ledger.records import MessageState
 from connector.ledger.store import Ledger
 from connector.message import FetchedMessage, MessageSpool
 from connector.poll.engine import SyncEngine

@@ -17,7 +17,7 @@ from connector.config import Config, load_config
 from connector.destinations.imap import open_imap
 from connector.errors import DestinationFullError
 from connector.ledger.database import open_database
-from connector.ledger.models import MessageState
+from connector.ledger.records import MessageState
 from connector.ledger.store import Ledger
 from connector.message import MessageSpool
 from connector.poll.engine import SyncEngine

@@ -16,7 +16,7 @@ from connector.config import Account, parse_config
 from connector.connections import Connections
 from connector.ledger.database import open_database
 from connector.ledger.models import AccountRow
-from connector.ledger.store import utcnow
+from connector.ledger.records import utcnow
 from connector.service.distributed import ensure_queue_schema, sync_accounts
 from connector.service.distributed.registry import claimed, due_accounts
 from connector.service.distributed.worker import DistributedWorker

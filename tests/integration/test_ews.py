@@ -21,7 +21,8 @@ from connector.errors import (
     DestinationTempError,
     DestinationTLSError,
 )
-from connector.ledger.models import MessageRow, MessageState
+from connector.ledger.models import MessageRow
+from connector.ledger.records import MessageState
 from connector.message import FetchedMessage, MessageSpool
 from tests.configs import EWS_MAILBOX as MAILBOX
 from tests.configs import EWS_SERVICE as SERVICE

@@ -19,8 +19,8 @@ import pytest
 from sqlalchemy import Engine, event
 
 from connector.errors import LedgerError
-from connector.ledger.models import MessageState
-from connector.ledger.store import Ledger, PollOutcome
+from connector.ledger.records import MessageState, PollOutcome
+from connector.ledger.store import Ledger
 from connector.poll.engine import SyncEngine
 from tests.conftest import POSTGRES_ADMIN_DSN
 from tests.integration.conftest import SyncFactory

@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import Engine, event, inspect, text
+from sqlalchemy import Engine, event, inspect, select, text
 
 from connector.ledger.database import make_engine, open_database, upgrade
-from connector.ledger.models import Base, MessageState
-from connector.ledger.store import KnownMessages, Ledger, PollOutcome
+from connector.ledger.models import Base, RecipientRow
+from connector.ledger.records import KnownMessages, MessageState, PollOutcome, RecipientState
+from connector.ledger.store import Ledger
 
 pytestmark = pytest.mark.integration
 
@@ -239,6 +240,53 @@ def test_poll_status_and_counts(engine: Engine) -> None:
     (status,) = [s for s in ledger.statuses() if s.name == "dave"]
     assert status.consecutive_failures == 0 and status.last_result == "ok"
     assert status.last_success_at is not None and status.counts["pending"] == 1
+
+
+def test_recipient_writes_go_through_the_ledgers_transaction(engine: Engine) -> None:
+    """``Ledger.recipients`` writes are the account's writes: the account's deferred writes commit with
+    them, and the ledger's clock stamps them."""
+    when = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
+    ledger = Ledger(engine, clock=lambda: when)
+    account = ledger.account_id("catch-all")
+    assert account is not None
+    ledger.record_pending(account, "U", pop_size=1, size=1, message_id="<x@y>", sha256="0" * 64)
+    ledger.record_delivered(account, "U", "ref", defer=True)
+    assert ledger.known_messages(account)["U"].state is MessageState.PENDING
+    assert ledger.recipients.states(account, "U") == {}
+    ledger.recipients.record_pending(account, "U", "ann")
+    assert ledger.known_messages(account)["U"].state is MessageState.DELIVERED
+    assert ledger.recipients.states(account, "U") == {"ann": RecipientState.PENDING}
+    ledger.recipients.record_delivered(account, "U", "ann", "ref-ann")
+    assert ledger.recipients.states(account, "U") == {"ann": RecipientState.DELIVERED}
+    with engine.connect() as connection:
+        recipient = connection.execute(select(RecipientRow.destination_ref, RecipientRow.delivered_at)).one()
+    assert tuple(recipient) == ("ref-ann", when)
+    assert ledger.known_messages(account)["U"].delivered_at == when
+
+
+def test_suspension_and_quarantine(engine: Engine) -> None:
+    when = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
+    ledger = Ledger(engine, clock=lambda: when)
+    account = ledger.account_id("erin")
+    assert account is not None
+    ledger.suspensions.suspend(account, "failed 5 times")
+    assert ledger.account_state(account).suspension == (when, "failed 5 times")
+    assert ledger.suspensions.resume("erin") and not ledger.suspensions.resume("nobody")
+    assert ledger.account_state(account).suspension is None
+    (status,) = [s for s in ledger.statuses() if s.name == "erin"]
+    assert status.next_poll_at == when and status.consecutive_failures == 0
+    ledger.record_pending(account, "U", pop_size=7, size=7, message_id="<x@y>", sha256="0" * 64)
+    assert (
+        ledger.record_failure(account, "U", "rejected", counted=True, max_attempts=1) is MessageState.FAILED
+    )
+    (quarantined,) = ledger.quarantine.messages("erin")
+    assert (quarantined.uidl, quarantined.attempts, quarantined.last_error) == ("U", 1, "rejected")
+    assert ledger.quarantine.messages("nobody") == []
+    assert ledger.quarantine.release([quarantined.id], "nobody") == 0
+    assert ledger.quarantine.release([quarantined.id]) == 1
+    row = ledger.known_messages(account)["U"]
+    assert (row.state, row.attempts) == (MessageState.PENDING, 0)
+    assert ledger.quarantine.messages() == []
 
 
 def test_parallel_writers_on_one_database(engine: Engine) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from connector.ledger.models import MessageState
+from connector.ledger.records import MessageState
 from connector.ledger.store import Ledger
 from tests.integration.conftest import SyncFactory
 from tests.messages import simple
@@ -33,7 +33,7 @@ def test_oversize_skip_quarantines_without_downloading(
     result = engine.poll(account)
     assert (result.delivered, result.quarantined, result.deleted) == (2, 1, 2)
     assert any("over max_message_size" in problem for problem in result.problems)
-    (quarantined,) = engine.ledger.quarantined(account.name)
+    (quarantined,) = engine.ledger.quarantine.messages(account.name)
     assert quarantined.size is None and quarantined.pop_size is not None and quarantined.pop_size > 20_000
     assert "not downloaded" in (quarantined.last_error or "")
     assert dovecot.maildir_count(mail_users.source.name) == 1

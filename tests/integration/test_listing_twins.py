@@ -219,7 +219,7 @@ def test_destination_down_after_the_first_copy(
     assert any("identical copy" in problem for problem in second.problems), second.problems
     assert clean(engine.poll(account))
     ledger: Ledger = engine.ledger
-    assert ledger.release_quarantined(None, account.name) == 1
+    assert ledger.quarantine.release(None, account.name) == 1
     released = engine.poll(account)
     assert (released.delivered, released.recovered, released.quarantined) == (0, 0, 1), released
     assert popa3d.messages == [popa3d_message(TWIN)]

@@ -117,7 +117,7 @@ def test_unmatched_mail_without_a_default_is_quarantined_on_the_server(
     result = engine.poll(engine.config.accounts[0])
     assert result.delivered == 1 and result.quarantined == 1, result
     assert dovecot.maildir_count(mail_users.source.name) == 1
-    [quarantined] = engine.ledger.quarantined(engine.config.accounts[0].name)
+    [quarantined] = engine.ledger.quarantine.messages(engine.config.accounts[0].name)
     assert "no routing rule matches" in (quarantined.last_error or "")
     again = engine.poll(engine.config.accounts[0])
     assert again.ok and again.delivered == 0 and dovecot.maildir_count(mail_users.source.name) == 1
@@ -132,7 +132,7 @@ def test_only_missing_recipients_are_delivered_after_an_interruption(
     _, engine = make_sync(account={"routing": routing(people)}, destination=master(dovecot))
     account = engine.config.accounts[0]
     ledger = engine.ledger
-    original = ledger.record_recipient_delivered
+    original = ledger.recipients.record_delivered
     calls = 0
 
     def crash_on_second(*args: Any) -> None:
@@ -142,10 +142,10 @@ def test_only_missing_recipients_are_delivered_after_an_interruption(
             raise KeyboardInterrupt  # stands in for a crash: nothing after it runs
         original(*args)
 
-    ledger.record_recipient_delivered = crash_on_second  # type: ignore[method-assign]
+    ledger.recipients.record_delivered = crash_on_second  # type: ignore[method-assign]
     with pytest.raises(KeyboardInterrupt):
         engine.poll(account)
-    ledger.record_recipient_delivered = original  # type: ignore[method-assign]
+    ledger.recipients.record_delivered = original  # type: ignore[method-assign]
     assert dovecot.maildir_count(mail_users.source.name) == 1
     result = engine.poll(account)
     assert result.ok and result.recovered == 1 and result.delivered == 1, result

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from connector.ledger.models import MessageState
+from connector.ledger.records import MessageState
 from tests.integration.conftest import SyncFactory
 from tests.integration.test_multidrop import addressed, master
 from tests.messages import simple
@@ -81,7 +81,7 @@ def test_a_message_that_drops_the_connection_is_quarantined_and_the_rest_deliver
     # (one more with MULTIAPPEND, whose first batch drop cannot be pinned on one message).
     assert len(polls) <= (3 if not multiappend else 4), polls
     assert polls[-1].quarantined == 1
-    [quarantined] = engine.ledger.quarantined(account.name)
+    [quarantined] = engine.ledger.quarantine.messages(account.name)
     assert quarantined.attempts == 3
     assert "dropped the connection while this message was being delivered" in (quarantined.last_error or "")
     delivered = subjects(dovecot.imap_messages(mail_users.destination.name))
@@ -153,7 +153,7 @@ def test_one_recipient_that_cannot_take_mail_does_not_hold_back_the_others(
             "test message 1",
             "test message 3",
         ]
-        assert engine.ledger.quarantined(account.name) == []
+        assert engine.ledger.quarantine.messages(account.name) == []
 
     imap_proxy.heal()
     dovecot.add_user(full.name, full.password, quota="1M")  # the mailbox can take mail again

@@ -21,7 +21,7 @@ import pytest
 
 from connector.config import Account
 from connector.destinations.imap import ImapSession, open_imap
-from connector.ledger.models import MessageState
+from connector.ledger.records import MessageState
 from connector.message import FetchedMessage, MessageSpool, fallback_message_id, stamp_key
 from connector.poll.engine import SyncEngine
 from tests.configs import EWS_MAILBOX, EWS_SERVICE, EWS_SERVICE_PASSWORD, ews_destination

@@ -14,8 +14,8 @@ import pytest
 from sqlalchemy import Engine
 
 from connector.ledger.database import open_database
-from connector.ledger.models import MessageState
-from connector.ledger.store import KnownMessage, Ledger
+from connector.ledger.records import KnownMessage, MessageState
+from connector.ledger.store import Ledger
 from connector.poll.engine import SyncEngine
 from tests.integration.conftest import SyncFactory, scripted
 from tests.messages import simple
@@ -100,7 +100,7 @@ def test_retr_far_shorter_than_list_is_never_delivered_nor_deleted(
         third = engine.poll(account)  # left alone now, still on the server
         assert (third.delivered, third.failed, third.deleted) == (0, 0, 0)
         assert [m.uidl for m in server.messages] == ["short"]
-    (quarantined,) = ledger_of(engine).quarantined(account.name)
+    (quarantined,) = ledger_of(engine).quarantine.messages(account.name)
     assert quarantined.uidl == "short" and quarantined.attempts == 2 and quarantined.pop_size == listed
     assert f"RETR returned {HICCUP_BYTES} bytes but LIST gives {listed} bytes" in (
         quarantined.last_error or ""
@@ -191,7 +191,7 @@ def test_absurd_list_size_is_quarantined_without_being_fetched(
         assert [m.uidl for m in server.messages] == ["absurd"]
         again = engine.poll(account)
         assert (again.delivered, again.quarantined, again.problems) == (0, 0, [])
-    (quarantined,) = ledger_of(engine).quarantined(account.name)
+    (quarantined,) = ledger_of(engine).quarantine.messages(account.name)
     assert quarantined.pop_size == 10**18 - 1 and quarantined.size is None
     assert "over message_size_ceiling (209715200); not downloaded" in (quarantined.last_error or "")
     assert sorted(dovecot.imap_messages(mail_users.destination.name)) == sorted([simple(1), simple(3)])
@@ -227,7 +227,7 @@ def test_reply_past_the_ceiling_is_cut_off_and_quarantined(
         second = engine.poll(account)
         assert second.status == "ok", second
         assert [m.uidl for m in server.messages] == ["runaway"]  # left on the server
-    (quarantined,) = ledger_of(engine).quarantined(account.name)
+    (quarantined,) = ledger_of(engine).quarantine.messages(account.name)
     assert "message_size_ceiling is 65536 bytes" in (quarantined.last_error or "")
     assert sorted(dovecot.imap_messages(mail_users.destination.name)) == sorted([simple(1), simple(3)])
 
@@ -300,7 +300,7 @@ def test_fetch_failures_count_until_quarantine_and_keep_an_earlier_attempt(ledge
     assert ledger.record_fetch_failure(account, "new", 20_000, "short again", max_attempts=2) is (
         MessageState.FAILED
     )
-    (quarantined,) = ledger.quarantined("fetch-failures")
+    (quarantined,) = ledger.quarantine.messages("fetch-failures")
     assert (quarantined.uidl, quarantined.attempts, quarantined.pop_size) == ("new", 2, 20_000)
     assert quarantined.last_error == "short again"
     # A message whose earlier attempt may have reached the destination keeps what that attempt recorded.

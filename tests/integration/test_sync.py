@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import event
 
-from connector.ledger.models import MessageState
+from connector.ledger.records import MessageState
 from connector.ledger.store import Ledger
 from tests.integration.conftest import SyncFactory
 from tests.messages import simple

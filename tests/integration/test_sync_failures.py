@@ -6,7 +6,7 @@ import tracemalloc
 
 import pytest
 
-from connector.ledger.models import MessageState
+from connector.ledger.records import MessageState
 from tests.integration.conftest import SyncFactory
 from tests.messages import simple
 from tests.servers.dovecot import Dovecot, MailUsers

@@ -10,7 +10,7 @@ import pytest
 from connector.cli.report import status_records, status_text
 from connector.config import parse_config
 from connector.errors import ConfigError
-from connector.ledger.store import AccountStatus
+from connector.ledger.records import AccountStatus
 from connector.service.distributed.queue_schema import migrations_after, parse_version
 from connector.service.distributed.worker import libpq_url
 

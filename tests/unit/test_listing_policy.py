@@ -5,8 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from connector.config import RetentionPolicy
-from connector.ledger.models import MessageState
-from connector.ledger.store import KnownMessage, KnownMessages
+from connector.ledger.records import KnownMessage, KnownMessages, MessageState
 from connector.policies.listing import (
     FORGOTTEN_ROWS_KEPT,
     Forgetting,

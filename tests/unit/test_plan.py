@@ -5,8 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from connector.config import RetentionPolicy
-from connector.ledger.models import MessageState
-from connector.ledger.store import KnownMessage, KnownMessages
+from connector.ledger.records import KnownMessage, KnownMessages, MessageState
 from connector.policies.limits import Limits, headers_only_message, needs_baseline
 from connector.poll.plan import plan_poll
 from connector.pop3 import MessageInfo

@@ -13,7 +13,7 @@ import pytest
 
 from connector.config import DEFAULT_MESSAGE_SIZE_CEILING, RetentionPolicy, load_config
 from connector.errors import SourceShortReplyError, SpoolError
-from connector.ledger.store import KnownMessages
+from connector.ledger.records import KnownMessages
 from connector.message import MessageSpool
 from connector.ops.metrics import PollMetrics
 from connector.policies.limits import Limits

@@ -8,8 +8,7 @@ from datetime import UTC, datetime
 import pytest
 
 from connector.config import RetentionPolicy
-from connector.ledger.models import MessageState
-from connector.ledger.store import KnownMessage, KnownMessages
+from connector.ledger.records import KnownMessage, KnownMessages, MessageState
 from connector.policies.uidl import TWIN_SEPARATOR, is_hashed, key_twins, twin_key
 from connector.poll.plan import plan_poll
 from connector.pop3 import MessageInfo

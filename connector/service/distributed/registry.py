@@ -21,7 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from connector.config import Account
 from connector.errors import LedgerError
 from connector.ledger.models import AccountRow
-from connector.ledger.store import utcnow
+from connector.ledger.records import utcnow
 from connector.service.distributed.queue_schema import QUEUE_SCHEMA
 
 log = logging.getLogger(__name__)

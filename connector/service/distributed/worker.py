@@ -34,7 +34,8 @@ from sqlalchemy.engine import make_url
 
 from connector.config import Account, Config
 from connector.connections import Connections
-from connector.ledger.store import Ledger, utcnow
+from connector.ledger.records import utcnow
+from connector.ledger.store import Ledger
 from connector.poll.engine import SyncEngine
 from connector.poll.result import PollResult
 from connector.service.distributed.config_watch import ConfigWatch

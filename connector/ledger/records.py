@@ -1,0 +1,139 @@
+"""The ledger's records: what it hands to the rest of the program and takes back from it, as plain values.
+
+Pure (no database code), so that the poll's plan and the policies, which read them, import no SQLAlchemy:
+``connector/ledger/store.py`` builds them from its rows.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from collections.abc import Callable, Iterator, Mapping, Set
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import NamedTuple
+
+Clock = Callable[[], datetime]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class MessageState(enum.StrEnum):
+    """The state of a message's ledger row; how a row moves between them: ``connector/ledger/models.py``."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    DELETED = "deleted"
+    FAILED = "failed"
+    # On the server before the account's baseline (start = "new", `pop-connector baseline`): never
+    # fetched, never delivered, so never deleted by us either.
+    SEEN = "seen"
+
+
+class RecipientState(enum.StrEnum):
+    """The state of one recipient's row of a catch-all message (``connector/ledger/recipients.py``)."""
+
+    # The delivery into this mailbox started and may have reached it: look there before delivering again.
+    PENDING = "pending"
+    DELIVERED = "delivered"
+
+
+class KnownMessage(NamedTuple):
+    """What the ledger remembers of one UIDL, as the sync planner needs it (a tuple: cheap to build by
+    the hundred thousand)."""
+
+    uidl: str
+    state: MessageState
+    attempts: int
+    delivered_at: datetime | None
+    message_id: str | None
+    size: int | None
+    sha256: str | None
+    headers_only: bool = False
+    pop_size: int | None = None
+    header_hash: str | None = None
+    # Not in the server's listing since then, for this many polls in a row (policies.listing).
+    missing_polls: int = 0
+    missing_since: datetime | None = None
+
+
+@dataclass(frozen=True)
+class KnownMessages:
+    """What the ledger knows of one account's messages, as a poll plans with it.
+
+    ``kept`` names the delivered messages that the retention keeps at this poll: the plan has nothing to
+    do with them but recognise them, so they come as UIDLs only, and a maildrop that keeps 100,000
+    delivered messages costs no Python object per message (see ``Ledger.known_to_plan``). ``rows`` has
+    every other message in full (kept ones missing from the listing too); with ``kept`` empty, it is
+    everything the ledger knows.
+    """
+
+    rows: Mapping[str, KnownMessage] = field(default_factory=dict)
+    kept: Set[str] = frozenset()
+
+    def __contains__(self, uidl: object) -> bool:
+        return uidl in self.kept or uidl in self.rows
+
+    def __len__(self) -> int:
+        return len(self.rows) + len(self.kept)
+
+    def __iter__(self) -> Iterator[str]:
+        """Every UIDL the ledger knows (``rows`` and ``kept`` never share one)."""
+        return itertools.chain(self.rows, self.kept)
+
+
+class AccountState(NamedTuple):
+    """What a poll needs to know of its account row before it starts."""
+
+    # (since, reason) when the account is suspended.
+    suspension: tuple[datetime, str] | None
+    identity_note: str | None
+
+
+@dataclass(frozen=True)
+class PollOutcome:
+    result: str
+    error: str | None
+    delivered: int
+    failed: int
+    deleted: int
+    next_poll_at: datetime | None
+
+
+@dataclass(frozen=True)
+class AccountStatus:
+    name: str
+    last_poll_started_at: datetime | None
+    last_poll_finished_at: datetime | None
+    last_success_at: datetime | None
+    last_result: str | None
+    last_error: str | None
+    consecutive_failures: int
+    next_poll_at: datetime | None
+    last_delivered: int
+    last_failed: int
+    last_deleted: int
+    counts: dict[str, int]
+    last_worker: str | None = None
+    suspended_at: datetime | None = None
+    suspended_reason: str | None = None
+    identity_note: str | None = None
+    uidl_change_note: str | None = None
+    listing_note: str | None = None
+
+
+@dataclass(frozen=True)
+class QuarantinedMessage:
+    """A message in state ``failed``: left on the POP3 server until a person retries it."""
+
+    id: int
+    account: str
+    uidl: str
+    attempts: int
+    last_error: str | None
+    size: int | None
+    pop_size: int | None
+    message_id: str | None
+    updated_at: datetime
