@@ -82,6 +82,8 @@ class FakeMaildrop:
     refuse_retr: set[str] = field(default_factory=set)
     # UIDL -> octets of the message that RETR sends (a short reply).
     short_retr: dict[str, int] = field(default_factory=dict)
+    # UIDLs whose RETR reply the client would report as repaired (bare line endings made CRLF).
+    repaired: set[str] = field(default_factory=set)
     # UIDLs whose line in the UIDL listing is malformed (three words).
     garbled: set[str] = field(default_factory=set)
     # UIDL answered with a plain -ERR: the server has no unique-ids.
@@ -112,12 +114,13 @@ class FakeMaildrop:
         return [message.uidl for message in self.messages]
 
 
-def _streamed(sink: Sink, body: bytes) -> Streamed:
+def _streamed(sink: Sink, body: bytes, *, repaired: bool = False) -> Streamed:
     """The one place that writes a RETR or TOP body and says what was written, as ``Pop3Client`` does. The
-    fake sends its messages as they are (CRLF line endings): nothing is repaired."""
+    fake sends its messages as they are (CRLF line endings); ``repaired`` plays a client that repaired
+    them."""
     if body:
         sink.write(body)
-    return Streamed(len(body), repaired=False)
+    return Streamed(len(body), repaired=repaired)
 
 
 class _RetrReply:
@@ -247,7 +250,7 @@ class FakeSource:
             self._broken = True
             raise SourceReplyTooLongError(f"{self.peer}: RETR reply longer than {max_bytes} bytes")
         self._retrieved.add(number)
-        return _streamed(sink, data)
+        return _streamed(sink, data, repaired=message.uidl in self._maildrop.repaired)
 
     # --- deleting and ending ----------------------------------------------------------------------------
 

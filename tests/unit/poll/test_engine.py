@@ -5,6 +5,8 @@ POP3 server and the destination were sent and what they hold afterwards, and the
 
 from __future__ import annotations
 
+import logging
+import re
 import threading
 from collections.abc import Callable
 from datetime import timedelta
@@ -18,7 +20,19 @@ from connector.errors import (
     SourceLoginDelayError,
 )
 from connector.ledger.records import KnownMessage, MessageState, RecipientState
-from connector.poll.events import Finished, Planned, PollEvent, Started
+from connector.ops.logs import ContextFilter
+from connector.poll.events import (
+    Deleted,
+    Delivered,
+    Failed,
+    Fetched,
+    Finished,
+    Planned,
+    PollEvent,
+    Quarantined,
+    Recovered,
+    Started,
+)
 from connector.poll.result import PollResult
 from tests.messages import simple
 from tests.unit.poll.conftest import Rig, RigFactory
@@ -752,3 +766,72 @@ def test_an_observer_that_fails_does_not_break_the_poll(make_rig: RigFactory) ->
 
     assert (result.status, result.delivered, result.deleted) == ("ok", 1, 1)
     assert rig.observer.names(*LIFECYCLE) == ["Started", "Planned", "Finished"]
+
+
+def test_each_step_of_a_message_is_an_event_after_the_fact(make_rig: RigFactory) -> None:
+    rig = make_rig(3, account={"retry": {"max_attempts": 1}})
+    rig.destination.refuse = {"uid-2": refused("uid-2")}
+    size = {message.uidl: len(message.data) for message in rig.maildrop.messages}
+
+    rig.poll()
+
+    kinds = (Fetched, Delivered, Recovered, Failed, Quarantined, Deleted)
+    events = rig.observer.of(*kinds)
+    by_uidl = [(type(event).__name__, getattr(event, "uidl", None)) for event in events]
+    assert by_uidl == [
+        ("Fetched", "uid-1"),
+        ("Delivered", "uid-1"),
+        ("Fetched", "uid-2"),
+        ("Quarantined", "uid-2"),  # max_attempts 1: the refusal used the only attempt
+        ("Failed", "uid-2"),
+        ("Fetched", "uid-3"),
+        ("Delivered", "uid-3"),
+        ("Deleted", None),
+    ]
+    fetched = events[0]
+    assert isinstance(fetched, Fetched) and fetched.size == size["uid-1"]
+    delivered = events[1]
+    [stored, _] = rig.destination.stored
+    assert isinstance(delivered, Delivered)
+    assert (delivered.size, delivered.sha256, delivered.mailbox) == (len(stored.data), stored.sha256, None)
+    failed = events[4]
+    assert isinstance(failed, Failed) and failed.counted and "uid-2" not in rig.destination.uidls
+    assert events[-1] == Deleted("alice", ("uid-1", "uid-3"))
+
+
+def test_a_recovery_is_an_event_and_so_is_an_attempt_given_back(make_rig: RigFactory) -> None:
+    rig = make_rig(1)
+    rig.destination.lose_answer = {"uid-1"}
+    rig.poll()
+    [failed] = rig.observer.of(Failed)
+    assert isinstance(failed, Failed) and failed.uidl == "uid-1" and not failed.counted
+
+    rig.observer.clear()
+    rig.poll()
+    [recovered] = rig.observer.of(Recovered)
+    assert isinstance(recovered, Recovered) and recovered.uidl == "uid-1" and recovered.ref
+    assert rig.observer.of(Delivered) == []
+
+
+def test_every_log_line_about_a_message_carries_its_uidl(
+    make_rig: RigFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Repairs are logged by the poll's thread while the fetch thread is already reading the next messages:
+    # such a line used to carry the UIDL of another message.
+    rig = make_rig(6)
+    rig.maildrop.repaired = {message.uidl for message in rig.maildrop.messages}
+    caplog.handler.addFilter(ContextFilter())  # what the configured handlers put on each line
+    caplog.set_level(logging.DEBUG)
+
+    rig.poll()
+
+    lines = [
+        (record.getMessage(), record) for record in caplog.records if record.name.startswith("connector.")
+    ]
+    repaired = [(text, record) for text, record in lines if "repaired" in text]
+    assert len(repaired) == 6
+    for text, record in lines:
+        named = set(re.findall(r"uid-\d+", text))
+        assert getattr(record, "account", None) == "alice", text
+        if len(named) == 1:
+            assert getattr(record, "uidl", None) in named, (text, getattr(record, "uidl", None))
