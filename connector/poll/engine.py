@@ -46,6 +46,7 @@ from connector.ledger.models import MessageState
 from connector.ledger.store import Clock, KnownMessage, KnownMessages, Ledger, PollOutcome, utcnow
 from connector.message import FetchedMessage
 from connector.ops.logs import log_context
+from connector.ops.poll_log import PollLog
 from connector.ops.protocol_log import protocol_note, recording
 from connector.policies.blame import Blame, DropWitness, Verdict, blame
 from connector.policies.lease import LeaseHeld
@@ -126,7 +127,7 @@ class SyncEngine:
         self.ledger = ledger
         self.connections = connections or Connections()
         self.clock = clock
-        self.observers = observers if isinstance(observers, Observers) else Observers(observers)
+        self.observers = Observers([PollLog(), *observers])  # the per-message log lines, for every run mode
 
     def poll(
         self, account: Account, *, dry_run: bool = False, stop: threading.Event | None = None
