@@ -9,8 +9,14 @@ Two orthogonal axes:
 * where the failure happened: ``SourceError`` (POP3 side), ``DestinationError``, ``LedgerError``,
   ``ConfigError``;
 * whether trying again later can help: ``TemporaryError`` (busy, timeout, quota, in-use) or
-  ``PermanentError`` (rejected content, unknown mailbox). Authentication failures are neither: retrying at
-  the normal rate could lock the user out, so they have their own type.
+  ``PermanentError`` (rejected content, unknown mailbox, a certificate that does not verify).
+  Authentication failures are neither: retrying at the normal rate could lock the user out, so they have
+  their own type.
+
+The second axis decides what happens (``connector/policies/failures.py``): a temporary failure of an
+account backs off exponentially, a permanent or authentication failure waits the flat, long
+``auth_failure_backoff`` because only a person can fix it; a temporary failure about one message costs it
+no attempt, a permanent one costs one (``DestinationTooLargeError``: quarantined at once).
 """
 
 from __future__ import annotations
@@ -127,13 +133,19 @@ class SourceNoUidlError(SourcePermError):
     hash of their headers)."""
 
 
-class SourceMessageError(SourceError, TemporaryError):
+class MessageFetchError(SourceError):
+    """Fetching one message failed, the session did not: the rest of the mailbox goes on."""
+
+
+class SourceMessageError(MessageFetchError, TemporaryError):
     """One message could not be retrieved (-ERR to RETR/TOP); the rest of the mailbox goes on."""
 
 
-class SourceShortReplyError(SourceMessageError):
+class SourceShortReplyError(MessageFetchError, PermanentError):
     """RETR sent far less than LIST said (policies/sizes.py): not the message, so it is not delivered.
-    Unlike an -ERR this counts as an attempt at the message. ``list_size`` and ``retr_size`` in octets."""
+    Permanent for this message as the server stores it now, so each one costs an attempt (an -ERR is
+    temporary and costs none); ``retry.max_attempts`` allows for a passing store hiccup. ``list_size`` and
+    ``retr_size`` in octets."""
 
     list_size: int = 0
     retr_size: int = 0

@@ -25,6 +25,9 @@ from connector.policies.repair import RepairScanner, describe_repairs
 SPOOL_MEMORY_LIMIT = 1024 * 1024
 # A header section larger than this is not parsed for Message-ID/dates; the message is still delivered.
 HEADER_PARSE_LIMIT = 1024 * 1024
+# The most of a header section read for routing or for a headers-only message (what ``TOP n 0`` is
+# allowed to send).
+HEADER_SECTION_LIMIT = 2 * HEADER_PARSE_LIMIT
 _READ_CHUNK = 256 * 1024
 
 
@@ -100,12 +103,38 @@ def parse_headers(header_bytes: bytes) -> MessageHeaders:
     )
 
 
-def _find_header_end(data: bytes | bytearray) -> int:
-    """Index just past the blank line that ends the header section, or -1."""
+def header_end(data: bytes | bytearray, limit: int | None = None) -> int:
+    """Index just past the blank line that ends the header section (2 when the message starts with one),
+    or -1 when no blank line ends within the first ``limit`` bytes (None: anywhere)."""
     if data.startswith(b"\r\n"):
         return 2
-    end = data.find(b"\r\n\r\n")
+    end = data.find(b"\r\n\r\n", 0, limit)
     return -1 if end < 0 else end + 4
+
+
+def header_section(data: bytes, limit: int | None = HEADER_SECTION_LIMIT) -> bytes:
+    """The header section of a message: through the blank line that ends it (just ``CRLF`` when the message
+    starts with one), all of ``data`` when it has none; never more than ``limit`` bytes (None: unbounded).
+
+    The one meaning of "header section" in the connector: what routing reads, what a headers-only message
+    keeps, and (unbounded, NUL bytes removed) what ``policies.uidl.header_hash`` hashes, the same bytes the
+    spool hashes as ``FetchedMessage.header_sha256``.
+    """
+    end = header_end(data, limit)
+    if end < 0:
+        end = len(data)
+    return data[:end] if limit is None else data[: min(end, limit)]
+
+
+def spooled_header_section(message: FetchedMessage, limit: int = HEADER_SECTION_LIMIT) -> bytes:
+    """``header_section`` of a fetched message as spooled (so with its stamp line and any Message-ID the
+    spool added), reading no more of the spool than it needs."""
+    data = bytearray()
+    for chunk in message.chunks():
+        data += chunk
+        if header_end(data, limit) >= 0 or len(data) >= limit:
+            break
+    return header_section(bytes(data), limit)
 
 
 @dataclass
@@ -188,14 +217,13 @@ class MessageSpool:
         self._closed = False
         self._header_sha256: str | None = None
         self._scanner = RepairScanner()
-        self.line_endings_repaired = False
 
     def write(self, data: bytes) -> int:
         size = len(data)
         data = self._scanner.feed(data)
         if self._header_buf is not None:
             self._header_buf += data
-            end = _find_header_end(self._header_buf)
+            end = header_end(self._header_buf)
             if end >= 0:
                 self._flush_headers(end)
             elif len(self._header_buf) > HEADER_PARSE_LIMIT:
@@ -233,8 +261,10 @@ class MessageSpool:
             self._added = True
         self._emit(buf)
 
-    def finish(self) -> FetchedMessage:
-        """Close the sink and hand over the spooled message (positioned at its start)."""
+    def finish(self, *, line_endings_repaired: bool = False) -> FetchedMessage:
+        """Close the sink and hand over the spooled message (positioned at its start).
+        ``line_endings_repaired``: whether the POP3 client had to repair the body's line endings
+        (``Streamed.repaired``), recorded with the spool's own repairs."""
         if self._header_buf is not None:
             # The whole message was header section (no blank line): parse what there is.
             self._flush_headers(None)
@@ -251,7 +281,7 @@ class MessageSpool:
             message_id_added=self._added,
             header_sha256=self._header_sha256,
             repairs=describe_repairs(
-                self.line_endings_repaired, self._scanner.nul_removed, self._scanner.long_lines
+                line_endings_repaired, self._scanner.nul_removed, self._scanner.long_lines
             ),
             stamp=self._stamp,
         )

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from connector.config import DEFAULT_MESSAGE_SIZE_CEILING, Account
+from connector.message import header_section
 from connector.policies.sizes import ceiling_reason, over_ceiling
 
 OversizeAction = Literal["skip", "headers_only"]
@@ -60,17 +61,12 @@ def needs_baseline(start: str, baseline_taken: bool, known: Collection[str]) -> 
     return start == "new" and not baseline_taken and not known
 
 
-def _header_section(top: bytes) -> bytes:
-    end = top.find(b"\r\n\r\n")
-    return top if end < 0 else top[: end + 2]
-
-
 def headers_only_message(top: bytes, size: int, limit: int) -> bytes:
     """The message delivered instead of an oversized one: its headers (from ``TOP n 0``) minus those
     describing the body, and a plain-text note. Deterministic, so crash recovery finds it again."""
     kept: list[bytes] = []
     dropping = False
-    for line in _header_section(top).split(b"\r\n"):
+    for line in header_section(top).split(b"\r\n"):  # the blank line is dropped with empty lines
         if not line:
             continue
         if line[:1] in (b" ", b"\t"):  # a continuation belongs to the field before it

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from datetime import timedelta
 
 from connector.config import RetryPolicy
+from connector.policies.failures import Backoff
 
 # Spread out accounts that failed together (a shared server went down) so they do not return together.
 JITTER_FRACTION = 0.2
@@ -37,17 +38,19 @@ def failure_delay(
     policy: RetryPolicy,
     consecutive_failures: int,
     *,
-    auth_failure: bool,
+    backoff: Backoff,
     server_delay: timedelta | None = None,
     rand: Callable[[], float] = random.random,
 ) -> timedelta:
     """The wait after a failed poll (``consecutive_failures`` counts this one).
 
-    A refused login waits ``auth_failure_backoff`` flat: retrying at the normal rate could make the
-    provider lock the mailbox, and a password is not fixed by waiting longer and longer. Anything else
-    backs off exponentially. Neither is ever shorter than what the server asked for (LOGIN-DELAY).
+    A failure only a person can fix (``Backoff.PERSON``: a refused login, a certificate that does not
+    verify, a permanent refusal; see policies/failures.py) waits ``auth_failure_backoff`` flat: retrying at
+    the normal rate could make the provider lock the mailbox, and a password is not fixed by waiting longer
+    and longer. A temporary failure backs off exponentially. Neither is ever shorter than what the server
+    asked for (LOGIN-DELAY).
     """
-    if auth_failure:
+    if backoff is Backoff.PERSON:
         delay = max(policy.auth_failure_backoff, account_backoff(policy, consecutive_failures, rand=rand))
     else:
         delay = account_backoff(policy, consecutive_failures, rand=rand)

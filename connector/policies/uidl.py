@@ -22,6 +22,7 @@ from itertools import repeat
 
 from connector.ledger.models import MessageState
 from connector.ledger.store import KnownMessage, KnownMessages
+from connector.message import header_section
 from connector.pop3 import MessageInfo
 
 HASH_PREFIX = "hdr:"
@@ -36,18 +37,11 @@ _EXPECTED_ON_SERVER = frozenset(
 )
 
 
-def header_section(data: bytes) -> bytes:
-    """The header section of a message (through the blank line), or all of it when it has no blank line."""
-    if data.startswith(b"\r\n"):
-        return data[:2]
-    end = data.find(b"\r\n\r\n")
-    return data if end < 0 else data[: end + 4]
-
-
 def header_hash(data: bytes) -> str:
     """SHA-256 of the header section: the same for ``TOP n 0`` and for the start of ``RETR`` (whose NUL
-    bytes the spool has already removed, see policies.repair)."""
-    return hashlib.sha256(header_section(data).replace(b"\0", b"")).hexdigest()
+    bytes the spool has already removed, see policies.repair). Unbounded, so that no hash the ledger
+    already holds changes (``TOP n 0`` is bounded on the wire)."""
+    return hashlib.sha256(header_section(data, limit=None).replace(b"\0", b"")).hexdigest()
 
 
 def hash_identity(digest: str, uidl: str | None = None) -> str:

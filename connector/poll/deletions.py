@@ -11,8 +11,12 @@ retention) or ``pending`` (and finds it in the destination before delivering it 
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime
 
-from connector.pop3 import MessageInfo
+from connector.config import Account
+from connector.ledger.store import Clock
+from connector.policies.retention import should_delete
+from connector.pop3 import MessageInfo, Pop3Client
 
 
 class DeleQueue:
@@ -33,3 +37,48 @@ class DeleQueue:
         if queued:  # else nothing waits for the deferred writes: they commit with the poll's result
             self._flush()
         return queued
+
+
+class Deletions:
+    """What the POP3 server may delete at the end of this session, and what it must not.
+
+    The retention decides per delivered message (``delivered``); the plan adds messages delivered by
+    earlier polls (``dele``). Retrieved messages not (yet) delivered are remembered: a server that deletes
+    whatever was retrieved at QUIT (EXPIRE 0) must then not get a QUIT. A message delivered as its
+    headers only (``keep_whole``) is never deleted: the server keeps the one whole copy.
+    """
+
+    def __init__(self, account: Account, flush: Callable[[], None], clock: Clock) -> None:
+        self._retention = account.retention
+        self._clock = clock
+        self._queue = DeleQueue(flush)
+        self._undelivered: set[str] = set()
+        self._keep: set[str] = set()
+        # DELEs sent in this session: the server removes them at a confirmed QUIT (RFC 1939 §6).
+        self.sent: list[str] = []
+
+    @property
+    def undelivered(self) -> int:
+        return len(self._undelivered)
+
+    def retrieved(self, uidl: str, *, keep_whole: bool = False) -> None:
+        self._undelivered.add(uidl)
+        if keep_whole:
+            self._keep.add(uidl)
+
+    def delivered(self, info: MessageInfo, delivered_at: datetime) -> None:
+        # The DELE is safe in this same session: it is sent only after the delivery is committed
+        # (DeleQueue), and takes effect only at QUIT.
+        self._undelivered.discard(info.uidl)
+        if info.uidl not in self._keep and should_delete(self._retention, delivered_at, self._clock()):
+            self._queue.add(info)
+
+    def dele(self, info: MessageInfo) -> None:
+        self._queue.add(info)
+
+    def send(self, pop: Pop3Client) -> None:
+        """Send the queued DELEs (pipelined), after the ledger has committed what allows them."""
+        infos = self._queue.release()
+        if infos:
+            pop.dele_many([info.number for info in infos])
+            self.sent.extend(info.uidl for info in infos)

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import io
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from shutil import disk_usage
+from typing import Protocol
 
 from connector.config import Account
 from connector.errors import SourceReplyTooLongError, SourceShortReplyError, SpoolError
 from connector.message import (
-    HEADER_PARSE_LIMIT,
+    HEADER_SECTION_LIMIT,
     FetchedMessage,
     MessageSpool,
     fallback_message_id,
@@ -23,7 +26,7 @@ from connector.message import (
 )
 from connector.policies.limits import headers_only_message
 from connector.policies.sizes import implausibly_short, short_retr_reason, spool_room_needed, spool_shortfall
-from connector.pop3 import MessageInfo, Pop3Client
+from connector.pop3 import MessageInfo, Pop3Client, Sink, Streamed
 
 # A RETR may legitimately be a little larger than LIST said (servers count differently); a runaway reply
 # from a broken server must still be bounded.
@@ -85,26 +88,56 @@ def spool_failed(exc: OSError, info: MessageInfo) -> SpoolError:
     )
 
 
+class ReadReply(Protocol):
+    """Reads one message's reply into ``sink``, at most ``max_bytes`` from the wire: ``Pop3Client.retr``
+    for one message (bound to its number), ``RetrReply.into`` for a pipelined one."""
+
+    def __call__(self, sink: Sink, *, max_bytes: int | None = None) -> Streamed: ...
+
+
+def retr_to_spool(
+    info: MessageInfo, spool: MessageSpool, read: ReadReply, *, ceiling: int | None
+) -> FetchedMessage:
+    """Fetch one message whole into ``spool`` with ``read`` and hand over the finished message: the spool
+    directory must have room first, the reply is bounded by ``ceiling`` (``message_size_ceiling``) and
+    must not be far shorter than LIST said. On any failure ``spool`` is discarded and the error raised:
+    ``SpoolError`` for the spool's own, ``SourceReplyTooLongError`` naming the runaway message,
+    ``MessageFetchError`` (-ERR, a short reply) for this message only, anything else as it came."""
+    with _filling(spool, info, ceiling):
+        # Before the reply is read: on a full disk the poll stops (a pipelined reply is then discarded).
+        check_spool_space(info)
+        streamed = read(spool, max_bytes=max_retr_bytes(info, ceiling))
+        check_retr_size(info, streamed.octets)
+    return spool.finish(line_endings_repaired=streamed.repaired)
+
+
 def fetch(
     pop: Pop3Client, account: Account, info: MessageInfo, *, headers_only: bool = False
 ) -> FetchedMessage:
-    if not headers_only:  # the header section alone stays in memory
-        check_spool_space(info)
     spool = spool_for(account, info)
+    if not headers_only:
+
+        def retr(sink: Sink, *, max_bytes: int | None = None) -> Streamed:
+            return pop.retr(info.number, sink, max_bytes=max_bytes)
+
+        return retr_to_spool(info, spool, retr, ceiling=account.message_size_ceiling)
+    assert account.max_message_size is not None  # only planned when a limit is set
+    # The header section alone stays in memory (no spool space needed); its bound is TOP's, not the ceiling.
+    with _filling(spool, info, None):
+        top = io.BytesIO()
+        pop.top(info.number, 0, top, max_bytes=HEADER_SECTION_LIMIT)
+        spool.write(headers_only_message(top.getvalue(), info.size, account.max_message_size))
+    return spool.finish()
+
+
+@contextmanager
+def _filling(spool: MessageSpool, info: MessageInfo, ceiling: int | None) -> Iterator[None]:
+    """Discard ``spool`` if filling it fails, and say what failed: the runaway message, or the spool."""
     try:
-        if headers_only:
-            assert account.max_message_size is not None  # only planned when a limit is set
-            top = io.BytesIO()
-            pop.top(info.number, 0, top, max_bytes=2 * HEADER_PARSE_LIMIT)
-            spool.write(headers_only_message(top.getvalue(), info.size, account.max_message_size))
-        else:
-            ceiling = account.message_size_ceiling
-            received = pop.retr(info.number, spool, max_bytes=max_retr_bytes(info, ceiling))
-            spool.line_endings_repaired = pop.last_body_repaired
-            check_retr_size(info, received)
+        yield
     except SourceReplyTooLongError as exc:
         spool.abort()
-        name_runaway(exc, info, account.message_size_ceiling)
+        name_runaway(exc, info, ceiling)
         raise
     except OSError as exc:  # the spool's: the client turns socket errors into its own
         spool.abort()
@@ -112,7 +145,6 @@ def fetch(
     except BaseException:
         spool.abort()
         raise
-    return spool.finish()
 
 
 def name_runaway(exc: SourceReplyTooLongError, info: MessageInfo, ceiling: int | None = None) -> None:

@@ -22,15 +22,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 from connector.config import DEFAULT_MESSAGE_SIZE_CEILING
-from connector.errors import SourceMessageError, SourceProtocolError, SourceReplyTooLongError
+from connector.errors import MessageFetchError, SourceProtocolError
 from connector.message import FetchedMessage, MessageSpool
-from connector.poll.fetch import (
-    check_retr_size,
-    check_spool_space,
-    max_retr_bytes,
-    name_runaway,
-    spool_failed,
-)
+from connector.ops.logs import about_message
+from connector.poll.fetch import retr_to_spool
 from connector.poll.plan import Delivery, PollPlan
 from connector.pop3 import MessageInfo, Pop3Client, join_listings
 from connector.pop3.client import RetrReply
@@ -57,7 +52,7 @@ class Fetched:
 
     delivery: Delivery
     message: FetchedMessage | None = None
-    error: SourceMessageError | None = None
+    error: MessageFetchError | None = None
 
     def close(self) -> None:
         if self.message is not None:
@@ -226,27 +221,14 @@ class Prefetcher:
 
     def _fetch(self, delivery: Delivery, reply: RetrReply) -> Fetched:
         info = delivery.info
-        # Before the reply is read: on a full disk the poll stops (the reply in flight is discarded).
-        check_spool_space(info)
-        spool = self._spool_for(info)
         try:
-            received = reply.into(spool, max_bytes=max_retr_bytes(info, self._ceiling))
-            spool.line_endings_repaired = self._pop.last_body_repaired
-            check_retr_size(info, received)
-        except SourceMessageError as exc:  # -ERR, or a reply far shorter than LIST: this message only
-            spool.abort()
+            # What this thread logs while it reads the reply (the wire trace, a repair) is about this
+            # message, whatever the poll's thread is delivering meanwhile.
+            with about_message(info.uidl):
+                message = retr_to_spool(info, self._spool_for(info), reply.into, ceiling=self._ceiling)
+        except MessageFetchError as exc:  # -ERR, or a reply far shorter than LIST: this message only
             return Fetched(delivery, error=exc)
-        except SourceReplyTooLongError as exc:
-            spool.abort()
-            name_runaway(exc, info, self._ceiling)
-            raise
-        except OSError as exc:  # the spool's: the client turns socket errors into its own
-            spool.abort()
-            raise spool_failed(exc, info) from exc
-        except BaseException:
-            spool.abort()
-            raise
-        return Fetched(delivery, message=spool.finish())
+        return Fetched(delivery, message=message)
 
     def _put(self, item: object) -> bool:
         """Queue ``item`` unless the consumer has stopped; False if it was not queued."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from connector.policies.failures import Backoff
 from connector.poll.plan import PollPlan
 
 
@@ -15,6 +16,8 @@ class PollResult:
     # lease_lost (another poll took the account over while this one stalled)
     status: str = "ok"
     error: str | None = None
+    # How a failed poll waits for the next one (policies/failures.py): only a person fixes PERSON.
+    backoff: Backoff = Backoff.RETRY
     delivered: int = 0
     recovered: int = 0
     failed: int = 0

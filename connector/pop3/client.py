@@ -16,6 +16,7 @@ import logging
 import socket
 import ssl
 from collections.abc import Generator, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal, Protocol, TypeVar
 
@@ -103,6 +104,16 @@ def _trace_line(verb: str, args: Sequence[str]) -> str:
     return " ".join((verb, *args))
 
 
+@dataclass(frozen=True)
+class Streamed:
+    """What streaming one RETR/TOP body into a sink gave: the ``octets`` written (unstuffed, CRLF line
+    endings) and whether any line ending had to be ``repaired`` (a bare LF or CR became CRLF). Returned
+    with the body, so the flag always belongs to the reply it describes (the ledger records it)."""
+
+    octets: int
+    repaired: bool = False
+
+
 class _Discard:
     def write(self, data: bytes, /) -> int:
         return len(data)
@@ -123,8 +134,8 @@ class RetrReply:
         self._started = False
         self._finished = False
 
-    def into(self, sink: Sink, *, max_bytes: int | None = None) -> int:
-        """Stream the message into ``sink`` like ``Pop3Client.retr``; returns the bytes written.
+    def into(self, sink: Sink, *, max_bytes: int | None = None) -> Streamed:
+        """Stream the message into ``sink`` like ``Pop3Client.retr``; returns what was written.
 
         An ``-ERR`` raises ``SourceMessageError`` (the stream stays in step); anything escaping while the
         body is read (a failing sink, ``max_bytes`` exceeded) leaves the session broken.
@@ -132,11 +143,11 @@ class RetrReply:
         if self._started:
             raise RuntimeError(f"the reply to RETR {self.number} was already read")
         self._started = True
-        reply, written = self._client._read_retr_reply(sink, max_bytes)
+        reply, streamed = self._client._read_retr_reply(sink, max_bytes)
         self._finished = True
         if not reply.ok:
             raise error_for("RETR", reply, peer=self._client.peer)
-        return written
+        return streamed
 
     def finish(self) -> None:
         """Discard the reply if it was not read; refuse to go on if reading it failed half-way."""
@@ -178,8 +189,6 @@ class Pop3Client:
         self._closed = False
         self._capabilities = Capabilities()
         self._utf8 = False
-        # Whether the last RETR/TOP body had bare LF or CR line endings (now CRLF).
-        self.last_body_repaired = False
         # The lines of the last listing (UIDL or UIDL+LIST, then LIST or LIST n) that could not be taken
         # in: their messages were left out of what the listing methods returned, so they stay on the server.
         self.unlisted: list[Unlisted] = []
@@ -340,7 +349,7 @@ class Pop3Client:
         except OSError as exc:
             raise self._read_failed(verb, exc) from exc
 
-    def _stream_body(self, verb: str, sink: Sink, max_bytes: int | None) -> int:
+    def _stream_body(self, verb: str, sink: Sink, max_bytes: int | None) -> Streamed:
         decoder = BodyDecoder()
         # Traces summarise a body by size and hash, never its content.
         digest = hashlib.sha256() if wire_log.isEnabledFor(logging.DEBUG) else None
@@ -359,10 +368,9 @@ class Pop3Client:
                 written += len(data)
             if done:
                 break
-        self.last_body_repaired = decoder.repaired
         if digest is not None:
             wire_log.debug("S: <%s body, %d bytes, sha256 %s>", verb, written, digest.hexdigest())
-        return written
+        return Streamed(written, decoder.repaired)
 
     # --- session setup --------------------------------------------------------------------------------
 
@@ -620,27 +628,28 @@ class Pop3Client:
         self._check_listing_reply("LIST", list_reply)
         return uidl_block, list_block
 
-    def retr(self, number: int, sink: Sink, *, max_bytes: int | None = None) -> int:
-        """Stream message ``number`` into ``sink`` (unstuffed, CRLF line endings); returns bytes written.
+    def retr(self, number: int, sink: Sink, *, max_bytes: int | None = None) -> Streamed:
+        """Stream message ``number`` into ``sink`` (unstuffed, CRLF line endings); returns the octets
+        written and whether line endings were repaired.
 
         ``max_bytes`` bounds what is read from the wire; past it the session is broken, since the rest
         of the reply can no longer be skipped reliably.
         """
         return self._fetch("RETR", (_positive(number, "message number"),), sink, max_bytes)
 
-    def top(self, number: int, lines: int, sink: Sink, *, max_bytes: int | None = None) -> int:
+    def top(self, number: int, lines: int, sink: Sink, *, max_bytes: int | None = None) -> Streamed:
         """The header section and the first ``lines`` body lines of a message, like ``retr``."""
         args = (_positive(number, "message number"), _non_negative(lines, "line count"))
         return self._fetch("TOP", args, sink, max_bytes)
 
-    def _fetch(self, verb: str, args: tuple[str, ...], sink: Sink, max_bytes: int | None) -> int:
+    def _fetch(self, verb: str, args: tuple[str, ...], sink: Sink, max_bytes: int | None) -> Streamed:
         with self._exchange():
             self._send((verb, *args))
             reply = self._read_status(verb)
-            written = self._stream_body(verb, sink, max_bytes) if reply.ok else 0
+            streamed = self._stream_body(verb, sink, max_bytes) if reply.ok else Streamed(0)
         if not reply.ok:
             raise error_for(verb, reply, peer=self._peer)
-        return written
+        return streamed
 
     # --- pipelined RETR and DELE (RFC 2449 PIPELINING) -----------------------------------------------
 
@@ -694,9 +703,9 @@ class Pop3Client:
             return
         self._broken = False
 
-    def _read_retr_reply(self, sink: Sink, max_bytes: int | None) -> tuple[Reply, int]:
+    def _read_retr_reply(self, sink: Sink, max_bytes: int | None) -> tuple[Reply, Streamed]:
         reply = self._read_status("RETR")
-        return reply, (self._stream_body("RETR", sink, max_bytes) if reply.ok else 0)
+        return reply, (self._stream_body("RETR", sink, max_bytes) if reply.ok else Streamed(0))
 
     def list_sizes_of(self, numbers: Sequence[int], *, batch: int = 128) -> list[ListEntry]:
         """``LIST n`` for each message (pipelined when offered): cheaper than a whole LIST when a large

@@ -8,11 +8,15 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 
 from connector.message import (
+    HEADER_SECTION_LIMIT,
     MessageSpool,
     fallback_message_id,
+    header_end,
+    header_section,
     parse_header_date,
     parse_headers,
     received_date,
+    spooled_header_section,
 )
 
 MESSAGE = (
@@ -132,3 +136,66 @@ def test_fallback_message_id_is_stable_and_distinct() -> None:
     assert first == fallback_message_id("alice", "pop.example.net", "alice", "UID1")
     assert first != fallback_message_id("alice", "pop.example.net", "alice", "UID2")
     assert first.startswith("<pop-connector.") and first.endswith("@pop.example.net>")
+
+
+# --- the header section -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (MESSAGE, MESSAGE[: MESSAGE.index(b"\r\n\r\n") + 4]),
+        (b"Subject: a\r\n\r\nbody\r\n\r\nmore\r\n", b"Subject: a\r\n\r\n"),
+        # No header at all: the blank line alone, not the body up to its first blank line.
+        (b"\r\nbody: not a header\r\n\r\nmore\r\n", b"\r\n"),
+        # No blank line: all of it is header section (TOP n 0 of a message without a body).
+        (b"Subject: a\r\nFrom: b@x\r\n", b"Subject: a\r\nFrom: b@x\r\n"),
+        (b"Subject: a", b"Subject: a"),
+        (b"", b""),
+    ],
+)
+def test_header_section_is_through_the_blank_line(data: bytes, expected: bytes) -> None:
+    assert header_section(data) == expected
+    assert header_end(data) == (
+        len(expected) if expected.endswith(b"\r\n\r\n") or expected == b"\r\n" else -1
+    )
+
+
+def test_header_section_is_bounded() -> None:
+    head = b"Subject: " + b"x" * 100 + b"\r\n\r\n"
+    data = head + b"body\r\n"
+    assert header_section(data, limit=50) == data[:50]
+    assert header_end(data, limit=len(head) - 1) == -1
+    assert header_section(data, limit=len(head)) == head  # a blank line ending at the limit is in
+    assert header_section(data, limit=None) == head
+    huge = b"X-Long: " + b"y" * (HEADER_SECTION_LIMIT + 10)
+    assert header_section(huge) == huge[:HEADER_SECTION_LIMIT]
+    assert header_section(huge, limit=None) == huge
+
+
+def test_spooled_header_section_is_the_header_section_as_delivered() -> None:
+    spool = MessageSpool("u1", "<fallback@x>", memory_limit=64, stamp_key="k")
+    body = b"line\r\n\r\n" * 100_000  # blank lines in the body, across many chunks
+    spool.write(b"Subject: no id\r\n\r\n" + body)
+    with spool.finish() as message:
+        section = spooled_header_section(message)
+        stored = message.read_bytes()
+        assert section == header_section(stored) and section.endswith(b"Subject: no id\r\n\r\n")
+        assert section.startswith(message.stamp_line) and b"Message-ID: <fallback@x>\r\n" in section
+        assert spooled_header_section(message, limit=20) == stored[:20]
+
+
+def test_spooled_header_section_of_a_message_without_a_blank_line_is_bounded() -> None:
+    spool = MessageSpool("u1", "<fallback@x>")
+    spool.write(b"Message-ID: <a@x>\r\n" + b"X-Long: " + b"y" * (3 * 1024 * 1024))
+    with spool.finish() as message:
+        section = spooled_header_section(message)
+        assert len(section) == HEADER_SECTION_LIMIT and section == message.read_bytes()[:HEADER_SECTION_LIMIT]
+
+
+def test_the_spool_records_the_clients_line_ending_repair() -> None:
+    for repaired, expected in [(False, None), (True, "bare LF/CR line endings made CRLF")]:
+        spool = MessageSpool("u1", "<f@x>")
+        spool.write(MESSAGE)
+        with spool.finish(line_endings_repaired=repaired) as message:
+            assert message.repairs == expected

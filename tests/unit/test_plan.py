@@ -164,3 +164,12 @@ def test_headers_only_message_keeps_headers_and_replaces_the_body() -> None:
     assert b"boundary" not in head and head.count(b"MIME-Version") == 1
     assert b"Content-Type: text/plain" in head and b"50000000 bytes" in body
     assert built == headers_only_message(top, 50_000_000, 26_214_400)  # deterministic for recovery
+
+
+def test_headers_only_message_takes_only_the_header_section() -> None:
+    # A server that sends body lines after an empty header section despite TOP n 0: none is a header.
+    built = headers_only_message(b"\r\nbody: not a header\r\n\r\nlater body\r\n", 50_000_000, 26_214_400)
+    assert b"body: not a header" not in built and b"later body" not in built
+    # Without a blank line (the TOP reply was all header section), every line is kept.
+    built = headers_only_message(b"Subject: s\r\nFrom: a@x\r\n", 50_000_000, 26_214_400)
+    assert built.startswith(b"Subject: s\r\nFrom: a@x\r\nMIME-Version: 1.0\r\n")

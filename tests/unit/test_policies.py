@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from connector.config import RetentionPolicy, RetryPolicy
+from connector.policies.failures import Backoff
 from connector.policies.retention import deletable_until, should_delete
 from connector.policies.retry import (
     account_backoff,
@@ -92,18 +93,18 @@ MIDDLE = lambda: 0.5  # noqa: E731 - no jitter at the midpoint
 
 def test_auth_failure_waits_auth_failure_backoff_flat() -> None:
     policy = RetryPolicy(auth_failure_backoff=timedelta(hours=1), max_backoff=timedelta(minutes=10))
-    assert failure_delay(policy, 1, auth_failure=True, rand=MIDDLE) == timedelta(hours=1)
-    assert failure_delay(policy, 9, auth_failure=True, rand=MIDDLE) == timedelta(hours=1)
-    assert failure_delay(policy, 1, auth_failure=False, rand=MIDDLE) == timedelta(minutes=1)
+    assert failure_delay(policy, 1, backoff=Backoff.PERSON, rand=MIDDLE) == timedelta(hours=1)
+    assert failure_delay(policy, 9, backoff=Backoff.PERSON, rand=MIDDLE) == timedelta(hours=1)
+    assert failure_delay(policy, 1, backoff=Backoff.RETRY, rand=MIDDLE) == timedelta(minutes=1)
 
 
 def test_failure_never_retries_before_login_delay() -> None:
     policy = RetryPolicy()
-    delay = failure_delay(policy, 1, auth_failure=False, server_delay=timedelta(minutes=15), rand=MIDDLE)
+    delay = failure_delay(policy, 1, backoff=Backoff.RETRY, server_delay=timedelta(minutes=15), rand=MIDDLE)
     assert delay == timedelta(minutes=15)
-    assert failure_delay(policy, 7, auth_failure=False, server_delay=timedelta(seconds=5), rand=MIDDLE) == (
-        timedelta(minutes=60)
-    )
+    assert failure_delay(
+        policy, 7, backoff=Backoff.RETRY, server_delay=timedelta(seconds=5), rand=MIDDLE
+    ) == (timedelta(minutes=60))
 
 
 def test_success_waits_at_least_login_delay() -> None:

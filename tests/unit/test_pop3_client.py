@@ -27,7 +27,7 @@ from connector.errors import (
     SourceTLSError,
 )
 from connector.message import MessageSpool
-from connector.pop3 import ListEntry, MessageInfo, Pop3Client, Unlisted, connect_pop3
+from connector.pop3 import ListEntry, MessageInfo, Pop3Client, Streamed, Unlisted, connect_pop3
 from connector.pop3.wire import BodyDecoder
 from connector.tls import TlsMode, make_ssl_context
 from tests.servers.scripted_pop3 import (
@@ -83,7 +83,7 @@ def retr_bytes(srv: ScriptedPop3Server, content: bytes | None = None, wire: byte
     srv.messages = [StoredMessage("only", content if content is not None else b"", wire=wire)]
     with logged_in(srv) as client:
         sink = io.BytesIO()
-        written = client.retr(1, sink)
+        written = client.retr(1, sink).octets
     assert written == len(sink.getvalue())
     return sink.getvalue()
 
@@ -357,7 +357,7 @@ def test_retr_of_a_one_megabyte_line_is_streamed(server: ScriptedPop3Server) -> 
     server.messages = [StoredMessage("big", content)]
     sink = RecordingSink()
     with logged_in(server) as client:
-        assert client.retr(1, sink) == len(content)
+        assert client.retr(1, sink) == Streamed(len(content), repaired=False)
     assert sink.value == content
     assert len(sink.writes) > 4 and max(sink.writes) <= 2 * 64 * 1024
 
@@ -673,7 +673,7 @@ def test_closing_retr_many_early_discards_what_is_in_flight() -> None:
     with ScriptedPop3Server(messages, pipelining=True) as srv, logged_in(srv) as client:
         replies = client.retr_many(range(1, 7), window=4)
         first = next(replies)
-        assert first.into(io.BytesIO()) == len(HELLO)
+        assert first.into(io.BytesIO()) == Streamed(len(HELLO), repaired=False)
         next(replies)  # not read: discarded too
         replies.close()
         assert client.usable
@@ -694,6 +694,21 @@ def test_a_failing_sink_in_retr_many_breaks_the_session() -> None:
                 next(replies).into(FullDisk())
             replies.close()
             assert not client.usable
+
+
+BARE_LF_WIRE = b"Subject: lf\n\nbody\n.\r\n"
+
+
+def test_each_reply_says_whether_its_line_endings_were_repaired() -> None:
+    repaired = len(b"Subject: lf\r\n\r\nbody\r\n")
+    messages = [StoredMessage("lf", b"", wire=BARE_LF_WIRE), StoredMessage("crlf", HELLO)]
+    with ScriptedPop3Server(messages, pipelining=True) as srv, logged_in(srv) as client:
+        assert client.retr(1, io.BytesIO()) == Streamed(repaired, repaired=True)
+        assert client.retr(2, io.BytesIO()) == Streamed(len(HELLO), repaired=False)
+        assert client.top(2, 0, io.BytesIO()) == Streamed(HELLO.index(b"Hello"), repaired=False)
+        replies = [reply.into(io.BytesIO()) for reply in client.retr_many([2, 1, 2], window=3)]
+    assert replies == [Streamed(len(HELLO)), Streamed(repaired, repaired=True), Streamed(len(HELLO))]
+    assert not hasattr(client, "last_body_repaired")
 
 
 @pytest.mark.parametrize("pipelining", [False, True])

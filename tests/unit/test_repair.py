@@ -30,8 +30,7 @@ def test_describe_repairs() -> None:
 def test_spool_records_repairs_and_hashes_what_is_delivered() -> None:
     spool = MessageSpool("u", "<f@x>")
     spool.write(b"Subject: a\r\nMessage-ID: <a@x>\r\n\r\nbo\0dy\r\n")
-    spool.line_endings_repaired = True
-    with spool.finish() as fetched:
+    with spool.finish(line_endings_repaired=True) as fetched:
         assert fetched.read_bytes() == b"Subject: a\r\nMessage-ID: <a@x>\r\n\r\nbody\r\n"
         assert fetched.size == len(fetched.read_bytes())
         assert fetched.repairs is not None and "1 NUL" in fetched.repairs and "CRLF" in fetched.repairs
@@ -49,9 +48,7 @@ def test_client_says_when_it_repaired_line_endings() -> None:
         b"+OK\r\nSubject: a\n\nbare\rcr\r\n.\r\n+OK\r\nSubject: b\r\n\r\nfine\r\n.\r\n"
     )
     body = io.BytesIO()
-    pop.retr(1, body)
-    assert pop.last_body_repaired and body.getvalue() == b"Subject: a\r\n\r\nbare\r\ncr\r\n"
-    pop.retr(2, io.BytesIO())
-    assert not pop.last_body_repaired
+    assert pop.retr(1, body).repaired and body.getvalue() == b"Subject: a\r\n\r\nbare\r\ncr\r\n"
+    assert not pop.retr(2, io.BytesIO()).repaired
     pop.close()
     server.close()

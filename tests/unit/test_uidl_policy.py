@@ -6,11 +6,10 @@ from datetime import UTC, datetime
 
 from connector.ledger.models import MessageState
 from connector.ledger.store import KnownMessage, KnownMessages
-from connector.message import MessageSpool
+from connector.message import MessageSpool, header_section
 from connector.policies.uidl import (
     hash_identity,
     header_hash,
-    header_section,
     needs_header_hash,
     rekeyed,
     rematch,
