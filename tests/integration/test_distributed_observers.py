@@ -148,7 +148,8 @@ def test_two_workers_log_every_line_with_its_account_and_serve_their_own_metrics
     for name, its_lines in about.items():
         assert [line for line in its_lines if line.get("account") != name] == [], name
         loggers = {line["logger"] for line in its_lines}
-        assert {"connector.service.distributed.worker", "connector.poll.engine"} <= loggers, loggers
+        assert {"connector.service.distributed.worker", "connector.ops.poll_log"} <= loggers, loggers
+        assert any(logger.startswith("connector.poll.") for logger in loggers), loggers
         assert any(logger.startswith("procrastinate.worker") for logger in loggers), loggers
     delivered = [line for line in lines if " delivered (" in line["message"]]
     assert len(delivered) == sum(len(mail) for mail in fleet.seeded.values())
