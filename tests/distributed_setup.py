@@ -169,7 +169,7 @@ def start_worker(config: Path, name: str, log_dir: Path, prefix: Sequence[str] =
 
 
 _LINE = re.compile(
-    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ connector\.distributed\.worker: "
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ connector\.service\.distributed\.worker: "
     r"account (\S+): poll (started|finished) on worker (\S+)"
 )
 

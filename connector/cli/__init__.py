@@ -26,9 +26,8 @@ from connector.ledger.database import open_database
 from connector.ledger.store import Ledger
 from connector.ops.logs import LOG_FORMATS, setup_logging
 from connector.ops.progress import SyncProgress, print_summary, summary_rows, sync_progress
-from connector.poll.observe import ObservedEngine
+from connector.poll.engine import SyncEngine
 from connector.poll.result import PollResult
-from connector.service.runtime import run_service
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
@@ -122,9 +121,13 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
     if args.command in admin.COMMANDS:
         return admin.run(args, config, ledger)
     if args.command == "run":
+        # Imported here, as below: the listener (connector.ops.web) imports connector.cli.report, so this
+        # package must not import it while it loads.
+        from connector.service.runtime import run_service
+
         run_service(config, ledger, config_path(args.config))
         return EXIT_OK
-    return _sync(config, ObservedEngine(config, ledger, Connections()), args)
+    return _sync(config, ledger, args)
 
 
 def _sync_config(config: Config, engine: Engine) -> int:
@@ -153,19 +156,22 @@ def _stop_on_signals(stop: threading.Event) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
-def _sync(config: Config, engine: ObservedEngine, args: argparse.Namespace) -> int:
+def _sync(config: Config, ledger: Ledger, args: argparse.Namespace) -> int:
+    from connector.ops.observers import standard_observers
+
     accounts = _selected_accounts(config, args.account)
     if not accounts:
         print("no enabled accounts in the configuration", file=sys.stderr)
         return EXIT_OK
     stop = threading.Event()
     _stop_on_signals(stop)
+    display = sync_progress(accounts, sys.stderr) if not args.dry_run else SyncProgress()
+    observers = standard_observers(progress=display)
+    engine = SyncEngine(config, ledger, Connections(), observers=observers.all())
 
     def poll(account: Account) -> PollResult:
         return engine.poll(account, dry_run=args.dry_run, stop=stop)
 
-    display = sync_progress(accounts, sys.stderr) if not args.dry_run else SyncProgress()
-    engine.hooks.append(display)
     with display, ThreadPoolExecutor(max_workers=config.service.max_workers) as pool:
         results = list(pool.map(poll, accounts))
     for result in results:

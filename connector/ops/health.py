@@ -1,8 +1,8 @@
 """Is the service healthy? The scheduler must start polls when they are due, and the ledger must answer.
 
-``HealthMonitor`` watches polls start and finish and remembers when each account is due next; an account
-still not started ``health_grace`` after it was due means the scheduler is stuck (its thread died, or every
-worker is blocked). The rules are the pure function ``health_problems``.
+``HealthMonitor`` watches polls start and finish (their events) and remembers when each account is due
+next; an account still not started ``health_grace`` after it was due means the scheduler is stuck (its
+thread died, or every worker is blocked). The rules are the pure function ``health_problems``.
 """
 
 from __future__ import annotations
@@ -14,10 +14,8 @@ from datetime import datetime, timedelta
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from connector.config import Account
 from connector.ledger.store import Ledger
-from connector.poll.observe import PollObserver, PollStats
-from connector.poll.result import PollResult
+from connector.poll.events import Finished, PollEvent, Started
 
 
 def overdue_accounts(due: Mapping[str, datetime], now: datetime, grace: timedelta) -> list[str]:
@@ -50,7 +48,9 @@ def database_error(ledger: Ledger) -> str | None:
     return None
 
 
-class HealthMonitor(PollObserver):
+class HealthMonitor:
+    """A ``PollObserver``: which accounts are being polled, and when the others are due."""
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._due: dict[str, datetime] = {}
@@ -66,16 +66,23 @@ class HealthMonitor(PollObserver):
                 if name in self._configured and name not in self._polling:
                     self._due[name] = when
 
-    def poll_started(self, account: Account, stats: PollStats) -> None:
-        with self._lock:
-            self._due.pop(account.name, None)
-            self._polling.add(account.name)
+    def notify(self, event: PollEvent) -> None:
+        match event:
+            case Started():
+                with self._lock:
+                    self._due.pop(event.account, None)
+                    self._polling.add(event.account)
+            case Finished():
+                self._finished(event)
+            case _:
+                pass
 
-    def poll_finished(self, result: PollResult, stats: PollStats) -> None:
+    def _finished(self, event: Finished) -> None:
+        result = event.result
         with self._lock:
-            self._polling.discard(result.account)
-            if result.next_poll_at is not None and result.account in self._configured:
-                self._due[result.account] = result.next_poll_at
+            self._polling.discard(event.account)
+            if result.next_poll_at is not None and event.account in self._configured:
+                self._due[event.account] = result.next_poll_at
 
     def due(self) -> dict[str, datetime]:
         with self._lock:

@@ -1,4 +1,4 @@
-"""Prometheus metrics, fed by the observed polls (``connector.poll.observe``), served by
+"""Prometheus metrics, fed by the polls' events (``connector.poll.events``), served by
 ``connector.ops.web``."""
 
 from __future__ import annotations
@@ -7,16 +7,14 @@ import contextlib
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from connector.config import Account
-from connector.poll.observe import PollObserver, PollStats
-from connector.poll.result import PollResult
+from connector.poll.events import Delivered, Finished, PollEvent, Started
 
 # Polls of an empty mailbox take well under a second; a first migration of a big one takes hours.
 DURATION_BUCKETS = (0.25, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600)
 
 
-class PollMetrics(PollObserver):
-    """Every metric is labelled by ``account``; ``polls_total`` also by ``result``."""
+class PollMetrics:
+    """A ``PollObserver``. Every metric is labelled by ``account``; ``polls_total`` also by ``result``."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -76,14 +74,19 @@ class PollMetrics(PollObserver):
             "pop_connector_polls_in_progress", "1 while the account is being polled.", ["account"], registry=r
         )
 
-    def poll_started(self, account: Account, stats: PollStats) -> None:
-        self.in_progress.labels(account.name).set(1)
+    def notify(self, event: PollEvent) -> None:
+        match event:
+            case Started():
+                self.in_progress.labels(event.account).set(1)
+            case Delivered():
+                self.bytes.labels(event.account).inc(event.size)
+            case Finished():
+                self._finished(event)
+            case _:
+                pass
 
-    def message_delivered(self, stats: PollStats, uidl: str, size: int) -> None:
-        self.bytes.labels(stats.account).inc(size)
-
-    def poll_finished(self, result: PollResult, stats: PollStats) -> None:
-        name = result.account
+    def _finished(self, event: Finished) -> None:
+        name, result = event.account, event.result
         self.in_progress.labels(name).set(0)
         self.polls.labels(name, result.status).inc()
         if result.status in ("busy", "lease_lost"):
@@ -97,10 +100,9 @@ class PollMetrics(PollObserver):
         self.delivered.labels(name).inc(result.delivered + result.recovered)
         self.quarantined.labels(name).inc(result.quarantined)
         self.short_retrs.labels(name).inc(result.short_retrs)
-        self.duration.labels(name).observe(stats.duration)
-        backlog = stats.backlog(result)
-        if backlog is not None:
-            self.backlog.labels(name).set(backlog)
+        self.duration.labels(name).observe(event.duration)
+        if event.backlog is not None:
+            self.backlog.labels(name).set(event.backlog)
 
     def forget(self, account: str) -> None:
         """An account removed from the configuration: drop its gauges (counters keep their history)."""

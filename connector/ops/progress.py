@@ -1,7 +1,8 @@
 """What ``sync`` shows while it works and when it is done.
 
 In a terminal: a rich progress bar per account (messages, bytes, rate, ETA) on stderr. Otherwise: plain
-log lines at every tenth of the way. At the end, either way, a summary table of every account.
+log lines at every tenth of the way. At the end, either way, a summary table of every account. Both
+displays are ``PollObserver``s: they count what each poll planned and fetched from its events.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TextIO
@@ -27,7 +28,8 @@ from rich.progress import (
 from rich.table import Table
 
 from connector.config import Account
-from connector.poll.observe import PollObserver, PollStats
+from connector.ops.logs import log_context
+from connector.poll.events import Fetched, Finished, Planned, PollEvent, Started
 from connector.poll.result import PollResult
 
 log = logging.getLogger("connector.ops.progress")
@@ -111,14 +113,51 @@ def print_summary(rows: Sequence[SummaryRow], out: TextIO) -> None:
     Console(file=out).print(table)
 
 
-class SyncProgress(PollObserver):
-    """Base of both displays: remembers each account's duration for the summary."""
+@dataclass
+class PollProgress:
+    """How far one account's poll is. Bytes are counted in the server's LIST sizes, as the plan's are, so
+    that a poll that fetched all it planned is at exactly 100%."""
 
-    def __init__(self) -> None:
+    started: float  # the clock's time at Started
+    planned: int | None = None  # None until the plan is made
+    planned_bytes: int = 0
+    fetched: int = 0
+    fetched_bytes: int = 0
+
+
+class SyncProgress:
+    """Base of both displays, and what a dry run shows (nothing): keeps each account's running counts
+    (``progress``) and its poll's duration for the summary. Events come one at a time (``Observers``)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.durations: dict[str, float] = {}
+        self.progress: dict[str, PollProgress] = {}
+        self._clock = clock
 
-    def poll_finished(self, result: PollResult, stats: PollStats) -> None:
-        self.durations[result.account] = stats.duration
+    def notify(self, event: PollEvent) -> None:
+        match event:
+            case Started():
+                self.progress[event.account] = PollProgress(self._clock())
+            case Planned():
+                poll = self._poll(event.account)
+                poll.planned, poll.planned_bytes = event.messages, event.size
+            case Fetched():
+                poll = self._poll(event.account)
+                poll.fetched += 1
+                poll.fetched_bytes += event.size
+            case Finished():
+                self.durations[event.account] = event.duration
+            case _:
+                pass
+
+    def _poll(self, account: str) -> PollProgress:
+        poll = self.progress.get(account)
+        if poll is None:  # no Started seen: count from now
+            poll = self.progress[account] = PollProgress(self._clock())
+        return poll
+
+    def elapsed(self, account: str) -> float:
+        return self._clock() - self._poll(account).started
 
     def __enter__(self) -> SyncProgress:
         return self
@@ -132,43 +171,58 @@ class SyncProgress(PollObserver):
 class LogProgress(SyncProgress):
     """Not a terminal: a log line when the plan is known and at each further tenth of the bytes."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(clock)
         self._reported: dict[str, int] = {}
 
-    def poll_planned(self, stats: PollStats) -> None:
-        self._reported[stats.account] = 0
-        log.info(
-            "account %s: %d messages (%d bytes) to deliver", stats.account, stats.planned, stats.planned_bytes
-        )
+    def notify(self, event: PollEvent) -> None:
+        super().notify(event)
+        match event:
+            case Planned():
+                self._reported[event.account] = 0
+                with log_context(event.account):
+                    log.info(
+                        "account %s: %d messages (%d bytes) to deliver",
+                        event.account,
+                        event.messages,
+                        event.size,
+                    )
+            case Fetched():
+                self._fetched(event.account)
+            case _:
+                pass
 
-    def message_fetched(self, stats: PollStats, uidl: str, size: int) -> None:
-        if not stats.planned or not stats.planned_bytes:
+    def _fetched(self, account: str) -> None:
+        poll = self.progress[account]
+        if not poll.planned or not poll.planned_bytes:
             return
-        tenth = min(10, stats.fetched_bytes * 10 // stats.planned_bytes)
-        if tenth <= self._reported.get(stats.account, 0):
+        tenth = min(10, poll.fetched_bytes * 10 // poll.planned_bytes)
+        if tenth <= self._reported.get(account, 0):
             return
-        self._reported[stats.account] = tenth
-        elapsed = max(time.monotonic() - stats.started, 1e-6)
-        rate = stats.fetched_bytes / elapsed
-        remaining = max(stats.planned_bytes - stats.fetched_bytes, 0) / rate if rate else 0.0
-        log.info(
-            "account %s: %d/%d messages, %d/%d bytes, %.0f bytes/s, about %s left",
-            stats.account,
-            stats.fetched,
-            stats.planned,
-            stats.fetched_bytes,
-            stats.planned_bytes,
-            rate,
-            format_duration(remaining),
-        )
+        self._reported[account] = tenth
+        rate = poll.fetched_bytes / max(self.elapsed(account), 1e-6)
+        remaining = max(poll.planned_bytes - poll.fetched_bytes, 0) / rate if rate else 0.0
+        # Fetched comes from the poll's fetch thread; the line is about the account, not the message.
+        with log_context(account):
+            log.info(
+                "account %s: %d/%d messages, %d/%d bytes, %.0f bytes/s, about %s left",
+                account,
+                poll.fetched,
+                poll.planned,
+                poll.fetched_bytes,
+                poll.planned_bytes,
+                rate,
+                format_duration(remaining),
+            )
 
 
 class BarProgress(SyncProgress):
     """A terminal: one rich progress bar per account, on ``console`` (stderr)."""
 
-    def __init__(self, accounts: Sequence[Account], console: Console) -> None:
-        super().__init__()
+    def __init__(
+        self, accounts: Sequence[Account], console: Console, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        super().__init__(clock)
         self._progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -191,31 +245,38 @@ class BarProgress(SyncProgress):
                 self._tasks[account] = self._progress.add_task(account, total=None, messages="")
             return self._tasks[account]
 
-    def poll_started(self, account: Account, stats: PollStats) -> None:
-        task = self._task(account.name)
-        self._progress.start_task(task)
-        self._progress.update(task, description=f"{account.name} (listing)")
+    def notify(self, event: PollEvent) -> None:
+        super().notify(event)
+        match event:
+            case Started():
+                task = self._task(event.account)
+                self._progress.start_task(task)
+                self._progress.update(task, description=f"{event.account} (listing)")
+            case Planned():
+                self._progress.update(
+                    self._task(event.account),
+                    description=event.account,
+                    total=event.size,
+                    messages=f"0/{event.messages} msgs",
+                )
+            case Fetched():
+                poll = self.progress[event.account]
+                self._progress.update(
+                    self._task(event.account),
+                    completed=min(poll.fetched_bytes, poll.planned_bytes or poll.fetched_bytes),
+                    messages=f"{poll.fetched}/{poll.planned} msgs",
+                )
+            case Finished():
+                self._finished(event)
+            case _:
+                pass
 
-    def poll_planned(self, stats: PollStats) -> None:
-        self._progress.update(
-            self._task(stats.account),
-            description=stats.account,
-            total=stats.planned_bytes,
-            messages=f"0/{stats.planned} msgs",
-        )
-
-    def message_fetched(self, stats: PollStats, uidl: str, size: int) -> None:
-        self._progress.update(
-            self._task(stats.account),
-            completed=min(stats.fetched_bytes, stats.planned_bytes or stats.fetched_bytes),
-            messages=f"{stats.fetched}/{stats.planned} msgs",
-        )
-
-    def poll_finished(self, result: PollResult, stats: PollStats) -> None:
-        super().poll_finished(result, stats)
-        task = self._task(result.account)
-        done = stats.planned_bytes if result.status == "ok" else stats.fetched_bytes
-        self._progress.update(task, description=f"{result.account} ({result.status})", completed=done)
+    def _finished(self, event: Finished) -> None:
+        status = event.result.status
+        poll = self._poll(event.account)
+        task = self._task(event.account)
+        done = poll.planned_bytes if status == "ok" else poll.fetched_bytes
+        self._progress.update(task, description=f"{event.account} ({status})", completed=done)
         self._progress.stop_task(task)
 
     def __enter__(self) -> BarProgress:

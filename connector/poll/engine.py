@@ -37,6 +37,7 @@ from connector.ledger.lease import LeaseLostError, PollLease
 from connector.ledger.records import AccountState, Clock, PollOutcome, utcnow
 from connector.ledger.store import Ledger
 from connector.ops.logs import log_context
+from connector.ops.poll_log import PollLog
 from connector.ops.protocol_log import recording
 from connector.policies.failures import backoff
 from connector.policies.lease import LeaseHeld
@@ -70,7 +71,7 @@ class SyncEngine:
         self.ledger = ledger
         self.connections = connections or Connections()
         self.clock = clock
-        self.observers = observers if isinstance(observers, Observers) else Observers(observers)
+        self.observers = Observers([PollLog(), *observers])  # the per-message log lines, for every run mode
 
     def poll(
         self, account: Account, *, dry_run: bool = False, stop: threading.Event | None = None

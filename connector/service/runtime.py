@@ -13,10 +13,8 @@ from connector.config import Config, load_config
 from connector.connections import Connections
 from connector.errors import ConfigError
 from connector.ledger.store import Ledger
-from connector.ops.health import HealthMonitor
-from connector.ops.metrics import PollMetrics
-from connector.ops.web import Operations, OpsServer
-from connector.poll.observe import ObservedEngine
+from connector.ops.observers import operations_listener, standard_observers
+from connector.poll.engine import SyncEngine
 from connector.poll.result import PollResult
 from connector.service.reload import service_changes
 from connector.service.scheduler import Service
@@ -36,15 +34,13 @@ class Runtime:
         self, config: Config, ledger: Ledger, config_file: Path, connections: Connections | None = None
     ) -> None:
         self.config_file = config_file
-        self.metrics = PollMetrics()
-        self.health = HealthMonitor()
-        engine = ObservedEngine(config, ledger, connections, observers=[self.metrics, self.health])
+        observers = standard_observers()
+        self.metrics = observers.metrics
+        self.health = observers.health
+        engine = SyncEngine(config, ledger, connections, observers=observers.all())
         self.service = Service(config, engine, ledger, on_result=_log_result)
         self.reload_requested = threading.Event()
-        self.server: OpsServer | None = None
-        if config.service.metrics is not None:
-            ops = Operations(lambda: self.service.config, ledger, self.metrics, self.health)
-            self.server = OpsServer(config.service.metrics, ops)
+        self.server = operations_listener(lambda: self.service.config, ledger, observers)
 
     def install_signal_handlers(self) -> None:
         def stop(signum: int, _frame: FrameType | None) -> None:

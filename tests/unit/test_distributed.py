@@ -1,7 +1,9 @@
-"""Pure parts of distributed mode: configuration rules, queue-schema migration choice, status output."""
+"""Pure parts of distributed mode: configuration rules, queue-schema migration choice, status output, the
+account on procrastinate's log lines about a poll job."""
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -12,7 +14,7 @@ from connector.config import parse_config
 from connector.errors import ConfigError
 from connector.ledger.records import AccountStatus
 from connector.service.distributed.queue_schema import migrations_after, parse_version
-from connector.service.distributed.worker import libpq_url
+from connector.service.distributed.worker import POLL_TASK, libpq_url, tag_poll_jobs
 
 CONFIG = Path("/etc/pop-connector/config.toml")
 
@@ -91,3 +93,34 @@ def test_status_names_the_worker_that_polled_last() -> None:
     records = status_records([], [status])
     assert records[0]["last_worker"] == "pop-2:4711"
     assert "last polled by worker pop-2:4711" in status_text(records)
+
+
+def _procrastinate_record(message: str, **extra: object) -> logging.LogRecord:
+    record = logging.LogRecord("procrastinate.worker", logging.INFO, __file__, 1, message, None, None)
+    record.__dict__.update(extra)
+    return record
+
+
+def test_procrastinate_lines_about_a_poll_job_carry_its_account() -> None:
+    logger = logging.getLogger("tests.procrastinate.worker")
+    tag_poll_jobs(logger)
+    tag_poll_jobs(logger)  # every worker of a process asks: installed once
+    assert len(logger.filters) == 1
+    (tagger,) = logger.filters
+    job = {"task_name": POLL_TASK, "task_kwargs": {"account": "alice"}}
+    started = _procrastinate_record(f"Starting job {POLL_TASK}[7](account='alice')", job=job)
+    # At shutdown procrastinate names the running job in the text only.
+    waiting = _procrastinate_record(f"Waiting for job to finish: worker: {POLL_TASK}[8](account='bob')")
+    dispatch = _procrastinate_record(
+        "Starting job pop_connector.dispatch[9](timestamp=1)",
+        job={"task_name": "pop_connector.dispatch", "task_kwargs": {"timestamp": 1}},
+    )
+    given = _procrastinate_record("x", job=job, account="carol")
+    assert isinstance(tagger, logging.Filter)
+    assert all(logger.filter(record) for record in (started, waiting, dispatch, given))
+    assert [getattr(r, "account", None) for r in (started, waiting, dispatch, given)] == [
+        "alice",
+        "bob",
+        None,
+        "carol",
+    ]

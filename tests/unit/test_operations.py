@@ -23,7 +23,7 @@ from connector.ops.logs import ContextFilter, JsonFormatter, TextFormatter, log_
 from connector.ops.metrics import PollMetrics
 from connector.ops.progress import SUMMARY_COLUMNS, format_duration, plain_table, summary_rows
 from connector.ops.web import Operations, OpsServer, account_state, render_status_page
-from connector.poll.observe import PollStats
+from connector.poll.events import Delivered, Finished, Started
 from connector.poll.result import PollResult
 from connector.service.reload import account_changes, service_changes
 from connector.service.scheduler import Service
@@ -228,14 +228,22 @@ def test_reload_reschedules_added_and_changed_accounts_and_drops_removed_ones(tm
 # --- metrics -----------------------------------------------------------------------------------------
 
 
-def test_metrics_from_a_poll_result() -> None:
+def finished(result: PollResult, *, planned: int | None = None, duration: float = 0.0) -> Finished:
+    return Finished(result.account, result, duration, planned)
+
+
+def test_metrics_from_a_poll_s_events() -> None:
     metrics = PollMetrics()
-    stats = PollStats("alice", started=0.0, planned=5, planned_bytes=500, duration=2.0)
-    metrics.message_delivered(stats, "U1", 100)
-    metrics.message_delivered(stats, "U2", 150)
-    metrics.poll_finished(PollResult("alice", delivered=2, recovered=1, quarantined=1), stats)
-    metrics.poll_finished(PollResult("alice", status="error", error="x"), PollStats("alice", 0.0))
+    metrics.notify(Started("alice"))
+    assert 'pop_connector_polls_in_progress{account="alice"} 1.0' in metrics.render().decode()
+    metrics.notify(Delivered("alice", "U1", 100, "0" * 64, "imap:1"))
+    metrics.notify(Delivered("alice", "U2", 150, "1" * 64, "imap:2"))
+    metrics.notify(
+        finished(PollResult("alice", delivered=2, recovered=1, quarantined=1), planned=5, duration=2)
+    )
+    metrics.notify(finished(PollResult("alice", status="error", error="x")))  # ended before its plan
     text = metrics.render().decode()
+    assert 'pop_connector_polls_in_progress{account="alice"} 0.0' in text
     assert 'pop_connector_bytes_delivered_total{account="alice"} 250.0' in text
     assert 'pop_connector_messages_delivered_total{account="alice"} 3.0' in text
     assert 'pop_connector_messages_quarantined_total{account="alice"} 1.0' in text
@@ -250,11 +258,11 @@ def test_metrics_from_a_poll_result() -> None:
 
 def test_metric_of_messages_left_unidentified() -> None:
     metrics = PollMetrics()
-    metrics.poll_finished(PollResult("alice", unidentified=2), PollStats("alice", 0.0))
+    metrics.notify(finished(PollResult("alice", unidentified=2)))
     # A failed poll did not get through its listing: the last known value stays.
-    metrics.poll_finished(PollResult("alice", status="error", error="x"), PollStats("alice", 0.0))
+    metrics.notify(finished(PollResult("alice", status="error", error="x")))
     assert 'pop_connector_messages_unidentified{account="alice"} 2.0' in metrics.render().decode()
-    metrics.poll_finished(PollResult("alice"), PollStats("alice", 0.0))
+    metrics.notify(finished(PollResult("alice")))
     assert 'pop_connector_messages_unidentified{account="alice"} 0.0' in metrics.render().decode()
 
 

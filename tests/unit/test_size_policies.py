@@ -25,8 +25,8 @@ from connector.policies.sizes import (
     spool_room_needed,
     spool_shortfall,
 )
+from connector.poll.events import Finished
 from connector.poll.fetch import check_retr_size, check_spool_space, fetch, max_retr_bytes
-from connector.poll.observe import PollStats
 from connector.poll.plan import Delivery, PollPlan, plan_poll, within_ceiling
 from connector.poll.result import PollResult
 from connector.pop3 import MessageInfo, connect_pop3
@@ -218,9 +218,9 @@ def test_a_spool_that_cannot_be_written_is_a_spool_error_not_a_traceback(
 
 def test_short_retrs_are_counted_per_account() -> None:
     metrics = PollMetrics()
-    metrics.poll_finished(PollResult("alice", failed=1, short_retrs=1), PollStats("alice", 0.0))
-    metrics.poll_finished(
-        PollResult("alice", failed=2, quarantined=1, short_retrs=2), PollStats("alice", 0.0)
+    metrics.notify(Finished("alice", PollResult("alice", failed=1, short_retrs=1), 0.0, planned=1))
+    metrics.notify(
+        Finished("alice", PollResult("alice", failed=2, quarantined=1, short_retrs=2), 0.0, planned=2)
     )
     text = metrics.render().decode()
     assert 'pop_connector_short_retrs_total{account="alice"} 3.0' in text

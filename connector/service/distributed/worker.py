@@ -10,7 +10,10 @@ Every worker runs the same two tasks:
   this worker as the account's ``last_worker`` and runs ``SyncEngine.poll`` -- the same engine as the
   single-process service.
 
-Besides, each worker checks its configuration file every ``dispatch_interval``, busy or idle.
+Besides, each worker checks its configuration file every ``dispatch_interval``, busy or idle, and serves
+the operations listener of ``[service] metrics`` (``/metrics``, ``/healthz``, the status page) like ``run``,
+fed by its own polls through the same observers (``connector.ops.observers``). Every line it logs about an
+account carries ``account`` in the log context, procrastinate's lines about a poll job too.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import signal
 import socket
 import threading
@@ -36,6 +40,8 @@ from connector.config import Account, Config
 from connector.connections import Connections
 from connector.ledger.records import utcnow
 from connector.ledger.store import Ledger
+from connector.ops.logs import log_context
+from connector.ops.observers import operations_listener, standard_observers
 from connector.poll.engine import SyncEngine
 from connector.poll.result import PollResult
 from connector.service.distributed.config_watch import ConfigWatch
@@ -84,6 +90,11 @@ class DistributedWorker:
         self.connections = connections or Connections()
         self.stop = threading.Event()
         self._on_result = on_result
+        self.observers = standard_observers()
+        # The listener reads the configuration of the moment (``watch``); its address is read once, here.
+        self.server = operations_listener(self.watch.current, self.ledger, self.observers)
+        self._engine: SyncEngine | None = None
+        self._engine_lock = threading.Lock()
         self._polls = ThreadPoolExecutor(config.service.max_workers, thread_name_prefix="poll")
         self._db = ThreadPoolExecutor(1, thread_name_prefix="dispatch")
         self.app = App(
@@ -99,16 +110,23 @@ class DistributedWorker:
         cron = "* * * * *" if seconds == 60 else f"* * * * * */{seconds}"
         dispatch = self.app.task(name=DISPATCH_TASK, queueing_lock=DISPATCH_TASK)(self._dispatch_job)
         self.app.periodic(cron=cron, periodic_id="dispatch")(dispatch)
+        # procrastinate logs each job's start and end from its own loop, outside any poll's log context.
+        tag_poll_jobs(logging.getLogger("procrastinate.worker"))
+        tag_poll_jobs(logging.getLogger("procrastinate.worker").getChild(self.name))
 
     # --- running ------------------------------------------------------------------------------------
 
     def run(self) -> bool:
         """Work until SIGTERM/SIGINT (True) or until the worker fails on its own (False)."""
+        if self.server is not None:
+            self.server.start()
         try:
             return asyncio.run(self._main())
         finally:
             self._polls.shutdown(wait=True)
             self._db.shutdown(wait=True)
+            if self.server is not None:
+                self.server.stop()
 
     async def _main(self) -> bool:
         loop = asyncio.get_running_loop()
@@ -154,6 +172,10 @@ class DistributedWorker:
 
     def poll_account(self, name: str) -> str:
         """One poll job: the configured account, claimed, polled by the sync engine. Never raises."""
+        with log_context(name):
+            return self._poll_account(name)
+
+    def _poll_account(self, name: str) -> str:
         if self.stop.is_set():
             # Fetched just before the stop: leave the account due for the workers that stay.
             return "stopped"
@@ -179,13 +201,23 @@ class DistributedWorker:
 
     def _run_engine(self, config: Config, account: Account, account_id: int | None) -> PollResult:
         try:
-            return SyncEngine(config, self.ledger, self.connections).poll(account, stop=self.stop)
+            return self._sync_engine(config).poll(account, stop=self.stop)
         except Exception:
             # A bug in one poll: back off like a failed poll instead of being queued again every tick.
             log.exception("account %s: poll crashed", account.name)
             if account_id is not None:
                 self.ledger.set_next_poll(account_id, utcnow() + account.retry.initial_backoff)
             return PollResult(account=account.name, status="error", error="internal error (see log)")
+
+    def _sync_engine(self, config: Config) -> SyncEngine:
+        """One engine per configuration, shared by the polls that run at once (as in ``run``): one event
+        bus, so the observers get one event at a time; a changed configuration gets a new engine."""
+        with self._engine_lock:
+            if self._engine is None or self._engine.config is not config:
+                self._engine = SyncEngine(
+                    config, self.ledger, self.connections, observers=self.observers.all()
+                )
+            return self._engine
 
     # --- dispatch -----------------------------------------------------------------------------------
 
@@ -204,12 +236,17 @@ class DistributedWorker:
         )
         retried = 0
         for job in stalled:
+            about = {"account": job.task_kwargs.get("account")}  # None for a dispatch job
             try:
                 await manager.retry_job(job)
             except Exception:
-                log.exception("cannot retry stalled job %s", job.call_string)
+                log.exception("cannot retry stalled job %s", job.call_string, extra=about)
                 continue
-            log.warning("job %s of a worker that stopped sending heartbeats: queued again", job.call_string)
+            log.warning(
+                "job %s of a worker that stopped sending heartbeats: queued again",
+                job.call_string,
+                extra=about,
+            )
             retried += 1
         return retried
 
@@ -259,6 +296,29 @@ class DistributedWorker:
     def _poll_job_for(self, name: str) -> Job:
         lock = poll_lock_name(name)
         return self.poll_task.configure(lock=lock, queueing_lock=lock, task_kwargs={"account": name}).job
+
+
+_POLL_CALL = re.compile(re.escape(POLL_TASK) + r"\[\d*\]\(account='([^']+)'\)")
+
+
+class _PollJobAccount(logging.Filter):
+    """Puts the account of a poll job on procrastinate's records about it: from the job it attaches to the
+    record, else from the job's call string in the text (``pop_connector.poll[7](account='alice')``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "account", None) is None:
+            job = getattr(record, "job", None)
+            if isinstance(job, dict) and job.get("task_name") == POLL_TASK:
+                record.account = (job.get("task_kwargs") or {}).get("account")
+            elif (match := _POLL_CALL.search(record.getMessage())) is not None:
+                record.account = match.group(1)
+        return True
+
+
+def tag_poll_jobs(logger: logging.Logger) -> None:
+    """Install ``_PollJobAccount`` on ``logger`` (once: every worker of a process asks)."""
+    if not any(isinstance(f, _PollJobAccount) for f in logger.filters):
+        logger.addFilter(_PollJobAccount())
 
 
 def _configured(config: Config, name: str) -> Account | None:
