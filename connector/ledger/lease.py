@@ -11,6 +11,7 @@ lease while the poll waits on a server (a long RETR), and the poll's last write 
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import secrets
@@ -230,8 +231,10 @@ class PollLease:
 
     def start(self) -> None:
         self._leases._register(self._fence)
+        # In a copy of the poll's context: its log lines name the account (connector/ops/logs.py).
+        context = contextvars.copy_context()
         self._renewer = threading.Thread(
-            target=self._renew_until_stopped, name=f"lease {self.account}", daemon=True
+            target=context.run, args=(self._renew_until_stopped,), name=f"lease {self.account}", daemon=True
         )
         self._renewer.start()
 

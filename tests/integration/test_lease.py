@@ -17,6 +17,7 @@ from connector.ledger.database import open_database
 from connector.ledger.lease import LeaseLostError, PollLease
 from connector.ledger.models import LeaseRow
 from connector.ledger.store import Ledger
+from connector.ops.logs import ContextFilter, log_context
 from connector.policies.lease import LeaseHeld
 from tests.integration.conftest import SyncFactory
 from tests.messages import simple
@@ -238,3 +239,29 @@ def test_baseline_waits_its_turn_while_a_poll_holds_the_account(
     assert code == 1
     assert f"account {account.name} is being polled by PID {os.getpid()}" in capsys.readouterr().err
     assert engine.ledger.known_messages(account_id) == {}
+
+
+def test_the_renewers_lines_name_the_account_of_the_poll(
+    engine: Engine, request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The renewer is a thread of its own: what it logs must still say which account it is about."""
+    ledger = Ledger(engine)
+    account_id = _account(ledger, request)
+    caplog.handler.addFilter(ContextFilter())
+    with log_context("alice"):
+        lease = ledger.leases.take_for_poll(account_id, "alice", timedelta(seconds=1.5))
+    assert isinstance(lease, PollLease)
+    _expire(engine, account_id)
+    takeover = Ledger(engine).leases.take_for_poll(account_id, "alice", TTL)
+    assert isinstance(takeover, PollLease)
+    deadline = time.monotonic() + 10
+    while not lease.lost.is_set() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    lease.close()
+    takeover.close()
+    [lost] = [
+        record
+        for record in caplog.records
+        if record.name == "connector.lease" and "lease" in record.getMessage()
+    ]
+    assert getattr(lost, "account", None) == "alice", lost.getMessage()
