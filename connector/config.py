@@ -463,7 +463,76 @@ class EwsDestination(_Model):
         return self
 
 
-Destination = Annotated[ImapDestination | EwsDestination, Field(discriminator="type")]
+GMAIL_API_URL = "https://gmail.googleapis.com"
+# Gmail's own limit for users.messages.import (the media upload of the raw message).
+GMAIL_MAX_MESSAGE_SIZE = 150 * 1024 * 1024
+
+
+class GmailDestination(_Model):
+    """Gmail or Google Workspace through the Gmail API's ``users.messages.import``
+    (connector/destinations/gmail.py; docs/gmail.md).
+
+    Two ways to sign in, exactly one of them:
+
+    * Google Workspace: ``service_account_key`` (the JSON key of a service account with domain-wide
+      delegation), acting as each account's ``mailbox``;
+    * personal Gmail: ``client_secrets`` (the JSON of an OAuth client of type "Desktop app"); the consent
+      is given once with ``pop-connector authorize NAME [--user ADDRESS]``, which keeps the refresh token
+      in ``token_dir`` (relative: under the state directory), one file per Gmail address, mode 600.
+    """
+
+    name: str = Field(min_length=1)
+    type: Literal["gmail"]
+    service_account_key: Secret | None = None
+    client_secrets: Secret | None = None
+    token_dir: Path | None = None
+    # Labels every imported message gets (system labels by their id: INBOX, UNREAD, STARRED, ...).
+    labels: list[str] = Field(default_factory=lambda: ["INBOX"])
+    # A label per account, created when missing ("/" nests); "{account}" is the account's name. "" = none.
+    account_label: str = "Hosted/{account}"
+    mark_seen: bool = False
+    never_mark_spam: bool = False
+    process_for_calendar: bool = False
+    max_message_size: ByteSize = Field(default=GMAIL_MAX_MESSAGE_SIZE, gt=0)
+    api_url: str = GMAIL_API_URL
+    tls_verify: bool = True
+    ca_file: Path | None = None
+
+    @field_validator("api_url")
+    @classmethod
+    def _https_only(cls, value: str) -> str:
+        # Every request carries a bearer token: plain HTTP is not offered.
+        if not value.lower().startswith("https://"):
+            raise ValueError("must be an https:// URL")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _one_way_to_sign_in(self) -> GmailDestination:
+        if (self.service_account_key is None) == (self.client_secrets is None):
+            raise ValueError(
+                "set exactly one of service_account_key (Google Workspace, domain-wide delegation) and "
+                'client_secrets (personal Gmail: an OAuth client of type "Desktop app", then run '
+                "`pop-connector authorize`)"
+            )
+        if self.token_dir is not None and self.client_secrets is None:
+            raise ValueError("token_dir is only used with client_secrets")
+        return self
+
+    @property
+    def workspace(self) -> bool:
+        """Signed in as a service account acting as each user (else: one user's own consent)."""
+        return self.service_account_key is not None
+
+    def tokens(self) -> Path:
+        """Where ``authorize`` keeps the refresh tokens of this destination."""
+        base = self.token_dir if self.token_dir is not None else Path("gmail") / self.name
+        return base if base.is_absolute() else default_state_dir() / base
+
+    def label_for(self, account: str) -> str | None:
+        return self.account_label.replace("{account}", account) or None
+
+
+Destination = Annotated[ImapDestination | EwsDestination | GmailDestination, Field(discriminator="type")]
 
 
 DEFAULT_ROUTING_HEADERS = ("Delivered-To", "X-Original-To", "Envelope-To", "X-Envelope-To", "To", "Cc")
@@ -514,7 +583,7 @@ class Account(Defaults):
     destination: str
     destination_username: str | None = None
     destination_password: Secret | None = None
-    # The target Exchange mailbox (SMTP address) of an EWS destination.
+    # The target mailbox (SMTP address) of an EWS or Gmail destination.
     mailbox: str | None = None
     routing: RoutingPolicy | None = None
 
@@ -573,6 +642,9 @@ class Config(_Model):
             if isinstance(destination, EwsDestination):
                 _check_ews_account(index, account, destination)
                 continue
+            if isinstance(destination, GmailDestination):
+                _check_gmail_account(index, account, destination)
+                continue
             if destination.username is None and account.destination_username is None:
                 raise _PathError(
                     f"accounts[{index}]",
@@ -586,7 +658,7 @@ class Config(_Model):
                 )
         return self
 
-    def destination_for(self, account: Account) -> ImapDestination | EwsDestination:
+    def destination_for(self, account: Account) -> ImapDestination | EwsDestination | GmailDestination:
         return next(d for d in self.destinations if d.name == account.destination)
 
     def account(self, name: str) -> Account:
@@ -609,10 +681,20 @@ def _check_destination_password(index: int, account: Account, destination: ImapD
 
 
 def _check_routing_account(
-    index: int, account: Account, destination: ImapDestination | EwsDestination
+    index: int, account: Account, destination: ImapDestination | EwsDestination | GmailDestination
 ) -> None:
-    """A catch-all account logs in as each recipient: IMAP through a master user, EWS by impersonation."""
+    """A catch-all account logs in as each recipient: IMAP through a master user, EWS by impersonation,
+    Gmail as a Workspace service account acting as each user."""
     where = f"accounts[{index}]"
+    if isinstance(destination, GmailDestination):
+        if not destination.workspace:
+            raise _PathError(
+                where,
+                f"catch-all routing delivers into each recipient's mailbox: destination {destination.name!r} "
+                "needs service_account_key (Google Workspace, domain-wide delegation), not one user's "
+                "consent",
+            )
+        return
     if isinstance(destination, EwsDestination):
         if not destination.impersonation:
             raise _PathError(
@@ -639,6 +721,21 @@ class _PathError(ValueError):
         super().__init__(message)
         self.path = path
         self.message = message
+
+
+def _check_gmail_account(index: int, account: Account, destination: GmailDestination) -> None:
+    where = f"accounts[{index}]"
+    if destination.workspace and account.mailbox is None:
+        raise _PathError(
+            f"{where}.mailbox",
+            f"required: the Google Workspace user to deliver into (destination {destination.name!r} signs "
+            'in as a service account acting as that user), e.g. mailbox = "alice@example.com"',
+        )
+    if account.destination_username is not None or account.destination_password is not None:
+        raise _PathError(
+            f"{where}.destination_username",
+            f"not used with a Gmail destination ({destination.name!r} signs in with OAuth 2.0)",
+        )
 
 
 def ews_mailbox(account: Account, destination: EwsDestination) -> str | None:

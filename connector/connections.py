@@ -5,7 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from connector.config import Account, Destination, EwsDestination, ImapDestination, ews_mailbox
+from connector.config import (
+    Account,
+    Destination,
+    EwsDestination,
+    GmailDestination,
+    ImapDestination,
+    ews_mailbox,
+)
 from connector.destinations.base import DestinationSession
 from connector.destinations.imap import ImapSession, MasterUser, open_imap
 from connector.errors import (
@@ -150,9 +157,19 @@ def open_ews_destination(destination: EwsDestination, account: Account) -> Desti
     )
 
 
+def open_gmail_destination(
+    destination: GmailDestination, account: Account, mailbox: str | None = None
+) -> DestinationSession:
+    from connector.destinations.gmail import open_gmail
+
+    return open_gmail(destination, account, mailbox or account.mailbox)
+
+
 def open_destination(destination: Destination, account: Account) -> DestinationSession:
     if isinstance(destination, EwsDestination):
         return open_ews_destination(destination, account)
+    if isinstance(destination, GmailDestination):
+        return open_gmail_destination(destination, account)
     return open_imap_destination(destination, account)
 
 
@@ -163,6 +180,8 @@ def open_recipient_destination(
     in to it as the destination's master user (config validated that one of them applies)."""
     if isinstance(destination, EwsDestination):
         return open_ews_destination(destination, account.model_copy(update={"mailbox": mailbox}))
+    if isinstance(destination, GmailDestination):
+        return open_gmail_destination(destination, account, mailbox)
     assert destination.master_username is not None and destination.master_password is not None
     master = MasterUser(
         destination.master_username,

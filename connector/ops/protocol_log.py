@@ -100,11 +100,18 @@ def account_secrets(config: Config, account: Account) -> list[str]:
     if account.destination_password is not None:
         secrets.append(account.destination_password.get_secret_value())
     for destination in config.destinations:
-        if destination.name == account.destination and destination.password is not None:
-            secrets.append(destination.password.get_secret_value())
-        master = getattr(destination, "master_password", None)
-        if destination.name == account.destination and master is not None:
-            secrets.append(master.get_secret_value())
+        if destination.name != account.destination:
+            continue
+        for field in (
+            "password",
+            "master_password",
+            "client_secret",
+            "service_account_key",
+            "client_secrets",
+        ):
+            secret = getattr(destination, field, None)
+            if secret is not None:
+                secrets.append(secret.get_secret_value())
     return secrets
 
 

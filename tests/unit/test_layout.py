@@ -24,7 +24,9 @@ def test_every_module_of_connector_is_in_the_layout() -> None:
 
 def test_every_file_the_layout_names_exists() -> None:
     block = layout_block()
-    files = {path.name for path in ROOT.rglob("*") if ".venv" not in path.parts and ".cache" not in path.parts}
+    files = {
+        path.name for path in ROOT.rglob("*") if ".venv" not in path.parts and ".cache" not in path.parts
+    }
     named = set(re.findall(r"[\w-]+\.(?:py|md|yaml|service)\b", block))
     assert not sorted(named - files), f"README Layout names files that do not exist: {sorted(named - files)}"
     directories = set(re.findall(r"^\s*([\w.]+)/", block, flags=re.MULTILINE))
