@@ -100,6 +100,41 @@ class PollOutcome:
     failed: int
     deleted: int
     next_poll_at: datetime | None
+    # Messages given up on in this poll, and on the server at its listing (None: it did not list).
+    quarantined: int = 0
+    listed: int | None = None
+    # Journal rows of the account older than this are removed (None: kept for ever).
+    journal_before: datetime | None = None
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    """One delivery for the delivery journal (connector/ledger/journal.py): what was delivered, where, when.
+    ``recipient``: the mailbox of a catch-all account's recipient; ``recovered``: found delivered by an
+    earlier, interrupted attempt."""
+
+    uidl: str
+    message_id: str | None
+    size: int
+    sha256: str
+    ref: str
+    poll_started_at: datetime | None
+    recipient: str | None = None
+    recovered: bool = False
+
+
+@dataclass(frozen=True)
+class AccountTotals:
+    """An account's running totals since its first delivery (kept when journal rows are pruned)."""
+
+    account: str
+    messages: int
+    bytes: int
+    recovered: int
+    first_delivery_at: datetime | None
+    last_delivery_at: datetime | None
+    quarantined: int
+    failed_polls: int
 
 
 @dataclass(frozen=True)

@@ -135,12 +135,12 @@ def test_only_missing_recipients_are_delivered_after_an_interruption(
     original = ledger.recipients.record_delivered
     calls = 0
 
-    def crash_on_second(*args: Any) -> None:
+    def crash_on_second(*args: Any, **kwargs: Any) -> None:
         nonlocal calls
         calls += 1
         if calls == 2:
             raise KeyboardInterrupt  # stands in for a crash: nothing after it runs
-        original(*args)
+        original(*args, **kwargs)
 
     ledger.recipients.record_delivered = crash_on_second  # type: ignore[method-assign]
     with pytest.raises(KeyboardInterrupt):
