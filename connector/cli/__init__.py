@@ -17,7 +17,7 @@ from types import FrameType
 from sqlalchemy import Engine
 
 from connector import __version__
-from connector.cli import admin
+from connector.cli import admin, delivery_report
 from connector.cli.report import dry_run_lines, poll_line, status_json, status_records, status_text
 from connector.config import Account, Config, config_path, load_config
 from connector.connections import Connections
@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         "sync-config", help="write the configured accounts into the database (distributed workers read it)"
     )
     admin.add_commands(commands)
+    delivery_report.add_command(commands)
     return parser
 
 
@@ -120,6 +121,8 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
         return EXIT_OK
     if args.command in admin.COMMANDS:
         return admin.run(args, config, ledger)
+    if args.command == "report":
+        return delivery_report.run(args, config, ledger)
     if args.command == "run":
         # Imported here, as below: the listener (connector.ops.web) imports connector.cli.report, so this
         # package must not import it while it loads.

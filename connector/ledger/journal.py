@@ -7,21 +7,24 @@ recipient, time, poll), kept ``[service] journal_retention`` (default one year; 
 per account (messages, bytes, first and last delivery, quarantined messages, failed polls) that outlive
 the rows' retention.
 
-A journal row is written in the same transaction as the ``delivered`` record it reports (its statements
-ride with that deferred write, see ``connector/ledger/store.py``), so the journal and the ledger never
-disagree: a delivery that was not committed is in neither.
+A journal row is written in the same transaction as the ``delivered`` record it reports (its statement
+rides with that deferred write, see ``connector/ledger/store.py``), so the journal and the ledger never
+disagree: a delivery that was not committed is in neither. That insert is all a delivery costs: the
+totals are what the journal's rows count now plus ``account_totals``, which archives what pruned rows
+counted (moved there in the pruning transaction) and the quarantined messages and failed polls that each
+poll's result adds.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Executable, Table, bindparam, delete, func, select
+from sqlalchemy import Connection, Executable, Table, bindparam, case, delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
-from connector.ledger.models import AccountRow, AccountTotalsRow, DeliveryRow
+from connector.ledger.models import AccountRow, AccountTotalsRow, DeliveryRow, UTCDateTime
 from connector.ledger.records import AccountTotals, Clock, JournalEntry
 from connector.ledger.transactions import Transaction
 
@@ -49,47 +52,75 @@ class JournalStatements:
             poll_started_at=bindparam("j_poll"),
             recovered=bindparam("j_recovered"),
         )
+        # Adds to an account's archived totals: the journal rows about to be pruned, or a poll's
+        # quarantined messages and failure (``t_*`` values, zeros for what does not apply).
         add = _insert_for(dialect)(totals).values(
-            account_id=bindparam("j_account"),
-            messages=1,
-            bytes=bindparam("j_size"),
-            recovered=bindparam("j_recovered_count"),
-            first_delivery_at=bindparam("j_at"),
-            last_delivery_at=bindparam("j_at"),
-            quarantined=0,
-            failed_polls=0,
-        )
-        self.count: Executable = add.on_conflict_do_update(
-            index_elements=[totals.c.account_id],
-            set_={
-                "messages": totals.c.messages + 1,
-                "bytes": totals.c.bytes + add.excluded.bytes,
-                "recovered": totals.c.recovered + add.excluded.recovered,
-                "first_delivery_at": func.coalesce(
-                    totals.c.first_delivery_at, add.excluded.first_delivery_at
-                ),
-                "last_delivery_at": add.excluded.last_delivery_at,
-            },
-        )
-        poll = _insert_for(dialect)(totals).values(
             account_id=bindparam("t_account"),
-            messages=0,
-            bytes=0,
-            recovered=0,
+            messages=bindparam("t_messages"),
+            bytes=bindparam("t_bytes"),
+            recovered=bindparam("t_recovered"),
+            first_delivery_at=bindparam("t_first", type_=UTCDateTime()),
+            last_delivery_at=bindparam("t_last", type_=UTCDateTime()),
             quarantined=bindparam("t_quarantined"),
             failed_polls=bindparam("t_failed"),
         )
-        self.poll: Executable = poll.on_conflict_do_update(
+        self.add: Executable = add.on_conflict_do_update(
             index_elements=[totals.c.account_id],
             set_={
-                "quarantined": totals.c.quarantined + poll.excluded.quarantined,
-                "failed_polls": totals.c.failed_polls + poll.excluded.failed_polls,
+                name: totals.c[name] + add.excluded[name]
+                for name in ("messages", "bytes", "recovered", "quarantined", "failed_polls")
+            }
+            | {
+                "first_delivery_at": func.coalesce(
+                    totals.c.first_delivery_at, add.excluded.first_delivery_at
+                ),
+                "last_delivery_at": func.coalesce(add.excluded.last_delivery_at, totals.c.last_delivery_at),
             },
         )
-        self.prune: Executable = delete(DeliveryRow).where(
+        old = (
             DeliveryRow.account_id == bindparam("t_account"),
             DeliveryRow.delivered_at < bindparam("t_before"),
         )
+        self.aged: Executable = select(
+            func.count(),
+            func.coalesce(func.sum(DeliveryRow.size), 0),
+            func.coalesce(func.sum(case((DeliveryRow.recovered, 1), else_=0)), 0),
+            func.min(DeliveryRow.delivered_at),
+            func.max(DeliveryRow.delivered_at),
+        ).where(*old)
+        self.prune: Executable = delete(DeliveryRow).where(*old)
+
+
+def poll_counts(account_id: int, *, quarantined: int, failed: bool) -> dict[str, Any]:
+    """What one poll adds to its account's totals (nothing delivered: deliveries are the journal's rows)."""
+    return {
+        "t_account": account_id,
+        "t_messages": 0,
+        "t_bytes": 0,
+        "t_recovered": 0,
+        "t_first": None,
+        "t_last": None,
+        "t_quarantined": quarantined,
+        "t_failed": int(failed),
+    }
+
+
+def archive_aged(connection: Connection, sql: JournalStatements, account_id: int, before: datetime) -> None:
+    """Prune the account's journal rows older than ``before``, adding what they counted to its archived
+    totals first (same transaction), so that the totals never change when rows go."""
+    params = {"t_account": account_id, "t_before": before}
+    count, size, recovered, first, last = connection.execute(sql.aged, params).one()
+    if not count:
+        return
+    archived = {
+        "t_messages": count,
+        "t_bytes": size,
+        "t_recovered": recovered,
+        "t_first": first,
+        "t_last": last,
+    }
+    connection.execute(sql.add, {**poll_counts(account_id, quarantined=0, failed=False), **archived})
+    connection.execute(sql.prune, params)
 
 
 def entry_params(account_id: int, entry: JournalEntry, at: datetime) -> dict[str, Any]:
@@ -104,7 +135,6 @@ def entry_params(account_id: int, entry: JournalEntry, at: datetime) -> dict[str
         "j_at": at,
         "j_poll": entry.poll_started_at,
         "j_recovered": entry.recovered,
-        "j_recovered_count": int(entry.recovered),
     }
 
 
@@ -116,18 +146,34 @@ class Journal:
         self._clock = clock
 
     def totals(self, accounts: Sequence[str] | None = None) -> list[AccountTotals]:
-        """Per-account totals (an account that never delivered has zeros), in the order of ``accounts``."""
-        query = (
+        """Per-account totals: the archived ones (pruned rows, quarantined, failed polls) plus what the
+        journal's rows count now; an account that never delivered has zeros. In the order of
+        ``accounts`` (else by name)."""
+        archived_query = (
             select(AccountRow.name, AccountTotalsRow)
             .select_from(AccountRow)
             .outerjoin(AccountTotalsRow, AccountTotalsRow.account_id == AccountRow.id)
         )
+        live_query = (
+            select(
+                AccountRow.name,
+                func.count(),
+                func.coalesce(func.sum(DeliveryRow.size), 0),
+                func.coalesce(func.sum(case((DeliveryRow.recovered, 1), else_=0)), 0),
+                func.min(DeliveryRow.delivered_at),
+                func.max(DeliveryRow.delivered_at),
+            )
+            .join(AccountRow, AccountRow.id == DeliveryRow.account_id)
+            .group_by(AccountRow.name)
+        )
         if accounts is not None:
-            query = query.where(AccountRow.name.in_(list(accounts)))
+            archived_query = archived_query.where(AccountRow.name.in_(list(accounts)))
+            live_query = live_query.where(AccountRow.name.in_(list(accounts)))
         with self._transaction("read the delivery totals") as session:
-            found = {name: row for name, row in session.execute(query)}
-        names = list(accounts) if accounts is not None else sorted(found)
-        return [_totals(name, found[name]) for name in names if name in found]
+            archived = {name: row for name, row in session.execute(archived_query)}
+            live = {row[0]: row[1:] for row in session.execute(live_query)}
+        names = list(accounts) if accounts is not None else sorted(archived)
+        return [_totals(name, archived[name], live.get(name)) for name in names if name in archived]
 
     def deliveries(
         self, account: str, *, since: datetime | None = None, limit: int | None = None
@@ -169,16 +215,28 @@ def _entry(row: DeliveryRow) -> JournalEntry:
     )
 
 
-def _totals(name: str, row: AccountTotalsRow | None) -> AccountTotals:
+def _totals(name: str, row: AccountTotalsRow | None, live: Any) -> AccountTotals:
+    count, size, recovered, first, last = live if live is not None else (0, 0, 0, None, None)
+    # PostgreSQL's SUM is a numeric (Decimal); SQLite's MIN/MAX of a datetime is naive.
+    count, size, recovered, first, last = int(count), int(size), int(recovered), _utc(first), _utc(last)
     if row is None:
-        return AccountTotals(name, 0, 0, 0, None, None, 0, 0)
+        return AccountTotals(name, count, size, recovered, first, last, 0, 0)
     return AccountTotals(
         name,
-        row.messages,
-        row.bytes,
-        row.recovered,
-        row.first_delivery_at,
-        row.last_delivery_at,
+        row.messages + count,
+        row.bytes + size,
+        row.recovered + recovered,
+        row.first_delivery_at or first,
+        last or row.last_delivery_at,
         row.quarantined,
         row.failed_polls,
     )
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    """An aggregate's datetime: SQLite hands back a naive one (stored as UTC)."""
+    if value is None or (isinstance(value, datetime) and value.tzinfo is not None):
+        return value
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value.replace(tzinfo=UTC)

@@ -63,7 +63,6 @@ class Recipients:
             if journal is not None:
                 entry = entry_params(account_id, journal, now)
                 session.execute(self._journal.insert, entry)
-                session.execute(self._journal.count, entry)
             session.execute(
                 update(RecipientRow)
                 .where(

@@ -157,6 +157,8 @@ class AccountStatus:
     identity_note: str | None = None
     uidl_change_note: str | None = None
     listing_note: str | None = None
+    # Messages on the POP3 server at the last poll's listing (None: never listed).
+    last_listed: int | None = None
 
 
 @dataclass(frozen=True)

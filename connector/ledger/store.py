@@ -41,7 +41,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from connector.errors import LedgerError
-from connector.ledger.journal import Journal, JournalStatements, entry_params
+from connector.ledger.journal import Journal, JournalStatements, archive_aged, entry_params, poll_counts
 from connector.ledger.lease import Leases
 from connector.ledger.models import AccountRow, MessageRow, UTCDateTime
 from connector.ledger.quarantine import Quarantine
@@ -82,6 +82,7 @@ _STATUS_FIELDS = (
     "identity_note",
     "uidl_change_note",
     "listing_note",
+    "last_listed",
 )
 
 
@@ -232,15 +233,10 @@ class Ledger:
                 session.execute(update(AccountRow).where(AccountRow.id == account_id).values(**values))
                 failed = outcome.result not in ("ok", "stopped", "busy")
                 if outcome.quarantined or failed:
-                    counts = {
-                        "t_account": account_id,
-                        "t_quarantined": outcome.quarantined,
-                        "t_failed": int(failed),
-                    }
-                    session.execute(self._journal_sql.poll, counts)
+                    counts = poll_counts(account_id, quarantined=outcome.quarantined, failed=failed)
+                    session.execute(self._journal_sql.add, counts)
                 if outcome.journal_before is not None:
-                    prune = {"t_account": account_id, "t_before": outcome.journal_before}
-                    session.execute(self._journal_sql.prune, prune)
+                    archive_aged(session.connection(), self._journal_sql, account_id, outcome.journal_before)
         except LedgerError:
             # The poll's last write: what it deferred and could not commit is dropped with it, so that no
             # later poll (perhaps after another worker's) applies it late. Losing a "delivered" update is
@@ -361,7 +357,7 @@ class Ledger:
         writes: list[_Write] = [(_DELIVERED_UPDATE, params)]
         if journal is not None:
             entry = entry_params(account_id, journal, now)
-            writes += [(self._journal_sql.insert, entry), (self._journal_sql.count, entry)]
+            writes.append((self._journal_sql.insert, entry))
         if defer:
             for statement, values in writes:
                 self._defer(account_id, statement, values)
