@@ -70,6 +70,11 @@ def test_a_message_for_three_people_reaches_each_once(
         assert len(dovecot.imap_messages(people[name].name)) == count, name
     assert dovecot.imap_messages(mail_users.destination.name) == []
     assert dovecot.maildir_count(mail_users.source.name) == 0  # deleted once every recipient had it
+    # The delivery journal has one row per recipient, naming it.
+    journaled = sorted((entry.recipient or "") for entry, _ in engine.ledger.journal.deliveries(account.name))
+    assert journaled == sorted(
+        [people["alice"].name, people["bob"].name, people["bob"].name, people["carol"].name]
+    )
     again = engine.poll(account)
     assert again.ok and again.delivered == 0
     assert len(dovecot.imap_messages(people["alice"].name)) == 1
