@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from connector import redaction
+from connector.accounts_file import AccountFile, FileAccounts, columns_of, files_from_config, read_files
 from connector.errors import ConfigError
 from connector.oauth import (
     ENTRA_AUTHORITY_HOST,
@@ -619,12 +620,18 @@ class Account(Defaults):
         return self
 
 
+# What an account file's header may name (connector/accounts_file.py).
+ACCOUNT_COLUMNS = columns_of(Account)
+
+
 class Config(_Model):
     service: ServiceConfig = ServiceConfig()
     defaults: Defaults = Defaults()
     destinations: list[Destination] = Field(default_factory=list)
     accounts: list[Account] = Field(default_factory=list)
     source: Path | None = Field(default=None, exclude=True)
+    # The account files read (accounts_file, [[account_files]]); their accounts are in ``accounts``.
+    account_file_paths: tuple[Path, ...] = Field(default=(), exclude=True)
 
     @model_validator(mode="after")
     def _cross_references(self) -> Config:
@@ -820,17 +827,22 @@ def _describe(error: Mapping[str, Any]) -> str:
     return message.removeprefix("Value error, ")
 
 
-def _errors_from(exc: ValidationError, prefix: tuple[int | str, ...], path: Path) -> list[str]:
+def _errors_from(
+    exc: ValidationError, prefix: tuple[int | str, ...], path: Path, place: Callable[[str], str] | None = None
+) -> list[str]:
+    """One line per problem: ``<file>: <field path>: <cause>``; ``place`` may say where a field path is
+    written instead (an account file's row: connector/accounts_file.py)."""
     lines = []
     for error in exc.errors():
         ctx = error.get("ctx") or {}
         inner = ctx.get("error")
         if isinstance(inner, _PathError):
-            lines.append(f"{path}: {inner.path}: {inner.message}")
-            continue
-        where = format_location(prefix + tuple(error["loc"])) or "(top level)"
-        lines.append(f"{path}: {where}: {_describe(error)}")
-    return lines
+            where, message = inner.path, inner.message
+        else:
+            where = format_location(prefix + tuple(error["loc"])) or "(top level)"
+            message = _describe(error)
+        lines.append(f"{place(where) if place else f'{path}: {where}'}: {message}")
+    return list(dict.fromkeys(lines))  # a file's bad default is one line, not one per row
 
 
 def _merge_defaults(defaults: Defaults, account: object) -> object:
@@ -846,24 +858,72 @@ def _merge_defaults(defaults: Defaults, account: object) -> object:
     return merged
 
 
-def parse_config(data: Mapping[str, Any], path: Path) -> Config:
-    """Validate already-parsed TOML. Raises ConfigError listing every problem found."""
+def parse_config(
+    data: Mapping[str, Any], path: Path, *, account_files: Sequence[AccountFile] | None = None
+) -> Config:
+    """Validate already-parsed TOML and the account files it names (or ``account_files`` instead).
+    Raises ConfigError listing every problem found."""
     raw_defaults = data.get("defaults", {})
     try:
         defaults = Defaults.model_validate(raw_defaults)
     except ValidationError as exc:
         raise ConfigError("\n".join(_errors_from(exc, ("defaults",), path))) from None
     raw_accounts = data.get("accounts", [])
+    files = _account_files(data, path, raw_accounts, account_files)
+    data = {key: value for key, value in data.items() if key not in ("accounts_file", "account_files")}
     if isinstance(raw_accounts, list):
+        first = len(raw_accounts)
         raw_accounts = [_merge_defaults(defaults, account) for account in raw_accounts]
+        raw_accounts += [_merge_defaults(defaults, row.fields) for row in files.rows]
+    else:
+        first = 0  # pydantic says what is wrong with it
+
+    def place(where: str) -> str:
+        return files.place(where, first) or f"{path}: {where}"
+
+    read_from = tuple(account_file.path for account_file in files.files)
     try:
-        config = Config.model_validate({**data, "accounts": raw_accounts, "source": path})
+        config = Config.model_validate(
+            {**data, "accounts": raw_accounts, "source": path, "account_file_paths": read_from}
+        )
     except ValidationError as exc:
-        raise ConfigError("\n".join(_errors_from(exc, (), path))) from None
+        raise ConfigError("\n".join(files.errors + _errors_from(exc, (), path, place))) from None
+    if files.errors:
+        raise ConfigError("\n".join(files.errors))
     config = _with_database_default(config, path)
     # Before anything uses them: a reload's rotated passwords are redacted from its first log line on.
     redaction.register_config(config)
     return config
+
+
+def account_rows_errors(files: FileAccounts) -> list[str]:
+    """Each row of ``files`` checked as an account on its own, without a configuration (so its destination
+    is not): ``accounts check-file`` with no configuration file."""
+    errors = list(files.errors)
+    for index, row in enumerate(files.rows):
+        try:
+            Account.model_validate(_merge_defaults(Defaults(), row.fields))
+        except ValidationError as exc:
+            errors += _errors_from(
+                exc, ("accounts", index), Path(), lambda where: files.place(where, 0) or where
+            )
+    return errors
+
+
+def _account_files(
+    data: Mapping[str, Any], path: Path, accounts: object, only: Sequence[AccountFile] | None
+) -> FileAccounts:
+    """The rows of the account files (connector/accounts_file.py), their names checked against
+    ``[[accounts]]``."""
+    files = (
+        FileAccounts(files=list(only)) if only is not None else files_from_config(data, path, ACCOUNT_COLUMNS)
+    )
+    taken = {
+        account["name"]: f"{path}: accounts[{index}]"
+        for index, account in enumerate(accounts if isinstance(accounts, list) else [])
+        if isinstance(account, Mapping) and isinstance(account.get("name"), str)
+    }
+    return read_files(files, ACCOUNT_COLUMNS, taken)
 
 
 def _with_database_default(config: Config, path: Path) -> Config:
@@ -909,15 +969,18 @@ def config_path(explicit: str | os.PathLike[str] | None) -> Path:
     raise ConfigError(f"no configuration file: pass --config PATH or set {CONFIG_ENV}")
 
 
-def load_config(path: Path) -> Config:
+def read_toml(path: Path) -> dict[str, Any]:
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read configuration: {exc.strerror or exc}") from None
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
+        return tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: TOML syntax error: {exc}") from None
-    return parse_config(data, path.resolve())
+
+
+def load_config(path: Path) -> Config:
+    return parse_config(read_toml(path), path.resolve())

@@ -12,12 +12,11 @@ import sys
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from types import FrameType
 
-from sqlalchemy import Engine
-
 from connector import __version__
-from connector.cli import admin, delivery_report
+from connector.cli import accounts, admin, delivery_report
 from connector.cli.report import dry_run_lines, poll_line, status_json, status_records, status_text
 from connector.config import Account, Config, config_path, load_config
 from connector.connections import Connections
@@ -56,13 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     db = commands.add_parser("db", help="ledger database maintenance")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")
     db_commands.add_parser("upgrade", help="apply pending schema migrations")
-    accounts = commands.add_parser("accounts", help="the accounts registry in the database")
-    accounts_commands = accounts.add_subparsers(
-        dest="accounts_command", required=True, metavar="ACCOUNTS_COMMAND"
-    )
-    accounts_commands.add_parser(
-        "sync-config", help="write the configured accounts into the database (distributed workers read it)"
-    )
+    accounts.add_command(commands)
     admin.add_commands(commands)
     delivery_report.add_command(commands)
     return parser
@@ -71,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_format)
+    if not accounts.needs_config(args):
+        try:
+            return accounts.check_file(args.file, _given_config(args.config))
+        except ConfigError as exc:
+            print(f"configuration error:\n{exc}", file=sys.stderr)
+            return EXIT_CONFIG
     try:
         config = load_config(config_path(args.config))
     except ConfigError as exc:
@@ -84,6 +83,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConnectorError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
+
+
+def _given_config(explicit: str | None) -> Path | None:
+    try:
+        return config_path(explicit)
+    except ConfigError:
+        return None  # none given: check-file checks the rows on their own
 
 
 def _dispatch(args: argparse.Namespace, config: Config) -> int:
@@ -104,7 +110,7 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
         print(f"ledger database is up to date: {engine.url.render_as_string(hide_password=True)}")
         return EXIT_OK
     if args.command == "accounts":
-        return _sync_config(config, engine)
+        return accounts.sync_config(config, engine)
     if args.command == "run" and config.service.mode == "distributed":
         from connector.service.distributed import run_worker
 
@@ -131,14 +137,6 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
         run_service(config, ledger, config_path(args.config))
         return EXIT_OK
     return _sync(config, ledger, args)
-
-
-def _sync_config(config: Config, engine: Engine) -> int:
-    from connector.service.distributed import sync_accounts
-
-    summary = sync_accounts(engine, config.accounts)
-    print(f"accounts: {summary.added} added, {summary.active} active, {summary.inactive} inactive")
-    return EXIT_OK
 
 
 def _selected_accounts(config: Config, names: list[str] | None) -> list[Account]:
