@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -37,7 +38,7 @@ from connector.oauth import (
     TokenEndpointCredentials,
     check_token_url,
 )
-from connector.tls import TlsMode
+from connector.tls import TlsMode, check_ca_file
 
 CONFIG_ENV = "POP_CONNECTOR_CONFIG"
 
@@ -118,6 +119,8 @@ DEFAULT_MESSAGE_SIZE_CEILING = 200 * 1024 * 1024
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
 ByteSize = Annotated[int, BeforeValidator(parse_size)]
 Secret = Annotated[SecretStr, BeforeValidator(_resolve_secret)]
+# Checked at load time: a missing or unreadable one is a configuration error naming the field.
+CaFile = Annotated[Path, AfterValidator(check_ca_file)]
 
 
 class _Model(BaseModel):
@@ -300,7 +303,7 @@ class OAuthSettings(_Model):
     authority_host: str = ENTRA_AUTHORITY_HOST
     refresh_token: Secret | None = None
     client_auth: Literal["body", "basic"] = "body"
-    ca_file: Path | None = None
+    ca_file: CaFile | None = None
     timeout: Duration = timedelta(seconds=30)
 
     @field_validator("token_url", "authority_host")
@@ -378,7 +381,7 @@ class ImapDestination(_Model):
     port: int | None = Field(default=None, ge=1, le=65535)
     tls: TlsMode = "implicit"
     tls_verify: bool = True
-    ca_file: Path | None = None
+    ca_file: CaFile | None = None
     username: str | None = None
     password: Secret | None = None
     auth: LoginMethod = "password"
@@ -439,7 +442,7 @@ class EwsDestination(_Model):
     max_connections: int = Field(default=4, ge=1, le=64)
     max_message_size: ByteSize = Field(default=DEFAULT_EWS_MAX_MESSAGE_SIZE, gt=0)
     tls_verify: bool = True
-    ca_file: Path | None = None
+    ca_file: CaFile | None = None
 
     @field_validator("service_endpoint", "token_url")
     @classmethod
@@ -500,7 +503,7 @@ class GmailDestination(_Model):
     max_message_size: ByteSize = Field(default=GMAIL_MAX_MESSAGE_SIZE, gt=0)
     api_url: str = GMAIL_API_URL
     tls_verify: bool = True
-    ca_file: Path | None = None
+    ca_file: CaFile | None = None
 
     @field_validator("api_url")
     @classmethod
@@ -577,7 +580,7 @@ class Account(Defaults):
     port: int | None = Field(default=None, ge=1, le=65535)
     tls: TlsMode = "implicit"
     tls_verify: bool = True
-    ca_file: Path | None = None
+    ca_file: CaFile | None = None
     auth: Literal["user", "apop", "oauth2"] = "user"
     username: str = Field(min_length=1)
     password: Secret | None = None

@@ -1,4 +1,5 @@
-"""``pop-connector``: sync, run, status, check, db upgrade.
+"""The ``pop-connector`` command: the parser, and ``sync``, ``run``, ``status`` and ``check``; the other
+commands live in their own modules (admin.py, accounts.py, delivery_report.py) and are dispatched here.
 
 Exit codes: 0 everything succeeded, 1 an account or message failed, 2 configuration or usage error.
 """
@@ -17,7 +18,14 @@ from types import FrameType
 
 from connector import __version__
 from connector.cli import accounts, admin, delivery_report
-from connector.cli.report import dry_run_lines, poll_line, status_json, status_records, status_text
+from connector.cli.report import (
+    dry_run_lines,
+    ledger_line,
+    poll_line,
+    status_json,
+    status_records,
+    status_text,
+)
 from connector.config import Account, Config, config_path, load_config
 from connector.connections import Connections
 from connector.errors import ConfigError, ConnectorError
@@ -33,10 +41,32 @@ EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 log = logging.getLogger("connector")
 
 
+# Plain text (no reStructuredText quoting): argparse prints it as it is.
+DESCRIPTION = """\
+Polls POP3 mailboxes and delivers every message into IMAP, Exchange or Gmail,
+exactly once, keeping a ledger of what it delivered. Start with "check", then
+"sync"; "run" is the service."""
+
+EPILOG = """\
+exit codes: 0 everything succeeded, 1 an account or a message failed,
+2 a configuration or usage error.
+Each command has its own help: pop-connector COMMAND --help"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pop-connector", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="pop-connector",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--config", "-c", help="configuration file (default: $POP_CONNECTOR_CONFIG)")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="the least important log lines shown (default: INFO; DEBUG shows every message's steps)",
+    )
     parser.add_argument(
         "--log-format", default="text", choices=LOG_FORMATS, help="text (default) or json lines"
     )
@@ -48,7 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--account", "-a", action="append", metavar="NAME", help="only this account (repeatable)"
     )
     sync.add_argument("--dry-run", action="store_true", help="show what would be delivered and deleted")
-    commands.add_parser("run", help="run the service: poll every account on its schedule")
+    run = commands.add_parser("run", help="run the service: poll every account on its schedule")
+    run.add_argument(
+        "--now",
+        action="store_true",
+        help="poll every account at once at start, instead of at the next poll time its last poll chose",
+    )
     status = commands.add_parser("status", help="show each account's last poll, counts and errors")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     commands.add_parser("check", help="validate the config and log in to every server; changes nothing")
@@ -93,11 +128,13 @@ def _given_config(explicit: str | None) -> Path | None:
 
 
 def _dispatch(args: argparse.Namespace, config: Config) -> int:
+    assert config.service.database is not None
     if args.command == "check":
         from connector.cli.check import run_checks
 
+        # A log line (stderr): where the ledger is, which check does not open.
+        log.info("%s", ledger_line(config.service.database))
         return EXIT_OK if run_checks(config, print) else EXIT_FAILED
-    assert config.service.database is not None
     if args.command == "run":
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload during start-up must not kill it
     engine = open_database(config.service.database)
@@ -114,6 +151,15 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
     if args.command == "run" and config.service.mode == "distributed":
         from connector.service.distributed import run_worker
 
+        if args.now:
+            # Workers take whatever the shared schedule says is due; no one worker may reset it for all.
+            print(
+                "error: run --now is for the embedded mode; in distributed mode an account is made due "
+                'with "pop-connector resume NAME"',
+                file=sys.stderr,
+            )
+            return EXIT_CONFIG
+        log.info("%s", ledger_line(config.service.database))
         engine.dispose()
         return EXIT_OK if run_worker(config) else EXIT_FAILED
     if args.command == "status":
@@ -124,6 +170,8 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
                 held = polling[record["account"]]
                 record["polling"] = {"pid": held.pid, "host": held.host, "since": held.since.isoformat()}
         print(status_json(records) if args.json else status_text(records))
+        # Where the ledger is, last; on stderr beside the JSON, which stays the list of records.
+        print(ledger_line(config.service.database), file=sys.stderr if args.json else sys.stdout)
         return EXIT_OK
     if args.command in admin.COMMANDS:
         return admin.run(args, config, ledger)
@@ -134,8 +182,10 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
         # package must not import it while it loads.
         from connector.service.runtime import run_service
 
-        run_service(config, ledger, config_path(args.config))
+        log.info("%s", ledger_line(config.service.database))
+        run_service(config, ledger, config_path(args.config), poll_now=args.now)
         return EXIT_OK
+    log.info("%s", ledger_line(config.service.database))  # after opening it: it exists now
     return _sync(config, ledger, args)
 
 
@@ -189,7 +239,7 @@ def _failed(result: PollResult, named: set[str]) -> bool:
     name: a sync of all accounts next to a running service is no failure."""
     if result.status == "busy":
         return result.account in named
-    return not result.ok or bool(result.failed or result.skipped or result.problems)
+    return not result.ok or bool(result.failed or result.not_delivered or result.skipped or result.problems)
 
 
 if __name__ == "__main__":  # pragma: no cover
