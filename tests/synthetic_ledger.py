@@ -75,11 +75,12 @@ def fill(engine: Engine, names: Sequence[str], now: datetime, *, seed: int = 15)
         if expected_state(name) == "waiting":
             continue
         archived = rng.randrange(0, 3000)
+        quarantined = account_id % 97 == 0 or name in (HOSTILE_NAME, "user7")
         totals.append(
             {
                 "account_id": account_id, "messages": archived, "bytes": archived * 40_000, "recovered": 0,
                 "first_delivery_at": now - timedelta(days=200), "last_delivery_at": now - timedelta(days=31),
-                "quarantined": 0, "failed_polls": rng.randrange(0, 5),
+                "quarantined": int(quarantined), "failed_polls": rng.randrange(10, 15),
             }
         )  # fmt: skip
         count = 0
@@ -103,7 +104,7 @@ def fill(engine: Engine, names: Sequence[str], now: datetime, *, seed: int = 15)
                 )  # fmt: skip
                 count += 1
         synthetic.delivered[name] = archived + count
-        if account_id % 97 == 0 or name == HOSTILE_NAME:
+        if quarantined:
             error = HOSTILE_ERROR if name == HOSTILE_NAME else "destination refused: message too large"
             messages.append(
                 {

@@ -502,9 +502,9 @@ def _quarantine_table(messages: Sequence[QuarantinedMessage]) -> str:
         for message in messages
     )
     return (
-        f"<p>Left on the POP3 server. <code>pop-connector quarantine retry ID</code> delivers one again at "
-        f"the next poll; <code>pop-connector quarantine list</code> shows them all "
-        f"({len(messages)} here).</p>"
+        f"<p>{len(messages)} message{'s' if len(messages) != 1 else ''} left on the POP3 server. "
+        "<code>pop-connector quarantine retry ID</code> delivers one again at the next poll (the "
+        "destination is checked first).</p>"
         '<table id="quarantine"><thead><tr><th class="num">ID</th><th>UIDL</th><th>Message-ID</th>'
         '<th class="num">Size</th><th class="num">Attempts</th><th>Since</th><th>Reason</th></tr></thead>'
         f"<tbody>{rows}</tbody></table>"
@@ -567,8 +567,12 @@ def render_account_page(
         ("Ledger", e(", ".join(f"{k} {v}" for k, v in messages.items()) or "-")),
         ("Last polled by worker", e(record.get("last_worker") or "-")),
     ]
-    # A removed account's last failure is history, not a condition: it is not polled any more.
-    shown_condition = condition if condition and record.get("configured") else None
+    # A removed account's last failure is history, not a condition: it is not polled any more. A condition
+    # that is already the next poll's reason is not said twice.
+    reason = record.get("next_poll_reason") or ""
+    shown_condition = (
+        condition if condition and record.get("configured") and condition not in reason else None
+    )
     condition_html = (
         f'<p class="condition" id="condition">{e(shown_condition)}</p>' if shown_condition else ""
     )
@@ -585,9 +589,9 @@ def render_account_page(
 {bar_chart(day_series(detail.per_day, now.date()))}
 <h2>Errors</h2>
 {_facts(errors, "errors")}
+<h2>Quarantine</h2>
+{_quarantine_table(detail.quarantined)}
 <h2>Recent deliveries</h2>
 <p class="muted">The latest {RECENT_DELIVERIES} in the delivery journal, newest first.</p>
-{_deliveries_table(detail.deliveries)}
-<h2>Quarantine</h2>
-{_quarantine_table(detail.quarantined)}"""
+{_deliveries_table(detail.deliveries)}"""
     return _document(f"POP Connector: {name}", body, refresh_seconds=refresh_seconds, now=now)

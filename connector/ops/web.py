@@ -2,8 +2,9 @@
 (``/``, ``/account/NAME`` and ``/status.json``; the HTML is connector/ops/status_page.py).
 
 Bound to loopback unless configured otherwise. With ``status_token`` set every path but ``/healthz`` wants
-the token, as ``?token=...`` (for a browser) or ``Authorization: Bearer ...`` (for Prometheus). Nothing
-served is secret: account names, states, times, counts and error texts (which never carry passwords).
+the token, as ``?token=...`` (for a browser, whose links on the page then carry it) or ``Authorization:
+Bearer ...`` (for Prometheus). Nothing served is secret: account names, states, times, counts,
+Message-IDs and error texts (which never carry passwords).
 ``/healthz`` answers anyone, but without the token only its status word: its problems name accounts, and a
 database error names the database's host and port, which a load balancer's probe has no need to know.
 """

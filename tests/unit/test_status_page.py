@@ -294,6 +294,14 @@ def test_the_account_page_shows_history_errors_and_quarantine_as_text() -> None:
     assert 'aria-label="messages delivered per day, last 30 days: 2 in all, at most 1 a day"' in page
 
 
+def test_a_condition_that_is_the_next_poll_s_reason_is_said_once() -> None:
+    condition = "AUTHENTICATION FAILING (4 failed polls in a row): retried slowly"
+    page = render_account_page(
+        detail(condition=condition, next_poll_reason=condition), [], refresh_seconds=15, now=NOW
+    )
+    assert page.count("AUTHENTICATION FAILING") == 1 and 'id="condition"' not in page
+
+
 def test_a_removed_account_has_no_next_poll_and_no_condition() -> None:
     page = render_account_page(detail(configured=False, state="removed"), [], refresh_seconds=15, now=NOW)
     assert 'id="condition"' not in page and "<b>Next poll:</b> none" in page
