@@ -3,13 +3,17 @@ duplicate added by hand are both found and named; an intact migration reconciles
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from connector.cli.reconcile import check
 from connector.connections import Connections
+from tests.configs import EWS_MAILBOX, EWS_SERVICE, EWS_SERVICE_PASSWORD, ews_destination
 from tests.integration.conftest import SyncFactory
 from tests.messages import simple
 from tests.servers.dovecot import Dovecot, MailUsers
+from tests.servers.ews import EwsServer
 
 pytestmark = pytest.mark.integration
 
@@ -71,3 +75,24 @@ def test_the_command_exits_1_and_names_each_message(
     assert main(["--config", str(config.source), "reconcile", "--account", account.name]) == 1
     out = capsys.readouterr().out
     assert "missing: <" in out and "1 missing, 0 duplicated" in out
+
+
+def test_reconcile_reads_an_exchange_folder_by_the_items_sha256_property(
+    ews: EwsServer, dovecot: Dovecot, mail_users: MailUsers, make_sync: SyncFactory
+) -> None:
+    ews.add_user(EWS_SERVICE, EWS_SERVICE_PASSWORD, impersonation=True)
+    ews.add_mailbox(EWS_MAILBOX)
+    dovecot.seed(mail_users.source.name, [simple(n) for n in range(3)])
+    config, engine = make_sync(
+        account={"mailbox": EWS_MAILBOX, "folder": "Inbox/Hosted"},
+        destination={**ews_destination(ews), "version": "Exchange2016"},
+    )
+    account = config.accounts[0]
+    assert engine.poll(account).delivered == 3
+    entries = [entry for entry, _ in engine.ledger.journal.deliveries(account.name)]
+    assert check(config, account, entries, Connections()) == []
+
+    [gone] = check(
+        config, account, [*entries, replace(entries[0], stamp="f" * 32, sha256="0" * 64)], Connections()
+    )
+    assert gone.missing and gone.entry.stamp == "f" * 32
