@@ -431,7 +431,7 @@ def _address_in_id_token(id_token: str | None) -> str:
         except (binascii.Error, ValueError):
             claims = None
     email = claims.get("email") if isinstance(claims, Mapping) else None
-    if not isinstance(email, str) or "@" not in email:
+    if not isinstance(email, str) or not email.strip():
         raise ConfigError(
             "the token endpoint did not say which address consented (no OpenID token with an email)"
         )

@@ -5,6 +5,9 @@ real Dovecot checks each token through its introspection, as imap.gmail.com chec
 
 from __future__ import annotations
 
+import argparse
+import base64
+import io
 import json
 import logging
 import stat
@@ -13,9 +16,12 @@ from typing import Any
 
 import pytest
 
+from connector.cli import authorize
 from connector.destinations.gmail_tokens import GMAIL_SCOPES, StoredToken, read_token, token_file, write_token
 from connector.oauth import GMAIL_IMAP_SCOPE
-from tests.integration.oauth.conftest import App, OAuthSync
+from tests.integration.oauth.conftest import App, OAuthSync, TokenPeer
+from tests.integration.test_authorize import Browser
+from tests.servers.token_server import TokenServer
 
 pytestmark = pytest.mark.integration
 
@@ -125,3 +131,79 @@ def test_a_consent_without_the_imap_scope_is_refused_before_any_request(
     assert result.status == "auth_error"
     assert "does not cover IMAP" in (result.error or "")
     assert app.requests(oauth_sync.token_server) == 0
+
+
+# --- authorize, then deliver ------------------------------------------------------------------------------
+
+
+def _unsigned_jwt(claims: dict[str, Any]) -> str:
+    def part(data: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+    return f"{part({'alg': 'RS256', 'kid': 'test'})}.{part(claims)}.c2lnbmF0dXJl"
+
+
+def _with_openid_tokens(server: TokenServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Google answers an authorization code granted ``openid email`` with an OpenID token naming the
+    user; the tests' token server does not, so this adds one."""
+    plain = server.token_response
+
+    def answer(form: dict[str, str], authorization: str | None) -> tuple[int, dict[str, Any]]:
+        status, payload = plain(form, authorization)
+        granted = str(payload.get("scope", "")).split()
+        if status == 200 and form.get("grant_type") == "authorization_code" and "openid" in granted:
+            token = server.lookup(payload["access_token"])
+            assert token is not None and token.user is not None
+            claims = {"iss": "https://accounts.google.com", "aud": form["client_id"], "email": token.user}
+            payload = {**payload, "id_token": _unsigned_jwt({**claims, "email_verified": True})}
+        return status, payload
+
+    monkeypatch.setattr(server, "token_response", answer)
+
+
+def test_authorize_then_deliver_over_imap_with_a_rotating_refresh_token(
+    oauth_sync: OAuthSync, token_peer: TokenPeer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server, user = token_peer.server, oauth_sync.users.destination.name
+    _with_openid_tokens(server, monkeypatch)
+    monkeypatch.setattr(server, "rotate_refresh_tokens", True)
+    client = server.add_desktop_client()
+    client.mailbox = user  # what Dovecot's introspection names for this client's tokens
+    oauth = {
+        "client_secrets": json.dumps(server.client_secrets(client)),
+        "token_dir": str(tmp_path / "tokens"),
+        "ca_file": str(token_peer.ca_file),
+    }
+    config = oauth_sync.config(destination={"auth": "oauth2", "oauth": oauth})
+
+    # The person consents in the (scripted) browser; the command listens for the redirect.
+    monkeypatch.setattr("sys.platform", "linux")
+    monkeypatch.setenv("DISPLAY", ":99")
+    monkeypatch.setattr("webbrowser.open", Browser(token_peer.ca_file).open)
+    out = io.StringIO()
+    args = argparse.Namespace(destination="exo", user=user, no_browser=False, timeout=30.0, config=None)
+    assert authorize.run(args, config, out) == 0
+    asked = server.recorded.authorizations[-1]
+    assert asked["scope"].split() == [GMAIL_IMAP_SCOPE, "openid", "email"]
+    path = token_file(tmp_path / "tokens", user)
+    consented = read_token(path)
+    assert GMAIL_IMAP_SCOPE in consented.scopes and consented.address == user
+
+    # The service signs in with it; Google rotates the refresh token, and the file keeps the new one.
+    oauth_sync.seed(1)
+    result = oauth_sync.poll(config)
+    assert (result.status, result.delivered, result.deleted) == ("ok", 1, 1), result.problems
+    rotated = read_token(path)
+    assert rotated.refresh_token != consented.refresh_token
+    assert server.refresh_tokens_of(user) == [rotated.refresh_token]  # the old one no longer works
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+    # An hour later (a new access token is needed), the rotated refresh token is the one that works.
+    oauth_sync.clock.now += server.lifetime
+    oauth_sync.seed(2)
+    result = oauth_sync.poll(config)
+    assert (result.status, result.delivered) == ("ok", 1), result.problems
+    assert len(oauth_sync.dovecot.imap_messages(user)) == 2
+    assert read_token(path).refresh_token != rotated.refresh_token
+    for secret in (consented.refresh_token, rotated.refresh_token, client.secret or ""):
+        assert secret not in out.getvalue()
