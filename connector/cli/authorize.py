@@ -129,7 +129,7 @@ def consent_target(config: Config, name: str) -> ConsentTarget | GmailDestinatio
             scopes=GMAIL_SCOPES,
             required=GMAIL_SCOPES,
             token_dir=destination.tokens(),
-            verify=str(destination.ca_file) if destination.ca_file else destination.tls_verify,
+            verify=_verify(destination),
             profile_url=f"{destination.api_url}/gmail/v1/users/me/profile",
         )
     if (
@@ -155,6 +155,13 @@ def consent_target(config: Config, name: str) -> ConsentTarget | GmailDestinatio
         'type = "gmail" with client_secrets, or an IMAP destination with auth = "oauth2" and '
         "oauth = { client_secrets = ... } (Gmail over IMAP); see docs/gmail.md"
     )
+
+
+def _verify(destination: GmailDestination) -> bool | str:
+    """requests' ``verify``, as the destination's own requests use it."""
+    if not destination.tls_verify:
+        return False
+    return str(destination.ca_file) if destination.ca_file is not None else True
 
 
 def _client(destination: str, client_secrets: str) -> DesktopClient:
@@ -255,11 +262,15 @@ class LoopbackReceiver:
     """An HTTP listener on 127.0.0.1 that takes the first redirect carrying ``code``, ``error`` or
     ``state`` (a browser also asks for /favicon.ico and the like: 404)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, idle_timeout: float = 10.0) -> None:
         answers: queue.Queue[dict[str, str]] = queue.Queue()
         self._answers = answers
 
         class Handler(BaseHTTPRequestHandler):
+            # One request at a time: a local program that connects and says nothing must not hold the
+            # listener (and so the browser's redirect) for longer than this.
+            timeout = idle_timeout
+
             def log_message(self, format: str, *args: Any) -> None:
                 pass  # the request line carries the code
 

@@ -351,6 +351,24 @@ def test_the_loopback_receiver_takes_the_redirect_and_ignores_the_rest() -> None
         receiver.close()
 
 
+def test_a_silent_connection_does_not_keep_the_redirect_out() -> None:
+    import socket
+    import urllib.request
+
+    receiver = LoopbackReceiver(idle_timeout=0.2).start()
+    try:
+        port = int(receiver.redirect_uri.rsplit(":", 1)[1].strip("/"))
+        silent = socket.create_connection(("127.0.0.1", port))  # connects, says nothing
+        try:
+            with urllib.request.urlopen(receiver.redirect_uri + "?state=S&code=C", timeout=30) as page:
+                assert page.status == 200
+        finally:
+            silent.close()
+        assert receiver.wait(30) == {"state": "S", "code": "C"}
+    finally:
+        receiver.close()
+
+
 def test_a_browser_is_at_hand_in_a_desktop_session(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("sys.platform", "linux")
     monkeypatch.delenv("DISPLAY", raising=False)
