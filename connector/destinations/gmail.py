@@ -523,7 +523,9 @@ class GmailSession:
                 self._login.fresh(self._where, self._timeout)
                 used = self._login.credentials.token
                 wire.debug("%s", self._where.say(f"> {action}{about}: {method} {_path_of(url)}"))
-                response: requests.Response = self._http.request(method, url, timeout=self._timeout, **kwargs)
+                response: requests.Response = self._http.request(
+                    method, url, timeout=self._timeout, verify=self._login.verify, **kwargs
+                )
                 wire.debug("%s", self._where.say(f"< {action}: HTTP {response.status_code}"))
                 if response.status_code != 401 or attempt:
                     return response
@@ -636,7 +638,6 @@ def open_gmail(destination: GmailDestination, account: Account, mailbox: str | N
         max_refresh_attempts=0,
         auth_request=login.token_request(timeout),
     )
-    http.verify = login.verify
     try:
         login.fresh(where, timeout)
     except BaseException:

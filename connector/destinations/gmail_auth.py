@@ -36,6 +36,7 @@ from google.oauth2 import service_account
 
 from connector import redaction
 from connector.config import GmailDestination
+from connector.destinations.base import clip_server_text
 from connector.destinations.gmail_errors import Where, translate_refresh, translate_transport
 from connector.destinations.gmail_tokens import (
     GMAIL_SCOPES,
@@ -46,7 +47,7 @@ from connector.destinations.gmail_tokens import (
     read_token,
     rotate,
 )
-from connector.errors import DestinationAuthError
+from connector.errors import DestinationAuthError, DestinationTempError
 
 log = logging.getLogger("connector.destinations.gmail")
 
@@ -73,7 +74,14 @@ def verify_setting(destination: GmailDestination) -> bool | str:
 
 class _TokenRequest(google.auth.transport.requests.Request):  # type: ignore[misc]
     """google-auth's transport for token requests, registering each token in the answer with redaction
-    before google-auth reads it (a later error text or log line that quotes it finds it cut out)."""
+    before google-auth reads it (a later error text or log line that quotes it finds it cut out).
+
+    ``verify`` goes with every request: requests lets $REQUESTS_CA_BUNDLE override a session's own
+    ``verify``, which would drop the destination's ``ca_file``."""
+
+    def __init__(self, session: requests.Session, verify: bool | str) -> None:
+        super().__init__(session)
+        self._verify = verify
 
     def __call__(
         self,
@@ -84,6 +92,7 @@ class _TokenRequest(google.auth.transport.requests.Request):  # type: ignore[mis
         timeout: Any = None,
         **kwargs: Any,
     ) -> Any:
+        kwargs["verify"] = self._verify
         response = super().__call__(url, method=method, body=body, headers=headers, timeout=timeout, **kwargs)
         register_token_answer(response.data)
         return response
@@ -119,8 +128,7 @@ class Login:
         """The transport google-auth refreshes through (one keep-alive session per login)."""
         if self._session is None:
             self._session = requests.Session()
-            self._session.verify = self.verify
-        request = _TokenRequest(self._session)
+        request = _TokenRequest(self._session, self.verify)
         return _WithTimeout(request, timeout)
 
     def fresh(self, where: Where, timeout: float) -> None:
@@ -143,9 +151,11 @@ class Login:
             raise translate_refresh(exc, where, auth_hint=self.auth_hint) from exc
         except google_exceptions.TransportError as exc:
             raise translate_transport(exc, where, "token request") from exc
-        except (ValueError, TypeError) as exc:  # a key google-auth cannot sign with, a garbled answer
-            detail = f"{type(exc).__name__}: {exc}"
-            raise DestinationAuthError(where.say(f"no access token: {detail}; {self.auth_hint}")) from exc
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:  # an answer google-auth cannot read
+            detail = clip_server_text(f"{type(exc).__name__}: {exc}")
+            raise DestinationTempError(
+                where.say(f"no access token: the token endpoint's answer is unusable ({detail})")
+            ) from exc
         redaction.register(self.credentials.token)
         self._keep_rotated_refresh_token()
 
