@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import threading
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,7 @@ FULL_MAIL_SCOPE = "https://mail.google.com/"
 # gmail.readonly.
 METADATA_SCOPE = "https://www.googleapis.com/auth/gmail.metadata"
 _TOKEN_FIELDS = ("access_token", "refresh_token", "id_token")
+_REQUEST_FIELDS = ("assertion", "refresh_token", "client_secret", "code", "code_verifier")
 
 
 def verify_setting(destination: GmailDestination) -> bool | str:
@@ -93,9 +95,20 @@ class _TokenRequest(google.auth.transport.requests.Request):  # type: ignore[mis
         **kwargs: Any,
     ) -> Any:
         kwargs["verify"] = self._verify
+        register_token_request(body)
         response = super().__call__(url, method=method, body=body, headers=headers, timeout=timeout, **kwargs)
         register_token_answer(response.data)
         return response
+
+
+def register_token_request(body: bytes | str | None) -> None:
+    """Register the credentials a token request sends (the signed JWT assertion of a service account is
+    one, for as long as it lasts; the refresh token and client secret are known already)."""
+    if not body:
+        return
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    form = urllib.parse.parse_qs(text)
+    redaction.register(*(value for name in _REQUEST_FIELDS for value in form.get(name, [])))
 
 
 def register_token_answer(data: bytes | str | None) -> None:

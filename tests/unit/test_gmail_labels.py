@@ -82,16 +82,26 @@ class FakeClock:
         self.now += seconds
 
 
-def test_the_pacer_lets_a_seconds_quota_through_then_paces_each_user_on_its_own() -> None:
+def test_the_pacer_never_spends_more_than_gmails_quota_in_any_second() -> None:
     clock = FakeClock()
-    pacer = QuotaPacer(250, clock=clock, sleep=clock.sleep)
-    for _ in range(10):  # ten imports of 25 units: the second's quota
-        assert pacer.spend("alice@example.com", 25) == 0
-    assert pacer.spend("ALICE@example.com", 25) > 0  # the eleventh waits (the same user, any case)
-    assert clock.slept and abs(clock.slept[0] - 0.1) < 1e-9
+    pacer = QuotaPacer(225, burst=25, clock=clock, sleep=clock.sleep)
+    sent: list[tuple[float, int]] = []
+    for units in [25] * 40 + [5, 5, 1, 25] * 10:
+        pacer.spend("alice@example.com", units)
+        sent.append((clock.now, units))
+    for start, _ in sent:  # Gmail's window: every second that begins at a request
+        assert sum(units for at, units in sent if start <= at < start + 1) <= 250
+    assert clock.now - 100 < 10  # and it is not slower than the quota: 1370 units at 225 a second
+
+
+def test_the_pacer_keeps_a_quota_per_user_and_no_more_than_a_burst_for_an_idle_one() -> None:
+    clock = FakeClock()
+    pacer = QuotaPacer(225, burst=25, clock=clock, sleep=clock.sleep)
+    assert pacer.spend("alice@example.com", 25) == 0  # the first import goes at once
+    assert abs(pacer.spend("ALICE@example.com", 25) - 25 / 225) < 1e-9  # the same user, any case
     assert pacer.spend("bob@example.com", 25) == 0  # another user has a quota of their own
-    clock.now += 10  # an idle mailbox gets back no more than one second's quota
-    assert [pacer.spend("alice@example.com", 25) for _ in range(10)] == [0] * 10
+    clock.now += 60  # an idle mailbox gets back one burst, not a minute's quota
+    assert pacer.spend("alice@example.com", 25) == 0
     assert pacer.spend("alice@example.com", 25) > 0
 
 
