@@ -541,8 +541,7 @@ class GoogleConsentFetcher:
         import google.oauth2.credentials
 
         path, stored = self._stored()
-        # google-auth's constructors and refresh carry no annotations.
-        user = google.oauth2.credentials.Credentials(  # type: ignore[no-untyped-call]
+        user = google.oauth2.credentials.Credentials(
             None,
             refresh_token=stored.refresh_token,
             token_uri=stored.token_uri,
@@ -550,7 +549,7 @@ class GoogleConsentFetcher:
             client_secret=stored.client_secret,
         )
         try:
-            user.refresh(_google_request(self._credentials.ca_file, self._credentials.timeout))  # type: ignore[no-untyped-call]
+            user.refresh(_google_request(self._credentials.ca_file, self._credentials.timeout))
         except google.auth.exceptions.RefreshError as exc:
             raise self._refused(exc) from None
         except google.auth.exceptions.TransportError as exc:

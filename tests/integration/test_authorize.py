@@ -26,6 +26,9 @@ from typing import Any
 import pytest
 
 from connector.cli import authorize, main
+from connector.config import load_config
+from connector.connections import Connections
+from connector.destinations.gmail_auth import LOGINS
 from connector.destinations.gmail_tokens import GMAIL_SCOPES, read_token, token_file
 from tests.acceptance.conftest import ROOT
 from tests.servers.gmail import INSERT, GmailServer
@@ -170,6 +173,27 @@ def assert_no_secret_in(text: str, setup: Setup) -> None:
 
 
 # --- with a browser --------------------------------------------------------------------------------------
+
+
+def test_the_gmail_destination_signs_in_with_the_consent_authorize_stored(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch, desktop: None
+) -> None:
+    """What "Next: pop-connector check" promises: the destination's own sign-in uses the stored consent."""
+    use(monkeypatch, Browser(setup.gmail.ca_file))
+    assert setup.run("--user", ALICE) == 0
+    with setup.config.open("a") as config:
+        config.write(
+            '\n[[accounts]]\nname = "alice"\nhost = "pop.example"\nusername = "a"\npassword = "p"\n'
+            'destination = "gmail"\n'
+        )
+    loaded = load_config(setup.config)
+    try:
+        with Connections().open_destination(loaded.destinations[0], loaded.accounts[0]) as session:
+            assert f"Gmail user {ALICE}" in session.check()
+    finally:
+        LOGINS.clear()  # access tokens of this test's token server mean nothing to the next one
+    # authorize's users.getProfile, then the check's: nothing written.
+    assert setup.gmail.kinds() == ["profile", "profile", "labels.list"]
 
 
 def test_consent_through_the_browser_is_stored_with_mode_600(
