@@ -17,7 +17,7 @@ from types import FrameType
 from sqlalchemy import Engine
 
 from connector import __version__
-from connector.cli import admin, authorize
+from connector.cli import admin, authorize, delivery_report, reconcile
 from connector.cli.report import dry_run_lines, poll_line, status_json, status_records, status_text
 from connector.config import Account, Config, config_path, load_config
 from connector.connections import Connections
@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     admin.add_commands(commands)
     authorize.add_command(commands)
+    delivery_report.add_command(commands)
+    reconcile.add_command(commands)
     return parser
 
 
@@ -123,6 +125,10 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
         return EXIT_OK
     if args.command in admin.COMMANDS:
         return admin.run(args, config, ledger)
+    if args.command == "report":
+        return delivery_report.run(args, config, ledger)
+    if args.command == "reconcile":
+        return reconcile.run(args, config, ledger, Connections())
     if args.command == "run":
         # Imported here, as below: the listener (connector.ops.web) imports connector.cli.report, so this
         # package must not import it while it loads.

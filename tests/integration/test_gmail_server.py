@@ -115,16 +115,21 @@ def test_multipart_upload_with_labels(gmail: GmailServer, http: requests.Session
     assert gmail.label_names(ALICE, record.message) == ["INBOX", "UNREAD", "Hosted/alice"]
 
 
-def test_multipart_with_bare_line_feeds_and_a_base64_part(gmail: GmailServer, http: requests.Session) -> None:
-    """As other client libraries write it: LF line ends, the message in base64."""
-    boundary = "b"
+@pytest.mark.parametrize("base64_part", [False, True])
+def test_multipart_with_bare_line_feeds(
+    gmail: GmailServer, http: requests.Session, base64_part: bool
+) -> None:
+    """As other client libraries write it: LF line ends around the parts, the message as is or in base64."""
+    media = base64.encodebytes(MESSAGE) if base64_part else MESSAGE
+    encoding = b"Content-Transfer-Encoding: base64\n" if base64_part else b""
     body = (
-        b"--b\nContent-Type: application/json\n\n{}\n--b\n"
-        b"Content-Type: message/rfc822\nContent-Transfer-Encoding: base64\n\n"
-        + base64.encodebytes(MESSAGE)
+        b"--b\nContent-Type: application/json\n\n{}\n--b\nContent-Type: message/rfc822\n"
+        + encoding
+        + b"\n"
+        + media
         + b"\n--b--"
     )
-    headers = {**bearer(gmail.token(ALICE)), "Content-Type": f"multipart/related; boundary={boundary}"}
+    headers = {**bearer(gmail.token(ALICE)), "Content-Type": "multipart/related; boundary=b"}
     answer = http.post(upload_url(gmail), params={"uploadType": "multipart"}, data=body, headers=headers)
     assert answer.status_code == 200, answer.text
     assert gmail.imports[0].data == MESSAGE

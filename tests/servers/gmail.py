@@ -1087,13 +1087,15 @@ def _split_parts(body: bytes, boundary: bytes) -> list[tuple[dict[str, str], byt
 
 
 def _split_head(part: bytes) -> tuple[bytes, bytes]:
-    for separator in (b"\r\n\r\n", b"\n\n"):
-        if part.startswith(separator[len(separator) // 2 :]):
-            return b"", part[len(separator) // 2 :]
-        index = part.find(separator)
-        if index >= 0:
-            return part[:index], part[index + len(separator) :]
-    return part, b""
+    """(headers, content) of a body part: the first blank line ends the headers, whichever line ends they
+    use (the content, a message, has its own blank line further on)."""
+    if part.startswith((b"\r\n", b"\n")):
+        return b"", part[2:] if part.startswith(b"\r\n") else part[1:]
+    found = [(index, len(sep)) for sep in (b"\r\n\r\n", b"\n\n") if (index := part.find(sep)) >= 0]
+    if not found:
+        return part, b""
+    index, length = min(found)
+    return part[:index], part[index + length :]
 
 
 def _matches(mailbox: Mailbox, message: StoredMessage, term: str) -> bool:
