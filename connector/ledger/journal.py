@@ -57,6 +57,7 @@ class JournalStatements:
             message_id=bindparam("j_message_id"),
             size=bindparam("j_size"),
             sha256=bindparam("j_sha256"),
+            stamp=bindparam("j_stamp"),
             destination_ref=bindparam("j_ref"),
             recipient=bindparam("j_recipient"),
             delivered_at=bindparam("j_at"),
@@ -141,6 +142,7 @@ def entry_params(account_id: int, entry: JournalEntry, at: datetime) -> dict[str
         "j_message_id": entry.message_id,
         "j_size": entry.size,
         "j_sha256": entry.sha256,
+        "j_stamp": entry.stamp,
         "j_ref": entry.ref,
         "j_recipient": entry.recipient,
         "j_at": at,
@@ -246,6 +248,7 @@ def _entry(row: DeliveryRow) -> JournalEntry:
         poll_started_at=row.poll_started_at,
         recipient=row.recipient,
         recovered=row.recovered,
+        stamp=row.stamp,
     )
 
 

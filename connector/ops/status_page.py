@@ -10,7 +10,6 @@ other way to send it. Every value shown is escaped; charts are inline SVG (conne
 from __future__ import annotations
 
 import html
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime
@@ -18,6 +17,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from connector import __version__
+from connector.cli.report import natural_key
 from connector.ledger.records import JournalEntry, QuarantinedMessage
 from connector.ops.charts import bar_chart, day_series, sparkline
 
@@ -90,11 +90,6 @@ class View:
 
 def _integer(text: str) -> int:
     return int(text) if text.isdigit() and len(text) < 10 else 0
-
-
-def natural_key(name: str) -> list[tuple[int, int | str]]:
-    """``box2`` before ``box10``: runs of digits compare as numbers, the rest without case."""
-    return [(0, int(part)) if part.isdigit() else (1, part.casefold()) for part in re.split(r"(\d+)", name)]
 
 
 def _delivered(record: Mapping[str, Any]) -> int:

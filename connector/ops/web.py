@@ -32,7 +32,7 @@ from connector.ledger.records import AccountTotals
 from connector.ledger.store import Ledger
 from connector.ops.charts import DAYS
 from connector.ops.health import HealthMonitor, database_error, health_problems
-from connector.ops.metrics import PollMetrics
+from connector.ops.metrics import PollMetrics, ServiceSeries
 from connector.ops.status_page import (
     RECENT_DELIVERIES,
     AccountDetail,
@@ -141,12 +141,17 @@ def history_since(today: date) -> datetime:
 
 @dataclass
 class Operations:
-    """What the listener reads; ``config`` is a callable because a reload replaces the configuration."""
+    """What the listener reads; ``config`` is a callable because a reload replaces the configuration.
+    ``series``: what ``/metrics`` reads at each request besides the poll events' ``metrics``."""
 
     config: Callable[[], Config]
     ledger: Ledger
     metrics: PollMetrics
     health: HealthMonitor
+    series: ServiceSeries | None = None
+
+    def metrics_text(self) -> bytes:
+        return self.metrics.render() if self.series is None else self.metrics.render(self.series)
 
     def status(self) -> list[dict[str, Any]]:
         """Every account's record (``/status.json``): ``pop-connector status --json``'s fields, plus
@@ -308,9 +313,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(HTTPStatus.OK, "application/json", body)
 
     def _metrics(self) -> None:
-        self._send(
-            HTTPStatus.OK, "text/plain; version=0.0.4; charset=utf-8", self.server.ops.metrics.render()
-        )
+        self._send(HTTPStatus.OK, "text/plain; version=0.0.4; charset=utf-8", self.server.ops.metrics_text())
 
     def _send(self, status: HTTPStatus, content_type: str, body: bytes) -> None:
         self.send_response(status)

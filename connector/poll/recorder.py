@@ -247,6 +247,7 @@ class Recorder:
             poll_started_at=self._started_at,
             recipient=recipient,
             recovered=recovered,
+            stamp=fetched.stamp,
         )
 
     # --- events --------------------------------------------------------------------------------------
