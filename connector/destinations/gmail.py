@@ -584,13 +584,14 @@ class _LabelGone(Exception):
 
 
 def rfc822msgid_query(message_id: str) -> str:
-    """Gmail's search for a Message-ID: without its angle brackets, quoted when it holds characters that
-    Gmail's query syntax would split on."""
+    """Gmail's search for a Message-ID: without its angle brackets; in double quotes (``\\`` and ``"``
+    escaped) when it holds characters that Gmail's query syntax would split on or read as syntax."""
     bare = message_id.strip()
     if bare.startswith("<") and bare.endswith(">"):
         bare = bare[1:-1]
-    if any(char.isspace() or char in '"(){}' for char in bare):
-        return 'rfc822msgid:"' + bare.replace('"', "") + '"'
+    if any(char.isspace() or char in "\"'(){}\\" for char in bare):
+        escaped = bare.replace("\\", "\\\\").replace('"', '\\"')
+        return f'rfc822msgid:"{escaped}"'
     return f"rfc822msgid:{bare}"
 
 

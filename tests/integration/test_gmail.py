@@ -656,3 +656,22 @@ def test_a_consent_that_cannot_work_is_refused_before_google_is_asked(
     with pytest.raises(DestinationAuthError, match=r"no usable consent.*authorize gmail`"):
         open_gmail(destination, account_config(destination="gmail"), None)
     assert gmail.tokens.token_request_count == 0
+
+
+def test_every_corpus_message_is_found_again_after_its_import(
+    gmail: GmailServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The recovery lookup holds for hostile Message-IDs too (quotes, 5000 characters, 8-bit, none at all,
+    two), or a lost answer would import the message a second time. A mailbox per message: the test
+    server reads every stored message for each search."""
+    monkeypatch.setattr(gmail_module, "PACER", QuotaPacer(10**6, burst=10**6))  # no quota here
+    anyone = gmail.tokens.add_service_account("anyone", scopes=GMAIL_SCOPES)
+    destination = gmail_destination(gmail, anyone, tmp_path)
+    for number, path in enumerate(CORPUS):
+        user = gmail.add_user(f"user{number}@example.com").address
+        session = open_gmail(destination, account_config(mailbox=user), user)
+        message = fetched(path.read_bytes(), uidl=f"uidl-{number}")
+        assert session.find(message) is None, path.name
+        reference = session.deliver(message)
+        assert session.find(message) == reference, path.name
+        session.close()

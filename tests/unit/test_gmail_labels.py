@@ -4,6 +4,7 @@ for a Message-ID, resumable upload offsets, the per-user quota, and redaction of
 from __future__ import annotations
 
 import json
+import shlex
 
 from connector import redaction
 from connector.destinations.gmail import (
@@ -60,7 +61,9 @@ def test_label_index_finds_system_labels_user_labels_and_says_what_is_missing() 
 def test_the_search_names_the_message_id_without_brackets_and_quotes_odd_ones() -> None:
     assert rfc822msgid_query("<abc.123@example.com>") == "rfc822msgid:abc.123@example.com"
     assert rfc822msgid_query("no-brackets@example.com") == "rfc822msgid:no-brackets@example.com"
-    assert rfc822msgid_query('<a b"c@example.com>') == 'rfc822msgid:"a bc@example.com"'
+    assert rfc822msgid_query('<a b"c@example.com>') == 'rfc822msgid:"a b\\"c@example.com"'
+    assert rfc822msgid_query('<"a\\"b c"@x>') == 'rfc822msgid:"\\"a\\\\\\"b c\\"@x"'
+    assert shlex.split(rfc822msgid_query('<"a\\"b c"@x>')) == ['rfc822msgid:"a\\"b c"@x']
 
 
 def test_a_resumable_upload_goes_on_after_the_range_gmail_kept() -> None:
