@@ -115,6 +115,38 @@ def test_multipart_upload_with_labels(gmail: GmailServer, http: requests.Session
     assert gmail.label_names(ALICE, record.message) == ["INBOX", "UNREAD", "Hosted/alice"]
 
 
+@pytest.mark.parametrize("base64_part", [False, True])
+def test_multipart_with_bare_line_feeds(
+    gmail: GmailServer, http: requests.Session, base64_part: bool
+) -> None:
+    """As other client libraries write it: LF line ends around the parts, the message as is or in base64."""
+    media = base64.encodebytes(MESSAGE) if base64_part else MESSAGE
+    encoding = b"Content-Transfer-Encoding: base64\n" if base64_part else b""
+    body = (
+        b"--b\nContent-Type: application/json\n\n{}\n--b\nContent-Type: message/rfc822\n"
+        + encoding
+        + b"\n"
+        + media
+        + b"\n--b--"
+    )
+    headers = {**bearer(gmail.token(ALICE)), "Content-Type": "multipart/related; boundary=b"}
+    answer = http.post(upload_url(gmail), params={"uploadType": "multipart"}, data=body, headers=headers)
+    assert answer.status_code == 200, answer.text
+    assert gmail.imports[0].data == MESSAGE
+
+
+def test_headers_that_are_not_utf8_come_back_as_text(gmail: GmailServer, http: requests.Session) -> None:
+    data = MESSAGE.replace(b"Subject: hello", b"Subject: caf\xe9")
+    message_id = import_media(gmail, http, ALICE, data)
+    got = http.get(
+        api(gmail, f"messages/{message_id}"),
+        params={"format": "metadata", "metadataHeaders": "subject"},
+        headers=bearer(gmail.token(ALICE, READONLY)),
+    )
+    assert got.json()["payload"]["headers"] == [{"name": "Subject", "value": "caf\ufffd"}]
+    assert gmail.imports[0].data == data
+
+
 def test_unknown_label_and_wrong_media_type_are_refused(gmail: GmailServer, http: requests.Session) -> None:
     token = gmail.token(ALICE)
     answer = http.post(
@@ -171,6 +203,52 @@ def test_resumable_upload_in_chunks(gmail: GmailServer, http: requests.Session) 
     again = http.put(session, headers={"Content-Range": f"bytes */{len(data)}"})
     assert again.status_code == 200 and again.json()["id"] == record.message.id
     assert len(gmail.imports) == 1
+
+
+def start_resumable(gmail: GmailServer, http: requests.Session, data: bytes) -> str:
+    start = http.post(
+        upload_url(gmail),
+        params={"uploadType": "resumable"},
+        headers={**bearer(gmail.token(ALICE)), "X-Upload-Content-Length": str(len(data))},
+    )
+    assert start.status_code == 200, start.text
+    return start.headers["Location"]
+
+
+def test_lost_response_to_the_last_chunk_and_the_status_query(
+    gmail: GmailServer, http: requests.Session
+) -> None:
+    data = message(3)
+    session = start_resumable(gmail, http, data)
+    gmail.lose_response("upload")
+    with pytest.raises(requests.ConnectionError):
+        http.put(session, data=data)
+    # The upload is complete: a status query answers the message, and nothing is imported twice.
+    status = http.put(session, headers={"Content-Range": f"bytes */{len(data)}"})
+    assert status.status_code == 200
+    assert status.json()["id"] == gmail.messages(ALICE)[0].id and len(gmail.imports) == 1
+
+
+def test_resumable_chunk_failures(gmail: GmailServer, http: requests.Session) -> None:
+    data = message(4, size=UPLOAD_GRANULARITY)
+    session = start_resumable(gmail, http, data)
+    gmail.server_error("upload", status=503)
+    first = data[:UPLOAD_GRANULARITY]
+    range_header = {"Content-Range": f"bytes 0-{UPLOAD_GRANULARITY - 1}/{len(data)}"}
+    assert http.put(session, data=first, headers=range_header).status_code == 503
+    status = http.put(session, headers={"Content-Range": f"bytes */{len(data)}"})
+    assert status.status_code == 308 and "Range" not in status.headers  # nothing kept yet
+    assert http.put(session, data=first, headers=range_header).status_code == 308
+    # A chunk past what the server has is refused; one that overlaps is taken from where it stands.
+    gap = http.put(
+        session, data=data[-10:], headers={"Content-Range": f"bytes {len(data) - 10}-{len(data) - 1}/*"}
+    )
+    assert gap.status_code == 400
+    overlap = {"Content-Range": f"bytes {UPLOAD_GRANULARITY - 5}-{len(data) - 1}/{len(data)}"}
+    assert http.put(session, data=data[UPLOAD_GRANULARITY - 5 :], headers=overlap).status_code == 200
+    assert gmail.imports[0].data == data
+    gmail.expire_upload_sessions()
+    assert http.put(session, headers={"Content-Range": f"bytes */{len(data)}"}).status_code == 404
 
 
 def test_too_large_is_refused(http: requests.Session) -> None:
@@ -360,6 +438,14 @@ def test_lost_response_after_import(gmail: GmailServer, http: requests.Session) 
     assert len(gmail.messages(ALICE)) == 1  # stored although the client never heard of it
 
 
+def test_dropped_request_does_nothing(gmail: GmailServer, http: requests.Session) -> None:
+    gmail.drop_request("import")
+    headers = {**bearer(gmail.token(ALICE)), "Content-Type": "message/rfc822"}
+    with pytest.raises(requests.ConnectionError):
+        http.post(upload_url(gmail), params={"uploadType": "media"}, data=MESSAGE, headers=headers)
+    assert gmail.messages(ALICE) == []
+
+
 def test_quota_in_gmail_units(http: requests.Session) -> None:
     now = [100.0]
     with GmailServer(quota=50, clock=lambda: now[0]) as gmail:  # two imports (25 units each) a second
@@ -433,6 +519,33 @@ def test_google_auth_service_account_credentials(gmail: GmailServer, tmp_path: P
         credentials.refresh(google.auth.transport.requests.Request(session))
         answer = session.get(api(gmail, "profile"), headers=bearer(str(credentials.token)))
     assert answer.json()["emailAddress"] == ALICE
+
+
+def test_google_auth_user_credentials_refresh_and_rotate(gmail: GmailServer) -> None:
+    """google-auth's user credentials (what a stored consent becomes) refresh here, and pick up a rotated
+    refresh token."""
+    import google.auth.transport.requests
+    from google.oauth2.credentials import Credentials
+
+    tokens = gmail.tokens
+    client = tokens.add_desktop_client()
+    refresh_token = tokens.issue_refresh_token(client.client_id, user=ALICE, scope=f"{INSERT} {READONLY}")
+    tokens.rotate_refresh_tokens = True
+    credentials = Credentials(  # type: ignore[no-untyped-call]
+        None,
+        refresh_token=refresh_token,
+        token_uri=tokens.google_token_url,
+        client_id=client.client_id,
+        client_secret=client.secret,
+    )
+    with requests.Session() as session:
+        session.trust_env = False
+        session.verify = str(gmail.ca_file)
+        credentials.refresh(google.auth.transport.requests.Request(session))  # type: ignore[no-untyped-call]
+        answer = session.get(api(gmail, "profile"), headers=bearer(str(credentials.token)))
+    assert answer.json()["emailAddress"] == ALICE
+    assert credentials.refresh_token != refresh_token
+    assert tokens.refresh_tokens_of(ALICE) == [credentials.refresh_token]
 
 
 def consent(

@@ -201,8 +201,10 @@ class StoredMessage:
     deleted: bool = False
 
     def headers(self) -> list[tuple[str, str]]:
+        """(name, value) in message order, values unfolded and as UTF-8 text (bytes that are not UTF-8
+        come out as U+FFFD), as the API's JSON carries them."""
         parsed = BytesHeaderParser(policy=compat32).parsebytes(self.raw)
-        return [(name, _unfold(str(value))) for name, value in parsed.items()]
+        return [(name, _text(_unfold(str(value)))) for name, value in parsed.items()]
 
     def header(self, name: str) -> str | None:
         return next((value for key, value in self.headers() if key.lower() == name.lower()), None)
@@ -322,6 +324,7 @@ class GmailServer:
         max_message_size: int = MAX_MESSAGE_SIZE,
         quota: int | None = None,
         clock: Callable[[], float] = time.monotonic,
+        latency: float = 0.0,
     ) -> None:
         self._dir = tempfile.TemporaryDirectory(prefix="gmail-test-")
         self.ca_file, cert, key = make_test_ca(Path(self._dir.name))
@@ -340,6 +343,8 @@ class GmailServer:
         # Per-user quota units a second (None: unlimited); Gmail's is 250. ``clock`` times the second.
         self.quota = quota
         self._clock = clock
+        # Seconds each answer waits, as a round trip to Google would (for the benchmark, not for tests).
+        self.latency = latency
         self._spent: dict[str, list[tuple[float, int]]] = {}
         self._ids = itertools.count(0x18F3A2B4C5D00000 + secrets.randbelow(1 << 40))
         self._label_ids = itertools.count(1)
@@ -716,7 +721,9 @@ class GmailServer:
         if len(data) > self.max_message_size:
             raise _too_large(self.max_message_size)
         if not data.strip():
-            raise _invalid("Recipient address required")
+            raise _invalid(
+                "'raw' RFC822 payload message string or uploading message via /upload/* URL required"
+            )
         never_spam = _bool_param(params, "neverMarkSpam")
         deleted = _bool_param(params, "deleted")
         _bool_param(params, "processForCalendar")
@@ -1080,13 +1087,15 @@ def _split_parts(body: bytes, boundary: bytes) -> list[tuple[dict[str, str], byt
 
 
 def _split_head(part: bytes) -> tuple[bytes, bytes]:
-    for separator in (b"\r\n\r\n", b"\n\n"):
-        if part.startswith(separator[len(separator) // 2 :]):
-            return b"", part[len(separator) // 2 :]
-        index = part.find(separator)
-        if index >= 0:
-            return part[:index], part[index + len(separator) :]
-    return part, b""
+    """(headers, content) of a body part: the first blank line ends the headers, whichever line ends they
+    use (the content, a message, has its own blank line further on)."""
+    if part.startswith((b"\r\n", b"\n")):
+        return b"", part[2:] if part.startswith(b"\r\n") else part[1:]
+    found = [(index, len(sep)) for sep in (b"\r\n\r\n", b"\n\n") if (index := part.find(sep)) >= 0]
+    if not found:
+        return part, b""
+    index, length = min(found)
+    return part[:index], part[index + length :]
 
 
 def _matches(mailbox: Mailbox, message: StoredMessage, term: str) -> bool:
@@ -1111,6 +1120,11 @@ def _matches(mailbox: Mailbox, message: StoredMessage, term: str) -> bool:
         header = message.header(operator) or ""
         return value.lower() in header.lower()
     return term.lower() in message.raw.decode("latin-1").lower()
+
+
+def _text(value: str) -> str:
+    # The parser keeps undecodable bytes as surrogate escapes; JSON has no place for those.
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _unfold(value: str) -> str:
@@ -1168,6 +1182,8 @@ def _handler(server: GmailServer) -> type[BaseHTTPRequestHandler]:
         def _serve(self) -> None:
             body = self._body()
             answer = server.handle(self.command, self.path, self.headers, body)
+            if server.latency:
+                time.sleep(server.latency)
             if answer.drop:
                 self.close_connection = True
                 with contextlib.suppress(OSError):
