@@ -197,6 +197,9 @@ class ServiceConfig(_Model):
     worker_name: str | None = Field(default=None, min_length=1, max_length=200)
     heartbeat_interval: Duration = timedelta(seconds=10)
     stalled_after: Duration = timedelta(seconds=30)
+    # The delivery journal (connector/ledger/journal.py): how long its rows are kept (0: for ever); the
+    # per-account totals are kept whatever this is.
+    journal_retention: Duration = timedelta(days=365)
     # The poll lease (one poll per account across processes and machines): renewed every third of it
     # while a poll runs; a process that dies holding one blocks its account this long at most.
     lease_ttl: Duration = timedelta(minutes=2)

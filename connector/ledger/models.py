@@ -85,6 +85,8 @@ class AccountRow(Base):
     uidl_change_note: Mapped[str | None] = mapped_column(Text)
     # The last time a listing lacked most of the known maildrop at once, and what was done about it.
     listing_note: Mapped[str | None] = mapped_column(Text)
+    # Messages on the POP3 server at the last poll's listing (None: no poll has listed it yet).
+    last_listed: Mapped[int | None] = mapped_column(Integer)
 
 
 class MessageRow(Base):
@@ -162,3 +164,42 @@ class LeaseRow(Base):
     acquired_at: Mapped[datetime] = mapped_column(UTCDateTime())
     # Renewed by the poll's writes and a timer; set to the release time when the poll ends.
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class DeliveryRow(Base):
+    """The delivery journal (connector/ledger/journal.py): one row per delivery, append-only, kept
+    ``journal_retention`` whatever happens to the message rows."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (Index("ix_deliveries_account_time", "account_id", "delivered_at"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    uidl: Mapped[str] = mapped_column(String(512))
+    message_id: Mapped[str | None] = mapped_column(Text)
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    # The X-Pop-Connector-Id the delivered copy carries (policies/recovery.py): how `reconcile` finds it.
+    stamp: Mapped[str | None] = mapped_column(String(32))
+    destination_ref: Mapped[str] = mapped_column(Text)
+    # The recipient mailbox of a catch-all account's delivery.
+    recipient: Mapped[str | None] = mapped_column(String(320))
+    delivered_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    poll_started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Found already delivered by an earlier, interrupted attempt (not delivered by this one).
+    recovered: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class AccountTotalsRow(Base):
+    """Running totals per account, kept when journal rows are pruned."""
+
+    __tablename__ = "account_totals"
+
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True)
+    messages: Mapped[int] = mapped_column(BigInteger, default=0)
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    recovered: Mapped[int] = mapped_column(BigInteger, default=0)
+    first_delivery_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_delivery_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    quarantined: Mapped[int] = mapped_column(BigInteger, default=0)
+    failed_polls: Mapped[int] = mapped_column(BigInteger, default=0)

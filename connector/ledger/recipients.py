@@ -8,15 +8,17 @@ from __future__ import annotations
 
 from sqlalchemy import Select, select, update
 
+from connector.ledger.journal import JournalStatements, entry_params
 from connector.ledger.models import MessageRow, RecipientRow
-from connector.ledger.records import Clock, RecipientState
+from connector.ledger.records import Clock, JournalEntry, RecipientState
 from connector.ledger.transactions import Transaction
 
 
 class Recipients:
-    def __init__(self, transaction: Transaction, clock: Clock) -> None:
+    def __init__(self, transaction: Transaction, clock: Clock, journal: JournalStatements) -> None:
         self._transaction = transaction
         self._clock = clock
+        self._journal = journal
 
     def states(self, account_id: int, uidl: str) -> dict[str, RecipientState]:
         """mailbox -> state of every recipient row of one message (empty for a message never routed)."""
@@ -46,9 +48,21 @@ class Recipients:
                     )
                 )
 
-    def record_delivered(self, account_id: int, uidl: str, mailbox: str, destination_ref: str) -> None:
+    def record_delivered(
+        self,
+        account_id: int,
+        uidl: str,
+        mailbox: str,
+        destination_ref: str,
+        *,
+        journal: JournalEntry | None = None,
+    ) -> None:
+        """The recipient has the message; journaled (connector/ledger/journal.py) in the same transaction."""
         now = self._clock()
         with self._transaction(f"record delivery of message {uidl!r} to {mailbox!r}", account_id) as session:
+            if journal is not None:
+                entry = entry_params(account_id, journal, now)
+                session.execute(self._journal.insert, entry)
             session.execute(
                 update(RecipientRow)
                 .where(

@@ -100,6 +100,42 @@ class PollOutcome:
     failed: int
     deleted: int
     next_poll_at: datetime | None
+    # Messages given up on in this poll, and on the server at its listing (None: it did not list).
+    quarantined: int = 0
+    listed: int | None = None
+    # Journal rows of the account older than this are removed (None: kept for ever).
+    journal_before: datetime | None = None
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    """One delivery for the delivery journal (connector/ledger/journal.py): what was delivered, where, when.
+    ``recipient``: the mailbox of a catch-all account's recipient; ``recovered``: found delivered by an
+    earlier, interrupted attempt."""
+
+    uidl: str
+    message_id: str | None
+    size: int
+    sha256: str
+    ref: str
+    poll_started_at: datetime | None
+    recipient: str | None = None
+    recovered: bool = False
+    stamp: str | None = None
+
+
+@dataclass(frozen=True)
+class AccountTotals:
+    """An account's running totals since its first delivery (kept when journal rows are pruned)."""
+
+    account: str
+    messages: int
+    bytes: int
+    recovered: int
+    first_delivery_at: datetime | None
+    last_delivery_at: datetime | None
+    quarantined: int
+    failed_polls: int
 
 
 @dataclass(frozen=True)
@@ -122,6 +158,8 @@ class AccountStatus:
     identity_note: str | None = None
     uidl_change_note: str | None = None
     listing_note: str | None = None
+    # Messages on the POP3 server at the last poll's listing (None: never listed).
+    last_listed: int | None = None
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from connector.errors import LedgerError
+from connector.ledger.journal import Journal, JournalStatements, archive_aged, entry_params, poll_counts
 from connector.ledger.lease import Leases
 from connector.ledger.models import AccountRow, MessageRow, UTCDateTime
 from connector.ledger.quarantine import Quarantine
@@ -49,6 +50,7 @@ from connector.ledger.records import (
     AccountState,
     AccountStatus,
     Clock,
+    JournalEntry,
     KnownMessage,
     KnownMessages,
     MessageState,
@@ -80,6 +82,7 @@ _STATUS_FIELDS = (
     "identity_note",
     "uidl_change_note",
     "listing_note",
+    "last_listed",
 )
 
 
@@ -91,7 +94,9 @@ class Ledger:
         # The poll leases; a poll of this process holding one fences every transaction of its account.
         self.leases = Leases(engine, lambda: self._clock())
         # Parts with their own noun, each given the transaction below (see connector/ledger/transactions.py).
-        self.recipients = Recipients(self._transaction, clock)
+        self._journal_sql = JournalStatements(engine.dialect.name)
+        self.journal = Journal(self._transaction, clock)
+        self.recipients = Recipients(self._transaction, clock, self._journal_sql)
         self.suspensions = Suspensions(self._transaction, clock)
         self.quarantine = Quarantine(self._transaction, clock)
         # Deferred updates per account id; polls of different accounts share this object.
@@ -216,6 +221,8 @@ class Ledger:
             "last_failed": outcome.failed,
             "last_deleted": outcome.deleted,
         }
+        if outcome.listed is not None:
+            values["last_listed"] = outcome.listed
         if outcome.result == "ok":
             values["last_success_at"] = now
             values["consecutive_failures"] = 0
@@ -224,6 +231,12 @@ class Ledger:
         try:
             with self._transaction("record poll result", account_id) as session:
                 session.execute(update(AccountRow).where(AccountRow.id == account_id).values(**values))
+                failed = outcome.result not in ("ok", "stopped", "busy")
+                if outcome.quarantined or failed:
+                    counts = poll_counts(account_id, quarantined=outcome.quarantined, failed=failed)
+                    session.execute(self._journal_sql.add, counts)
+                if outcome.journal_before is not None:
+                    archive_aged(session.connection(), self._journal_sql, account_id, outcome.journal_before)
         except LedgerError:
             # The poll's last write: what it deferred and could not commit is dropped with it, so that no
             # later poll (perhaps after another worker's) applies it late. Losing a "delivered" update is
@@ -329,16 +342,29 @@ class Ledger:
             return int(connection.execute(self._pending_upsert, params).scalar_one())
 
     def record_delivered(
-        self, account_id: int, uidl: str, destination_ref: str, *, defer: bool = False
+        self,
+        account_id: int,
+        uidl: str,
+        destination_ref: str,
+        *,
+        defer: bool = False,
+        journal: JournalEntry | None = None,
     ) -> datetime:
-        """Record the delivery; with ``defer``, in the account's next transaction (see the module doc)."""
+        """Record the delivery, and journal it (connector/ledger/journal.py) in the same transaction; with
+        ``defer``, in the account's next transaction (see the module doc)."""
         now = self._clock()
         params = {"account": account_id, "message": uidl, "ref": destination_ref, "now": now}
+        writes: list[_Write] = [(_DELIVERED_UPDATE, params)]
+        if journal is not None:
+            entry = entry_params(account_id, journal, now)
+            writes.append((self._journal_sql.insert, entry))
         if defer:
-            self._defer(account_id, _DELIVERED_UPDATE, params)
+            for statement, values in writes:
+                self._defer(account_id, statement, values)
             return now
         with self._core_transaction(f"record message {uidl!r} as delivered", account_id) as connection:
-            connection.execute(_DELIVERED_UPDATE, params)
+            for statement, values in writes:
+                connection.execute(statement, values)
         return now
 
     def _defer(self, account_id: int, statement: Executable, params: dict[str, Any]) -> None:

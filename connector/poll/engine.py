@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from functools import partial
 
 from connector.config import Account, Config
@@ -170,7 +170,9 @@ class _Poll:
     def _session(self, account_id: int, identity_note: str | None) -> None:
         engine, account = self.engine, self.account
         deletions = Deletions(account, partial(self.ledger.flush, account_id), engine.clock)
-        recorder = Recorder(self.ledger, account, account_id, self.result, engine.observers, deletions)
+        recorder = Recorder(
+            self.ledger, account, account_id, self.result, engine.observers, deletions, engine.clock()
+        )
         pop = engine.connections.open_source(account)
         self.server_delay = login_delay(pop.capabilities)
         conflict = retention_conflict(pop.capabilities, account.retention)
@@ -259,6 +261,9 @@ class _Poll:
             failed=result.failed,
             deleted=result.deleted,
             next_poll_at=result.next_poll_at,
+            quarantined=result.quarantined,
+            listed=result.listed,
+            journal_before=journal_before(self.engine.config.service.journal_retention, now),
         )
         try:
             if self.lease is not None:
@@ -275,6 +280,11 @@ class _Poll:
                 )  # fmt: skip
         except LedgerError as exc:
             log.error("account %s: %s", account.name, exc)
+
+
+def journal_before(retention: timedelta, now: datetime) -> datetime | None:
+    """Journal rows older than this are pruned (None: ``journal_retention = 0``, kept for ever)."""
+    return now - retention if retention > timedelta(0) else None
 
 
 def _end_session(pop: Pop3Client, deletions: Deletions, recorder: Recorder, *, clean: bool) -> bool:

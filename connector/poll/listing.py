@@ -228,6 +228,7 @@ class Listing:
         duplicates = set(plan.duplicates)
         copies = sum(1 for info in listing if info.uidl in duplicates) if duplicates else 0
         recorder.result.unidentified = copies + identified.unidentified + len(pop.unlisted)
+        recorder.result.listed = len(listing) + len(pop.unlisted)
         if change_note is not None or note != identity_note:  # else a write for nothing
             self._ledger.set_uidl_notes(self._account_id, note, change_note, defer=True)
 

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from datetime import datetime
 
 from connector.config import Account
 from connector.errors import AuthenticationError, ConnectorError, DestinationRejectedError
-from connector.ledger.records import MessageState
+from connector.ledger.records import JournalEntry, MessageState
 from connector.ledger.store import Ledger
 from connector.message import FetchedMessage
 from connector.ops.logs import about_message
@@ -44,8 +45,11 @@ class Recorder:
         result: PollResult,
         observers: Observers,
         deletions: Deletions,
+        started_at: datetime,
     ) -> None:
         self.ledger = ledger
+        # Journal rows name the poll by the time it started.
+        self._started_at = started_at
         self._deletions = deletions
         self.account = account
         self.account_id = account_id
@@ -98,7 +102,10 @@ class Recorder:
     def delivered(self, fetched: FetchedMessage, info: MessageInfo, ref: str) -> None:
         """The destination took the message. Deferred: committed with the next message's ``pending``, and
         always before a DELE (connector/poll/deletions.py), which the retention may now allow."""
-        delivered_at = self.ledger.record_delivered(self.account_id, info.uidl, ref, defer=True)
+        journal = self._journal(fetched, ref)
+        delivered_at = self.ledger.record_delivered(
+            self.account_id, info.uidl, ref, defer=True, journal=journal
+        )
         self.result.delivered += 1
         self._emit_about(
             info.uidl, Delivered(self.account.name, info.uidl, fetched.size, fetched.sha256, ref)
@@ -108,7 +115,10 @@ class Recorder:
     def recovered(self, fetched: FetchedMessage, info: MessageInfo, ref: str, *, headers_only: bool) -> None:
         """An earlier, interrupted attempt had delivered the message: recorded, not delivered again."""
         self.pending(fetched, info, headers_only=headers_only)
-        delivered_at = self.ledger.record_delivered(self.account_id, info.uidl, ref, defer=True)
+        journal = self._journal(fetched, ref, recovered=True)
+        delivered_at = self.ledger.record_delivered(
+            self.account_id, info.uidl, ref, defer=True, journal=journal
+        )
         self.result.recovered += 1
         self._emit_about(info.uidl, Recovered(self.account.name, info.uidl, ref))
         self._deletions.delivered(info, delivered_at)
@@ -213,15 +223,32 @@ class Recorder:
         self.ledger.recipients.record_pending(self.account_id, uidl, mailbox)
 
     def recipient_delivered(self, fetched: FetchedMessage, uidl: str, mailbox: str, ref: str) -> None:
-        self.ledger.recipients.record_delivered(self.account_id, uidl, mailbox, ref)
+        journal = self._journal(fetched, ref, recipient=mailbox)
+        self.ledger.recipients.record_delivered(self.account_id, uidl, mailbox, ref, journal=journal)
         self.result.delivered += 1
         event = Delivered(self.account.name, uidl, fetched.size, fetched.sha256, ref, mailbox=mailbox)
         self._emit_about(uidl, event)
 
-    def recipient_recovered(self, uidl: str, mailbox: str, ref: str) -> None:
-        self.ledger.recipients.record_delivered(self.account_id, uidl, mailbox, ref)
+    def recipient_recovered(self, fetched: FetchedMessage, uidl: str, mailbox: str, ref: str) -> None:
+        journal = self._journal(fetched, ref, recipient=mailbox, recovered=True)
+        self.ledger.recipients.record_delivered(self.account_id, uidl, mailbox, ref, journal=journal)
         self.result.recovered += 1
         self._emit_about(uidl, Recovered(self.account.name, uidl, ref, mailbox=mailbox))
+
+    def _journal(
+        self, fetched: FetchedMessage, ref: str, *, recipient: str | None = None, recovered: bool = False
+    ) -> JournalEntry:
+        return JournalEntry(
+            uidl=fetched.uidl,
+            message_id=fetched.message_id,
+            size=fetched.size,
+            sha256=fetched.sha256,
+            ref=ref,
+            poll_started_at=self._started_at,
+            recipient=recipient,
+            recovered=recovered,
+            stamp=fetched.stamp,
+        )
 
     # --- events --------------------------------------------------------------------------------------
 

@@ -29,6 +29,8 @@ class PollResult:
     # Left on the POP3 server because the poll could not identify them (a malformed listing line, copies
     # nothing tells apart, no UIDL and TOP refused); reported when first seen, then shown by `status`.
     unidentified: int = 0
+    # Messages on the server at the poll's listing (None: it did not get that far).
+    listed: int | None = None
     next_poll_at: datetime | None = None
     plan: PollPlan | None = None
     problems: list[str] = field(default_factory=list)

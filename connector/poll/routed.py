@@ -99,7 +99,7 @@ class RoutedDelivery:
         ref = self._destinations.look_up(fetched, mailbox)
         if ref is None:
             return False
-        self._recorder.recipient_recovered(info.uidl, mailbox, ref)
+        self._recorder.recipient_recovered(fetched, info.uidl, mailbox, ref)
         return True
 
     def _deliver_to(self, fetched: FetchedMessage, info: MessageInfo, mailbox: str) -> bool:

@@ -33,7 +33,7 @@ def engine(database_url: str) -> Iterator[Engine]:
     if engine.dialect.name == "postgresql":
         # The PostgreSQL database is shared by the session: leave it empty for the next test.
         with engine.begin() as connection:
-            tables = "leases, recipients, messages, accounts, alembic_version"
+            tables = "deliveries, account_totals, leases, recipients, messages, accounts, alembic_version"
             connection.execute(text(f"DROP TABLE IF EXISTS {tables} CASCADE"))
     engine.dispose()
 

@@ -70,6 +70,11 @@ def test_a_message_for_three_people_reaches_each_once(
         assert len(dovecot.imap_messages(people[name].name)) == count, name
     assert dovecot.imap_messages(mail_users.destination.name) == []
     assert dovecot.maildir_count(mail_users.source.name) == 0  # deleted once every recipient had it
+    # The delivery journal has one row per recipient, naming it.
+    journaled = sorted((entry.recipient or "") for entry, _ in engine.ledger.journal.deliveries(account.name))
+    assert journaled == sorted(
+        [people["alice"].name, people["bob"].name, people["bob"].name, people["carol"].name]
+    )
     again = engine.poll(account)
     assert again.ok and again.delivered == 0
     assert len(dovecot.imap_messages(people["alice"].name)) == 1
@@ -135,12 +140,12 @@ def test_only_missing_recipients_are_delivered_after_an_interruption(
     original = ledger.recipients.record_delivered
     calls = 0
 
-    def crash_on_second(*args: Any) -> None:
+    def crash_on_second(*args: Any, **kwargs: Any) -> None:
         nonlocal calls
         calls += 1
         if calls == 2:
             raise KeyboardInterrupt  # stands in for a crash: nothing after it runs
-        original(*args)
+        original(*args, **kwargs)
 
     ledger.recipients.record_delivered = crash_on_second  # type: ignore[method-assign]
     with pytest.raises(KeyboardInterrupt):
