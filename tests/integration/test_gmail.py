@@ -675,3 +675,51 @@ def test_every_corpus_message_is_found_again_after_its_import(
         reference = session.deliver(message)
         assert session.find(message) == reference, path.name
         session.close()
+
+
+def test_reconcile_reads_the_account_label_and_finds_a_deleted_and_a_duplicated_message(
+    gmail: GmailServer,
+    service_account: ServiceAccount,
+    syncs: Syncs,
+    dovecot: Dovecot,
+    mail_users: MailUsers,
+    tmp_path: Path,
+) -> None:
+    import base64
+
+    import requests
+
+    from connector.cli.reconcile import check
+    from connector.connections import Connections
+
+    dovecot.seed(mail_users.source.name, [simple(n) for n in range(4)])
+    config, engine = syncs(
+        workspace(gmail, service_account, tmp_path), syncs.account("workspace", mailbox=ALICE)
+    )
+    account = config.accounts[0]
+    assert engine.poll(account).delivered == 4
+    entries = [entry for entry, _ in engine.ledger.journal.deliveries(account.name)]
+    assert check(config, account, entries, Connections()) == []
+
+    imports = gmail.imports_for(ALICE)
+    imports[1].message.deleted = True  # deleted for good by hand
+    label_id = gmail.mailbox(ALICE).label_named(f"Hosted/{account.name}")
+    assert label_id is not None
+    for data, labels in (
+        (imports[2].data, [label_id.id]),
+        (simple(99), [label_id.id]),
+        (imports[3].data, []),
+    ):
+        answer = requests.post(  # a second copy of the 3rd under the label; other mail; a copy elsewhere
+            f"{gmail.api_url}/gmail/v1/users/me/messages/import",
+            json={"raw": base64.urlsafe_b64encode(data).decode(), "labelIds": labels},
+            headers={"Authorization": f"Bearer {gmail.token(ALICE)}"},
+            verify=str(gmail.ca_file),
+            timeout=20,
+        )
+        assert answer.status_code == 200, answer.text
+
+    found = check(config, account, entries, Connections())
+    assert sorted((d.entry.uidl, d.expected, d.found) for d in found) == sorted(
+        [(entries[1].uidl, 1, 0), (entries[2].uidl, 1, 2)]
+    )
