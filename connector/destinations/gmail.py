@@ -285,7 +285,8 @@ class GmailSession:
         try:
             return self._import(message)
         except _LabelGone as gone:
-            raise self._refused(gone.answer, "import", importing=True, uidl=message.uidl) from None
+            # Refused for a label again, with labels just looked up: the labels', not the message's fault.
+            raise self._refused(gone.answer, "import", importing=False, uidl=message.uidl) from None
 
     def find(self, message: FetchedMessage) -> str | None:
         """After a crash or a lost answer: the copy of ``message`` in the mailbox, or None.

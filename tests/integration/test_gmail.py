@@ -723,3 +723,34 @@ def test_reconcile_reads_the_account_label_and_finds_a_deleted_and_a_duplicated_
     assert sorted((d.entry.uidl, d.expected, d.found) for d in found) == sorted(
         [(entries[1].uidl, 1, 0), (entries[2].uidl, 1, 2)]
     )
+
+
+def test_a_catch_all_account_imports_into_each_recipients_workspace_mailbox(
+    gmail: GmailServer,
+    service_account: ServiceAccount,
+    syncs: Syncs,
+    dovecot: Dovecot,
+    mail_users: MailUsers,
+    tmp_path: Path,
+) -> None:
+    to_alice = simple(1).replace(b"To: alice@example.net", b"To: alice@hosted.example")
+    to_both = simple(2).replace(b"To: alice@example.net", b"To: alice@hosted.example, bob@hosted.example")
+    dovecot.seed(mail_users.source.name, [to_alice, to_both])
+    rules = [
+        {"match": "alice@hosted.example", "mailbox": ALICE},
+        {"match": "bob@hosted.example", "mailbox": BOB},
+    ]
+    config, engine = syncs(
+        workspace(gmail, service_account, tmp_path),
+        syncs.account("workspace", routing={"rules": rules}),
+    )
+    result = engine.poll(config.accounts[0])
+    assert (result.status, result.deleted) == ("ok", 2), result
+    assert [
+        r.data.endswith(m) for r, m in zip(gmail.imports_for(ALICE), (to_alice, to_both), strict=True)
+    ] == [
+        True,
+        True,
+    ]
+    assert [r.data.endswith(to_both) for r in gmail.imports_for(BOB)] == [True]
+    assert dovecot.maildir_count(mail_users.source.name) == 0
