@@ -622,6 +622,11 @@ def test_network_failures_are_translated(
     with pytest.raises(DestinationTempError, match="500"):  # the lookup's candidate read fails
         look_up(session, fetched(simple(1)))
     session.close()
+    nobody = gmail_destination(gmail, service_account, tmp_path, api_url="https://127.0.0.1:1")
+    session = open_gmail(nobody, account_config(mailbox=ALICE), ALICE)  # signs in at the token endpoint
+    with pytest.raises(DestinationConnectError, match="Connection refused"):
+        session.check()
+    session.close()
 
 
 def test_a_consent_that_cannot_work_is_refused_before_google_is_asked(

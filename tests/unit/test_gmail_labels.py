@@ -114,3 +114,16 @@ def test_tokens_in_a_token_answer_are_registered_before_anyone_reads_them() -> N
     assert redaction.redact("Bearer ya29.test-access-1 and 1//test-refresh-1") == "Bearer **** and ****"
     register_token_answer(b"not json")  # ignored
     register_token_answer(None)
+
+
+def test_tls_is_verified_against_the_ca_file_and_off_only_when_configured() -> None:
+    from pathlib import Path
+
+    from connector.config import GmailDestination
+    from connector.destinations.gmail_auth import verify_setting
+
+    base = {"name": "g", "type": "gmail", "service_account_key": "{}"}
+    assert verify_setting(GmailDestination.model_validate(base)) is True
+    with_ca = GmailDestination.model_validate({**base, "ca_file": "/etc/ca.pem"})
+    assert verify_setting(with_ca) == str(Path("/etc/ca.pem"))
+    assert verify_setting(GmailDestination.model_validate({**base, "tls_verify": False})) is False
