@@ -1,4 +1,4 @@
-"""``pop-connector``: sync, run, status, check, db upgrade.
+"""``pop-connector``: sync, run, status, check, authorize, db upgrade.
 
 Exit codes: 0 everything succeeded, 1 an account or message failed, 2 configuration or usage error.
 """
@@ -18,7 +18,7 @@ from types import FrameType
 from sqlalchemy import Engine
 
 from connector import __version__
-from connector.cli import admin, delivery_report, reconcile
+from connector.cli import admin, authorize, delivery_report, reconcile
 from connector.cli.report import (
     STATES,
     account_state,
@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         "sync-config", help="write the configured accounts into the database (distributed workers read it)"
     )
     admin.add_commands(commands)
+    authorize.add_command(commands)
     delivery_report.add_command(commands)
     reconcile.add_command(commands)
     return parser
@@ -137,6 +138,8 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
         from connector.cli.check import run_checks
 
         return EXIT_OK if run_checks(config, print) else EXIT_FAILED
+    if args.command == "authorize":
+        return authorize.run(args, config)
     assert config.service.database is not None
     if args.command == "run":
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload during start-up must not kill it

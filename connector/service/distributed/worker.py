@@ -52,7 +52,13 @@ from connector.poll.engine import SyncEngine
 from connector.poll.result import PollResult
 from connector.service.distributed.config_watch import ConfigWatch
 from connector.service.distributed.queue_schema import SEARCH_PATH_OPTION
-from connector.service.distributed.registry import claimed, due_accounts, poll_lock_name, sync_accounts
+from connector.service.distributed.registry import (
+    claimed,
+    count_overdue,
+    due_accounts,
+    poll_lock_name,
+    sync_accounts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +104,13 @@ class DistributedWorker:
         self._on_result = on_result
         self.observers = standard_observers()
         # The listener reads the configuration of the moment (``watch``); its address is read once, here.
-        self.server = operations_listener(self.watch.current, self.ledger, self.observers)
+        self.server = operations_listener(
+            self.watch.current,
+            self.ledger,
+            self.observers,
+            # The job queue, not this worker, knows which accounts wait: ask the accounts table.
+            lambda config: count_overdue(self.engine, utcnow(), config.service.health_grace),
+        )
         self._engine: SyncEngine | None = None
         self._engine_lock = threading.Lock()
         self._polls = ThreadPoolExecutor(config.service.max_workers, thread_name_prefix="poll")
@@ -223,6 +235,8 @@ class DistributedWorker:
                     log.info("account %s: poll skipped: %s", name, claim.reason)
                     return "skipped"
                 log.info("account %s: poll started on worker %s", name, self.name)
+                if claim.due_at is not None:
+                    self.observers.metrics.observe_lag((utcnow() - claim.due_at).total_seconds())
                 result = self._run_engine(config, account, claim.account_id)
                 log.info("account %s: poll finished on worker %s: %s", name, self.name, result.status)
         except Exception:  # the job must end; the dispatcher queues the account again when it is due
