@@ -33,7 +33,7 @@ import secrets
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +55,7 @@ from connector.destinations.gmail_errors import (
 )
 from connector.errors import DestinationError, DestinationTempError, DestinationTooLargeError
 from connector.message import FetchedMessage
+from connector.policies.reconcile import StoredCopy
 from connector.policies.recovery import (
     LOOKUP_FAILED,
     STAMP_HEADER,
@@ -78,6 +79,8 @@ RESUMABLE_CHUNK = 8 * 1024 * 1024
 RESUMABLE_STALLS = 3
 # At most this many candidates of one Message-ID are read in a lookup (a mailing list's duplicates).
 MAX_CANDIDATES = 200
+# Message ids per messages.list page of an inventory (Gmail allows up to 500).
+INVENTORY_BATCH = 500
 # Error bodies read for their reason, at most.
 _ERROR_BODY_LIMIT = 64 * 1024
 
@@ -235,9 +238,11 @@ class GmailSession:
         destination: GmailDestination,
         labels: list[str],
         timeout: float,
+        account_label: str | None = None,
         pacer: QuotaPacer = PACER,
     ) -> None:
         self._http: AuthorizedSession | None = http
+        self._account_label = account_label
         self._login = login
         self._where = where
         self._api = destination.api_url
@@ -280,7 +285,8 @@ class GmailSession:
         try:
             return self._import(message)
         except _LabelGone as gone:
-            raise self._refused(gone.answer, "import", importing=True, uidl=message.uidl) from None
+            # Refused for a label again, with labels just looked up: the labels', not the message's fault.
+            raise self._refused(gone.answer, "import", importing=False, uidl=message.uidl) from None
 
     def find(self, message: FetchedMessage) -> str | None:
         """After a crash or a lost answer: the copy of ``message`` in the mailbox, or None.
@@ -484,25 +490,57 @@ class GmailSession:
                 break
         return ids[:MAX_CANDIDATES]
 
-    def _stamps_of(self, message_id: str, uidl: str) -> tuple[str, ...] | None:
+    def _stamps_of(self, message_id: str, uidl: str | None) -> tuple[str, ...] | None:
         """The stamps in one stored message's headers (None: it is gone)."""
+        headers = self._headers_of(message_id, uidl)
+        return None if headers is None else _stamps(headers)
+
+    def _headers_of(self, message_id: str, uidl: str | None) -> list[tuple[str, str]] | None:
+        """The stamp and Message-ID header fields of one stored message (None: it is gone)."""
         self._pacer.spend(self._where.mailbox, COST_GET)
         url = self._url(
             f"messages/{urllib.parse.quote(message_id, safe='')}",
             {"format": "metadata", "metadataHeaders": [STAMP_HEADER, "Message-ID"]},
         )
-        response = self._send("read a candidate's headers", "GET", url, uidl=uidl)
+        response = self._send("read a message's headers", "GET", url, uidl=uidl)
         if response.status_code == 404:
             return None
-        data = self._decoded(response, "read a candidate's headers", uidl)
+        data = self._decoded(response, "read a message's headers", uidl)
         payload = data.get("payload") if isinstance(data, dict) else None
         headers = payload.get("headers") if isinstance(payload, dict) else None
-        fields = [
-            f"{item['name']}: {item.get('value', '')}\r\n"
+        return [
+            (str(item["name"]), str(item.get("value", "")))
             for item in (headers if isinstance(headers, list) else [])
-            if isinstance(item, dict) and str(item.get("name", "")).lower() == STAMP_HEADER.lower()
+            if isinstance(item, dict) and "name" in item
         ]
-        return stamps_in("".join(fields).encode("utf-8", "replace"))
+
+    # --- reconcile --------------------------------------------------------------------------------------
+
+    def inventory(self, batch: int = INVENTORY_BATCH) -> Iterator[StoredCopy]:
+        """Every message under the account's label (with no account label: the whole mailbox, Spam and
+        Trash included) with its stamps and Message-ID, for ``pop-connector reconcile``. Read-only. Gmail
+        lists ids only, so each message costs one more request (paced: about 40 messages a second)."""
+        query: dict[str, str | list[str]] = {"includeSpamTrash": "true", "maxResults": str(batch)}
+        if self._account_label is not None:
+            label_id = self._label_index(None).find(self._account_label)
+            if label_id is None:
+                return  # nothing was ever imported for this account
+            query["labelIds"] = label_id
+        while True:
+            data = self._json("list the messages", "GET", self._url("messages", query), COST_LIST, uidl=None)
+            items = data.get("messages") if isinstance(data, dict) else None
+            for item in items if isinstance(items, list) else []:
+                if not isinstance(item, dict) or not isinstance(item.get("id"), str):
+                    continue
+                headers = self._headers_of(item["id"], None)
+                if headers is None:
+                    continue  # deleted while we read
+                message_id = next((v.strip() for n, v in headers if n.lower() == "message-id"), None)
+                yield StoredCopy(stamps=_stamps(headers), message_id=message_id)
+            page = data.get("nextPageToken") if isinstance(data, dict) else None
+            if not isinstance(page, str) or not page:
+                return
+            query["pageToken"] = page
 
     # --- requests -----------------------------------------------------------------------------------------
 
@@ -584,14 +622,23 @@ class _LabelGone(Exception):
 
 
 def rfc822msgid_query(message_id: str) -> str:
-    """Gmail's search for a Message-ID: without its angle brackets, quoted when it holds characters that
-    Gmail's query syntax would split on."""
+    """Gmail's search for a Message-ID: without its angle brackets; in double quotes (``\\`` and ``"``
+    escaped) when it holds characters that Gmail's query syntax would split on or read as syntax."""
     bare = message_id.strip()
     if bare.startswith("<") and bare.endswith(">"):
         bare = bare[1:-1]
-    if any(char.isspace() or char in '"(){}' for char in bare):
-        return 'rfc822msgid:"' + bare.replace('"', "") + '"'
+    if any(char.isspace() or char in "\"'(){}\\" for char in bare):
+        escaped = bare.replace("\\", "\\\\").replace('"', '\\"')
+        return f'rfc822msgid:"{escaped}"'
     return f"rfc822msgid:{bare}"
+
+
+def _stamps(headers: list[tuple[str, str]]) -> tuple[str, ...]:
+    """The stamps among a stored message's header fields (``policies.recovery`` reads them)."""
+    fields = "".join(
+        f"{name}: {value}\r\n" for name, value in headers if name.lower() == STAMP_HEADER.lower()
+    )
+    return stamps_in(fields.encode("utf-8", "replace"))
 
 
 def _flag(value: bool) -> str:
@@ -667,6 +714,14 @@ def open_gmail(destination: GmailDestination, account: Account, mailbox: str | N
         destination.label_for(account.name),
         unread=not (destination.mark_seen or account.mark_seen),
     )
+    account_label = destination.label_for(account.name)
     return GmailSession(
-        http, login, where=where, destination=destination, labels=labels, timeout=timeout, pacer=PACER
+        http,
+        login,
+        where=where,
+        destination=destination,
+        labels=labels,
+        timeout=timeout,
+        account_label=label_name(account_label) if account_label else None,
+        pacer=PACER,
     )

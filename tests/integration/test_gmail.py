@@ -622,6 +622,11 @@ def test_network_failures_are_translated(
     with pytest.raises(DestinationTempError, match="500"):  # the lookup's candidate read fails
         look_up(session, fetched(simple(1)))
     session.close()
+    nobody = gmail_destination(gmail, service_account, tmp_path, api_url="https://127.0.0.1:1")
+    session = open_gmail(nobody, account_config(mailbox=ALICE), ALICE)  # signs in at the token endpoint
+    with pytest.raises(DestinationConnectError, match="Connection refused"):
+        session.check()
+    session.close()
 
 
 def test_a_consent_that_cannot_work_is_refused_before_google_is_asked(
@@ -656,3 +661,101 @@ def test_a_consent_that_cannot_work_is_refused_before_google_is_asked(
     with pytest.raises(DestinationAuthError, match=r"no usable consent.*authorize gmail`"):
         open_gmail(destination, account_config(destination="gmail"), None)
     assert gmail.tokens.token_request_count == 0
+
+
+def test_every_corpus_message_is_found_again_after_its_import(
+    gmail: GmailServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The recovery lookup holds for hostile Message-IDs too (quotes, 5000 characters, 8-bit, none at all,
+    two), or a lost answer would import the message a second time. A mailbox per message: the test
+    server reads every stored message for each search."""
+    monkeypatch.setattr(gmail_module, "PACER", QuotaPacer(10**6, burst=10**6))  # no quota here
+    anyone = gmail.tokens.add_service_account("anyone", scopes=GMAIL_SCOPES)
+    destination = gmail_destination(gmail, anyone, tmp_path)
+    for number, path in enumerate(CORPUS):
+        user = gmail.add_user(f"user{number}@example.com").address
+        session = open_gmail(destination, account_config(mailbox=user), user)
+        message = fetched(path.read_bytes(), uidl=f"uidl-{number}")
+        assert session.find(message) is None, path.name
+        reference = session.deliver(message)
+        assert session.find(message) == reference, path.name
+        session.close()
+
+
+def test_reconcile_reads_the_account_label_and_finds_a_deleted_and_a_duplicated_message(
+    gmail: GmailServer,
+    service_account: ServiceAccount,
+    syncs: Syncs,
+    dovecot: Dovecot,
+    mail_users: MailUsers,
+    tmp_path: Path,
+) -> None:
+    import base64
+
+    import requests
+
+    from connector.cli.reconcile import check
+    from connector.connections import Connections
+
+    dovecot.seed(mail_users.source.name, [simple(n) for n in range(4)])
+    config, engine = syncs(
+        workspace(gmail, service_account, tmp_path), syncs.account("workspace", mailbox=ALICE)
+    )
+    account = config.accounts[0]
+    assert engine.poll(account).delivered == 4
+    entries = [entry for entry, _ in engine.ledger.journal.deliveries(account.name)]
+    assert check(config, account, entries, Connections()) == []
+
+    imports = gmail.imports_for(ALICE)
+    imports[1].message.deleted = True  # deleted for good by hand
+    label_id = gmail.mailbox(ALICE).label_named(f"Hosted/{account.name}")
+    assert label_id is not None
+    for data, labels in (
+        (imports[2].data, [label_id.id]),
+        (simple(99), [label_id.id]),
+        (imports[3].data, []),
+    ):
+        answer = requests.post(  # a second copy of the 3rd under the label; other mail; a copy elsewhere
+            f"{gmail.api_url}/gmail/v1/users/me/messages/import",
+            json={"raw": base64.urlsafe_b64encode(data).decode(), "labelIds": labels},
+            headers={"Authorization": f"Bearer {gmail.token(ALICE)}"},
+            verify=str(gmail.ca_file),
+            timeout=20,
+        )
+        assert answer.status_code == 200, answer.text
+
+    found = check(config, account, entries, Connections())
+    assert sorted((d.entry.uidl, d.expected, d.found) for d in found) == sorted(
+        [(entries[1].uidl, 1, 0), (entries[2].uidl, 1, 2)]
+    )
+
+
+def test_a_catch_all_account_imports_into_each_recipients_workspace_mailbox(
+    gmail: GmailServer,
+    service_account: ServiceAccount,
+    syncs: Syncs,
+    dovecot: Dovecot,
+    mail_users: MailUsers,
+    tmp_path: Path,
+) -> None:
+    to_alice = simple(1).replace(b"To: alice@example.net", b"To: alice@hosted.example")
+    to_both = simple(2).replace(b"To: alice@example.net", b"To: alice@hosted.example, bob@hosted.example")
+    dovecot.seed(mail_users.source.name, [to_alice, to_both])
+    rules = [
+        {"match": "alice@hosted.example", "mailbox": ALICE},
+        {"match": "bob@hosted.example", "mailbox": BOB},
+    ]
+    config, engine = syncs(
+        workspace(gmail, service_account, tmp_path),
+        syncs.account("workspace", routing={"rules": rules}),
+    )
+    result = engine.poll(config.accounts[0])
+    assert (result.status, result.deleted) == ("ok", 2), result
+    assert [
+        r.data.endswith(m) for r, m in zip(gmail.imports_for(ALICE), (to_alice, to_both), strict=True)
+    ] == [
+        True,
+        True,
+    ]
+    assert [r.data.endswith(to_both) for r in gmail.imports_for(BOB)] == [True]
+    assert dovecot.maildir_count(mail_users.source.name) == 0

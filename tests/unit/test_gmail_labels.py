@@ -4,6 +4,7 @@ for a Message-ID, resumable upload offsets, the per-user quota, and redaction of
 from __future__ import annotations
 
 import json
+import shlex
 
 from connector import redaction
 from connector.destinations.gmail import (
@@ -60,7 +61,9 @@ def test_label_index_finds_system_labels_user_labels_and_says_what_is_missing() 
 def test_the_search_names_the_message_id_without_brackets_and_quotes_odd_ones() -> None:
     assert rfc822msgid_query("<abc.123@example.com>") == "rfc822msgid:abc.123@example.com"
     assert rfc822msgid_query("no-brackets@example.com") == "rfc822msgid:no-brackets@example.com"
-    assert rfc822msgid_query('<a b"c@example.com>') == 'rfc822msgid:"a bc@example.com"'
+    assert rfc822msgid_query('<a b"c@example.com>') == 'rfc822msgid:"a b\\"c@example.com"'
+    assert rfc822msgid_query('<"a\\"b c"@x>') == 'rfc822msgid:"\\"a\\\\\\"b c\\"@x"'
+    assert shlex.split(rfc822msgid_query('<"a\\"b c"@x>')) == ['rfc822msgid:"a\\"b c"@x']
 
 
 def test_a_resumable_upload_goes_on_after_the_range_gmail_kept() -> None:
@@ -111,3 +114,16 @@ def test_tokens_in_a_token_answer_are_registered_before_anyone_reads_them() -> N
     assert redaction.redact("Bearer ya29.test-access-1 and 1//test-refresh-1") == "Bearer **** and ****"
     register_token_answer(b"not json")  # ignored
     register_token_answer(None)
+
+
+def test_tls_is_verified_against_the_ca_file_and_off_only_when_configured() -> None:
+    from pathlib import Path
+
+    from connector.config import GmailDestination
+    from connector.destinations.gmail_auth import verify_setting
+
+    base = {"name": "g", "type": "gmail", "service_account_key": "{}"}
+    assert verify_setting(GmailDestination.model_validate(base)) is True
+    with_ca = GmailDestination.model_validate({**base, "ca_file": "/etc/ca.pem"})
+    assert verify_setting(with_ca) == str(Path("/etc/ca.pem"))
+    assert verify_setting(GmailDestination.model_validate({**base, "tls_verify": False})) is False
