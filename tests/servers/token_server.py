@@ -703,6 +703,8 @@ class TokenServer:
 
 
 class _Handler(BaseHTTPRequestHandler):
+    # Answers go out at once: with Nagle's algorithm and the client's delayed ACK each one waited ~40 ms.
+    disable_nagle_algorithm = True
     token_server: TokenServer
     protocol_version = "HTTP/1.1"
 
