@@ -1,5 +1,6 @@
 """The ``pop-connector`` command: the parser, and ``sync``, ``run``, ``status`` and ``check``; the other
-commands live in their own modules (admin.py, accounts.py, delivery_report.py) and are dispatched here.
+commands live in their own modules (accounts.py, admin.py, authorize.py, delivery_report.py, reconcile.py)
+and are dispatched here.
 
 Exit codes: 0 everything succeeded, 1 an account or message failed, 2 configuration or usage error.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -17,14 +19,19 @@ from pathlib import Path
 from types import FrameType
 
 from connector import __version__
-from connector.cli import accounts, admin, delivery_report
+from connector.cli import accounts, admin, authorize, delivery_report, reconcile
 from connector.cli.report import (
+    STATES,
+    account_state,
     dry_run_lines,
+    in_states,
     ledger_line,
+    matching_accounts,
     poll_line,
     status_json,
     status_records,
-    status_text,
+    status_report,
+    summary_line,
 )
 from connector.config import Account, Config, config_path, load_config
 from connector.connections import Connections
@@ -84,19 +91,54 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="poll every account at once at start, instead of at the next poll time its last poll chose",
     )
-    status = commands.add_parser("status", help="show each account's last poll, counts and errors")
-    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status = commands.add_parser(
+        "status", help="a summary by state, then each account's last poll, counts and errors"
+    )
+    status.add_argument(
+        "--json", action="store_true", help="machine-readable output (the summary line goes to stderr)"
+    )
+    status.add_argument(
+        "--state",
+        action="append",
+        choices=STATES,
+        metavar="STATE",
+        help=f"only accounts in this state, one of {', '.join(STATES)} (repeatable)",
+    )
+    status.add_argument(
+        "--account",
+        "-a",
+        action="append",
+        metavar="GLOB",
+        help="only accounts whose name matches this shell pattern, e.g. 'shop-*' (repeatable)",
+    )
     commands.add_parser("check", help="validate the config and log in to every server; changes nothing")
     db = commands.add_parser("db", help="ledger database maintenance")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")
     db_commands.add_parser("upgrade", help="apply pending schema migrations")
     accounts.add_command(commands)
     admin.add_commands(commands)
+    authorize.add_command(commands)
     delivery_report.add_command(commands)
+    reconcile.add_command(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        try:
+            return _main(argv)
+        finally:
+            # Whatever is still buffered, while a closed pipe can still be told apart from a failure.
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`pop-connector status | head`): exit quietly. Python flushes stdout once
+        # more at exit, which would fail again; point it at /dev/null (Python's docs, "Note on SIGPIPE").
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_FAILED
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_format)
     if not accounts.needs_config(args):
@@ -135,6 +177,8 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
         # A log line (stderr): where the ledger is, which check does not open.
         log.info("%s", ledger_line(config.service.database))
         return EXIT_OK if run_checks(config, print) else EXIT_FAILED
+    if args.command == "authorize":
+        return authorize.run(args, config)
     if args.command == "run":
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload during start-up must not kill it
     engine = open_database(config.service.database)
@@ -163,20 +207,13 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
         engine.dispose()
         return EXIT_OK if run_worker(config) else EXIT_FAILED
     if args.command == "status":
-        records = status_records(config.accounts, ledger.statuses())
-        polling = ledger.leases.live()
-        for record in records:
-            if record["account"] in polling:
-                held = polling[record["account"]]
-                record["polling"] = {"pid": held.pid, "host": held.host, "since": held.since.isoformat()}
-        print(status_json(records) if args.json else status_text(records))
-        # Where the ledger is, last; on stderr beside the JSON, which stays the list of records.
-        print(ledger_line(config.service.database), file=sys.stderr if args.json else sys.stdout)
-        return EXIT_OK
+        return _status(config, ledger, args)
     if args.command in admin.COMMANDS:
         return admin.run(args, config, ledger)
     if args.command == "report":
         return delivery_report.run(args, config, ledger)
+    if args.command == "reconcile":
+        return reconcile.run(args, config, ledger, Connections())
     if args.command == "run":
         # Imported here, as below: the listener (connector.ops.web) imports connector.cli.report, so this
         # package must not import it while it loads.
@@ -187,6 +224,32 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
         return EXIT_OK
     log.info("%s", ledger_line(config.service.database))  # after opening it: it exists now
     return _sync(config, ledger, args)
+
+
+def _status(config: Config, ledger: Ledger, args: argparse.Namespace) -> int:
+    records = status_records(config.accounts, ledger.statuses())
+    polling = ledger.leases.live()
+    enabled = {account.name: account.enabled for account in config.accounts}
+    for record in records:
+        if record["account"] in polling:
+            held = polling[record["account"]]
+            record["polling"] = {"pid": held.pid, "host": held.host, "since": held.since.isoformat()}
+        record["state"] = account_state(record, enabled=enabled.get(record["account"], True))
+    # The summary counts the accounts --account names; --state narrows only what is shown in full.
+    records = matching_accounts(records, args.account or ())
+    shown = in_states(records, set(args.state or ()))
+    assert config.service.database is not None
+    where = ledger_line(config.service.database)
+    if args.json:
+        # stdout stays the list of records that scripts read; where the ledger is and the summary are for
+        # the person watching.
+        print(where, file=sys.stderr)
+        print(summary_line(records), file=sys.stderr)
+        print(status_json(shown))
+    else:
+        print(status_report(records, shown))
+        print(where)
+    return EXIT_OK
 
 
 def _selected_accounts(config: Config, names: list[str] | None) -> list[Account]:

@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 import zoneinfo
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -43,7 +43,10 @@ from connector.errors import (
     DestinationTooLargeError,
 )
 from connector.message import FetchedMessage
+from connector.policies.reconcile import StoredCopy
 
+# Items per FindItem page of an inventory (``reconcile``).
+INVENTORY_BATCH = 1000
 log = logging.getLogger("connector.destinations.ews")
 # One line per EWS request and its outcome, for protocol logs (connector.ops.protocol_log); not the SOAP
 # itself:
@@ -227,6 +230,25 @@ class EwsSession:
                     return self._reference(item.id)
         return None
 
+    def inventory(self, batch: int = INVENTORY_BATCH) -> Iterator[StoredCopy]:
+        """Every item in the folder with its Message-ID and the SHA-256 property ``deliver`` stamped it
+        with (items not created by the connector have none), in FindItem pages of ``batch`` (for
+        ``pop-connector reconcile``). Read-only."""
+        folder = self._call("find the folder", lambda: self._resolve_folder(create=False), None)
+        if folder is None:
+            return
+        offset = 0
+        while True:
+            page = self._call("FindItem", _page(folder, offset, batch), None)
+            for item in page:
+                yield StoredCopy(
+                    message_id=getattr(item, "message_id", None),
+                    sha256=getattr(item, "pop_connector_sha256", None),
+                )
+            if len(page) < batch:
+                return
+            offset += batch
+
     def check(self) -> str:
         """Log in, open the mailbox, look for the folder (writing nothing); says what it found."""
         missing: list[str] = []
@@ -353,6 +375,21 @@ def _searcher(folder: Any, criteria: dict[str, str]) -> Callable[[], list[Any]]:
         return found
 
     return search
+
+
+def _page(folder: Any, offset: int, size: int) -> Callable[[], list[Any]]:
+    """One page of a FindItem over the whole folder, fetching only what an inventory reads (raising the
+    failed response messages that exchangelib hands over among the results, as ``_searcher`` does)."""
+
+    def page() -> list[Any]:
+        query = folder.all().only("message_id", "pop_connector_sha256")
+        found = list(query[offset : offset + size])
+        for item in found:
+            if isinstance(item, Exception):
+                raise item
+        return found
+
+    return page
 
 
 def _child(parent: Any, name: str) -> Any:

@@ -38,6 +38,7 @@ from connector.errors import (
 )
 from connector.message import FetchedMessage
 from connector.oauth import TokenProvider, describe_sasl_json, login_with_token, xoauth2_response
+from connector.policies.reconcile import StoredCopy
 from connector.policies.recovery import (
     LOOKUP_FAILED,
     STAMP_HEADER,
@@ -55,6 +56,8 @@ log = logging.getLogger("connector.destinations.imap")
 # The separator of folder levels in the configured folder name, whatever the server's delimiter is.
 FOLDER_SEPARATOR = "/"
 # find() hashes candidates in slices of this size so that a large message is never held whole.
+# UIDs per FETCH of an inventory (``reconcile``): a few hundred KB of answer each.
+INVENTORY_BATCH = 1000
 _FETCH_SLICE = 1024 * 1024
 # RFC 7888: with LITERAL- only literals up to this size may be non-synchronizing.
 _LITERAL_MINUS_MAX = 4096
@@ -392,6 +395,27 @@ class ImapSession:
         uid = self._matching_copy(message)
         return None if uid is None else self._reference(selected.get(b"UIDVALIDITY"), uid)
 
+    def inventory(self, batch: int = INVENTORY_BATCH) -> Iterator[StoredCopy]:
+        """Every message in the folder, read-only (EXAMINE, BODY.PEEK): its stamps, Message-ID and size, in
+        FETCHes of ``batch`` UIDs (for ``pop-connector reconcile``). The folder is left afterwards."""
+        mailbox = self.mailbox
+        if not self._exists(mailbox, None):
+            return
+        try:
+            with self._guard("EXAMINE", refused=_lookup_refused):
+                self._client.select_folder(mailbox, readonly=True)
+            with self._guard("SEARCH", refused=_lookup_refused):
+                uids: list[int] = sorted(self._client.search(b"ALL"))
+            fields = f"BODY.PEEK[HEADER.FIELDS ({STAMP_HEADER} Message-ID)]"
+            for start in range(0, len(uids), batch):
+                with self._guard("FETCH", refused=_lookup_refused):
+                    found = self._client.fetch(uids[start : start + batch], ["RFC822.SIZE", fields])
+                for items in found.values():
+                    yield _inventoried(items)
+        finally:
+            with contextlib.suppress(DestinationError):
+                self._leave_folder("")
+
     def close(self) -> None:
         """LOGOUT; errors are swallowed because the connection is often already broken when we get here."""
         client, self._client = self._client, None
@@ -633,6 +657,18 @@ def _stored(items: dict[bytes, Any]) -> Stored:
     fields = next((value for key, value in items.items() if key.upper().startswith(b"BODY[HEADER")), b"")
     size = items.get(b"RFC822.SIZE")
     return Stored(stamps_in(fields or b""), size if isinstance(size, int) else None)
+
+
+def _inventoried(items: dict[bytes, Any]) -> StoredCopy:
+    """One message of an inventory FETCH (RFC822.SIZE, the stamp and Message-ID header fields)."""
+    stored = _stored(items)
+    fields = next((value for key, value in items.items() if key.upper().startswith(b"BODY[HEADER")), b"")
+    found = _MESSAGE_ID_RE.search(fields or b"")
+    message_id = found.group(1).decode("utf-8", "replace").strip() if found else None
+    return StoredCopy(stamps=stored.stamps, message_id=message_id, size=stored.size)
+
+
+_MESSAGE_ID_RE = re.compile(rb"^Message-ID:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
 
 
 def _lookup_criteria(message: FetchedMessage) -> bytes:

@@ -21,7 +21,18 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Executable, Table, bindparam, case, delete, func, select
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Executable,
+    String,
+    Table,
+    bindparam,
+    case,
+    delete,
+    func,
+    select,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 
 from connector.ledger.models import AccountRow, AccountTotalsRow, DeliveryRow, UTCDateTime
@@ -46,6 +57,7 @@ class JournalStatements:
             message_id=bindparam("j_message_id"),
             size=bindparam("j_size"),
             sha256=bindparam("j_sha256"),
+            stamp=bindparam("j_stamp"),
             destination_ref=bindparam("j_ref"),
             recipient=bindparam("j_recipient"),
             delivered_at=bindparam("j_at"),
@@ -130,6 +142,7 @@ def entry_params(account_id: int, entry: JournalEntry, at: datetime) -> dict[str
         "j_message_id": entry.message_id,
         "j_size": entry.size,
         "j_sha256": entry.sha256,
+        "j_stamp": entry.stamp,
         "j_ref": entry.ref,
         "j_recipient": entry.recipient,
         "j_at": at,
@@ -195,11 +208,34 @@ class Journal:
 
     def per_day(self, account: str, since: datetime) -> dict[str, int]:
         """Deliveries per UTC day (``YYYY-MM-DD``) since ``since``, days without any left out."""
-        counts: dict[str, int] = {}
-        for _, at in self.deliveries(account, since=since):
-            day = at.date().isoformat()
-            counts[day] = counts.get(day, 0) + 1
+        return self.per_day_of([account], since).get(account, {})
+
+    def per_day_of(self, accounts: Sequence[str], since: datetime) -> dict[str, dict[str, int]]:
+        """``per_day`` of several accounts in one query (the status page charts a page of accounts at
+        once), counted by the database: an account's month can be tens of thousands of rows. Accounts
+        without deliveries since ``since`` are left out."""
+        if not accounts:
+            return {}
+        counts: dict[str, dict[str, int]] = {}
+        with self._transaction("read the deliveries per day") as session:
+            day = _utc_day(session.get_bind().dialect.name)
+            query = (
+                select(AccountRow.name, day, func.count())
+                .join(AccountRow, AccountRow.id == DeliveryRow.account_id)
+                .where(AccountRow.name.in_(list(accounts)), DeliveryRow.delivered_at >= since)
+                .group_by(AccountRow.name, day)
+            )
+            for name, date, count in session.execute(query):
+                counts.setdefault(name, {})[str(date)] = int(count)
         return counts
+
+
+def _utc_day(dialect: str) -> ColumnElement[str]:
+    """A delivery's UTC day as ``YYYY-MM-DD``. SQLite keeps the UTC time as ISO text (its first ten
+    characters are the day); PostgreSQL's ``timestamptz`` is put in UTC first, whatever the session's zone."""
+    if dialect == "postgresql":
+        return func.to_char(func.timezone("UTC", DeliveryRow.delivered_at), "YYYY-MM-DD", type_=String)
+    return func.substr(DeliveryRow.delivered_at, 1, 10, type_=String)
 
 
 def _entry(row: DeliveryRow) -> JournalEntry:
@@ -212,6 +248,7 @@ def _entry(row: DeliveryRow) -> JournalEntry:
         poll_started_at=row.poll_started_at,
         recipient=row.recipient,
         recovered=row.recovered,
+        stamp=row.stamp,
     )
 
 

@@ -179,6 +179,8 @@ class DeliveryRow(Base):
     message_id: Mapped[str | None] = mapped_column(Text)
     size: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
+    # The X-Pop-Connector-Id the delivered copy carries (policies/recovery.py): how `reconcile` finds it.
+    stamp: Mapped[str | None] = mapped_column(String(32))
     destination_ref: Mapped[str] = mapped_column(Text)
     # The recipient mailbox of a catch-all account's delivery.
     recipient: Mapped[str | None] = mapped_column(String(320))

@@ -121,6 +121,7 @@ class JournalEntry:
     poll_started_at: datetime | None
     recipient: str | None = None
     recovered: bool = False
+    stamp: str | None = None
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,13 @@ from pathlib import Path
 from connector import redaction
 from connector.config import Account, Config, default_state_dir
 
-PROTOCOL_LOGGERS = ("connector.pop3.wire", "connector.protocol", "imapclient", "connector.ews.wire")
+PROTOCOL_LOGGERS = (
+    "connector.pop3.wire",
+    "connector.protocol",
+    "imapclient",
+    "connector.ews.wire",
+    "connector.gmail.wire",
+)
 
 _current: contextvars.ContextVar[str | None] = contextvars.ContextVar("protocol_log_account", default=None)
 _lock = threading.Lock()

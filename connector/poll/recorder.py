@@ -255,6 +255,7 @@ class Recorder:
             poll_started_at=self._started_at,
             recipient=recipient,
             recovered=recovered,
+            stamp=fetched.stamp,
         )
 
     # --- events --------------------------------------------------------------------------------------

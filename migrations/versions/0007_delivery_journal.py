@@ -27,6 +27,7 @@ def upgrade() -> None:
         sa.Column("message_id", sa.Text(), nullable=True),
         sa.Column("size", sa.BigInteger(), nullable=False),
         sa.Column("sha256", sa.String(length=64), nullable=False),
+        sa.Column("stamp", sa.String(length=32), nullable=True),
         sa.Column("destination_ref", sa.Text(), nullable=False),
         sa.Column("recipient", sa.String(length=320), nullable=True),
         sa.Column("delivered_at", sa.DateTime(timezone=True), nullable=False),
