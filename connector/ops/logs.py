@@ -6,6 +6,9 @@ repeat them, and lines from libraries called during a poll (imapclient, SQLAlche
 
 Both formats cut every secret the process knows out of each line (``connector.redaction``): a library's
 DEBUG trace or a server's reply may carry one that no log call of ours would write.
+
+Lines go to the console (stderr) and, with ``--log-file``, to that file too. A live display (sync's
+progress bars) takes the console over for a while (``console_replaced``); the file goes on unchanged.
 """
 
 from __future__ import annotations
