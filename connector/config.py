@@ -33,6 +33,7 @@ from connector.oauth import (
     EXCHANGE_ONLINE_SCOPE,
     Credentials,
     EntraCredentials,
+    GoogleConsentCredentials,
     TokenEndpointCredentials,
     check_token_url,
 )
@@ -285,12 +286,13 @@ class Defaults(_Model):
 
 
 class OAuthSettings(_Model):
-    """Where XOAUTH2 logins get their token: Microsoft Entra (``tenant_id``) or any token endpoint
-    (``token_url``). See docs/exchange-online.md."""
+    """Where XOAUTH2 logins get their token: Microsoft Entra (``tenant_id``), any token endpoint
+    (``token_url``), or a Gmail user's own consent (``client_secrets``: Gmail over IMAP, the consent given
+    with ``pop-connector authorize``). See docs/exchange-online.md and docs/gmail.md."""
 
     tenant_id: str | None = Field(default=None, min_length=1)
     token_url: str | None = None
-    client_id: str = Field(min_length=1)
+    client_id: str | None = Field(default=None, min_length=1)
     client_secret: Secret | None = None
     certificate_file: Path | None = None
     certificate_thumbprint: str | None = Field(default=None, pattern=r"^[0-9A-Fa-f:]{40,59}$")
@@ -301,6 +303,11 @@ class OAuthSettings(_Model):
     client_auth: Literal["body", "basic"] = "body"
     ca_file: Path | None = None
     timeout: Duration = timedelta(seconds=30)
+    # Google (Gmail over IMAP): the JSON of an OAuth client of type "Desktop app". Each address's consent
+    # is given once with `pop-connector authorize DESTINATION --user ADDRESS`, which keeps its refresh
+    # token in token_dir (relative: under the state directory; default gmail/<destination name>).
+    client_secrets: Secret | None = None
+    token_dir: Path | None = None
 
     @field_validator("token_url", "authority_host")
     @classmethod
@@ -309,8 +316,25 @@ class OAuthSettings(_Model):
 
     @model_validator(mode="after")
     def _one_provider(self) -> OAuthSettings:
-        if (self.tenant_id is None) == (self.token_url is None):
-            raise ValueError("set either tenant_id (Microsoft Entra) or token_url (another provider)")
+        chosen = [name for name in _OAUTH_PROVIDERS if getattr(self, name) is not None]
+        if len(chosen) != 1:
+            raise ValueError(
+                "set either tenant_id (Microsoft Entra), token_url (another provider) or client_secrets "
+                "(Google: a Desktop app client, then `pop-connector authorize`)"
+            )
+        if self.client_secrets is not None:
+            # The client is in the JSON and the user's consent in token_dir: nothing else applies.
+            unused = sorted(self.model_fields_set & _NOT_WITH_CLIENT_SECRETS)
+            if unused:
+                raise ValueError(
+                    f"{', '.join(unused)}: not used with client_secrets (the JSON names the client; "
+                    "`pop-connector authorize` gives the consent)"
+                )
+            return self
+        if self.token_dir is not None:
+            raise ValueError("token_dir is only used with client_secrets")
+        if self.client_id is None:
+            raise ValueError("client_id: required field is missing")
         if self.tenant_id is not None:
             if (self.client_secret is None) == (self.certificate_file is None):
                 raise ValueError("Microsoft Entra needs either client_secret or certificate_file")
@@ -325,8 +349,15 @@ class OAuthSettings(_Model):
             raise ValueError("certificate_thumbprint and certificate_password go with certificate_file")
         return self
 
+    @property
+    def google(self) -> bool:
+        """A Gmail user's own consent (``client_secrets``), not an application's token."""
+        return self.client_secrets is not None
+
     def credentials(self) -> Credentials:
         """The provider's key: equal settings share one token cache."""
+        # A Google consent depends on the destination and the user: ImapDestination.oauth_credentials.
+        assert self.client_id is not None, "no credentials() for client_secrets"
         secret = self.client_secret.get_secret_value() if self.client_secret else None
         timeout = self.timeout.total_seconds()
         if self.tenant_id is not None:
@@ -355,6 +386,29 @@ class OAuthSettings(_Model):
             ca_file=self.ca_file,
             timeout=timeout,
         )
+
+
+_OAUTH_PROVIDERS = ("tenant_id", "token_url", "client_secrets")
+_NOT_WITH_CLIENT_SECRETS = frozenset(
+    {
+        "client_id",
+        "client_secret",
+        "certificate_file",
+        "certificate_thumbprint",
+        "certificate_password",
+        "scope",
+        "authority_host",
+        "refresh_token",
+        "client_auth",
+    }
+)
+
+
+def token_directory(token_dir: Path | None, destination: str) -> Path:
+    """Where ``authorize`` keeps a destination's consents: ``token_dir``, relative to the state directory,
+    by default ``gmail/<destination>``."""
+    base = token_dir if token_dir is not None else Path("gmail") / destination
+    return base if base.is_absolute() else default_state_dir() / base
 
 
 LoginMethod = Literal["password", "oauth2"]
@@ -410,6 +464,24 @@ class ImapDestination(_Model):
         elif self.username is not None and self.password is None:
             raise ValueError("username is set but password is missing")
         return self
+
+    def google_tokens(self) -> Path:
+        """Where ``authorize`` keeps the consents of this destination (``oauth.client_secrets``)."""
+        return token_directory(self.oauth.token_dir if self.oauth else None, self.name)
+
+    def oauth_credentials(self, user: str) -> Credentials:
+        """Where the XOAUTH2 token of ``user`` comes from: the destination's app, or ``user``'s own
+        consent kept by ``authorize`` (Gmail over IMAP)."""
+        assert self.oauth is not None  # validated: auth = "oauth2"
+        if not self.oauth.google:
+            return self.oauth.credentials()
+        return GoogleConsentCredentials(
+            destination=self.name,
+            address=user,
+            token_dir=self.google_tokens(),
+            ca_file=self.oauth.ca_file,
+            timeout=self.oauth.timeout.total_seconds(),
+        )
 
 
 EwsAuth = Literal["ntlm", "basic", "oauth2"]
@@ -528,8 +600,7 @@ class GmailDestination(_Model):
 
     def tokens(self) -> Path:
         """Where ``authorize`` keeps the refresh tokens of this destination."""
-        base = self.token_dir if self.token_dir is not None else Path("gmail") / self.name
-        return base if base.is_absolute() else default_state_dir() / base
+        return token_directory(self.token_dir, self.name)
 
     def label_for(self, account: str) -> str | None:
         return self.account_label.replace("{account}", account) or None
@@ -604,6 +675,11 @@ class Account(Defaults):
     @model_validator(mode="after")
     def _source_login(self) -> Account:
         _check_oauth(self.auth, self.oauth)
+        if self.oauth is not None and self.oauth.google:
+            raise ValueError(
+                "oauth.client_secrets (a Gmail user's consent) is for IMAP destinations (imap.gmail.com), "
+                "not for POP3 sources"
+            )
         if self.auth == "oauth2" and self.password is not None:
             raise ValueError('password is not used with auth = "oauth2"')
         if self.auth != "oauth2" and self.password is None:

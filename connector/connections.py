@@ -115,15 +115,15 @@ def open_imap_destination(
     """Log in to the IMAP destination, as the account's own user when it names one.
 
     With ``auth = "oauth2"`` the user is the target mailbox (for Exchange Online app-only access, the
-    mailbox the app was given FullAccess to) and the password is a token from the destination's app.
+    mailbox the app was given FullAccess to) and the password is a token from the destination's app, or
+    (Gmail over IMAP) from the consent that user gave with ``pop-connector authorize``.
     """
     username = account.destination_username or destination.username
     assert username is not None  # config validated
     password = None
     token_provider = None
     if destination.auth == "oauth2":
-        assert destination.oauth is not None  # config validated
-        token_provider = providers.get(destination.oauth.credentials())
+        token_provider = providers.get(destination.oauth_credentials(username))
     else:
         secret = account.destination_password or destination.password
         assert secret is not None  # config validated

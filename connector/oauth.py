@@ -1,11 +1,14 @@
 """OAuth 2.0 access tokens for XOAUTH2 logins (IMAP destinations, POP3 sources).
 
-Two ways to get a token, behind one small interface (``TokenProvider``: ``get_token()``, ``invalidate()``):
+Three ways to get a token, behind one small interface (``TokenProvider``: ``get_token()``, ``invalidate()``):
 
 * ``EntraCredentials``: Microsoft Entra ID app-only (client credentials) through msal, with a client secret
   or a certificate; the scope defaults to Exchange Online's ``https://outlook.office365.com/.default``.
 * ``TokenEndpointCredentials``: any RFC 6749 token endpoint (client credentials, or a refresh token for
   providers that only grant user tokens), so that other providers work and the tests can run their own.
+* ``GoogleConsentCredentials``: a Gmail user's own consent, given with ``pop-connector authorize`` and kept
+  in a token file (``connector.destinations.gmail_tokens``), refreshed through google-auth (Gmail over
+  IMAP); a refresh token Google rotates is written back to the file.
 
 Tokens are cached and fetched again a margin before they expire; ``TokenProviders`` hands out one provider
 per distinct set of credentials, so accounts sharing an app share its token. Tokens and secrets never
@@ -30,10 +33,12 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
 from connector import redaction
+from connector.destinations import gmail_tokens
 from connector.errors import OAuthError, OAuthRefusedError, OAuthUnavailableError
 from connector.tls import make_ssl_context
 
@@ -105,7 +110,31 @@ class TokenEndpointCredentials:
         return f"token endpoint {self.token_url}, client {self.client_id!r}"
 
 
-Credentials = EntraCredentials | TokenEndpointCredentials
+# The scope Gmail's IMAP (and POP3) server wants from an XOAUTH2 token: full mail access, nothing narrower.
+GMAIL_IMAP_SCOPE = "https://mail.google.com/"
+
+
+@dataclass(frozen=True)
+class GoogleConsentCredentials:
+    """The consent ``address`` gave with ``pop-connector authorize DESTINATION``: the refresh token kept in
+    ``token_dir`` (one file per address, ``connector.destinations.gmail_tokens``)."""
+
+    destination: str
+    address: str
+    token_dir: Path
+    ca_file: Path | None = None
+    timeout: float = DEFAULT_TIMEOUT
+
+    @property
+    def description(self) -> str:
+        return f"Google consent of {self.address} (destination {self.destination!r})"
+
+    @property
+    def authorize_command(self) -> str:
+        return f"pop-connector authorize {self.destination} --user {self.address}"
+
+
+Credentials = EntraCredentials | TokenEndpointCredentials | GoogleConsentCredentials
 
 
 # --- providers ---------------------------------------------------------------------------------------
@@ -198,11 +227,13 @@ class TokenProviders:
         with self._lock:
             provider = self._providers.get(credentials)
             if provider is None:
-                fetch = (
-                    EntraFetcher(credentials)
-                    if isinstance(credentials, EntraCredentials)
-                    else TokenEndpointFetcher(credentials)
-                )
+                fetch: Fetch
+                if isinstance(credentials, EntraCredentials):
+                    fetch = EntraFetcher(credentials)
+                elif isinstance(credentials, GoogleConsentCredentials):
+                    fetch = GoogleConsentFetcher(credentials)
+                else:
+                    fetch = TokenEndpointFetcher(credentials)
                 provider = CachingTokenProvider(
                     fetch, description=credentials.description, margin=self._margin, clock=self._clock
                 )
@@ -474,6 +505,99 @@ class EntraFetcher:
         if "access_token" not in answer:
             raise _error_from_answer(self._where, None, answer)
         return _lifetime(self._where, answer)
+
+
+class GoogleConsentFetcher:
+    """Access tokens from the refresh token ``authorize`` stored, through google-auth. The token file is
+    read for each new token, so a consent given again is used without a restart; a refresh token Google
+    rotates is written back to it, so a restart never needs a new consent."""
+
+    def __init__(self, credentials: GoogleConsentCredentials) -> None:
+        self._credentials = credentials
+        self._where = credentials.description
+
+    def _stored(self) -> tuple[Path, gmail_tokens.StoredToken]:
+        creds = self._credentials
+        try:
+            path = gmail_tokens.token_file(creds.token_dir, creds.address)
+            stored = gmail_tokens.read_token(path)
+        except gmail_tokens.TokenFileError as exc:
+            raise OAuthRefusedError(
+                f"{self._where}: {exc}; give the consent with: {creds.authorize_command}"
+            ) from None
+        if GMAIL_IMAP_SCOPE not in stored.scopes:
+            raise OAuthRefusedError(
+                f"{self._where}: the consent in {path} does not cover IMAP ({GMAIL_IMAP_SCOPE}); give it "
+                f"again with: {creds.authorize_command}"
+            )
+        try:
+            check_token_url(stored.token_uri)
+        except ValueError as exc:
+            raise OAuthRefusedError(f"{self._where}: token_uri in {path} {exc}") from None
+        return path, stored
+
+    def __call__(self) -> tuple[str, float]:
+        import google.auth.exceptions
+        import google.oauth2.credentials
+
+        path, stored = self._stored()
+        user = google.oauth2.credentials.Credentials(
+            None,
+            refresh_token=stored.refresh_token,
+            token_uri=stored.token_uri,
+            client_id=stored.client_id,
+            client_secret=stored.client_secret,
+        )
+        try:
+            user.refresh(_google_request(self._credentials.ca_file, self._credentials.timeout))
+        except google.auth.exceptions.RefreshError as exc:
+            raise self._refused(exc) from None
+        except google.auth.exceptions.TransportError as exc:
+            raise OAuthUnavailableError(
+                f"{self._where}: cannot reach {stored.token_uri}: {_cause(exc)}"
+            ) from None
+        token = user.token
+        if not isinstance(token, str) or not token:
+            raise OAuthUnavailableError(f"{self._where}: the answer has no access_token")
+        redaction.register(token, user.refresh_token)
+        try:
+            gmail_tokens.rotate(path, stored, user.refresh_token)
+        except gmail_tokens.TokenFileError as exc:
+            # The old refresh token may already be void: say so loudly, but use the access token we have.
+            log.error("%s: cannot keep the rotated refresh token: %s", self._where, exc)
+        lifetime = 3600.0
+        if user.expiry is not None:
+            now = datetime.now(UTC).replace(tzinfo=None)  # google-auth's expiry is naive UTC
+            lifetime = max((user.expiry - now).total_seconds(), 0.0)
+        return token, lifetime
+
+    def _refused(self, exc: Exception) -> OAuthError:
+        """google-auth's RefreshError: ``args`` are the text and the token endpoint's JSON answer."""
+        answer = exc.args[1] if len(exc.args) > 1 and isinstance(exc.args[1], Mapping) else {}
+        code = str(answer.get("error") or "")
+        text = _clip(str(exc.args[0]) if exc.args else type(exc).__name__)
+        if getattr(exc, "retryable", False):
+            return OAuthUnavailableError(f"{self._where}: the token endpoint failed: {text}")
+        if code == "invalid_grant":
+            return OAuthRefusedError(
+                f"{self._where}: the consent was revoked or has expired ({text}); give it again with: "
+                f"{self._credentials.authorize_command}"
+            )
+        return OAuthRefusedError(f"{self._where}: the token endpoint refused the refresh token: {text}")
+
+
+def _google_request(ca_file: Path | None, timeout: float) -> Any:
+    """google-auth's transport with our timeout and CA file on every request (per request: requests lets
+    REQUESTS_CA_BUNDLE in the environment win over a session's ``verify``)."""
+    import google.auth.transport.requests
+    import requests
+
+    session = requests.Session()
+    session.request = functools.partial(  # type: ignore[method-assign]
+        session.request, verify=str(ca_file) if ca_file else True, allow_redirects=False
+    )
+    request = google.auth.transport.requests.Request(session)
+    return functools.partial(request, timeout=timeout)
 
 
 def _cause(exc: BaseException) -> str:

@@ -1,4 +1,4 @@
-"""``pop-connector``: sync, run, status, check, db upgrade.
+"""``pop-connector``: sync, run, status, check, authorize, db upgrade.
 
 Exit codes: 0 everything succeeded, 1 an account or message failed, 2 configuration or usage error.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -18,8 +19,19 @@ from types import FrameType
 from sqlalchemy import Engine
 
 from connector import __version__
-from connector.cli import admin, delivery_report, reconcile
-from connector.cli.report import dry_run_lines, poll_line, status_json, status_records, status_text
+from connector.cli import admin, authorize, delivery_report, reconcile
+from connector.cli.report import (
+    STATES,
+    account_state,
+    dry_run_lines,
+    in_states,
+    matching_accounts,
+    poll_line,
+    status_json,
+    status_records,
+    status_report,
+    summary_line,
+)
 from connector.config import Account, Config, config_path, load_config
 from connector.connections import Connections
 from connector.errors import ConfigError, ConnectorError
@@ -58,8 +70,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sync.add_argument("--dry-run", action="store_true", help="show what would be delivered and deleted")
     commands.add_parser("run", help="run the service: poll every account on its schedule")
-    status = commands.add_parser("status", help="show each account's last poll, counts and errors")
-    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status = commands.add_parser(
+        "status", help="a summary by state, then each account's last poll, counts and errors"
+    )
+    status.add_argument(
+        "--json", action="store_true", help="machine-readable output (the summary line goes to stderr)"
+    )
+    status.add_argument(
+        "--state",
+        action="append",
+        choices=STATES,
+        metavar="STATE",
+        help=f"only accounts in this state, one of {', '.join(STATES)} (repeatable)",
+    )
+    status.add_argument(
+        "--account",
+        "-a",
+        action="append",
+        metavar="GLOB",
+        help="only accounts whose name matches this shell pattern, e.g. 'shop-*' (repeatable)",
+    )
     commands.add_parser("check", help="validate the config and log in to every server; changes nothing")
     db = commands.add_parser("db", help="ledger database maintenance")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")
@@ -72,12 +102,28 @@ def build_parser() -> argparse.ArgumentParser:
         "sync-config", help="write the configured accounts into the database (distributed workers read it)"
     )
     admin.add_commands(commands)
+    authorize.add_command(commands)
     delivery_report.add_command(commands)
     reconcile.add_command(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        try:
+            return _main(argv)
+        finally:
+            # Whatever is still buffered, while a closed pipe can still be told apart from a failure.
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`pop-connector status | head`): exit quietly. Python flushes stdout once
+        # more at exit, which would fail again; point it at /dev/null (Python's docs, "Note on SIGPIPE").
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_FAILED
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         setup_logging(args.log_level, args.log_format, args.log_file)
@@ -104,6 +150,8 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
         from connector.cli.check import run_checks
 
         return EXIT_OK if run_checks(config, print) else EXIT_FAILED
+    if args.command == "authorize":
+        return authorize.run(args, config)
     assert config.service.database is not None
     if args.command == "run":
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload during start-up must not kill it
@@ -124,14 +172,7 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
         engine.dispose()
         return EXIT_OK if run_worker(config) else EXIT_FAILED
     if args.command == "status":
-        records = status_records(config.accounts, ledger.statuses())
-        polling = ledger.leases.live()
-        for record in records:
-            if record["account"] in polling:
-                held = polling[record["account"]]
-                record["polling"] = {"pid": held.pid, "host": held.host, "since": held.since.isoformat()}
-        print(status_json(records) if args.json else status_text(records))
-        return EXIT_OK
+        return _status(config, ledger, args)
     if args.command in admin.COMMANDS:
         return admin.run(args, config, ledger)
     if args.command == "report":
@@ -146,6 +187,27 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
         run_service(config, ledger, config_path(args.config))
         return EXIT_OK
     return _sync(config, ledger, args)
+
+
+def _status(config: Config, ledger: Ledger, args: argparse.Namespace) -> int:
+    records = status_records(config.accounts, ledger.statuses())
+    polling = ledger.leases.live()
+    enabled = {account.name: account.enabled for account in config.accounts}
+    for record in records:
+        if record["account"] in polling:
+            held = polling[record["account"]]
+            record["polling"] = {"pid": held.pid, "host": held.host, "since": held.since.isoformat()}
+        record["state"] = account_state(record, enabled=enabled.get(record["account"], True))
+    # The summary counts the accounts --account names; --state narrows only what is shown in full.
+    records = matching_accounts(records, args.account or ())
+    shown = in_states(records, set(args.state or ()))
+    if args.json:
+        # stdout stays the list of records that scripts read; the summary is for the person watching.
+        print(summary_line(records), file=sys.stderr)
+        print(status_json(shown))
+    else:
+        print(status_report(records, shown))
+    return EXIT_OK
 
 
 def _sync_config(config: Config, engine: Engine) -> int:

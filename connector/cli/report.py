@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+import re
+from collections import Counter
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import datetime
+from fnmatch import fnmatchcase
 from typing import Any
 
 from connector.config import Account
@@ -114,6 +117,82 @@ def account_condition(status: AccountStatus) -> str | None:
             f"next poll {_when(status.next_poll_at)}"
         )
     return None
+
+
+# --- the state of each account, the summary line, selection and order (``status``) -------------------
+
+# Each account is in exactly one state: a problem first, then what it is doing.
+STATES = ("ok", "backing-off", "failing", "suspended", "polling", "never-polled", "removed")
+STATE_LABELS = {
+    "ok": "ok",
+    "backing-off": "backing off",
+    "failing": "failing auth",
+    "suspended": "suspended",
+    "polling": "polling now",
+    "never-polled": "never polled",
+    "removed": "no longer configured",
+}
+
+
+def account_state(record: Mapping[str, Any], *, enabled: bool = True) -> str:
+    """The one state of a ``status_records`` record (with ``polling`` when a poll holds it now):
+    removed (no longer configured), suspended (also when disabled in the configuration), failing
+    (authentication failing), backing-off (other failed polls in a row), polling, never-polled or ok."""
+    if not record["configured"]:
+        return "removed"
+    if not enabled or record.get("suspended"):
+        return "suspended"
+    if record["last_result"] == "auth_error":
+        return "failing"
+    if record.get("consecutive_failures", 0) > 0:
+        return "backing-off"
+    if record.get("polling"):
+        return "polling"
+    if record["last_result"] == "never polled":
+        return "never-polled"
+    return "ok"
+
+
+def summary_line(records: Iterable[Mapping[str, Any]]) -> str:
+    """``1000 accounts: 950 ok, 20 backing off, ...``: every state but ``removed`` always, so that the
+    line reads the same from one run to the next; ``removed`` when there are any."""
+    counts = Counter(record["state"] for record in records)
+    shown = [state for state in STATES if state != "removed" or counts[state]]
+    total = sum(counts.values())
+    parts = ", ".join(f"{counts[state]} {STATE_LABELS[state]}" for state in shown)
+    return f"{total} account{'' if total == 1 else 's'}: {parts}"
+
+
+_DIGITS = re.compile(r"(\d+)")
+
+
+def natural_key(name: str) -> tuple[tuple[str | int, ...], str]:
+    """Sorts ``a2`` before ``a10``: runs of digits compare as numbers, the rest without case. The split
+    alternates text and digits, so two keys always compare text with text and numbers with numbers."""
+    parts = _DIGITS.split(name)
+    return tuple(int(part) if index % 2 else part.casefold() for index, part in enumerate(parts)), name
+
+
+def matching_accounts(records: Iterable[dict[str, Any]], patterns: Sequence[str]) -> list[dict[str, Any]]:
+    """The records whose account name matches one of the shell patterns (all without patterns), in
+    natural order."""
+    chosen = [r for r in records if not patterns or any(fnmatchcase(r["account"], p) for p in patterns)]
+    return sorted(chosen, key=lambda record: natural_key(record["account"]))
+
+
+def in_states(records: Iterable[dict[str, Any]], states: Collection[str]) -> list[dict[str, Any]]:
+    """The records in one of ``states`` (all of them when empty), order kept."""
+    return [record for record in records if not states or record["state"] in states]
+
+
+def status_report(records: list[dict[str, Any]], shown: list[dict[str, Any]]) -> str:
+    """``status``: the summary line of ``records``, then ``shown`` (a selection of them) in full."""
+    lines = [summary_line(records)]
+    if len(shown) < len(records):
+        lines.append(f"{len(shown)} shown")
+    if shown:
+        lines.append(status_text(shown))
+    return "\n".join(lines)
 
 
 def status_text(records: list[dict[str, Any]]) -> str:

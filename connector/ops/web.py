@@ -30,7 +30,7 @@ from connector.config import Config
 from connector.errors import ConfigError, LedgerError
 from connector.ledger.store import Ledger
 from connector.ops.health import HealthMonitor, database_error, health_problems
-from connector.ops.metrics import PollMetrics
+from connector.ops.metrics import PollMetrics, ServiceSeries
 
 log = logging.getLogger("connector.ops.web")
 
@@ -62,12 +62,17 @@ def account_state(record: Mapping[str, Any], *, enabled: bool) -> str:
 
 @dataclass
 class Operations:
-    """What the listener reads; ``config`` is a callable because a reload replaces the configuration."""
+    """What the listener reads; ``config`` is a callable because a reload replaces the configuration.
+    ``series``: what ``/metrics`` reads at each request besides the poll events' ``metrics``."""
 
     config: Callable[[], Config]
     ledger: Ledger
     metrics: PollMetrics
     health: HealthMonitor
+    series: ServiceSeries | None = None
+
+    def metrics_text(self) -> bytes:
+        return self.metrics.render() if self.series is None else self.metrics.render(self.series)
 
     def status(self) -> list[dict[str, Any]]:
         config = self.config()
@@ -217,9 +222,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(HTTPStatus.OK, "application/json", body)
 
     def _metrics(self) -> None:
-        self._send(
-            HTTPStatus.OK, "text/plain; version=0.0.4; charset=utf-8", self.server.ops.metrics.render()
-        )
+        self._send(HTTPStatus.OK, "text/plain; version=0.0.4; charset=utf-8", self.server.ops.metrics_text())
 
     def _send(self, status: HTTPStatus, content_type: str, body: bytes) -> None:
         self.send_response(status)

@@ -38,7 +38,9 @@ class Runtime:
         self.metrics = observers.metrics
         self.health = observers.health
         engine = SyncEngine(config, ledger, connections, observers=observers.all())
-        self.service = Service(config, engine, ledger, on_result=_log_result)
+        self.service = Service(
+            config, engine, ledger, on_result=_log_result, on_lag=observers.metrics.observe_lag
+        )
         self.reload_requested = threading.Event()
         self.server = operations_listener(lambda: self.service.config, ledger, observers)
 

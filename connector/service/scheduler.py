@@ -2,7 +2,8 @@
 
 Each account is one date-triggered job that, when its poll ends, schedules the next one at the time the
 engine chose (the interval with jitter after success, the retry back-off after failure). One job per account
-means two polls of one account never overlap; the executor's size is ``max_workers``.
+means two polls of one account never overlap; the executor's size is ``max_workers``. Each job knows when
+it was due, so the service reports every poll's scheduling lag (due to started) to ``on_lag``.
 """
 
 from __future__ import annotations
@@ -37,12 +38,15 @@ class Service:
         ledger: Ledger,
         *,
         on_result: Callable[[PollResult], None] | None = None,
+        on_lag: Callable[[float], None] | None = None,
     ) -> None:
         self.config = config
         self.engine = engine
         self.ledger = ledger
         self.stop = threading.Event()
         self._on_result = on_result
+        # Seconds from when a poll was due to when it started (a poll waits for a free worker).
+        self._on_lag = on_lag
         self._running: set[str] = set()  # only touched by add/discard, which are atomic
         self._scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(config.service.max_workers)},
@@ -115,15 +119,20 @@ class Service:
             self._poll,
             trigger="date",
             run_date=when,
-            args=[account],
+            args=[account, when],
             id=account.name,
             name=f"poll {account.name}",
             replace_existing=True,
         )
 
-    def _poll(self, account: Account) -> None:
+    def _poll(self, account: Account, due: datetime) -> None:
         if self.stop.is_set():
             return
+        if self._on_lag is not None:
+            try:
+                self._on_lag((self.engine.clock() - due).total_seconds())
+            except Exception:  # watching the schedule must never break it
+                log.exception("reporting the scheduling lag failed")
         self._running.add(account.name)
         try:
             result = self.engine.poll(account, stop=self.stop)

@@ -181,10 +181,12 @@ def test_a_rotated_password_is_redacted_after_a_reload(
 
         def failed_polls() -> float:
             metrics = service.get("/metrics", token=token)[1]
-            return metric(metrics, "pop_connector_polls_total", account="alice", result="error") or 0
+            return metric(metrics, "pop_connector_polls_total", result="error") or 0
 
         with RunningService(config, port, "--log-level", "DEBUG") as service:
             wait_for("the first poll", lambda: failed_polls() == 1, service)
+            metrics = service.get("/metrics", token=token)[1]
+            assert metric(metrics, "pop_connector_account_state", account="alice", state="backing_off") == 1
             server.password = new
             config.write_text(config.read_text().replace(old, new))
             service.hup()

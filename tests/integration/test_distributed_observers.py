@@ -91,10 +91,10 @@ def get(url: str) -> tuple[int, str]:
         return response.status, response.read().decode()
 
 
-def polls_in_metrics(text: str) -> dict[str, float]:
-    """``pop_connector_polls_total{result="ok"}`` by account."""
-    found = re.findall(r'^pop_connector_polls_total\{account="([^"]+)",result="ok"\} (\S+)$', text, re.M)
-    return {account: float(value) for account, value in found}
+def sample(text: str, series: str) -> float | None:
+    """The value of ``series`` (a name and its labels as written), None when it has no sample."""
+    match = re.search(rf"^{re.escape(series)} (\S+)$", text, re.M)
+    return float(match.group(1)) if match else None
 
 
 def test_two_workers_log_every_line_with_its_account_and_serve_their_own_metrics(
@@ -132,13 +132,20 @@ def test_two_workers_log_every_line_with_its_account_and_serve_their_own_metrics
             codes = [worker.stop() for worker in workers]
     assert codes == [0, 0], "\n".join(worker.text()[-2000:] for worker in workers)
 
-    # Each worker's /metrics counts exactly the polls that worker made, and only those.
+    # Each worker's /metrics counts exactly the polls that worker made, and only those; what the accounts
+    # table says (accounts, overdue ones, failing ones) is the same on both.
     for worker in workers:
         made = finished_polls(worker)
         assert made, f"{worker.name} polled nothing"
-        assert polls_in_metrics(served[worker.name]) == {name: float(n) for name, n in made.items()}, (
-            worker.name
-        )
+        text = served[worker.name]
+        polls = sum(made.values())
+        assert sample(text, 'pop_connector_polls_total{result="ok"}') == polls, worker.name
+        assert sample(text, "pop_connector_scheduling_lag_seconds_count") == polls, worker.name
+        assert sample(text, "pop_connector_polls_in_progress") == 0
+        assert sample(text, "pop_connector_accounts_configured") == ACCOUNTS
+        assert sample(text, "pop_connector_overdue_accounts") == 0
+        assert sample(text, 'pop_connector_accounts{state="backing_off"}') == 0
+        assert 'account="' not in text  # every account is fine: no series names one
         assert health[worker.name] == (200, json.dumps({"status": "ok", "problems": []}))
     assert {record["account"]: record["last_result"] for record in status} == dict.fromkeys(names, "ok")
 

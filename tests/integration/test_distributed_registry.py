@@ -5,12 +5,12 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, select, text
+from sqlalchemy import Engine, select, text, update
 
 from connector.config import Account, parse_config
 from connector.connections import Connections
@@ -18,7 +18,7 @@ from connector.ledger.database import open_database
 from connector.ledger.models import AccountRow
 from connector.ledger.records import utcnow
 from connector.service.distributed import ensure_queue_schema, sync_accounts
-from connector.service.distributed.registry import claimed, due_accounts
+from connector.service.distributed.registry import claimed, count_overdue, due_accounts
 from connector.service.distributed.worker import DistributedWorker
 from tests.distributed_setup import (
     Fleet,
@@ -80,7 +80,15 @@ def test_queue_schema_is_created_once_even_by_concurrent_workers(engine: Engine)
         public = connection.execute(
             text("SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'")
         ).scalars()
-        assert set(public) == {"accounts", "messages", "recipients", "leases", "alembic_version"}
+        assert set(public) == {
+            "accounts",
+            "messages",
+            "recipients",
+            "leases",
+            "deliveries",
+            "account_totals",
+            "alembic_version",
+        }
 
 
 def test_sync_accounts_adds_disables_and_keeps_removed_accounts(engine: Engine) -> None:
@@ -111,6 +119,39 @@ def test_a_claim_excludes_a_second_poll_and_a_poll_that_is_not_due(engine: Engin
         assert missing.reason is not None and "sync-config" in missing.reason
     with engine.connect() as connection:
         assert connection.scalar(select(AccountRow.last_worker)) == "w1"
+
+
+def test_overdue_accounts_and_when_a_claimed_account_was_due(engine: Engine) -> None:
+    """For /metrics: accounts due more than the grace ago and not started (a queued job is no start, a
+    running one is); and a claim says when its account was due, for the scheduling lag."""
+    ensure_queue_schema(engine)
+    now = utcnow().replace(microsecond=0)
+    names = ("late", "soon", "never", "queued", "running", "off")
+    sync_accounts(engine, [_account(n, enabled=n != "off") for n in names], now=now - timedelta(hours=2))
+    an_hour_ago = now - timedelta(hours=1)
+    due = {"late": an_hour_ago, "soon": now + timedelta(hours=1), "queued": an_hour_ago,
+           "running": an_hour_ago, "off": an_hour_ago}  # fmt: skip
+    with engine.begin() as connection:
+        for name, when in due.items():
+            connection.execute(update(AccountRow).where(AccountRow.name == name).values(next_poll_at=when))
+        connection.execute(text("SET LOCAL search_path TO procrastinate"))  # for the queue's triggers
+        for name, status in (("queued", "todo"), ("running", "doing")):
+            connection.execute(
+                text(
+                    "INSERT INTO procrastinate.procrastinate_jobs (queue_name, task_name, lock,"
+                    " queueing_lock, args, status)"
+                    " VALUES ('default', 'pop_connector.poll', :lock, :lock, '{}', :status)"
+                ),
+                {"lock": f"poll:{name}", "status": status},
+            )
+    # late and queued (due an hour ago), never (added two hours ago); not running, soon or off.
+    assert count_overdue(engine, now, timedelta(minutes=10)) == 3
+    assert count_overdue(engine, now, timedelta(minutes=90)) == 1  # never
+    assert count_overdue(engine, now, timedelta(hours=3)) == 0
+    with claimed(engine, "late", "w1", now) as claim:
+        assert claim.reason is None and claim.due_at == an_hour_ago
+    with claimed(engine, "never", "w1", now) as claim:
+        assert claim.reason is None and claim.due_at == now - timedelta(hours=2)
 
 
 @pytest.fixture

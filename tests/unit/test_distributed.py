@@ -1,20 +1,32 @@
 """Pure parts of distributed mode: configuration rules, queue-schema migration choice, status output, the
-account on procrastinate's log lines about a poll job."""
+account on procrastinate's log lines about a poll job, telling a worker the queue gave up on."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import logging
 from datetime import UTC, datetime
 from pathlib import Path
 
+import psycopg
 import pytest
+from procrastinate.exceptions import ConnectorException
+from procrastinate.jobs import Job
 
 from connector.cli.report import status_records, status_text
 from connector.config import parse_config
 from connector.errors import ConfigError
 from connector.ledger.records import AccountStatus
 from connector.service.distributed.queue_schema import migrations_after, parse_version
-from connector.service.distributed.worker import POLL_TASK, libpq_url, tag_poll_jobs
+from connector.service.distributed.worker import (
+    POLL_TASK,
+    job_ended,
+    job_taken_over,
+    libpq_url,
+    tag_poll_jobs,
+    worker_row_pruned,
+)
 
 CONFIG = Path("/etc/pop-connector/config.toml")
 
@@ -124,3 +136,93 @@ def test_procrastinate_lines_about_a_poll_job_carry_its_account() -> None:
         None,
         "carol",
     ]
+
+
+def _translated(cause: Exception) -> ConnectorException:
+    """What procrastinate's connector raises for a psycopg error: ``ConnectorException from`` it."""
+    try:
+        raise ConnectorException() from cause
+    except ConnectorException as exc:
+        return exc
+
+
+_PRUNED = (
+    'insert or update on table "procrastinate_jobs" violates foreign key constraint '
+    '"procrastinate_jobs_worker_id_fkey"'
+)
+_NOT_RUNNING = 'Job was not found or not in "doing" or "todo" status (job id: 7)'
+
+
+def test_a_job_fetch_failing_on_the_deleted_worker_row_is_told_apart() -> None:
+    assert worker_row_pruned(_translated(psycopg.errors.ForeignKeyViolation(_PRUNED)))
+    other_key = _PRUNED.replace("worker_id", "queue_id")
+    assert not worker_row_pruned(_translated(psycopg.errors.ForeignKeyViolation(other_key)))
+    assert not worker_row_pruned(_translated(psycopg.errors.OperationalError("server closed")))
+    assert not worker_row_pruned(psycopg.errors.ForeignKeyViolation(_PRUNED))  # not through procrastinate
+
+
+def test_a_job_end_refused_because_another_worker_has_it_is_told_apart() -> None:
+    assert job_taken_over(_translated(psycopg.errors.RaiseException(_NOT_RUNNING)))
+    assert not job_taken_over(_translated(psycopg.errors.OperationalError("server closed")))
+    assert not job_taken_over(RuntimeError(_NOT_RUNNING))
+
+
+def _ended_task(exc: BaseException | None, job: Job) -> None:
+    """A job's task ending with ``exc``, read by ``job_ended`` and then garbage-collected in its loop."""
+    loop = asyncio.new_event_loop()
+    try:
+        future: asyncio.Future[None] = loop.create_future()
+        if exc is None:
+            future.set_result(None)
+        else:
+            future.set_exception(exc)
+        job_ended(job, future)
+        del future
+        gc.collect()
+    finally:
+        loop.close()
+
+
+def _poll_job(account: str) -> Job:
+    return Job(
+        id=7,
+        queue="default",
+        lock=None,
+        queueing_lock=None,
+        task_name=POLL_TASK,
+        task_kwargs={"account": account},
+    )
+
+
+def test_the_end_of_a_taken_over_job_is_one_warning_naming_the_account(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    _ended_task(_translated(psycopg.errors.RaiseException(_NOT_RUNNING)), _poll_job("alice"))
+    (record,) = caplog.records  # asyncio's "Task exception was never retrieved" is not among them
+    assert record.levelname == "WARNING" and record.exc_info is None
+    assert getattr(record, "account", None) == "alice"
+    message = record.getMessage()
+    assert message.startswith("account alice: poll job was taken over by another worker")
+    assert "stalled_after" in message
+
+
+def test_other_failures_to_end_a_job_stay_errors_with_their_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    dispatch = Job(
+        id=9,
+        queue="default",
+        lock=None,
+        queueing_lock=None,
+        task_name="pop_connector.dispatch",
+        task_kwargs={"timestamp": 1},
+    )
+    _ended_task(_translated(psycopg.errors.OperationalError("server closed")), dispatch)
+    (record,) = caplog.records
+    assert record.levelname == "ERROR" and record.exc_info is not None
+    assert record.getMessage().startswith("job pop_connector.dispatch[9](timestamp=1): cannot record its end")
+    caplog.clear()
+    _ended_task(None, _poll_job("bob"))
+    assert caplog.records == []

@@ -8,12 +8,14 @@ import itertools
 import json
 import logging
 import threading
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from rich.console import Console
 
 from connector.ledger.database import open_database
@@ -226,9 +228,13 @@ def test_the_listener_serves_what_the_observers_saw(tmp_path: Any) -> None:
     ledger = Ledger(open_database(f"sqlite:///{tmp_path / 'l.db'}"))
     observers = standard_observers()
     assert operations_listener(lambda: config([]), ledger, observers) is None
-    the_config = config([{"name": "alice"}], metrics="127.0.0.1:0")
+    the_config = config([{"name": "alice"}, {"name": "bob"}], metrics="127.0.0.1:0", health_grace="1s")
     server = operations_listener(lambda: the_config, ledger, observers)
     assert server is not None
+    # bob was due an hour ago and has not started: overdue (the scheduler tells the health monitor).
+    observers.health.configure(
+        ["alice", "bob"], {"alice": NOW, "bob": datetime.now(UTC) - timedelta(hours=1)}
+    )
     for observer in observers.all():
         observer.notify(Started("alice"))
         observer.notify(finished(PollResult("alice", delivered=1), planned=1))
@@ -237,9 +243,39 @@ def test_the_listener_serves_what_the_observers_saw(tmp_path: Any) -> None:
         host, port = server.address
         with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as response:
             text = response.read().decode()
-        with urllib.request.urlopen(f"http://{host}:{port}/healthz", timeout=10) as response:
-            health = json.loads(response.read())
+        with pytest.raises(urllib.error.HTTPError) as failing:
+            urllib.request.urlopen(f"http://{host}:{port}/healthz", timeout=10)
+        health = json.loads(failing.value.read())
+        failing.value.close()
     finally:
         server.stop()
-    assert 'pop_connector_polls_total{account="alice",result="ok"} 1.0' in text
-    assert health == {"status": "ok", "problems": []}
+    assert failing.value.code == 503
+    lines = text.splitlines()
+    assert 'pop_connector_polls_total{result="ok"} 1.0' in lines
+    assert "pop_connector_messages_delivered_total 1.0" in lines
+    assert "pop_connector_accounts_configured 2.0" in lines
+    assert "pop_connector_overdue_accounts 1.0" in lines
+    assert 'pop_connector_accounts{state="backing_off"} 0.0' in lines
+    assert "process_resident_memory_bytes" in text
+    assert health["status"] == "failing" and health["problems"][0].startswith("scheduler stuck: account bob")
+
+
+def test_a_worker_s_listener_counts_overdue_accounts_its_own_way(tmp_path: Any) -> None:
+    ledger = Ledger(open_database(f"sqlite:///{tmp_path / 'l.db'}"))
+    the_config = config([{"name": "alice"}], metrics="127.0.0.1:0")
+    asked: list[Any] = []
+
+    def overdue(config: Any) -> int:
+        asked.append(config)
+        return 3
+
+    server = operations_listener(lambda: the_config, ledger, standard_observers(), overdue)
+    assert server is not None
+    server.start()
+    try:
+        host, port = server.address
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+    finally:
+        server.stop()
+    assert "pop_connector_overdue_accounts 3.0" in text.splitlines() and asked == [the_config]

@@ -13,14 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import insert
 
-from connector.config import Account, ServiceConfig, parse_config
-from connector.errors import ConfigError
+from connector.config import Account, Config, ServiceConfig, parse_config
+from connector.errors import ConfigError, LedgerError
 from connector.ledger.database import open_database
+from connector.ledger.models import AccountRow
 from connector.ledger.store import Ledger
 from connector.ops.health import HealthMonitor, health_problems, overdue_accounts
 from connector.ops.logs import ContextFilter, JsonFormatter, TextFormatter, log_context, set_message
-from connector.ops.metrics import PollMetrics
+from connector.ops.metrics import ACCOUNT_SERIES_LIMIT, PollMetrics, ServiceSeries
 from connector.ops.progress import SUMMARY_COLUMNS, format_duration, plain_table, summary_rows
 from connector.ops.web import Operations, OpsServer, account_state, render_status_page
 from connector.poll.events import Delivered, Finished, Started
@@ -232,26 +234,48 @@ def finished(result: PollResult, *, planned: int | None = None, duration: float 
     return Finished(result.account, result, duration, planned)
 
 
+def samples(text: bytes) -> dict[str, float]:
+    """Every sample of a text exposition, by its name and labels as written."""
+    found = {}
+    for line in text.decode().splitlines():
+        if line and not line.startswith("#"):
+            series, value = line.rsplit(" ", 1)
+            found[series] = float(value)
+    return found
+
+
 def test_metrics_from_a_poll_s_events() -> None:
     metrics = PollMetrics()
     metrics.notify(Started("alice"))
-    assert 'pop_connector_polls_in_progress{account="alice"} 1.0' in metrics.render().decode()
+    metrics.notify(Started("bob"))
+    assert samples(metrics.render())["pop_connector_polls_in_progress"] == 2
     metrics.notify(Delivered("alice", "U1", 100, "0" * 64, "imap:1"))
     metrics.notify(Delivered("alice", "U2", 150, "1" * 64, "imap:2"))
     metrics.notify(
         finished(PollResult("alice", delivered=2, recovered=1, quarantined=1), planned=5, duration=2)
     )
-    metrics.notify(finished(PollResult("alice", status="error", error="x")))  # ended before its plan
-    text = metrics.render().decode()
-    assert 'pop_connector_polls_in_progress{account="alice"} 0.0' in text
-    assert 'pop_connector_bytes_delivered_total{account="alice"} 250.0' in text
-    assert 'pop_connector_messages_delivered_total{account="alice"} 3.0' in text
-    assert 'pop_connector_messages_quarantined_total{account="alice"} 1.0' in text
-    assert 'pop_connector_polls_total{account="alice",result="ok"} 1.0' in text
-    assert 'pop_connector_polls_total{account="alice",result="error"} 1.0' in text
-    assert 'pop_connector_poll_failures_total{account="alice"} 1.0' in text
-    assert 'pop_connector_backlog_messages{account="alice"} 2.0' in text  # 5 planned, 3 delivered
-    assert 'pop_connector_poll_duration_seconds_count{account="alice"} 2.0' in text
+    metrics.notify(finished(PollResult("bob", status="error", error="x")))  # ended before its plan
+    metrics.notify(finished(PollResult("carol", status="busy")))  # another process polls carol
+    found = samples(metrics.render())
+    assert found["pop_connector_polls_in_progress"] == 0
+    assert found["pop_connector_bytes_delivered_total"] == 250
+    assert found["pop_connector_messages_delivered_total"] == 3
+    assert found["pop_connector_messages_quarantined_total"] == 1
+    assert found['pop_connector_polls_total{result="ok"}'] == 1
+    assert found['pop_connector_polls_total{result="error"}'] == 1
+    assert found['pop_connector_polls_total{result="busy"}'] == 1
+    assert found["pop_connector_poll_failures_total"] == 1  # busy is no failure
+    assert found['pop_connector_backlog_messages{account="alice"}'] == 2  # 5 planned, 3 delivered
+    assert found["pop_connector_poll_duration_seconds_count"] == 3
+    assert found['pop_connector_poll_duration_seconds_bucket{le="2.5"}'] == 3
+    assert found['pop_connector_poll_duration_seconds_bucket{le="1.0"}'] == 2
+    # Only the per-account gauges name accounts, and only while they are not zero.
+    assert [series for series in found if "account=" in series] == [
+        'pop_connector_backlog_messages{account="alice"}'
+    ]
+    metrics.notify(finished(PollResult("alice", delivered=2), planned=2))
+    assert "pop_connector_backlog_messages{" not in metrics.render().decode()
+    metrics.notify(finished(PollResult("alice"), planned=4))
     metrics.forget("alice")
     assert "pop_connector_backlog_messages{" not in metrics.render().decode()
 
@@ -261,9 +285,167 @@ def test_metric_of_messages_left_unidentified() -> None:
     metrics.notify(finished(PollResult("alice", unidentified=2)))
     # A failed poll did not get through its listing: the last known value stays.
     metrics.notify(finished(PollResult("alice", status="error", error="x")))
-    assert 'pop_connector_messages_unidentified{account="alice"} 2.0' in metrics.render().decode()
+    assert samples(metrics.render())['pop_connector_messages_unidentified{account="alice"}'] == 2
     metrics.notify(finished(PollResult("alice")))
-    assert 'pop_connector_messages_unidentified{account="alice"} 0.0' in metrics.render().decode()
+    assert "pop_connector_messages_unidentified{" not in metrics.render().decode()
+
+
+def test_no_created_series_and_the_process_metrics() -> None:
+    metrics = PollMetrics()
+    metrics.notify(finished(PollResult("alice", delivered=1), planned=1))
+    metrics.observe_lag(0.3)
+    text = metrics.render().decode()
+    assert "_created" not in text
+    assert "pop_connector_polls_total" in text  # the counters are there, only their _created is not
+    found = samples(metrics.render())
+    assert found["process_resident_memory_bytes"] > 0 and found["process_open_fds"] > 0
+    assert "process_cpu_seconds_total" in found
+    assert any(series.startswith("python_info{") for series in found)
+    assert found["pop_connector_scheduling_lag_seconds_count"] == 1
+    assert found['pop_connector_scheduling_lag_seconds_bucket{le="0.25"}'] == 0
+    assert found['pop_connector_scheduling_lag_seconds_bucket{le="0.5"}'] == 1
+    # Two listeners in one process (tests, several workers) have registries of their own.
+    assert (
+        PollMetrics().render().count(b"pop_connector_polls_total")
+        == metrics.render().count(b"pop_connector_polls_total") - 1
+    )
+
+
+def test_per_account_gauges_list_at_most_the_limit_the_highest_first() -> None:
+    metrics = PollMetrics()
+    for n in range(ACCOUNT_SERIES_LIMIT + 50):
+        metrics.notify(finished(PollResult(f"a{n}"), planned=n + 1))  # a{n} has a backlog of n + 1
+    listed = {s for s in samples(metrics.render()) if s.startswith("pop_connector_backlog_messages{")}
+    assert len(listed) == ACCOUNT_SERIES_LIMIT
+    assert 'pop_connector_backlog_messages{account="a1049"}' in listed
+    assert 'pop_connector_backlog_messages{account="a49"}' not in listed  # the 50 smallest are left out
+
+
+def ledger_with(tmp_path: Path, rows: dict[str, dict[str, Any]]) -> Ledger:
+    engine = open_database(f"sqlite:///{tmp_path / 'ledger.db'}")
+    with engine.begin() as connection:
+        for name, values in rows.items():
+            connection.execute(
+                insert(AccountRow).values(
+                    name=name,
+                    created_at=NOW,
+                    consecutive_failures=0,
+                    last_delivered=0,
+                    last_failed=0,
+                    last_deleted=0,
+                    **values,
+                )
+            )
+    return Ledger(engine)
+
+
+def test_service_series_read_at_each_scrape(tmp_path: Path) -> None:
+    an_hour_ago, yesterday = NOW - timedelta(hours=1), NOW - timedelta(days=1)
+    ledger = ledger_with(
+        tmp_path,
+        {
+            "ok": {"last_result": "ok", "last_success_at": NOW},
+            "stopped": {"last_result": "stopped", "last_success_at": NOW},
+            "never": {},
+            "failing": {"last_result": "error", "last_success_at": an_hour_ago},
+            "refused": {"last_result": "auth_error"},  # never succeeded: no last success
+            "parked": {"last_result": "error", "last_success_at": yesterday, "suspended_at": an_hour_ago},
+            "removed": {"last_result": "error", "last_success_at": yesterday},  # not configured any more
+            "disabled": {"last_result": "error", "last_success_at": yesterday},
+        },
+    )
+    names = ["ok", "stopped", "never", "failing", "refused", "parked"]
+    the_config = config([*({"name": n} for n in names), {"name": "disabled", "enabled": False}])
+    series = ServiceSeries(lambda: the_config, ledger, lambda c: 7)
+    found = samples(PollMetrics().render(series))
+    assert found["pop_connector_accounts_configured"] == 6
+    assert found["pop_connector_overdue_accounts"] == 7
+    assert {s: v for s, v in found.items() if s.startswith("pop_connector_account")} == {
+        "pop_connector_accounts_configured": 6,
+        'pop_connector_accounts{state="backing_off"}': 1,
+        'pop_connector_accounts{state="auth_failing"}': 1,
+        'pop_connector_accounts{state="suspended"}': 1,
+        # The longest without a success first: never, then yesterday, then an hour ago.
+        'pop_connector_account_state{account="refused",state="auth_failing"}': 1,
+        'pop_connector_account_state{account="parked",state="suspended"}': 1,
+        'pop_connector_account_state{account="failing",state="backing_off"}': 1,
+    }
+    text = PollMetrics().render(series).decode()
+    assert text.index('account="refused"') < text.index('account="parked"') < text.index('account="failing"')
+    assert {s: v for s, v in found.items() if s.startswith("pop_connector_last_success")} == {
+        'pop_connector_last_success_timestamp_seconds{account="parked"}': yesterday.timestamp(),
+        'pop_connector_last_success_timestamp_seconds{account="failing"}': an_hour_ago.timestamp(),
+    }
+
+
+def test_service_series_list_at_most_the_limit_of_failing_accounts(tmp_path: Path) -> None:
+    count = ACCOUNT_SERIES_LIMIT + 10
+    ledger = ledger_with(
+        tmp_path,
+        {
+            f"a{n:04d}": {"last_result": "error", "last_success_at": NOW - timedelta(minutes=count - n)}
+            for n in range(count)
+        },
+    )
+    the_config = config([{"name": f"a{n:04d}"} for n in range(count)])
+    found = samples(PollMetrics().render(ServiceSeries(lambda: the_config, ledger, lambda c: 0)))
+    assert found['pop_connector_accounts{state="backing_off"}'] == count  # the count is whole
+    listed = [s for s in found if s.startswith("pop_connector_account_state{")]
+    assert len(listed) == ACCOUNT_SERIES_LIMIT
+    assert 'pop_connector_account_state{account="a0000",state="backing_off"}' in listed  # the oldest
+    assert f'pop_connector_account_state{{account="a{count - 1:04d}",state="backing_off"}}' not in listed
+    assert len([s for s in found if s.startswith("pop_connector_last_success")]) == ACCOUNT_SERIES_LIMIT
+
+
+def test_service_series_without_a_database_still_serve_the_rest(tmp_path: Path) -> None:
+    ledger = ledger_with(tmp_path, {"alice": {"last_result": "error"}})
+    (tmp_path / "ledger.db").unlink()  # a new, empty file on the next connection: every query fails
+    ledger.engine.dispose()
+    broken = ServiceSeries(lambda: config([{"name": "alice"}]), ledger, lambda c: 1)
+
+    def no_database(c: Config) -> int:
+        raise LedgerError("database unreachable")
+
+    found = samples(PollMetrics().render(broken))
+    assert found["pop_connector_accounts_configured"] == 1
+    assert not any(s.startswith("pop_connector_account_state") for s in found)
+    found = samples(PollMetrics().render(ServiceSeries(broken.config, ledger, no_database)))
+    assert "pop_connector_overdue_accounts" not in found and "pop_connector_polls_in_progress" in found
+
+
+class GatedEngine(HourlyEngine):
+    """The first poll holds the only worker until the test opens the gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+
+    def poll(self, account: Account, *, stop: threading.Event, dry_run: bool = False) -> PollResult:
+        self.gate.wait(30)
+        return super().poll(account, stop=stop, dry_run=dry_run)
+
+
+def test_the_service_reports_each_poll_s_scheduling_lag(tmp_path: Path) -> None:
+    lags: list[float] = []
+    ledger = Ledger(open_database(f"sqlite:///{tmp_path / 'l.db'}"))
+    engine = GatedEngine()
+    the_config = config([{"name": "a"}, {"name": "b"}], max_workers=1)
+    service = Service(the_config, engine, ledger, on_lag=lags.append)  # type: ignore[arg-type]
+    service.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not lags:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(0.3)  # the other account is due and waits for the only worker meanwhile
+        engine.gate.set()
+        while len(lags) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        service.shutdown()
+    first, second = lags
+    assert first >= 0 and second >= 0.3, lags  # due at start, started once the first poll was over
 
 
 def test_a_short_status_token_is_refused() -> None:

@@ -216,11 +216,12 @@ def test_a_spool_that_cannot_be_written_is_a_spool_error_not_a_traceback(
 # --- the metric -----------------------------------------------------------------------------------------
 
 
-def test_short_retrs_are_counted_per_account() -> None:
+def test_short_retrs_are_counted_over_the_service() -> None:
     metrics = PollMetrics()
     metrics.notify(Finished("alice", PollResult("alice", failed=1, short_retrs=1), 0.0, planned=1))
     metrics.notify(
         Finished("alice", PollResult("alice", failed=2, quarantined=1, short_retrs=2), 0.0, planned=2)
     )
+    metrics.notify(Finished("bob", PollResult("bob", failed=1, short_retrs=1), 0.0, planned=1))
     text = metrics.render().decode()
-    assert 'pop_connector_short_retrs_total{account="alice"} 3.0' in text
+    assert "\npop_connector_short_retrs_total 4.0\n" in text

@@ -12,11 +12,12 @@ import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import Connection, Engine, func, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.sql.elements import ColumnElement
 
 from connector.config import Account
 from connector.errors import LedgerError
@@ -126,12 +127,41 @@ def due_accounts(engine: Engine, now: datetime) -> list[str]:
         raise LedgerError(f"cannot read the due accounts: {exc}") from exc
 
 
+# A running poll holds its job in "doing"; procrastinate's partial unique index on (lock) finds it.
+_NOT_RUNNING = text(
+    f"""NOT EXISTS (SELECT 1 FROM {QUEUE_SCHEMA}.procrastinate_jobs j
+                    WHERE j.lock = :lock_prefix || accounts.name AND j.status = 'doing')"""
+).bindparams(lock_prefix=_POLL_LOCK_PREFIX)
+
+
+def _due_at() -> ColumnElement[datetime]:
+    """When an account is due: its next poll time, or when it was added if it was never polled."""
+    return func.coalesce(AccountRow.next_poll_at, AccountRow.created_at)
+
+
+def count_overdue(engine: Engine, now: datetime, grace: timedelta) -> int:
+    """Active accounts due more than ``grace`` before ``now`` whose poll has not started (a queued job
+    still waiting counts: the workers are too few or stuck). The same figure on every worker."""
+    query = (
+        select(func.count())
+        .select_from(AccountRow)
+        .where(AccountRow.active.is_(True), _due_at() < now - grace, _NOT_RUNNING)
+    )
+    try:
+        with engine.connect() as connection:
+            return int(connection.scalar(query) or 0)
+    except SQLAlchemyError as exc:
+        raise LedgerError(f"cannot count the overdue accounts: {exc}") from exc
+
+
 @dataclass(frozen=True)
 class Claim:
-    """What a poll job learnt while claiming its account; ``reason`` says why it must not poll."""
+    """What a poll job learnt while claiming its account; ``reason`` says why it must not poll.
+    ``due_at``: when the account was due (for the scheduling lag)."""
 
     account_id: int | None
     reason: str | None
+    due_at: datetime | None = None
 
 
 @contextmanager
@@ -156,7 +186,9 @@ def claimed(engine: Engine, account: str, worker: str, now: datetime) -> Iterato
 def _claim(connection: Connection, account: str, worker: str, now: datetime) -> tuple[Claim, int | None]:
     try:
         row = connection.execute(
-            select(AccountRow.id, AccountRow.active).where(AccountRow.name == account)
+            select(AccountRow.id, AccountRow.active, _due_at().label("due_at")).where(
+                AccountRow.name == account
+            )
         ).first()
         connection.commit()
         if row is None:
@@ -178,7 +210,9 @@ def _claim(connection: Connection, account: str, worker: str, now: datetime) -> 
             .values(last_worker=worker)
         ).rowcount
         connection.commit()
-        return Claim(row.id, None if taken else "not due any more (polled meanwhile)"), row.id
+        if not taken:
+            return Claim(row.id, "not due any more (polled meanwhile)"), row.id
+        return Claim(row.id, None, row.due_at), row.id
     except SQLAlchemyError as exc:
         raise LedgerError(f"cannot claim account {account!r}: {exc}") from exc
 

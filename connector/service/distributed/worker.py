@@ -14,24 +14,30 @@ Besides, each worker checks its configuration file every ``dispatch_interval``, 
 the operations listener of ``[service] metrics`` (``/metrics``, ``/healthz``, the status page) like ``run``,
 fed by its own polls through the same observers (``connector.ops.observers``). Every line it logs about an
 account carries ``account`` in the log context, procrastinate's lines about a poll job too.
+
+A worker that comes back from a pause longer than ``stalled_after`` (SIGSTOP, a frozen VM) while another
+worker started finds that the queue has forgotten it (its worker row pruned, its jobs queued again): it
+lets its running polls end, registers again with a new procrastinate worker and goes on; each of its jobs
+that another worker took over meanwhile ends with one warning line.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import logging
 import os
 import re
 import signal
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from procrastinate import App, PsycopgConnector
-from procrastinate.exceptions import AlreadyEnqueued
+import psycopg
+from procrastinate import App, JobContext, PsycopgConnector
+from procrastinate.exceptions import AlreadyEnqueued, ConnectorException
 from procrastinate.jobs import Job
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import make_url
@@ -46,7 +52,13 @@ from connector.poll.engine import SyncEngine
 from connector.poll.result import PollResult
 from connector.service.distributed.config_watch import ConfigWatch
 from connector.service.distributed.queue_schema import SEARCH_PATH_OPTION
-from connector.service.distributed.registry import claimed, due_accounts, poll_lock_name, sync_accounts
+from connector.service.distributed.registry import (
+    claimed,
+    count_overdue,
+    due_accounts,
+    poll_lock_name,
+    sync_accounts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +104,13 @@ class DistributedWorker:
         self._on_result = on_result
         self.observers = standard_observers()
         # The listener reads the configuration of the moment (``watch``); its address is read once, here.
-        self.server = operations_listener(self.watch.current, self.ledger, self.observers)
+        self.server = operations_listener(
+            self.watch.current,
+            self.ledger,
+            self.observers,
+            # The job queue, not this worker, knows which accounts wait: ask the accounts table.
+            lambda config: count_overdue(self.engine, utcnow(), config.service.health_grace),
+        )
         self._engine: SyncEngine | None = None
         self._engine_lock = threading.Lock()
         self._polls = ThreadPoolExecutor(config.service.max_workers, thread_name_prefix="poll")
@@ -131,39 +149,66 @@ class DistributedWorker:
     async def _main(self) -> bool:
         loop = asyncio.get_running_loop()
         async with self.app.open_async():
-            worker = asyncio.create_task(
-                self.app.run_worker_async(
-                    name=self.name,
-                    # One slot more than polls: the dispatch job must never wait behind them.
-                    concurrency=self.service.max_workers + 1,
-                    install_signal_handlers=False,
-                    update_heartbeat_interval=self.service.heartbeat_interval.total_seconds(),
-                    stalled_worker_timeout=self.service.stalled_after.total_seconds(),
-                    delete_jobs="successful",
-                )
-            )
             watcher = asyncio.create_task(self._watch_config())
+            # The procrastinate worker of the moment: a new one after the queue forgot this worker.
+            current: list[asyncio.Task[None]] = []
             for signum in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(signum, self._request_stop, signum, worker)
+                loop.add_signal_handler(signum, self._request_stop, signum, current)
             log.info(
                 "worker %s started: at most %d accounts polled at once, dispatch every %ss",
                 self.name,
                 self.service.max_workers,
                 int(self.service.dispatch_interval.total_seconds()),
             )
-            with contextlib.suppress(asyncio.CancelledError):
-                await worker
-            watcher.cancel()
+            try:
+                while not self.stop.is_set():
+                    current[:] = [asyncio.create_task(self._run_procrastinate())]
+                    try:
+                        await current[0]
+                    except asyncio.CancelledError:
+                        break
+                    except ConnectorException as exc:
+                        if not worker_row_pruned(exc):
+                            raise
+                        if not self.stop.is_set():
+                            self._log_pruned()
+                        continue
+                    break
+            finally:
+                watcher.cancel()
         log.info("worker %s stopped", self.name)
         return self.stop.is_set()
 
-    def _request_stop(self, signum: int, worker: asyncio.Task[Any]) -> None:
+    async def _run_procrastinate(self) -> None:
+        """One procrastinate worker: registers a worker row, runs jobs until stopped, removes its row."""
+        await self.app.run_worker_async(
+            name=self.name,
+            # One slot more than polls: the dispatch job must never wait behind them.
+            concurrency=self.service.max_workers + 1,
+            install_signal_handlers=False,
+            update_heartbeat_interval=self.service.heartbeat_interval.total_seconds(),
+            stalled_worker_timeout=self.service.stalled_after.total_seconds(),
+            delete_jobs="successful",
+            worker_middleware=[_watch_job_end],
+        )
+
+    def _log_pruned(self) -> None:
+        log.warning(
+            "worker %s: the job queue had removed this worker: it sent no heartbeat for more than "
+            "stalled_after (%ss; the process was paused or its machine frozen) while another worker "
+            "started; its jobs were handed to the other workers. Registering again and going on",
+            self.name,
+            int(self.service.stalled_after.total_seconds()),
+        )
+
+    def _request_stop(self, signum: int, current: list[asyncio.Task[None]]) -> None:
         log.warning(
             "received %s: finishing the current message of each poll, then stopping",
             signal.Signals(signum).name,
         )
         self.stop.set()
-        worker.cancel()
+        for worker in current:
+            worker.cancel()
 
     # --- poll ---------------------------------------------------------------------------------------
 
@@ -190,6 +235,8 @@ class DistributedWorker:
                     log.info("account %s: poll skipped: %s", name, claim.reason)
                     return "skipped"
                 log.info("account %s: poll started on worker %s", name, self.name)
+                if claim.due_at is not None:
+                    self.observers.metrics.observe_lag((utcnow() - claim.due_at).total_seconds())
                 result = self._run_engine(config, account, claim.account_id)
                 log.info("account %s: poll finished on worker %s: %s", name, self.name, result.status)
         except Exception:  # the job must end; the dispatcher queues the account again when it is due
@@ -296,6 +343,60 @@ class DistributedWorker:
     def _poll_job_for(self, name: str) -> Job:
         lock = poll_lock_name(name)
         return self.poll_task.configure(lock=lock, queueing_lock=lock, task_kwargs={"account": name}).job
+
+
+# --- a worker the queue gave up on -------------------------------------------------------------------
+#
+# procrastinate registers a worker row (procrastinate_workers) when its worker starts, and every starting
+# worker deletes the rows whose heartbeat is older than its stalled_worker_timeout (our stalled_after);
+# the jobs of a deleted row keep running in their process but lose their worker_id, so the dispatcher
+# queues them again. A worker that was only paused (SIGSTOP, a frozen VM) comes back to find its row gone:
+# its next job fetch fails on the jobs' foreign key to that row, and procrastinate never registers again.
+
+_WORKER_ROW_CONSTRAINT = "procrastinate_jobs_worker_id_fkey"
+_JOB_NOT_RUNNING = 'Job was not found or not in "doing"'
+
+
+def worker_row_pruned(exc: BaseException) -> bool:
+    """The job fetch failed because this worker's row was deleted by another worker."""
+    cause = exc.__cause__
+    if not isinstance(exc, ConnectorException) or not isinstance(cause, psycopg.errors.ForeignKeyViolation):
+        return False
+    return cause.diag.constraint_name == _WORKER_ROW_CONSTRAINT or _WORKER_ROW_CONSTRAINT in str(cause)
+
+
+def job_taken_over(exc: BaseException) -> bool:
+    """Recording a job's end failed because it is no longer this worker's: after a pause it was queued
+    again, and another worker ran it (and deleted it) or runs it now."""
+    return isinstance(exc, ConnectorException) and _JOB_NOT_RUNNING in str(exc.__cause__ or exc)
+
+
+async def _watch_job_end(call_next: Callable[[], Awaitable[Any]], context: JobContext, _worker: Any) -> Any:
+    """procrastinate's worker middleware around every job, in the job's own asyncio task. The task also
+    records the job's end after the job; if that fails, nobody reads the exception and asyncio logs
+    "Task exception was never retrieved" with a traceback. The task's end is read here instead."""
+    task = asyncio.current_task()
+    if task is not None:
+        task.add_done_callback(functools.partial(job_ended, context.job))
+    return await call_next()
+
+
+def job_ended(job: Job, task: asyncio.Future[Any]) -> None:
+    """A job's asyncio task ended: one warning line when the queue had handed the job to another worker,
+    an error with its traceback for any other failure to record its end."""
+    if task.cancelled() or (exc := task.exception()) is None:
+        return
+    account = job.task_kwargs.get("account") if job.task_name == POLL_TASK else None
+    what = f"account {account}: poll job" if account is not None else f"job {job.call_string}"
+    if job_taken_over(exc):
+        log.warning(
+            "%s was taken over by another worker while this one sent no heartbeats (paused longer than "
+            "stalled_after): the queue no longer has it as this worker's, so its end is not recorded",
+            what,
+            extra={"account": account},
+        )
+    else:
+        log.error("%s: cannot record its end in the queue", what, exc_info=exc, extra={"account": account})
 
 
 _POLL_CALL = re.compile(re.escape(POLL_TASK) + r"\[\d*\]\(account='([^']+)'\)")
