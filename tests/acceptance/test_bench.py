@@ -47,3 +47,11 @@ def test_ledger_bench_prints_its_ratio(capsys: pytest.CaptureFixture[str]) -> No
 
     assert main(["--messages", "20"]) == 0
     assert "ratio (bare CPU / connector CPU):" in capsys.readouterr().out
+
+
+def test_gmail_bench_prints_throughput_against_the_quota(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.gmail import main
+
+    assert main(["--messages", "3", "--mailboxes", "1", "--latency", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "messages/s per mailbox" in out and "of the quota's ceiling" in out and "3 delivered" in out
