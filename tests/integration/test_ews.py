@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from exchangelib.errors import ErrorNameResolutionNoResults
+from exchangelib.errors import ErrorNameResolutionNoResults, MalformedResponseError
 from sqlalchemy import select
 
 from connector.cli.check import run_checks
@@ -480,6 +480,24 @@ def test_deliver_many_partly_created_is_a_temporary_error(exchange: EwsServer, s
     assert "looked up before it is delivered again" in caught.value.message
     assert len(exchange.items(MAILBOX)) == created
     assert exchange.batches() == [4]  # never sent again: that would create the first items twice
+
+
+def test_deliver_many_answer_broken_off_is_a_temporary_error_never_resent(
+    exchange: EwsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_call = ews_module._CreateEach.call
+
+    def broken_off(self: Any, **kwargs: Any) -> Iterator[Any]:
+        results = real_call(self, **kwargs)
+        yield next(results)
+        raise MalformedResponseError("No Items elements in ResponseMessage")
+
+    monkeypatch.setattr(ews_module._CreateEach, "call", broken_off)
+    with pytest.raises(DestinationTempError) as caught:
+        session(exchange).deliver_many([spooled(1), spooled(2), spooled(3)])
+    assert "1 of 3 items created, the others not or not known" in caught.value.message
+    assert "the answer broke off: MalformedResponseError" in caught.value.message
+    assert exchange.batches() == [3] and len(exchange.items(MAILBOX)) == 3  # created, and not sent again
 
 
 def test_deliver_many_waits_out_a_busy_server_and_sends_once_more(exchange: EwsServer) -> None:
