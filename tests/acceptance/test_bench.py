@@ -14,7 +14,7 @@ pytestmark = pytest.mark.acceptance
 TINY = [
     "--quick", "--no-fetchmail", "--small-count", "3", "--large-count", "1", "--large-size", "20000",
     "--huge-size", "100000", "--latency-count", "3", "--latency-ms", "2", "--idle-accounts", "2",
-    "--big-mailbox", "20", "--new-messages", "2",
+    "--big-mailbox", "20", "--new-messages", "2", "--ews-count", "4", "--create-batch", "3",
 ]  # fmt: skip
 
 
@@ -37,7 +37,7 @@ def test_bench_prints_a_row_per_scenario() -> None:
         "ratio",
         "fetchmail",
     ]
-    for scenario in ("(1)", "(2)", "(3)", "(4)", "(5)", "(6)"):
+    for scenario in ("(1)", "(2)", "(3)", "(4)", "(5)", "(6)", "(7)"):
         row = next(line for line in lines if line.startswith(scenario))
         float(row.split("|")[3])  # a ratio, whatever its value
 
