@@ -15,10 +15,20 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from bench import data, fetchmail
+from bench import data, fetchmail, gmail
 from bench.proxy import DelayProxy
-from bench.setup import connector_config, endpoint, imap_endpoint, prime_ledger, uidls
+from bench.setup import (
+    SERVICE,
+    SERVICE_PASSWORD,
+    connector_config,
+    endpoint,
+    ews_connector_config,
+    imap_endpoint,
+    prime_ledger,
+    uidls,
+)
 from tests.servers.dovecot import Dovecot, MailUser
+from tests.servers.ews import EwsServer
 
 ROOT = Path(__file__).resolve().parents[1]
 MB = 1024 * 1024
@@ -36,6 +46,10 @@ class Sizes:
     idle_accounts: int = 1000
     big_mailbox: int = 100_000
     new_messages: int = 10
+    ews_count: int = 500
+    create_batch: int = 10
+    gmail_count: int = 100
+    gmail_mailboxes: int = 2
 
 
 QUICK = Sizes(
@@ -47,6 +61,9 @@ QUICK = Sizes(
     idle_accounts=10,
     big_mailbox=300,
     new_messages=3,
+    ews_count=20,
+    gmail_count=5,
+    gmail_mailboxes=1,
 )
 
 
@@ -278,6 +295,56 @@ class Bench:
             notes=["target: under 1 s"],
         )
 
+    # --- a migration into Exchange (7) ------------------------------------------------------------------
+
+    def ews_migration(self, label: str, count: int, size: int, latency: float, create_batch: int) -> Row:
+        """The connector into the EWS test server behind the delaying proxy, one CreateItem per message
+        (``create_batch = 1``, the path before issue 16) against ``create_batch`` messages per request."""
+        messages = data.messages(count, size)
+        with EwsServer() as ews:
+            ews.add_user(SERVICE, SERVICE_PASSWORD, impersonation=True)
+            upstream = ("127.0.0.1", int(ews.base_url.rsplit(":", 1)[1]))
+            with DelayProxy(upstream, latency / 1000) as proxy:
+                url = ews.service_endpoint.replace(f":{upstream[1]}/", f":{proxy.port}/")
+                single = self._ews_once(ews, url, messages, 1)
+                batched = self._ews_once(ews, url, messages, create_batch)
+            requests = len(ews.batches())
+        return Row(
+            label,
+            f"{batched:.0f} msg/s (create_batch {create_batch})",
+            f"{single:.0f} msg/s (create_batch 1)",
+            batched / single,
+            notes=[
+                "baseline column: the connector itself with one CreateItem per message (before issue 16); "
+                f"{requests} CreateItem requests for both runs; target ratio >= 3"
+            ],
+        )
+
+    def _ews_once(self, ews: EwsServer, url: str, messages: list[bytes], create_batch: int) -> float:
+        """Messages per second of one poll moving ``messages`` into a new mailbox."""
+        name = f"ews{create_batch}x{self._jobs}"
+        mailbox = f"{name}@corp.example"
+        ews.add_mailbox(mailbox)
+        source = self._user(f"ews{create_batch}src", messages)
+        uidls(endpoint(self.dovecot, source))
+        config = ews_connector_config(
+            self.workdir / f"{name}.toml",
+            self._database(name),
+            self.dovecot,
+            source,
+            ews,
+            mailbox=mailbox,
+            service_endpoint=url,
+            create_batch=create_batch,
+        )
+        result = self._worker({"kind": "connector", "config": str(config), "count": "delivered"})
+        self._check(f"EWS create_batch {create_batch}", result, len(messages))
+        created = len(ews.items(mailbox))
+        if created != len(messages):
+            raise RuntimeError(f"EWS create_batch {create_batch}: {created} items for {len(messages)}")
+        self.dovecot.remove_user(source.name)
+        return len(messages) / float(result["seconds"])
+
 
 def _scenarios(bench: Bench, sizes: Sizes) -> dict[str, Callable[[], Row]]:
     kb = lambda size: f"{size // 1024} KB" if size < MB else f"{size // MB} MB"  # noqa: E731
@@ -299,7 +366,31 @@ def _scenarios(bench: Bench, sizes: Sizes) -> dict[str, Callable[[], Row]]:
         "6": lambda: bench.big_mailbox(
             f"(6) {sizes.big_mailbox} kept + {sizes.new_messages} new", sizes.big_mailbox, sizes.new_messages
         ),
+        "7": lambda: bench.ews_migration(
+            f"(7) {sizes.ews_count} x {kb(sizes.small_size)} into EWS, +{sizes.latency_ms:g} ms each way",
+            sizes.ews_count,
+            sizes.small_size,
+            sizes.latency_ms,
+            sizes.create_batch,
+        ),
+        "8": lambda: gmail_row(sizes.gmail_count, sizes.gmail_mailboxes, sizes.latency_ms),
     }
+
+
+def gmail_row(count: int, mailboxes: int, latency: float) -> Row:
+    """Gmail imports per mailbox (bench/gmail.py): the bound is the API's quota, not a bare loop."""
+    with tempfile.TemporaryDirectory() as work:
+        figures = gmail.run(count, mailboxes, latency, Path(work))
+    return Row(
+        f"(8) {mailboxes} Gmail mailbox(es) x {count}, +{latency:g} ms",
+        f"{figures['per_mailbox']:.1f} msg/s per mailbox",
+        f"{gmail.CEILING:g} msg/s (quota ceiling)",
+        figures["of_ceiling"],
+        notes=[
+            "(8) ratio: the share of Gmail's per-user quota ceiling reached; "
+            f"{figures['throttled']:.0f} requests answered 429"
+        ],
+    )
 
 
 def format_table(rows: Sequence[Row]) -> str:
@@ -326,7 +417,7 @@ def machine() -> str:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every scenario")
-    parser.add_argument("--scenarios", default="1,2,3,4,5,6", help="comma-separated, e.g. 1,4")
+    parser.add_argument("--scenarios", default="1,2,3,4,5,6,7,8", help="comma-separated, e.g. 1,4")
     parser.add_argument("--no-fetchmail", action="store_true", help="skip fetchmail even where installed")
     parser.add_argument(
         "--profile",

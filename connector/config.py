@@ -492,6 +492,9 @@ EwsAuth = Literal["ntlm", "basic", "oauth2"]
 # Exchange versions exchangelib can be told instead of probing the server (the ``version`` field).
 EwsVersion = Literal["Exchange2013", "Exchange2013_SP1", "Exchange2016", "Exchange2019"]
 DEFAULT_EWS_MAX_MESSAGE_SIZE = 35 * 1024 * 1024
+# Messages one CreateItem request may carry (exchangelib sends at most 100 items per request).
+DEFAULT_EWS_CREATE_BATCH = 10
+MAX_EWS_CREATE_BATCH = 100
 
 
 class EwsDestination(_Model):
@@ -513,6 +516,8 @@ class EwsDestination(_Model):
     impersonation: bool = False
     max_connections: int = Field(default=4, ge=1, le=64)
     max_message_size: ByteSize = Field(default=DEFAULT_EWS_MAX_MESSAGE_SIZE, gt=0)
+    # Messages created by one CreateItem request (1: one request per message; docs/exchange.md).
+    create_batch: int = Field(default=DEFAULT_EWS_CREATE_BATCH, ge=1, le=MAX_EWS_CREATE_BATCH)
     tls_verify: bool = True
     ca_file: CaFile | None = None
 

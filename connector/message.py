@@ -152,6 +152,8 @@ class FetchedMessage:
     header_sha256: str | None = None
     # What was changed on the way (policies.repair), for the ledger; None when nothing was.
     repairs: str | None = None
+    # Lines over RFC 5322's 998 octets, delivered as they are: no repair, only noted at DEBUG.
+    long_lines: int = 0
     # The value of the ``X-Pop-Connector-Id`` line the spool put first (policies.recovery); None: none.
     stamp: str | None = None
     fetched_at: datetime = field(default_factory=lambda: datetime.now(UTC))
@@ -280,9 +282,8 @@ class MessageSpool:
             message_id=message_id,
             message_id_added=self._added,
             header_sha256=self._header_sha256,
-            repairs=describe_repairs(
-                line_endings_repaired, self._scanner.nul_removed, self._scanner.long_lines
-            ),
+            repairs=describe_repairs(line_endings_repaired, self._scanner.nul_removed),
+            long_lines=self._scanner.long_lines,
             stamp=self._stamp,
         )
 

@@ -17,6 +17,7 @@ from hypothesis import settings
 from psycopg import sql
 
 from connector import redaction
+from tests.postgres import POSTGRES_ADMIN_DSN, POSTGRES_URL_BASE, TEST_POSTGRES_URL, URL_VARIABLE
 from tests.servers.dovecot import Dovecot, MailUsers, fresh_users, running_for_tests
 from tests.servers.ews import EwsServer
 from tests.servers.pymap import Pymap, running_pymap
@@ -24,9 +25,6 @@ from tests.servers.pymap import Pymap, running_pymap
 # HYPOTHESIS_PROFILE=deep runs every property with 10,000 examples instead of 100 (docs/reliability.md).
 settings.register_profile("deep", max_examples=10_000, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
-
-POSTGRES_ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=5"
-POSTGRES_URL_BASE = "postgresql+psycopg://postgres@127.0.0.1:5432/"
 
 
 @pytest.fixture(scope="session")
@@ -55,9 +53,9 @@ def _admin_connection() -> psycopg.Connection[tuple[object, ...]]:
         return psycopg.connect(POSTGRES_ADMIN_DSN, autocommit=True)
     except psycopg.OperationalError as exc:
         pytest.fail(
-            "PostgreSQL is not reachable at 127.0.0.1:5432 as user postgres (trust auth expected); start it "
-            "with `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`. "
-            f"Driver said: {exc}",
+            f"PostgreSQL is not reachable at {TEST_POSTGRES_URL} (${URL_VARIABLE}; a superuser with trust "
+            "authentication expected): run the tests with scripts/test, which starts a throwaway cluster "
+            f"when none answers. Driver said: {exc}",
             pytrace=False,
         )
 

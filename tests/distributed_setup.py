@@ -20,11 +20,10 @@ import psycopg
 from psycopg import sql
 
 from tests.configs import _table
+from tests.postgres import POSTGRES_ADMIN_DSN, POSTGRES_URL_BASE
 from tests.servers.dovecot import Dovecot, MailUser
 
 ROOT = Path(__file__).resolve().parents[1]
-POSTGRES_ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=5"
-POSTGRES_URL_BASE = "postgresql+psycopg://postgres@127.0.0.1:5432/"
 
 
 @contextmanager

@@ -77,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-format", default="text", choices=LOG_FORMATS, help="text (default) or json lines"
     )
+    parser.add_argument(
+        "--log-file",
+        type=Path,
+        metavar="PATH",
+        help="also write every log line at --log-level to this file (created with mode 600); with sync's "
+        "progress bars on a terminal, only warnings and errors are shown there",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -140,7 +147,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.log_level, args.log_format)
+    try:
+        setup_logging(args.log_level, args.log_format, args.log_file)
+    except OSError as exc:
+        print(f"error: cannot write the log file {args.log_file}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_CONFIG
     if not accounts.needs_config(args):
         try:
             return accounts.check_file(args.file, _given_config(args.config))

@@ -12,6 +12,10 @@ and folder, never a secret; ``ews_connection`` shares one connection pool per en
 Throttling (``ErrorServerBusy`` with BackOffMilliseconds, HTTP 503 with Retry-After) is waited out and
 counted here; when the server stays busy the session gives up with a temporary error, so the account
 backs off instead of failing its messages.
+
+Several messages may go in one ``CreateItem`` (``deliver_many``, up to the destination's
+``create_batch``): Exchange answers one response message per item, in order, so each item is created,
+stamped and referenced on its own, and the ledger keeps one row per message as for single deliveries.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from exchangelib.folders import Messages
 from exchangelib.items import SAVE_ONLY, SEND_TO_NONE
 from exchangelib.services import CreateFolder, CreateItem
 
-from connector.config import EwsDestination
+from connector.config import DEFAULT_EWS_CREATE_BATCH, EwsDestination
+from connector.destinations.base import clip_server_text
 from connector.destinations.ews_connection import CONFIGURATIONS, describe, secret_of
 from connector.destinations.ews_errors import DRIVER_ERRORS, FOLDER_GONE, Where, translate
 from connector.errors import (
@@ -63,6 +68,12 @@ _UTC = zoneinfo.ZoneInfo("UTC")
 _EWS_UTC = EWSTimeZone("UTC")
 # PidTagMessageFlags bit: MSGFLAG_READ. MSGFLAG_UNSENT (0x8) is never set, so the item is not a draft.
 MSGFLAG_READ = 0x1
+# MIME bytes one batched CreateItem may carry. The request carries them in base64 (4/3 of the size) plus
+# the item XML, and Exchange 2013-2019 take EWS requests of up to 64 MiB (maxAllowedContentLength and
+# maxReceivedMessageSize in the EWS web.config, docs/exchange.md): 32 MiB of MIME stays well below that.
+# The poll's batches are smaller still (connector/poll/pipeline.py BATCH_BYTES); a larger one goes one
+# message per request.
+BATCH_REQUEST_BYTES = 32 * 1024 * 1024
 
 T = TypeVar("T")
 
@@ -124,6 +135,16 @@ class _MimeMessage(Message):  # type: ignore[misc]
         return tuple(f for f in super().supported_fields(version) if f.name in _CREATE_FIELDS)
 
 
+class _CreateEach(CreateItem):  # type: ignore[misc]
+    """``CreateItem`` for a batch: every failed or warning response message comes back as an exception
+    instance in its item's place. exchangelib's own ``CreateItem`` raises the first error it does not
+    list in the middle of the answer, which would hide which of the other items were created (and its
+    retry loop would then send the whole request again, creating them twice)."""
+
+    ERRORS_TO_CATCH_IN_RESPONSE = ews_errors.EWSError
+    WARNINGS_TO_CATCH_IN_RESPONSE = ews_errors.EWSError
+
+
 # --- the session ----------------------------------------------------------------------------------------
 
 
@@ -150,6 +171,7 @@ class EwsSession:
         where: Where,
         mark_seen: bool,
         max_message_size: int,
+        create_batch: int = DEFAULT_EWS_CREATE_BATCH,
         secrets: tuple[str, ...] = (),
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
@@ -157,6 +179,7 @@ class EwsSession:
         self._where = where
         self.mark_seen = mark_seen
         self.max_message_size = max_message_size
+        self.create_batch = create_batch
         self._secrets = secrets
         self._sleep = sleep
         self._folder: Any = None
@@ -165,10 +188,72 @@ class EwsSession:
     # --- DestinationSession ---------------------------------------------------------------------------
 
     def max_batch(self) -> int:
-        return 1  # one CreateItem per message: each is looked up and created on its own
+        """Messages one ``CreateItem`` may carry: the destination's ``create_batch``."""
+        return self.create_batch
 
     def deliver_many(self, messages: Sequence[FetchedMessage]) -> list[str] | None:
-        return [self.deliver(messages[0])] if len(messages) == 1 else None
+        """One ``CreateItem`` (SaveOnly) of every message, each its own item with its own SHA-256 stamp;
+        returns their references in order when Exchange created all of them.
+
+        Exchange answers one response message per item, in order, and creates the items it can: a batch is
+        not atomic. So:
+
+        * every item created: the references, in order;
+        * nothing created (the request refused as a whole, or every item refused), or nothing sent (a
+          message is over ``max_message_size``, or the batch over ``BATCH_REQUEST_BYTES``): None, and the
+          poll delivers them one by one, so that the message at fault is refused alone and named, and its
+          batch-mates go in;
+        * some created and others not, or an answer that does not account for every item: a temporary
+          ``DestinationTempError`` saying so. The poll then stops delivering and every message of the
+          batch stays recorded as not delivered, with its row: the next poll looks each one up (``find``,
+          by the SHA-256 stamp) before delivering it again, so the created ones are recorded as recovered
+          and only the others are created. Exactly once holds without telling them apart here.
+
+        Any other failure (no connection, login, TLS, a server that stays busy) raises as ``deliver``
+        does; a request that was never answered leaves the batch to the same lookups.
+        """
+        if len(messages) == 1:
+            return [self.deliver(messages[0])]
+        if any(message.size > self.max_message_size for message in messages):
+            return None  # nothing sent: one by one, the oversized one is refused alone
+        if sum(message.size for message in messages) > BATCH_REQUEST_BYTES:
+            return None
+        uidls = f"{len(messages)} messages, {messages[0].uidl} to {messages[-1].uidl}"
+        folder = self._call("find the folder", lambda: self._resolve_folder(create=True), messages[0].uidl)
+        items = [self._item(folder, message) for message in messages]
+        try:
+            answer = self._call(f"CreateItem ({uidls})", lambda: self._create_each(folder, items), None)
+        except DestinationRejectedError as exc:
+            # Refused as a whole before anything was created (impersonation, access, the folder gone):
+            # one by one, each message meets the refusal (or the folder is made again) on its own.
+            log.info("%s", self._where.say(f"the batch was refused ({exc.message}); one message at a time"))
+            return None
+        results, broke_off = answer
+        created = [result for result in results if not isinstance(result, Exception)]
+        if broke_off is None and len(results) == len(messages) and len(created) == len(messages):
+            return [self._reference(getattr(result, "id", None)) for result in results]
+        if broke_off is None and not created and len(results) in (1, len(messages)):
+            first = next(result for result in results if isinstance(result, Exception))
+            refusal = self._redacted(f"{type(first).__name__}: {first}")
+            log.info("%s", self._where.say(f"every item of the batch was refused ({refusal}); one at a time"))
+            return None
+        failures = [
+            f"message {message.uidl}: {type(result).__name__}: {result}"
+            for message, result in zip(messages, results, strict=False)
+            if isinstance(result, Exception)
+        ]
+        if broke_off is not None:
+            failures.append(f"the answer broke off: {type(broke_off).__name__}: {broke_off}")
+        elif len(results) != len(messages):
+            failures.append(f"the answer covered {len(results)} of {len(messages)} items")
+        detail = clip_server_text(self._redacted("; ".join(failures)))
+        raise DestinationTempError(
+            self._where.say(
+                f"CreateItem ({uidls}): {len(created)} of {len(messages)} items created, the others not "
+                f"or not known ({detail}); every message of the batch stays pending and is looked up "
+                "before it is delivered again"
+            )
+        )
 
     def deliver(self, message: FetchedMessage) -> str:
         """CreateItem (SaveOnly) with the raw MIME; returns ``ews:<mailbox>/<folder>;ItemId=<id>``."""
@@ -206,6 +291,30 @@ class EwsSession:
             message.uidl,
         )
         return self._reference(getattr(result, "id", None))
+
+    def _create_each(self, folder: Any, items: Sequence[_MimeMessage]) -> tuple[list[Any], Exception | None]:
+        """One CreateItem of ``items``: (one result per response message, an item or an exception
+        instance; the error that cut the answer short after some results, if any).
+
+        Every error response message is a result (``_CreateEach``), so an error raised before the first
+        result is about the request as a whole (transport, SOAP fault, a busy server): it is raised, for
+        ``_call`` to wait out (nothing was created) or translate. An error after a result is returned
+        instead: items were created, so the request must never be sent again."""
+        results: list[Any] = []
+        answer = _CreateEach(account=self._account).call(
+            items=items,
+            folder=folder,
+            message_disposition=SAVE_ONLY,
+            send_meeting_invitations=SEND_TO_NONE,
+        )
+        try:
+            for result in answer:
+                results.append(result)
+        except DRIVER_ERRORS as exc:
+            if not results:
+                raise
+            return results, exc
+        return results, None
 
     def find(self, message: FetchedMessage) -> str | None:
         """After a crash: an item in the folder with the same InternetMessageId and SHA-256, or None.
@@ -284,6 +393,11 @@ class EwsSession:
             pop_connector_submit_time=_ews_time(submitted),
             pop_connector_sha256=message.sha256,
         )
+
+    def _redacted(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
 
     def _reference(self, item_id: object) -> str:
         base = f"ews:{self._where.mailbox}/{self._where.folder}"
@@ -436,6 +550,7 @@ def open_ews(
         where=where,
         mark_seen=mark_seen,
         max_message_size=destination.max_message_size,
+        create_batch=destination.create_batch,
         secrets=secrets,
         sleep=sleep,
     )

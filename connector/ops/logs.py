@@ -6,17 +6,24 @@ repeat them, and lines from libraries called during a poll (imapclient, SQLAlche
 
 Both formats cut every secret the process knows out of each line (``connector.redaction``): a library's
 DEBUG trace or a server's reply may carry one that no log call of ours would write.
+
+Lines go to the console (stderr) and, with ``--log-file``, to that file too. A live display (sync's
+progress bars) takes the console over for a while (``console_replaced``); the file goes on unchanged.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime
+from io import TextIOWrapper
+from pathlib import Path
 from typing import Any, Literal, TextIO
 
 from connector.redaction import redact
@@ -106,7 +113,8 @@ class TextFormatter(logging.Formatter):
 
 
 class _CurrentStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Writes to whatever ``sys.stderr`` is at the time, so a live progress display can redirect it."""
+    """The console: writes to whatever ``sys.stderr`` is at the time (a test or a live display may have
+    replaced it)."""
 
     @property
     def stream(self) -> TextIO:
@@ -117,15 +125,62 @@ class _CurrentStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         pass
 
 
-def setup_logging(level: str, log_format: LogFormat = "text") -> None:
-    handler = _CurrentStderrHandler()
-    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
-    handler.addFilter(ContextFilter())
+class PrivateFileHandler(logging.handlers.WatchedFileHandler):
+    """``--log-file``: appends to the file, created with mode 600 (lines name accounts, mailboxes and
+    messages); reopened when logrotate moved it away. An existing file keeps its mode and owner."""
+
+    def _open(self) -> TextIOWrapper:
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        return open(fd, "a", encoding=self.encoding, errors=self.errors)
+
+
+def make_formatter(log_format: LogFormat) -> logging.Formatter:
+    return JsonFormatter() if log_format == "json" else TextFormatter()
+
+
+def setup_logging(level: str, log_format: LogFormat = "text", log_file: Path | None = None) -> None:
+    """Everything at ``level`` to stderr and, with ``log_file``, to that file too (same format).
+
+    Raises ``OSError`` when the file cannot be opened; the handlers are then left as they were.
+    """
+    handlers: list[logging.Handler] = [_CurrentStderrHandler()]
+    if log_file is not None:
+        handlers.append(PrivateFileHandler(log_file, encoding="utf-8"))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
-    root.addHandler(handler)
+        if isinstance(old, PrivateFileHandler):  # a second set-up in one process (tests)
+            old.close()
+    for handler in handlers:
+        handler.setFormatter(make_formatter(log_format))
+        handler.addFilter(ContextFilter())
+        root.addHandler(handler)
     root.setLevel(getattr(logging, level))
     if level != "DEBUG":
         # Alembic announces every migration context at INFO on each start; only its warnings matter.
         logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def console_formatter() -> logging.Formatter:
+    """The format of the console's lines (``setup_logging``), for a handler that takes the console's place."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, _CurrentStderrHandler) and handler.formatter is not None:
+            return handler.formatter
+    return TextFormatter()
+
+
+@contextmanager
+def console_replaced(handler: logging.Handler) -> Iterator[None]:
+    """Inside, ``handler`` writes what the console (stderr) would, at its own level: a live display takes
+    the console over (``connector.ops.progress``) while the file handler goes on as before."""
+    root = logging.getLogger()
+    consoles = [old for old in root.handlers if isinstance(old, _CurrentStderrHandler)]
+    for old in consoles:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        for old in consoles:
+            root.addHandler(old)

@@ -1,8 +1,10 @@
 """What ``sync`` shows while it works and when it is done.
 
-In a terminal: a rich progress bar per account (messages, bytes, rate, ETA) on stderr. Otherwise: plain
-log lines at every tenth of the way. At the end, either way, a summary table of every account. Both
-displays are ``PollObserver``s: they count what each poll planned and fetched from its events.
+In a terminal: a rich progress bar per account (messages, bytes, rate, ETA) on stderr, with only warnings
+and errors printed above the bars (the per-message lines would scroll the bars away; ``--log-file`` keeps
+them). Otherwise: plain log lines at every tenth of the way, and every log line as before. At the end,
+either way, a summary table of every account. Both displays are ``PollObserver``s: they count what each
+poll planned and fetched from its events.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TextIO
@@ -26,9 +29,10 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from connector.config import Account
-from connector.ops.logs import log_context
+from connector.ops.logs import ContextFilter, console_formatter, console_replaced, log_context
 from connector.poll.events import Fetched, Finished, Planned, PollEvent, Started
 from connector.poll.result import PollResult
 
@@ -231,8 +235,29 @@ class LogProgress(SyncProgress):
             )
 
 
+class ProgressConsoleHandler(logging.Handler):
+    """The console's log lines while bars are on screen: WARNING and above (``level``), printed through the
+    bars' rich ``console``, which puts them above the bars instead of through them."""
+
+    def __init__(self, console: Console, formatter: logging.Formatter, level: int = logging.WARNING) -> None:
+        super().__init__(level)
+        self._console = console
+        self.setFormatter(formatter)
+        self.addFilter(ContextFilter())
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+            # Text: the line is printed as it is (no markup, no highlighting); soft_wrap: long lines are
+            # wrapped by the terminal, not cut into several.
+            self._console.print(Text(line), soft_wrap=True)
+        except Exception:
+            self.handleError(record)
+
+
 class BarProgress(SyncProgress):
-    """A terminal: one rich progress bar per account, on ``console`` (stderr)."""
+    """A terminal: one rich progress bar per account, on ``console`` (stderr). While the bars are up the
+    console shows only warnings and errors (``ProgressConsoleHandler``)."""
 
     def __init__(
         self, accounts: Sequence[Account], console: Console, clock: Callable[[], float] = time.monotonic
@@ -247,8 +272,10 @@ class BarProgress(SyncProgress):
             TimeRemainingColumn(),
             console=console,
         )
+        self._console = console
         self._lock = threading.Lock()
         self._tasks: dict[str, TaskID] = {}
+        self._quiet = ExitStack()
         for account in accounts:
             self._tasks[account.name] = self._progress.add_task(
                 f"{account.name} (waiting)", total=None, messages="", start=False
@@ -296,11 +323,14 @@ class BarProgress(SyncProgress):
 
     def __enter__(self) -> BarProgress:
         self._progress.start()
+        handler = ProgressConsoleHandler(self._console, console_formatter())
+        self._quiet.enter_context(console_replaced(handler))
         return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        self._quiet.close()
         self._progress.stop()
 
 

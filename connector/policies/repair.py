@@ -7,7 +7,8 @@ Pure (the scanner keeps state across chunks but does no I/O).
   allows it): servers refuse such an APPEND or, like Dovecot, store it and hand back 0x80 instead, so the
   delivered copy would not even match what was sent (and could not be found again after a crash).
 * Lines longer than RFC 5322's 998 octets are left as they are: IMAP has no line length limit for APPEND,
-  and re-wrapping would change the content (and break signatures). They are counted and recorded.
+  and re-wrapping would change the content (and break signatures). So they are no repair: they are counted
+  (``FetchedMessage.long_lines``, logged at DEBUG), not recorded in ``messages.repairs``.
 """
 
 from __future__ import annotations
@@ -48,15 +49,16 @@ class RepairScanner:
         self._partial = 0
 
 
-def describe_repairs(line_endings: bool, nul_removed: int, long_lines: int) -> str | None:
+def describe_repairs(line_endings: bool, nul_removed: int) -> str | None:
     """What the ledger records in ``messages.repairs``; None when the message went through unchanged."""
     parts = []
     if line_endings:
         parts.append("bare LF/CR line endings made CRLF")
     if nul_removed:
         parts.append(f"{nul_removed} NUL byte(s) removed (IMAP forbids them)")
-    if long_lines:
-        parts.append(
-            f"{long_lines} line(s) over {RFC5322_LINE_LIMIT} octets left as they are (IMAP accepts them)"
-        )
     return "; ".join(parts) or None
+
+
+def describe_long_lines(long_lines: int) -> str:
+    """The DEBUG note about lines over the limit, which are delivered unchanged."""
+    return f"{long_lines} line(s) over {RFC5322_LINE_LIMIT} octets left as they are (IMAP accepts them)"

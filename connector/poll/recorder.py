@@ -23,6 +23,7 @@ from connector.ledger.store import Ledger
 from connector.message import FetchedMessage
 from connector.ops.logs import about_message
 from connector.policies.failures import Backoff, Charge, backoff
+from connector.policies.repair import describe_long_lines
 from connector.poll.deletions import Deletions
 from connector.poll.events import Delivered, Failed, Observers, Quarantined, Recovered
 from connector.poll.result import PollResult
@@ -95,9 +96,16 @@ class Recorder:
             header_hash=fetched.header_sha256,
             repairs=fetched.repairs,
         )
-        if fetched.repairs:
-            with about_message(info.uidl):
+        with about_message(info.uidl):
+            if fetched.repairs:
                 log.info("account %s: message %s repaired: %s", self.account.name, info.uidl, fetched.repairs)
+            if fetched.long_lines:
+                log.debug(
+                    "account %s: message %s: %s",
+                    self.account.name,
+                    info.uidl,
+                    describe_long_lines(fetched.long_lines),
+                )
 
     def delivered(self, fetched: FetchedMessage, info: MessageInfo, ref: str) -> None:
         """The destination took the message. Deferred: committed with the next message's ``pending``, and

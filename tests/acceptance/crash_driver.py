@@ -6,7 +6,8 @@ accounts before-recipient-record (the Nth recipient's copy is in its mailbox, it
 these run with one message per APPEND, so that the Nth call is the Nth message. before-multiappend and
 after-multiappend kill around the Nth MULTIAPPEND of several messages (after: they are stored, their
 ``delivered`` records not written); the first single delivery then waits a moment, so that the fetching
-thread has the next messages ready and they go as a batch.
+thread has the next messages ready and they go as a batch. before-createitem-batch and
+after-createitem-batch do the same around the Nth CreateItem of several messages into Exchange (EWS).
 The kill is a real SIGKILL of this process: no finally block, no atexit, no flush runs.
 """
 
@@ -36,6 +37,8 @@ TARGETS: dict[str, tuple[Any, str]] = {
     "after-multiappend": (imap.ImapSession, "deliver_many"),
 }
 BATCH_POINTS = ("before-multiappend", "after-multiappend")
+# Exchange: exchangelib is imported only for these.
+EWS_POINTS = ("before-createitem-batch", "after-createitem-batch")
 
 
 def _killing(original: Callable[..., Any], nth: int, *, after: bool = False) -> Callable[..., Any]:
@@ -72,6 +75,13 @@ def _first_call_waits(original: Callable[..., Any]) -> Callable[..., Any]:
 def main() -> int:
     point, nth, separator, *cli_args = sys.argv[1:]
     assert separator == "--", __doc__
+    if point in EWS_POINTS:
+        from connector.destinations import ews
+
+        deliver_many = _killing(ews.EwsSession.deliver_many, int(nth), after=point.startswith("after-"))
+        ews.EwsSession.deliver_many = deliver_many  # type: ignore[method-assign]
+        ews.EwsSession.deliver = _first_call_waits(ews.EwsSession.deliver)  # type: ignore[method-assign]
+        return cli.main(cli_args)
     owner, name = TARGETS[point]
     setattr(owner, name, _killing(getattr(owner, name), int(nth), after=point.startswith("after-")))
     if point in BATCH_POINTS:

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.acceptance
 TINY = [
     "--quick", "--no-fetchmail", "--small-count", "3", "--large-count", "1", "--large-size", "20000",
     "--huge-size", "100000", "--latency-count", "3", "--latency-ms", "2", "--idle-accounts", "2",
-    "--big-mailbox", "20", "--new-messages", "2",
+    "--big-mailbox", "20", "--new-messages", "2", "--ews-count", "4", "--create-batch", "3",
 ]  # fmt: skip
 
 
@@ -37,7 +37,7 @@ def test_bench_prints_a_row_per_scenario() -> None:
         "ratio",
         "fetchmail",
     ]
-    for scenario in ("(1)", "(2)", "(3)", "(4)", "(5)", "(6)"):
+    for scenario in ("(1)", "(2)", "(3)", "(4)", "(5)", "(6)", "(7)", "(8)"):
         row = next(line for line in lines if line.startswith(scenario))
         float(row.split("|")[3])  # a ratio, whatever its value
 
@@ -47,3 +47,11 @@ def test_ledger_bench_prints_its_ratio(capsys: pytest.CaptureFixture[str]) -> No
 
     assert main(["--messages", "20"]) == 0
     assert "ratio (bare CPU / connector CPU):" in capsys.readouterr().out
+
+
+def test_gmail_bench_prints_throughput_against_the_quota(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.gmail import main
+
+    assert main(["--messages", "3", "--mailboxes", "1", "--latency", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "messages/s per mailbox" in out and "of the quota's ceiling" in out and "3 delivered" in out

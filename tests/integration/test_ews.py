@@ -3,15 +3,17 @@ through the sync engine with the real Dovecot as the POP3 side."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from exchangelib.errors import ErrorNameResolutionNoResults
+from exchangelib.errors import ErrorNameResolutionNoResults, MalformedResponseError
 from sqlalchemy import select
 
 from connector.cli.check import run_checks
 from connector.config import EwsDestination
+from connector.destinations import ews as ews_module
 from connector.destinations.ews import EwsSession, open_ews
 from connector.destinations.ews_connection import CONFIGURATIONS
 from connector.errors import (
@@ -397,3 +399,193 @@ def test_catch_all_delivers_into_each_impersonated_mailbox(
     assert [item.mime for item in exchange.items(MAILBOX)] == [both]
     assert sorted(item.mime for item in exchange.items(bob)) == sorted([both, simple(2)])
     assert {r.impersonated for r in exchange.requests} == {MAILBOX, bob}
+
+
+# --- several messages per CreateItem (create_batch) ---------------------------------------------------------
+
+SHA256_PROPERTY = ("6f2c6c2e-8f57-4a35-9b0e-5c1a3f0e7d41", "PopConnectorSha256")
+# Each CreateItem waits this long on the server (a far Exchange): meanwhile the fetching thread has the
+# next messages ready, so every batch after the poll's first, single delivery is full.
+SLOW_CREATE = 0.15
+
+
+def spooled(n: int, *, size: int = 0) -> FetchedMessage:
+    spool = MessageSpool(f"uidl-{n}", "<fallback@pop.example>")
+    spool.write(simple(n, size=size))
+    return spool.finish()
+
+
+def assert_stamped_once(ews: EwsServer, messages: list[bytes]) -> None:
+    """Each message is in the mailbox exactly once, with the SHA-256 of what was sent as its property."""
+    items = ews.items(MAILBOX)
+    assert sorted(item.mime for item in items) == sorted(messages)
+    for item in items:
+        assert item.properties[SHA256_PROPERTY] == hashlib.sha256(item.stored_mime).hexdigest()
+
+
+def test_deliver_many_creates_every_item_in_one_request(exchange: EwsServer) -> None:
+    ews = session(exchange)
+    assert ews.max_batch() == 10  # create_batch's default
+    messages = [spooled(n) for n in range(3)]
+    refs = ews.deliver_many(messages)
+    items = exchange.items(MAILBOX, FOLDER)
+    assert exchange.batches() == [3]
+    assert [item.mime for item in items] == [simple(n) for n in range(3)]
+    assert refs == [f"ews:{MAILBOX}/{FOLDER};ItemId={item.id}" for item in items]
+    for message, item in zip(messages, items, strict=True):
+        assert item.properties[SHA256_PROPERTY] == message.sha256
+        assert item.tag(0x0E07) == "0" and item.tag(0x0039) == SENT
+        assert ews.find(message) == f"ews:{MAILBOX}/{FOLDER};ItemId={item.id}"
+
+
+def test_deliver_many_sends_nothing_when_a_message_is_over_the_limit(exchange: EwsServer) -> None:
+    ews = session(login(exchange, max_message_size=2000))
+    assert ews.deliver_many([spooled(1), spooled(2, size=3000), spooled(3)]) is None
+    assert "CreateItem" not in exchange.ops()
+
+
+def test_deliver_many_over_the_request_budget_sends_nothing(
+    exchange: EwsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ews_module, "BATCH_REQUEST_BYTES", 500)
+    assert session(exchange).deliver_many([spooled(1), spooled(2), spooled(3)]) is None
+    assert "CreateItem" not in exchange.ops()
+
+
+def test_deliver_many_refused_whole_is_none(exchange: EwsServer) -> None:
+    # Every item refused (each its own error response message): nothing created, one by one names them.
+    exchange.max_item_size = 100
+    assert session(exchange).deliver_many([spooled(1), spooled(2)]) is None
+    # The request refused as a whole: one error response message for it, or a SOAP fault.
+    exchange.max_item_size = None
+    exchange.fail("CreateItem", "error", code="ErrorAccessDenied", text="Access is denied.")
+    assert session(exchange).deliver_many([spooled(1), spooled(2)]) is None
+    ews = session(exchange, folder="Inbox")
+    ews.check()  # the folder is known: the CreateItem itself is refused (a SOAP fault)
+    exchange.impersonators.discard(SERVICE)
+    assert ews.deliver_many([spooled(1), spooled(2)]) is None
+    assert exchange.ops()[-1] == "CreateItem"
+    assert exchange.items(MAILBOX) == []
+
+
+@pytest.mark.parametrize("stop", [False, True])
+def test_deliver_many_partly_created_is_a_temporary_error(exchange: EwsServer, stop: bool) -> None:
+    exchange.fail("CreateItem", "item_error", item=2, stop=stop, code="ErrorInternalServerError", text="oops")
+    messages = [spooled(n) for n in range(1, 5)]
+    with pytest.raises(DestinationTempError) as caught:
+        session(exchange).deliver_many(messages)
+    created = 1 if stop else 3
+    assert f"{created} of 4 items created" in caught.value.message
+    assert "message uidl-2: ErrorInternalServerError: oops" in caught.value.message
+    assert "looked up before it is delivered again" in caught.value.message
+    assert len(exchange.items(MAILBOX)) == created
+    assert exchange.batches() == [4]  # never sent again: that would create the first items twice
+
+
+def test_deliver_many_answer_broken_off_is_a_temporary_error_never_resent(
+    exchange: EwsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_call = ews_module._CreateEach.call
+
+    def broken_off(self: Any, **kwargs: Any) -> Iterator[Any]:
+        results = real_call(self, **kwargs)
+        yield next(results)
+        raise MalformedResponseError("No Items elements in ResponseMessage")
+
+    monkeypatch.setattr(ews_module._CreateEach, "call", broken_off)
+    with pytest.raises(DestinationTempError) as caught:
+        session(exchange).deliver_many([spooled(1), spooled(2), spooled(3)])
+    assert "1 of 3 items created, the others not or not known" in caught.value.message
+    assert "the answer broke off: MalformedResponseError" in caught.value.message
+    assert exchange.batches() == [3] and len(exchange.items(MAILBOX)) == 3  # created, and not sent again
+
+
+def test_deliver_many_waits_out_a_busy_server_and_sends_once_more(exchange: EwsServer) -> None:
+    waits = Waits()
+    exchange.fail("CreateItem", "busy", back_off_ms=500)
+    refs = session(exchange, waits=waits).deliver_many([spooled(1), spooled(2)])
+    assert refs is not None and len(refs) == 2
+    assert waits == [0.5] and exchange.batches() == [2, 2]  # the busy answer created nothing
+    assert len(exchange.items(MAILBOX)) == 2
+
+
+def test_a_migration_goes_in_batches_of_create_batch(
+    exchange: EwsServer, dovecot: Dovecot, mail_users: MailUsers, make_sync: SyncFactory
+) -> None:
+    messages = [simple(n) for n in range(25)]
+    dovecot.seed(mail_users.source.name, messages)
+    exchange.delays["CreateItem"] = SLOW_CREATE
+    config, engine = make_sync(account={"mailbox": MAILBOX}, destination=destination(exchange))
+    result = engine.poll(config.accounts[0])
+    assert (result.status, result.delivered, result.deleted) == ("ok", 25, 25), result
+    # The poll's first message opens the session alone; then whole batches of create_batch (10).
+    assert exchange.batches() == [1, 10, 10, 4]
+    assert [item.mime for item in exchange.items(MAILBOX)] == messages
+    assert_stamped_once(exchange, messages)
+    with engine.ledger.engine.connect() as db:
+        refs = db.scalars(select(MessageRow.destination_ref)).all()
+    assert sorted(refs) == sorted(f"ews:{MAILBOX}/INBOX;ItemId={item.id}" for item in exchange.items())
+
+
+def test_create_batch_1_sends_one_request_per_message(
+    exchange: EwsServer, dovecot: Dovecot, mail_users: MailUsers, make_sync: SyncFactory
+) -> None:
+    messages = [simple(n) for n in range(5)]
+    dovecot.seed(mail_users.source.name, messages)
+    exchange.delays["CreateItem"] = SLOW_CREATE
+    config, engine = make_sync(
+        account={"mailbox": MAILBOX}, destination=destination(exchange, create_batch=1)
+    )
+    result = engine.poll(config.accounts[0])
+    assert (result.status, result.delivered) == ("ok", 5), result
+    assert exchange.batches() == [1] * 5
+    assert_stamped_once(exchange, messages)
+
+
+def test_an_oversized_message_in_a_batch_is_refused_alone(
+    exchange: EwsServer, dovecot: Dovecot, mail_users: MailUsers, make_sync: SyncFactory
+) -> None:
+    messages = [simple(n, size=5000 if n == 4 else 0) for n in range(8)]
+    dovecot.seed(mail_users.source.name, messages)
+    exchange.delays["CreateItem"] = SLOW_CREATE
+    config, engine = make_sync(
+        account={"mailbox": MAILBOX}, destination=destination(exchange, max_message_size="4KB")
+    )
+    result = engine.poll(config.accounts[0])
+    assert (result.status, result.delivered, result.quarantined, result.failed) == ("ok", 7, 1, 1), result
+    assert sum("max_message_size of 4096 bytes" in problem for problem in result.problems) == 1
+    # The batch of messages 1-7 went one by one (the oversized one is never sent), the others once each.
+    assert exchange.batches() == [1] * 7
+    assert_stamped_once(exchange, [m for n, m in enumerate(messages) if n != 4])
+    assert dovecot.maildir_count(mail_users.source.name) == 1
+    account_id = engine.ledger.account_id(config.accounts[0].name) or 0
+    states = [row.state for row in engine.ledger.known_messages(account_id).values()]
+    assert states.count(MessageState.FAILED) == 1
+
+
+def test_a_partly_created_batch_stops_the_poll_and_the_next_recovers_it(
+    exchange: EwsServer, dovecot: Dovecot, mail_users: MailUsers, make_sync: SyncFactory
+) -> None:
+    messages = [simple(n) for n in range(25)]
+    dovecot.seed(mail_users.source.name, messages)
+    exchange.delays["CreateItem"] = SLOW_CREATE
+    # The batch of messages 1-10 (after message 0 alone): items 1-4 created, item 5 fails, the rest is not
+    # processed.
+    exchange.fail("CreateItem", "item_error", item=5, stop=True, code="ErrorInternalServerError", text="oops")
+    config, engine = make_sync(account={"mailbox": MAILBOX}, destination=destination(exchange))
+    account = config.accounts[0]
+    first = engine.poll(account)
+    assert (first.status, first.delivered, first.recovered) == ("error", 1, 0), first
+    assert first.error is not None and "4 of 10 items created" in first.error
+    assert exchange.batches() == [1, 10]  # the poll stopped delivering
+    assert [item.mime for item in exchange.items(MAILBOX)] == messages[:5]
+    account_id = engine.ledger.account_id(account.name) or 0
+    rows = engine.ledger.known_messages(account_id)
+    assert len(rows) == 11  # the batch's ten are recorded (not delivered), with no attempt spent
+    assert sum(row.attempts for row in rows.values() if row.state is not MessageState.DELETED) == 0
+    assert dovecot.maildir_count(mail_users.source.name) == 24
+
+    second = engine.poll(account)
+    assert (second.status, second.recovered, second.delivered) == ("ok", 4, 20), second
+    assert_stamped_once(exchange, messages)  # messages 1-4 were looked up, not created again
+    assert dovecot.maildir_count(mail_users.source.name) == 0

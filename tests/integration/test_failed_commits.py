@@ -22,9 +22,9 @@ from connector.errors import LedgerError
 from connector.ledger.records import MessageState, PollOutcome
 from connector.ledger.store import Ledger
 from connector.poll.engine import SyncEngine
-from tests.conftest import POSTGRES_ADMIN_DSN
 from tests.integration.conftest import SyncFactory
 from tests.messages import simple
+from tests.postgres import POSTGRES_ADMIN_DSN
 from tests.servers.dovecot import Dovecot, MailUsers
 
 

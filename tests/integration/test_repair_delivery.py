@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import pytest
@@ -37,12 +38,17 @@ def pop3() -> Iterator[ScriptedPop3Server]:
 
 
 def test_repairs_are_delivered_recorded_and_found_again(
-    dovecot: Dovecot, mail_users: MailUsers, pop3: ScriptedPop3Server, make_sync: SyncFactory
+    dovecot: Dovecot,
+    mail_users: MailUsers,
+    pop3: ScriptedPop3Server,
+    make_sync: SyncFactory,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     config, engine = make_sync(
         account={"port": pop3.port, "username": pop3.username, "password": pop3.password, "retention": "keep"}
     )
     account = config.accounts[0]
+    caplog.set_level(logging.DEBUG, logger="connector")
     result = engine.poll(account)
     assert (result.status, result.delivered, result.failed) == ("ok", 2, 0), result
     delivered = dovecot.imap_messages(mail_users.destination.name)
@@ -53,7 +59,11 @@ def test_repairs_are_delivered_recorded_and_found_again(
     with ledger.engine.begin() as connection:
         repairs = dict(connection.execute(text("SELECT uidl, repairs FROM messages")).all())
         assert "CRLF" in repairs["damaged"] and "1 NUL" in repairs["damaged"]
-        assert "1 line(s) over 998" in repairs["damaged"]
+        # The 3000-octet line went as it was: no repair, and only a DEBUG line says so.
+        assert "998" not in repairs["damaged"]
+        long_lines = [record for record in caplog.records if "over 998 octets" in record.getMessage()]
+        assert [record.levelno for record in long_lines] == [logging.DEBUG]
+        assert "left as they are" in long_lines[0].getMessage()
         # As after a crash between APPEND and the ledger commit: the delivered copies must be found.
         connection.execute(text("UPDATE messages SET state = 'pending'"))
     again = engine.poll(account)

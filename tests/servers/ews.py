@@ -10,7 +10,10 @@ OAuth 2.0 bearer tokens issued by its own ``/token`` endpoint (client credential
 It keeps what it was given so that tests can assert it: each created item with its decoded MIME content,
 target mailbox (from the ``ExchangeImpersonation`` header or the login), folder path and extended
 properties. Faults can be queued: ErrorServerBusy with BackOffMilliseconds, any HTTP status (503 with
-Retry-After, 401), and "drop the connection after doing the work" (a timeout after the item was created).
+Retry-After, 401), "drop the connection after doing the work" (a timeout after the item was created), and
+one failed item in a CreateItem of several (the others are created, or, as with ErrorBatchProcessingStopped,
+not processed). A CreateItem of several items is answered as Exchange does: one response message per item,
+in order, each item created or refused on its own. ``delays`` slows an operation down (a far server).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import secrets
 import ssl
 import tempfile
 import threading
+import time
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -116,13 +120,18 @@ class Fault:
     """One queued failure for the next request of ``op`` ("*" for any)."""
 
     op: str
-    kind: str  # busy | http | drop_after | error
+    kind: str  # busy | http | drop_after | error | item_error
     back_off_ms: int = 0
     status: int = 500
     retry_after: int | None = None
     # kind "error": the operation answers one response message with ResponseClass="Error" and this code.
     code: str = "ErrorInternalServerTransientError"
     text: str = "An internal server error occurred. Try again later."
+    # kind "item_error" (CreateItem only): the request's item at this position (from 1) answers an error
+    # response message with ``code`` and ``text``; with ``stop`` the items after it are not processed
+    # (ErrorBatchProcessingStopped), else they are created. Left queued for requests with fewer items.
+    item: int = 0
+    stop: bool = False
 
 
 class EwsError(Exception):
@@ -160,6 +169,8 @@ class EwsServer:
         self.requests: list[Request] = []
         self.faults: list[Fault] = []
         self.max_item_size: int | None = None
+        # Seconds each request of an operation waits before it is answered ("CreateItem" -> 0.1).
+        self.delays: dict[str, float] = {}
         self._ntlm_file = Path(self._dir.name) / "ntlm-users"
         self._ids = itertools.count(1)
         self._lock = threading.RLock()
@@ -246,7 +257,9 @@ class EwsServer:
     def fail(self, op: str, kind: str, *, times: int = 1, **kwargs: Any) -> None:
         """Queue ``times`` failures for ``op``: ``busy`` (back_off_ms), ``http`` (status, retry_after),
         ``drop_after`` (do the work, then close the connection without answering), ``error`` (an error
-        response message with ``code`` and ``text``, HTTP 200, as Exchange answers a failed FindItem)."""
+        response message with ``code`` and ``text``, HTTP 200, as Exchange answers a failed FindItem),
+        ``item_error`` (CreateItem: the item at position ``item`` of the next request carrying that many
+        fails with ``code``; ``stop``: the items after it are not processed)."""
         with self._lock:
             self.faults.extend(Fault(op, kind, **kwargs) for _ in range(times))
 
@@ -267,6 +280,12 @@ class EwsServer:
     def ops(self) -> list[str]:
         return [request.op for request in self.requests]
 
+    def batches(self) -> list[int]:
+        """How many items each CreateItem request carried, in order."""
+        with self._lock:
+            requests = [request for request in self.requests if request.op == "CreateItem"]
+        return [len(_children(_operation(request.xml), "Items")) for request in requests]
+
     # --- internals ------------------------------------------------------------------------------------------
 
     def _new_id(self, kind: str) -> str:
@@ -280,9 +299,11 @@ class EwsServer:
             parent.children.append(folder)
         return folder
 
-    def _take_fault(self, op: str) -> Fault | None:
+    def _take_fault(self, op: str, items: int) -> Fault | None:
         with self._lock:
             for index, fault in enumerate(self.faults):
+                if fault.kind == "item_error" and (op != "CreateItem" or fault.item > items):
+                    continue
                 if fault.op in (op, "*"):
                     return self.faults.pop(index)
         return None
@@ -323,14 +344,13 @@ class EwsServer:
         """(status, response body, extra headers, drop the connection after the work)."""
         envelope = ET.fromstring(body)
         header = envelope.find(_q(SOAP, "Header"))
-        request = envelope.find(_q(SOAP, "Body"))
-        assert request is not None and len(request), "SOAP request without a Body element"
-        operation = request[0]
+        operation = _operation(body, envelope)
         op = operation.tag.rpartition("}")[2]
         impersonated = _impersonated(header)
         with self._lock:
             self.requests.append(Request(op, login, impersonated, body))
-        fault = self._take_fault(op)
+        time.sleep(self.delays.get(op, 0.0))
+        fault = self._take_fault(op, len(_children(operation, "Items")))
         if fault is not None and fault.kind == "http":
             headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after else {}
             if fault.status == 401:
@@ -354,7 +374,10 @@ class EwsServer:
             if handler is None:
                 raise SoapFault("ErrorInvalidRequest", f"The request is invalid: {op} is not served here.")
             with self._lock:
-                messages = handler(operation, principal)
+                if fault is not None and fault.kind == "item_error":
+                    messages = self._op_CreateItem(operation, principal, fault)
+                else:
+                    messages = handler(operation, principal)
         except SoapFault as exc:
             return 500, _fault(exc.code, exc.text), {}, False
         except EwsError as exc:
@@ -445,12 +468,19 @@ class EwsServer:
             )
         return "".join(out)
 
-    def _op_CreateItem(self, operation: ET.Element, principal: str) -> str:
+    def _op_CreateItem(self, operation: ET.Element, principal: str, fault: Fault | None = None) -> str:
+        """One response message per item, in order; each item is created or refused on its own."""
         if operation.get("MessageDisposition") != "SaveOnly":
             raise SoapFault("ErrorInvalidRequest", "Only SaveOnly is served here.")
         (folder,) = self._parents(operation, "SavedItemFolderId", principal)
         out = []
-        for element in _children(operation, "Items"):
+        for position, element in enumerate(_children(operation, "Items"), start=1):
+            if fault is not None and position == fault.item:
+                out.append(_error("CreateItem", EwsError(fault.code, fault.text), "<m:Items/>"))
+                continue
+            if fault is not None and fault.stop and position > fault.item:
+                out.append(_batch_stopped())
+                continue
             mime_text = element.findtext(_q(T, "MimeContent"))
             if mime_text is None:
                 raise SoapFault("ErrorInvalidRequest", "this server only takes items as MimeContent")
@@ -538,6 +568,14 @@ class EwsServer:
 
 
 # --- XML helpers ------------------------------------------------------------------------------------------
+
+
+def _operation(body: bytes, envelope: ET.Element | None = None) -> ET.Element:
+    """The operation element of a SOAP request (the first child of its Body)."""
+    envelope = ET.fromstring(body) if envelope is None else envelope
+    request = envelope.find(_q(SOAP, "Body"))
+    assert request is not None and len(request), "SOAP request without a Body element"
+    return request[0]
 
 
 def _children(operation: ET.Element, container: str) -> list[ET.Element]:
@@ -669,6 +707,15 @@ def _error(op: str, exc: EwsError, empty: str) -> str:
         f'<m:{op}ResponseMessage ResponseClass="Error"><m:MessageText>{escape(exc.text)}</m:MessageText>'
         f"<m:ResponseCode>{exc.code}</m:ResponseCode><m:DescriptiveLinkKey>0</m:DescriptiveLinkKey>"
         f"{empty}</m:{op}ResponseMessage>"
+    )
+
+
+def _batch_stopped() -> str:
+    """What Exchange answers for the items of a batch it did not process after an earlier one failed."""
+    return (
+        '<m:CreateItemResponseMessage ResponseClass="Warning"><m:MessageText>The batch processing was '
+        "stopped.</m:MessageText><m:ResponseCode>ErrorBatchProcessingStopped</m:ResponseCode>"
+        "<m:DescriptiveLinkKey>0</m:DescriptiveLinkKey><m:Items/></m:CreateItemResponseMessage>"
     )
 
 

@@ -41,6 +41,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert (destination.auth, destination.max_connections, destination.tls_verify) == ("ntlm", 4, True)
     assert destination.max_message_size == 35 * 1024 * 1024
     assert destination.username == "CORP\\svc-import" and destination.version is None
+    assert destination.create_batch == 10
 
 
 @pytest.mark.parametrize(
@@ -69,6 +70,8 @@ def test_defaults(tmp_path: Path) -> None:
         (("impersonation = true", 'auth = "oauth2"\nimpersonation = true'), "needs client_id, client_secret"),
         (("impersonation = true", 'version = "Exchange2010"'), "destinations[0].version"),
         (("impersonation = true", 'max_message_size = "lots"\nimpersonation = true'), "is not a size"),
+        (("impersonation = true", "create_batch = 0\nimpersonation = true"), "[0].create_batch"),
+        (("impersonation = true", "create_batch = 101\nimpersonation = true"), "[0].create_batch"),
     ],
 )
 def test_errors_name_the_field(tmp_path: Path, change: tuple[str, str], expected: str) -> None:
@@ -81,10 +84,11 @@ def test_oauth2_and_sizes(tmp_path: Path) -> None:
     text = EWS.replace(
         "impersonation = true",
         'impersonation = true\nauth = "oauth2"\ntenant_id = "t"\nclient_id = "c"\nclient_secret = "s"\n'
-        'max_message_size = "20MB"\nversion = "Exchange2019"',
+        'max_message_size = "20MB"\nversion = "Exchange2019"\ncreate_batch = 100',
     )
     destination = load(tmp_path, text)
     assert destination.max_message_size == 20 * 1024 * 1024 and destination.version == "Exchange2019"
+    assert destination.create_batch == 100
     text = text.replace("impersonation = true", "impersonation = false")
     assert "needs impersonation = true" in error_of(tmp_path, text)
 

@@ -22,9 +22,17 @@ def test_scanner_removes_nul_and_counts_long_lines_across_chunks() -> None:
 
 
 def test_describe_repairs() -> None:
-    assert describe_repairs(False, 0, 0) is None
-    text = describe_repairs(True, 3, 1) or ""
-    assert "CRLF" in text and "3 NUL" in text and "1 line(s) over 998" in text
+    assert describe_repairs(False, 0) is None
+    text = describe_repairs(True, 3) or ""
+    assert "CRLF" in text and "3 NUL" in text
+
+
+def test_long_lines_are_counted_but_are_no_repair() -> None:
+    # Delivered as they are: nothing for messages.repairs (nor an INFO line), only a count.
+    spool = MessageSpool("u", "<f@x>")
+    spool.write(b"Subject: a\r\nMessage-ID: <a@x>\r\n\r\n" + b"x" * (RFC5322_LINE_LIMIT + 1) + b"\r\n")
+    with spool.finish() as fetched:
+        assert (fetched.repairs, fetched.long_lines) == (None, 1)
 
 
 def test_spool_records_repairs_and_hashes_what_is_delivered() -> None:
