@@ -185,8 +185,7 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
     if args.command == "check":
         from connector.cli.check import run_checks
 
-        # A log line (stderr): where the ledger is, which check does not open.
-        log.info("%s", ledger_line(config.service.database))
+        _say_where(config.service.database, args)  # which check does not open
         return EXIT_OK if run_checks(config, print) else EXIT_FAILED
     if args.command == "authorize":
         return authorize.run(args, config)
@@ -233,8 +232,17 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
         log.info("%s", ledger_line(config.service.database))
         run_service(config, ledger, config_path(args.config), poll_now=args.now)
         return EXIT_OK
-    log.info("%s", ledger_line(config.service.database))  # after opening it: it exists now
+    _say_where(config.service.database, args)  # after opening it: it exists now
     return _sync(config, ledger, args)
+
+
+def _say_where(database: str, args: argparse.Namespace) -> None:
+    """Where the ledger is, one line on stderr: plain text beside text logs (no INFO line on the terminal
+    of a sync with bars), a log line among JSON ones (stderr stays JSON lines)."""
+    if args.log_format == "json":
+        log.info("%s", ledger_line(database))
+    else:
+        print(ledger_line(database), file=sys.stderr)
 
 
 def _status(config: Config, ledger: Ledger, args: argparse.Namespace) -> int:

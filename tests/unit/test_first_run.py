@@ -167,6 +167,12 @@ def test_without_database_sync_check_and_status_say_where_the_ledger_is(
     assert main(["--config", config, "sync"]) == 0
     assert f"ledger: {ledger} (SQLite; [service] database sets where)\n" in capsys.readouterr().err
 
+    # With JSON logs, stderr stays JSON lines: the line is one of them.
+    assert main(["--config", config, "--log-format", "json", "sync"]) == 0
+    err = capsys.readouterr().err.splitlines()  # and "no enabled accounts in the configuration"
+    messages = [json.loads(line)["message"] for line in err if line.startswith("{")]
+    assert f"ledger: {ledger} (SQLite; [service] database sets where)" in messages
+
     assert main(["--config", config, "status"]) == 0
     where = f"ledger: {ledger} (SQLite; [service] database sets where)"
     assert capsys.readouterr().out.splitlines()[-1] == where
