@@ -135,6 +135,20 @@ class FileAccounts:
         return f"{row.where}: {rest}"
 
 
+_AT_LINE = re.compile(r"(.+?):(\d+): ")
+
+
+def by_line(errors: Sequence[str]) -> list[str]:
+    """Errors about rows in file and line order (a file's own, such as an inline secret, among the others);
+    the rest, about the configuration file, first and as they came."""
+
+    def key(error: str) -> tuple[int, str, int]:
+        match = _AT_LINE.match(error)
+        return (1, match.group(1), int(match.group(2))) if match else (0, "", 0)
+
+    return sorted(errors, key=key)
+
+
 def files_from_config(data: Mapping[str, Any], config_file: Path, columns: Columns) -> FileAccounts:
     """The files ``accounts_file`` and ``[[account_files]]`` name (nothing read yet); errors in those keys."""
     found = FileAccounts()

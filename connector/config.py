@@ -28,7 +28,14 @@ from pydantic import (
 )
 
 from connector import redaction
-from connector.accounts_file import AccountFile, FileAccounts, columns_of, files_from_config, read_files
+from connector.accounts_file import (
+    AccountFile,
+    FileAccounts,
+    by_line,
+    columns_of,
+    files_from_config,
+    read_files,
+)
 from connector.errors import ConfigError
 from connector.oauth import (
     ENTRA_AUTHORITY_HOST,
@@ -971,7 +978,7 @@ def parse_config(
             {**data, "accounts": raw_accounts, "source": path, "account_file_paths": read_from}
         )
     except ValidationError as exc:
-        raise ConfigError("\n".join(files.errors + _errors_from(exc, (), path, place))) from None
+        raise ConfigError("\n".join(by_line(files.errors + _errors_from(exc, (), path, place)))) from None
     if files.errors:
         raise ConfigError("\n".join(files.errors))
     config = _with_database_default(config, path)
@@ -991,7 +998,7 @@ def account_rows_errors(files: FileAccounts) -> list[str]:
             errors += _errors_from(
                 exc, ("accounts", index), Path(), lambda where: files.place(where, 0) or where
             )
-    return errors
+    return by_line(errors)
 
 
 def _account_files(

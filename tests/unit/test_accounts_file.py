@@ -316,3 +316,10 @@ def test_check_file_without_a_configuration_checks_each_row(
         f"{csv_path}:4: destination: required field is missing",
         f"{csv_path}: 4 errors",
     ]
+
+
+def test_errors_come_in_line_order(tmp_path: Path) -> None:
+    # An inline secret is found while reading, a missing field while validating: still listed by line.
+    path = setup(tmp_path, "bob,h,,env:POP_PW,local\ncarol,h,c,inline,local\ndave,h,,env:POP_PW,local\n")
+    lines = error_of(path).splitlines()
+    assert [line.split(": ")[0].rsplit(":", 1)[1] for line in lines] == ["2", "3", "4"]
