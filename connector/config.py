@@ -980,7 +980,7 @@ def parse_config(
     except ValidationError as exc:
         raise ConfigError("\n".join(by_line(files.errors + _errors_from(exc, (), path, place)))) from None
     if files.errors:
-        raise ConfigError("\n".join(files.errors))
+        raise ConfigError("\n".join(by_line(files.errors)))
     config = _with_database_default(config, path)
     # Before anything uses them: a reload's rotated passwords are redacted from its first log line on.
     redaction.register_config(config)
