@@ -10,12 +10,13 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -27,6 +28,14 @@ from pydantic import (
 )
 
 from connector import redaction
+from connector.accounts_file import (
+    AccountFile,
+    FileAccounts,
+    by_line,
+    columns_of,
+    files_from_config,
+    read_files,
+)
 from connector.errors import ConfigError
 from connector.oauth import (
     ENTRA_AUTHORITY_HOST,
@@ -37,7 +46,7 @@ from connector.oauth import (
     TokenEndpointCredentials,
     check_token_url,
 )
-from connector.tls import TlsMode
+from connector.tls import TlsMode, check_ca_file
 
 CONFIG_ENV = "POP_CONNECTOR_CONFIG"
 
@@ -118,6 +127,8 @@ DEFAULT_MESSAGE_SIZE_CEILING = 200 * 1024 * 1024
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
 ByteSize = Annotated[int, BeforeValidator(parse_size)]
 Secret = Annotated[SecretStr, BeforeValidator(_resolve_secret)]
+# Checked at load time: a missing or unreadable one is a configuration error naming the field.
+CaFile = Annotated[Path, AfterValidator(check_ca_file)]
 
 
 class _Model(BaseModel):
@@ -301,7 +312,7 @@ class OAuthSettings(_Model):
     authority_host: str = ENTRA_AUTHORITY_HOST
     refresh_token: Secret | None = None
     client_auth: Literal["body", "basic"] = "body"
-    ca_file: Path | None = None
+    ca_file: CaFile | None = None
     timeout: Duration = timedelta(seconds=30)
     # Google (Gmail over IMAP): the JSON of an OAuth client of type "Desktop app". Each address's consent
     # is given once with `pop-connector authorize DESTINATION --user ADDRESS`, which keeps its refresh
@@ -431,7 +442,7 @@ class ImapDestination(_Model):
     port: int | None = Field(default=None, ge=1, le=65535)
     tls: TlsMode = "implicit"
     tls_verify: bool = True
-    ca_file: Path | None = None
+    ca_file: CaFile | None = None
     username: str | None = None
     password: Secret | None = None
     auth: LoginMethod = "password"
@@ -515,7 +526,7 @@ class EwsDestination(_Model):
     # Messages created by one CreateItem request (1: one request per message; docs/exchange.md).
     create_batch: int = Field(default=DEFAULT_EWS_CREATE_BATCH, ge=1, le=MAX_EWS_CREATE_BATCH)
     tls_verify: bool = True
-    ca_file: Path | None = None
+    ca_file: CaFile | None = None
 
     @field_validator("service_endpoint", "token_url")
     @classmethod
@@ -576,7 +587,7 @@ class GmailDestination(_Model):
     max_message_size: ByteSize = Field(default=GMAIL_MAX_MESSAGE_SIZE, gt=0)
     api_url: str = GMAIL_API_URL
     tls_verify: bool = True
-    ca_file: Path | None = None
+    ca_file: CaFile | None = None
 
     @field_validator("api_url")
     @classmethod
@@ -652,7 +663,7 @@ class Account(Defaults):
     port: int | None = Field(default=None, ge=1, le=65535)
     tls: TlsMode = "implicit"
     tls_verify: bool = True
-    ca_file: Path | None = None
+    ca_file: CaFile | None = None
     auth: Literal["user", "apop", "oauth2"] = "user"
     username: str = Field(min_length=1)
     password: Secret | None = None
@@ -700,12 +711,18 @@ class Account(Defaults):
         return self
 
 
+# What an account file's header may name (connector/accounts_file.py).
+ACCOUNT_COLUMNS = columns_of(Account)
+
+
 class Config(_Model):
     service: ServiceConfig = ServiceConfig()
     defaults: Defaults = Defaults()
     destinations: list[Destination] = Field(default_factory=list)
     accounts: list[Account] = Field(default_factory=list)
     source: Path | None = Field(default=None, exclude=True)
+    # The account files read (accounts_file, [[account_files]]); their accounts are in ``accounts``.
+    account_file_paths: tuple[Path, ...] = Field(default=(), exclude=True)
 
     @model_validator(mode="after")
     def _cross_references(self) -> Config:
@@ -901,17 +918,22 @@ def _describe(error: Mapping[str, Any]) -> str:
     return message.removeprefix("Value error, ")
 
 
-def _errors_from(exc: ValidationError, prefix: tuple[int | str, ...], path: Path) -> list[str]:
+def _errors_from(
+    exc: ValidationError, prefix: tuple[int | str, ...], path: Path, place: Callable[[str], str] | None = None
+) -> list[str]:
+    """One line per problem: ``<file>: <field path>: <cause>``; ``place`` may say where a field path is
+    written instead (an account file's row: connector/accounts_file.py)."""
     lines = []
     for error in exc.errors():
         ctx = error.get("ctx") or {}
         inner = ctx.get("error")
         if isinstance(inner, _PathError):
-            lines.append(f"{path}: {inner.path}: {inner.message}")
-            continue
-        where = format_location(prefix + tuple(error["loc"])) or "(top level)"
-        lines.append(f"{path}: {where}: {_describe(error)}")
-    return lines
+            where, message = inner.path, inner.message
+        else:
+            where = format_location(prefix + tuple(error["loc"])) or "(top level)"
+            message = _describe(error)
+        lines.append(f"{place(where) if place else f'{path}: {where}'}: {message}")
+    return list(dict.fromkeys(lines))  # a file's bad default is one line, not one per row
 
 
 def _merge_defaults(defaults: Defaults, account: object) -> object:
@@ -927,24 +949,72 @@ def _merge_defaults(defaults: Defaults, account: object) -> object:
     return merged
 
 
-def parse_config(data: Mapping[str, Any], path: Path) -> Config:
-    """Validate already-parsed TOML. Raises ConfigError listing every problem found."""
+def parse_config(
+    data: Mapping[str, Any], path: Path, *, account_files: Sequence[AccountFile] | None = None
+) -> Config:
+    """Validate already-parsed TOML and the account files it names (or ``account_files`` instead).
+    Raises ConfigError listing every problem found."""
     raw_defaults = data.get("defaults", {})
     try:
         defaults = Defaults.model_validate(raw_defaults)
     except ValidationError as exc:
         raise ConfigError("\n".join(_errors_from(exc, ("defaults",), path))) from None
     raw_accounts = data.get("accounts", [])
+    files = _account_files(data, path, raw_accounts, account_files)
+    data = {key: value for key, value in data.items() if key not in ("accounts_file", "account_files")}
     if isinstance(raw_accounts, list):
+        first = len(raw_accounts)
         raw_accounts = [_merge_defaults(defaults, account) for account in raw_accounts]
+        raw_accounts += [_merge_defaults(defaults, row.fields) for row in files.rows]
+    else:
+        first = 0  # pydantic says what is wrong with it
+
+    def place(where: str) -> str:
+        return files.place(where, first) or f"{path}: {where}"
+
+    read_from = tuple(account_file.path for account_file in files.files)
     try:
-        config = Config.model_validate({**data, "accounts": raw_accounts, "source": path})
+        config = Config.model_validate(
+            {**data, "accounts": raw_accounts, "source": path, "account_file_paths": read_from}
+        )
     except ValidationError as exc:
-        raise ConfigError("\n".join(_errors_from(exc, (), path))) from None
+        raise ConfigError("\n".join(by_line(files.errors + _errors_from(exc, (), path, place)))) from None
+    if files.errors:
+        raise ConfigError("\n".join(by_line(files.errors)))
     config = _with_database_default(config, path)
     # Before anything uses them: a reload's rotated passwords are redacted from its first log line on.
     redaction.register_config(config)
     return config
+
+
+def account_rows_errors(files: FileAccounts) -> list[str]:
+    """Each row of ``files`` checked as an account on its own, without a configuration (so its destination
+    is not): ``accounts check-file`` with no configuration file."""
+    errors = list(files.errors)
+    for index, row in enumerate(files.rows):
+        try:
+            Account.model_validate(_merge_defaults(Defaults(), row.fields))
+        except ValidationError as exc:
+            errors += _errors_from(
+                exc, ("accounts", index), Path(), lambda where: files.place(where, 0) or where
+            )
+    return by_line(errors)
+
+
+def _account_files(
+    data: Mapping[str, Any], path: Path, accounts: object, only: Sequence[AccountFile] | None
+) -> FileAccounts:
+    """The rows of the account files (connector/accounts_file.py), their names checked against
+    ``[[accounts]]``."""
+    files = (
+        FileAccounts(files=list(only)) if only is not None else files_from_config(data, path, ACCOUNT_COLUMNS)
+    )
+    taken = {
+        account["name"]: f"{path}: accounts[{index}]"
+        for index, account in enumerate(accounts if isinstance(accounts, list) else [])
+        if isinstance(account, Mapping) and isinstance(account.get("name"), str)
+    }
+    return read_files(files, ACCOUNT_COLUMNS, taken)
 
 
 def _with_database_default(config: Config, path: Path) -> Config:
@@ -990,15 +1060,18 @@ def config_path(explicit: str | os.PathLike[str] | None) -> Path:
     raise ConfigError(f"no configuration file: pass --config PATH or set {CONFIG_ENV}")
 
 
-def load_config(path: Path) -> Config:
+def read_toml(path: Path) -> dict[str, Any]:
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read configuration: {exc.strerror or exc}") from None
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
+        return tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: TOML syntax error: {exc}") from None
-    return parse_config(data, path.resolve())
+
+
+def load_config(path: Path) -> Config:
+    return parse_config(read_toml(path), path.resolve())

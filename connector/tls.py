@@ -22,3 +22,34 @@ def make_ssl_context(*, verify: bool = True, ca_file: Path | None = None) -> ssl
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
+
+
+def check_ca_file(path: Path) -> Path:
+    """A ``ca_file`` must be a readable PEM file when the configuration is loaded, not a traceback at the
+    first connection. Raises ValueError saying what is wrong with it."""
+    try:
+        path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=str(path))
+    except (ssl.SSLError, OSError):
+        raise ValueError(f"{path} holds no certificate (a PEM file of CA certificates is expected)") from None
+    return path
+
+
+# What OpenSSL says when the other side answered a TLS hello in plain text (a POP3 "+OK", an IMAP "* OK").
+_PLAIN_TEXT_REASONS = frozenset(
+    {"WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL", "PACKET_LENGTH_TOO_LONG", "RECORD_LAYER_FAILURE"}
+)
+
+
+def plain_text_hint(exc: BaseException | None, port: int, *, tls_port: int) -> str:
+    """For a TLS handshake (tls = "implicit") that met a server answering in plain text, what to change;
+    "" for any other failure. OpenSSL's own words (``WRONG_VERSION_NUMBER``) say nothing of the cause."""
+    if not isinstance(exc, ssl.SSLError) or exc.reason not in _PLAIN_TEXT_REASONS:
+        return ""
+    return (
+        f"; the server on port {port} answered without TLS: for a port without TLS set tls = "
+        f'"starttls" (or "none"), or use the TLS port ({tls_port})'
+    )

@@ -1,4 +1,6 @@
-"""``pop-connector``: sync, run, status, check, authorize, db upgrade.
+"""The ``pop-connector`` command: the parser, and ``sync``, ``run``, ``status`` and ``check``; the other
+commands live in their own modules (accounts.py, admin.py, authorize.py, delivery_report.py, reconcile.py)
+and are dispatched here.
 
 Exit codes: 0 everything succeeded, 1 an account or message failed, 2 configuration or usage error.
 """
@@ -16,15 +18,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import FrameType
 
-from sqlalchemy import Engine
-
 from connector import __version__
-from connector.cli import admin, authorize, delivery_report, reconcile
+from connector.cli import accounts, admin, authorize, delivery_report, reconcile
 from connector.cli.report import (
     STATES,
     account_state,
     dry_run_lines,
     in_states,
+    ledger_line,
     matching_accounts,
     poll_line,
     status_json,
@@ -47,10 +48,32 @@ EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 log = logging.getLogger("connector")
 
 
+# Plain text (no reStructuredText quoting): argparse prints it as it is.
+DESCRIPTION = """\
+Polls POP3 mailboxes and delivers every message into IMAP, Exchange or Gmail,
+exactly once, keeping a ledger of what it delivered. Start with "check", then
+"sync"; "run" is the service."""
+
+EPILOG = """\
+exit codes: 0 everything succeeded, 1 an account or a message failed,
+2 a configuration or usage error.
+Each command has its own help: pop-connector COMMAND --help"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pop-connector", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="pop-connector",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--config", "-c", help="configuration file (default: $POP_CONNECTOR_CONFIG)")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="the least important log lines shown (default: INFO; DEBUG shows every message's steps)",
+    )
     parser.add_argument(
         "--log-format", default="text", choices=LOG_FORMATS, help="text (default) or json lines"
     )
@@ -69,7 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--account", "-a", action="append", metavar="NAME", help="only this account (repeatable)"
     )
     sync.add_argument("--dry-run", action="store_true", help="show what would be delivered and deleted")
-    commands.add_parser("run", help="run the service: poll every account on its schedule")
+    run = commands.add_parser("run", help="run the service: poll every account on its schedule")
+    run.add_argument(
+        "--now",
+        action="store_true",
+        help="poll every account at once at start, instead of at the next poll time its last poll chose",
+    )
     status = commands.add_parser(
         "status", help="a summary by state, then each account's last poll, counts and errors"
     )
@@ -94,13 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     db = commands.add_parser("db", help="ledger database maintenance")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")
     db_commands.add_parser("upgrade", help="apply pending schema migrations")
-    accounts = commands.add_parser("accounts", help="the accounts registry in the database")
-    accounts_commands = accounts.add_subparsers(
-        dest="accounts_command", required=True, metavar="ACCOUNTS_COMMAND"
-    )
-    accounts_commands.add_parser(
-        "sync-config", help="write the configured accounts into the database (distributed workers read it)"
-    )
+    accounts.add_command(commands)
     admin.add_commands(commands)
     authorize.add_command(commands)
     delivery_report.add_command(commands)
@@ -130,6 +152,12 @@ def _main(argv: Sequence[str] | None) -> int:
     except OSError as exc:
         print(f"error: cannot write the log file {args.log_file}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_CONFIG
+    if not accounts.needs_config(args):
+        try:
+            return accounts.check_file(args.file, _given_config(args.config))
+        except ConfigError as exc:
+            print(f"configuration error:\n{exc}", file=sys.stderr)
+            return EXIT_CONFIG
     try:
         config = load_config(config_path(args.config))
     except ConfigError as exc:
@@ -145,14 +173,22 @@ def _main(argv: Sequence[str] | None) -> int:
         return EXIT_FAILED
 
 
+def _given_config(explicit: str | None) -> Path | None:
+    try:
+        return config_path(explicit)
+    except ConfigError:
+        return None  # none given: check-file checks the rows on their own
+
+
 def _dispatch(args: argparse.Namespace, config: Config) -> int:
+    assert config.service.database is not None
     if args.command == "check":
         from connector.cli.check import run_checks
 
+        _say_where(config.service.database, args)  # which check does not open
         return EXIT_OK if run_checks(config, print) else EXIT_FAILED
     if args.command == "authorize":
         return authorize.run(args, config)
-    assert config.service.database is not None
     if args.command == "run":
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload during start-up must not kill it
     engine = open_database(config.service.database)
@@ -165,10 +201,19 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
         print(f"ledger database is up to date: {engine.url.render_as_string(hide_password=True)}")
         return EXIT_OK
     if args.command == "accounts":
-        return _sync_config(config, engine)
+        return accounts.sync_config(config, engine)
     if args.command == "run" and config.service.mode == "distributed":
         from connector.service.distributed import run_worker
 
+        if args.now:
+            # Workers take whatever the shared schedule says is due; no one worker may reset it for all.
+            print(
+                "error: run --now is for the embedded mode; in distributed mode an account is made due "
+                'with "pop-connector resume NAME"',
+                file=sys.stderr,
+            )
+            return EXIT_CONFIG
+        log.info("%s", ledger_line(config.service.database))
         engine.dispose()
         return EXIT_OK if run_worker(config) else EXIT_FAILED
     if args.command == "status":
@@ -184,9 +229,20 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
         # package must not import it while it loads.
         from connector.service.runtime import run_service
 
-        run_service(config, ledger, config_path(args.config))
+        log.info("%s", ledger_line(config.service.database))
+        run_service(config, ledger, config_path(args.config), poll_now=args.now)
         return EXIT_OK
+    _say_where(config.service.database, args)  # after opening it: it exists now
     return _sync(config, ledger, args)
+
+
+def _say_where(database: str, args: argparse.Namespace) -> None:
+    """Where the ledger is, one line on stderr: plain text beside text logs (no INFO line on the terminal
+    of a sync with bars), a log line among JSON ones (stderr stays JSON lines)."""
+    if args.log_format == "json":
+        log.info("%s", ledger_line(database))
+    else:
+        print(ledger_line(database), file=sys.stderr)
 
 
 def _status(config: Config, ledger: Ledger, args: argparse.Namespace) -> int:
@@ -201,20 +257,17 @@ def _status(config: Config, ledger: Ledger, args: argparse.Namespace) -> int:
     # The summary counts the accounts --account names; --state narrows only what is shown in full.
     records = matching_accounts(records, args.account or ())
     shown = in_states(records, set(args.state or ()))
+    assert config.service.database is not None
+    where = ledger_line(config.service.database)
     if args.json:
-        # stdout stays the list of records that scripts read; the summary is for the person watching.
+        # stdout stays the list of records that scripts read; where the ledger is and the summary are for
+        # the person watching.
+        print(where, file=sys.stderr)
         print(summary_line(records), file=sys.stderr)
         print(status_json(shown))
     else:
         print(status_report(records, shown))
-    return EXIT_OK
-
-
-def _sync_config(config: Config, engine: Engine) -> int:
-    from connector.service.distributed import sync_accounts
-
-    summary = sync_accounts(engine, config.accounts)
-    print(f"accounts: {summary.added} added, {summary.active} active, {summary.inactive} inactive")
+        print(where)
     return EXIT_OK
 
 
@@ -268,7 +321,7 @@ def _failed(result: PollResult, named: set[str]) -> bool:
     name: a sync of all accounts next to a running service is no failure."""
     if result.status == "busy":
         return result.account in named
-    return not result.ok or bool(result.failed or result.skipped or result.problems)
+    return not result.ok or bool(result.failed or result.not_delivered or result.skipped or result.problems)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -34,7 +34,9 @@ def add_commands(commands: Any) -> None:
     retry = actions.add_parser(
         "retry", help="deliver quarantined messages again at the next poll (the destination is checked first)"
     )
-    retry.add_argument("ids", nargs="*", type=int, metavar="ID", help="message ids from `quarantine list`")
+    retry.add_argument(
+        "ids", nargs="*", type=int, metavar="ID", help='message ids, as "quarantine list" shows them'
+    )
     retry.add_argument("--all", action="store_true", help="every quarantined message")
     retry.add_argument("--account", "-a", metavar="NAME", help="only this account")
     resume = commands.add_parser("resume", help="lift the suspension of an account after repeated failures")

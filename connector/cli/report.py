@@ -8,11 +8,24 @@ from collections import Counter
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import datetime
 from fnmatch import fnmatchcase
+from pathlib import Path
 from typing import Any
+
+from sqlalchemy.engine import make_url
 
 from connector.config import Account
 from connector.ledger.records import AccountStatus
 from connector.poll.result import PollResult
+
+
+def ledger_line(database: str) -> str:
+    """Where the ledger is, in one line: ``sync`` and ``check`` print it first (on stderr), ``status`` too."""
+    url = make_url(database)
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return f"ledger: {url.render_as_string(hide_password=True)}"
+    path = Path(url.database)
+    state = "" if path.exists() else ", not created yet"
+    return f"ledger: {path} (SQLite{state}; [service] database sets where)"
 
 
 def _when(value: datetime | None) -> str:
@@ -22,7 +35,8 @@ def _when(value: datetime | None) -> str:
 def poll_line(result: PollResult) -> str:
     counts = (
         f"delivered={result.delivered} recovered={result.recovered} deleted={result.deleted} "
-        f"failed={result.failed} quarantined={result.quarantined} skipped={result.skipped}"
+        f"failed={result.failed} not_delivered={result.not_delivered} quarantined={result.quarantined} "
+        f"skipped={result.skipped}"
     )
     line = f"{result.account}: {result.status} {counts}"
     if result.error:

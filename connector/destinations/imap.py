@@ -12,6 +12,7 @@ import hashlib
 import imaplib
 import logging
 import re
+import socket
 import ssl
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from typing import Any
 from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
 from imapclient.imap_utf7 import encode as encode_utf7
+from imapclient.tls import wrap_socket
 
 from connector.destinations.base import clip_server_text
 from connector.errors import (
@@ -47,7 +49,7 @@ from connector.policies.recovery import (
     judge,
     stamps_in,
 )
-from connector.tls import TlsMode, make_ssl_context
+from connector.tls import TlsMode, make_ssl_context, plain_text_hint
 
 log = logging.getLogger("connector.destinations.imap")
 
@@ -806,16 +808,78 @@ def open_imap(
     )
 
 
+class _NotImapError(Exception):
+    """The server's first line is no IMAP greeting (imaplib says only ``None`` for a POP3 "+OK ...")."""
+
+    def __init__(self, line: bytes) -> None:
+        super().__init__(line)
+        self.line = line
+
+
+class _Imap4(imaplib.IMAP4):
+    """imaplib's connection (plain, or TLS from the start), keeping the server's first line so that a
+    greeting that is not IMAP can be reported as what it is."""
+
+    def __init__(self, host: str, port: int, context: ssl.SSLContext | None, timeout: float | None) -> None:
+        self._context = context
+        self._first_line: bytes | None = None
+        super().__init__(host, port, timeout)
+
+    def _create_socket(self, timeout: float | None = None) -> socket.socket:
+        sock = socket.create_connection((self.host, self.port), timeout)
+        return sock if self._context is None else wrap_socket(sock, self._context, self.host)
+
+    def _get_line(self) -> bytes:
+        line: bytes = super()._get_line()  # type: ignore[misc]
+        if self._first_line is None:
+            self._first_line = line
+        return line
+
+    def _connect(self) -> None:
+        try:
+            super()._connect()  # type: ignore[misc]
+        except imaplib.IMAP4.error as exc:
+            # "* BYE ..." is an IMAP server turning us away (busy); anything else is no IMAP server.
+            if self._first_line is not None and not self._first_line.startswith(b"* "):
+                raise _NotImapError(self._first_line) from exc
+            raise
+
+
+class _Client(IMAPClient):  # type: ignore[misc]
+    def _create_IMAP4(self) -> imaplib.IMAP4:  # imapclient builds its imaplib connection here
+        connect_timeout = getattr(self._timeout, "connect", None)
+        context = (self.ssl_context or make_ssl_context()) if self.ssl else None
+        return _Imap4(self.host, self.port, context, connect_timeout)
+
+
+def _not_imap(where: Where, line: bytes) -> DestinationError:
+    text = clip_server_text(line.decode("utf-8", "replace").strip())
+    hint = "a POP3 server's greeting: is this the POP3 port? " if text.startswith("+OK") else ""
+    return DestinationConnectError(
+        where.say(
+            f"connect: the server's greeting {text!r} does not look like IMAP ({hint}IMAP is port 143, "
+            "or 993 with TLS)"
+        )
+    )
+
+
 def _connect(where: Where, tls: TlsMode, context: ssl.SSLContext | None, timeout: float) -> Any:
     implicit = tls == "implicit"
-    with _driver_errors(where, "connect", refused=_connect_refused):
-        return IMAPClient(
-            where.host,
-            port=where.port,
-            ssl=implicit,
-            ssl_context=context if implicit else None,
-            timeout=timeout,
-        )
+    try:
+        with _driver_errors(where, "connect", refused=_connect_refused):
+            return _Client(
+                where.host,
+                port=where.port,
+                ssl=implicit,
+                ssl_context=context if implicit else None,
+                timeout=timeout,
+            )
+    except _NotImapError as exc:
+        raise _not_imap(where, exc.line) from exc
+    except DestinationConnectError as exc:
+        if implicit:
+            exc.message += plain_text_hint(exc.__cause__, where.port, tls_port=993)
+        raise
 
 
 def _starttls(client: Any, where: Where, context: ssl.SSLContext) -> None:

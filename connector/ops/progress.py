@@ -38,7 +38,16 @@ from connector.poll.result import PollResult
 
 log = logging.getLogger("connector.ops.progress")
 
-SUMMARY_COLUMNS = ("account", "result", "delivered", "skipped", "quarantined", "errors", "duration")
+SUMMARY_COLUMNS = (
+    "account",
+    "result",
+    "delivered",
+    "undelivered",
+    "skipped",
+    "quarantined",
+    "errors",
+    "duration",
+)
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,8 @@ class SummaryRow:
     account: str
     result: str
     delivered: int
+    # Left for the next poll with no attempt counted (the destination was down): not errors of messages.
+    not_delivered: int
     skipped: int
     quarantined: int
     errors: int
@@ -56,6 +67,7 @@ class SummaryRow:
             self.account,
             self.result,
             str(self.delivered),
+            str(self.not_delivered),
             str(self.skipped),
             str(self.quarantined),
             str(self.errors),
@@ -72,12 +84,14 @@ def format_duration(seconds: float) -> str:
 
 
 def summary_rows(results: Sequence[PollResult], durations: dict[str, float]) -> list[SummaryRow]:
-    """One row per account and a total; errors are failed messages plus one for a failed poll."""
+    """One row per account and a total; errors are failed messages (an attempt counted in the ledger) plus
+    one for a failed poll."""
     rows = [
         SummaryRow(
             account=r.account,
             result=r.status,
             delivered=r.delivered + r.recovered,
+            not_delivered=r.not_delivered,
             skipped=r.skipped,
             quarantined=r.quarantined,
             errors=r.failed + (1 if r.poll_failed else 0),
@@ -90,6 +104,7 @@ def summary_rows(results: Sequence[PollResult], durations: dict[str, float]) -> 
         account=f"{len(rows)} accounts",
         result="ok" if not failed else f"{failed} failed",
         delivered=sum(r.delivered for r in rows),
+        not_delivered=sum(r.not_delivered for r in rows),
         skipped=sum(r.skipped for r in rows),
         quarantined=sum(r.quarantined for r in rows),
         errors=sum(r.errors for r in rows),

@@ -189,8 +189,13 @@ class Recorder:
             )
             if state is MessageState.FAILED:
                 self._quarantined(uidl, text, problem=False)
-        self.result.failed += 1
+        # ``failed`` counts what the ledger counted (an attempt, or quarantine); the rest waits for the
+        # next poll as it was, and the sync summary must not call it a failed message.
         counted = recorded and charge is not Charge.NONE
+        if counted:
+            self.result.failed += 1
+        else:
+            self.result.not_delivered += 1
         self._emit_about(uidl, Failed(self.account.name, uidl, text, counted=counted, mailbox=mailbox))
         # A refusal of one message is that message's: the destination works, the poll does not fail.
         if fails_poll and isinstance(exc, ConnectorError) and not isinstance(exc, DestinationRejectedError):
@@ -208,6 +213,9 @@ class Recorder:
         state = self.ledger.count_failed_attempt(
             self.account_id, uidl, reason, max_attempts=self._max_attempts
         )
+        # ``failed`` left it uncounted a moment ago: now the ledger counts it.
+        self.result.not_delivered -= 1
+        self.result.failed += 1
         if state is MessageState.FAILED:
             self._quarantined(uidl, reason, problem=False)
             self.problem(f"message {uidl!r}: quarantined after {self._max_attempts} attempts: {reason}")

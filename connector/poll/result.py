@@ -18,11 +18,23 @@ class PollResult:
     error: str | None = None
     # How a failed poll waits for the next one (policies/failures.py): only a person fixes PERSON.
     backoff: Backoff = Backoff.RETRY
+    # Messages the destination took in this poll.
     delivered: int = 0
+    # Messages an interrupted earlier attempt had delivered: found in the destination and recorded.
     recovered: int = 0
+    # Messages whose delivery failed with an attempt counted in the ledger (refused for good, a driver
+    # error, a dropped connection charged to the message), quarantined ones included: always what the
+    # ledger counted.
     failed: int = 0
+    # Messages the destination did not take, with no attempt counted (it was down or unreachable, or refused
+    # for now): left as they were, delivered by a later poll.
+    not_delivered: int = 0
+    # Messages quarantined in this poll (out of attempts, too large): left on the server until
+    # `quarantine retry`.
     quarantined: int = 0
+    # Messages the POP3 server deleted at this poll's QUIT.
     deleted: int = 0
+    # Messages the server would not send now (a temporary -ERR to RETR): no attempt, retried next poll.
     skipped: int = 0
     # RETR replies far shorter than LIST said (counted in ``failed`` too); see policies/sizes.py.
     short_retrs: int = 0

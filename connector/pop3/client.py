@@ -57,7 +57,7 @@ from connector.pop3.replies import (
     unstuff_block,
 )
 from connector.pop3.wire import BodyDecoder, ConnectionClosed, StreamReader
-from connector.tls import TlsMode, make_ssl_context
+from connector.tls import TlsMode, make_ssl_context, plain_text_hint
 
 _T = TypeVar("_T")
 
@@ -863,7 +863,11 @@ def connect_pop3(
     try:
         if tls == "implicit":
             assert context is not None
-            sock = _wrap_socket(sock, context, host, peer)
+            try:
+                sock = _wrap_socket(sock, context, host, peer)
+            except SourceConnectError as exc:
+                exc.message += plain_text_hint(exc.__cause__, port, tls_port=995)
+                raise
         client = Pop3Client(sock, peer=peer)
     except BaseException:
         sock.close()

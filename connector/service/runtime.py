@@ -31,9 +31,16 @@ def _log_result(result: PollResult) -> None:
 
 class Runtime:
     def __init__(
-        self, config: Config, ledger: Ledger, config_file: Path, connections: Connections | None = None
+        self,
+        config: Config,
+        ledger: Ledger,
+        config_file: Path,
+        connections: Connections | None = None,
+        *,
+        poll_now: bool = False,
     ) -> None:
         self.config_file = config_file
+        self.poll_now = poll_now
         observers = standard_observers()
         self.metrics = observers.metrics
         self.health = observers.health
@@ -60,7 +67,7 @@ class Runtime:
         signal.signal(signal.SIGHUP, reload)
 
     def run(self) -> None:
-        self.service.start()
+        self.service.start(poll_now=self.poll_now)
         self._configure_health()
         if self.server is not None:
             self.server.start()
@@ -101,7 +108,7 @@ class Runtime:
         log.info("configuration reloaded: %s", changes)
 
 
-def run_service(config: Config, ledger: Ledger, config_file: Path) -> None:
-    runtime = Runtime(config, ledger, config_file)
+def run_service(config: Config, ledger: Ledger, config_file: Path, *, poll_now: bool = False) -> None:
+    runtime = Runtime(config, ledger, config_file, poll_now=poll_now)
     runtime.install_signal_handlers()
     runtime.run()

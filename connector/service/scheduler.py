@@ -88,13 +88,22 @@ class Service:
                 self._schedule(account, now)
         return changes
 
-    def start(self) -> None:
-        """Schedule every enabled account: due ones (or never polled ones) at once."""
+    def start(self, *, poll_now: bool = False) -> None:
+        """Schedule every enabled account: due ones (or never polled ones) at once, the others at the next
+        poll time their last poll chose (a ``sync`` too), or all at once with ``poll_now``. Each account's
+        first poll time is logged: a service that waits silently looks stuck."""
         now = self.engine.clock()
         next_polls = {status.name: status.next_poll_at for status in self.ledger.statuses()}
         for account in self.accounts():
             when = next_polls.get(account.name)
-            self._schedule(account, when if when is not None and when > now else now)
+            first = now if poll_now or when is None or when <= now else when
+            self._schedule(account, first)
+            log.info(
+                "account %s: first poll %s",
+                account.name,
+                first_poll_reason(when, now, poll_now=poll_now),
+                extra={"account": account.name},
+            )
         self._scheduler.start()
         log.info(
             "service started: %d accounts, at most %d polled at once",
@@ -155,3 +164,17 @@ class Service:
             extra={"account": account.name},
         )
         self._schedule(account, when)
+
+
+def first_poll_reason(stored: datetime | None, now: datetime, *, poll_now: bool) -> str:
+    """When an account is first polled after a start, and why."""
+    if stored is None:
+        return "now (never polled)"
+    if poll_now:
+        return "now (run --now)"
+    if stored <= now:
+        return "now (due)"
+    return (
+        f"at {stored.isoformat(timespec='seconds')}, the next poll time its last poll chose "
+        "(run --now polls at once)"
+    )

@@ -164,17 +164,17 @@ def test_bad_listen_address_is_a_config_error_with_its_path() -> None:
 
 def test_summary_rows_and_plain_table() -> None:
     results = [
-        PollResult("alice", delivered=3, recovered=1, skipped=1, quarantined=1, failed=2),
+        PollResult("alice", delivered=3, recovered=1, skipped=1, quarantined=1, failed=2, not_delivered=5),
         PollResult("bob", status="auth_error", error="refused"),
         # Another process polls it: skipped, not an error (the exit code decides by --account).
         PollResult("carol", status="busy", error="account carol is being polled by PID 1 on host x"),
     ]
     rows = summary_rows(results, {"alice": 75.0, "bob": 0.5})
     assert [row.cells() for row in rows] == [
-        ["alice", "ok", "4", "1", "1", "2", "1m15s"],
-        ["bob", "auth_error", "0", "0", "0", "1", "0.5s"],
-        ["carol", "busy", "0", "0", "0", "0", "0.0s"],
-        ["3 accounts", "1 failed", "4", "1", "1", "3", "1m15s"],
+        ["alice", "ok", "4", "5", "1", "1", "2", "1m15s"],
+        ["bob", "auth_error", "0", "0", "0", "0", "1", "0.5s"],
+        ["carol", "busy", "0", "0", "0", "0", "0", "0.0s"],
+        ["3 accounts", "1 failed", "4", "5", "1", "1", "3", "1m15s"],
     ]
     table = plain_table(rows).splitlines()
     assert table[0].split() == list(SUMMARY_COLUMNS)

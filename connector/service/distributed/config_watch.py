@@ -23,13 +23,20 @@ def _stamp(path: Path) -> _Stamp | None:
     return info.st_mtime_ns, info.st_size, info.st_ino
 
 
+def _stamps(config: Config) -> tuple[_Stamp | None, ...] | None:
+    """The configuration file's stamp and its account files' (an edited accounts.csv is a change too)."""
+    if config.source is None:
+        return None
+    return tuple(_stamp(path) for path in (config.source, *config.account_file_paths))
+
+
 class ConfigWatch:
     """``current()`` is the newest valid configuration; a broken edit is logged and the old one kept."""
 
     def __init__(self, config: Config) -> None:
         self._config = config
         self._path = config.source
-        self._stamp = _stamp(self._path) if self._path is not None else None
+        self._stamp = _stamps(config)
         self._lock = threading.Lock()
 
     def current(self) -> Config:
@@ -40,8 +47,8 @@ class ConfigWatch:
         with self._lock:
             if self._path is None:
                 return self._config, False
-            stamp = _stamp(self._path)
-            if stamp is None or stamp == self._stamp:
+            stamp = _stamps(self._config)
+            if stamp is None or stamp[0] is None or stamp == self._stamp:
                 return self._config, False
             self._stamp = stamp
             try:
@@ -52,5 +59,7 @@ class ConfigWatch:
             if config.service != self._config.service:
                 log.warning("[service] changes take effect when the worker restarts")
             log.info("configuration reloaded from %s: %d accounts", self._path, len(config.accounts))
+            if config.account_file_paths != self._config.account_file_paths:
+                self._stamp = _stamps(config)  # other account files to watch from now on
             self._config = config
             return config, True

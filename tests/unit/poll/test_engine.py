@@ -311,11 +311,13 @@ def test_a_destination_that_cannot_take_mail_stops_the_poll_without_counting_an_
     assert rig.destination.deliveries == ([] if fault != "full" else ["deliver uid-1"])
     assert set(rig.rows()) == {"uid-1"}
     assert rig.row("uid-1").state is PENDING and rig.row("uid-1").attempts == 0
+    # The result agrees with the ledger: no attempt counted, so no failed message; it was not delivered.
+    assert (result.failed, result.not_delivered) == (0, 1)
     commands = rig.maildrop.commands
     assert not any(command.startswith("DELE") for command in commands) and commands[-1] == "QUIT"
     assert rig.maildrop.uidls == ["uid-1", "uid-2"] and rig.destination.stored == []
     status = rig.status()
-    assert status.last_result == "error" and status.consecutive_failures == 1
+    assert status.last_result == "error" and status.consecutive_failures == 1 and status.last_failed == 0
     shortest, longest = wait
     assert result.next_poll_at is not None
     assert rig.clock.now + shortest <= result.next_poll_at <= rig.clock.now + longest
@@ -326,6 +328,18 @@ def test_a_destination_that_cannot_take_mail_stops_the_poll_without_counting_an_
     assert (healed.status, healed.delivered, healed.deleted) == ("ok", 2, 2)
     assert rig.destination.uidls == ["uid-1", "uid-2"]
     assert rig.states() == {"uid-1": DELETED, "uid-2": DELETED}
+
+
+def test_a_drop_charged_to_the_message_is_a_failed_message_in_the_result_as_in_the_ledger(
+    make_rig: RigFactory,
+) -> None:
+    rig = make_rig(2, account=KEEP)
+    rig.destination.drop = {"uid-1"}  # the connection drops on uid-1; uid-2 goes in (policies/blame.py)
+
+    result = rig.poll()
+
+    assert rig.row("uid-1").attempts == 1 and rig.destination.uidls == ["uid-2"]
+    assert (result.delivered, result.failed, result.not_delivered) == (1, 1, 0)
 
 
 def test_a_destination_that_fills_up_mid_poll_still_gets_the_deletions_already_earned(
