@@ -199,12 +199,8 @@ def _absence(
     rows = known.rows
     lost_kept = known.kept - listed  # every kept row was listed at the last poll (else it is in rows)
     not_listed = [row for uidl, row in rows.items() if uidl not in listed]
-    expected = len(known.kept) + sum(
-        1 for row in rows.values() if row.state in EXPECTED_ON_SERVER and row.missing_since is None
-    )
-    lost = len(lost_kept) + sum(
-        1 for row in not_listed if row.state in EXPECTED_ON_SERVER and row.missing_since is None
-    )
+    expected = len(known.kept) + sum(1 for row in rows.values() if _counts_for_loss(row))
+    lost = len(lost_kept) + sum(1 for row in not_listed if _counts_for_loss(row))
     sudden = sudden_loss(expected, lost, listed_count)
     gone: list[str] = []
     missing: list[str] = []
@@ -222,6 +218,17 @@ def _absence(
         listed_again=again,
         sudden_loss=lost_report(expected, lost, listed_count) if sudden else None,
     )
+
+
+def _counts_for_loss(row: KnownMessage) -> bool:
+    """Whether a row's absence from the listing could make a loss sudden: it was listed at the last poll
+    and the connector did not mean to delete it. A delivered row outside ``kept`` (``known_to_plan``) is due
+    for deletion: missing, it is most likely gone by our own DELE, confirmed by a QUIT whose ``deleted``
+    record a crash or a kill prevented. It is still only counted missing (``Forgetting`` applies), never
+    taken for a glitch of the server that forgets nothing."""
+    if row.state not in EXPECTED_ON_SERVER or row.missing_since is not None:
+        return False
+    return row.state is not MessageState.DELIVERED or row.headers_only
 
 
 def with_identities_checked(

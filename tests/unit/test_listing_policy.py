@@ -201,3 +201,18 @@ def test_dry_run_names_missing_messages_and_a_sudden_loss() -> None:
     lines = dry_run_lines(PollResult(account="a", plan=plan))
     assert "  2 known but missing from this listing (counted, not forgotten yet)" in lines
     assert any(line.startswith("  problem: the server listed 0 message(s)") for line in lines)
+
+
+def test_rows_this_connector_was_deleting_do_not_make_an_empty_listing_a_loss() -> None:
+    """Killed after QUIT confirmed the DELEs but before they were recorded: every delivered row is still
+    ``delivered``, due for deletion (not ``kept``), and the server lists nothing. That is our own DELE, not
+    a locked maildrop: no sudden loss is reported, the rows are only counted missing (forgotten later)."""
+    due = {u: row(u) for u in ("1", "2", "3", "4", "5")}
+    plan = plan_poll([], KnownMessages(due), RetentionPolicy(mode="delete"), NOW, forgetting=RULE)
+    assert plan.sudden_loss is None and plan.gone == [] and plan.missing == ["1", "2", "3", "4", "5"]
+    # Mail it kept, or not yet delivered, still makes the same empty listing a sudden loss.
+    pending = {u: row(u, MessageState.PENDING) for u in ("6", "7", "8", "9")}
+    plan = plan_poll(
+        [], KnownMessages({**due, **pending}), RetentionPolicy(mode="delete"), NOW, forgetting=RULE
+    )
+    assert plan.sudden_loss is not None and "4 of the 4" in plan.sudden_loss
