@@ -19,8 +19,10 @@ from __future__ import annotations
 import threading
 import urllib.parse
 from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, SecretStr
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
 REDACTED = "****"
 MIN_LENGTH = 3
@@ -58,6 +60,10 @@ def redact(text: str) -> str:
 
 
 def secrets_in(value: object) -> Iterator[str]:
+    # Imported here, not at the top: the command line's parser (and so `--help`) imports this module
+    # through the log set-up, and needs none of pydantic.
+    from pydantic import BaseModel, SecretStr
+
     if isinstance(value, SecretStr):
         yield value.get_secret_value()
     elif isinstance(value, BaseModel):

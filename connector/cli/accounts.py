@@ -3,10 +3,8 @@
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy import Engine
 
@@ -21,28 +19,6 @@ from connector.config import (
 from connector.errors import ConfigError
 
 EXIT_OK, EXIT_CONFIG = 0, 2
-
-
-def add_command(commands: Any) -> None:
-    """Register ``accounts`` on the parser's ``add_subparsers()`` object."""
-    accounts = commands.add_parser(
-        "accounts", help="check an accounts file (CSV); write the accounts into the database"
-    )
-    actions = accounts.add_subparsers(dest="accounts_command", required=True, metavar="ACTION")
-    actions.add_parser(
-        "sync-config", help="write the configured accounts into the database (distributed workers read it)"
-    )
-    check = actions.add_parser(
-        "check-file",
-        help="check one accounts file (CSV) against the configuration, if one is given; changes nothing",
-    )
-    check.add_argument("file", type=Path, metavar="FILE", help="the accounts file")
-
-
-def needs_config(args: argparse.Namespace) -> bool:
-    """``check-file`` reads the configuration itself (it may have none, and must not read the file's
-    siblings through it)."""
-    return not (args.command == "accounts" and args.accounts_command == "check-file")
 
 
 def sync_config(config: Config, engine: Engine) -> int:

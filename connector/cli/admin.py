@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import io
 import sys
-from typing import Any
 
 from connector.config import Config, RoutingPolicy
 from connector.connections import Connections
@@ -22,33 +21,6 @@ from connector.poll.identity import baseline_entries, identify
 from connector.pop3 import MessageInfo, Pop3Client
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
-COMMANDS = ("quarantine", "resume", "baseline", "routes")
-
-
-def add_commands(commands: Any) -> None:
-    """Register the subcommands on the parser's ``add_subparsers()`` object."""
-    quarantine = commands.add_parser("quarantine", help="show or retry quarantined (failed) messages")
-    actions = quarantine.add_subparsers(dest="quarantine_command", required=True, metavar="ACTION")
-    listing = actions.add_parser("list", help="every quarantined message with its reason")
-    listing.add_argument("--account", "-a", metavar="NAME", help="only this account")
-    retry = actions.add_parser(
-        "retry", help="deliver quarantined messages again at the next poll (the destination is checked first)"
-    )
-    retry.add_argument(
-        "ids", nargs="*", type=int, metavar="ID", help='message ids, as "quarantine list" shows them'
-    )
-    retry.add_argument("--all", action="store_true", help="every quarantined message")
-    retry.add_argument("--account", "-a", metavar="NAME", help="only this account")
-    resume = commands.add_parser("resume", help="lift the suspension of an account after repeated failures")
-    resume.add_argument("name", metavar="NAME", help="the account")
-    baseline = commands.add_parser(
-        "baseline", help="record everything now on the POP3 server as already seen, without downloading it"
-    )
-    baseline.add_argument("--account", "-a", metavar="NAME", required=True, help="the account")
-    routes = commands.add_parser(
-        "routes", help="preview where each message of a catch-all account would go; changes nothing"
-    )
-    routes.add_argument("--account", "-a", metavar="NAME", required=True, help="the account")
 
 
 def run(args: argparse.Namespace, config: Config, ledger: Ledger) -> int:

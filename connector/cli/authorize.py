@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from connector import redaction
+from connector.cli.parser import AUTHORIZE_WAIT
 from connector.config import Config, EwsDestination, GmailDestination, ImapDestination
 from connector.destinations import gmail_tokens
 from connector.destinations.gmail_tokens import GMAIL_SCOPES, DesktopClient, StoredToken, TokenFileError
@@ -55,7 +56,7 @@ from connector.oauth import GMAIL_IMAP_SCOPE, check_token_url
 log = logging.getLogger("connector.authorize")
 
 EXIT_OK = 0
-DEFAULT_WAIT = 300.0
+DEFAULT_WAIT = AUTHORIZE_WAIT
 # The OpenID scopes that make the token endpoint name the consenting address (the IMAP path has no Gmail
 # API to ask). Google reports "email" back as its long form.
 OPENID_SCOPES = ("openid", "email")
@@ -66,30 +67,6 @@ _PAGE = (
     b"<p>POP Connector has Google's answer. You can close this tab; the terminal says what happens next.</p>"
     b"</body></html>"
 )
-
-
-def add_command(commands: Any) -> None:
-    """``authorize`` on the ``pop-connector`` parser (``commands``: its sub-parsers)."""
-    parser = commands.add_parser(
-        "authorize",
-        help="give a Gmail user's consent to a gmail destination (or Gmail over IMAP) and keep its token",
-    )
-    parser.add_argument("destination", metavar="DESTINATION", help="the destination's name in the config")
-    parser.add_argument(
-        "--user", metavar="ADDRESS", help="the Gmail address that must consent (suggested on Google's page)"
-    )
-    parser.add_argument(
-        "--no-browser",
-        action="store_true",
-        help="print the address to open (on any machine) and read back the address the browser ended on",
-    )
-    parser.add_argument(
-        "--timeout",
-        type=float,
-        default=DEFAULT_WAIT,
-        metavar="SECONDS",
-        help=f"how long to wait for the browser's redirect (default {DEFAULT_WAIT:.0f})",
-    )
 
 
 # --- what is authorized ---------------------------------------------------------------------------------

@@ -25,7 +25,6 @@ from connector.errors import ConfigError
 from connector.ledger.records import AccountStatus, AccountTotals, QuarantinedMessage
 from connector.ledger.store import Ledger
 
-FORMATS = ("table", "csv", "json", "html")
 COLUMNS = (
     "account",
     "delivered",
@@ -79,15 +78,6 @@ class AccountReport:
             "last_result": self.last_result,
             "verdict": self.verdict,
         }
-
-
-def add_command(commands: Any) -> None:
-    report = commands.add_parser(
-        "report", help="per-account totals from the delivery journal, what is left, migration verdicts"
-    )
-    report.add_argument("--account", "-a", action="append", metavar="NAME", help="only this account")
-    report.add_argument("--since", metavar="DATE", help="count deliveries from this date (YYYY-MM-DD)")
-    report.add_argument("--format", default="table", choices=FORMATS, help="table (default), csv, json, html")
 
 
 def run(args: argparse.Namespace, config: Config, ledger: Ledger) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Iterable, Iterator
-from typing import Any, Protocol, TextIO, runtime_checkable
+from typing import Protocol, TextIO, runtime_checkable
 
 from connector.config import Account, Config
 from connector.connections import Connections
@@ -31,13 +31,6 @@ class Inventoried(Protocol):
     """A destination session that can list what its folder holds (see the module doc)."""
 
     def inventory(self) -> Iterator[StoredCopy]: ...
-
-
-def add_command(commands: Any) -> None:
-    command = commands.add_parser(
-        "reconcile", help="check that every journaled delivery is still in the destination, once (read-only)"
-    )
-    command.add_argument("--account", "-a", required=True, metavar="NAME", help="the account to check")
 
 
 def run(args: argparse.Namespace, config: Config, ledger: Ledger, connections: Connections) -> int:

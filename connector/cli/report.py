@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy.engine import make_url
 
+from connector.cli.parser import STATES
 from connector.config import Account
 from connector.ledger.records import AccountStatus
 from connector.poll.result import PollResult
@@ -136,7 +137,6 @@ def account_condition(status: AccountStatus) -> str | None:
 # --- the state of each account, the summary line, selection and order (``status``) -------------------
 
 # Each account is in exactly one state: a problem first, then what it is doing.
-STATES = ("ok", "backing-off", "failing", "suspended", "polling", "never-polled", "removed")
 STATE_LABELS = {
     "ok": "ok",
     "backing-off": "backing off",

@@ -8,15 +8,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alembic import command
-from alembic.config import Config as AlembicConfig
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from connector.errors import ConfigError, LedgerError
+
+if TYPE_CHECKING:
+    from alembic.config import Config as AlembicConfig
+
+# The newest migration in migrations/versions (tests/integration/test_ledger.py checks it is Alembic's head).
+# A ledger already there is not handed to Alembic at all: importing it costs a command more start-up time
+# than the command's own work.
+HEAD_REVISION = "0007"
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +89,8 @@ def migrations_dir() -> str:
 
 
 def alembic_config(engine: Engine) -> AlembicConfig:
+    from alembic.config import Config as AlembicConfig
+
     config = AlembicConfig()
     config.set_main_option("script_location", migrations_dir())
     config.attributes["engine"] = engine
@@ -111,6 +119,10 @@ def _migration_lock(engine: Engine) -> Iterator[None]:
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Apply every migration not yet applied (a no-op on an up-to-date database)."""
+    if revision == "head" and _at_head(engine):
+        return
+    from alembic import command
+
     try:
         with _migration_lock(engine):
             command.upgrade(alembic_config(engine), revision)
@@ -123,3 +135,13 @@ def open_database(url: str, *, migrate: bool = True) -> Engine:
     if migrate:
         upgrade(engine)
     return engine
+
+
+def _at_head(engine: Engine) -> bool:
+    """The ledger is at ``HEAD_REVISION`` already (one read; any failure: let Alembic decide)."""
+    try:
+        with engine.connect() as connection:
+            versions = connection.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
+    except SQLAlchemyError:
+        return False
+    return versions == [HEAD_REVISION]

@@ -13,7 +13,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Engine, event, inspect, select, text
 
-from connector.ledger.database import make_engine, open_database, upgrade
+from connector.ledger.database import HEAD_REVISION, alembic_config, make_engine, open_database, upgrade
 from connector.ledger.models import Base, RecipientRow
 from connector.ledger.records import KnownMessages, MessageState, PollOutcome, RecipientState
 from connector.ledger.store import Ledger
@@ -42,6 +42,15 @@ def test_upgrade_of_empty_database_equals_models(engine: Engine) -> None:
     with engine.connect() as connection:
         context = MigrationContext.configure(connection, opts={"compare_type": True})
         assert compare_metadata(context, Base.metadata) == []
+
+
+def test_the_head_revision_the_ledger_skips_alembic_at_is_alembics_head(engine: Engine) -> None:
+    """``database.HEAD_REVISION`` must name the newest migration: a ledger there is not migrated at start."""
+    from alembic.script import ScriptDirectory
+
+    assert ScriptDirectory.from_config(alembic_config(engine)).get_current_head() == HEAD_REVISION
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar() == HEAD_REVISION
 
 
 def test_upgrade_is_idempotent(engine: Engine) -> None:

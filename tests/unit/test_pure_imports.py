@@ -37,3 +37,18 @@ def test_every_policy_module_is_checked() -> None:
 @pytest.mark.parametrize("module", PURE)
 def test_pure_module_does_not_import_sqlalchemy(module: str) -> None:
     assert not imports_sqlalchemy(module), f"{module} imports SQLAlchemy"
+
+
+def test_the_command_line_parser_loads_without_the_libraries_of_the_commands() -> None:
+    """``pop-connector --help`` and usage errors answer at once: the parser imports none of SQLAlchemy,
+    pydantic, the destinations' libraries or the poll (issue 16's start-up goal)."""
+    code = (
+        "import sys\n"
+        "from connector.cli import build_parser\n"
+        "build_parser().format_help()\n"
+        "heavy = [m for m in ('sqlalchemy', 'pydantic', 'imapclient', 'requests', 'rich', "
+        "'connector.config', 'connector.poll.engine') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
