@@ -263,7 +263,10 @@ class _Poll:
             next_poll_at=result.next_poll_at,
             quarantined=result.quarantined,
             listed=result.listed,
-            journal_before=journal_before(self.engine.config.service.journal_retention, now),
+            # Pruned by polls that journal something: an idle poll pays no query for it.
+            journal_before=journal_before(self.engine.config.service.journal_retention, now)
+            if result.delivered + result.recovered
+            else None,
         )
         try:
             if self.lease is not None:

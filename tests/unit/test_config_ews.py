@@ -7,7 +7,7 @@ from pathlib import Path
 import certifi
 import pytest
 
-from connector.config import EwsDestination, ews_mailbox, load_config, parse_size
+from connector.config import EwsDestination, GmailDestination, ews_mailbox, load_config, parse_size
 from tests.unit.test_config import error_of, write
 
 EWS = """
@@ -144,3 +144,23 @@ def test_commented_example_in_config_example_is_valid(
     destination = load(tmp_path, uncommented)
     assert destination.impersonation and destination.version == "Exchange2016"
     assert destination.username == "CORP\\svc-import" and destination.max_message_size == 35 * 1024 * 1024
+
+
+def test_commented_gmail_example_in_config_example_is_valid(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Gmail block of config.example.toml, uncommented, is a valid configuration."""
+    text = (Path(__file__).parents[2] / "config.example.toml").read_text()
+    start = text.index("# --- Gmail or Google Workspace destination")
+    end = text.index("# --- end of the Gmail example")
+    lines = [line for line in text[start:end].splitlines()[3:] if not line.startswith("##")]
+    uncommented = "\n".join(line.removeprefix("#").removeprefix(" ") for line in lines)
+    key = tmp_path / "service-account.json"
+    key.write_text('{"type": "service_account"}')
+    uncommented = uncommented.replace("/etc/pop-connector/service-account.json", str(key))
+    monkeypatch.setenv("DAVE_POP_PASSWORD", "x")
+    config = load_config(write(tmp_path, uncommented))
+    [destination] = config.destinations
+    assert isinstance(destination, GmailDestination) and destination.workspace
+    assert destination.labels == ["INBOX"] and destination.label_for("dave") == "Hosted/dave"
+    assert config.accounts[0].mailbox == "dave@example.com"
