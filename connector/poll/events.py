@@ -5,9 +5,9 @@ nothing else, in every run mode (``sync``, ``run``, a distributed worker): ``con
 builds the standard set. The poll emits each event after the fact it reports is done (a ``Delivered``
 after the destination confirmed the message, a ``Deleted`` after QUIT confirmed the DELEs).
 
-Events may come from two threads of one poll (``Fetched`` from the fetch thread, the rest from the poll's
-own), so ``Observers`` calls observers one event at a time. An observer that fails is logged and ignored:
-watching a poll must never break it.
+A poll emits from its own thread (``Fetched`` when the fetched message is taken for delivery), but polls of
+several accounts run at once, so ``Observers`` calls observers one event at a time. An observer that fails
+is logged and ignored: watching a poll must never break it.
 """
 
 from __future__ import annotations
@@ -135,10 +135,6 @@ class Observers:
     def __init__(self, observers: Iterable[PollObserver] = ()) -> None:
         self._observers = list(observers)
         self._lock = threading.Lock()
-
-    def add(self, observer: PollObserver) -> None:
-        with self._lock:
-            self._observers.append(observer)
 
     def emit(self, event: PollEvent) -> None:
         with self._lock:
