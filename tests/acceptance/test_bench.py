@@ -55,3 +55,11 @@ def test_gmail_bench_prints_throughput_against_the_quota(capsys: pytest.CaptureF
     assert main(["--messages", "3", "--mailboxes", "1", "--latency", "0"]) == 0
     out = capsys.readouterr().out
     assert "messages/s per mailbox" in out and "of the quota's ceiling" in out and "3 delivered" in out
+
+
+def test_reconcile_bench_reads_a_folder_and_finds_nothing_wrong(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.reconcile import main
+
+    assert main(["--messages", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "reconcile of 5 messages" in out and "0 discrepancies" in out
