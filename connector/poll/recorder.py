@@ -110,25 +110,26 @@ class Recorder:
     def delivered(self, fetched: FetchedMessage, info: MessageInfo, ref: str) -> None:
         """The destination took the message. Deferred: committed with the next message's ``pending``, and
         always before a DELE (connector/poll/deletions.py), which the retention may now allow."""
-        journal = self._journal(fetched, ref)
-        delivered_at = self.ledger.record_delivered(
-            self.account_id, info.uidl, ref, defer=True, journal=journal
-        )
+        self._record_delivered(fetched, info, ref, recovered=False)
         self.result.delivered += 1
-        self._emit_about(
-            info.uidl, Delivered(self.account.name, info.uidl, fetched.size, fetched.sha256, ref)
-        )
-        self._deletions.delivered(info, delivered_at)
+        event = Delivered(self.account.name, info.uidl, fetched.size, fetched.sha256, ref)
+        self._emit_about(info.uidl, event)
 
     def recovered(self, fetched: FetchedMessage, info: MessageInfo, ref: str, *, headers_only: bool) -> None:
         """An earlier, interrupted attempt had delivered the message: recorded, not delivered again."""
         self.pending(fetched, info, headers_only=headers_only)
-        journal = self._journal(fetched, ref, recovered=True)
+        self._record_delivered(fetched, info, ref, recovered=True)
+        self.result.recovered += 1
+        self._emit_about(info.uidl, Recovered(self.account.name, info.uidl, ref))
+
+    def _record_delivered(
+        self, fetched: FetchedMessage, info: MessageInfo, ref: str, *, recovered: bool
+    ) -> None:
+        """The ``delivered`` record with its journal row (deferred), then the retention's DELE."""
+        journal = self._journal(fetched, ref, recovered=recovered)
         delivered_at = self.ledger.record_delivered(
             self.account_id, info.uidl, ref, defer=True, journal=journal
         )
-        self.result.recovered += 1
-        self._emit_about(info.uidl, Recovered(self.account.name, info.uidl, ref))
         self._deletions.delivered(info, delivered_at)
 
     def quarantine(self, uidl: str, reason: str) -> None:
