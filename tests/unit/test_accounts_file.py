@@ -248,6 +248,20 @@ def test_a_distributed_worker_sees_the_file_change(tmp_path: Path) -> None:
     assert reloaded and [a.name for a in config.accounts] == ["alice", "bob", "carol"]
 
 
+def test_a_poll_noticing_the_change_first_does_not_hide_it_from_the_registry(tmp_path: Path) -> None:
+    path = setup(tmp_path, "bob,h,bob,env:POP_PW,local\n")
+    watch = ConfigWatch(load_config(path))
+    csv_path = tmp_path / "accounts.csv"
+    csv_path.write_text(HEADER + "bob,h,bob,env:POP_PW,local\ncarol,h,c,env:POP_PW,local\n")
+    later = time.time_ns() + 10**9
+    os.utime(csv_path, ns=(later, later))
+    # A poll job reads the configuration first (worker.poll_account), then the dispatch's sync asks.
+    assert [a.name for a in watch.current().accounts] == ["alice", "bob", "carol"]
+    config, reloaded = watch.refresh()
+    assert reloaded and [a.name for a in config.accounts] == ["alice", "bob", "carol"]
+    assert watch.refresh()[1] is False  # reported once
+
+
 # --- accounts check-file -------------------------------------------------------------------------------
 
 

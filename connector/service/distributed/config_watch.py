@@ -31,35 +31,48 @@ def _stamps(config: Config) -> tuple[_Stamp | None, ...] | None:
 
 
 class ConfigWatch:
-    """``current()`` is the newest valid configuration; a broken edit is logged and the old one kept."""
+    """``current()`` is the newest valid configuration; a broken edit is logged and the old one kept.
+
+    A poll and the registry's sync both read it, from different threads. Whoever notices a changed file
+    re-reads it, but only ``refresh()`` reports (once) that the registry has not seen it yet: a poll that
+    happened to notice the change first must not make the sync miss it.
+    """
 
     def __init__(self, config: Config) -> None:
         self._config = config
         self._path = config.source
         self._stamp = _stamps(config)
+        self._unsynced = False
         self._lock = threading.Lock()
 
     def current(self) -> Config:
-        return self.refresh()[0]
+        with self._lock:
+            self._reread_if_changed()
+            return self._config
 
     def refresh(self) -> tuple[Config, bool]:
-        """The configuration and whether it was re-read just now."""
+        """The configuration and whether it changed since the last ``refresh()`` (the registry's sync)."""
         with self._lock:
-            if self._path is None:
-                return self._config, False
-            stamp = _stamps(self._config)
-            if stamp is None or stamp[0] is None or stamp == self._stamp:
-                return self._config, False
-            self._stamp = stamp
-            try:
-                config = load_config(self._path)
-            except ConfigError as exc:
-                log.error("configuration changed but is not valid; keeping the previous one:\n%s", exc)
-                return self._config, False
-            if config.service != self._config.service:
-                log.warning("[service] changes take effect when the worker restarts")
-            log.info("configuration reloaded from %s: %d accounts", self._path, len(config.accounts))
-            if config.account_file_paths != self._config.account_file_paths:
-                self._stamp = _stamps(config)  # other account files to watch from now on
-            self._config = config
-            return config, True
+            self._reread_if_changed()
+            changed, self._unsynced = self._unsynced, False
+            return self._config, changed
+
+    def _reread_if_changed(self) -> None:
+        if self._path is None:
+            return
+        stamp = _stamps(self._config)
+        if stamp is None or stamp[0] is None or stamp == self._stamp:
+            return
+        self._stamp = stamp
+        try:
+            config = load_config(self._path)
+        except ConfigError as exc:
+            log.error("configuration changed but is not valid; keeping the previous one:\n%s", exc)
+            return
+        if config.service != self._config.service:
+            log.warning("[service] changes take effect when the worker restarts")
+        log.info("configuration reloaded from %s: %d accounts", self._path, len(config.accounts))
+        if config.account_file_paths != self._config.account_file_paths:
+            self._stamp = _stamps(config)  # other account files to watch from now on
+        self._config = config
+        self._unsynced = True
