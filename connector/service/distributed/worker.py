@@ -224,8 +224,7 @@ class DistributedWorker:
         if self.stop.is_set():
             # Fetched just before the stop: leave the account due for the workers that stay.
             return "stopped"
-        config = self.watch.current()
-        account = _configured(config, name)
+        config, account = self.watch.account(name)
         if account is None:
             log.warning("account %s: not an enabled account in this worker's configuration; skipped", name)
             return "skipped"
@@ -420,10 +419,6 @@ def tag_poll_jobs(logger: logging.Logger) -> None:
     """Install ``_PollJobAccount`` on ``logger`` (once: every worker of a process asks)."""
     if not any(isinstance(f, _PollJobAccount) for f in logger.filters):
         logger.addFilter(_PollJobAccount())
-
-
-def _configured(config: Config, name: str) -> Account | None:
-    return next((a for a in config.accounts if a.name == name and a.enabled), None)
 
 
 def _chunks(items: list[Job], size: int) -> Iterator[list[Job]]:
