@@ -276,3 +276,41 @@ def test_a_poll_that_crashes_backs_off_instead_of_being_queued_every_tick(engine
     assert row.last_worker == "w-test"
     assert row.next_poll_at is not None and row.next_poll_at > utcnow()
     assert due_accounts(engine, utcnow()) == []
+
+
+def test_the_dispatch_runs_before_the_poll_jobs_waiting(engine: Engine) -> None:
+    """With every account due at once the queue holds a poll job per account; the dispatch (stalled jobs,
+    configuration changes, new due accounts) is fetched next anyway, not after the backlog."""
+    url = engine.url.render_as_string(hide_password=False)
+    config = parse_config(
+        {
+            "service": {"mode": "distributed", "database": url, "worker_name": "w-test"},
+            "destinations": [{"name": "d", "type": "imap", "host": "127.0.0.1", "username": "u",
+                              "password": "p"}],
+            "accounts": [{"name": "a", "host": "127.0.0.1", "username": "a", "password": "p",
+                          "destination": "d"}],
+        },
+        Path("/nonexistent/config.toml"),
+    )  # fmt: skip
+    ensure_queue_schema(engine)
+    worker = DistributedWorker(config, engine)
+    (periodic,) = worker.app.periodic_registry.periodic_tasks.values()
+    dispatch = periodic.task.configure(**periodic.configure_kwargs, task_kwargs={"timestamp": 0}).job
+    poll = worker._poll_job_for("a")
+    assert dispatch.priority > poll.priority
+    with engine.begin() as connection:
+        connection.exec_driver_sql("SET LOCAL search_path = procrastinate")
+        insert = text(
+            "INSERT INTO procrastinate_jobs (queue_name, task_name, priority, lock, queueing_lock, args) "
+            "VALUES ('default', :task, :priority, :lock, :lock, '{}')"
+        )
+        for n in range(20):
+            connection.execute(
+                insert, {"task": poll.task_name, "priority": poll.priority, "lock": f"poll:{n}"}
+            )
+        connection.execute(insert, {"task": dispatch.task_name, "priority": dispatch.priority, "lock": None})
+        worker_id = connection.execute(text("SELECT procrastinate_register_worker_v1()")).scalar()
+        fetched = connection.execute(
+            text("SELECT task_name FROM procrastinate_fetch_job_v2(NULL, :w)"), {"w": worker_id}
+        ).scalar()
+    assert fetched == dispatch.task_name
