@@ -3,6 +3,10 @@ database does per poll.
 
     python -m bench.distributed [--accounts 400] [--workers 1 2 4] [--rounds 2] [--max-workers 8]
     python -m bench.distributed --db-cost [--accounts 200]
+    python -m bench.distributed --scale 100000 [--workers 1 2] [--window 60] [--due-rate 0]
+
+``--scale``: 100,000 synthetic accounts against an instant POP3 server and a throwaway PostgreSQL cluster,
+with CPU, statements, rows and WAL per poll (bench/distributed_scale.py says how).
 
 Everything runs on this machine: the Dovecot test fixture (plain POP3/IMAP on loopback) and the local
 PostgreSQL, one fresh database per measurement. Mailboxes are mostly idle: one account in 20 has a new
@@ -34,6 +38,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, text
 
+from bench import distributed_scale
 from tests.distributed_setup import (
     Fleet,
     cli,
@@ -256,11 +261,19 @@ def db_cost(args: argparse.Namespace, dovecot: Dovecot) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--accounts", type=int, default=400)
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--workers", type=int, nargs="+", help="worker counts (default 1 2 4; --scale: 1 2)")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--max-workers", type=int, default=8)
+    parser.add_argument("--max-workers", type=int, help="polls at once per worker (default 8; --scale: 16)")
     parser.add_argument("--db-cost", action="store_true", help="measure statements and rows per poll")
+    distributed_scale.add_arguments(parser)
     args = parser.parse_args()
+    if args.scale:
+        args.workers = args.workers or [1, 2]
+        args.max_workers = args.max_workers or 16
+        distributed_scale.run(args)
+        return
+    args.workers = args.workers or [1, 2, 4]
+    args.max_workers = args.max_workers or 8
     with Dovecot() as dovecot:
         db_cost(args, dovecot) if args.db_cost else scaling(args, dovecot)
 

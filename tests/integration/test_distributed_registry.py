@@ -18,6 +18,7 @@ from connector.ledger.database import open_database
 from connector.ledger.models import AccountRow
 from connector.ledger.records import utcnow
 from connector.service.distributed import ensure_queue_schema, sync_accounts
+from connector.service.distributed.queue_schema import LOCK_INDEX
 from connector.service.distributed.registry import claimed, count_overdue, due_accounts
 from connector.service.distributed.worker import DistributedWorker
 from tests.distributed_setup import (
@@ -89,6 +90,49 @@ def test_queue_schema_is_created_once_even_by_concurrent_workers(engine: Engine)
             "account_totals",
             "alembic_version",
         }
+
+
+def _fetch_job_buffers(engine: Engine) -> int:
+    """Shared buffers one procrastinate job fetch reads (the function's inner queries included), once
+    its plan is cached (the first fetch of a connection also reads the catalog)."""
+    with engine.begin() as connection:
+        connection.exec_driver_sql("SET LOCAL search_path = procrastinate")
+        worker = connection.execute(text("SELECT procrastinate_register_worker_v1()")).scalar()
+        fetch = text(
+            "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) SELECT * FROM procrastinate_fetch_job_v2(NULL, :w)"
+        )
+        for _ in range(2):
+            plan = connection.execute(fetch, {"w": worker}).scalar()
+    top = plan[0]["Plan"]
+    return int(top["Shared Hit Blocks"]) + int(top["Shared Read Blocks"])
+
+
+def test_fetching_a_job_with_thousands_waiting_reads_a_few_index_pages(engine: Engine) -> None:
+    """Every account due at once queues a poll job per account; each fetch looks up the other jobs of the
+    candidate's lock. Without an index led by the lock that look-up read the whole job index: hundreds of
+    pages per fetch with 20,000 jobs waiting (and one look-up per waiting job under some plans)."""
+    ensure_queue_schema(engine)
+    with engine.begin() as connection:
+        connection.exec_driver_sql("SET LOCAL search_path = procrastinate")
+        connection.execute(
+            text(
+                "INSERT INTO procrastinate_jobs (queue_name, task_name, lock, queueing_lock, args) "
+                "SELECT 'default', 'pop_connector.poll', 'poll:a' || n, 'poll:a' || n, '{}' "
+                "FROM generate_series(1, 20000) AS n"
+            )
+        )
+        connection.execute(text("ANALYZE procrastinate_jobs"))
+    assert _fetch_job_buffers(engine) < 80  # 140 without the index
+
+
+def test_the_lock_index_is_added_to_a_queue_schema_made_without_it(engine: Engine) -> None:
+    ensure_queue_schema(engine)
+    with engine.begin() as connection:
+        connection.execute(text(f"DROP INDEX procrastinate.{LOCK_INDEX}"))
+    ensure_queue_schema(engine)
+    with engine.connect() as connection:
+        found = connection.execute(text("SELECT to_regclass(:n)"), {"n": f"procrastinate.{LOCK_INDEX}"})
+        assert found.scalar() is not None
 
 
 def test_sync_accounts_adds_disables_and_keeps_removed_accounts(engine: Engine) -> None:
@@ -232,3 +276,41 @@ def test_a_poll_that_crashes_backs_off_instead_of_being_queued_every_tick(engine
     assert row.last_worker == "w-test"
     assert row.next_poll_at is not None and row.next_poll_at > utcnow()
     assert due_accounts(engine, utcnow()) == []
+
+
+def test_the_dispatch_runs_before_the_poll_jobs_waiting(engine: Engine) -> None:
+    """With every account due at once the queue holds a poll job per account; the dispatch (stalled jobs,
+    configuration changes, new due accounts) is fetched next anyway, not after the backlog."""
+    url = engine.url.render_as_string(hide_password=False)
+    config = parse_config(
+        {
+            "service": {"mode": "distributed", "database": url, "worker_name": "w-test"},
+            "destinations": [{"name": "d", "type": "imap", "host": "127.0.0.1", "username": "u",
+                              "password": "p"}],
+            "accounts": [{"name": "a", "host": "127.0.0.1", "username": "a", "password": "p",
+                          "destination": "d"}],
+        },
+        Path("/nonexistent/config.toml"),
+    )  # fmt: skip
+    ensure_queue_schema(engine)
+    worker = DistributedWorker(config, engine)
+    (periodic,) = worker.app.periodic_registry.periodic_tasks.values()
+    dispatch = periodic.task.configure(**periodic.configure_kwargs, task_kwargs={"timestamp": 0}).job
+    poll = worker._poll_job_for("a")
+    assert dispatch.priority > poll.priority
+    with engine.begin() as connection:
+        connection.exec_driver_sql("SET LOCAL search_path = procrastinate")
+        insert = text(
+            "INSERT INTO procrastinate_jobs (queue_name, task_name, priority, lock, queueing_lock, args) "
+            "VALUES ('default', :task, :priority, :lock, :lock, '{}')"
+        )
+        for n in range(20):
+            connection.execute(
+                insert, {"task": poll.task_name, "priority": poll.priority, "lock": f"poll:{n}"}
+            )
+        connection.execute(insert, {"task": dispatch.task_name, "priority": dispatch.priority, "lock": None})
+        worker_id = connection.execute(text("SELECT procrastinate_register_worker_v1()")).scalar()
+        fetched = connection.execute(
+            text("SELECT task_name FROM procrastinate_fetch_job_v2(NULL, :w)"), {"w": worker_id}
+        ).scalar()
+    assert fetched == dispatch.task_name

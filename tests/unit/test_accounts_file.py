@@ -262,6 +262,29 @@ def test_a_poll_noticing_the_change_first_does_not_hide_it_from_the_registry(tmp
     assert watch.refresh()[1] is False  # reported once
 
 
+def test_a_distributed_worker_finds_a_poll_jobs_account_by_name_in_the_newest_file(tmp_path: Path) -> None:
+    path = setup(
+        tmp_path, "bob,h,bob,env:POP_PW,local\n", header="name,host,username,password,destination,enabled\n"
+    )
+    (tmp_path / "accounts.csv").write_text(
+        "name,host,username,password,destination,enabled\nbob,h,bob,env:POP_PW,local,true\n"
+        "carol,h,c,env:POP_PW,local,false\n"
+    )
+    watch = ConfigWatch(load_config(path))
+    config, bob = watch.account("bob")
+    assert bob is not None and bob.username == "bob" and bob in config.accounts
+    assert watch.account("carol")[1] is None  # disabled
+    assert watch.account("nobody")[1] is None
+    csv_path = tmp_path / "accounts.csv"
+    csv_path.write_text(HEADER + "bob,h,bob2,env:POP_PW,local\ndave,h,d,env:POP_PW,local\n")
+    later = time.time_ns() + 10**9
+    os.utime(csv_path, ns=(later, later))
+    config, dave = watch.account("dave")
+    assert dave is not None and dave in config.accounts
+    bob = watch.account("bob")[1]
+    assert bob is not None and bob.username == "bob2"
+
+
 # --- accounts check-file -------------------------------------------------------------------------------
 
 

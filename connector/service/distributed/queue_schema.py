@@ -5,6 +5,12 @@ model comparisons never see them, and every procrastinate connection runs with t
 Alembic does not manage them: a migration is frozen history, while this schema belongs to whichever
 procrastinate version is installed. The version whose schema was applied is recorded; when a newer
 procrastinate is installed, its own migration scripts newer than that version are applied in order.
+
+One index is ours (``LOCK_INDEX``), created at every start when missing: procrastinate's job fetch looks up
+the other waiting or running jobs of a candidate's ``lock``, and its own index for that leads with the
+job id, so each look-up reads the whole index: with a few thousand poll jobs waiting (every account due
+at once, after an outage or at the first start) each fetch took tens of milliseconds of database CPU and
+the fleet polled a few accounts per second (procrastinate issue 1242; bench/distributed_scale.py).
 """
 
 from __future__ import annotations
@@ -30,6 +36,12 @@ _ADVISORY_LOCK_KEY = 0x504F5051
 _MIGRATION_NAME = re.compile(r"^(\d+)\.(\d+)\.(\d+)_(\d+)_.*\.sql$")
 
 Version = tuple[int, int, int]
+
+LOCK_INDEX = "pop_connector_jobs_lock_idx"
+_LOCK_INDEX_DDL = (
+    f"CREATE INDEX IF NOT EXISTS {LOCK_INDEX} ON {QUEUE_SCHEMA}.procrastinate_jobs (lock, priority, id) "
+    "WHERE status IN ('todo', 'doing')"
+)
 
 
 def installed_version() -> Version:
@@ -67,6 +79,7 @@ def ensure_queue_schema(engine: Engine) -> None:
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _ADVISORY_LOCK_KEY})
             applied = _applied_version(connection)
             if applied == target:
+                _ensure_lock_index(connection)  # a schema applied before the index was added
                 return
             if applied is None:
                 log.info("creating the job queue schema (procrastinate %s)", ".".join(map(str, target)))
@@ -85,8 +98,17 @@ def ensure_queue_schema(engine: Engine) -> None:
                 text(f"UPDATE {_VERSION_TABLE} SET version = :version"),
                 {"version": ".".join(map(str, target))},
             )
+            _ensure_lock_index(connection)
     except SQLAlchemyError as exc:
         raise LedgerError(f"cannot create or upgrade the job queue schema: {exc}") from exc
+
+
+def _ensure_lock_index(connection: Connection) -> None:
+    # Looked up first: CREATE INDEX IF NOT EXISTS would lock the job table against writes at every start.
+    name = f"{QUEUE_SCHEMA}.{LOCK_INDEX}"
+    if connection.execute(text("SELECT to_regclass(:name)"), {"name": name}).scalar() is None:
+        log.info("adding index %s to the job queue (fetching a job with many waiting)", LOCK_INDEX)
+        connection.execute(text(_LOCK_INDEX_DDL))
 
 
 def _applied_version(connection: Connection) -> Version | None:

@@ -65,6 +65,10 @@ log = logging.getLogger(__name__)
 POLL_TASK = "pop_connector.poll"
 DISPATCH_TASK = "pop_connector.dispatch"
 _DEFER_BATCH = 500
+# procrastinate runs waiting jobs by priority, then in the order they were queued. The dispatch must not
+# wait behind the poll jobs: with every account due at once (100,000 after an outage) it would wait until
+# the whole backlog was polled, and the stalled jobs of a dead worker and a changed configuration with it.
+DISPATCH_PRIORITY = 10
 
 
 def libpq_url(database: str) -> str:
@@ -126,7 +130,9 @@ class DistributedWorker:
         self.poll_task = self.app.task(name=POLL_TASK)(self._poll_job)
         seconds = int(config.service.dispatch_interval.total_seconds())
         cron = "* * * * *" if seconds == 60 else f"* * * * * */{seconds}"
-        dispatch = self.app.task(name=DISPATCH_TASK, queueing_lock=DISPATCH_TASK)(self._dispatch_job)
+        dispatch = self.app.task(name=DISPATCH_TASK, queueing_lock=DISPATCH_TASK, priority=DISPATCH_PRIORITY)(
+            self._dispatch_job
+        )
         self.app.periodic(cron=cron, periodic_id="dispatch")(dispatch)
         # procrastinate logs each job's start and end from its own loop, outside any poll's log context.
         tag_poll_jobs(logging.getLogger("procrastinate.worker"))
@@ -224,8 +230,7 @@ class DistributedWorker:
         if self.stop.is_set():
             # Fetched just before the stop: leave the account due for the workers that stay.
             return "stopped"
-        config = self.watch.current()
-        account = _configured(config, name)
+        config, account = self.watch.account(name)
         if account is None:
             log.warning("account %s: not an enabled account in this worker's configuration; skipped", name)
             return "skipped"
@@ -420,10 +425,6 @@ def tag_poll_jobs(logger: logging.Logger) -> None:
     """Install ``_PollJobAccount`` on ``logger`` (once: every worker of a process asks)."""
     if not any(isinstance(f, _PollJobAccount) for f in logger.filters):
         logger.addFilter(_PollJobAccount())
-
-
-def _configured(config: Config, name: str) -> Account | None:
-    return next((a for a in config.accounts if a.name == name and a.enabled), None)
 
 
 def _chunks(items: list[Job], size: int) -> Iterator[list[Job]]:
