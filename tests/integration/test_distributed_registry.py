@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, select, text, update
+from sqlalchemy import Engine, event, select, text, update
 
 from connector.config import Account, parse_config
 from connector.connections import Connections
@@ -163,6 +163,24 @@ def test_a_claim_excludes_a_second_poll_and_a_poll_that_is_not_due(engine: Engin
         assert missing.reason is not None and "sync-config" in missing.reason
     with engine.connect() as connection:
         assert connection.scalar(select(AccountRow.last_worker)) == "w1"
+
+
+def test_a_claim_costs_one_commit_and_never_locks_an_inactive_account(engine: Engine) -> None:
+    """Every poll of every worker claims: the claim is one transaction (lock, due test, last_worker), its
+    release one more."""
+    sync_accounts(engine, [_account("a"), _account("gone", enabled=False)])
+    commits: list[str] = []
+    event.listen(engine, "commit", lambda connection: commits.append("commit"))
+    locks = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+    with claimed(engine, "a", "w1", utcnow()) as claim:
+        assert claim.reason is None and len(commits) == 1
+        with engine.connect() as connection:
+            assert connection.scalar(text(locks)) == 1
+    assert len(commits) == 2
+    with claimed(engine, "gone", "w1", utcnow()) as claim:
+        assert claim.reason == "no longer active in the configuration"
+        with engine.connect() as connection:
+            assert connection.scalar(text(locks)) == 0
 
 
 def test_overdue_accounts_and_when_a_claimed_account_was_due(engine: Engine) -> None:

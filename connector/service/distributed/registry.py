@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, Engine, func, or_, select, text, update
+from sqlalchemy import Connection, Engine, case, false, func, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.sql.elements import ColumnElement
@@ -184,23 +184,29 @@ def claimed(engine: Engine, account: str, worker: str, now: datetime) -> Iterato
 
 
 def _claim(connection: Connection, account: str, worker: str, now: datetime) -> tuple[Claim, int | None]:
+    # One transaction, one commit: every poll of every worker pays this, and commits are what the
+    # database's disk limits. The lock is a session lock: it outlives the commit, held until _release.
     try:
         row = connection.execute(
-            select(AccountRow.id, AccountRow.active, _due_at().label("due_at")).where(
-                AccountRow.name == account
-            )
+            select(
+                AccountRow.id,
+                AccountRow.active,
+                _due_at().label("due_at"),
+                # CASE evaluates only its chosen branch: an inactive account is never locked.
+                case(
+                    (AccountRow.active, func.pg_try_advisory_lock(_POLL_LOCK_CLASS, AccountRow.id)),
+                    else_=false(),
+                ).label("locked"),
+            ).where(AccountRow.name == account)
         ).first()
-        connection.commit()
-        if row is None:
-            return Claim(None, "not in the database (run `pop-connector accounts sync-config`)"), None
-        if not row.active:
-            return Claim(row.id, "no longer active in the configuration"), None
-        got = connection.execute(
-            text("SELECT pg_try_advisory_lock(:cls, :id)"), {"cls": _POLL_LOCK_CLASS, "id": row.id}
-        ).scalar()
-        connection.commit()
-        if not got:
+        if row is None or not row.locked:
+            connection.commit()
+            if row is None:
+                return Claim(None, "not in the database (run `pop-connector accounts sync-config`)"), None
+            if not row.active:
+                return Claim(row.id, "no longer active in the configuration"), None
             return Claim(row.id, "another worker is polling it"), None
+        # Under the lock, the due test again: a poll that ended just before we locked has moved it on.
         taken = connection.execute(
             update(AccountRow)
             .where(
