@@ -140,11 +140,11 @@ class Service:
                 level,
                 "account %s: first poll %s",
                 account.name,
-                first_poll_reason(first, now),
+                first_poll_reason(first),
                 extra={"account": account.name},
             )
         if len(accounts) > PER_ACCOUNT_LINES:
-            log.info("first polls: %s", first_polls_summary(plan.values(), now))
+            log.info("first polls of %s", first_polls_summary(plan.values()))
         self._scheduler.start()
         log.info(
             "service started: %d accounts, at most %d polled at once",
@@ -207,7 +207,7 @@ class Service:
         self._schedule(account, when)
 
 
-def first_poll_reason(first: FirstPoll, now: datetime) -> str:
+def first_poll_reason(first: FirstPoll) -> str:
     """When an account is first polled after a start, and why."""
     at = first.when.isoformat(timespec="seconds")
     if first.why is Why.STORED:
@@ -220,30 +220,25 @@ def first_poll_reason(first: FirstPoll, now: datetime) -> str:
     )
 
 
-def first_polls_summary(plan: Iterable[FirstPoll], now: datetime) -> str:
-    """One line for a start of many accounts: how many are polled now, spread, and later."""
+def first_polls_summary(plan: Iterable[FirstPoll]) -> str:
+    """One line for a start of many accounts: how many are polled now, spread out, and later."""
     firsts = list(plan)
-    asked = sum(first.why is Why.ASKED for first in firsts)
-    if asked:
-        return f"{asked} accounts now (run --now)"
-    spread_out = [first for first in firsts if first.spread_over is not None]
+    if any(first.why is Why.ASKED for first in firsts):
+        return f"all {len(firsts)} accounts now (run --now)"
+    spread_out = [first.spread_over for first in firsts if first.spread_over is not None]
     stored = [first.when for first in firsts if first.why is Why.STORED]
-    parts = []
+    parts = [f"{len(firsts) - len(spread_out) - len(stored)} now"]
     if spread_out:
-        over = max(first.spread_over or timedelta(0) for first in spread_out)
         parts.append(
-            f"{len(spread_out)} due or never polled, spread over {_seconds(over)} from now "
-            "(at the rate their poll intervals need)"
+            f"{len(spread_out)} spread over the next {_seconds(max(spread_out))} (due or never polled: at "
+            "the rate their poll intervals need, not all at once)"
         )
-    now_count = len(firsts) - len(spread_out) - len(stored)
-    if now_count:
-        parts.append(f"{now_count} due or never polled, now")
     if stored:
         parts.append(
-            f"{len(stored)} at the next poll time their last poll chose, from "
+            f"{len(stored)} at the next poll time their last poll chose, the first at "
             f"{min(stored).isoformat(timespec='seconds')} (run --now polls at once)"
         )
-    return "; ".join(parts)
+    return f"{len(firsts)} accounts: " + ", ".join(parts)
 
 
 def _seconds(duration: timedelta) -> str:
