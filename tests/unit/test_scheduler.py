@@ -14,6 +14,7 @@ import pytest
 from connector.config import Account, Config, parse_config
 from connector.ledger.database import open_database
 from connector.ledger.store import Ledger
+from connector.ops.logs import setup_logging
 from connector.poll.result import PollResult
 from connector.service.scheduler import Service
 
@@ -207,3 +208,27 @@ def test_a_start_of_many_accounts_logs_one_summary_line(
         "first polls of 100 accounts: 4 now, 96 spread over the next 288s (due or never polled: at the "
         "rate their poll intervals need, not all at once)"
     )
+
+
+def test_the_log_at_info_has_the_service_s_lines_not_apscheduler_s_four_per_poll(tmp_path: Path) -> None:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    scheduler_level = logging.getLogger("apscheduler").level
+    try:
+        setup_logging("INFO", "text", tmp_path / "connector.log")
+        config = config_with(accounts=1, max_workers=1)
+        ledger = Ledger(open_database(f"sqlite:///{tmp_path / 'l.db'}"))
+        engine = RecordingEngine()
+        run_for(Service(config, engine, ledger), 0.3)  # type: ignore[arg-type]
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+            handler.close()
+        for handler in handlers:
+            root.addHandler(handler)
+        root.setLevel(level)
+        logging.getLogger("apscheduler").setLevel(scheduler_level)
+    lines = (tmp_path / "connector.log").read_text().splitlines()
+    assert engine.polls["a0"] >= 2
+    assert sum("a0: next poll at" in line for line in lines) >= 2
+    assert not [line for line in lines if "apscheduler" in line]
