@@ -1,6 +1,6 @@
 """When the service first polls each account: at start, and for accounts a reload adds. Pure functions.
 
-The rule (docs/operations.md, "When accounts are polled"):
+The rule (docs/operations.md tells it to the admin, under "With systemd"):
 
 - An account whose last poll chose a later time (a ``sync`` too) keeps that time: a restart does not move
   accounts that were already spread out.
