@@ -1,5 +1,8 @@
 """The long-running service: every account polled on its own schedule by APScheduler 3.
 
+When each account is first polled (at start, and after a reload adds accounts) is policies/schedule.py's
+rule: accounts that are due are spread out at the rate the configuration needs, not all started at once.
+
 Each account is one date-triggered job that, when its poll ends, schedules the next one at the time the
 engine chose (the interval with jitter after success, the retry back-off after failure). One job per account
 means two polls of one account never overlap; the executor's size is ``max_workers``. Each job knows when
@@ -11,8 +14,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable
-from datetime import datetime
+from collections.abc import Callable, Iterable
+from datetime import datetime, timedelta
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.base import JobLookupError
@@ -20,6 +23,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from connector.config import Account, Config
 from connector.ledger.store import Ledger
+from connector.policies.schedule import FirstPoll, Waiting, Why, first_polls, polls_per_second, spread
 from connector.poll.engine import SyncEngine
 from connector.poll.result import PollResult
 from connector.service.reload import AccountChanges, account_changes
@@ -28,6 +32,9 @@ log = logging.getLogger("connector.service.scheduler")
 
 
 _UNLIMITED = 1 << 30
+# Up to this many accounts, start-up logs each one's first poll time at INFO; above, one summary line (each
+# account's line is then DEBUG): a start of 1,000 accounts should stay readable.
+PER_ACCOUNT_LINES = 20
 
 
 class Service:
@@ -41,6 +48,9 @@ class Service:
         on_lag: Callable[[float], None] | None = None,
     ) -> None:
         self.config = config
+        # Each poll looks its account up (a reload may have changed it): by name, not a scan of the list,
+        # which with 1,000 accounts cost more than the rest of the scheduling of a poll.
+        self._enabled = _enabled_by_name(config)
         self.engine = engine
         self.ledger = ledger
         self.stop = threading.Event()
@@ -59,10 +69,10 @@ class Service:
         )
 
     def accounts(self) -> list[Account]:
-        return [account for account in self.config.accounts if account.enabled]
+        return list(self._enabled.values())
 
     def _current(self, name: str) -> Account | None:
-        return next((account for account in self.accounts() if account.name == name), None)
+        return self._enabled.get(name)
 
     def scheduled(self) -> dict[str, datetime]:
         """When each account waiting in the scheduler is due (accounts being polled are not listed)."""
@@ -70,44 +80,79 @@ class Service:
         return {job.id: job.next_run_time for job in jobs if job.next_run_time is not None}
 
     def reload(self, config: Config) -> AccountChanges:
-        """Use a new configuration: removed accounts are unscheduled, added and changed ones polled now.
+        """Use a new configuration: removed accounts are unscheduled, added and changed ones polled now (as
+        many as the workers), the rest spread at the rate the configuration needs (policies/schedule.py).
 
         A poll in flight finishes with the settings it started with and is then rescheduled with the new
         ones (or not at all if its account is gone). [service] settings need a restart.
         """
         changes = account_changes(self.config, config)
         self.config = config
+        self._enabled = _enabled_by_name(config)
         self.engine.config = config
         for name in changes.removed:
             with contextlib.suppress(JobLookupError):  # it may be running right now
                 self._scheduler.remove_job(name)
         now = self.engine.clock()
-        for name in changes.added + changes.changed:
-            account = self._current(name)
-            if account is not None and name not in self._running:
-                self._schedule(account, now)
+        waiting = {
+            account.name: account
+            for name in changes.added + changes.changed
+            if (account := self._current(name)) is not None and name not in self._running
+        }
+        rate = polls_per_second(account.poll_interval for account in self.accounts())
+        plan = spread(
+            [Waiting(account.name, account.poll_interval) for account in waiting.values()],
+            now,
+            rate=rate,
+            at_once=config.service.max_workers,
+        )
+        for name, account in waiting.items():
+            self._schedule(account, plan[name].when)
+        spread_out = [first.spread_over for first in plan.values() if first.spread_over is not None]
+        if spread_out:
+            log.info(
+                "reload: %d added or changed accounts polled now, %d spread over %s from now (%.1f polls/s)",
+                len(plan) - len(spread_out),
+                len(spread_out),
+                _seconds(max(spread_out)),
+                rate,
+            )
         return changes
 
     def start(self, *, poll_now: bool = False) -> None:
-        """Schedule every enabled account: due ones (or never polled ones) at once, the others at the next
-        poll time their last poll chose (a ``sync`` too), or all at once with ``poll_now``. Each account's
-        first poll time is logged: a service that waits silently looks stuck."""
+        """Schedule every enabled account (policies/schedule.py): at the next poll time its last poll chose
+        (a ``sync``'s too); due ones and never polled ones now when they are few, spread at the rate the
+        configuration needs when they are many; all at once with ``poll_now``. Each account's first poll
+        time is logged (a service that waits silently looks stuck), or one summary for many accounts."""
         now = self.engine.clock()
         next_polls = {status.name: status.next_poll_at for status in self.ledger.statuses()}
-        for account in self.accounts():
-            when = next_polls.get(account.name)
-            first = now if poll_now or when is None or when <= now else when
-            self._schedule(account, first)
-            log.info(
+        accounts = self.accounts()
+        plan = first_polls(
+            [
+                Waiting(account.name, account.poll_interval, next_polls.get(account.name))
+                for account in accounts
+            ],
+            now,
+            at_once=self.config.service.max_workers,
+            poll_now=poll_now,
+        )
+        level = logging.INFO if len(accounts) <= PER_ACCOUNT_LINES else logging.DEBUG
+        for account in accounts:
+            first = plan[account.name]
+            self._schedule(account, first.when)
+            log.log(
+                level,
                 "account %s: first poll %s",
                 account.name,
-                first_poll_reason(when, now, poll_now=poll_now),
+                first_poll_reason(first),
                 extra={"account": account.name},
             )
+        if len(accounts) > PER_ACCOUNT_LINES:
+            log.info("first polls of %s", first_polls_summary(plan.values()))
         self._scheduler.start()
         log.info(
             "service started: %d accounts, at most %d polled at once",
-            len(self.accounts()),
+            len(accounts),
             self.config.service.max_workers,
         )
 
@@ -166,15 +211,43 @@ class Service:
         self._schedule(account, when)
 
 
-def first_poll_reason(stored: datetime | None, now: datetime, *, poll_now: bool) -> str:
+def _enabled_by_name(config: Config) -> dict[str, Account]:
+    return {account.name: account for account in config.accounts if account.enabled}
+
+
+def first_poll_reason(first: FirstPoll) -> str:
     """When an account is first polled after a start, and why."""
-    if stored is None:
-        return "now (never polled)"
-    if poll_now:
-        return "now (run --now)"
-    if stored <= now:
-        return "now (due)"
+    at = first.when.isoformat(timespec="seconds")
+    if first.why is Why.STORED:
+        return f"at {at}, the next poll time its last poll chose (run --now polls at once)"
+    if first.spread_over is None:
+        return f"now ({first.why.value})"
     return (
-        f"at {stored.isoformat(timespec='seconds')}, the next poll time its last poll chose "
-        "(run --now polls at once)"
+        f"at {at} ({first.why.value}; one of {first.spread_among} due accounts spread over "
+        f"{_seconds(first.spread_over)} from now)"
     )
+
+
+def first_polls_summary(plan: Iterable[FirstPoll]) -> str:
+    """One line for a start of many accounts: how many are polled now, spread out, and later."""
+    firsts = list(plan)
+    if any(first.why is Why.ASKED for first in firsts):
+        return f"all {len(firsts)} accounts now (run --now)"
+    spread_out = [first.spread_over for first in firsts if first.spread_over is not None]
+    stored = [first.when for first in firsts if first.why is Why.STORED]
+    parts = [f"{len(firsts) - len(spread_out) - len(stored)} now"]
+    if spread_out:
+        parts.append(
+            f"{len(spread_out)} spread over the next {_seconds(max(spread_out))} (due or never polled: at "
+            "the rate their poll intervals need, not all at once)"
+        )
+    if stored:
+        parts.append(
+            f"{len(stored)} at the next poll time their last poll chose, the first at "
+            f"{min(stored).isoformat(timespec='seconds')} (run --now polls at once)"
+        )
+    return f"{len(firsts)} accounts: " + ", ".join(parts)
+
+
+def _seconds(duration: timedelta) -> str:
+    return f"{duration.total_seconds():.0f}s"

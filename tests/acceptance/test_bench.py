@@ -63,3 +63,14 @@ def test_reconcile_bench_reads_a_folder_and_finds_nothing_wrong(capsys: pytest.C
     assert main(["--messages", "5"]) == 0
     out = capsys.readouterr().out
     assert "reconcile of 5 messages" in out and "0 discrepancies" in out
+
+
+def test_schedule_bench_runs_the_service_and_reports_lag_and_bunching(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from bench.schedule import main
+
+    assert main(["--accounts", "12", "--interval", "2", "--intervals", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "polls/s needed 6.0" in out and " 0 failed" in out
+    assert "lag, first interval: median" in out and "most started in one second" in out

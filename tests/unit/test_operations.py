@@ -431,7 +431,7 @@ def test_the_service_reports_each_poll_s_scheduling_lag(tmp_path: Path) -> None:
     engine = GatedEngine()
     the_config = config([{"name": "a"}, {"name": "b"}], max_workers=1)
     service = Service(the_config, engine, ledger, on_lag=lags.append)  # type: ignore[arg-type]
-    service.start()
+    service.start(poll_now=True)  # both due now for the one worker (else the second is spread out)
     try:
         deadline = time.monotonic() + 30
         while not lags:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
+
 from connector.config import Account, Config, parse_config
 from connector.ledger.database import open_database
 from connector.ledger.store import Ledger
+from connector.ops.logs import setup_logging
 from connector.poll.result import PollResult
 from connector.service.scheduler import Service
 
@@ -58,8 +62,8 @@ class RecordingEngine:
         return PollResult(account.name, next_poll_at=self.clock() + timedelta(milliseconds=10))
 
 
-def run_for(service: Service, seconds: float) -> None:
-    service.start()
+def run_for(service: Service, seconds: float, *, poll_now: bool = False) -> None:
+    service.start(poll_now=poll_now)
     time.sleep(seconds)
     service.shutdown()
 
@@ -68,7 +72,8 @@ def test_no_account_is_polled_twice_at_once_and_workers_are_bounded(tmp_path: Pa
     config = config_with(accounts=6, max_workers=2)
     engine = RecordingEngine()
     ledger = Ledger(open_database(f"sqlite:///{tmp_path / 'l.db'}"))
-    run_for(Service(config, engine, ledger), 0.8)  # type: ignore[arg-type]
+    # --now: all six due at once for two workers (without it, four would be spread over the interval).
+    run_for(Service(config, engine, ledger), 0.8, poll_now=True)  # type: ignore[arg-type]
     assert engine.max_running_per_account == 1
     assert engine.max_running_total <= 2
     assert all(engine.polls[f"a{i}"] >= 2 for i in range(6)), dict(engine.polls)
@@ -125,3 +130,105 @@ def test_a_next_run_due_before_the_last_one_returned_still_runs(tmp_path: Path) 
     run_for(_SlowToReturn(config, engine, ledger), 0.8)  # type: ignore[arg-type]
     assert engine.polls["a0"] >= 3, dict(engine.polls)
     assert engine.max_running_per_account == 1
+
+
+# --- first polls (policies/schedule.py decides; these check that the service schedules what it says) ----
+
+AHEAD = datetime.now(UTC).replace(microsecond=0) + timedelta(days=365)
+
+
+class FutureEngine(RecordingEngine):
+    """Its clock is a year ahead: every first poll lies in APScheduler's future, so nothing runs and
+    ``Service.scheduled()`` shows what ``start`` scheduled."""
+
+    def clock(self) -> datetime:
+        return AHEAD
+
+
+def started(tmp_path: Path, accounts: int, *, poll_now: bool = False) -> Service:
+    ledger = Ledger(open_database(f"sqlite:///{tmp_path / 'l.db'}"))
+    service = Service(config_with(accounts, max_workers=4), FutureEngine(), ledger)  # type: ignore[arg-type]
+    service.start(poll_now=poll_now)
+    return service
+
+
+def test_a_start_of_many_accounts_spreads_their_first_polls_over_the_interval(tmp_path: Path) -> None:
+    service = started(tmp_path, 100)
+    try:
+        times = sorted(service.scheduled().values())
+    finally:
+        service.shutdown()
+    assert len(times) == 100
+    assert times.count(AHEAD) == 4  # one per worker at once, the other 96 one after the other
+    assert len(set(times)) == 97
+    # The default interval (5 minutes) for 100 accounts: one every 3 s, the last within the interval.
+    assert times[4] - AHEAD == timedelta(seconds=3)
+    assert max(times) == AHEAD + timedelta(seconds=96 * 3)
+
+
+def test_a_single_account_is_polled_at_once(tmp_path: Path) -> None:
+    service = started(tmp_path, 1)
+    try:
+        assert service.scheduled() == {"a0": AHEAD}
+    finally:
+        service.shutdown()
+
+
+def test_run_now_polls_every_account_at_once(tmp_path: Path) -> None:
+    service = started(tmp_path, 100, poll_now=True)
+    try:
+        assert set(service.scheduled().values()) == {AHEAD}
+    finally:
+        service.shutdown()
+
+
+def test_a_reload_spreads_many_added_accounts_and_polls_a_few_at_once(tmp_path: Path) -> None:
+    service = started(tmp_path, 100)
+    try:
+        service.reload(config_with(103, max_workers=4))
+        added = [service.scheduled()[f"a{i}"] for i in range(100, 103)]
+        assert added == [AHEAD] * 3
+        service.reload(config_with(200, max_workers=4))
+        added = sorted(service.scheduled()[f"a{i}"] for i in range(103, 200))
+    finally:
+        service.shutdown()
+    # 200 accounts every 5 minutes need 2 every 3 s: 4 at once, then one every 1.5 s.
+    assert added.count(AHEAD) == 4 and max(added) == AHEAD + timedelta(seconds=93 * 1.5)
+
+
+def test_a_start_of_many_accounts_logs_one_summary_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.DEBUG, logger="connector.service.scheduler"):
+        started(tmp_path, 100).shutdown()
+    first = [record for record in caplog.records if "first poll" in record.getMessage()]
+    assert [record.levelno for record in first].count(logging.DEBUG) == 100  # one per account
+    (summary,) = [record.getMessage() for record in first if record.levelno == logging.INFO]
+    assert summary == (
+        "first polls of 100 accounts: 4 now, 96 spread over the next 288s (due or never polled: at the "
+        "rate their poll intervals need, not all at once)"
+    )
+
+
+def test_the_log_at_info_has_the_service_s_lines_not_apscheduler_s_four_per_poll(tmp_path: Path) -> None:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    scheduler_level = logging.getLogger("apscheduler").level
+    try:
+        setup_logging("INFO", "text", tmp_path / "connector.log")
+        config = config_with(accounts=1, max_workers=1)
+        ledger = Ledger(open_database(f"sqlite:///{tmp_path / 'l.db'}"))
+        engine = RecordingEngine()
+        run_for(Service(config, engine, ledger), 0.3)  # type: ignore[arg-type]
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+            handler.close()
+        for handler in handlers:
+            root.addHandler(handler)
+        root.setLevel(level)
+        logging.getLogger("apscheduler").setLevel(scheduler_level)
+    lines = (tmp_path / "connector.log").read_text().splitlines()
+    assert engine.polls["a0"] >= 2
+    assert sum("a0: next poll at" in line for line in lines) >= 2
+    assert not [line for line in lines if "apscheduler" in line]
