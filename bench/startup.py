@@ -3,8 +3,8 @@
 Three commands, each a fresh ``python -m connector`` process: ``--help``, ``status`` (one account, SQLite
 ledger) and ``sync`` of that one account with nothing new (a throwaway Dovecot: connect, log in, UIDL,
 QUIT). Each is run ``--runs`` times; the best wall time and the best CPU time (user + system of the child)
-are reported, because on a shared machine the minimum is the figure least disturbed by others; ``--instructions``
-adds the instructions each command executed (valgrind), which the load does not change at all.
+are reported, because on a shared machine the minimum is the figure least disturbed by others.
+``--instructions`` adds the instructions each command executed (valgrind), which the load does not change.
 
 ``--repo`` names a checkout whose ``connector`` package is run (default: this one); given several times,
 the checkouts take turns run by run, so that a before/after comparison is made in one run on one machine
