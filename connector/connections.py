@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from connector.config import (
     Account,
@@ -14,7 +15,6 @@ from connector.config import (
     ews_mailbox,
 )
 from connector.destinations.base import DestinationSession
-from connector.destinations.imap import ImapSession, MasterUser, open_imap
 from connector.errors import (
     DestinationConnectError,
     OAuthError,
@@ -25,6 +25,12 @@ from connector.errors import (
 from connector.oauth import DEFAULT_PROVIDERS, TokenProvider, TokenProviders, login_with_token
 from connector.pop3 import Pop3Client, connect_pop3
 from connector.tls import make_ssl_context
+
+if TYPE_CHECKING:
+    from connector.destinations.imap import ImapSession, MasterUser
+
+# Each destination's module (and its library: imapclient, exchangelib, the Google clients) is imported when
+# a session to it opens: a poll with nothing to deliver opens none and loads none of them.
 
 
 def _connect_source(account: Account) -> Pop3Client:
@@ -89,6 +95,8 @@ def _open_imap_as(
     token_provider: TokenProvider | None = None,
     master: MasterUser | None = None,
 ) -> ImapSession:
+    from connector.destinations.imap import open_imap
+
     context = None
     if destination.tls != "none":
         context = make_ssl_context(verify=destination.tls_verify, ca_file=destination.ca_file)
@@ -132,7 +140,7 @@ def open_imap_destination(
 
 
 def open_ews_destination(destination: EwsDestination, account: Account) -> DestinationSession:
-    """A session that delivers into the account's Exchange mailbox (exchangelib is imported only here)."""
+    """A session that delivers into the account's Exchange mailbox."""
     try:
         from connector.destinations.ews import open_ews
     except ImportError as exc:
@@ -182,6 +190,8 @@ def open_recipient_destination(
         return open_ews_destination(destination, account.model_copy(update={"mailbox": mailbox}))
     if isinstance(destination, GmailDestination):
         return open_gmail_destination(destination, account, mailbox)
+    from connector.destinations.imap import MasterUser
+
     assert destination.master_username is not None and destination.master_password is not None
     master = MasterUser(
         destination.master_username,

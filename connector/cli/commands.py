@@ -13,6 +13,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from connector.cli.parser import ADMIN_COMMANDS, EXIT_CONFIG, EXIT_FAILED, EXIT_OK, checks_a_file_alone
 from connector.cli.report import (
@@ -32,7 +33,9 @@ from connector.errors import ConfigError, ConnectorError
 from connector.ledger.database import open_database
 from connector.ledger.store import Ledger
 from connector.ops.logs import setup_logging
-from connector.poll.result import PollResult
+
+if TYPE_CHECKING:
+    from connector.poll.result import PollResult
 
 log = logging.getLogger("connector")
 
@@ -197,7 +200,6 @@ def _stop_on_signals(stop: threading.Event) -> None:
 
 def _sync(config: Config, ledger: Ledger, args: argparse.Namespace) -> int:
     from connector.connections import Connections
-    from connector.ops.observers import standard_observers
     from connector.ops.progress import SyncProgress, print_summary, summary_rows, sync_progress
     from connector.poll.engine import SyncEngine
 
@@ -208,8 +210,10 @@ def _sync(config: Config, ledger: Ledger, args: argparse.Namespace) -> int:
     stop = threading.Event()
     _stop_on_signals(stop)
     display = sync_progress(accounts, sys.stderr) if not args.dry_run else SyncProgress()
-    observers = standard_observers(progress=display)
-    engine = SyncEngine(config, ledger, Connections(), observers=observers.all())
+    # The display is the only observer: the metrics and the health monitor of connector/ops/observers.py
+    # are read by the listener of `run`, which a sync has not (nor their imports, Prometheus's and the
+    # status page's).
+    engine = SyncEngine(config, ledger, Connections(), observers=[display])
 
     def poll(account: Account) -> PollResult:
         return engine.poll(account, dry_run=args.dry_run, stop=stop)

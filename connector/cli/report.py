@@ -9,14 +9,17 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import datetime
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import make_url
 
 from connector.cli.parser import STATES
 from connector.config import Account
 from connector.ledger.records import AccountStatus
-from connector.poll.result import PollResult
+
+if TYPE_CHECKING:
+    # Annotations only: `status` loads none of the poll's code (connector/cli/commands.py).
+    from connector.poll.result import PollResult
 
 
 def ledger_line(database: str) -> str:

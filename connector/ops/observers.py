@@ -1,10 +1,10 @@
-"""The observers every run mode gives its polls, and the operations listener that reads them.
+"""The observers the services give their polls, and the operations listener that reads them.
 
-``sync``, ``run`` and each distributed worker build their ``SyncEngine`` with ``standard_observers()``:
-Prometheus metrics and the health monitor (read by the listener of ``connector.ops.web``), plus the
-progress display for ``sync``. The engine adds the per-message log lines itself (``PollLog``), so that no
-engine, whoever builds it, polls without them. The listener adds to the metrics the series it reads at each
-scrape (``ServiceSeries``).
+``run`` and each distributed worker build their ``SyncEngine`` with ``standard_observers()``: Prometheus
+metrics and the health monitor, read by the listener of ``connector.ops.web``. ``sync`` serves no listener
+and gives its engine only its progress display (connector/ops/progress.py). The engine adds the
+per-message log lines itself (``PollLog``), so that no engine, whoever builds it, polls without them. The
+listener adds to the metrics the series it reads at each scrape (``ServiceSeries``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from connector.config import Config
 from connector.ledger.store import Ledger
 from connector.ops.health import HealthMonitor, overdue_accounts
 from connector.ops.metrics import PollMetrics, ServiceSeries
-from connector.ops.progress import SyncProgress
 from connector.ops.web import Operations, OpsServer
 from connector.poll.events import PollObserver
 
@@ -26,18 +25,14 @@ from connector.poll.events import PollObserver
 class StandardObservers:
     metrics: PollMetrics
     health: HealthMonitor
-    progress: SyncProgress | None = None
 
     def all(self) -> list[PollObserver]:
         """For ``SyncEngine(..., observers=...)``."""
-        observers: list[PollObserver] = [self.metrics, self.health]
-        if self.progress is not None:
-            observers.append(self.progress)
-        return observers
+        return [self.metrics, self.health]
 
 
-def standard_observers(progress: SyncProgress | None = None) -> StandardObservers:
-    return StandardObservers(PollMetrics(), HealthMonitor(), progress)
+def standard_observers() -> StandardObservers:
+    return StandardObservers(PollMetrics(), HealthMonitor())
 
 
 def operations_listener(

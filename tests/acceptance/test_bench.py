@@ -74,3 +74,13 @@ def test_schedule_bench_runs_the_service_and_reports_lag_and_bunching(
     out = capsys.readouterr().out
     assert "polls/s needed 6.0" in out and " 0 failed" in out
     assert "lag, first interval: median" in out and "most started in one second" in out
+
+
+def test_startup_bench_times_each_command_of_each_checkout(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.startup import main
+
+    # The same checkout twice: the lead's before/after run gives two (the second run's idle sync is
+    # checked to deliver nothing, or the bench stops).
+    assert main(["--repo", str(ROOT), "--repo", str(ROOT), "--runs", "1", "--imports", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("  status ") == 2 and out.count("  sync ") == 2 and out.count("imports of --help") == 2

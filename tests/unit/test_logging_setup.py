@@ -15,6 +15,7 @@ from rich.console import Console
 
 from connector import redaction
 from connector.cli import EXIT_CONFIG, main
+from connector.ops.bars import BarProgress, ProgressConsoleHandler
 from connector.ops.logs import (
     JsonFormatter,
     TextFormatter,
@@ -23,7 +24,6 @@ from connector.ops.logs import (
     log_context,
     setup_logging,
 )
-from connector.ops.progress import BarProgress, ProgressConsoleHandler
 from connector.poll.events import Fetched, Finished, Planned, Started
 from connector.poll.result import PollResult
 
