@@ -241,6 +241,8 @@ class Ledger:
             "failed": outcome.failed,
             "deleted": outcome.deleted,
             "listed": outcome.listed,
+            # The poll's start, when it is still deferred (an idle poll): written by the same UPDATE.
+            "started": self._deferred_start(account_id),
         }
         statement = _POLL_SUCCEEDED if outcome.result == "ok" else _POLL_FAILED
         try:
@@ -258,6 +260,18 @@ class Ledger:
             # safe: the row stays ``pending`` and the next poll looks in the destination first.
             self.discard_deferred(account_id)
             raise
+
+    def _deferred_start(self, account_id: int) -> datetime | None:
+        """Take the poll's deferred start out of the account's queue (for ``poll_finished``, which writes it
+        or, failing, drops the whole queue anyway); None when it was written already."""
+        with self._deferred_lock:
+            queue = self._deferred.get(account_id, [])
+            for index, (statement, params) in enumerate(queue):
+                if statement is _POLL_STARTED:
+                    del queue[index]
+                    started: datetime = params["now"]
+                    return started
+        return None
 
     def consecutive_failures(self, account_id: int) -> int:
         with self._transaction("read account") as session:
@@ -715,6 +729,9 @@ _RESULT = {
     "last_failed": bindparam("failed"),
     "last_deleted": bindparam("deleted"),
     "last_listed": func.coalesce(bindparam("listed", type_=Integer()), AccountRow.last_listed),
+    "last_poll_started_at": func.coalesce(
+        bindparam("started", type_=UTCDateTime()), AccountRow.last_poll_started_at
+    ),
 }
 _POLL_SUCCEEDED = (
     update(AccountRow)

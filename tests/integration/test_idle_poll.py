@@ -91,12 +91,13 @@ def test_an_idle_poll_reads_its_account_once_and_writes_once_without_a_thread(
     config, engine = make_sync(account={"retention": "keep"})
     account = config.accounts[0]
     assert engine.poll(account).delivered == 1  # creates the account and its lease row
+    before = next(s for s in engine.ledger.statuses() if s.name == account.name)
     with counted(engine.ledger.engine) as seen, threads_started() as threads:
         result = engine.poll(account)
     assert (result.status, result.delivered, result.deleted) == ("ok", 0, 0)
     assert threads == []
-    # One write: the lease taken and released in one statement, the poll's start and its result.
-    assert seen.writes() == [["UPDATE leases SET", "UPDATE accounts SET", "UPDATE accounts SET"]]
+    # One write: the lease taken and released in one statement, the poll's start and result in another.
+    assert seen.writes() == [["UPDATE leases SET", "UPDATE accounts SET"]]
     # Before it, the account with its lease row in one query, then the listing's read of the messages.
     first, *listing = seen.reads()
     assert first == ["SELECT accounts.id, accounts.suspended_at,"]
@@ -105,6 +106,10 @@ def test_an_idle_poll_reads_its_account_once_and_writes_once_without_a_thread(
     lease = engine.ledger.leases.current(engine.ledger.account_id(account.name) or 0)
     assert lease is not None and lease.generation == 2  # taken by each poll, and released
     assert lease.expires_at <= lease.acquired_at + timedelta(seconds=5)
+    status = next(s for s in engine.ledger.statuses() if s.name == account.name)
+    assert status.last_poll_started_at is not None and status.last_poll_finished_at is not None
+    assert before.last_poll_started_at is not None and before.last_poll_finished_at is not None
+    assert before.last_poll_finished_at <= status.last_poll_started_at <= status.last_poll_finished_at
 
 
 def test_a_delivering_poll_takes_the_lease_with_its_first_write(
