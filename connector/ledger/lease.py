@@ -33,7 +33,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, Engine, and_, bindparam, insert, or_, select, update
+from sqlalchemy import Connection, Engine, Executable, and_, bindparam, insert, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from connector.errors import LedgerError
@@ -128,15 +129,25 @@ _TAKE_OR_RENEW = (
         expires_at=bindparam("until", type_=UTCDateTime()),
     )
 )
-_INSERT = insert(LeaseRow).values(
-    account_id=bindparam("account"),
-    generation=bindparam("fence_generation"),
-    holder=bindparam("fence_holder"),
-    host=bindparam("fence_host"),
-    pid=bindparam("fence_pid"),
-    acquired_at=bindparam("acquired", type_=UTCDateTime()),
-    expires_at=bindparam("until", type_=UTCDateTime()),
-)
+_NEW_ROW = {
+    "account_id": bindparam("account"),
+    "generation": bindparam("fence_generation"),
+    "holder": bindparam("fence_holder"),
+    "host": bindparam("fence_host"),
+    "pid": bindparam("fence_pid"),
+    "acquired_at": bindparam("acquired", type_=UTCDateTime()),
+    "expires_at": bindparam("until", type_=UTCDateTime()),
+}
+
+
+def _insert_if_new(dialect: str) -> Executable:
+    """The account's first lease row, returning its account id, or no row when another poll inserted it
+    first: ON CONFLICT DO NOTHING, which both supported databases spell the same way and which, unlike a
+    failed INSERT, leaves a PostgreSQL transaction usable. (RETURNING, not the rowcount, which SQLAlchemy
+    does not report for an INSERT on every driver.)"""
+    dialect_insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    statement = dialect_insert(LeaseRow).values(**_NEW_ROW)
+    return statement.on_conflict_do_nothing(index_elements=["account_id"]).returning(LeaseRow.account_id)
 
 
 def this_host() -> str:
@@ -166,6 +177,7 @@ class Leases:
         # The renewer waits on this for the next lease due; it is running while ``_renewer`` is set.
         self._changed = threading.Condition(self._lock)
         self._renewer: threading.Thread | None = None
+        self._insert = _insert_if_new(engine.dialect.name)
 
     # --- taking --------------------------------------------------------------------------------------
 
@@ -313,7 +325,10 @@ class Leases:
                 params.update(seen_generation=fence.seen.generation, seen_expires=fence.seen.expires_at)
                 done = connection.execute(_TAKE_OR_RENEW, params).rowcount == 1
             else:
-                done = connection.execute(_RENEW, params).rowcount == 1 or self._insert(connection, params)
+                done = (
+                    connection.execute(_RENEW, params).rowcount == 1
+                    or connection.execute(self._insert, params).first() is not None
+                )
         else:
             done = connection.execute(_RENEW, params).rowcount == 1
         if done:
@@ -336,17 +351,6 @@ class Leases:
             f"the poll lost its lease (generation {fence.generation}) to another poll{now_held}; "
             "it stops before its next DELE and ends the POP3 session without QUIT"
         )
-
-    @staticmethod
-    def _insert(connection: Connection, params: dict[str, object]) -> bool:
-        """The account's first lease row; False when another poll inserted one first. In a savepoint, so
-        that the failed INSERT leaves the transaction usable (PostgreSQL) to say who holds the lease."""
-        try:
-            with connection.begin_nested():
-                connection.execute(_INSERT, params)
-        except IntegrityError:
-            return False
-        return True
 
     def _register(self, fence: _Fence, *, renewing: bool) -> None:
         with self._lock:

@@ -9,17 +9,19 @@ written, delivered and deleted nothing.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, event
+from sqlalchemy import Engine, event, update
 
-from connector.ledger.lease import PollLease
+from connector.ledger.lease import LeaseBusyError, PollLease
+from connector.ledger.models import LeaseRow
 from connector.ledger.records import MessageState
 from connector.ledger.store import Ledger
 from connector.poll.engine import SyncEngine
@@ -214,3 +216,38 @@ def test_the_lease_taken_by_the_first_write_is_renewed_and_released(
     after = other.leases.take_for_poll(account_id, "alice", TTL)
     assert isinstance(after, PollLease) and after.generation == 2
     after.close()
+
+
+@pytest.mark.parametrize("meanwhile", ["first row inserted", "taken", "renewed by its holder"])
+def test_the_first_write_takes_only_the_lease_it_saw_free(
+    ledger_engine: Engine, request: pytest.FixtureRequest, meanwhile: str
+) -> None:
+    """Compare-and-set: anyone who inserted, took or renewed the lease after this poll's start read makes
+    the poll's first write fail (``LeaseBusyError``), and that write leaves nothing behind."""
+    name = f"idle-{request.node.name}-{id(request)}"
+    ledger, other = Ledger(ledger_engine), Ledger(ledger_engine)
+    account_id = ledger.account_id(name)
+    assert account_id is not None
+    if meanwhile != "first row inserted":  # a lease row from an earlier poll, expired (a stalled holder)
+        earlier = other.leases.take_for_poll(account_id, name, TTL)
+        assert isinstance(earlier, PollLease)
+        earlier._stop_renewer()
+        with ledger_engine.begin() as connection:
+            connection.execute(
+                update(LeaseRow)
+                .where(LeaseRow.account_id == account_id)
+                .values(expires_at=datetime.now(UTC) - timedelta(seconds=1))
+            )
+    state = ledger.poll_start(name)
+    assert state is not None
+    lease = ledger.leases.reserve_for_poll(account_id, name, TTL, state.lease)
+    assert isinstance(lease, PollLease)
+    if meanwhile == "renewed by its holder":
+        earlier.confirm()  # the stalled poll woke up: its lease is live again
+    else:
+        taken = other.leases.take_for_poll(account_id, name, TTL)
+        assert isinstance(taken, PollLease)
+    with pytest.raises(LeaseBusyError, match=re.escape(f"account {name} is being polled by PID ")):
+        ledger.record_pending(account_id, "U1", pop_size=1, size=1, message_id="m", sha256="s")
+    lease.close()
+    assert ledger.known_messages(account_id) == {}
