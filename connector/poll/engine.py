@@ -253,8 +253,12 @@ class _Poll:
         result, account = self.result, self.account
         now = self.engine.clock()
         if result.status in ("lease_lost", "busy"):
-            # The poll that holds the account records the result: this one writes nothing (more).
+            # The poll that holds the account records the result: this one writes nothing (more), and
+            # what it deferred goes too, so that no later poll of this process applies it late (a lost
+            # "delivered" record is safe: the row stays ``pending``).
             result.next_poll_at = result.next_poll_at or now + account.poll_interval
+            if account_id:
+                self.ledger.discard_deferred(account_id)
             return
         failures = 0
         if result.ok:

@@ -166,6 +166,8 @@ def test_a_poll_whose_account_was_taken_before_its_first_write_does_nothing(
     assert (result.delivered, result.deleted) == (0, 0)
     assert dovecot.imap_messages(mail_users.destination.name) == []
     assert dovecot.maildir_count(mail_users.source.name) == 1
+    # What it deferred (its start) went with it: no later poll of this process writes it late.
+    assert not engine.ledger._deferred.get(engine.ledger.account_id(account.name) or 0)
     ledger = Ledger(engine.ledger.engine)
     assert ledger.known_messages(ledger.account_id(account.name) or 0) == {}
     status = next(s for s in ledger.statuses() if s.name == account.name)
@@ -187,6 +189,8 @@ def test_an_idle_poll_taken_over_before_its_result_writes_nothing(
         for lease in taken:
             lease.close()
     assert result.status == "busy"
+    # Its deferred start went with it: no later poll of this process writes it.
+    assert not engine.ledger._deferred.get(engine.ledger.account_id(account.name) or 0)
     after = next(s for s in engine.ledger.statuses() if s.name == account.name)
     assert after.last_poll_finished_at == before.last_poll_finished_at
     assert after.last_poll_started_at == before.last_poll_started_at
