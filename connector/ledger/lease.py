@@ -227,12 +227,20 @@ class Leases:
         """A running ``PollLease`` taken now, in a transaction of its own (fencing this account's writes,
         renewed in the background), or who holds the lease now."""
         claimant = self._claimant()
-        taken = self.take(account_id, claimant, ttl)
+        fence = self._fence(account, account_id, 0, claimant, ttl, seen=None, lazy=False)
+        running = self._claim(fence)
+        if running is not None:
+            return running
+        try:
+            taken = self.take(account_id, claimant, ttl)
+        except BaseException:
+            self._unregister(fence)
+            raise
         if isinstance(taken, LeaseHeld):
+            self._unregister(fence)
             return taken
-        fence = self._fence(account, account_id, taken.generation, claimant, ttl, seen=None, lazy=False)
-        fence.checked = True
-        self._register(fence, renewing=True)
+        fence.generation, fence.checked = taken.generation, True
+        self._keep_renewing(fence)
         return PollLease(self, fence)
 
     def reserve_for_poll(
@@ -247,7 +255,9 @@ class Leases:
         if isinstance(outcome, LeaseHeld):
             return outcome
         fence = self._fence(account, account_id, outcome.generation, claimant, ttl, seen=seen, lazy=True)
-        self._register(fence, renewing=False)
+        running = self._claim(fence)
+        if running is not None:
+            return running
         return PollLease(self, fence)
 
     def _claimant(self) -> Claimant:
@@ -352,11 +362,17 @@ class Leases:
             "it stops before its next DELE and ends the POP3 session without QUIT"
         )
 
-    def _register(self, fence: _Fence, *, renewing: bool) -> None:
+    def _claim(self, fence: _Fence) -> LeaseHeld | None:
+        """Make ``fence`` its account's, unless another poll of this process has the account: a lease
+        taken by the first write does not show in the ledger before that write, so the ledger alone
+        would let two polls of one process (two threads) both start."""
         with self._lock:
-            self._fences[fence.account_id] = fence
-        if renewing:
-            self._keep_renewing(fence)
+            running = self._fences.get(fence.account_id)
+            if running is None:
+                self._fences[fence.account_id] = fence
+                return None
+        expires = running.acquired_at + running.ttl
+        return LeaseHeld(running.holder, running.host, running.pid, running.acquired_at, expires)
 
     def _unregister(self, fence: _Fence) -> None:
         with self._lock:

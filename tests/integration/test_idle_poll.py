@@ -9,6 +9,7 @@ written, delivered and deleted nothing.
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 from collections.abc import Iterator
@@ -229,11 +230,12 @@ def test_the_first_write_takes_only_the_lease_it_saw_free(
     """Compare-and-set: anyone who inserted, took or renewed the lease after this poll's start read makes
     the poll's first write fail (``LeaseBusyError``), and that write leaves nothing behind."""
     name = f"idle-{request.node.name}-{id(request)}"
-    ledger, other = Ledger(ledger_engine), Ledger(ledger_engine)
+    # Three processes: this poll's, a stalled one's, and another that takes the account over.
+    ledger, stalled, other = Ledger(ledger_engine), Ledger(ledger_engine), Ledger(ledger_engine)
     account_id = ledger.account_id(name)
     assert account_id is not None
     if meanwhile != "first row inserted":  # a lease row from an earlier poll, expired (a stalled holder)
-        earlier = other.leases.take_for_poll(account_id, name, TTL)
+        earlier = stalled.leases.take_for_poll(account_id, name, TTL)
         assert isinstance(earlier, PollLease)
         earlier._stop_renewer()
         with ledger_engine.begin() as connection:
@@ -255,3 +257,27 @@ def test_the_first_write_takes_only_the_lease_it_saw_free(
         ledger.record_pending(account_id, "U1", pop_size=1, size=1, message_id="m", sha256="s")
     lease.close()
     assert ledger.known_messages(account_id) == {}
+
+
+def test_two_polls_of_one_process_do_not_both_start(
+    ledger_engine: Engine, request: pytest.FixtureRequest
+) -> None:
+    """The first has not written yet (nothing in the ledger says it polls): the second is busy all the
+    same, and the first's writes stay fenced by its own lease."""
+    name = f"idle-{request.node.name}-{id(request)}"
+    ledger = Ledger(ledger_engine)
+    account_id = ledger.account_id(name)
+    assert account_id is not None
+    first = ledger.leases.reserve_for_poll(account_id, name, TTL, None)
+    assert isinstance(first, PollLease)
+    for second in (
+        ledger.leases.reserve_for_poll(account_id, name, TTL, None),
+        ledger.leases.take_for_poll(account_id, name, TTL),
+    ):
+        assert not isinstance(second, PollLease)
+        assert second.pid == os.getpid()
+    assert ledger.leases.current(account_id) is None  # the refused take wrote nothing
+    ledger.record_pending(account_id, "U1", pop_size=1, size=1, message_id="m", sha256="s")
+    current = ledger.leases.current(account_id)
+    assert current is not None and current.generation == first.generation == 1
+    first.close()
