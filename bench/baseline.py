@@ -3,8 +3,10 @@ safety, no error handling: what a ten-line script does."""
 
 from __future__ import annotations
 
+import functools
 import imaplib
 import poplib
+import ssl
 from collections.abc import Collection
 from dataclasses import dataclass
 
@@ -15,10 +17,23 @@ class Endpoint:
     port: int
     user: str
     password: str
+    # POP3 over TLS (the POP3S port), verified against this CA; the context is built once, as a script
+    # that polls in a loop would.
+    ca_file: str | None = None
+
+
+@functools.cache
+def _context(ca_file: str) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=ca_file)
 
 
 def _pop(source: Endpoint) -> poplib.POP3:
-    pop = poplib.POP3(source.host, source.port, timeout=120)
+    if source.ca_file is not None:
+        pop: poplib.POP3 = poplib.POP3_SSL(
+            source.host, source.port, timeout=120, context=_context(source.ca_file)
+        )
+    else:
+        pop = poplib.POP3(source.host, source.port, timeout=120)
     pop.user(source.user)
     pop.pass_(source.password)
     return pop

@@ -23,7 +23,10 @@ SERVICE = "svc-import@corp.example"
 SERVICE_PASSWORD = "bench-service-pw"
 
 
-def endpoint(dovecot: Dovecot, user: MailUser, port: int | None = None) -> Endpoint:
+def endpoint(dovecot: Dovecot, user: MailUser, port: int | None = None, *, tls: bool = False) -> Endpoint:
+    """The user's POP3 endpoint; with ``tls``, POP3S verified against the Dovecot's CA."""
+    if tls:
+        return Endpoint(dovecot.host, dovecot.ports.pop3s, user.name, user.password, str(dovecot.ca_file))
     return Endpoint(dovecot.host, port or dovecot.ports.pop3, user.name, user.password)
 
 
@@ -55,8 +58,15 @@ def connector_config(
     *,
     retention: str = "delete",
     pop3_port: int | None = None,
+    tls: bool = False,
 ) -> Path:
-    """A config with one account per source user, all delivering into ``destination``'s INBOX."""
+    """A config with one account per source user, all delivering into ``destination``'s INBOX; with
+    ``tls``, POP3S (implicit TLS) verified against the Dovecot's CA."""
+    source_tls = (
+        f'port = {dovecot.ports.pop3s}\ntls = "implicit"\nca_file = {_quoted(dovecot.ca_file)}\n'
+        if tls
+        else f'port = {pop3_port or dovecot.ports.pop3}\ntls = "none"\n'
+    )
     parts = [
         f"[service]\ndatabase = {_quoted(database)}\n",
         '[[destinations]]\nname = "dovecot"\ntype = "imap"\n'
@@ -65,8 +75,7 @@ def connector_config(
     ]
     for user in sources:
         parts.append(
-            f"[[accounts]]\nname = {_quoted(user.name)}\nhost = {_quoted(dovecot.host)}\n"
-            f'port = {pop3_port or dovecot.ports.pop3}\ntls = "none"\n'
+            f"[[accounts]]\nname = {_quoted(user.name)}\nhost = {_quoted(dovecot.host)}\n{source_tls}"
             f"username = {_quoted(user.name)}\npassword = {_quoted(user.password)}\n"
             f'destination = "dovecot"\nfolder = "INBOX"\nretention = {_quoted(retention)}\n'
             'timeout = "600s"\n'

@@ -43,10 +43,17 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: object) -> None:
     cursor.close()
 
 
+# An execution option of the ledger's reads (``Ledger._reading``): a plain BEGIN, see below.
+READ_ONLY = "ledger_read_only"
+
+
 def _sqlite_begin(connection: Any) -> None:
     # IMMEDIATE takes the write lock up front; a deferred transaction that later writes can fail with
     # SQLITE_BUSY at once instead of waiting for busy_timeout when several accounts poll in parallel.
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
+    # A transaction that only reads needs no write lock (WAL: it reads its own snapshot), so that reads
+    # neither wait for writers nor make them wait.
+    read_only = connection.get_execution_options().get(READ_ONLY, False)
+    connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
 def _create_private_file(path: Path) -> None:

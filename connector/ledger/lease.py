@@ -1,12 +1,22 @@
 """The poll lease in the ledger: one poll per account across processes and machines, with a fencing token.
 
-``Leases.take_for_poll`` takes the account's lease row in one write transaction (SQLite: BEGIN IMMEDIATE;
-PostgreSQL: the row locked FOR UPDATE) under the rules of connector/policies/lease.py, and gives the poll
-a ``PollLease``. From then on the ledger's transaction helpers call ``Leases.check`` for that account:
-one ``UPDATE leases SET expires_at = ... WHERE account_id = ? AND generation = ? AND holder = ?`` in the
-same transaction as the poll's write, which renews the lease and proves that no one took it over. A
-rowcount other than 1 raises ``LeaseLostError`` and the write rolls back. A background thread renews the
-lease while the poll waits on a server (a long RETR), and the poll's last write (its result) releases it.
+A poll takes its account's lease with its first write, not before (``Leases.reserve_for_poll``): the
+poll reads the lease row with its account (``Ledger.poll_start``), goes on only when the rules of
+connector/policies/lease.py say it is free, and its first write transaction takes it by compare-and-set:
+``UPDATE leases SET generation = seen + 1, holder = ..., expires_at = ... WHERE account_id = ? AND
+generation = <seen> AND expires_at = <seen>`` (an INSERT when there was no row). Anyone who took or
+renewed the lease since the read makes that write fail (``LeaseBusyError``), and the poll stops before it
+has written, delivered or deleted anything; what it did before (POP3 reads, ledger reads) changes nothing.
+An idle poll's only write is its result, which takes and releases the lease in one statement: one commit
+per idle poll, and no thread. ``Leases.take_for_poll`` takes the lease at once in a transaction of its own
+(``baseline``, tests).
+
+From then on the ledger's transaction helpers call ``Leases.check`` for that account: one ``UPDATE leases
+SET expires_at = ... WHERE account_id = ? AND generation = ? AND holder = ?`` in the same transaction as
+the poll's write, which renews the lease and proves that no one took it over. A rowcount other than 1
+raises ``LeaseLostError`` and the write rolls back. One thread per ``Leases`` (started while a poll of this
+process holds a lease, gone when none does) renews the held leases while their polls wait on a server (a
+long RETR), and the poll's last write (its result) releases its lease.
 """
 
 from __future__ import annotations
@@ -17,12 +27,14 @@ import os
 import secrets
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, Engine, bindparam, insert, select, update
+from sqlalchemy import Connection, Engine, Executable, and_, bindparam, insert, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from connector.errors import LedgerError
@@ -39,14 +51,39 @@ class LeaseLostError(LedgerError):
     back, and the poll must stop before its next DELE and end its POP3 session without QUIT."""
 
 
+class LeaseBusyError(LeaseLostError):
+    """Another poll took (or renewed) the account's lease between this poll's start and its first write:
+    this poll wrote nothing, delivered nothing and deleted nothing, and is skipped like a busy account."""
+
+
 @dataclass
 class _Fence:
+    account: str
     account_id: int
+    # The generation this poll holds, or takes with its first write (``seen`` + 1).
     generation: int
     holder: str
+    host: str
+    pid: int
     ttl: timedelta
+    # Taken at the first write (reserve_for_poll): until then nothing is written. ``seen`` is the row read
+    # at the poll's start, which that write must still find (None: there was no row, it inserts one).
+    lazy: bool
+    seen: LeaseRecord | None
+    acquired_at: datetime
+    # The poll's log context, for the renewer's lines about it.
+    context: contextvars.Context
     # The next check ends the lease instead of renewing it (the poll's last write).
     releasing: bool = False
+    # A check of this poll succeeded: its lease was taken (an idle poll that failed early has none).
+    checked: bool = False
+    # The renewer keeps this lease (while it is held and the poll has not ended); when it last was renewed.
+    renewing: bool = False
+    stopped: bool = False
+    renewed_at: float = 0.0
+    lost: threading.Event = field(default_factory=threading.Event)
+    # Held by the renewer while it renews: stopping waits for a renewal in flight.
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 _COLUMNS = select(
@@ -65,6 +102,52 @@ _FENCED = update(LeaseRow).where(
     LeaseRow.holder == bindparam("fence_holder"),
 )
 _RENEW = _FENCED.values(expires_at=bindparam("until", type_=UTCDateTime()))
+# A lazily taken lease (see the module doc): renewed as above once taken, or taken from the row read at the
+# poll's start if that is still there as it was. One statement either way: the poll need not know whether
+# the transaction of its first check committed.
+_TAKE_OR_RENEW = (
+    update(LeaseRow)
+    .where(
+        LeaseRow.account_id == bindparam("account"),
+        or_(
+            and_(
+                LeaseRow.generation == bindparam("fence_generation"),
+                LeaseRow.holder == bindparam("fence_holder"),
+            ),
+            and_(
+                LeaseRow.generation == bindparam("seen_generation"),
+                LeaseRow.expires_at == bindparam("seen_expires", type_=UTCDateTime()),
+            ),
+        ),
+    )
+    .values(
+        generation=bindparam("fence_generation"),
+        holder=bindparam("fence_holder"),
+        host=bindparam("fence_host"),
+        pid=bindparam("fence_pid"),
+        acquired_at=bindparam("acquired", type_=UTCDateTime()),
+        expires_at=bindparam("until", type_=UTCDateTime()),
+    )
+)
+_NEW_ROW = {
+    "account_id": bindparam("account"),
+    "generation": bindparam("fence_generation"),
+    "holder": bindparam("fence_holder"),
+    "host": bindparam("fence_host"),
+    "pid": bindparam("fence_pid"),
+    "acquired_at": bindparam("acquired", type_=UTCDateTime()),
+    "expires_at": bindparam("until", type_=UTCDateTime()),
+}
+
+
+def _insert_if_new(dialect: str) -> Executable:
+    """The account's first lease row, returning its account id, or no row when another poll inserted it
+    first: ON CONFLICT DO NOTHING, which both supported databases spell the same way and which, unlike a
+    failed INSERT, leaves a PostgreSQL transaction usable. (RETURNING, not the rowcount, which SQLAlchemy
+    does not report for an INSERT on every driver.)"""
+    dialect_insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    statement = dialect_insert(LeaseRow).values(**_NEW_ROW)
+    return statement.on_conflict_do_nothing(index_elements=["account_id"]).returning(LeaseRow.account_id)
 
 
 def this_host() -> str:
@@ -91,6 +174,10 @@ class Leases:
         self.host = host or this_host()
         self._fences: dict[int, _Fence] = {}
         self._lock = threading.Lock()
+        # The renewer waits on this for the next lease due; it is running while ``_renewer`` is set.
+        self._changed = threading.Condition(self._lock)
+        self._renewer: threading.Thread | None = None
+        self._insert = _insert_if_new(engine.dialect.name)
 
     # --- taking --------------------------------------------------------------------------------------
 
@@ -137,16 +224,72 @@ class Leases:
         return outcome
 
     def take_for_poll(self, account_id: int, account: str, ttl: timedelta) -> PollLease | LeaseHeld:
-        """A running ``PollLease`` (fencing this account's writes, renewed in the background), or who
-        holds the lease now."""
-        pid = os.getpid()
-        claimant = Claimant(holder_name(self.host, pid, secrets.token_hex(4)), self.host, pid)
-        taken = self.take(account_id, claimant, ttl)
+        """A running ``PollLease`` taken now, in a transaction of its own (fencing this account's writes,
+        renewed in the background), or who holds the lease now."""
+        claimant = self._claimant()
+        fence = self._fence(account, account_id, 0, claimant, ttl, seen=None, lazy=False)
+        running = self._claim(fence)
+        if running is not None:
+            return running
+        try:
+            taken = self.take(account_id, claimant, ttl)
+        except BaseException:
+            self._unregister(fence)
+            raise
         if isinstance(taken, LeaseHeld):
+            self._unregister(fence)
             return taken
-        lease = PollLease(self, account, _Fence(account_id, taken.generation, taken.holder, ttl))
-        lease.start()
-        return lease
+        fence.generation, fence.checked = taken.generation, True
+        self._keep_renewing(fence)
+        return PollLease(self, fence)
+
+    def reserve_for_poll(
+        self, account_id: int, account: str, ttl: timedelta, seen: LeaseRecord | None
+    ) -> PollLease | LeaseHeld:
+        """A ``PollLease`` that the poll's first write takes (see the module doc), given the lease row
+        ``seen`` at the poll's start; or who holds the lease, when ``seen`` says it is not free. Writes
+        nothing and starts no thread."""
+        claimant = self._claimant()
+        gone = seen is not None and seen.host == self.host and not process_alive(seen.pid)
+        outcome = take(seen, account_id, claimant, self._clock(), ttl, holder_gone=gone)
+        if isinstance(outcome, LeaseHeld):
+            return outcome
+        fence = self._fence(account, account_id, outcome.generation, claimant, ttl, seen=seen, lazy=True)
+        running = self._claim(fence)
+        if running is not None:
+            return running
+        return PollLease(self, fence)
+
+    def _claimant(self) -> Claimant:
+        pid = os.getpid()
+        return Claimant(holder_name(self.host, pid, secrets.token_hex(4)), self.host, pid)
+
+    def _fence(
+        self,
+        account: str,
+        account_id: int,
+        generation: int,
+        claimant: Claimant,
+        ttl: timedelta,
+        *,
+        seen: LeaseRecord | None,
+        lazy: bool,
+    ) -> _Fence:
+        return _Fence(
+            account=account,
+            account_id=account_id,
+            generation=generation,
+            holder=claimant.holder,
+            host=claimant.host,
+            pid=claimant.pid,
+            ttl=ttl,
+            lazy=lazy,
+            seen=seen,
+            acquired_at=self._clock(),
+            # In a copy of the poll's context: the renewer's lines name the account (connector/ops/logs.py).
+            context=contextvars.copy_context(),
+            renewed_at=time.monotonic(),
+        )
 
     def current(self, account_id: int) -> LeaseRecord | None:
         with _translated("read the poll lease"), self.engine.connect() as connection:
@@ -171,26 +314,47 @@ class Leases:
 
     def check(self, connection: Connection, account_id: int) -> None:
         """Called by the ledger in every transaction of ``account_id``: when a poll of this process holds
-        its lease, renew it there, or raise ``LeaseLostError`` (the transaction then rolls back)."""
-        with self._lock:
-            fence = self._fences.get(account_id)
+        its lease (or takes it with this write), renew it there, or raise ``LeaseLostError`` (the
+        transaction then rolls back)."""
+        fence = self._fences.get(account_id)  # a dict read is atomic; the fence is this account's poll's
         if fence is not None:
             self._renew(connection, fence)
 
     def _renew(self, connection: Connection, fence: _Fence) -> None:
         now = self._clock()
         until = now if fence.releasing else now + fence.ttl
-        params = {
+        params: dict[str, object] = {
             "account": fence.account_id,
             "fence_generation": fence.generation,
             "fence_holder": fence.holder,
+            "until": until,
         }
-        if connection.execute(_RENEW, {**params, "until": until}).rowcount == 1:
+        if fence.lazy:
+            params.update(fence_host=fence.host, fence_pid=fence.pid, acquired=fence.acquired_at)
+            if fence.seen is not None:
+                params.update(seen_generation=fence.seen.generation, seen_expires=fence.seen.expires_at)
+                done = connection.execute(_TAKE_OR_RENEW, params).rowcount == 1
+            else:
+                done = (
+                    connection.execute(_RENEW, params).rowcount == 1
+                    or connection.execute(self._insert, params).first() is not None
+                )
+        else:
+            done = connection.execute(_RENEW, params).rowcount == 1
+        if done:
+            fence.renewed_at = time.monotonic()
+            fence.checked = True
+            if not fence.renewing and not fence.releasing and not fence.stopped:
+                self._keep_renewing(fence)
             return
         row = connection.execute(_CURRENT, {"account": fence.account_id}).one_or_none()
+        record = LeaseRecord(*row) if row is not None else None
+        if fence.lazy and not fence.checked and record is not None:
+            # Never held: another poll took the account between this poll's start and its first write.
+            held = LeaseHeld(record.holder, record.host, record.pid, record.acquired_at, record.expires_at)
+            raise LeaseBusyError(held.describe(fence.account))
         now_held = ""
-        if row is not None:
-            record = LeaseRecord(*row)
+        if record is not None:
             since = record.acquired_at.isoformat(timespec="seconds")
             now_held = f" (PID {record.pid} on host {record.host} took it over at {since})"
         raise LeaseLostError(
@@ -198,9 +362,17 @@ class Leases:
             "it stops before its next DELE and ends the POP3 session without QUIT"
         )
 
-    def _register(self, fence: _Fence) -> None:
+    def _claim(self, fence: _Fence) -> LeaseHeld | None:
+        """Make ``fence`` its account's, unless another poll of this process has the account: a lease
+        taken by the first write does not show in the ledger before that write, so the ledger alone
+        would let two polls of one process (two threads) both start."""
         with self._lock:
-            self._fences[fence.account_id] = fence
+            running = self._fences.get(fence.account_id)
+            if running is None:
+                self._fences[fence.account_id] = fence
+                return None
+        expires = running.acquired_at + running.ttl
+        return LeaseHeld(running.holder, running.host, running.pid, running.acquired_at, expires)
 
     def _unregister(self, fence: _Fence) -> None:
         with self._lock:
@@ -212,59 +384,94 @@ class Leases:
         with _translated("renew the poll lease"), self.engine.begin() as connection:
             self._renew(connection, fence)
 
+    # --- the renewer ---------------------------------------------------------------------------------
+
+    def _keep_renewing(self, fence: _Fence) -> None:
+        """From now on the renewer keeps ``fence``'s lease: a long RETR or APPEND writes nothing to the
+        ledger for a while. One thread for every held lease of this process, started when the first
+        one needs it; a poll whose lease is never held (an idle one) costs no thread."""
+        with self._changed:
+            fence.renewing = True
+            if self._renewer is None:
+                self._renewer = threading.Thread(target=self._renew_held, name="lease renewer", daemon=True)
+                self._renewer.start()
+            self._changed.notify()
+
+    def _stop_renewing(self, fence: _Fence) -> None:
+        """No renewal of ``fence`` after this returns (one in flight is waited for)."""
+        with fence.lock:
+            fence.stopped = True
+            fence.renewing = False
+
+    def _renew_held(self) -> None:
+        while True:
+            with self._changed:
+                while True:
+                    held = [fence for fence in self._fences.values() if fence.renewing]
+                    if not held:
+                        self._renewer = None  # the next lease held starts another
+                        return
+                    now = time.monotonic()
+                    due = [fence for fence in held if _due(fence) <= now]
+                    if due:
+                        break
+                    self._changed.wait(min(_due(fence) for fence in held) - now)
+            for fence in due:
+                fence.context.run(self._renew_in_background, fence)
+
+    def _renew_in_background(self, fence: _Fence) -> None:
+        with fence.lock:
+            if not fence.renewing:
+                return
+            try:
+                self._confirm(fence)
+            except LeaseLostError as exc:
+                fence.renewing = False
+                fence.lost.set()
+                log.error("account %s: %s", fence.account, exc.message)
+            except LedgerError as exc:  # the database out of reach: the next renewal may succeed
+                fence.renewed_at = time.monotonic()
+                log.warning("account %s: cannot renew the poll lease: %s", fence.account, exc.message)
+
+
+def _due(fence: _Fence) -> float:
+    return fence.renewed_at + renew_every(fence.ttl).total_seconds()
+
 
 class PollLease:
-    """One poll's lease: registered as the fence of its account's writes and renewed by a timer."""
+    """One poll's lease: registered as the fence of its account's writes, renewed while it is held."""
 
-    def __init__(self, leases: Leases, account: str, fence: _Fence) -> None:
+    def __init__(self, leases: Leases, fence: _Fence) -> None:
         self._leases = leases
-        self.account = account
         self._fence = fence
-        self.lost = threading.Event()
-        self._stopping = threading.Event()
-        self._renewer: threading.Thread | None = None
         self._ended = False
+
+    @property
+    def account(self) -> str:
+        return self._fence.account
 
     @property
     def generation(self) -> int:
         return self._fence.generation
 
-    def start(self) -> None:
-        self._leases._register(self._fence)
-        # In a copy of the poll's context: its log lines name the account (connector/ops/logs.py).
-        context = contextvars.copy_context()
-        self._renewer = threading.Thread(
-            target=context.run, args=(self._renew_until_stopped,), name=f"lease {self.account}", daemon=True
-        )
-        self._renewer.start()
+    @property
+    def lost(self) -> threading.Event:
+        return self._fence.lost
 
     def confirm(self) -> None:
-        """Check (and renew) the lease now; ``LeaseLostError`` when another poll took it over."""
+        """Check (and renew, or take) the lease now; ``LeaseLostError`` when another poll took it over."""
         try:
             self._leases._confirm(self._fence)
         except LeaseLostError:
             self.lost.set()
             raise
 
-    def _renew_until_stopped(self) -> None:
-        # A long RETR or APPEND writes nothing to the ledger for a while: the timer keeps the lease.
-        interval = renew_every(self._fence.ttl).total_seconds()
-        while not self._stopping.wait(interval):
-            try:
-                self.confirm()
-            except LeaseLostError as exc:
-                log.error("account %s: %s", self.account, exc.message)
-                return
-            except LedgerError as exc:  # the database out of reach: the next renewal may succeed
-                log.warning("account %s: cannot renew the poll lease: %s", self.account, exc.message)
-
     def _stop_renewer(self) -> None:
-        self._stopping.set()
-        if self._renewer is not None and self._renewer is not threading.current_thread():
-            self._renewer.join()
+        self._leases._stop_renewing(self._fence)
 
     def end_with(self, last_write: Callable[[], None]) -> None:
-        """Run the poll's last write (its result) and release the lease in the same transaction."""
+        """Run the poll's last write (its result) and release the lease in the same transaction (an idle
+        poll's lease is taken and released there)."""
         self._stop_renewer()
         self._fence.releasing = True
         try:
@@ -275,10 +482,11 @@ class PollLease:
         self._ended = True
 
     def close(self) -> None:
-        """Stop renewing; release the lease unless the last write did (or another poll has it)."""
+        """Stop renewing; release the lease unless the last write did, another poll has it, or this poll
+        never took it."""
         self._stop_renewer()
         self._leases._unregister(self._fence)
-        if self._ended or self.lost.is_set():
+        if self._ended or self.lost.is_set() or not self._fence.checked:
             return
         self._fence.releasing = True
         try:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import NamedTuple
 
+from connector.policies.lease import LeaseRecord
+
 Clock = Callable[[], datetime]
 
 
@@ -90,6 +92,11 @@ class AccountState(NamedTuple):
     # (since, reason) when the account is suspended.
     suspension: tuple[datetime, str] | None
     identity_note: str | None
+    # What ``Ledger.poll_start`` reads with them: the account's id, its consecutive failed polls, and its
+    # lease row (None: it never had one), which the poll takes with its first write.
+    account_id: int = 0
+    failures: int = 0
+    lease: LeaseRecord | None = None
 
 
 @dataclass(frozen=True)

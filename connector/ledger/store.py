@@ -26,6 +26,7 @@ from sqlalchemy import (
     Connection,
     Engine,
     Executable,
+    Integer,
     Table,
     and_,
     bindparam,
@@ -41,9 +42,10 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from connector.errors import LedgerError
+from connector.ledger.database import READ_ONLY
 from connector.ledger.journal import Journal, JournalStatements, archive_aged, entry_params, poll_counts
 from connector.ledger.lease import Leases
-from connector.ledger.models import AccountRow, MessageRow, UTCDateTime
+from connector.ledger.models import AccountRow, LeaseRow, MessageRow, UTCDateTime
 from connector.ledger.quarantine import Quarantine
 from connector.ledger.recipients import Recipients
 from connector.ledger.records import (
@@ -58,6 +60,7 @@ from connector.ledger.records import (
     utcnow,
 )
 from connector.ledger.suspensions import Suspensions
+from connector.policies.lease import LeaseRecord
 
 # A write kept for the account's next transaction: a statement built once, and this write's values.
 _Write = tuple["Executable", dict[str, Any]]
@@ -106,12 +109,14 @@ class Ledger:
         # Built once: a statement object made anew per message costs more CPU (cache key, coercions)
         # than SQLite needs to run and commit it.
         self._pending_upsert = _pending_upsert(engine.dialect.name)
+        # Reads: on SQLite a plain BEGIN, which takes no write lock (connector/ledger/database.py).
+        self._reads = engine.execution_options(**{READ_ONLY: True})
         # Reads of several statements that must see one state of the ledger. A SQLite transaction always
         # does; PostgreSQL's default (read committed) gives each statement its own snapshot.
         self._snapshots = (
             engine.execution_options(isolation_level="REPEATABLE READ")
             if engine.dialect.name == "postgresql"
-            else engine
+            else self._reads
         )
 
     @contextmanager
@@ -162,7 +167,7 @@ class Ledger:
     def _reading(self, what: str, *, snapshot: bool = False) -> Iterator[Connection]:
         """A read-only transaction through Core; with ``snapshot``, all its statements see the same
         committed state."""
-        with _translated(what), (self._snapshots if snapshot else self.engine).begin() as connection:
+        with _translated(what), (self._snapshots if snapshot else self._reads).begin() as connection:
             yield connection
 
     # --- accounts ------------------------------------------------------------------------------------
@@ -199,50 +204,74 @@ class Ledger:
         since, reason, identity_note = row
         return AccountState(None if since is None else (since, reason or ""), identity_note)
 
+    def poll_start(self, name: str) -> AccountState | None:
+        """What a poll reads before it starts, in one query: the account's id, suspension, identity note
+        and failure count, and its lease row (connector/ledger/lease.py). None: no such account yet."""
+        with self._reading("read account") as connection:
+            row = connection.execute(_POLL_START, {"name": name}).one_or_none()
+        if row is None:
+            return None
+        account_id, since, reason, identity_note, failures, *lease = row
+        self._account_ids[name] = account_id
+        return AccountState(
+            None if since is None else (since, reason or ""),
+            identity_note,
+            account_id,
+            failures or 0,
+            LeaseRecord(account_id, *lease) if lease[0] is not None else None,
+        )
+
     def poll_started(self, account_id: int, *, defer: bool = False) -> None:
         """With ``defer``, written with the account's next write (an idle poll then commits once)."""
-        statement = (
-            update(AccountRow).where(AccountRow.id == account_id).values(last_poll_started_at=self._clock())
-        )
+        params = {"account": account_id, "now": self._clock()}
         if defer:
-            self._defer(account_id, statement, {})
+            self._defer(account_id, _POLL_STARTED, params)
             return
-        with self._transaction("record poll start", account_id) as session:
-            session.execute(statement)
+        with self._core_transaction("record poll start", account_id) as connection:
+            connection.execute(_POLL_STARTED, params)
 
     def poll_finished(self, account_id: int, outcome: PollOutcome) -> None:
-        now = self._clock()
-        values: dict[str, object] = {
-            "last_poll_finished_at": now,
-            "last_result": outcome.result,
-            "last_error": outcome.error,
-            "next_poll_at": outcome.next_poll_at,
-            "last_delivered": outcome.delivered,
-            "last_failed": outcome.failed,
-            "last_deleted": outcome.deleted,
+        params = {
+            "account": account_id,
+            "now": self._clock(),
+            "result": outcome.result,
+            "error": outcome.error,
+            "next": outcome.next_poll_at,
+            "delivered": outcome.delivered,
+            "failed": outcome.failed,
+            "deleted": outcome.deleted,
+            "listed": outcome.listed,
+            # The poll's start, when it is still deferred (an idle poll): written by the same UPDATE.
+            "started": self._deferred_start(account_id),
         }
-        if outcome.listed is not None:
-            values["last_listed"] = outcome.listed
-        if outcome.result == "ok":
-            values["last_success_at"] = now
-            values["consecutive_failures"] = 0
-        else:
-            values["consecutive_failures"] = AccountRow.consecutive_failures + 1
+        statement = _POLL_SUCCEEDED if outcome.result == "ok" else _POLL_FAILED
         try:
-            with self._transaction("record poll result", account_id) as session:
-                session.execute(update(AccountRow).where(AccountRow.id == account_id).values(**values))
+            with self._core_transaction("record poll result", account_id) as connection:
+                connection.execute(statement, params)
                 failed = outcome.result not in ("ok", "stopped", "busy")
                 if outcome.quarantined or failed:
                     counts = poll_counts(account_id, quarantined=outcome.quarantined, failed=failed)
-                    session.execute(self._journal_sql.add, counts)
+                    connection.execute(self._journal_sql.add, counts)
                 if outcome.journal_before is not None:
-                    archive_aged(session.connection(), self._journal_sql, account_id, outcome.journal_before)
+                    archive_aged(connection, self._journal_sql, account_id, outcome.journal_before)
         except LedgerError:
             # The poll's last write: what it deferred and could not commit is dropped with it, so that no
             # later poll (perhaps after another worker's) applies it late. Losing a "delivered" update is
             # safe: the row stays ``pending`` and the next poll looks in the destination first.
             self.discard_deferred(account_id)
             raise
+
+    def _deferred_start(self, account_id: int) -> datetime | None:
+        """Take the poll's deferred start out of the account's queue (for ``poll_finished``, which writes it
+        or, failing, drops the whole queue anyway); None when it was written already."""
+        with self._deferred_lock:
+            queue = self._deferred.get(account_id, [])
+            for index, (statement, params) in enumerate(queue):
+                if statement is _POLL_STARTED:
+                    del queue[index]
+                    started: datetime = params["now"]
+                    return started
+        return None
 
     def consecutive_failures(self, account_id: int) -> int:
         with self._transaction("read account") as session:
@@ -670,6 +699,49 @@ _DUE = or_(
 _UNKEPT_ROWS = _KNOWN_COLUMNS.where(_ACCOUNT, or_(_UNDELIVERED, and_(MessageRow.state == _DELIVERED, _DUE)))
 _ACCOUNT_STATE = select(AccountRow.suspended_at, AccountRow.suspended_reason, AccountRow.identity_note).where(
     AccountRow.id == bindparam("account")
+)
+_POLL_START = (
+    select(
+        AccountRow.id,
+        AccountRow.suspended_at,
+        AccountRow.suspended_reason,
+        AccountRow.identity_note,
+        AccountRow.consecutive_failures,
+        LeaseRow.generation,
+        LeaseRow.holder,
+        LeaseRow.host,
+        LeaseRow.pid,
+        LeaseRow.acquired_at,
+        LeaseRow.expires_at,
+    )
+    .outerjoin(LeaseRow, LeaseRow.account_id == AccountRow.id)
+    .where(AccountRow.name == bindparam("name"))
+)
+_THIS_ACCOUNT = AccountRow.id == bindparam("account")
+_POLL_STARTED = update(AccountRow).where(_THIS_ACCOUNT).values(last_poll_started_at=bindparam("now"))
+# The result of a poll, built once for each outcome; ``last_listed`` is kept when the poll listed nothing.
+_RESULT = {
+    "last_poll_finished_at": bindparam("now", type_=UTCDateTime()),
+    "last_result": bindparam("result"),
+    "last_error": bindparam("error"),
+    "next_poll_at": bindparam("next", type_=UTCDateTime()),
+    "last_delivered": bindparam("delivered"),
+    "last_failed": bindparam("failed"),
+    "last_deleted": bindparam("deleted"),
+    "last_listed": func.coalesce(bindparam("listed", type_=Integer()), AccountRow.last_listed),
+    "last_poll_started_at": func.coalesce(
+        bindparam("started", type_=UTCDateTime()), AccountRow.last_poll_started_at
+    ),
+}
+_POLL_SUCCEEDED = (
+    update(AccountRow)
+    .where(_THIS_ACCOUNT)
+    .values(**_RESULT, last_success_at=bindparam("now", type_=UTCDateTime()), consecutive_failures=0)
+)
+_POLL_FAILED = (
+    update(AccountRow)
+    .where(_THIS_ACCOUNT)
+    .values(**_RESULT, consecutive_failures=AccountRow.consecutive_failures + 1)
 )
 _JOINED_UIDLS = select(func.aggregate_strings(MessageRow.uidl, "\n"), func.count()).where(_ACCOUNT)
 _UIDLS = select(MessageRow.uidl).where(_ACCOUNT)

@@ -33,7 +33,7 @@ from connector.errors import (
     SourceLoginDelayError,
     SourceReplyTooLongError,
 )
-from connector.ledger.lease import LeaseLostError, PollLease
+from connector.ledger.lease import LeaseBusyError, LeaseLostError, PollLease
 from connector.ledger.records import AccountState, Clock, PollOutcome, utcnow
 from connector.ledger.store import Ledger
 from connector.ops.logs import log_context
@@ -111,11 +111,15 @@ class _Poll:
                 self.lease.close()
 
     def _run(self) -> PollResult:
-        account_id = 0
+        # One read: the account, its failure count and its lease row. An idle poll then writes once, its
+        # result, which also takes and releases the lease (connector/ledger/lease.py).
+        account_id, failures = 0, 0
         try:
-            account_id = self.ledger.account_id(self.account.name) or 0
-            state = self.ledger.account_state(account_id)
-            if self._suspended(account_id, state) or not self._leased(account_id):
+            state = self.ledger.poll_start(self.account.name)
+            if state is None:  # the account's first poll
+                state = AccountState(None, None, self.ledger.account_id(self.account.name) or 0)
+            account_id, failures = state.account_id, state.failures
+            if self._suspended(account_id, state) or not self._leased(account_id, state):
                 return self.result
             self.ledger.poll_started(account_id, defer=True)  # committed with the poll's first write
             self._session(account_id, state.identity_note)
@@ -124,7 +128,7 @@ class _Poll:
         except Exception as exc:  # a bug must cost one account's poll, not the whole run
             log.exception("account %s: internal error during the poll", self.account.name)
             self._fail(ConnectorError(f"internal error: {exc.__class__.__name__}: {exc}"))
-        self._finish(account_id)  # releases the lease in the transaction of the poll's result
+        self._finish(account_id, failures)  # releases the lease in the transaction of the poll's result
         return self.result
 
     def dry_run(self) -> PollResult:
@@ -153,19 +157,23 @@ class _Poll:
         self.ledger.set_next_poll(account_id, self.result.next_poll_at)
         return True
 
-    def _leased(self, account_id: int) -> bool:
-        """Take the account's lease; False (status ``busy``, not a failure) when another poll holds it:
-        this one is skipped and tried again after ``poll_interval``."""
+    def _leased(self, account_id: int, state: AccountState) -> bool:
+        """The account's lease, taken by the poll's first write; False (status ``busy``, not a failure)
+        when another poll holds it: this one is skipped and tried again after ``poll_interval``. Another
+        poll that takes it before this one's first write makes that write fail the same way."""
         ttl = self.engine.config.service.lease_ttl
-        taken = self.ledger.leases.take_for_poll(account_id, self.account.name, ttl)
+        taken = self.ledger.leases.reserve_for_poll(account_id, self.account.name, ttl, state.lease)
         if isinstance(taken, LeaseHeld):
-            self.result.status = "busy"
-            self.result.error = taken.describe(self.account.name)
-            self.result.next_poll_at = self.engine.clock() + self.account.poll_interval
-            log.warning("%s", self.result.error)
+            self._busy(taken.describe(self.account.name))
             return False
         self.lease = taken
         return True
+
+    def _busy(self, reason: str) -> None:
+        self.result.status = "busy"
+        self.result.error = reason
+        self.result.next_poll_at = self.engine.clock() + self.account.poll_interval
+        log.warning("%s", reason)
 
     def _session(self, account_id: int, identity_note: str | None) -> None:
         engine, account = self.engine, self.account
@@ -224,6 +232,9 @@ class _Poll:
         return connections.open_recipient(destination, self.account, mailbox)
 
     def _fail(self, exc: ConnectorError) -> None:
+        if isinstance(exc, LeaseBusyError):  # it wrote nothing: skipped, as if busy at its start
+            self._busy(exc.message)
+            return
         if exc.account is None:
             exc.account = self.account.name
         self.result.status = "auth_error" if isinstance(exc, AuthenticationError) else "error"
@@ -235,19 +246,25 @@ class _Poll:
             self.server_delay = timedelta(seconds=exc.login_delay)
         log.error("%s", exc)
 
-    def _finish(self, account_id: int) -> None:
-        """The next poll's time and the poll's result in the ledger (with the lease's release)."""
+    def _finish(self, account_id: int, failed_before: int) -> None:
+        """The next poll's time and the poll's result in the ledger (with the lease's release).
+        ``failed_before``: the account's consecutive failed polls, read at the start (only a poll holding
+        the lease changes it, and the write below fails if another poll took it meanwhile)."""
         result, account = self.result, self.account
         now = self.engine.clock()
-        if result.status == "lease_lost":
-            # The poll that took the account over records the result: this one writes nothing more.
-            result.next_poll_at = now + account.poll_interval
+        if result.status in ("lease_lost", "busy"):
+            # The poll that holds the account records the result: this one writes nothing (more), and
+            # what it deferred goes too, so that no later poll of this process applies it late (a lost
+            # "delivered" record is safe: the row stays ``pending``).
+            result.next_poll_at = result.next_poll_at or now + account.poll_interval
+            if account_id:
+                self.ledger.discard_deferred(account_id)
             return
         failures = 0
         if result.ok:
             delay = success_delay(account.poll_interval, account.poll_jitter, server_delay=self.server_delay)
         else:
-            failures = self.ledger.consecutive_failures(account_id) + 1 if account_id else 1
+            failures = failed_before + 1
             delay = failure_delay(
                 account.retry, failures, backoff=result.backoff, server_delay=self.server_delay
             )
@@ -281,6 +298,8 @@ class _Poll:
                     "account %s: suspended after %s; run `pop-connector resume %s` once the cause is fixed",
                     account.name, reason, account.name,
                 )  # fmt: skip
+        except LeaseBusyError as exc:  # taken by another poll since this one's start: it wrote nothing
+            self._busy(exc.message)
         except LedgerError as exc:
             log.error("account %s: %s", account.name, exc)
 
