@@ -1,6 +1,13 @@
 """The POP3 source: a client, its connection factory and the typed values its replies parse into."""
 
-from connector.pop3.client import DEFAULT_MAX_LISTING_BYTES, Pop3Client, Sink, Streamed, connect_pop3
+from connector.pop3.client import (
+    DEFAULT_MAX_LISTING_BYTES,
+    PendingListing,
+    Pop3Client,
+    Sink,
+    Streamed,
+    connect_pop3,
+)
 from connector.pop3.replies import (
     MAX_ACCEPTED_UIDL_LENGTH,
     MAX_STATUS_LINE,
@@ -39,6 +46,7 @@ __all__ = [
     "Greeting",
     "ListEntry",
     "MessageInfo",
+    "PendingListing",
     "Pop3Client",
     "Reply",
     "Sink",

@@ -163,6 +163,25 @@ class RetrReply:
             )
 
 
+class PendingListing:
+    """A listing asked for with ``Pop3Client.request_listing`` whose reply is still to be read."""
+
+    def __init__(self, client: Pop3Client, *, sized: bool, pipelined: bool) -> None:
+        self._client = client
+        # True when it was asked with sizes (UIDL and LIST), False for UIDL alone (every size 0).
+        self.sized = sized
+        self._pipelined = pipelined
+        self._read = False
+
+    def read(self) -> list[MessageInfo]:
+        """The listing, as ``Pop3Client.listing`` (``sized``) or ``Pop3Client.uidl`` would return it; raises
+        as they do (``SourceNoUidlError`` for a server without UIDL). Read once."""
+        if self._read:
+            raise RuntimeError("the listing was already read")
+        self._read = True
+        return self._client._receive_listing(sized=self.sized, pipelined=self._pipelined)
+
+
 class Pop3Client:
     """One POP3 session over a connected socket. Build it with ``connect_pop3``.
 
@@ -187,6 +206,8 @@ class Pop3Client:
         self._max_listing_bytes = max_listing_bytes
         self._broken = False
         self._closed = False
+        # The command whose reply a ``PendingListing`` has still to read (no other command may go first).
+        self._awaiting: str | None = None
         self._capabilities = Capabilities()
         self._utf8 = False
         # The lines of the last listing (UIDL or UIDL+LIST, then LIST or LIST n) that could not be taken
@@ -230,10 +251,13 @@ class Pop3Client:
 
     @property
     def usable(self) -> bool:
-        """True while commands can still be sent (not closed, stream position known)."""
+        """True while commands can still be sent (not closed, stream position known, no reply pending)."""
         return not self._closed and not self._broken
 
     def _check_usable(self) -> None:
+        if self._awaiting is not None and not self._closed:
+            # A caller's mistake, not the server's: the reply it asked for would be read as this one's.
+            raise RuntimeError(f"the reply to {self._awaiting} has not been read (PendingListing.read)")
         if self._closed:
             raise SourceConnectError(f"{self._peer}: the POP3 connection is closed")
         if self._broken:
@@ -584,8 +608,7 @@ class Pop3Client:
     def uidl(self) -> list[MessageInfo]:
         """Every message's number and unique-id, in server order; sizes are 0 (see ``listing``). A message
         whose line is malformed is left out and added to ``unlisted`` (which starts afresh: a new listing)."""
-        self.unlisted = []
-        return self._lenient(parse_uidl_block_lenient(self._listing_block("UIDL")))
+        return self.request_listing(sizes=False).read()
 
     def list_sizes(self) -> list[ListEntry]:
         """Every message's number and size (a malformed line: see ``uidl``)."""
@@ -601,11 +624,47 @@ class Pop3Client:
     def listing(self) -> list[MessageInfo]:
         """Every message's number, unique-id and size, in server order (oldest first); a message with a
         malformed line in either listing is left out (see ``uidl``)."""
+        return self.request_listing().read()
+
+    def request_listing(self, *, sizes: bool = True) -> PendingListing:
+        """Send the listing's command now and read its reply later with ``PendingListing.read``, which
+        returns what ``listing`` (``sizes``) or ``uidl`` (not ``sizes``) would.
+
+        A server may take a third of a second to prepare the UIDL listing of 100,000 messages: the caller
+        does its own work meanwhile (a poll reads the ledger). UIDL is sent, and LIST pipelined after it
+        when ``sizes`` and the server offers PIPELINING (else LIST goes once UIDL's reply is read). Until
+        the reply is read the session takes no other command, and closing it sends no QUIT.
+        """
+        self._check_usable()
         self.unlisted = []
-        if self._capabilities.has("PIPELINING"):
-            uidl_block, list_block = self._pipelined_listing()
+        pipelined = sizes and self.pipelining
+        # Broken until read: the stream holds a reply nobody has read (see ``_exchange``).
+        self._broken = True
+        if pipelined:
+            self._send(("UIDL",), ("LIST",))
         else:
-            uidl_block = self._listing_block("UIDL")
+            self._send(("UIDL",))
+        self._awaiting = "UIDL"
+        return PendingListing(self, sized=sizes, pipelined=pipelined)
+
+    def _receive_listing(self, *, sized: bool, pipelined: bool) -> list[MessageInfo]:
+        """The replies to what ``request_listing`` sent, parsed (``PendingListing.read``)."""
+        self._awaiting = None
+        # Both replies are read before either is judged, so an -ERR to UIDL leaves the stream in step.
+        uidl_reply = self._read_status("UIDL")
+        uidl_block = self._read_block("UIDL") if uidl_reply.ok else b""
+        list_reply: Reply | None = None
+        list_block = b""
+        if pipelined:
+            list_reply = self._read_status("LIST")
+            list_block = self._read_block("LIST") if list_reply.ok else b""
+        self._broken = False
+        self._check_listing_reply("UIDL", uidl_reply)
+        if not sized:
+            return self._lenient(parse_uidl_block_lenient(uidl_block))
+        if list_reply is not None:
+            self._check_listing_reply("LIST", list_reply)
+        else:
             list_block = self._listing_block("LIST")
         uidls, uidl_unlisted = parse_uidl_block_lenient(uidl_block)
         sizes, list_unlisted = parse_list_block_lenient(list_block)
@@ -615,18 +674,6 @@ class Pop3Client:
             return join_listings(uidls, sizes, unlisted)
         except SourceProtocolError as exc:
             raise SourceProtocolError(f"{self._peer}: {exc.message}") from exc
-
-    def _pipelined_listing(self) -> tuple[bytes, bytes]:
-        with self._exchange():
-            self._send(("UIDL",), ("LIST",))
-            # Both replies are read before either is judged, so an -ERR to UIDL leaves the stream in step.
-            uidl_reply = self._read_status("UIDL")
-            uidl_block = self._read_block("UIDL") if uidl_reply.ok else b""
-            list_reply = self._read_status("LIST")
-            list_block = self._read_block("LIST") if list_reply.ok else b""
-        self._check_listing_reply("UIDL", uidl_reply)
-        self._check_listing_reply("LIST", list_reply)
-        return uidl_block, list_block
 
     def retr(self, number: int, sink: Sink, *, max_bytes: int | None = None) -> Streamed:
         """Stream message ``number`` into ``sink`` (unstuffed, CRLF line endings); returns the octets
