@@ -66,8 +66,9 @@ def needs_header_hash(listing: Sequence[MessageInfo], known: Collection[str]) ->
 def _hashed_uidls(known: Collection[str]) -> set[str]:
     """The UIDLs that the ledger knows in their ``<uidl>/hdr:`` form."""
     marker = _DUPLICATE_SEPARATOR + HASH_PREFIX
-    # Looked for without Python code per UIDL first: nearly every ledger has none, and may know 100,000.
-    if not any(map(str.__contains__, known, repeat(marker))):
+    # Looked for in one string first: nearly every ledger has none, and may know 100,000 (one search in
+    # the joined UIDLs is a sixth of a call per UIDL). No UIDL holds a line break, so no match spans two.
+    if marker not in "\n".join(known):
         return set()
     return {key.split(marker, 1)[0] for key in known if marker in key}
 
