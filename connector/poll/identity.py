@@ -27,7 +27,8 @@ log = logging.getLogger("connector.poll.identity")
 
 @dataclass(frozen=True)
 class Identified:
-    listing: list[MessageInfo]
+    # A MessageList when it is the UIDL listing as the server gave it (no MessageInfo kept per message).
+    listing: Sequence[MessageInfo]
     # For `status`: how messages were identified when UIDLs were not enough (None: by UIDL).
     note: str | None = None
     # Messages that could not be identified at all (no UIDL and TOP refused): left alone.

@@ -41,7 +41,7 @@ _NOTED_PROBLEMS = 5
 class Listed:
     """The listing with trustworthy identities and the ledger's view of it."""
 
-    listing: list[MessageInfo]
+    listing: Sequence[MessageInfo]
     known: KnownMessages
     # To look for in the destination before delivering them (identity in doubt).
     suspects: set[str]
@@ -116,7 +116,7 @@ class Listing:
         )
         return plan, frozenset(listed.identified.doubtful)
 
-    def _plan_of(self, listed: Listed, listing: list[MessageInfo]) -> PollPlan:
+    def _plan_of(self, listed: Listed, listing: Sequence[MessageInfo]) -> PollPlan:
         forgetting = Forgetting.of(self._account)
         retention = self._account.retention
         plan = plan_poll(listing, listed.known, retention, listed.now, self._limits, forgetting)
@@ -161,7 +161,7 @@ class Listing:
             return None
         return bool(self._account_id) and self._ledger.baseline_taken(self._account_id)
 
-    def _baseline(self, pop: Pop3Client, listing: list[MessageInfo]) -> dict[str, KnownMessage]:
+    def _baseline(self, pop: Pop3Client, listing: Sequence[MessageInfo]) -> dict[str, KnownMessage]:
         count = self._ledger.record_seen(self._account_id, baseline_entries(pop, listing, {}))
         log.info(
             'account %s: start = "new": %d messages on the server recorded as seen', self._account.name, count

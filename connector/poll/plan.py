@@ -6,7 +6,7 @@ so that the rules (what is new, what is retried, what is deleted, what is forgot
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Sequence, Set
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
@@ -25,7 +25,7 @@ from connector.policies.listing import (
 from connector.policies.retention import should_delete
 from connector.policies.sizes import over_ceiling
 from connector.policies.uidl import duplicated_uidls
-from connector.pop3 import MessageInfo
+from connector.pop3 import MessageInfo, uidl_set_of, uidls_of
 
 
 @dataclass(frozen=True)
@@ -97,10 +97,9 @@ def plan_poll(
     the messages decided one by one are the others, which for a maildrop that keeps its mail are the
     few new ones.
     """
-    uidls = [info.uidl for info in listing]
-    listed = set(uidls)
+    listed = uidl_set_of(listing)
     # Duplicates cannot be told apart by UIDL: delivering one could deliver the wrong one twice.
-    duplicates = duplicated_uidls(uidls) if len(listed) < len(uidls) else set()
+    duplicates = duplicated_uidls(uidls_of(listing)) if len(listed) < len(listing) else set()
     skipped = known.kept | duplicates if duplicates else known.kept
     tally = _Tally()
     rows = known.rows
@@ -193,7 +192,7 @@ class _Absence:
 
 
 def _absence(
-    known: KnownMessages, listed: set[str], listed_count: int, now: datetime, forgetting: Forgetting
+    known: KnownMessages, listed: Set[str], listed_count: int, now: datetime, forgetting: Forgetting
 ) -> _Absence:
     """What the listing says about the known messages it lacks (or lacked at the last poll)."""
     rows = known.rows

@@ -16,6 +16,7 @@ from connector.pop3.replies import (
     Greeting,
     ListEntry,
     MessageInfo,
+    MessageList,
     Reply,
     UidlEntry,
     Unlisted,
@@ -33,6 +34,8 @@ from connector.pop3.replies import (
     parse_uidl_line,
     parse_uidl_listing,
     split_listing,
+    uidl_set_of,
+    uidls_of,
     unstuff_block,
     unstuff_line,
 )
@@ -46,6 +49,7 @@ __all__ = [
     "Greeting",
     "ListEntry",
     "MessageInfo",
+    "MessageList",
     "PendingListing",
     "Pop3Client",
     "Reply",
@@ -68,6 +72,8 @@ __all__ = [
     "parse_uidl_line",
     "parse_uidl_listing",
     "split_listing",
+    "uidl_set_of",
+    "uidls_of",
     "unstuff_block",
     "unstuff_line",
 ]

@@ -173,7 +173,7 @@ class PendingListing:
         self._pipelined = pipelined
         self._read = False
 
-    def read(self) -> list[MessageInfo]:
+    def read(self) -> Sequence[MessageInfo]:
         """The listing, as ``Pop3Client.listing`` (``sized``) or ``Pop3Client.uidl`` would return it; raises
         as they do (``SourceNoUidlError`` for a server without UIDL). Read once."""
         if self._read:
@@ -605,7 +605,7 @@ class Pop3Client:
         self._check_listing_reply(verb, reply)
         return block
 
-    def uidl(self) -> list[MessageInfo]:
+    def uidl(self) -> Sequence[MessageInfo]:
         """Every message's number and unique-id, in server order; sizes are 0 (see ``listing``). A message
         whose line is malformed is left out and added to ``unlisted`` (which starts afresh: a new listing)."""
         return self.request_listing(sizes=False).read()
@@ -621,7 +621,7 @@ class Pop3Client:
         self.unlisted.extend(unlisted)
         return entries
 
-    def listing(self) -> list[MessageInfo]:
+    def listing(self) -> Sequence[MessageInfo]:
         """Every message's number, unique-id and size, in server order (oldest first); a message with a
         malformed line in either listing is left out (see ``uidl``)."""
         return self.request_listing().read()
@@ -647,7 +647,7 @@ class Pop3Client:
         self._awaiting = "UIDL"
         return PendingListing(self, sized=sizes, pipelined=pipelined)
 
-    def _receive_listing(self, *, sized: bool, pipelined: bool) -> list[MessageInfo]:
+    def _receive_listing(self, *, sized: bool, pipelined: bool) -> Sequence[MessageInfo]:
         """The replies to what ``request_listing`` sent, parsed (``PendingListing.read``)."""
         self._awaiting = None
         # Both replies are read before either is judged, so an -ERR to UIDL leaves the stream in step.
