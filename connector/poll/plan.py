@@ -6,9 +6,11 @@ so that the rules (what is new, what is retried, what is deleted, what is forgot
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Collection, Sequence, Set
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from itertools import compress
 
 from connector.config import RetentionPolicy
 from connector.ledger.records import KnownMessage, KnownMessages, MessageState
@@ -103,14 +105,17 @@ def plan_poll(
     skipped = known.kept | duplicates if duplicates else known.kept
     tally = _Tally()
     rows = known.rows
-    for info in listing:
-        if info.uidl not in skipped:
-            row = rows.get(info.uidl)
-            if row is not None and retired(row, now, forgetting):
-                tally.retired.append(info.uidl)
-                _deliver(tally, info, None, limits, recover=True, replaces_row=True)
-            else:
-                _decide(tally, info, row, retention, now, limits)
+    # The messages to decide, picked without Python code per skipped message: 100,000 kept, 10 new.
+    undecided = compress(
+        range(len(listing)), map(operator.not_, map(skipped.__contains__, uidls_of(listing)))
+    )
+    for info in map(listing.__getitem__, undecided):
+        row = rows.get(info.uidl)
+        if row is not None and retired(row, now, forgetting):
+            tally.retired.append(info.uidl)
+            _deliver(tally, info, None, limits, recover=True, replaces_row=True)
+        else:
+            _decide(tally, info, row, retention, now, limits)
     limit = limits.max_messages_per_poll
     # Oldest first: what is over the limit waits for the next poll, in the same order.
     deliver = tally.deliver[:limit] if limit else tally.deliver
