@@ -15,7 +15,7 @@ import itertools
 import logging
 import socket
 import ssl
-from collections.abc import Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal, Protocol, TypeVar
@@ -40,6 +40,7 @@ from connector.pop3.replies import (
     ListEntry,
     MessageInfo,
     Reply,
+    UidlParser,
     Unlisted,
     error_for,
     join_listings,
@@ -49,7 +50,6 @@ from connector.pop3.replies import (
     parse_list_line,
     parse_stat,
     parse_status,
-    parse_uidl_block_lenient,
     printable,
     split_listing,
     strip_eol,
@@ -335,16 +335,20 @@ class Pop3Client:
         """The lines of a multi-line reply (CAPA), unstuffed, terminator removed."""
         return split_listing(self._read_block(verb))
 
-    def _read_block(self, verb: str) -> bytes:
+    def _read_block(self, verb: str, feed: Callable[[bytes], object] | None = None) -> bytes:
         """The body of a multi-line listing (CAPA, UIDL, LIST) as one block, unstuffed, terminator removed,
         every line ending in LF.
 
         Read in large pieces and never split into lines here: a UIDL listing may have 100,000 lines at
-        every poll, and its parser works on the whole block.
+        every poll. ``feed`` (a ``UidlParser``'s) gets each piece as it arrives, unstuffed when it starts a
+        line, so that it parses while the server is still sending.
         """
         pieces: list[bytes] = []
         total = 0
         at_line_start = True
+        # The longest line without its LF (CR included, as the limit counts it), and the length of the
+        # line the last piece left unfinished: measured piece by piece, while the server sends the rest.
+        longest = unfinished = 0
         while True:
             piece, done = self._body_piece(verb, at_line_start)
             total += len(piece)
@@ -353,15 +357,20 @@ class Pop3Client:
                     f"{self._peer}: {verb} reply longer than {self._max_listing_bytes} bytes"
                 )
             pieces.append(piece)
+            if piece:
+                lengths = list(map(len, piece.split(b"\n")))
+                lengths[0] += unfinished
+                longest, unfinished = max(longest, *lengths), lengths[-1]
+            if feed is not None:
+                feed(unstuff_block(piece) if at_line_start else piece)
             at_line_start = piece.endswith(b"\n") if piece else at_line_start
             if done:
                 break
-        block = b"".join(pieces)
-        # The longest line without its LF; CR included, as the limit counts it.
-        if block and max(map(len, block.split(b"\n"))) > _MAX_LISTING_LINE + 1:
+        if longest > _MAX_LISTING_LINE + 1:
             raise SourceProtocolError(
                 f"{self._peer}: {verb}: reply line longer than {_MAX_LISTING_LINE} bytes"
             )
+        block = b"".join(pieces)
         wire_log.debug("S: <%d lines>", block.count(b"\n"))
         return unstuff_block(block)
 
@@ -652,7 +661,8 @@ class Pop3Client:
         self._awaiting = None
         # Both replies are read before either is judged, so an -ERR to UIDL leaves the stream in step.
         uidl_reply = self._read_status("UIDL")
-        uidl_block = self._read_block("UIDL") if uidl_reply.ok else b""
+        parser = UidlParser()
+        uidl_block = self._read_block("UIDL", parser.feed) if uidl_reply.ok else b""
         list_reply: Reply | None = None
         list_block = b""
         if pipelined:
@@ -661,12 +671,12 @@ class Pop3Client:
         self._broken = False
         self._check_listing_reply("UIDL", uidl_reply)
         if not sized:
-            return self._lenient(parse_uidl_block_lenient(uidl_block))
+            return self._lenient(parser.finish(uidl_block))
         if list_reply is not None:
             self._check_listing_reply("LIST", list_reply)
         else:
             list_block = self._listing_block("LIST")
-        uidls, uidl_unlisted = parse_uidl_block_lenient(uidl_block)
+        uidls, uidl_unlisted = parser.finish(uidl_block)
         sizes, list_unlisted = parse_list_block_lenient(list_block)
         unlisted = uidl_unlisted + list_unlisted
         self._lenient(([], unlisted))

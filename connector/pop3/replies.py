@@ -366,12 +366,50 @@ def parse_uidl_block_lenient(block: bytes) -> tuple[MessageList, list[Unlisted]]
             numbers.append(entry.number)
             uidls.append(entry.uidl)
         columns = numbers, uidls
-    numbers, uidls = columns
+    return _without_twice(*columns, unlisted)
+
+
+def _without_twice(
+    numbers: list[int], uidls: list[str], unlisted: list[Unlisted]
+) -> tuple[MessageList, list[Unlisted]]:
+    """The listing without the messages whose number is listed more than once (added to ``unlisted``)."""
     twice = _listed_twice(numbers, "UIDL", unlisted)
     if twice:
         kept = [index for index, number in enumerate(numbers) if number not in twice]
         numbers, uidls = [numbers[i] for i in kept], [uidls[i] for i in kept]
     return MessageList(numbers, uidls), unlisted
+
+
+class UidlParser:
+    """``parse_uidl_block_lenient`` fed piece by piece while the reply arrives, so that parsing a listing of
+    100,000 lines overlaps the server sending it instead of following it.
+
+    ``feed`` takes the pieces in order, unstuffed, each of whole lines ending in LF; a piece that is not
+    (a line longer than a piece) or that has a line the fast path refuses stops the piecewise parse, and
+    ``finish`` then parses the whole body as ``parse_uidl_block_lenient`` does. Either way the result is
+    the same as ``parse_uidl_block_lenient`` of the whole body.
+    """
+
+    def __init__(self) -> None:
+        self._numbers: list[int] = []
+        self._uidls: list[str] = []
+        self._in_step = True
+
+    def feed(self, piece: bytes) -> None:
+        if not self._in_step:
+            return
+        columns = _bulk_uidl(piece) if piece.endswith(b"\n") or not piece else None
+        if columns is None:
+            self._in_step = False
+            return
+        self._numbers += columns[0]
+        self._uidls += columns[1]
+
+    def finish(self, block: bytes) -> tuple[MessageList, list[Unlisted]]:
+        """The listing of ``block``, the whole body (unstuffed, terminator removed) the pieces made up."""
+        if not self._in_step:
+            return parse_uidl_block_lenient(block)
+        return _without_twice(self._numbers, self._uidls, [])
 
 
 def _bulk_uidl(block: bytes) -> tuple[list[int], list[str]] | None:

@@ -406,6 +406,20 @@ def test_a_requested_listing_cut_short_breaks_the_session(server: ScriptedPop3Se
         assert not client.usable
 
 
+@pytest.mark.parametrize("bad", [None, 17_000])
+def test_a_long_uidl_listing_parsed_while_it_arrives_is_the_whole_listing(bad: int | None) -> None:
+    # Many reads of the socket, parsed piece by piece; a bad line far into it falls back to the whole body.
+    count = 30_000
+    lines = [b"%d uid-%d" % (n, n) if n != bad else b"%d uid with spaces" % n for n in range(1, count + 1)]
+    with ScriptedPop3Server() as srv:
+        srv.on("UIDL", lambda s, a: s.send_multiline("+OK", lines))
+        with logged_in(srv) as client:
+            listing = client.uidl()
+            client.noop()
+    assert [(e.number, e.uidl) for e in listing] == [(n, f"uid-{n}") for n in range(1, count + 1) if n != bad]
+    assert [entry.number for entry in client.unlisted] == ([] if bad is None else [bad])
+
+
 def test_runaway_listing_is_bounded(server: ScriptedPop3Server) -> None:
     server.on("UIDL", lambda s, a: s.send_multiline("+OK", [f"{n} u{n}".encode() for n in range(1, 2000)]))
     client = connect(server)

@@ -30,6 +30,7 @@ from connector.pop3.replies import (
     MessageList,
     Reply,
     UidlEntry,
+    UidlParser,
     Unlisted,
     error_for,
     is_terminator,
@@ -406,6 +407,21 @@ def test_a_parsed_uidl_listing_keeps_no_tracked_object_per_message() -> None:
         gc.enable()
     assert len(listing) == 5000 and listing[4999] == MessageInfo(5000, "uid-5000", 0)
     assert kept < 50
+
+
+@given(_uidl_lines, st.lists(st.integers(min_value=0, max_value=40), max_size=6))
+def test_uidl_parser_fed_in_pieces_agrees_with_the_block_parser(lines: list[bytes], cuts: list[int]) -> None:
+    block = b"".join(line if line.endswith(b"\n") else line + b"\n" for line in lines)
+    parser = UidlParser()
+    start = 0
+    for cut in sorted(cuts):
+        # Pieces as the client's reader cuts them: at line ends, except when a piece ends mid-line.
+        end = block.find(b"\n", start + cut)
+        end = len(block) if end < 0 else end + (cut % 2)
+        parser.feed(block[start:end])
+        start = max(start, end)
+    parser.feed(block[start:])
+    assert parser.finish(block) == parse_uidl_block_lenient(block)
 
 
 def test_a_message_list_reads_like_the_list_it_replaces() -> None:
