@@ -659,6 +659,8 @@ class Pop3Client:
     def _receive_listing(self, *, sized: bool, pipelined: bool) -> Sequence[MessageInfo]:
         """The replies to what ``request_listing`` sent, parsed (``PendingListing.read``)."""
         self._awaiting = None
+        if self._closed:
+            raise SourceConnectError(f"{self._peer}: the POP3 connection is closed")
         # Both replies are read before either is judged, so an -ERR to UIDL leaves the stream in step.
         uidl_reply = self._read_status("UIDL")
         parser = UidlParser()

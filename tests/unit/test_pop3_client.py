@@ -378,8 +378,10 @@ def test_no_other_command_goes_before_a_requested_listing_is_read(server: Script
 
 def test_a_session_left_with_a_listing_unread_closes_without_quit(server: ScriptedPop3Server) -> None:
     with logged_in(server) as client:
-        client.request_listing()
+        pending = client.request_listing()
     assert "QUIT" not in server.recorded.commands
+    with pytest.raises(SourceConnectError, match="connection is closed"):
+        pending.read()
 
 
 @pytest.mark.parametrize("pipelining", [False, True])
