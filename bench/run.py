@@ -290,30 +290,39 @@ class Bench:
         return rows
 
     def big_mailbox(self, label: str, kept: int, new: int) -> Row:
+        """One poll of a maildrop keeping ``kept`` messages with ``new`` new ones, ``repeat`` times per side,
+        alternately (each round ``new`` more arrive; the medians are shown, with the CPU of that run)."""
         old = data.messages(kept, 1024)
-        fresh = [data.message(kept + n, 5 * 1024) for n in range(new)]
-        results = []
+        sides: dict[str, tuple[MailUser, MailUser]] = {}
         for side in ("baseline", "connector"):
-            source, destination = self._user(f"big{side}", old), self._user(f"big{side}dst")
-            known = uidls(endpoint(self.dovecot, source))
-            self.dovecot.seed(source.name, fresh)
-            if side == "baseline":
-                known_file = self.workdir / "known.txt"
-                known_file.write_text("\n".join(known))
-                result = self._baseline("new", [source], destination, known=str(known_file))
-            else:
-                database = self._database("big")
-                prime_ledger(database, {source.name: known})
-                result = self._connector("big", [source], destination, database=database, retention="keep")
-            self._check(f"big mailbox {side}", result, new)
-            results.append(result)
-        base, conn = results
+            sides[side] = self._user(f"big{side}", old), self._user(f"big{side}dst")
+        database = self._database("big")
+        connector_source = sides["connector"][0]
+        prime_ledger(database, {connector_source.name: uidls(endpoint(self.dovecot, connector_source))})
+        runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "connector": []}
+        for round_ in range(self.repeat):
+            fresh = [data.message(kept + round_ * new + n, 5 * 1024) for n in range(new)]
+            for side, (source, destination) in sides.items():
+                # The ones delivered in earlier rounds are known too (the connector's ledger has them).
+                known = uidls(endpoint(self.dovecot, source))
+                self.dovecot.seed(source.name, fresh)
+                if side == "baseline":
+                    known_file = self.workdir / "known.txt"
+                    known_file.write_text("\n".join(known))
+                    result = self._baseline("new", [source], destination, known=str(known_file))
+                else:
+                    result = self._connector(
+                        "big", [source], destination, database=database, retention="keep"
+                    )
+                self._check(f"big mailbox {side}", result, new)
+                runs[side].append(result)
+        base, conn = (sorted(rs, key=lambda r: r["seconds"])[len(rs) // 2] for rs in runs.values())
         return Row(
             label,
-            f"{conn['seconds']:.2f} s",
-            f"{base['seconds']:.2f} s",
+            f"{conn['seconds']:.2f} s ({conn['cpu']:.2f} s CPU)",
+            f"{base['seconds']:.2f} s ({base['cpu']:.2f} s CPU)",
             base["seconds"] / conn["seconds"],
-            notes=["target: under 1 s"],
+            notes=[f"target: under 1 s; median of {self.repeat} run(s) per side, alternately"],
         )
 
     # --- a migration into Exchange (7) ------------------------------------------------------------------
@@ -452,7 +461,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "what the ledger's fsyncs cost",
     )
     parser.add_argument(
-        "--repeat", type=int, default=1, help="runs per side for scenarios 1-3, the median is shown"
+        "--repeat", type=int, default=1, help="runs per side for scenarios 1-3 and 6, the median is shown"
     )
     parser.add_argument(
         "--connector-root",

@@ -22,7 +22,7 @@ from itertools import repeat
 
 from connector.ledger.records import KnownMessage, KnownMessages, MessageState
 from connector.message import header_section
-from connector.pop3 import MessageInfo
+from connector.pop3 import MessageInfo, uidl_set_of, uidls_of
 
 HASH_PREFIX = "hdr:"
 _DUPLICATE_SEPARATOR = "/"
@@ -54,10 +54,17 @@ def duplicated_uidls(uidls: Sequence[str]) -> set[str]:
     return {uidl for uidl, count in Counter(uidls).items() if count > 1}
 
 
+def _duplicated_in(listing: Sequence[MessageInfo]) -> set[str]:
+    """``duplicated_uidls`` of a listing (for a ``MessageList``, from its columns: no MessageInfo built)."""
+    if len(uidl_set_of(listing)) == len(listing):
+        return set()
+    return duplicated_uidls(uidls_of(listing))
+
+
 def needs_header_hash(listing: Sequence[MessageInfo], known: Collection[str]) -> list[MessageInfo]:
     """The listed messages whose UIDL alone does not identify them: duplicated in this listing, or a
     UIDL the ledger already knows only in its ``<uidl>/hdr:`` form."""
-    doubtful = duplicated_uidls([info.uidl for info in listing]) | _hashed_uidls(known)
+    doubtful = _duplicated_in(listing) | _hashed_uidls(known)
     if not doubtful:
         return []
     return [info for info in listing if info.uidl in doubtful]
@@ -66,8 +73,9 @@ def needs_header_hash(listing: Sequence[MessageInfo], known: Collection[str]) ->
 def _hashed_uidls(known: Collection[str]) -> set[str]:
     """The UIDLs that the ledger knows in their ``<uidl>/hdr:`` form."""
     marker = _DUPLICATE_SEPARATOR + HASH_PREFIX
-    # Looked for without Python code per UIDL first: nearly every ledger has none, and may know 100,000.
-    if not any(map(str.__contains__, known, repeat(marker))):
+    # Looked for in one string first: nearly every ledger has none, and may know 100,000 (one search in
+    # the joined UIDLs is a sixth of a call per UIDL). No UIDL holds a line break, so no match spans two.
+    if marker not in "\n".join(known):
         return set()
     return {key.split(marker, 1)[0] for key in known if marker in key}
 
@@ -83,7 +91,7 @@ class UidlChange:
 
 def suspect_migration(listing: Sequence[MessageInfo], known: KnownMessages) -> list[str]:
     """The new UIDLs to re-match when the listing looks like a migrated host, else an empty list."""
-    listed = {info.uidl for info in listing}
+    listed = uidl_set_of(listing)
     expected = [uidl for uidl, row in known.rows.items() if row.state in _EXPECTED_ON_SERVER]
     # Kept messages are delivered ones, expected on the server too; counted with set operations.
     vanished = len(known.kept - listed) + sum(1 for uidl in expected if uidl not in listed)

@@ -20,14 +20,15 @@ from connector.policies.uidl import (
     rematch,
     suspect_migration,
 )
-from connector.pop3 import MessageInfo, Pop3Client
+from connector.pop3 import MessageInfo, PendingListing, Pop3Client
 
 log = logging.getLogger("connector.poll.identity")
 
 
 @dataclass(frozen=True)
 class Identified:
-    listing: list[MessageInfo]
+    # A MessageList when it is the UIDL listing as the server gave it (no MessageInfo kept per message).
+    listing: Sequence[MessageInfo]
     # For `status`: how messages were identified when UIDLs were not enough (None: by UIDL).
     note: str | None = None
     # Messages that could not be identified at all (no UIDL and TOP refused): left alone.
@@ -54,12 +55,19 @@ def header_hash_of(pop: Pop3Client, number: int) -> str | None:
     return header_hash(top.getvalue())
 
 
-def identify(pop: Pop3Client, known: KnownMessages, *, quick: bool = False) -> Identified:
+def identify(
+    pop: Pop3Client, known: KnownMessages, *, quick: bool = False, requested: PendingListing | None = None
+) -> Identified:
     """The listing with every message given an identity the ledger can rely on. With ``quick``, UIDL
-    alone when the UIDLs are trustworthy (see ``Identified.sized``)."""
-    try:
+    alone when the UIDLs are trustworthy (see ``Identified.sized``). ``requested``: the listing already
+    asked for (``Pop3Client.request_listing``, its ``sized`` instead of ``quick``), so that the caller
+    could read ``known`` while the server prepared it."""
+    if requested is None:
         # UIDL alone (sizes 0): an idle poll sends this one listing command.
-        listing = pop.uidl() if quick else pop.listing()
+        requested = pop.request_listing(sizes=not quick)
+    quick = not requested.sized
+    try:
+        listing = requested.read()
     except SourceNoUidlError:
         return _by_header_hash(pop, known)
     ambiguous = needs_header_hash(listing, known)

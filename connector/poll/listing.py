@@ -41,7 +41,7 @@ _NOTED_PROBLEMS = 5
 class Listed:
     """The listing with trustworthy identities and the ledger's view of it."""
 
-    listing: list[MessageInfo]
+    listing: Sequence[MessageInfo]
     known: KnownMessages
     # To look for in the destination before delivering them (identity in doubt).
     suspects: set[str]
@@ -116,7 +116,7 @@ class Listing:
         )
         return plan, frozenset(listed.identified.doubtful)
 
-    def _plan_of(self, listed: Listed, listing: list[MessageInfo]) -> PollPlan:
+    def _plan_of(self, listed: Listed, listing: Sequence[MessageInfo]) -> PollPlan:
         forgetting = Forgetting.of(self._account)
         retention = self._account.retention
         plan = plan_poll(listing, listed.known, retention, listed.now, self._limits, forgetting)
@@ -127,11 +127,18 @@ class Listing:
         re-match), and the messages to look for in the destination before delivering them. With
         ``apply=False`` (dry run) the ledger is only read."""
         now = self._clock()
-        known = self._known(now)
-        baseline = self._needs_baseline(known)
+        taken = self._baseline_taken()
         # UIDL alone is enough unless sizes decide something: a limit, or a baseline recording them.
-        quick = apply and not baseline and self._account.max_message_size is None
-        identified = identify(pop, known, quick=quick)
+        sizes = not apply or self._account.max_message_size is not None
+        requested = None
+        if taken is not False:
+            # No baseline is due, so the listing to ask for is known before the ledger is read: it is read
+            # while the server prepares the listing, which for a maildrop of 100,000 messages takes longer
+            # than the whole ledger read (docs/benchmarks.md, issue 16).
+            requested = pop.request_listing(sizes=sizes)
+        known = self._known(now)
+        baseline = taken is False and needs_baseline(self._account.start, taken, known)
+        identified = identify(pop, known, quick=not (sizes or baseline), requested=requested)
         listing = identified.listing
         if baseline:
             known = KnownMessages(
@@ -148,13 +155,13 @@ class Listing:
             return KnownMessages()
         return self._ledger.known_to_plan(self._account_id, deletable_until(self._account.retention, now))
 
-    def _needs_baseline(self, known: KnownMessages) -> bool:
+    def _baseline_taken(self) -> bool | None:
+        """Whether the ``start = "new"`` baseline was taken; None when the account has no such start."""
         if self._account.start != "new":  # spares a query at every poll
-            return False
-        taken = bool(self._account_id) and self._ledger.baseline_taken(self._account_id)
-        return needs_baseline(self._account.start, taken, known)
+            return None
+        return bool(self._account_id) and self._ledger.baseline_taken(self._account_id)
 
-    def _baseline(self, pop: Pop3Client, listing: list[MessageInfo]) -> dict[str, KnownMessage]:
+    def _baseline(self, pop: Pop3Client, listing: Sequence[MessageInfo]) -> dict[str, KnownMessage]:
         count = self._ledger.record_seen(self._account_id, baseline_entries(pop, listing, {}))
         log.info(
             'account %s: start = "new": %d messages on the server recorded as seen', self._account.name, count

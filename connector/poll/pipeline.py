@@ -75,10 +75,10 @@ _END = object()
 
 def with_sizes(
     pop: Pop3Client,
-    listing: list[MessageInfo],
+    listing: Sequence[MessageInfo],
     plan: PollPlan,
-    replan: Callable[[list[MessageInfo]], PollPlan],
-) -> tuple[list[MessageInfo], PollPlan]:
+    replan: Callable[[Sequence[MessageInfo]], PollPlan],
+) -> tuple[Sequence[MessageInfo], PollPlan]:
     """Sizes for a ``plan`` made from a UIDL-only listing (sizes 0): LIST is sent only when the plan fetches
     something. Sizes matter only for what is fetched (they bound the RETR reply); the caller made sure
     that nothing else in the plan depends on them (no ``max_message_size``)."""

@@ -1,6 +1,13 @@
 """The POP3 source: a client, its connection factory and the typed values its replies parse into."""
 
-from connector.pop3.client import DEFAULT_MAX_LISTING_BYTES, Pop3Client, Sink, Streamed, connect_pop3
+from connector.pop3.client import (
+    DEFAULT_MAX_LISTING_BYTES,
+    PendingListing,
+    Pop3Client,
+    Sink,
+    Streamed,
+    connect_pop3,
+)
 from connector.pop3.replies import (
     MAX_ACCEPTED_UIDL_LENGTH,
     MAX_STATUS_LINE,
@@ -9,6 +16,7 @@ from connector.pop3.replies import (
     Greeting,
     ListEntry,
     MessageInfo,
+    MessageList,
     Reply,
     UidlEntry,
     Unlisted,
@@ -26,6 +34,8 @@ from connector.pop3.replies import (
     parse_uidl_line,
     parse_uidl_listing,
     split_listing,
+    uidl_set_of,
+    uidls_of,
     unstuff_block,
     unstuff_line,
 )
@@ -39,6 +49,8 @@ __all__ = [
     "Greeting",
     "ListEntry",
     "MessageInfo",
+    "MessageList",
+    "PendingListing",
     "Pop3Client",
     "Reply",
     "Sink",
@@ -60,6 +72,8 @@ __all__ = [
     "parse_uidl_line",
     "parse_uidl_listing",
     "split_listing",
+    "uidl_set_of",
+    "uidls_of",
     "unstuff_block",
     "unstuff_line",
 ]

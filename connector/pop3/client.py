@@ -15,7 +15,7 @@ import itertools
 import logging
 import socket
 import ssl
-from collections.abc import Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal, Protocol, TypeVar
@@ -40,6 +40,7 @@ from connector.pop3.replies import (
     ListEntry,
     MessageInfo,
     Reply,
+    UidlParser,
     Unlisted,
     error_for,
     join_listings,
@@ -49,7 +50,6 @@ from connector.pop3.replies import (
     parse_list_line,
     parse_stat,
     parse_status,
-    parse_uidl_block_lenient,
     printable,
     split_listing,
     strip_eol,
@@ -163,6 +163,25 @@ class RetrReply:
             )
 
 
+class PendingListing:
+    """A listing asked for with ``Pop3Client.request_listing`` whose reply is still to be read."""
+
+    def __init__(self, client: Pop3Client, *, sized: bool, pipelined: bool) -> None:
+        self._client = client
+        # True when it was asked with sizes (UIDL and LIST), False for UIDL alone (every size 0).
+        self.sized = sized
+        self._pipelined = pipelined
+        self._read = False
+
+    def read(self) -> Sequence[MessageInfo]:
+        """The listing, as ``Pop3Client.listing`` (``sized``) or ``Pop3Client.uidl`` would return it; raises
+        as they do (``SourceNoUidlError`` for a server without UIDL). Read once."""
+        if self._read:
+            raise RuntimeError("the listing was already read")
+        self._read = True
+        return self._client._receive_listing(sized=self.sized, pipelined=self._pipelined)
+
+
 class Pop3Client:
     """One POP3 session over a connected socket. Build it with ``connect_pop3``.
 
@@ -187,6 +206,8 @@ class Pop3Client:
         self._max_listing_bytes = max_listing_bytes
         self._broken = False
         self._closed = False
+        # The command whose reply a ``PendingListing`` has still to read (no other command may go first).
+        self._awaiting: str | None = None
         self._capabilities = Capabilities()
         self._utf8 = False
         # The lines of the last listing (UIDL or UIDL+LIST, then LIST or LIST n) that could not be taken
@@ -230,10 +251,13 @@ class Pop3Client:
 
     @property
     def usable(self) -> bool:
-        """True while commands can still be sent (not closed, stream position known)."""
+        """True while commands can still be sent (not closed, stream position known, no reply pending)."""
         return not self._closed and not self._broken
 
     def _check_usable(self) -> None:
+        if self._awaiting is not None and not self._closed:
+            # A caller's mistake, not the server's: the reply it asked for would be read as this one's.
+            raise RuntimeError(f"the reply to {self._awaiting} has not been read (PendingListing.read)")
         if self._closed:
             raise SourceConnectError(f"{self._peer}: the POP3 connection is closed")
         if self._broken:
@@ -311,16 +335,20 @@ class Pop3Client:
         """The lines of a multi-line reply (CAPA), unstuffed, terminator removed."""
         return split_listing(self._read_block(verb))
 
-    def _read_block(self, verb: str) -> bytes:
+    def _read_block(self, verb: str, feed: Callable[[bytes], object] | None = None) -> bytes:
         """The body of a multi-line listing (CAPA, UIDL, LIST) as one block, unstuffed, terminator removed,
         every line ending in LF.
 
         Read in large pieces and never split into lines here: a UIDL listing may have 100,000 lines at
-        every poll, and its parser works on the whole block.
+        every poll. ``feed`` (a ``UidlParser``'s) gets each piece as it arrives, unstuffed when it starts a
+        line, so that it parses while the server is still sending.
         """
         pieces: list[bytes] = []
         total = 0
         at_line_start = True
+        # The longest line without its LF (CR included, as the limit counts it), and the length of the
+        # line the last piece left unfinished: measured piece by piece, while the server sends the rest.
+        longest = unfinished = 0
         while True:
             piece, done = self._body_piece(verb, at_line_start)
             total += len(piece)
@@ -329,15 +357,20 @@ class Pop3Client:
                     f"{self._peer}: {verb} reply longer than {self._max_listing_bytes} bytes"
                 )
             pieces.append(piece)
+            if piece:
+                lengths = list(map(len, piece.split(b"\n")))
+                lengths[0] += unfinished
+                longest, unfinished = max(longest, *lengths), lengths[-1]
+            if feed is not None:
+                feed(unstuff_block(piece) if at_line_start else piece)
             at_line_start = piece.endswith(b"\n") if piece else at_line_start
             if done:
                 break
-        block = b"".join(pieces)
-        # The longest line without its LF; CR included, as the limit counts it.
-        if block and max(map(len, block.split(b"\n"))) > _MAX_LISTING_LINE + 1:
+        if longest > _MAX_LISTING_LINE + 1:
             raise SourceProtocolError(
                 f"{self._peer}: {verb}: reply line longer than {_MAX_LISTING_LINE} bytes"
             )
+        block = b"".join(pieces)
         wire_log.debug("S: <%d lines>", block.count(b"\n"))
         return unstuff_block(block)
 
@@ -581,11 +614,10 @@ class Pop3Client:
         self._check_listing_reply(verb, reply)
         return block
 
-    def uidl(self) -> list[MessageInfo]:
+    def uidl(self) -> Sequence[MessageInfo]:
         """Every message's number and unique-id, in server order; sizes are 0 (see ``listing``). A message
         whose line is malformed is left out and added to ``unlisted`` (which starts afresh: a new listing)."""
-        self.unlisted = []
-        return self._lenient(parse_uidl_block_lenient(self._listing_block("UIDL")))
+        return self.request_listing(sizes=False).read()
 
     def list_sizes(self) -> list[ListEntry]:
         """Every message's number and size (a malformed line: see ``uidl``)."""
@@ -598,16 +630,55 @@ class Pop3Client:
         self.unlisted.extend(unlisted)
         return entries
 
-    def listing(self) -> list[MessageInfo]:
+    def listing(self) -> Sequence[MessageInfo]:
         """Every message's number, unique-id and size, in server order (oldest first); a message with a
         malformed line in either listing is left out (see ``uidl``)."""
+        return self.request_listing().read()
+
+    def request_listing(self, *, sizes: bool = True) -> PendingListing:
+        """Send the listing's command now and read its reply later with ``PendingListing.read``, which
+        returns what ``listing`` (``sizes``) or ``uidl`` (not ``sizes``) would.
+
+        A server may take a third of a second to prepare the UIDL listing of 100,000 messages: the caller
+        does its own work meanwhile (a poll reads the ledger). UIDL is sent, and LIST pipelined after it
+        when ``sizes`` and the server offers PIPELINING (else LIST goes once UIDL's reply is read). Until
+        the reply is read the session takes no other command, and closing it sends no QUIT.
+        """
+        self._check_usable()
         self.unlisted = []
-        if self._capabilities.has("PIPELINING"):
-            uidl_block, list_block = self._pipelined_listing()
+        pipelined = sizes and self.pipelining
+        # Broken until read: the stream holds a reply nobody has read (see ``_exchange``).
+        self._broken = True
+        if pipelined:
+            self._send(("UIDL",), ("LIST",))
         else:
-            uidl_block = self._listing_block("UIDL")
+            self._send(("UIDL",))
+        self._awaiting = "UIDL"
+        return PendingListing(self, sized=sizes, pipelined=pipelined)
+
+    def _receive_listing(self, *, sized: bool, pipelined: bool) -> Sequence[MessageInfo]:
+        """The replies to what ``request_listing`` sent, parsed (``PendingListing.read``)."""
+        self._awaiting = None
+        if self._closed:
+            raise SourceConnectError(f"{self._peer}: the POP3 connection is closed")
+        # Both replies are read before either is judged, so an -ERR to UIDL leaves the stream in step.
+        uidl_reply = self._read_status("UIDL")
+        parser = UidlParser()
+        uidl_block = self._read_block("UIDL", parser.feed) if uidl_reply.ok else b""
+        list_reply: Reply | None = None
+        list_block = b""
+        if pipelined:
+            list_reply = self._read_status("LIST")
+            list_block = self._read_block("LIST") if list_reply.ok else b""
+        self._broken = False
+        self._check_listing_reply("UIDL", uidl_reply)
+        if not sized:
+            return self._lenient(parser.finish(uidl_block))
+        if list_reply is not None:
+            self._check_listing_reply("LIST", list_reply)
+        else:
             list_block = self._listing_block("LIST")
-        uidls, uidl_unlisted = parse_uidl_block_lenient(uidl_block)
+        uidls, uidl_unlisted = parser.finish(uidl_block)
         sizes, list_unlisted = parse_list_block_lenient(list_block)
         unlisted = uidl_unlisted + list_unlisted
         self._lenient(([], unlisted))
@@ -615,18 +686,6 @@ class Pop3Client:
             return join_listings(uidls, sizes, unlisted)
         except SourceProtocolError as exc:
             raise SourceProtocolError(f"{self._peer}: {exc.message}") from exc
-
-    def _pipelined_listing(self) -> tuple[bytes, bytes]:
-        with self._exchange():
-            self._send(("UIDL",), ("LIST",))
-            # Both replies are read before either is judged, so an -ERR to UIDL leaves the stream in step.
-            uidl_reply = self._read_status("UIDL")
-            uidl_block = self._read_block("UIDL") if uidl_reply.ok else b""
-            list_reply = self._read_status("LIST")
-            list_block = self._read_block("LIST") if list_reply.ok else b""
-        self._check_listing_reply("UIDL", uidl_reply)
-        self._check_listing_reply("LIST", list_reply)
-        return uidl_block, list_block
 
     def retr(self, number: int, sink: Sink, *, max_bytes: int | None = None) -> Streamed:
         """Stream message ``number`` into ``sink`` (unstuffed, CRLF line endings); returns the octets

@@ -7,14 +7,15 @@ relies on that to turn every oddity into one retryable error type.
 
 from __future__ import annotations
 
+import operator
 import re
 from collections import Counter
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import repeat
 from types import MappingProxyType
-from typing import NamedTuple
+from typing import NamedTuple, overload
 
 from connector.errors import (
     SourceAuthError,
@@ -107,6 +108,73 @@ class Unlisted(NamedTuple):
 # Builds a MessageInfo from a (number, uidl, size) tuple without running Python code (MessageInfo(...) and
 # MessageInfo._make do): a listing may hold 100,000 of them at every poll.
 _message_info = partial(tuple.__new__, MessageInfo)
+
+
+class MessageList(Sequence[MessageInfo]):
+    """A UIDL listing in server order, held as two columns (message numbers, unique-ids); every size is 0.
+
+    Each ``MessageInfo`` is built when it is read and freed once used. Kept as 100,000 tuples, a maildrop's
+    listing was 100,000 objects for the garbage collector to track (CPython never untracks a tuple
+    subclass), and building them set off a full collection (~50 ms) at every poll. Checks that need only
+    the unique-ids read ``uidls`` (a list) and ``uidl_set`` (built once, at its first use).
+    """
+
+    __slots__ = ("_numbers", "_uidl_set", "uidls")
+
+    def __init__(self, numbers: list[int], uidls: list[str]) -> None:
+        if len(numbers) != len(uidls):
+            raise ValueError("a listing needs one unique-id per message number")
+        self._numbers = numbers
+        self.uidls: Sequence[str] = uidls
+        self._uidl_set: frozenset[str] | None = None
+
+    @property
+    def uidl_set(self) -> frozenset[str]:
+        if self._uidl_set is None:
+            self._uidl_set = frozenset(self.uidls)
+        return self._uidl_set
+
+    def __len__(self) -> int:
+        return len(self._numbers)
+
+    def __iter__(self) -> Iterator[MessageInfo]:
+        return map(_message_info, zip(self._numbers, self.uidls, repeat(0)))
+
+    @overload
+    def __getitem__(self, index: int) -> MessageInfo: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[MessageInfo]: ...
+
+    def __getitem__(self, index: int | slice) -> MessageInfo | list[MessageInfo]:
+        if isinstance(index, slice):
+            return list(map(_message_info, zip(self._numbers[index], self.uidls[index], repeat(0))))
+        return _message_info((self._numbers[index], self.uidls[index], 0))
+
+    def __eq__(self, other: object) -> bool:
+        # Equal to a list (or tuple) of the same entries, as the list it replaces was.
+        if isinstance(other, MessageList | list | tuple):
+            return len(self) == len(other) and all(map(operator.eq, self, other))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # equal to lists, which cannot be hashed
+
+    def __repr__(self) -> str:
+        return f"MessageList({list(self)!r})"
+
+
+def uidls_of(listing: Sequence[MessageInfo]) -> Sequence[str]:
+    """The unique-ids of ``listing`` in its order (of a ``MessageList``: without building a MessageInfo)."""
+    if isinstance(listing, MessageList):
+        return listing.uidls
+    return [info.uidl for info in listing]
+
+
+def uidl_set_of(listing: Sequence[MessageInfo]) -> Set[str]:
+    """The unique-ids of ``listing`` as a set, built once per ``MessageList`` however many checks ask."""
+    if isinstance(listing, MessageList):
+        return listing.uidl_set
+    return {info.uidl for info in listing}
 
 
 @dataclass(frozen=True)
@@ -270,7 +338,7 @@ def parse_uidl_listing(lines: Iterable[bytes]) -> list[UidlEntry]:
     return [UidlEntry(info.number, info.uidl) for info in parse_uidl_block(block)]
 
 
-def parse_uidl_block(block: bytes) -> list[MessageInfo]:
+def parse_uidl_block(block: bytes) -> MessageList:
     """A whole UIDL reply body (unstuffed, terminator removed, every line ending in LF) as one message per
     line, each of size 0 (UIDL gives none), in server order. As ``parse_uidl_listing`` for the rest, but
     built for a mailbox that lists 100,000 messages at every poll: no Python code runs per message."""
@@ -279,7 +347,7 @@ def parse_uidl_block(block: bytes) -> list[MessageInfo]:
     return infos
 
 
-def parse_uidl_block_lenient(block: bytes) -> tuple[list[MessageInfo], list[Unlisted]]:
+def parse_uidl_block_lenient(block: bytes) -> tuple[MessageList, list[Unlisted]]:
     """As ``parse_uidl_block``, but a bad line (or a message number listed twice) does not fail the whole
     listing: it is returned as ``Unlisted`` and its message left out, so that one message the server lists
     wrongly stays on the server while the others are delivered. A well-formed listing takes the fast path;
@@ -298,12 +366,50 @@ def parse_uidl_block_lenient(block: bytes) -> tuple[list[MessageInfo], list[Unli
             numbers.append(entry.number)
             uidls.append(entry.uidl)
         columns = numbers, uidls
-    numbers, uidls = columns
+    return _without_twice(*columns, unlisted)
+
+
+def _without_twice(
+    numbers: list[int], uidls: list[str], unlisted: list[Unlisted]
+) -> tuple[MessageList, list[Unlisted]]:
+    """The listing without the messages whose number is listed more than once (added to ``unlisted``)."""
     twice = _listed_twice(numbers, "UIDL", unlisted)
     if twice:
         kept = [index for index, number in enumerate(numbers) if number not in twice]
         numbers, uidls = [numbers[i] for i in kept], [uidls[i] for i in kept]
-    return list(map(_message_info, zip(numbers, uidls, repeat(0)))), unlisted
+    return MessageList(numbers, uidls), unlisted
+
+
+class UidlParser:
+    """``parse_uidl_block_lenient`` fed piece by piece while the reply arrives, so that parsing a listing of
+    100,000 lines overlaps the server sending it instead of following it.
+
+    ``feed`` takes the pieces in order, unstuffed, each of whole lines ending in LF; a piece that is not
+    (a line longer than a piece) or that has a line the fast path refuses stops the piecewise parse, and
+    ``finish`` then parses the whole body as ``parse_uidl_block_lenient`` does. Either way the result is
+    the same as ``parse_uidl_block_lenient`` of the whole body.
+    """
+
+    def __init__(self) -> None:
+        self._numbers: list[int] = []
+        self._uidls: list[str] = []
+        self._in_step = True
+
+    def feed(self, piece: bytes) -> None:
+        if not self._in_step:
+            return
+        columns = _bulk_uidl(piece) if piece.endswith(b"\n") or not piece else None
+        if columns is None:
+            self._in_step = False
+            return
+        self._numbers += columns[0]
+        self._uidls += columns[1]
+
+    def finish(self, block: bytes) -> tuple[MessageList, list[Unlisted]]:
+        """The listing of ``block``, the whole body (unstuffed, terminator removed) the pieces made up."""
+        if not self._in_step:
+            return parse_uidl_block_lenient(block)
+        return _without_twice(self._numbers, self._uidls, [])
 
 
 def _bulk_uidl(block: bytes) -> tuple[list[int], list[str]] | None:

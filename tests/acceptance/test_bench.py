@@ -49,6 +49,13 @@ def test_ledger_bench_prints_its_ratio(capsys: pytest.CaptureFixture[str]) -> No
     assert "ratio (bare CPU / connector CPU):" in capsys.readouterr().out
 
 
+def test_listing_bench_prints_its_cpu_and_collections(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.listing import main
+
+    assert main(["--kept", "200", "--new", "3", "--runs", "2"]) == 0
+    assert "listing of 200 kept + 3 new:" in capsys.readouterr().out
+
+
 def test_gmail_bench_prints_throughput_against_the_quota(capsys: pytest.CaptureFixture[str]) -> None:
     from bench.gmail import main
 

@@ -7,6 +7,7 @@ import logging
 import socket
 import ssl
 import struct
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from connector.errors import (
     SourceInUseError,
     SourceLoginDelayError,
     SourceMessageError,
+    SourceNoUidlError,
     SourcePermError,
     SourceProtocolError,
     SourceTempError,
@@ -332,6 +334,92 @@ def test_a_malformed_list_reply_for_one_message_leaves_that_message_out(server: 
     with logged_in(server) as client:
         assert client.list_sizes_of([1, 2]) == [ListEntry(2, len(SECOND))]
         assert [entry.number for entry in client.unlisted] == [1]
+
+
+@pytest.mark.parametrize("pipelining", [False, True])
+@pytest.mark.parametrize("sizes", [False, True])
+def test_a_requested_listing_is_read_after_the_callers_own_work(pipelining: bool, sizes: bool) -> None:
+    messages = [StoredMessage(f"uid-{n}", HELLO * n) for n in range(1, 4)]
+    events: list[str] = []
+    received = threading.Event()
+
+    def on_uidl(session: Pop3Session, argument: str) -> None:
+        events.append("server has UIDL")
+        received.set()
+        session.default("UIDL", argument)
+
+    with ScriptedPop3Server(messages, pipelining=pipelining) as srv, logged_in(srv) as client:
+        expected = client.listing() if sizes else client.uidl()
+        srv.on("UIDL", on_uidl)
+        pending = client.request_listing(sizes=sizes)
+        assert received.wait(TIMEOUT)  # sent at once, not when the reply is read
+        events.append("caller's work")
+        assert pending.sized is sizes
+        assert pending.read() == expected
+        assert client.unlisted == []
+        client.noop()  # in step
+    assert events == ["server has UIDL", "caller's work"]
+    tail = ["UIDL", "LIST", "NOOP", "QUIT"] if sizes else ["UIDL", "NOOP", "QUIT"]
+    assert srv.recorded.commands[-len(tail) :] == tail
+
+
+def test_no_other_command_goes_before_a_requested_listing_is_read(server: ScriptedPop3Server) -> None:
+    with logged_in(server) as client:
+        pending = client.request_listing(sizes=False)
+        with pytest.raises(RuntimeError, match="reply to UIDL has not been read"):
+            client.noop()
+        assert not client.usable
+        assert [(e.number, e.uidl) for e in pending.read()] == [(1, "uid-1"), (2, "uid-2")]
+        with pytest.raises(RuntimeError, match="already read"):
+            pending.read()
+        client.noop()
+    assert server.recorded.commands[-3:] == ["UIDL", "NOOP", "QUIT"]
+
+
+def test_a_session_left_with_a_listing_unread_closes_without_quit(server: ScriptedPop3Server) -> None:
+    with logged_in(server) as client:
+        pending = client.request_listing()
+    assert "QUIT" not in server.recorded.commands
+    with pytest.raises(SourceConnectError, match="connection is closed"):
+        pending.read()
+
+
+@pytest.mark.parametrize("pipelining", [False, True])
+def test_a_requested_listing_refused_raises_when_read(pipelining: bool) -> None:
+    with ScriptedPop3Server([StoredMessage("a", HELLO)], pipelining=pipelining) as srv:
+        srv.fail("UIDL", "-ERR command not implemented")
+        with logged_in(srv) as client:
+            pending = client.request_listing()
+            with pytest.raises(SourceNoUidlError, match="server does not support UIDL"):
+                pending.read()
+            client.noop()  # the pipelined LIST reply was consumed: the stream is still in step
+
+
+def test_a_requested_listing_cut_short_breaks_the_session(server: ScriptedPop3Server) -> None:
+    def cut(session: Pop3Session, argument: str) -> None:
+        session.send_raw(b"+OK\r\n1 uid-1\r\n")
+        raise CloseConnection
+
+    server.on("UIDL", cut)
+    with logged_in(server) as client:
+        pending = client.request_listing(sizes=False)
+        with pytest.raises(SourceConnectError, match="closed the connection during UIDL"):
+            pending.read()
+        assert not client.usable
+
+
+@pytest.mark.parametrize("bad", [None, 17_000])
+def test_a_long_uidl_listing_parsed_while_it_arrives_is_the_whole_listing(bad: int | None) -> None:
+    # Many reads of the socket, parsed piece by piece; a bad line far into it falls back to the whole body.
+    count = 30_000
+    lines = [b"%d uid-%d" % (n, n) if n != bad else b"%d uid with spaces" % n for n in range(1, count + 1)]
+    with ScriptedPop3Server() as srv:
+        srv.on("UIDL", lambda s, a: s.send_multiline("+OK", lines))
+        with logged_in(srv) as client:
+            listing = client.uidl()
+            client.noop()
+    assert [(e.number, e.uidl) for e in listing] == [(n, f"uid-{n}") for n in range(1, count + 1) if n != bad]
+    assert [entry.number for entry in client.unlisted] == ([] if bad is None else [bad])
 
 
 def test_runaway_listing_is_bounded(server: ScriptedPop3Server) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 from collections import Counter
 from collections.abc import Callable
 
@@ -26,8 +27,10 @@ from connector.pop3.replies import (
     Capabilities,
     ListEntry,
     MessageInfo,
+    MessageList,
     Reply,
     UidlEntry,
+    UidlParser,
     Unlisted,
     error_for,
     is_terminator,
@@ -45,6 +48,8 @@ from connector.pop3.replies import (
     parse_uidl_line,
     parse_uidl_listing,
     split_listing,
+    uidl_set_of,
+    uidls_of,
     unstuff_block,
     unstuff_line,
 )
@@ -386,6 +391,55 @@ def test_uidl_block_gives_message_infos_of_size_zero() -> None:
     assert infos == [MessageInfo(1, "a", 0), MessageInfo(2, "b", 0), MessageInfo(3, "c", 0)]
     assert all(type(info) is MessageInfo for info in infos)
     assert parse_uidl_block(b"") == []
+
+
+def test_a_parsed_uidl_listing_keeps_no_tracked_object_per_message() -> None:
+    # Issue 16: 100,000 MessageInfo tuples kept for a poll set off a full garbage collection at every poll
+    # (CPython never untracks a tuple subclass); the listing keeps columns and builds entries as read.
+    block = b"".join(b"%d uid-%d\r\n" % (n, n) for n in range(1, 5001))
+    gc.collect()
+    gc.disable()
+    try:
+        before = len(gc.get_objects())
+        listing = parse_uidl_block(block)
+        kept = len(gc.get_objects()) - before
+    finally:
+        gc.enable()
+    assert len(listing) == 5000 and listing[4999] == MessageInfo(5000, "uid-5000", 0)
+    assert kept < 50
+
+
+@given(_uidl_lines, st.lists(st.integers(min_value=0, max_value=40), max_size=6))
+def test_uidl_parser_fed_in_pieces_agrees_with_the_block_parser(lines: list[bytes], cuts: list[int]) -> None:
+    block = b"".join(line if line.endswith(b"\n") else line + b"\n" for line in lines)
+    parser = UidlParser()
+    start = 0
+    for cut in sorted(cuts):
+        # Pieces as the client's reader cuts them: at line ends, except when a piece ends mid-line.
+        end = block.find(b"\n", start + cut)
+        end = len(block) if end < 0 else end + (cut % 2)
+        parser.feed(block[start:end])
+        start = max(start, end)
+    parser.feed(block[start:])
+    assert parser.finish(block) == parse_uidl_block_lenient(block)
+
+
+def test_a_message_list_reads_like_the_list_it_replaces() -> None:
+    listing = parse_uidl_block(b"1 a\r\n2 b\r\n3 a\r\n")
+    entries = [MessageInfo(1, "a", 0), MessageInfo(2, "b", 0), MessageInfo(3, "a", 0)]
+    assert isinstance(listing, MessageList)
+    assert listing == entries and entries == listing and listing == tuple(entries)
+    assert listing != entries[:2] and listing != [*entries[:2], MessageInfo(3, "a", 7)]
+    assert list(listing) == entries and listing[1] == entries[1] and listing[-1] == entries[-1]
+    assert listing[1:] == entries[1:] and len(listing) == 3
+    assert all(type(info) is MessageInfo for info in listing)
+    assert list(uidls_of(listing)) == ["a", "b", "a"] and uidl_set_of(listing) == {"a", "b"}
+    assert list(uidls_of(entries)) == ["a", "b", "a"] and uidl_set_of(entries) == {"a", "b"}
+    assert MessageInfo(2, "b", 0) in listing and listing.index(entries[2]) == 2
+    with pytest.raises(IndexError):
+        listing[3]
+    with pytest.raises(TypeError):
+        hash(listing)
 
 
 @pytest.mark.parametrize(

@@ -134,6 +134,18 @@ class _RetrReply:
         return self._source._send_body(self.number, sink, max_bytes)
 
 
+class _PendingListing:
+    """``PendingListing`` of connector/pop3/client.py for ``FakeSource.request_listing``."""
+
+    def __init__(self, source: FakeSource, sized: bool) -> None:
+        self._source = source
+        self.sized = sized
+
+    def read(self) -> list[MessageInfo]:
+        source = self._source
+        return source._sized_listing() if self.sized else source._uidl_only()
+
+
 class FakeSource:
     """One POP3 session (logged in) on a ``FakeMaildrop``."""
 
@@ -192,8 +204,15 @@ class FakeSource:
         self.unlisted.extend(unlisted)
 
     def uidl(self) -> list[MessageInfo]:
+        return self.request_listing(sizes=False).read()
+
+    def request_listing(self, *, sizes: bool = True) -> _PendingListing:
+        """``Pop3Client.request_listing``: UIDL is sent (recorded) now, its reply read by ``read``."""
         self.unlisted = []
         self._command("UIDL")
+        return _PendingListing(self, sizes)
+
+    def _uidl_only(self) -> list[MessageInfo]:
         infos, unlisted = parse_uidl_block_lenient(self._uidl_block())
         self._lenient(unlisted)
         return infos
@@ -205,8 +224,9 @@ class FakeSource:
         return entries
 
     def listing(self) -> list[MessageInfo]:
-        self.unlisted = []
-        self._command("UIDL")
+        return self.request_listing().read()
+
+    def _sized_listing(self) -> list[MessageInfo]:
         uidl_block = self._uidl_block()
         self._command("LIST")
         uidls, uidl_unlisted = parse_uidl_block_lenient(uidl_block)
