@@ -464,6 +464,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--repeat", type=int, default=1, help="runs per side for scenarios 1-3 and 6, the median is shown"
     )
     parser.add_argument(
+        "--dovecot-forks",
+        action="store_true",
+        help="Dovecot's default process model (a login and a pop3 process forked per connection) instead of "
+        "processes serving one connection after another; it caps idle polls (scenario 5) at what Dovecot "
+        "can fork",
+    )
+    parser.add_argument(
         "--connector-root",
         type=Path,
         help="run the connector (and bench/worker.py) from this checkout, e.g. a worktree of the commit "
@@ -487,7 +494,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"machine: {machine()}", flush=True)
     rows: list[Row] = []
     try:
-        with Dovecot(lmtp=use_fetchmail) as dovecot:
+        with Dovecot(lmtp=use_fetchmail, reuse_processes=not args.dovecot_forks) as dovecot:
             bench = Bench(dovecot, workdir, sizes, use_fetchmail=use_fetchmail, profile=args.profile)
             bench.database_dir = ledgers
             bench.connector_root = args.connector_root.resolve() if args.connector_root else None

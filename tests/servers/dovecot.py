@@ -191,6 +191,22 @@ def _oauth2_config(root: Path, introspection_url: str | None) -> tuple[str, str]
     return " xoauth2 oauthbearer", passdb
 
 
+# Dovecot's "high-performance mode" for POP3: login and pop3 processes serve one connection after another
+# instead of one process forked per connection (every mail user here has the same uid, so a pop3 process
+# may serve them all). The default forks two processes per connection and caps a 2-core machine at about
+# 100-200 sessions a second, which hides what the client itself costs (bench scenario 5).
+_REUSE_PROCESSES = """
+service pop3-login {
+  service_count = 0
+  process_min_avail = 2
+}
+service pop3 {
+  service_count = 0
+  process_min_avail = 2
+}
+"""
+
+
 def _config(
     root: Path,
     ports: Ports,
@@ -201,10 +217,11 @@ def _config(
     introspection_url: str | None = None,
     *,
     lmtp: bool = False,
+    reuse_processes: bool = False,
 ) -> str:
     mechanisms, oauth2_passdb = _oauth2_config(root, introspection_url)
     protocols = "imap pop3 lmtp" if lmtp else "imap pop3"
-    extra = _LMTP_CONFIG if lmtp else ""
+    extra = (_LMTP_CONFIG if lmtp else "") + (_REUSE_PROCESSES if reuse_processes else "")
     return f"""\
 # Written by tests/servers/dovecot.py; nothing from /etc/dovecot is read.
 protocols = {protocols}
@@ -302,7 +319,8 @@ class Dovecot:
     ``oauth2_introspection_url`` the server also accepts XOAUTH2 and OAUTHBEARER with bearer tokens that
     URL says are active for the user (``tests/servers/token_server.py``); passwords keep working.
     ``master`` is a master user who can log in as any user (SASL PLAIN authorisation identity, or the
-    ``user*master`` login).
+    ``user*master`` login). ``reuse_processes``: Dovecot's high-performance mode for POP3 (see
+    ``_REUSE_PROCESSES``), for benchmarks of many short sessions.
     """
 
     host = HOST
@@ -316,6 +334,7 @@ class Dovecot:
         keep_files: bool = False,
         lmtp: bool = False,
         oauth2_introspection_url: str | None = None,
+        reuse_processes: bool = False,
     ) -> None:
         self._binary = shutil.which("dovecot") or (
             "/usr/sbin/dovecot" if os.access("/usr/sbin/dovecot", os.X_OK) else None
@@ -331,6 +350,7 @@ class Dovecot:
         self.keep_files = keep_files
         # Needs dovecot-lmtpd; the socket is then ``lmtp_socket``.
         self.lmtp = lmtp
+        self.reuse_processes = reuse_processes
         self.oauth2_introspection_url = oauth2_introspection_url
         self.conf = self.root / "dovecot.conf"
         self._passwd_dir = self.root / "users"
@@ -383,6 +403,7 @@ class Dovecot:
                     self._gid,
                     self.oauth2_introspection_url,
                     lmtp=self.lmtp,
+                    reuse_processes=self.reuse_processes,
                 )
             )
             self._spawn()
