@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, event, select, text, update
 
-from connector.config import Account, parse_config
+from connector.config import Account, Config, parse_config
 from connector.connections import Connections
 from connector.ledger.database import open_database
 from connector.ledger.models import AccountRow
@@ -268,9 +268,10 @@ def test_running_workers_pick_up_added_and_removed_accounts(
     assert len(dovecot.imap_messages(small_fleet.destination.name)) == 3
 
 
-def test_a_poll_that_crashes_backs_off_instead_of_being_queued_every_tick(engine: Engine) -> None:
+def _one_account_worker_config(engine: Engine) -> Config:
+    """A distributed worker ``w-test`` on ``engine``'s database with one account, ``a``."""
     url = engine.url.render_as_string(hide_password=False)
-    config = parse_config(
+    return parse_config(
         {
             "service": {"mode": "distributed", "database": url, "worker_name": "w-test"},
             "destinations": [{"name": "d", "type": "imap", "host": "127.0.0.1", "username": "u",
@@ -280,6 +281,10 @@ def test_a_poll_that_crashes_backs_off_instead_of_being_queued_every_tick(engine
         },
         Path("/nonexistent/config.toml"),
     )  # fmt: skip
+
+
+def test_a_poll_that_crashes_backs_off_instead_of_being_queued_every_tick(engine: Engine) -> None:
+    config = _one_account_worker_config(engine)
     ensure_queue_schema(engine)
     sync_accounts(engine, config.accounts)
 
@@ -299,17 +304,7 @@ def test_a_poll_that_crashes_backs_off_instead_of_being_queued_every_tick(engine
 def test_the_dispatch_runs_before_the_poll_jobs_waiting(engine: Engine) -> None:
     """With every account due at once the queue holds a poll job per account; the dispatch (stalled jobs,
     configuration changes, new due accounts) is fetched next anyway, not after the backlog."""
-    url = engine.url.render_as_string(hide_password=False)
-    config = parse_config(
-        {
-            "service": {"mode": "distributed", "database": url, "worker_name": "w-test"},
-            "destinations": [{"name": "d", "type": "imap", "host": "127.0.0.1", "username": "u",
-                              "password": "p"}],
-            "accounts": [{"name": "a", "host": "127.0.0.1", "username": "a", "password": "p",
-                          "destination": "d"}],
-        },
-        Path("/nonexistent/config.toml"),
-    )  # fmt: skip
+    config = _one_account_worker_config(engine)
     ensure_queue_schema(engine)
     worker = DistributedWorker(config, engine)
     (periodic,) = worker.app.periodic_registry.periodic_tasks.values()
