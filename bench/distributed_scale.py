@@ -39,6 +39,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -513,7 +514,14 @@ def summary(results: list[Result]) -> None:
         )
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    sys.exit(128 + signum)  # SystemExit unwinds the with blocks: workers, POP3 server and cluster stop
+
+
 def run(args: argparse.Namespace) -> None:
+    # A SIGTERM (timeout, a CI job cancelled) would otherwise end this process at once and leave its
+    # workers, POP3 server and PostgreSQL cluster running.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     args.tree = Path(args.tree).resolve()
     print(
         f"{args.scale} accounts, workers {args.workers}, max_workers={args.max_workers}, tree {args.tree}, "
