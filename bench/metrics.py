@@ -123,7 +123,8 @@ def fed_metrics(accounts: int, day: Day) -> PollMetrics:
             result = PollResult(account, status="auth_error", error="login refused")
         else:
             metrics.notify(Delivered(account, "U1", 4096, "0" * 64, "imap:1"))
-            result = PollResult(account, delivered=1, unidentified=2 if picked(i, day.unidentified) else 0)
+            unidentified = 2 if picked(i, day.unidentified) else 0
+            result = PollResult(account, delivered=1, messages_done=1, unidentified=unidentified)
         planned = 1 + (5 if picked(i, day.backlog) else 0)
         if picked(i, day.unidentified) and result.status != "ok":
             # The outage: the last poll that got through its listing left some unidentified.

@@ -117,7 +117,7 @@ class Finished:
         """Messages that were due for delivery and are still not delivered after this poll."""
         if self.planned is None:
             return None
-        return max(0, self.planned - self.result.delivered - self.result.recovered)
+        return max(0, self.planned - self.result.messages_done)
 
 
 PollEvent = Started | Planned | Fetched | Delivered | Recovered | Failed | Quarantined | Deleted | Finished

@@ -112,6 +112,7 @@ class Recorder:
         always before a DELE (connector/poll/deletions.py), which the retention may now allow."""
         self._record_delivered(fetched, info, ref, recovered=False)
         self.result.delivered += 1
+        self.result.messages_done += 1
         event = Delivered(self.account.name, info.uidl, fetched.size, fetched.sha256, ref)
         self._emit_about(info.uidl, event)
 
@@ -120,6 +121,7 @@ class Recorder:
         self.pending(fetched, info, headers_only=headers_only)
         self._record_delivered(fetched, info, ref, recovered=True)
         self.result.recovered += 1
+        self.result.messages_done += 1
         self._emit_about(info.uidl, Recovered(self.account.name, info.uidl, ref))
 
     def _record_delivered(
@@ -234,6 +236,7 @@ class Recorder:
         """Every recipient of a catch-all message has it: the message itself is delivered."""
         ref = "routed to " + ", ".join(mailboxes)
         delivered_at = self.ledger.record_delivered(self.account_id, info.uidl, ref, defer=True)
+        self.result.messages_done += 1
         self._deletions.delivered(info, delivered_at)
 
     def recipient_pending(self, uidl: str, mailbox: str) -> None:

@@ -22,6 +22,10 @@ class PollResult:
     delivered: int = 0
     # Messages an interrupted earlier attempt had delivered: found in the destination and recorded.
     recovered: int = 0
+    # Planned messages this poll finished (delivered or recovered). The same as ``delivered + recovered``
+    # but for catch-all accounts, where those two count recipients and a message is finished only when
+    # every recipient has it: what the backlog is measured against.
+    messages_done: int = 0
     # Messages whose delivery failed with an attempt counted in the ledger (refused for good, a driver
     # error, a dropped connection charged to the message), quarantined ones included: always what the
     # ledger counted.

@@ -252,7 +252,11 @@ def test_metrics_from_a_poll_s_events() -> None:
     metrics.notify(Delivered("alice", "U1", 100, "0" * 64, "imap:1"))
     metrics.notify(Delivered("alice", "U2", 150, "1" * 64, "imap:2"))
     metrics.notify(
-        finished(PollResult("alice", delivered=2, recovered=1, quarantined=1), planned=5, duration=2)
+        finished(
+            PollResult("alice", delivered=2, recovered=1, quarantined=1, messages_done=3),
+            planned=5,
+            duration=2,
+        )
     )
     metrics.notify(finished(PollResult("bob", status="error", error="x")))  # ended before its plan
     metrics.notify(finished(PollResult("carol", status="busy")))  # another process polls carol
@@ -273,7 +277,7 @@ def test_metrics_from_a_poll_s_events() -> None:
     assert [series for series in found if "account=" in series] == [
         'pop_connector_backlog_messages{account="alice"}'
     ]
-    metrics.notify(finished(PollResult("alice", delivered=2), planned=2))
+    metrics.notify(finished(PollResult("alice", delivered=2, messages_done=2), planned=2))
     assert "pop_connector_backlog_messages{" not in metrics.render().decode()
     metrics.notify(finished(PollResult("alice"), planned=4))
     metrics.forget("alice")

@@ -472,6 +472,31 @@ def test_a_catch_all_message_goes_into_each_recipients_mailbox_once(make_rig: Ri
     assert rig.recipients["bob"].uidls == ["uid-1"] and rig.recipients["carol"].uidls == ["uid-1"]
 
 
+def test_a_catch_all_message_short_of_one_recipient_stays_in_the_backlog(make_rig: RigFactory) -> None:
+    """The backlog counts messages, not recipients: one delivery to bob must not hide that the message
+    still waits for carol (the backlog gauge would read 0 for a catch-all account that is stuck)."""
+    routing = {
+        "rules": [
+            {"match": "bob@example.net", "mailbox": "bob"},
+            {"match": "carol@example.net", "mailbox": "carol"},
+        ]
+    }
+    rig = make_rig(
+        [FakeMessage("uid-1", to_recipients(1, "bob@example.net, carol@example.net"))],
+        account={"routing": routing},
+        destination={"master_username": "master", "master_password": "pw-master-91d2"},
+        recipients=["bob", "carol"],
+    )
+    rig.recipients["carol"].refuse["uid-1"] = DestinationRejectedError("carol's mailbox refuses it")
+
+    result = rig.poll()
+
+    assert rig.recipients["bob"].uidls == ["uid-1"] and rig.recipients["carol"].uidls == []
+    assert result.delivered == 1 and result.messages_done == 0
+    (finished,) = rig.observer.of(Finished)
+    assert finished.planned == 1 and finished.backlog == 1
+
+
 # --- what the POP3 server sends -----------------------------------------------------------------------------
 
 
