@@ -441,19 +441,24 @@ def test_a_refused_batch_goes_again_one_message_at_a_time(make_rig: RigFactory) 
 # --- catch-all ----------------------------------------------------------------------------------------------
 
 
-def test_a_catch_all_message_goes_into_each_recipients_mailbox_once(make_rig: RigFactory) -> None:
+def _catch_all_to_bob_and_carol(make_rig: RigFactory) -> Rig:
+    """A catch-all account whose one message is for bob and carol, each a mailbox of its own."""
     routing = {
         "rules": [
             {"match": "bob@example.net", "mailbox": "bob"},
             {"match": "carol@example.net", "mailbox": "carol"},
         ]
     }
-    rig = make_rig(
+    return make_rig(
         [FakeMessage("uid-1", to_recipients(1, "bob@example.net, carol@example.net"))],
         account={"routing": routing},
         destination={"master_username": "master", "master_password": "pw-master-91d2"},
         recipients=["bob", "carol"],
     )
+
+
+def test_a_catch_all_message_goes_into_each_recipients_mailbox_once(make_rig: RigFactory) -> None:
+    rig = _catch_all_to_bob_and_carol(make_rig)
 
     result = rig.poll()
 
@@ -475,18 +480,7 @@ def test_a_catch_all_message_goes_into_each_recipients_mailbox_once(make_rig: Ri
 def test_a_catch_all_message_short_of_one_recipient_stays_in_the_backlog(make_rig: RigFactory) -> None:
     """The backlog counts messages, not recipients: one delivery to bob must not hide that the message
     still waits for carol (the backlog gauge would read 0 for a catch-all account that is stuck)."""
-    routing = {
-        "rules": [
-            {"match": "bob@example.net", "mailbox": "bob"},
-            {"match": "carol@example.net", "mailbox": "carol"},
-        ]
-    }
-    rig = make_rig(
-        [FakeMessage("uid-1", to_recipients(1, "bob@example.net, carol@example.net"))],
-        account={"routing": routing},
-        destination={"master_username": "master", "master_password": "pw-master-91d2"},
-        recipients=["bob", "carol"],
-    )
+    rig = _catch_all_to_bob_and_carol(make_rig)
     rig.recipients["carol"].refuse["uid-1"] = DestinationRejectedError("carol's mailbox refuses it")
 
     result = rig.poll()
