@@ -40,7 +40,7 @@ from typing import Any, Literal, Protocol, TypeVar
 from connector import redaction
 from connector.destinations import gmail_tokens
 from connector.errors import OAuthError, OAuthRefusedError, OAuthUnavailableError
-from connector.tls import make_ssl_context
+from connector.tls import shared_ssl_context
 
 log = logging.getLogger("connector.oauth")
 
@@ -397,7 +397,7 @@ class TokenEndpointFetcher:
         creds = self._credentials
         handlers: list[urllib.request.BaseHandler] = [_NoRedirects()]
         if creds.token_url.startswith("https:"):
-            handlers.append(urllib.request.HTTPSHandler(context=make_ssl_context(ca_file=creds.ca_file)))
+            handlers.append(urllib.request.HTTPSHandler(context=shared_ssl_context(ca_file=creds.ca_file)))
         opener = urllib.request.build_opener(*handlers)
         try:
             with opener.open(self._request(), timeout=creds.timeout) as response:

@@ -21,7 +21,7 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from connector.config import Account, Config
+from connector.config import Account, Config, enabled_by_name
 from connector.ledger.store import Ledger
 from connector.policies.schedule import FirstPoll, Waiting, Why, first_polls, polls_per_second, spread
 from connector.poll.engine import SyncEngine
@@ -50,7 +50,7 @@ class Service:
         self.config = config
         # Each poll looks its account up (a reload may have changed it): by name, not a scan of the list,
         # which with 1,000 accounts cost more than the rest of the scheduling of a poll.
-        self._enabled = _enabled_by_name(config)
+        self._enabled = enabled_by_name(config)
         self.engine = engine
         self.ledger = ledger
         self.stop = threading.Event()
@@ -88,7 +88,7 @@ class Service:
         """
         changes = account_changes(self.config, config)
         self.config = config
-        self._enabled = _enabled_by_name(config)
+        self._enabled = enabled_by_name(config)
         self.engine.config = config
         for name in changes.removed:
             with contextlib.suppress(JobLookupError):  # it may be running right now
@@ -209,10 +209,6 @@ class Service:
             extra={"account": account.name},
         )
         self._schedule(account, when)
-
-
-def _enabled_by_name(config: Config) -> dict[str, Account]:
-    return {account.name: account for account in config.accounts if account.enabled}
 
 
 def first_poll_reason(first: FirstPoll) -> str:

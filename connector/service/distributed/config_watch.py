@@ -7,7 +7,7 @@ import os
 import threading
 from pathlib import Path
 
-from connector.config import Account, Config, load_config
+from connector.config import Account, Config, enabled_by_name, load_config
 from connector.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -30,10 +30,6 @@ def _stamps(config: Config) -> tuple[_Stamp | None, ...] | None:
     return tuple(_stamp(path) for path in (config.source, *config.account_file_paths))
 
 
-def _enabled_by_name(config: Config) -> dict[str, Account]:
-    return {account.name: account for account in config.accounts if account.enabled}
-
-
 class ConfigWatch:
     """``current()`` is the newest valid configuration; a broken edit is logged and the old one kept.
 
@@ -46,7 +42,7 @@ class ConfigWatch:
 
     def __init__(self, config: Config) -> None:
         self._config = config
-        self._enabled = _enabled_by_name(config)
+        self._enabled = enabled_by_name(config)
         self._path = config.source
         self._stamp = _stamps(config)
         self._unsynced = False
@@ -88,5 +84,5 @@ class ConfigWatch:
         log.info("configuration reloaded from %s: %d accounts", self._path, len(config.accounts))
         if config.account_file_paths != self._config.account_file_paths:
             self._stamp = _stamps(config)  # other account files to watch from now on
-        self._config, self._enabled = config, _enabled_by_name(config)
+        self._config, self._enabled = config, enabled_by_name(config)
         self._unsynced = True
