@@ -54,7 +54,11 @@ def ledger_rows(database: Path) -> list[Row]:
     with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as conn:
         if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'messages'").fetchone() is None:
             return []  # killed after the file was created, before its tables were
-        query = "SELECT uidl, state, sha256, destination_ref, missing_since IS NOT NULL FROM messages"
+        # Each migration commits on its own on SQLite: a kill between two leaves the ledger at an older
+        # revision (before 0005 there is no missing_since), which the next start brings up to date.
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
+        missing = "missing_since IS NOT NULL" if "missing_since" in columns else "0"
+        query = f"SELECT uidl, state, sha256, destination_ref, {missing} FROM messages"
         rows = conn.execute(query).fetchall()
     return [Row(*row[:4], missing=bool(row[4])) for row in rows]
 
