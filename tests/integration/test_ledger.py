@@ -59,6 +59,58 @@ def test_upgrade_is_idempotent(engine: Engine) -> None:
     assert {"accounts", "messages", "alembic_version"} <= set(inspect(engine).get_table_names())
 
 
+@pytest.mark.parametrize("revision", ["0001", "0002", "0003", "0004", "0005", "0006"])
+def test_a_ledger_left_between_two_migrations_is_finished_at_the_next_start(
+    tmp_path: Path, revision: str
+) -> None:
+    """On SQLite each migration commits on its own, so a process killed while migrating leaves the ledger
+    at an older revision, as does an older release: the next start applies the rest and keeps every row
+    written before (0003 once deleted every message: rebuilding `accounts` cascaded)."""
+    url = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
+    old = make_engine(url)
+    upgrade(old, revision)
+    now = datetime.now(UTC)
+    with old.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO accounts (name, created_at, consecutive_failures, last_delivered, last_failed,"
+                " last_deleted) VALUES ('alice', :now, 0, 1, 0, 0)"
+            ),
+            {"now": now},
+        )
+        connection.execute(
+            text(
+                "INSERT INTO messages (account_id, uidl, state, attempts, first_seen_at, updated_at)"
+                " SELECT id, 'U1', 'delivered', 1, :now, :now FROM accounts WHERE name = 'alice'"
+            ),
+            {"now": now},
+        )
+        if revision >= "0004":
+            connection.execute(
+                text(
+                    "INSERT INTO recipients (message_id, mailbox, state, updated_at)"
+                    " SELECT id, 'bob@example.org', 'delivered', :now FROM messages"
+                ),
+                {"now": now},
+            )
+    old.dispose()
+    engine = open_database(url)
+    try:
+        ledger = Ledger(engine)
+        account = ledger.account_id("alice", create=False)
+        assert account is not None
+        assert ledger.known_messages(account)["U1"].state is MessageState.DELIVERED
+        with engine.connect() as connection:
+            recipients = connection.execute(text("SELECT count(*) FROM recipients")).scalar()
+            assert recipients == (1 if revision >= "0004" else 0)
+            # Foreign keys are back on for the ledger's own connections.
+            assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+            version = connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
+            assert version == HEAD_REVISION
+    finally:
+        engine.dispose()
+
+
 def test_sqlite_runs_in_wal_mode(sqlite_url: str) -> None:
     engine = make_engine(sqlite_url)
     with engine.connect() as connection:
