@@ -30,6 +30,7 @@ from connector.errors import (
     AuthenticationError,
     ConnectorError,
     LedgerError,
+    SourceInUseError,
     SourceLoginDelayError,
     SourceReplyTooLongError,
 )
@@ -40,7 +41,7 @@ from connector.ops.logs import log_context
 from connector.ops.poll_log import PollLog
 from connector.ops.protocol_log import recording
 from connector.policies.failures import backoff
-from connector.policies.lease import LeaseHeld
+from connector.policies.lease import LeaseHeld, LeaseRecord
 from connector.policies.retry import failure_delay, should_suspend, success_delay
 from connector.policies.server_limits import deletes_retrieved, login_delay, retention_conflict
 from connector.poll.deletions import Deletions
@@ -53,6 +54,11 @@ from connector.poll.result import PollResult
 from connector.pop3 import Pop3Client
 
 log = logging.getLogger("connector.poll.engine")
+
+# Seconds before one more login after ``[IN-USE]``. A poll takes its lease only with its first write, so
+# another process's poll of this account may be logged in without a trace in the ledger; an idle one is
+# over within moments, and this pause outlasts it. A lock still held then is a temporary failure.
+IN_USE_RETRY_AFTER = 2.0
 
 
 class SyncEngine:
@@ -122,7 +128,7 @@ class _Poll:
             if self._suspended(account_id, state) or not self._leased(account_id, state):
                 return self.result
             self.ledger.poll_started(account_id, defer=True)  # committed with the poll's first write
-            self._session(account_id, state.identity_note)
+            self._session(account_id, state.identity_note, state.lease)
         except ConnectorError as exc:
             self._fail(exc)
         except Exception as exc:  # a bug must cost one account's poll, not the whole run
@@ -175,13 +181,13 @@ class _Poll:
         self.result.next_poll_at = self.engine.clock() + self.account.poll_interval
         log.warning("%s", reason)
 
-    def _session(self, account_id: int, identity_note: str | None) -> None:
+    def _session(self, account_id: int, identity_note: str | None, seen: LeaseRecord | None) -> None:
         engine, account = self.engine, self.account
         deletions = Deletions(account, partial(self.ledger.flush, account_id), engine.clock)
         recorder = Recorder(
             self.ledger, account, account_id, self.result, engine.observers, deletions, engine.clock()
         )
-        pop = engine.connections.open_source(account)
+        pop = self._open_source(account_id, seen)
         self.server_delay = login_delay(pop.capabilities)
         conflict = retention_conflict(pop.capabilities, account.retention)
         if conflict is not None:
@@ -223,6 +229,25 @@ class _Poll:
             self.ledger.record_deleted(account_id, deletions.sent)
             self.result.deleted = len(deletions.sent)
             engine.observers.emit(Deleted(account.name, tuple(deletions.sent)))
+
+    def _open_source(self, account_id: int, seen: LeaseRecord | None) -> Pop3Client:
+        """The logged-in POP3 session; after ``[IN-USE]``, one more try once ``IN_USE_RETRY_AFTER`` has
+        passed, unless a poll of another process has taken the account's lease meanwhile (this poll is
+        then ``busy``, not failed: the other one polls the account)."""
+        try:
+            return self.engine.connections.open_source(self.account)
+        except SourceInUseError as exc:
+            log.info(
+                "account %s: %s; logging in once more in %.0f s", self.account.name, exc, IN_USE_RETRY_AFTER
+            )
+            if self.stop.wait(IN_USE_RETRY_AFTER):
+                raise
+            if account_id and self.ledger.leases.current(account_id) != seen:
+                raise LeaseBusyError(
+                    f"account {self.account.name}: the maildrop was locked ({exc.message}) and another "
+                    "process's poll has taken the account since; skipped, as busy"
+                ) from exc
+            return self.engine.connections.open_source(self.account)
 
     def _open_destination(self, mailbox: str | None) -> DestinationSession:
         """The account's own destination session, or (catch-all) one into a recipient's ``mailbox``."""

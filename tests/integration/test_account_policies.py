@@ -11,7 +11,10 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from connector.cli.report import status_records, status_text
+from connector.ledger.database import open_database
+from connector.ledger.lease import PollLease
 from connector.ledger.store import Ledger
+from connector.poll import engine as engine_module
 from tests.integration.conftest import SyncFactory, scripted
 from tests.messages import simple
 from tests.servers.dovecot import Dovecot, MailUsers
@@ -52,6 +55,59 @@ def test_successful_poll_waits_at_least_login_delay(
     assert result.next_poll_at is not None and result.next_poll_at >= before + timedelta(seconds=900)
 
 
+@pytest.fixture
+def quick_in_use_retry(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine_module, "IN_USE_RETRY_AFTER", 0.05)
+
+
+@pytest.mark.usefixtures("quick_in_use_retry")
+def test_a_maildrop_locked_once_is_polled_after_one_more_login(
+    pop3: ScriptedPop3Server, make_sync: SyncFactory
+) -> None:
+    """Another process's idle poll of the account holds the lock for a moment and leaves no trace in the
+    ledger (a lease is taken by a poll's first write): no failure for that, one more login a little later."""
+    pop3.fail("PASS", "-ERR [IN-USE] maildrop locked", times=1)
+    config, engine = make_sync(account=scripted(pop3))
+    result = engine.poll(config.accounts[0])
+    assert (result.status, result.delivered, result.error) == ("ok", 3, None)
+    (status,) = ledger_of(engine).statuses()
+    assert status.consecutive_failures == 0
+    assert sum(c.startswith("PASS") for c in pop3.recorded.commands) == 2
+
+
+@pytest.mark.usefixtures("quick_in_use_retry")
+def test_a_maildrop_locked_by_another_processs_poll_leaves_the_account_to_it(
+    pop3: ScriptedPop3Server, make_sync: SyncFactory, database: str
+) -> None:
+    """The lock is another process's poll, which has taken the lease by the time this one would log in
+    again: this poll is ``busy`` (skipped, no failure, no second login) and writes nothing."""
+    config, engine = make_sync(account=scripted(pop3))
+    account = config.accounts[0]
+    other_process = Ledger(open_database(database))
+    held: list[PollLease] = []
+
+    def locked_by_the_other_poll(session: Pop3Session, _argument: str) -> None:
+        account_id = other_process.account_id(account.name)
+        assert account_id is not None
+        taken = other_process.leases.take_for_poll(account_id, account.name, timedelta(minutes=5))
+        assert isinstance(taken, PollLease)
+        held.append(taken)
+        session.err("[IN-USE] maildrop locked")
+
+    pop3.on("PASS", locked_by_the_other_poll)
+    try:
+        result = engine.poll(account)
+    finally:
+        for lease in held:
+            lease.close()
+        other_process.engine.dispose()
+    assert result.status == "busy" and "another process" in (result.error or "")
+    assert result.delivered == 0 and sum(c.startswith("PASS") for c in pop3.recorded.commands) == 1
+    (status,) = ledger_of(engine).statuses()
+    assert status.consecutive_failures == 0
+
+
+@pytest.mark.usefixtures("quick_in_use_retry")
 def test_in_use_backs_off_exponentially(pop3: ScriptedPop3Server, make_sync: SyncFactory) -> None:
     pop3.fail("PASS", "-ERR [IN-USE] maildrop locked")
     config, engine = make_sync(account=scripted(pop3, retry={"initial_backoff": "10m", "max_backoff": "1d"}))
