@@ -17,7 +17,7 @@ cleanly (a poll that cannot record what it did must not go on delivering or dele
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
@@ -38,6 +38,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -46,6 +47,7 @@ from connector.ledger.database import READ_ONLY
 from connector.ledger.journal import Journal, JournalStatements, archive_aged, entry_params, poll_counts
 from connector.ledger.lease import Leases
 from connector.ledger.models import AccountRow, LeaseRow, MessageRow, UTCDateTime
+from connector.ledger.prepared import Prepared, cursor_of, driver_transaction
 from connector.ledger.quarantine import Quarantine
 from connector.ledger.recipients import Recipients
 from connector.ledger.records import (
@@ -109,6 +111,8 @@ class Ledger:
         # Built once: a statement object made anew per message costs more CPU (cache key, coercions)
         # than SQLite needs to run and commit it.
         self._pending_upsert = _pending_upsert(engine.dialect.name)
+        # Every poll's reads and an idle poll's write, on the driver's cursor (connector/ledger/prepared.py).
+        self._sql = _PollStatements(engine.dialect)
         # Reads: on SQLite a plain BEGIN, which takes no write lock (connector/ledger/database.py).
         self._reads = engine.execution_options(**{READ_ONLY: True})
         # Reads of several statements that must see one state of the ledger. A SQLite transaction always
@@ -135,7 +139,7 @@ class Ledger:
 
     def _apply_deferred(self, connection: Connection, account_id: int, deferred: list[_Write]) -> None:
         # First the fence: a poll that lost its lease must write nothing, the deferred writes included.
-        self.leases.check(connection, account_id)
+        self.leases.check(cursor_of(connection), account_id)
         for statement, params in deferred:
             connection.execute(statement, params)
 
@@ -207,8 +211,8 @@ class Ledger:
     def poll_start(self, name: str) -> AccountState | None:
         """What a poll reads before it starts, in one query: the account's id, suspension, identity note
         and failure count, and its lease row (connector/ledger/lease.py). None: no such account yet."""
-        with self._reading("read account") as connection:
-            row = connection.execute(_POLL_START, {"name": name}).one_or_none()
+        with _translated("read account"), driver_transaction(self.engine, write=False) as cursor:
+            row = self._sql.poll_start.first(cursor, {"name": name})
         if row is None:
             return None
         account_id, since, reason, identity_note, failures, *lease = row
@@ -245,10 +249,14 @@ class Ledger:
             "started": self._deferred_start(account_id),
         }
         statement = _POLL_SUCCEEDED if outcome.result == "ok" else _POLL_FAILED
+        failed = outcome.result not in ("ok", "stopped", "busy")
         try:
+            if not (outcome.quarantined or failed or outcome.journal_before is not None):
+                # An idle poll's (and most polls') only statement here: on the driver's cursor.
+                self._write_result(account_id, outcome.result == "ok", params)
+                return
             with self._core_transaction("record poll result", account_id) as connection:
                 connection.execute(statement, params)
-                failed = outcome.result not in ("ok", "stopped", "busy")
                 if outcome.quarantined or failed:
                     counts = poll_counts(account_id, quarantined=outcome.quarantined, failed=failed)
                     connection.execute(self._journal_sql.add, counts)
@@ -260,6 +268,21 @@ class Ledger:
             # safe: the row stays ``pending`` and the next poll looks in the destination first.
             self.discard_deferred(account_id)
             raise
+
+    def _write_result(self, account_id: int, succeeded: bool, params: dict[str, Any]) -> None:
+        """The result alone, with the fence and whatever the account deferred, in one transaction on the
+        driver's cursor; a deferred write other than the prepared ones (rare: notes, a deferred delivery)
+        goes through SQLAlchemy with it."""
+        statement = self._sql.succeeded if succeeded else self._sql.failed
+        with _translated("record poll result"), self._deferred_writes(account_id) as deferred:
+            if deferred:
+                with self.engine.begin() as connection:
+                    self._apply_deferred(connection, account_id, deferred)
+                    statement.execute(cursor_of(connection), params)
+                return
+            with driver_transaction(self.engine, write=True) as cursor:
+                self.leases.check(cursor, account_id)
+                statement.execute(cursor, params)
 
     def _deferred_start(self, account_id: int) -> datetime | None:
         """Take the poll's deferred start out of the account's queue (for ``poll_finished``, which writes it
@@ -329,12 +352,22 @@ class Ledger:
         (their dates above all) that the plan would not use.
         """
         params: dict[str, Any] = {"account": account_id, "until": deletable_until}
-        statement = _UNDELIVERED_ROWS if deletable_until is None else _UNKEPT_ROWS
-        with self._reading("read messages", snapshot=True) as connection:
-            rows = _known_rows(connection, statement, params)
-            rows.update(_known_rows(connection, _MISSING_ROWS, params))
-            kept = _uidls(connection, account_id) - rows.keys()
-        return KnownMessages(rows, kept)
+        sql = self._sql
+        statement = sql.undelivered if deletable_until is None else sql.unkept
+        with (
+            _translated("read messages"),
+            driver_transaction(self.engine, write=False, snapshot=True) as cursor,
+        ):
+            rows = _known_from(statement.rows(cursor, params))
+            rows.update(_known_from(sql.missing.rows(cursor, params)))
+            # Every UIDL joined into one value by the database and split here: 100,000 rows cost the driver
+            # and the garbage collector far more than one long string. A UIDL has no line break (RFC 1939
+            # allows 0x21-0x7E; ours add "/hdr:" and hex): the count makes sure of it.
+            joined, count = sql.joined_uidls.rows(cursor, params)[0]
+            uidls = joined.split("\n") if joined is not None else []
+            if len(uidls) != count:  # a line break after all: never written by this program, read it right
+                uidls = [uidl for (uidl,) in sql.uidls.rows(cursor, params)]
+        return KnownMessages(rows, set(uidls) - rows.keys())
 
     def record_pending(
         self,
@@ -616,22 +649,14 @@ class Ledger:
         return removed
 
 
-def _uidls(connection: Connection, account_id: int) -> set[str]:
-    """Every UIDL of the account, joined into one value by the database and split here: 100,000 rows
-    cost the driver and the garbage collector far more than one long string. A UIDL has no line break
-    (RFC 1939 allows 0x21-0x7E; ours add "/hdr:" and hex): the count makes sure of it."""
-    joined, count = connection.execute(_JOINED_UIDLS, {"account": account_id}).one()
-    uidls = joined.split("\n") if joined is not None else []
-    if len(uidls) != count:  # a line break after all: never written by this program, but read it right
-        uidls = list(connection.execute(_UIDLS, {"account": account_id}).scalars())
-    return set(uidls)
-
-
 def _known_rows(
     connection: Connection, statement: Executable, params: dict[str, Any]
 ) -> dict[str, KnownMessage]:
     # Through Core: the ORM's row loading would double the cost per row.
-    rows = connection.execute(statement, params)
+    return _known_from(connection.execute(statement, params).all())
+
+
+def _known_from(rows: Iterable[Sequence[Any]]) -> dict[str, KnownMessage]:
     # Positional unpacking and a dict lookup for the state: the per-row cost is what matters for a mailbox
     # that keeps 100,000 messages (named Row access and Enum() were most of it).
     states = _STATES
@@ -663,7 +688,7 @@ def _known_rows(
             header_hash,
             missing_polls,
             missing_since,
-        ) in rows.all()
+        ) in rows
     }
 
 
@@ -743,8 +768,29 @@ _POLL_FAILED = (
     .where(_THIS_ACCOUNT)
     .values(**_RESULT, consecutive_failures=AccountRow.consecutive_failures + 1)
 )
-_JOINED_UIDLS = select(func.aggregate_strings(MessageRow.uidl, "\n"), func.count()).where(_ACCOUNT)
 _UIDLS = select(MessageRow.uidl).where(_ACCOUNT)
+
+
+def _joined_uidls(dialect: str) -> Executable:
+    """Every UIDL of the account joined into one value by the database, and their count (see
+    ``known_to_plan``). Spelt per database: ``aggregate_strings`` would render its separator only when
+    the statement runs, and these are compiled once."""
+    join = func.string_agg if dialect == "postgresql" else func.group_concat
+    return select(join(MessageRow.uidl, literal("\n")), func.count()).where(_ACCOUNT)
+
+
+class _PollStatements:
+    """The statements above that every poll runs, compiled once for the ledger's database."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        self.poll_start = Prepared(_POLL_START, dialect)
+        self.undelivered = Prepared(_UNDELIVERED_ROWS, dialect)
+        self.unkept = Prepared(_UNKEPT_ROWS, dialect)
+        self.missing = Prepared(_MISSING_ROWS, dialect)
+        self.joined_uidls = Prepared(_joined_uidls(dialect.name), dialect)
+        self.uidls = Prepared(_UIDLS, dialect)
+        self.succeeded = Prepared(_POLL_SUCCEEDED, dialect)
+        self.failed = Prepared(_POLL_FAILED, dialect)
 
 
 @contextmanager

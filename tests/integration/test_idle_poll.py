@@ -14,12 +14,11 @@ import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, event, update
+from sqlalchemy import Engine, update
 
 from connector.ledger.lease import LeaseBusyError, PollLease
 from connector.ledger.models import LeaseRow
@@ -27,48 +26,13 @@ from connector.ledger.records import MessageState
 from connector.ledger.store import Ledger
 from connector.poll.engine import SyncEngine
 from tests.integration.conftest import SyncFactory
+from tests.ledger_statements import counted
 from tests.messages import simple
 from tests.servers.dovecot import Dovecot, MailUsers
 
 pytestmark = pytest.mark.integration
 
 TTL = timedelta(minutes=2)
-
-
-@dataclass
-class Transactions:
-    """The statements of each committed transaction (BEGINs left out: only SQLite sends them as SQL)."""
-
-    committed: list[list[str]] = field(default_factory=list)
-    current: list[str] = field(default_factory=list)
-
-    def writes(self) -> list[list[str]]:
-        return [t for t in self.committed if any(not s.startswith("SELECT") for s in t)]
-
-    def reads(self) -> list[list[str]]:
-        return [t for t in self.committed if t and all(s.startswith("SELECT") for s in t)]
-
-
-@contextmanager
-def counted(engine: Engine) -> Iterator[Transactions]:
-    seen = Transactions()
-
-    def statement(_conn: object, _cursor: object, text: str, *_args: object) -> None:
-        words = text.split()
-        if words[0] not in ("BEGIN", "SAVEPOINT", "RELEASE"):
-            seen.current.append(" ".join(words[:3]))
-
-    def commit(_conn: object) -> None:
-        seen.committed.append(seen.current)
-        seen.current = []
-
-    event.listen(engine, "before_cursor_execute", statement)
-    event.listen(engine, "commit", commit)
-    try:
-        yield seen
-    finally:
-        event.remove(engine, "before_cursor_execute", statement)
-        event.remove(engine, "commit", commit)
 
 
 @contextmanager
