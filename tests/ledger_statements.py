@@ -16,18 +16,21 @@ from typing import Any
 import psycopg
 from sqlalchemy import Engine, event
 
-_BRACKETS = ("BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE", "SET")
+_BRACKETS = ("BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE", "SET", "PRAGMA")
 
 
 @dataclass
 class Transactions:
-    """The first three words of each statement (BEGIN and COMMIT left out), per committed transaction."""
+    """The first three words of each statement (BEGIN, COMMIT, PRAGMA left out), per committed transaction."""
 
     committed: list[list[str]] = field(default_factory=list)
     current: list[str] = field(default_factory=list)
     rolled_back: bool = False
+    # Every statement as it was sent, BEGIN, COMMIT and PRAGMA included.
+    sent: list[str] = field(default_factory=list)
 
     def statement(self, text: str) -> None:
+        self.sent.append(" ".join(text.split()))
         words = text.split()
         if not words:
             return

@@ -113,18 +113,30 @@ def cursor_of(connection: Connection) -> Cursor:
 
 
 @contextmanager
-def driver_transaction(engine: Engine, *, write: bool, snapshot: bool = False) -> Iterator[Cursor]:
+def driver_transaction(
+    engine: Engine, *, write: bool, snapshot: bool = False, durable: bool = True
+) -> Iterator[Cursor]:
     """A transaction on a pooled connection's DB-API connection, committed at the end (rolled back on an
     exception). SQLite: ``BEGIN IMMEDIATE`` for a write (the write lock up front, as the ledger's other
     writes), a plain ``BEGIN`` for a read. PostgreSQL: the driver begins by itself; ``snapshot`` makes all
-    the statements see one state of the ledger (REPEATABLE READ), as ``Ledger._snapshots`` does."""
+    the statements see one state of the ledger (REPEATABLE READ), as ``Ledger._snapshots`` does.
+
+    ``durable=False``: a SQLite write that records nothing a message's fate depends on (an idle poll's
+    result and lease) commits without its own fsync (``synchronous=NORMAL`` for this commit; the ledger's
+    other commits keep ``FULL``, connector/ledger/database.py). A process crash loses nothing; a power cut
+    may lose this commit, never a later one (the next fsync of the write-ahead log takes it along), and
+    losing it leaves the account as before the poll: the lease expired, the result of the poll before.
+    That fsync was a fifth of an idle poll's CPU (docs/benchmarks.md, issue 16)."""
     dialect = engine.dialect
     dbapi_error: type[Exception] = dialect.loaded_dbapi.Error
     pooled = engine.raw_connection()
     driver = pooled.driver_connection
     cursor = None
+    relaxed = write and not durable and dialect.name == "sqlite"
     try:
         cursor = driver.cursor()  # type: ignore[union-attr]
+        if relaxed:  # SQLite refuses to change it inside a transaction
+            cursor.execute("PRAGMA synchronous=NORMAL")
         if dialect.name == "sqlite":
             cursor.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         elif snapshot:
@@ -144,4 +156,16 @@ def driver_transaction(engine: Engine, *, write: bool, snapshot: bool = False) -
             raise _sqlalchemy_error(None, exc) from exc
         raise
     finally:
+        if relaxed:
+            _restore_full_sync(pooled, driver)
         pooled.close()
+
+
+def _restore_full_sync(pooled: Any, driver: Any) -> None:
+    """Every other commit of this pooled connection fsyncs again; one that cannot be sure of it is not
+    used again."""
+    try:
+        driver.execute("PRAGMA synchronous=FULL")
+    except Exception as exc:
+        if pooled.is_valid:
+            pooled.invalidate(exc)

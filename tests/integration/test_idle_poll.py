@@ -79,6 +79,36 @@ def test_an_idle_poll_reads_its_account_once_and_writes_once_without_a_thread(
     assert before.last_poll_finished_at <= status.last_poll_started_at <= status.last_poll_finished_at
 
 
+@pytest.mark.parametrize("database", ["sqlite"], indirect=True)
+def test_an_idle_polls_write_alone_commits_without_its_own_fsync(
+    dovecot: Dovecot, mail_users: MailUsers, make_sync: SyncFactory, database: str
+) -> None:
+    """Its result and lease record no message's fate: SQLite commits it with synchronous=NORMAL, and the
+    connection is back at FULL for every other write (a delivery's, the flush before a DELE)."""
+    dovecot.seed(mail_users.source.name, [simple(1)])
+    config, engine = make_sync(account={"retention": "keep"})
+    account = config.accounts[0]
+    with counted(engine.ledger.engine) as delivering:
+        assert engine.poll(account).delivered == 1
+    assert "PRAGMA synchronous=NORMAL" not in delivering.sent  # a delivery's commits each fsync
+    with counted(engine.ledger.engine) as idle:
+        assert engine.poll(account).status == "ok"
+    write = idle.sent.index("BEGIN IMMEDIATE")
+    assert idle.sent[write - 1 :] == [
+        "PRAGMA synchronous=NORMAL",
+        "BEGIN IMMEDIATE",
+        *idle.sent[write + 1 : write + 3],
+        "COMMIT",
+        "PRAGMA synchronous=FULL",
+    ]
+    assert [s.split()[:2] for s in idle.sent[write + 1 : write + 3]] == [
+        ["UPDATE", "leases"],
+        ["UPDATE", "accounts"],
+    ]
+    with engine.ledger.engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL again
+
+
 def test_a_delivering_poll_takes_the_lease_with_its_first_write(
     dovecot: Dovecot, mail_users: MailUsers, make_sync: SyncFactory
 ) -> None:
