@@ -114,12 +114,13 @@ def cursor_of(connection: Connection) -> Cursor:
 
 @contextmanager
 def driver_transaction(
-    engine: Engine, *, write: bool, snapshot: bool = False, durable: bool = True
+    engine: Engine, *, write: bool, snapshot: bool = False, durable: bool = True, single: bool = False
 ) -> Iterator[Cursor]:
     """A transaction on a pooled connection's DB-API connection, committed at the end (rolled back on an
     exception). SQLite: ``BEGIN IMMEDIATE`` for a write (the write lock up front, as the ledger's other
     writes), a plain ``BEGIN`` for a read. PostgreSQL: the driver begins by itself; ``snapshot`` makes all
     the statements see one state of the ledger (REPEATABLE READ), as ``Ledger._snapshots`` does.
+    ``single``: one read statement, which SQLite runs as a transaction of its own (no BEGIN, no COMMIT).
 
     ``durable=False``: a SQLite write that records nothing a message's fate depends on (an idle poll's
     result and lease) commits without its own fsync (``synchronous=NORMAL`` for this commit; the ledger's
@@ -137,7 +138,7 @@ def driver_transaction(
         cursor = driver.cursor()  # type: ignore[union-attr]
         if relaxed:  # SQLite refuses to change it inside a transaction
             cursor.execute("PRAGMA synchronous=NORMAL")
-        if dialect.name == "sqlite":
+        if dialect.name == "sqlite" and not (single and not write):
             cursor.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         elif snapshot:
             cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")

@@ -35,6 +35,7 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    union_all,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -211,7 +212,7 @@ class Ledger:
     def poll_start(self, name: str) -> AccountState | None:
         """What a poll reads before it starts, in one query: the account's id, suspension, identity note
         and failure count, and its lease row (connector/ledger/lease.py). None: no such account yet."""
-        with _translated("read account"), driver_transaction(self.engine, write=False) as cursor:
+        with _translated("read account"), driver_transaction(self.engine, write=False, single=True) as cursor:
             row = self._sql.poll_start.first(cursor, {"name": name})
         if row is None:
             return None
@@ -347,9 +348,9 @@ class Ledger:
         none, see ``policies.retention.deletable_until``) or that was missing from the last listing;
         every other one, delivered and kept, by UIDL only.
 
-        Three queries on one snapshot. For a maildrop that keeps its mail the first finds a handful of rows
-        through the index on (account, state), the second (rows missing from the last listing) none or a
-        few through its partial index, and the third is one value from the index on (account, UIDL):
+        Two queries on one snapshot. For a maildrop that keeps its mail the first finds a handful of rows
+        through the index on (account, state) and none or a few missing from the last listing through its
+        partial index, and the second is one value from the index on (account, UIDL):
         100,000 kept messages are read in a few tens of milliseconds instead of converting 100,000 rows
         (their dates above all) that the plan would not use.
         """
@@ -361,7 +362,6 @@ class Ledger:
             driver_transaction(self.engine, write=False, snapshot=True) as cursor,
         ):
             rows = _known_from(statement.rows(cursor, params))
-            rows.update(_known_from(sql.missing.rows(cursor, params)))
             # Every UIDL joined into one value by the database and split here: 100,000 rows cost the driver
             # and the garbage collector far more than one long string. A UIDL has no line break (RFC 1939
             # allows 0x21-0x7E; ours add "/hdr:" and hex): the count makes sure of it.
@@ -786,9 +786,11 @@ class _PollStatements:
 
     def __init__(self, dialect: Dialect) -> None:
         self.poll_start = Prepared(_POLL_START, dialect)
-        self.undelivered = Prepared(_UNDELIVERED_ROWS, dialect)
-        self.unkept = Prepared(_UNKEPT_ROWS, dialect)
-        self.missing = Prepared(_MISSING_ROWS, dialect)
+        # The rows the plan needs in full and those missing from the last listing, in one statement:
+        # UNION ALL plans each part with its own index (an OR would read every row of the account); a row
+        # in both comes twice, the same.
+        self.undelivered = Prepared(union_all(_UNDELIVERED_ROWS, _MISSING_ROWS), dialect)
+        self.unkept = Prepared(union_all(_UNKEPT_ROWS, _MISSING_ROWS), dialect)
         self.joined_uidls = Prepared(_joined_uidls(dialect.name), dialect)
         self.uidls = Prepared(_UIDLS, dialect)
         self.succeeded = Prepared(_POLL_SUCCEEDED, dialect)
