@@ -9,7 +9,8 @@ process; the server's is not counted):
 - poplib + CAPA: the same with the round trip the connector needs for CAPA;
 - the connector's POP3 session alone (``open_source``: connect, CAPA, USER, PASS; UIDL; QUIT);
 - sqlite3, the least a ledger can do: one read and one write with its commit, through the driver, with and
-  without the commit's fsync (synchronous FULL / NORMAL);
+  without the commit's fsync (synchronous FULL / NORMAL), alone and around poplib's poll (the floor of a
+  poller in Python that keeps a ledger);
 - the connector's ledger part: the start read, the listing's read, the result written with the lease;
 - the connector's whole idle poll (``SyncEngine.poll``).
 
@@ -109,10 +110,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for sync in ("FULL", "NORMAL"):
             driver.execute(f"PRAGMA synchronous={sync}")
 
-            def least(account_id: int) -> None:
+            def least_read(account_id: int) -> None:
                 driver.execute("BEGIN")
                 driver.execute("SELECT * FROM accounts WHERE id = ?", (account_id,)).fetchall()
                 driver.execute("COMMIT")
+
+            def least_write(account_id: int) -> None:
                 driver.execute("BEGIN IMMEDIATE")
                 now = datetime.now(UTC).isoformat(" ")
                 driver.execute(
@@ -120,7 +123,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
                 driver.execute("COMMIT")
 
+            def least(account_id: int) -> None:
+                least_read(account_id)
+                least_write(account_id)
+
+            def bare_with_least(pair: tuple[baseline.Endpoint, int]) -> None:
+                # As a poll interleaves them: the caches are cold again after each wait for the server.
+                least_read(pair[1])
+                baseline.idle_poll(pair[0])
+                least_write(pair[1])
+
             measure(f"sqlite3: one read, one write and its commit ({sync})", least, ids)
+            measure(
+                f"poplib + that sqlite3 read before, write after ({sync})",
+                bare_with_least,
+                list(zip(endpoints, ids, strict=True)),
+            )
         driver.close()
 
         ttl = timedelta(minutes=2)
