@@ -22,6 +22,7 @@ long RETR), and the poll's last write (its result) releases its lease.
 from __future__ import annotations
 
 import contextvars
+import functools
 import logging
 import os
 import secrets
@@ -35,6 +36,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import Connection, Engine, Executable, and_, bindparam, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from connector.errors import LedgerError
@@ -151,6 +153,14 @@ def _insert_if_new(dialect: str) -> Executable:
     return statement.on_conflict_do_nothing(index_elements=["account_id"]).returning(LeaseRow.account_id)
 
 
+class _FenceStatements:
+    def __init__(self, dialect: Dialect) -> None:
+        self.take_or_renew = Prepared(_TAKE_OR_RENEW, dialect)
+        self.renew = Prepared(_RENEW, dialect)
+        self.insert = Prepared(_insert_if_new(dialect.name), dialect)
+        self.current = Prepared(_CURRENT, dialect)
+
+
 def this_host() -> str:
     return socket.gethostname()
 
@@ -178,13 +188,12 @@ class Leases:
         # The renewer waits on this for the next lease due; it is running while ``_renewer`` is set.
         self._changed = threading.Condition(self._lock)
         self._renewer: threading.Thread | None = None
-        # The fence's statements run on the driver's cursor (connector/ledger/prepared.py): they are part of
-        # every write of a poll, an idle poll's one write included.
-        dialect = engine.dialect
-        self._take_or_renew = Prepared(_TAKE_OR_RENEW, dialect)
-        self._renew_only = Prepared(_RENEW, dialect)
-        self._insert = Prepared(_insert_if_new(dialect.name), dialect)
-        self._current = Prepared(_CURRENT, dialect)
+
+    @functools.cached_property
+    def _sql(self) -> _FenceStatements:
+        """The fence's statements, on the driver's cursor (connector/ledger/prepared.py): part of every
+        write of a poll, an idle poll's one write included. Compiled when a poll first needs them."""
+        return _FenceStatements(self.engine.dialect)
 
     # --- taking --------------------------------------------------------------------------------------
 
@@ -340,21 +349,21 @@ class Leases:
             params.update(fence_host=fence.host, fence_pid=fence.pid, acquired=fence.acquired_at)
             if fence.seen is not None:
                 params.update(seen_generation=fence.seen.generation, seen_expires=fence.seen.expires_at)
-                done = self._take_or_renew.rowcount(cursor, params) == 1
+                done = self._sql.take_or_renew.rowcount(cursor, params) == 1
             else:
                 done = (
-                    self._renew_only.rowcount(cursor, params) == 1
-                    or self._insert.first(cursor, params) is not None
+                    self._sql.renew.rowcount(cursor, params) == 1
+                    or self._sql.insert.first(cursor, params) is not None
                 )
         else:
-            done = self._renew_only.rowcount(cursor, params) == 1
+            done = self._sql.renew.rowcount(cursor, params) == 1
         if done:
             fence.renewed_at = time.monotonic()
             fence.checked = True
             if not fence.renewing and not fence.releasing and not fence.stopped:
                 self._keep_renewing(fence)
             return
-        row = self._current.first(cursor, {"account": fence.account_id})
+        row = self._sql.current.first(cursor, {"account": fence.account_id})
         record = LeaseRecord(*row) if row is not None else None
         if fence.lazy and not fence.checked and record is not None:
             # Never held: another poll took the account between this poll's start and its first write.

@@ -16,6 +16,7 @@ cleanly (a poll that cannot record what it did must not go on delivering or dele
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -112,8 +113,6 @@ class Ledger:
         # Built once: a statement object made anew per message costs more CPU (cache key, coercions)
         # than SQLite needs to run and commit it.
         self._pending_upsert = _pending_upsert(engine.dialect.name)
-        # Every poll's reads and an idle poll's write, on the driver's cursor (connector/ledger/prepared.py).
-        self._sql = _PollStatements(engine.dialect)
         # Reads: on SQLite a plain BEGIN, which takes no write lock (connector/ledger/database.py).
         self._reads = engine.execution_options(**{READ_ONLY: True})
         # Reads of several statements that must see one state of the ledger. A SQLite transaction always
@@ -123,6 +122,12 @@ class Ledger:
             if engine.dialect.name == "postgresql"
             else self._reads
         )
+
+    @functools.cached_property
+    def _sql(self) -> _PollStatements:
+        """Every poll's reads and an idle poll's write, on the driver's cursor (connector/ledger/prepared.py);
+        compiled at the first poll, not by commands that never poll (``status``: about 10 ms)."""
+        return _PollStatements(self.engine.dialect)
 
     @contextmanager
     def _deferred_writes(self, account_id: int | None) -> Iterator[list[_Write]]:
