@@ -22,6 +22,7 @@ long RETR), and the poll's last write (its result) releases its lease.
 from __future__ import annotations
 
 import contextvars
+import functools
 import logging
 import os
 import secrets
@@ -35,10 +36,12 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import Connection, Engine, Executable, and_, bindparam, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from connector.errors import LedgerError
 from connector.ledger.models import AccountRow, LeaseRow, UTCDateTime
+from connector.ledger.prepared import Cursor, Prepared, driver_transaction
 from connector.policies.lease import Claimant, LeaseHeld, LeaseRecord, holder_name, renew_every, take
 
 log = logging.getLogger("connector.lease")
@@ -150,6 +153,14 @@ def _insert_if_new(dialect: str) -> Executable:
     return statement.on_conflict_do_nothing(index_elements=["account_id"]).returning(LeaseRow.account_id)
 
 
+class _FenceStatements:
+    def __init__(self, dialect: Dialect) -> None:
+        self.take_or_renew = Prepared(_TAKE_OR_RENEW, dialect)
+        self.renew = Prepared(_RENEW, dialect)
+        self.insert = Prepared(_insert_if_new(dialect.name), dialect)
+        self.current = Prepared(_CURRENT, dialect)
+
+
 def this_host() -> str:
     return socket.gethostname()
 
@@ -177,7 +188,12 @@ class Leases:
         # The renewer waits on this for the next lease due; it is running while ``_renewer`` is set.
         self._changed = threading.Condition(self._lock)
         self._renewer: threading.Thread | None = None
-        self._insert = _insert_if_new(engine.dialect.name)
+
+    @functools.cached_property
+    def _sql(self) -> _FenceStatements:
+        """The fence's statements, on the driver's cursor (connector/ledger/prepared.py): part of every
+        write of a poll, an idle poll's one write included. Compiled when a poll first needs them."""
+        return _FenceStatements(self.engine.dialect)
 
     # --- taking --------------------------------------------------------------------------------------
 
@@ -312,15 +328,15 @@ class Leases:
     def fenced(self, account_id: int) -> bool:
         return account_id in self._fences
 
-    def check(self, connection: Connection, account_id: int) -> None:
-        """Called by the ledger in every transaction of ``account_id``: when a poll of this process holds
-        its lease (or takes it with this write), renew it there, or raise ``LeaseLostError`` (the
-        transaction then rolls back)."""
+    def check(self, cursor: Cursor, account_id: int) -> None:
+        """Called by the ledger in every transaction of ``account_id`` (``cursor``: that transaction's, see
+        connector/ledger/prepared.py): when a poll of this process holds its lease (or takes it with this
+        write), renew it there, or raise ``LeaseLostError`` (the transaction then rolls back)."""
         fence = self._fences.get(account_id)  # a dict read is atomic; the fence is this account's poll's
         if fence is not None:
-            self._renew(connection, fence)
+            self._renew(cursor, fence)
 
-    def _renew(self, connection: Connection, fence: _Fence) -> None:
+    def _renew(self, cursor: Cursor, fence: _Fence) -> None:
         now = self._clock()
         until = now if fence.releasing else now + fence.ttl
         params: dict[str, object] = {
@@ -333,21 +349,21 @@ class Leases:
             params.update(fence_host=fence.host, fence_pid=fence.pid, acquired=fence.acquired_at)
             if fence.seen is not None:
                 params.update(seen_generation=fence.seen.generation, seen_expires=fence.seen.expires_at)
-                done = connection.execute(_TAKE_OR_RENEW, params).rowcount == 1
+                done = self._sql.take_or_renew.rowcount(cursor, params) == 1
             else:
                 done = (
-                    connection.execute(_RENEW, params).rowcount == 1
-                    or connection.execute(self._insert, params).first() is not None
+                    self._sql.renew.rowcount(cursor, params) == 1
+                    or self._sql.insert.first(cursor, params) is not None
                 )
         else:
-            done = connection.execute(_RENEW, params).rowcount == 1
+            done = self._sql.renew.rowcount(cursor, params) == 1
         if done:
             fence.renewed_at = time.monotonic()
             fence.checked = True
             if not fence.renewing and not fence.releasing and not fence.stopped:
                 self._keep_renewing(fence)
             return
-        row = connection.execute(_CURRENT, {"account": fence.account_id}).one_or_none()
+        row = self._sql.current.first(cursor, {"account": fence.account_id})
         record = LeaseRecord(*row) if row is not None else None
         if fence.lazy and not fence.checked and record is not None:
             # Never held: another poll took the account between this poll's start and its first write.
@@ -381,8 +397,8 @@ class Leases:
 
     def _confirm(self, fence: _Fence) -> None:
         """A transaction of its own that only checks (and renews or releases) the lease."""
-        with _translated("renew the poll lease"), self.engine.begin() as connection:
-            self._renew(connection, fence)
+        with _translated("renew the poll lease"), driver_transaction(self.engine, write=True) as cursor:
+            self._renew(cursor, fence)
 
     # --- the renewer ---------------------------------------------------------------------------------
 

@@ -16,8 +16,9 @@ cleanly (a poll that cannot record what it did must not go on delivering or dele
 
 from __future__ import annotations
 
+import functools
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
@@ -35,9 +36,11 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    union_all,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -46,6 +49,7 @@ from connector.ledger.database import READ_ONLY
 from connector.ledger.journal import Journal, JournalStatements, archive_aged, entry_params, poll_counts
 from connector.ledger.lease import Leases
 from connector.ledger.models import AccountRow, LeaseRow, MessageRow, UTCDateTime
+from connector.ledger.prepared import Prepared, cursor_of, driver_transaction
 from connector.ledger.quarantine import Quarantine
 from connector.ledger.recipients import Recipients
 from connector.ledger.records import (
@@ -119,6 +123,12 @@ class Ledger:
             else self._reads
         )
 
+    @functools.cached_property
+    def _sql(self) -> _PollStatements:
+        """Every poll's reads and an idle poll's write, on the driver's cursor (connector/ledger/prepared.py);
+        compiled at the first poll, not by commands that never poll (``status``: about 10 ms)."""
+        return _PollStatements(self.engine.dialect)
+
     @contextmanager
     def _deferred_writes(self, account_id: int | None) -> Iterator[list[_Write]]:
         """The account's deferred writes, for a transaction to apply; they leave the queue only once that
@@ -135,7 +145,7 @@ class Ledger:
 
     def _apply_deferred(self, connection: Connection, account_id: int, deferred: list[_Write]) -> None:
         # First the fence: a poll that lost its lease must write nothing, the deferred writes included.
-        self.leases.check(connection, account_id)
+        self.leases.check(cursor_of(connection), account_id)
         for statement, params in deferred:
             connection.execute(statement, params)
 
@@ -207,8 +217,8 @@ class Ledger:
     def poll_start(self, name: str) -> AccountState | None:
         """What a poll reads before it starts, in one query: the account's id, suspension, identity note
         and failure count, and its lease row (connector/ledger/lease.py). None: no such account yet."""
-        with self._reading("read account") as connection:
-            row = connection.execute(_POLL_START, {"name": name}).one_or_none()
+        with _translated("read account"), driver_transaction(self.engine, write=False, single=True) as cursor:
+            row = self._sql.poll_start.first(cursor, {"name": name})
         if row is None:
             return None
         account_id, since, reason, identity_note, failures, *lease = row
@@ -245,10 +255,14 @@ class Ledger:
             "started": self._deferred_start(account_id),
         }
         statement = _POLL_SUCCEEDED if outcome.result == "ok" else _POLL_FAILED
+        failed = outcome.result not in ("ok", "stopped", "busy")
         try:
+            if not (outcome.quarantined or failed or outcome.journal_before is not None):
+                # An idle poll's (and most polls') only statement here: on the driver's cursor.
+                self._write_result(account_id, outcome.result == "ok", params)
+                return
             with self._core_transaction("record poll result", account_id) as connection:
                 connection.execute(statement, params)
-                failed = outcome.result not in ("ok", "stopped", "busy")
                 if outcome.quarantined or failed:
                     counts = poll_counts(account_id, quarantined=outcome.quarantined, failed=failed)
                     connection.execute(self._journal_sql.add, counts)
@@ -260,6 +274,23 @@ class Ledger:
             # safe: the row stays ``pending`` and the next poll looks in the destination first.
             self.discard_deferred(account_id)
             raise
+
+    def _write_result(self, account_id: int, succeeded: bool, params: dict[str, Any]) -> None:
+        """The result alone, with the fence and whatever the account deferred, in one transaction on the
+        driver's cursor; a deferred write other than the prepared ones (rare: notes, a deferred delivery)
+        goes through SQLAlchemy with it."""
+        statement = self._sql.succeeded if succeeded else self._sql.failed
+        with _translated("record poll result"), self._deferred_writes(account_id) as deferred:
+            if deferred:
+                with self.engine.begin() as connection:
+                    self._apply_deferred(connection, account_id, deferred)
+                    statement.execute(cursor_of(connection), params)
+                return
+            # It records no message's fate (those writes were committed before, or are deferred and go
+            # the way above): it needs no fsync of its own (see ``driver_transaction``).
+            with driver_transaction(self.engine, write=True, durable=False) as cursor:
+                self.leases.check(cursor, account_id)
+                statement.execute(cursor, params)
 
     def _deferred_start(self, account_id: int) -> datetime | None:
         """Take the poll's deferred start out of the account's queue (for ``poll_finished``, which writes it
@@ -322,19 +353,28 @@ class Ledger:
         none, see ``policies.retention.deletable_until``) or that was missing from the last listing;
         every other one, delivered and kept, by UIDL only.
 
-        Three queries on one snapshot. For a maildrop that keeps its mail the first finds a handful of rows
-        through the index on (account, state), the second (rows missing from the last listing) none or a
-        few through its partial index, and the third is one value from the index on (account, UIDL):
+        Two queries on one snapshot. For a maildrop that keeps its mail the first finds a handful of rows
+        through the index on (account, state) and none or a few missing from the last listing through its
+        partial index, and the second is one value from the index on (account, UIDL):
         100,000 kept messages are read in a few tens of milliseconds instead of converting 100,000 rows
         (their dates above all) that the plan would not use.
         """
         params: dict[str, Any] = {"account": account_id, "until": deletable_until}
-        statement = _UNDELIVERED_ROWS if deletable_until is None else _UNKEPT_ROWS
-        with self._reading("read messages", snapshot=True) as connection:
-            rows = _known_rows(connection, statement, params)
-            rows.update(_known_rows(connection, _MISSING_ROWS, params))
-            kept = _uidls(connection, account_id) - rows.keys()
-        return KnownMessages(rows, kept)
+        sql = self._sql
+        statement = sql.undelivered if deletable_until is None else sql.unkept
+        with (
+            _translated("read messages"),
+            driver_transaction(self.engine, write=False, snapshot=True) as cursor,
+        ):
+            rows = _known_from(statement.rows(cursor, params))
+            # Every UIDL joined into one value by the database and split here: 100,000 rows cost the driver
+            # and the garbage collector far more than one long string. A UIDL has no line break (RFC 1939
+            # allows 0x21-0x7E; ours add "/hdr:" and hex): the count makes sure of it.
+            joined, count = sql.joined_uidls.rows(cursor, params)[0]
+            uidls = joined.split("\n") if joined is not None else []
+            if len(uidls) != count:  # a line break after all: never written by this program, read it right
+                uidls = [uidl for (uidl,) in sql.uidls.rows(cursor, params)]
+        return KnownMessages(rows, set(uidls) - rows.keys())
 
     def record_pending(
         self,
@@ -616,22 +656,14 @@ class Ledger:
         return removed
 
 
-def _uidls(connection: Connection, account_id: int) -> set[str]:
-    """Every UIDL of the account, joined into one value by the database and split here: 100,000 rows
-    cost the driver and the garbage collector far more than one long string. A UIDL has no line break
-    (RFC 1939 allows 0x21-0x7E; ours add "/hdr:" and hex): the count makes sure of it."""
-    joined, count = connection.execute(_JOINED_UIDLS, {"account": account_id}).one()
-    uidls = joined.split("\n") if joined is not None else []
-    if len(uidls) != count:  # a line break after all: never written by this program, but read it right
-        uidls = list(connection.execute(_UIDLS, {"account": account_id}).scalars())
-    return set(uidls)
-
-
 def _known_rows(
     connection: Connection, statement: Executable, params: dict[str, Any]
 ) -> dict[str, KnownMessage]:
     # Through Core: the ORM's row loading would double the cost per row.
-    rows = connection.execute(statement, params)
+    return _known_from(connection.execute(statement, params).all())
+
+
+def _known_from(rows: Iterable[Sequence[Any]]) -> dict[str, KnownMessage]:
     # Positional unpacking and a dict lookup for the state: the per-row cost is what matters for a mailbox
     # that keeps 100,000 messages (named Row access and Enum() were most of it).
     states = _STATES
@@ -663,7 +695,7 @@ def _known_rows(
             header_hash,
             missing_polls,
             missing_since,
-        ) in rows.all()
+        ) in rows
     }
 
 
@@ -743,8 +775,31 @@ _POLL_FAILED = (
     .where(_THIS_ACCOUNT)
     .values(**_RESULT, consecutive_failures=AccountRow.consecutive_failures + 1)
 )
-_JOINED_UIDLS = select(func.aggregate_strings(MessageRow.uidl, "\n"), func.count()).where(_ACCOUNT)
 _UIDLS = select(MessageRow.uidl).where(_ACCOUNT)
+
+
+def _joined_uidls(dialect: str) -> Executable:
+    """Every UIDL of the account joined into one value by the database, and their count (see
+    ``known_to_plan``). Spelt per database: ``aggregate_strings`` would render its separator only when
+    the statement runs, and these are compiled once."""
+    join = func.string_agg if dialect == "postgresql" else func.group_concat
+    return select(join(MessageRow.uidl, literal("\n")), func.count()).where(_ACCOUNT)
+
+
+class _PollStatements:
+    """The statements above that every poll runs, compiled once for the ledger's database."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        self.poll_start = Prepared(_POLL_START, dialect)
+        # The rows the plan needs in full and those missing from the last listing, in one statement:
+        # UNION ALL plans each part with its own index (an OR would read every row of the account); a row
+        # in both comes twice, the same.
+        self.undelivered = Prepared(union_all(_UNDELIVERED_ROWS, _MISSING_ROWS), dialect)
+        self.unkept = Prepared(union_all(_UNKEPT_ROWS, _MISSING_ROWS), dialect)
+        self.joined_uidls = Prepared(_joined_uidls(dialect.name), dialect)
+        self.uidls = Prepared(_UIDLS, dialect)
+        self.succeeded = Prepared(_POLL_SUCCEEDED, dialect)
+        self.failed = Prepared(_POLL_FAILED, dialect)
 
 
 @contextmanager

@@ -45,6 +45,8 @@ _CODE_RE = re.compile(rb"\[([\x21-\x5a\x5c\x5e-\x7e]+)\]")
 _TIMESTAMP_RE = re.compile(rb"<[\x21-\x3b\x3d\x3f\x41-\x7e]*@[\x21-\x3b\x3d\x3f-\x7e]*>")
 _DIGITS_RE = re.compile(rb"[0-9]{1,%d}" % _MAX_NUMBER_DIGITS)
 _CAPA_NAME_RE = re.compile(rb"[\x21-\x7e]+")
+# What ``printable`` replaces in ASCII text: control characters other than the tab.
+_CONTROL_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _UIDL_RE = re.compile(rb"[\x21-\x7e]{1,%d}" % MAX_ACCEPTED_UIDL_LENGTH)
 # A whole UIDL reply body whose every line is well-formed: optional blanks around the two words (as
 # bytes.split() allows), each line ending in LF. No groups: checking 100,000 lines creates no object per line.
@@ -231,6 +233,9 @@ def _first_int(values: tuple[str, ...]) -> int | None:
 
 def printable(data: bytes) -> str:
     """Server text for messages and logs: never raises, control characters made visible."""
+    if data.isascii() and _CONTROL_RE.search(data) is None:
+        # Nearly every reply: printable ASCII (and tabs) as it is, without a look at each character.
+        return data.decode("ascii")
     decoded = data.decode("utf-8", "replace")
     return "".join(ch if ch.isprintable() or ch == "\t" else "?" for ch in decoded)
 

@@ -14,12 +14,11 @@ import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, event, update
+from sqlalchemy import Engine, update
 
 from connector.ledger.lease import LeaseBusyError, PollLease
 from connector.ledger.models import LeaseRow
@@ -27,48 +26,13 @@ from connector.ledger.records import MessageState
 from connector.ledger.store import Ledger
 from connector.poll.engine import SyncEngine
 from tests.integration.conftest import SyncFactory
+from tests.ledger_statements import counted
 from tests.messages import simple
 from tests.servers.dovecot import Dovecot, MailUsers
 
 pytestmark = pytest.mark.integration
 
 TTL = timedelta(minutes=2)
-
-
-@dataclass
-class Transactions:
-    """The statements of each committed transaction (BEGINs left out: only SQLite sends them as SQL)."""
-
-    committed: list[list[str]] = field(default_factory=list)
-    current: list[str] = field(default_factory=list)
-
-    def writes(self) -> list[list[str]]:
-        return [t for t in self.committed if any(not s.startswith("SELECT") for s in t)]
-
-    def reads(self) -> list[list[str]]:
-        return [t for t in self.committed if t and all(s.startswith("SELECT") for s in t)]
-
-
-@contextmanager
-def counted(engine: Engine) -> Iterator[Transactions]:
-    seen = Transactions()
-
-    def statement(_conn: object, _cursor: object, text: str, *_args: object) -> None:
-        words = text.split()
-        if words[0] not in ("BEGIN", "SAVEPOINT", "RELEASE"):
-            seen.current.append(" ".join(words[:3]))
-
-    def commit(_conn: object) -> None:
-        seen.committed.append(seen.current)
-        seen.current = []
-
-    event.listen(engine, "before_cursor_execute", statement)
-    event.listen(engine, "commit", commit)
-    try:
-        yield seen
-    finally:
-        event.remove(engine, "before_cursor_execute", statement)
-        event.remove(engine, "commit", commit)
 
 
 @contextmanager
@@ -113,6 +77,36 @@ def test_an_idle_poll_reads_its_account_once_and_writes_once_without_a_thread(
     assert status.last_poll_started_at is not None and status.last_poll_finished_at is not None
     assert before.last_poll_started_at is not None and before.last_poll_finished_at is not None
     assert before.last_poll_finished_at <= status.last_poll_started_at <= status.last_poll_finished_at
+
+
+@pytest.mark.parametrize("database", ["sqlite"], indirect=True)
+def test_an_idle_polls_write_alone_commits_without_its_own_fsync(
+    dovecot: Dovecot, mail_users: MailUsers, make_sync: SyncFactory, database: str
+) -> None:
+    """Its result and lease record no message's fate: SQLite commits it with synchronous=NORMAL, and the
+    connection is back at FULL for every other write (a delivery's, the flush before a DELE)."""
+    dovecot.seed(mail_users.source.name, [simple(1)])
+    config, engine = make_sync(account={"retention": "keep"})
+    account = config.accounts[0]
+    with counted(engine.ledger.engine) as delivering:
+        assert engine.poll(account).delivered == 1
+    assert "PRAGMA synchronous=NORMAL" not in delivering.sent  # a delivery's commits each fsync
+    with counted(engine.ledger.engine) as idle:
+        assert engine.poll(account).status == "ok"
+    write = idle.sent.index("BEGIN IMMEDIATE")
+    assert idle.sent[write - 1 :] == [
+        "PRAGMA synchronous=NORMAL",
+        "BEGIN IMMEDIATE",
+        *idle.sent[write + 1 : write + 3],
+        "COMMIT",
+        "PRAGMA synchronous=FULL",
+    ]
+    assert [s.split()[:2] for s in idle.sent[write + 1 : write + 3]] == [
+        ["UPDATE", "leases"],
+        ["UPDATE", "accounts"],
+    ]
+    with engine.ledger.engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL again
 
 
 def test_a_delivering_poll_takes_the_lease_with_its_first_write(

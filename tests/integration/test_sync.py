@@ -5,11 +5,11 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import event
 
 from connector.ledger.records import MessageState
 from connector.ledger.store import Ledger
 from tests.integration.conftest import SyncFactory
+from tests.ledger_statements import counted
 from tests.messages import simple
 from tests.servers.dovecot import Dovecot, MailUsers
 
@@ -60,33 +60,17 @@ def test_an_idle_poll_and_a_keeping_poll_commit_once(
 ) -> None:
     dovecot.seed(mail_users.source.name, [simple(1)])
     config, engine = make_sync(account={"retention": "keep"})
-    writing = [False]
-    commits: list[int] = []
-
-    def statement(_conn: object, _cursor: object, text: str, *_args: object) -> None:
-        writing[0] = writing[0] or text.lstrip().startswith(("INSERT", "UPDATE", "DELETE"))
-
-    def commit(_conn: object) -> None:
-        commits.append(int(writing[0]))
-        writing[0] = False
-
-    event.listen(ledger_of(engine).engine, "before_cursor_execute", statement)
-    event.listen(ledger_of(engine).engine, "commit", commit)
-    try:
-        engine.poll(config.accounts[0])  # creates the account, delivers one message and keeps it
-        commits.clear()
+    engine.poll(config.accounts[0])  # creates the account, delivers one message and keeps it
+    with counted(ledger_of(engine).engine) as seen:
         assert engine.poll(config.accounts[0]).delivered == 0
-        # The poll's start, its result, and the lease taken and released, together.
-        assert sum(commits) == 1
-        dovecot.seed(mail_users.source.name, [simple(2)])
-        commits.clear()
+    # The poll's start, its result, and the lease taken and released, together.
+    assert len(seen.writes()) == 1
+    dovecot.seed(mail_users.source.name, [simple(2)])
+    with counted(ledger_of(engine).engine) as seen:
         assert engine.poll(config.accounts[0]).delivered == 1
-        # "pending" with the lease's take and the poll's start; then "delivered" with the poll's result
-        # and the release: nothing is deleted, so nothing waits for the delivery record before QUIT.
-        assert sum(commits) == 2
-    finally:
-        event.remove(ledger_of(engine).engine, "before_cursor_execute", statement)
-        event.remove(ledger_of(engine).engine, "commit", commit)
+    # "pending" with the lease's take and the poll's start; then "delivered" with the poll's result
+    # and the release: nothing is deleted, so nothing waits for the delivery record before QUIT.
+    assert len(seen.writes()) == 2
 
 
 def test_days_retention_deletes_only_old_deliveries(

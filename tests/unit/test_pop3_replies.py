@@ -47,6 +47,7 @@ from connector.pop3.replies import (
     parse_uidl_block_lenient,
     parse_uidl_line,
     parse_uidl_listing,
+    printable,
     split_listing,
     uidl_set_of,
     uidls_of,
@@ -90,6 +91,14 @@ def test_status_text_is_printable_even_for_hostile_bytes() -> None:
     reply = parse_status(b"-ERR bad\x00\x1b[31m\xff\xfe text")
     assert reply.text.isprintable()
     assert "bad" in reply.text and "text" in reply.text
+
+
+def test_printable_ascii_keeps_only_the_tab_among_control_characters() -> None:
+    # The fast path for plain ASCII must give what the character-by-character one gives.
+    for byte in range(128):
+        expected = chr(byte) if chr(byte).isprintable() or byte == 9 else "?"
+        assert printable(bytes([byte]) + b" ok") == expected + " ok"
+    assert printable(b"caf\xc3\xa9\x07") == "caf\u00e9?"
 
 
 def test_describe_round_trips_the_parts() -> None:
