@@ -832,6 +832,18 @@ class Pop3Client:
         finally:
             self.close()
 
+    def quit_unawaited(self) -> None:
+        """QUIT and close without reading the reply: for a session that sent no DELE, where the reply
+        decides nothing (RFC 1939 §6: with nothing marked, the UPDATE state only ends the session). A
+        server may take long to answer it (Dovecot: ~70 ms on a maildrop of 100,000 messages); the poll
+        need not wait. The command goes out before the close, so the server still ends the session as
+        after a QUIT."""
+        try:
+            self._check_usable()
+            self._send(("QUIT",))
+        finally:
+            self.close()
+
     def close(self) -> None:
         """Drop the connection without QUIT: the server forgets every DELE of this session."""
         if self._closed:

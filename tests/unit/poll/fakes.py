@@ -291,6 +291,14 @@ class FakeSource:
         finally:
             self.close()
 
+    def quit_unawaited(self) -> None:
+        """As ``Pop3Client.quit_unawaited``: the server gets QUIT, the reply is not read (a connection
+        dropped at QUIT goes unnoticed)."""
+        if not self.usable:
+            raise SourceConnectError(f"{self.peer}: the POP3 connection is unusable after an earlier error")
+        with contextlib.suppress(SourceConnectError):
+            self.quit()
+
     def close(self) -> None:
         self._closed = True
 
