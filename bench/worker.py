@@ -7,6 +7,7 @@ something: ``idle_rss`` is read just before the timed part starts, ``peak_rss`` 
 from __future__ import annotations
 
 import cProfile
+import importlib
 import json
 import resource
 import sys
@@ -37,13 +38,8 @@ def _connector(job: dict[str, Any]) -> Callable[[], int]:
     # The first delivery would import its destination's module and library inside the timed part
     # (exchangelib ~1 s, imapclient ~20 ms); imports are not timed (the bare loop's poplib and imaplib are
     # imported before it starts, and a service imports them once, not at every poll).
-    kinds = {destination.type for destination in config.destinations}
-    if "ews" in kinds:
-        import connector.destinations.ews  # noqa: F401
-    if "imap" in kinds:
-        import connector.destinations.imap  # noqa: F401
-    if "gmail" in kinds:
-        import connector.destinations.gmail  # noqa: F401
+    for kind in {destination.type for destination in config.destinations}:
+        importlib.import_module(f"connector.destinations.{kind}")  # "imap", "ews", "gmail"
     engine = SyncEngine(config, Ledger(open_database(config.service.database)))
 
     def run() -> int:
