@@ -22,7 +22,7 @@ from itertools import repeat
 
 from connector.ledger.records import KnownMessage, KnownMessages, MessageState
 from connector.message import header_section
-from connector.pop3 import MessageInfo, uidl_set_of, uidls_of
+from connector.pop3 import MessageInfo, uidl_set_of, uidls_not_in, uidls_of
 
 HASH_PREFIX = "hdr:"
 _DUPLICATE_SEPARATOR = "/"
@@ -93,8 +93,10 @@ def suspect_migration(listing: Sequence[MessageInfo], known: KnownMessages) -> l
     """The new UIDLs to re-match when the listing looks like a migrated host, else an empty list."""
     listed = uidl_set_of(listing)
     expected = [uidl for uidl, row in known.rows.items() if row.state in _EXPECTED_ON_SERVER]
-    # Kept messages are delivered ones, expected on the server too; counted with set operations.
-    vanished = len(known.kept - listed) + sum(1 for uidl in expected if uidl not in listed)
+    # Kept messages are delivered ones, expected on the server too. Those listed are the listed UIDLs less
+    # those not kept: one set difference, shared with the plan (plan.plan_poll).
+    kept_listed = len(listed) - len(uidls_not_in(listing, known.kept))
+    vanished = len(known.kept) - kept_listed + sum(1 for uidl in expected if uidl not in listed)
     if vanished < max(MIGRATION_MIN_VANISHED, MIGRATION_VANISHED_SHARE * (len(expected) + len(known.kept))):
         return []
     appeared = [info.uidl for info in listing if info.uidl not in known]

@@ -119,7 +119,7 @@ class MessageList(Sequence[MessageInfo]):
     the unique-ids read ``uidls`` (a list) and ``uidl_set`` (built once, at its first use).
     """
 
-    __slots__ = ("_numbers", "_uidl_set", "uidls")
+    __slots__ = ("_not_in", "_numbers", "_uidl_set", "uidls")
 
     def __init__(self, numbers: list[int], uidls: list[str]) -> None:
         if len(numbers) != len(uidls):
@@ -127,12 +127,21 @@ class MessageList(Sequence[MessageInfo]):
         self._numbers = numbers
         self.uidls: Sequence[str] = uidls
         self._uidl_set: frozenset[str] | None = None
+        # The last ``not_in`` asked: (the set it was asked for, the answer).
+        self._not_in: tuple[Set[str], frozenset[str]] | None = None
 
     @property
     def uidl_set(self) -> frozenset[str]:
         if self._uidl_set is None:
             self._uidl_set = frozenset(self.uidls)
         return self._uidl_set
+
+    def not_in(self, known: Set[str]) -> frozenset[str]:
+        """The unique-ids listed that ``known`` lacks; computed once for the same ``known`` (the identity
+        checks and the plan each ask it of the ledger's kept messages)."""
+        if self._not_in is None or self._not_in[0] is not known:
+            self._not_in = (known, self.uidl_set.difference(known))
+        return self._not_in[1]
 
     def __len__(self) -> int:
         return len(self._numbers)
@@ -168,6 +177,15 @@ def uidls_of(listing: Sequence[MessageInfo]) -> Sequence[str]:
     if isinstance(listing, MessageList):
         return listing.uidls
     return [info.uidl for info in listing]
+
+
+def uidls_not_in(listing: Sequence[MessageInfo], known: Set[str]) -> Set[str]:
+    """The unique-ids of ``listing`` that ``known`` lacks: for a maildrop that keeps its mail, the few new
+    ones. One set difference per ``MessageList`` and ``known`` however many checks ask (of two sets of
+    100,000 UIDLs it costs ~4 ms, and the identity checks and the plan all need it)."""
+    if isinstance(listing, MessageList):
+        return listing.not_in(known)
+    return {info.uidl for info in listing if info.uidl not in known}
 
 
 def uidl_set_of(listing: Sequence[MessageInfo]) -> Set[str]:
