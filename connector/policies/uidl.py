@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence, Set
 from dataclasses import dataclass
 from itertools import repeat
 
@@ -61,16 +61,19 @@ def _duplicated_in(listing: Sequence[MessageInfo]) -> set[str]:
     return duplicated_uidls(uidls_of(listing))
 
 
-def needs_header_hash(listing: Sequence[MessageInfo], known: Collection[str]) -> list[MessageInfo]:
+def needs_header_hash(
+    listing: Sequence[MessageInfo], known: Collection[str], *, hashed: Set[str] | None = None
+) -> list[MessageInfo]:
     """The listed messages whose UIDL alone does not identify them: duplicated in this listing, or a
-    UIDL the ledger already knows only in its ``<uidl>/hdr:`` form."""
-    doubtful = _duplicated_in(listing) | _hashed_uidls(known)
+    UIDL the ledger already knows only in its ``<uidl>/hdr:`` form. ``hashed``: ``hashed_uidls(known)``,
+    when worked out already (a poll does it while the server prepares the listing)."""
+    doubtful = _duplicated_in(listing) | (hashed_uidls(known) if hashed is None else hashed)
     if not doubtful:
         return []
     return [info for info in listing if info.uidl in doubtful]
 
 
-def _hashed_uidls(known: Collection[str]) -> set[str]:
+def hashed_uidls(known: Collection[str]) -> Set[str]:
     """The UIDLs that the ledger knows in their ``<uidl>/hdr:`` form."""
     marker = _DUPLICATE_SEPARATOR + HASH_PREFIX
     # Looked for in one string first: nearly every ledger has none, and may know 100,000 (one search in

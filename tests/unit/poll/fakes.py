@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence, Set
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from types import TracebackType
@@ -141,7 +141,7 @@ class _PendingListing:
         self._source = source
         self.sized = sized
 
-    def read(self) -> list[MessageInfo]:
+    def read(self, *, apart_from: Set[str] | None = None) -> list[MessageInfo]:
         source = self._source
         return source._sized_listing() if self.sized else source._uidl_only()
 
