@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence, Set
 from dataclasses import dataclass
 from itertools import repeat
 
 from connector.ledger.records import KnownMessage, KnownMessages, MessageState
 from connector.message import header_section
-from connector.pop3 import MessageInfo, uidl_set_of, uidls_of
+from connector.pop3 import MessageInfo, uidl_set_of, uidls_not_in, uidls_of
 
 HASH_PREFIX = "hdr:"
 _DUPLICATE_SEPARATOR = "/"
@@ -61,16 +61,19 @@ def _duplicated_in(listing: Sequence[MessageInfo]) -> set[str]:
     return duplicated_uidls(uidls_of(listing))
 
 
-def needs_header_hash(listing: Sequence[MessageInfo], known: Collection[str]) -> list[MessageInfo]:
+def needs_header_hash(
+    listing: Sequence[MessageInfo], known: Collection[str], *, hashed: Set[str] | None = None
+) -> list[MessageInfo]:
     """The listed messages whose UIDL alone does not identify them: duplicated in this listing, or a
-    UIDL the ledger already knows only in its ``<uidl>/hdr:`` form."""
-    doubtful = _duplicated_in(listing) | _hashed_uidls(known)
+    UIDL the ledger already knows only in its ``<uidl>/hdr:`` form. ``hashed``: ``hashed_uidls(known)``,
+    when worked out already (a poll does it while the server prepares the listing)."""
+    doubtful = _duplicated_in(listing) | (hashed_uidls(known) if hashed is None else hashed)
     if not doubtful:
         return []
     return [info for info in listing if info.uidl in doubtful]
 
 
-def _hashed_uidls(known: Collection[str]) -> set[str]:
+def hashed_uidls(known: Collection[str]) -> Set[str]:
     """The UIDLs that the ledger knows in their ``<uidl>/hdr:`` form."""
     marker = _DUPLICATE_SEPARATOR + HASH_PREFIX
     # Looked for in one string first: nearly every ledger has none, and may know 100,000 (one search in
@@ -93,8 +96,10 @@ def suspect_migration(listing: Sequence[MessageInfo], known: KnownMessages) -> l
     """The new UIDLs to re-match when the listing looks like a migrated host, else an empty list."""
     listed = uidl_set_of(listing)
     expected = [uidl for uidl, row in known.rows.items() if row.state in _EXPECTED_ON_SERVER]
-    # Kept messages are delivered ones, expected on the server too; counted with set operations.
-    vanished = len(known.kept - listed) + sum(1 for uidl in expected if uidl not in listed)
+    # Kept messages are delivered ones, expected on the server too. Those listed are the listed UIDLs less
+    # those not kept: one set difference, shared with the plan (plan.plan_poll).
+    kept_listed = len(listed) - len(uidls_not_in(listing, known.kept))
+    vanished = len(known.kept) - kept_listed + sum(1 for uidl in expected if uidl not in listed)
     if vanished < max(MIGRATION_MIN_VANISHED, MIGRATION_VANISHED_SHARE * (len(expected) + len(known.kept))):
         return []
     appeared = [info.uidl for info in listing if info.uidl not in known]

@@ -336,7 +336,8 @@ def journal_before(retention: timedelta, now: datetime) -> datetime | None:
 
 def _end_session(pop: Pop3Client, deletions: Deletions, recorder: Recorder, *, clean: bool) -> bool:
     """QUIT, which carries out the DELEs (all of them follow committed deliveries, so this is safe even
-    after an error), unless QUIT would also remove undelivered mail. True when QUIT was confirmed."""
+    after an error), unless QUIT would also remove undelivered mail. True when QUIT confirmed the DELEs;
+    a session that sent none does not wait for QUIT's reply."""
     if deletions.undelivered and deletes_retrieved(pop.capabilities):
         pop.close()
         recorder.problem(
@@ -350,6 +351,10 @@ def _end_session(pop: Pop3Client, deletions: Deletions, recorder: Recorder, *, c
             pop.quit()
         except Exception:
             pop.close()
+        return False
+    if not deletions.sent:
+        # Nothing is at stake in the reply: no deletion to confirm, nothing recorded from it.
+        pop.quit_unawaited()
         return False
     pop.quit()
     return True

@@ -14,6 +14,7 @@ from connector.message import HEADER_PARSE_LIMIT
 from connector.policies.uidl import (
     UidlChange,
     hash_identity,
+    hashed_uidls,
     header_hash,
     key_twins,
     needs_header_hash,
@@ -66,11 +67,14 @@ def identify(
         # UIDL alone (sizes 0): an idle poll sends this one listing command.
         requested = pop.request_listing(sizes=not quick)
     quick = not requested.sized
+    # What depends on the ledger alone is worked out while the server prepares the listing.
+    hashed = hashed_uidls(known)
     try:
-        listing = requested.read()
+        # The listed UIDLs that are not kept (the few new ones) are found while the listing arrives.
+        listing = requested.read(apart_from=known.kept)
     except SourceNoUidlError:
         return _by_header_hash(pop, known)
-    ambiguous = needs_header_hash(listing, known)
+    ambiguous = needs_header_hash(listing, known, hashed=hashed)
     if quick and (ambiguous or suspect_migration(listing, known)):
         # Telling these messages apart needs their sizes after all.
         return identify(pop, known)

@@ -15,7 +15,7 @@ import itertools
 import logging
 import socket
 import ssl
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence, Set
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal, Protocol, TypeVar
@@ -173,13 +173,17 @@ class PendingListing:
         self._pipelined = pipelined
         self._read = False
 
-    def read(self) -> Sequence[MessageInfo]:
+    def read(self, *, apart_from: Set[str] | None = None) -> Sequence[MessageInfo]:
         """The listing, as ``Pop3Client.listing`` (``sized``) or ``Pop3Client.uidl`` would return it; raises
-        as they do (``SourceNoUidlError`` for a server without UIDL). Read once."""
+        as they do (``SourceNoUidlError`` for a server without UIDL). Read once. ``apart_from``: unique-ids
+        (the ledger's kept messages) whose difference with the listing a UIDL-only listing works out while
+        the server sends it (``MessageList.not_in``)."""
         if self._read:
             raise RuntimeError("the listing was already read")
         self._read = True
-        return self._client._receive_listing(sized=self.sized, pipelined=self._pipelined)
+        return self._client._receive_listing(
+            sized=self.sized, pipelined=self._pipelined, apart_from=apart_from
+        )
 
 
 class Pop3Client:
@@ -656,14 +660,16 @@ class Pop3Client:
         self._awaiting = "UIDL"
         return PendingListing(self, sized=sizes, pipelined=pipelined)
 
-    def _receive_listing(self, *, sized: bool, pipelined: bool) -> Sequence[MessageInfo]:
+    def _receive_listing(
+        self, *, sized: bool, pipelined: bool, apart_from: Set[str] | None = None
+    ) -> Sequence[MessageInfo]:
         """The replies to what ``request_listing`` sent, parsed (``PendingListing.read``)."""
         self._awaiting = None
         if self._closed:
             raise SourceConnectError(f"{self._peer}: the POP3 connection is closed")
         # Both replies are read before either is judged, so an -ERR to UIDL leaves the stream in step.
         uidl_reply = self._read_status("UIDL")
-        parser = UidlParser()
+        parser = UidlParser(apart_from if not sized else None)
         uidl_block = self._read_block("UIDL", parser.feed) if uidl_reply.ok else b""
         list_reply: Reply | None = None
         list_block = b""
@@ -829,6 +835,18 @@ class Pop3Client:
             self._command("QUIT")
         except SourceTempError as exc:
             raise SourceTempError(f"{exc.message}; messages marked for deletion were not deleted") from exc
+        finally:
+            self.close()
+
+    def quit_unawaited(self) -> None:
+        """QUIT and close without reading the reply: for a session that sent no DELE, where the reply
+        decides nothing (RFC 1939 §6: with nothing marked, the UPDATE state only ends the session). A
+        server may take long to answer it (Dovecot: ~70 ms on a maildrop of 100,000 messages); the poll
+        need not wait. The command goes out before the close, so the server still ends the session as
+        after a QUIT."""
+        try:
+            self._check_usable()
+            self._send(("QUIT",))
         finally:
             self.close()
 

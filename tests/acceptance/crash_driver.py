@@ -84,6 +84,9 @@ def main() -> int:
         return cli.main(cli_args)
     owner, name = TARGETS[point]
     setattr(owner, name, _killing(getattr(owner, name), int(nth), after=point.startswith("after-")))
+    if point == "before-quit":
+        # A session that sent no DELE (retention "keep") ends with the QUIT it does not wait for.
+        Pop3Client.quit_unawaited = _killing(Pop3Client.quit_unawaited, int(nth))  # type: ignore[method-assign]
     if point in BATCH_POINTS:
         imap.ImapSession.deliver = _first_call_waits(imap.ImapSession.deliver)  # type: ignore[method-assign]
     else:

@@ -172,3 +172,16 @@ def test_headers_only_message_takes_only_the_header_section() -> None:
     # Without a blank line (the TOP reply was all header section), every line is kept.
     built = headers_only_message(b"Subject: s\r\nFrom: a@x\r\n", 50_000_000, 26_214_400)
     assert built.startswith(b"Subject: s\r\nFrom: a@x\r\nMIME-Version: 1.0\r\n")
+
+
+def test_messages_among_kept_ones_are_decided_in_server_order_however_many() -> None:
+    # Issue 16: the messages to decide are found by a set difference with the kept ones, then located in
+    # the listing (few: from its end; many: in one pass); either way in server order, duplicates left out.
+    keep = RetentionPolicy(mode="keep")
+    for new in (3, 1500):
+        uidls = [f"k{n}" if n % 3 else f"n{n}" for n in range(3 * new)] + ["dup", "dup"]
+        kept = frozenset(uidl for uidl in uidls if uidl.startswith("k"))
+        plan = plan_poll(listing(*uidls), KnownMessages({}, kept), keep, NOW)
+        assert [d.info.uidl for d in plan.deliver] == [uidl for uidl in uidls if uidl.startswith("n")]
+        assert plan.duplicates == ["dup"] and plan.missing == []
+        assert [d.info.number for d in plan.deliver] == [n + 1 for n in range(0, 3 * new, 3)]

@@ -50,6 +50,7 @@ from connector.pop3.replies import (
     printable,
     split_listing,
     uidl_set_of,
+    uidls_not_in,
     uidls_of,
     unstuff_block,
     unstuff_line,
@@ -418,10 +419,16 @@ def test_a_parsed_uidl_listing_keeps_no_tracked_object_per_message() -> None:
     assert kept < 50
 
 
-@given(_uidl_lines, st.lists(st.integers(min_value=0, max_value=40), max_size=6))
-def test_uidl_parser_fed_in_pieces_agrees_with_the_block_parser(lines: list[bytes], cuts: list[int]) -> None:
+@given(
+    _uidl_lines,
+    st.lists(st.integers(min_value=0, max_value=40), max_size=6),
+    st.frozensets(st.sampled_from(["a", "b", "uid-1", "uid-2", "x"])),
+)
+def test_uidl_parser_fed_in_pieces_agrees_with_the_block_parser(
+    lines: list[bytes], cuts: list[int], kept: frozenset[str]
+) -> None:
     block = b"".join(line if line.endswith(b"\n") else line + b"\n" for line in lines)
-    parser = UidlParser()
+    parser = UidlParser(apart_from=kept)
     start = 0
     for cut in sorted(cuts):
         # Pieces as the client's reader cuts them: at line ends, except when a piece ends mid-line.
@@ -430,7 +437,11 @@ def test_uidl_parser_fed_in_pieces_agrees_with_the_block_parser(lines: list[byte
         parser.feed(block[start:end])
         start = max(start, end)
     parser.feed(block[start:])
-    assert parser.finish(block) == parse_uidl_block_lenient(block)
+    listing, unlisted = parser.finish(block)
+    assert (listing, unlisted) == parse_uidl_block_lenient(block)
+    # The sets it built while fed (issue 16) are those of the listing it gives.
+    assert uidl_set_of(listing) == set(uidls_of(listing))
+    assert uidls_not_in(listing, kept) == set(uidls_of(listing)) - kept
 
 
 def test_a_message_list_reads_like_the_list_it_replaces() -> None:

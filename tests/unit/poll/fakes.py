@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence, Set
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from types import TracebackType
@@ -141,7 +141,7 @@ class _PendingListing:
         self._source = source
         self.sized = sized
 
-    def read(self) -> list[MessageInfo]:
+    def read(self, *, apart_from: Set[str] | None = None) -> list[MessageInfo]:
         source = self._source
         return source._sized_listing() if self.sized else source._uidl_only()
 
@@ -290,6 +290,14 @@ class FakeSource:
             self._maildrop.messages = [m for m in self._maildrop.messages if all(m is not g for g in gone)]
         finally:
             self.close()
+
+    def quit_unawaited(self) -> None:
+        """As ``Pop3Client.quit_unawaited``: the server gets QUIT, the reply is not read (a connection
+        dropped at QUIT goes unnoticed)."""
+        if not self.usable:
+            raise SourceConnectError(f"{self.peer}: the POP3 connection is unusable after an earlier error")
+        with contextlib.suppress(SourceConnectError):
+            self.quit()
 
     def close(self) -> None:
         self._closed = True

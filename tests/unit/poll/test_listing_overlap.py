@@ -9,13 +9,14 @@ from datetime import datetime
 from connector.config import Account
 from connector.connections import Connections
 from connector.ledger.database import open_database
-from connector.ledger.records import KnownMessages
+from connector.ledger.records import KnownMessages, MessageState
 from connector.ledger.store import Ledger
 from connector.poll.engine import SyncEngine
 from connector.pop3 import Pop3Client, connect_pop3
 from tests.messages import simple
 from tests.servers.scripted_pop3 import Pop3Session, ScriptedPop3Server, StoredMessage
 from tests.unit.poll.conftest import RigFactory
+from tests.waiting import wait_until
 
 # Only reached when the order is wrong (the test then fails); never a measure of speed.
 PATIENCE = 5.0
@@ -77,8 +78,45 @@ def test_the_ledger_is_read_between_sending_uidl_and_reading_its_reply(make_rig:
         server.on("UIDL", on_uidl)
         ledger.watch = True
         second = engine.poll(rig.account)
+        # Nothing was deleted, so the poll did not wait for QUIT's reply: the server may still be reading it.
+        wait_until(lambda: server.recorded.commands[-1:] == ["QUIT"], "the server to receive QUIT")
     assert (second.status, second.delivered, second.deleted) == ("ok", 1, 0), second
     assert ledger.events == ["server has UIDL", "ledger read", "server answers UIDL"]
     # The same listing as before: UIDL alone, then the size of the one message to fetch.
     assert server.recorded.commands[-4:] == ["UIDL", "LIST 4", "RETR 4", "QUIT"]
     assert [message.uidl for message in rig.destination.stored] == [f"uid-{n}" for n in range(1, 5)]
+
+
+def test_a_session_that_deleted_nothing_does_not_wait_for_quits_reply(make_rig: RigFactory) -> None:
+    """With no DELE sent, nothing depends on QUIT's reply (a server with a big maildrop takes long to give
+    it): the poll sends QUIT and ends, its deliveries and result committed, while the server answers."""
+    rig = make_rig(0, account={"retention": "keep"})
+    messages = [StoredMessage(f"uid-{n}", simple(n)) for n in range(1, 3)]
+    poll_ended = threading.Event()
+    # Whether the poll had ended when the server answered QUIT (it could not have, had it waited).
+    answered_after_the_poll: list[bool] = []
+
+    def on_quit(session: Pop3Session, argument: str) -> None:
+        answered_after_the_poll.append(poll_ended.wait(PATIENCE))
+        session.default("QUIT", argument)
+
+    with ScriptedPop3Server(messages, pipelining=True) as server:
+
+        def open_source(_account: Account) -> Pop3Client:
+            client = connect_pop3(server.host, server.port, tls="none", ssl_context=None, timeout=PATIENCE)
+            client.login(server.username, server.password)
+            return client
+
+        fakes = rig.engine().connections
+        connections = Connections(open_source, fakes.open_destination, fakes.open_recipient)
+        server.on("QUIT", on_quit)
+        result = SyncEngine(rig.config, rig.ledger, connections, clock=rig.clock).poll(rig.account)
+        poll_ended.set()
+        wait_until(lambda: answered_after_the_poll, "the server to answer QUIT")
+    assert answered_after_the_poll == [True]
+    assert (result.status, result.delivered, result.deleted) == ("ok", 2, 0), result
+    assert server.recorded.commands[-1] == "QUIT" and server.recorded.deleted == []
+    assert rig.states() == {"uid-1": MessageState.DELIVERED, "uid-2": MessageState.DELIVERED}
+    status = rig.status()
+    assert (status.last_result, status.last_delivered) == ("ok", 2)
+    assert [message.uidl for message in rig.destination.stored] == ["uid-1", "uid-2"]
