@@ -15,7 +15,7 @@ from connector.poll.engine import SyncEngine
 from connector.pop3 import Pop3Client, connect_pop3
 from tests.messages import simple
 from tests.servers.scripted_pop3 import Pop3Session, ScriptedPop3Server, StoredMessage
-from tests.unit.poll.conftest import RigFactory
+from tests.unit.poll.conftest import Rig, RigFactory
 from tests.waiting import wait_until
 
 # Only reached when the order is wrong (the test then fails); never a measure of speed.
@@ -59,19 +59,7 @@ def test_the_ledger_is_read_between_sending_uidl_and_reading_its_reply(make_rig:
         session.default("UIDL", argument)
 
     with ScriptedPop3Server(messages, pipelining=True) as server:
-
-        def open_source(_account: Account) -> Pop3Client:
-            client = connect_pop3(server.host, server.port, tls="none", ssl_context=None, timeout=PATIENCE)
-            client.login(server.username, server.password)
-            return client
-
-        fakes = rig.engine().connections
-        engine = SyncEngine(
-            rig.config,
-            ledger,
-            Connections(open_source, fakes.open_destination, fakes.open_recipient),
-            clock=rig.clock,
-        )
+        engine = SyncEngine(rig.config, ledger, _connections_to(server, rig), clock=rig.clock)
         first = engine.poll(rig.account)
         assert (first.status, first.delivered) == ("ok", 3), first
         server.messages.append(StoredMessage("uid-4", simple(4)))
@@ -101,14 +89,7 @@ def test_a_session_that_deleted_nothing_does_not_wait_for_quits_reply(make_rig: 
         session.default("QUIT", argument)
 
     with ScriptedPop3Server(messages, pipelining=True) as server:
-
-        def open_source(_account: Account) -> Pop3Client:
-            client = connect_pop3(server.host, server.port, tls="none", ssl_context=None, timeout=PATIENCE)
-            client.login(server.username, server.password)
-            return client
-
-        fakes = rig.engine().connections
-        connections = Connections(open_source, fakes.open_destination, fakes.open_recipient)
+        connections = _connections_to(server, rig)
         server.on("QUIT", on_quit)
         result = SyncEngine(rig.config, rig.ledger, connections, clock=rig.clock).poll(rig.account)
         poll_ended.set()
@@ -120,3 +101,15 @@ def test_a_session_that_deleted_nothing_does_not_wait_for_quits_reply(make_rig: 
     status = rig.status()
     assert (status.last_result, status.last_delivered) == ("ok", 2)
     assert [message.uidl for message in rig.destination.stored] == ["uid-1", "uid-2"]
+
+
+def _connections_to(server: ScriptedPop3Server, rig: Rig) -> Connections:
+    """The rig's fake destinations, with the POP3 source a real session with ``server``."""
+
+    def open_source(_account: Account) -> Pop3Client:
+        client = connect_pop3(server.host, server.port, tls="none", ssl_context=None, timeout=PATIENCE)
+        client.login(server.username, server.password)
+        return client
+
+    fakes = rig.engine().connections
+    return Connections(open_source, fakes.open_destination, fakes.open_recipient)
