@@ -89,8 +89,8 @@ class _Fence:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-_COLUMNS = select(
-    LeaseRow.account_id,
+# A lease row after its account's id, in ``LeaseRecord``'s order (also read by ``Ledger.poll_start``).
+LEASE_FIELDS = (
     LeaseRow.generation,
     LeaseRow.holder,
     LeaseRow.host,
@@ -98,6 +98,7 @@ _COLUMNS = select(
     LeaseRow.acquired_at,
     LeaseRow.expires_at,
 )
+_COLUMNS = select(LeaseRow.account_id, *LEASE_FIELDS)
 _CURRENT = _COLUMNS.where(LeaseRow.account_id == bindparam("account"))
 _FENCED = update(LeaseRow).where(
     LeaseRow.account_id == bindparam("account"),

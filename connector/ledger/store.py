@@ -47,7 +47,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from connector.errors import LedgerError
 from connector.ledger.database import READ_ONLY
 from connector.ledger.journal import Journal, JournalStatements, archive_aged, entry_params, poll_counts
-from connector.ledger.lease import Leases
+from connector.ledger.lease import LEASE_FIELDS, Leases
 from connector.ledger.models import AccountRow, LeaseRow, MessageRow, UTCDateTime
 from connector.ledger.prepared import Prepared, cursor_of, driver_transaction
 from connector.ledger.quarantine import Quarantine
@@ -739,12 +739,7 @@ _POLL_START = (
         AccountRow.suspended_reason,
         AccountRow.identity_note,
         AccountRow.consecutive_failures,
-        LeaseRow.generation,
-        LeaseRow.holder,
-        LeaseRow.host,
-        LeaseRow.pid,
-        LeaseRow.acquired_at,
-        LeaseRow.expires_at,
+        *LEASE_FIELDS,
     )
     .outerjoin(LeaseRow, LeaseRow.account_id == AccountRow.id)
     .where(AccountRow.name == bindparam("name"))

@@ -20,9 +20,10 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, update
 
+from connector.config import Account
 from connector.ledger.lease import LeaseBusyError, PollLease
 from connector.ledger.models import LeaseRow
-from connector.ledger.records import MessageState
+from connector.ledger.records import AccountStatus, MessageState
 from connector.ledger.store import Ledger
 from connector.poll.engine import SyncEngine
 from tests.integration.conftest import SyncFactory
@@ -51,14 +52,23 @@ def threads_started() -> Iterator[list[str]]:
         threading.Thread.start = original  # type: ignore[method-assign]
 
 
-def test_an_idle_poll_reads_its_account_once_and_writes_once_without_a_thread(
+def _idle_after_one_delivery(
     dovecot: Dovecot, mail_users: MailUsers, make_sync: SyncFactory
-) -> None:
+) -> tuple[SyncEngine, Account, AccountStatus]:
+    """A keeping account whose one message was delivered by a first poll (which created the account and
+    its lease row): its next poll is idle. Also its status after that first poll."""
     dovecot.seed(mail_users.source.name, [simple(1)])
     config, engine = make_sync(account={"retention": "keep"})
     account = config.accounts[0]
-    assert engine.poll(account).delivered == 1  # creates the account and its lease row
+    assert engine.poll(account).delivered == 1
     before = next(s for s in engine.ledger.statuses() if s.name == account.name)
+    return engine, account, before
+
+
+def test_an_idle_poll_reads_its_account_once_and_writes_once_without_a_thread(
+    dovecot: Dovecot, mail_users: MailUsers, make_sync: SyncFactory
+) -> None:
+    engine, account, before = _idle_after_one_delivery(dovecot, mail_users, make_sync)
     with counted(engine.ledger.engine) as seen, threads_started() as threads:
         result = engine.poll(account)
     assert (result.status, result.delivered, result.deleted) == ("ok", 0, 0)
@@ -172,11 +182,7 @@ def test_a_poll_whose_account_was_taken_before_its_first_write_does_nothing(
 def test_an_idle_poll_taken_over_before_its_result_writes_nothing(
     dovecot: Dovecot, mail_users: MailUsers, make_sync: SyncFactory
 ) -> None:
-    dovecot.seed(mail_users.source.name, [simple(1)])
-    config, engine = make_sync(account={"retention": "keep"})
-    account = config.accounts[0]
-    assert engine.poll(account).delivered == 1
-    before = next(s for s in engine.ledger.statuses() if s.name == account.name)
+    engine, account, before = _idle_after_one_delivery(dovecot, mail_users, make_sync)
     taken = _taken_meanwhile(engine, account.name)
     try:
         result = engine.poll(account)
