@@ -238,7 +238,10 @@ class _Poll:
             return self.engine.connections.open_source(self.account)
         except SourceInUseError as exc:
             log.info(
-                "account %s: %s; logging in once more in %.0f s", self.account.name, exc, IN_USE_RETRY_AFTER
+                "account %s: %s; logging in once more in %.0f s",
+                self.account.name,
+                exc.message,
+                IN_USE_RETRY_AFTER,
             )
             if self.stop.wait(IN_USE_RETRY_AFTER):
                 raise
