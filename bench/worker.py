@@ -40,7 +40,8 @@ def _connector(job: dict[str, Any]) -> Callable[[], int]:
     # imported before it starts, and a service imports them once, not at every poll).
     for kind in {destination.type for destination in config.destinations}:
         importlib.import_module(f"connector.destinations.{kind}")  # "imap", "ews", "gmail"
-    engine = SyncEngine(config, Ledger(open_database(config.service.database)))
+    database = open_database(config.service.database, threads=config.service.max_workers)
+    engine = SyncEngine(config, Ledger(database))
 
     def run() -> int:
         if len(config.accounts) == 1 or job.get("profile", "").endswith(".prof"):

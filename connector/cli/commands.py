@@ -90,7 +90,7 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
         return authorize.run(args, config)
     if args.command == "run":
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload during start-up must not kill it
-    engine = open_database(config.service.database)
+    engine = open_database(config.service.database, threads=config.service.max_workers)
     ledger = Ledger(engine)
     if args.command == "db":
         if config.service.mode == "distributed":

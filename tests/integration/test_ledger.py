@@ -118,6 +118,41 @@ def test_sqlite_runs_in_wal_mode(sqlite_url: str) -> None:
         assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
 
 
+def test_every_poll_thread_keeps_its_ledger_connection_between_polls(database_url: str) -> None:
+    """With ``max_workers`` threads each in a ledger transaction at once, round after round, the pool opens
+    each connection once: a pool smaller than the threads closes the extra ones at check-in and opens them
+    again at the next round (SQLAlchemy's default keeps 5, the default ``max_workers`` is 8)."""
+    threads = 12
+    engine = make_engine(database_url, threads=threads)
+    connects: list[object] = []
+    event.listen(engine, "connect", lambda _driver, record: connects.append(record))
+    all_in = threading.Barrier(threads)
+    errors: list[BaseException] = []
+
+    def poll() -> None:
+        try:
+            # A pooled connection as the ledger's polls take one (prepared.py), held by every thread at once.
+            connection = engine.raw_connection()
+            try:
+                all_in.wait(timeout=30)
+            finally:
+                connection.close()
+        except BaseException as exc:
+            errors.append(exc)
+
+    try:
+        for _ in range(3):
+            workers = [threading.Thread(target=poll) for _ in range(threads)]
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                worker.join()
+    finally:
+        engine.dispose()
+    assert errors == []
+    assert len(connects) == threads
+
+
 @pytest.mark.parametrize(("query", "expected"), [("", 10), ("?connect_timeout=3", "3")])
 def test_postgresql_connections_give_up_after_a_connect_timeout(
     postgres_url: str, query: str, expected: object
