@@ -13,7 +13,7 @@ import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -248,6 +248,19 @@ class ServiceConfig(_Model):
     protocol_log_backups: int = Field(default=5, ge=0, le=1000)
 
 
+_Policy = TypeVar("_Policy", bound=_Model)
+# One object per distinct policy, shared by every account (and every reload) that has it: 100,000 accounts
+# held 100,000 equal copies of their retry and retention policies, a third of their memory
+# (docs/scaling.md). Policies are frozen, so sharing one changes nothing; distinct policies are few.
+_SHARED_POLICIES: dict[_Model, _Model] = {}
+
+
+def _shared(policy: _Policy) -> _Policy:
+    shared = _SHARED_POLICIES.setdefault(policy, policy)
+    assert isinstance(shared, type(policy))
+    return shared
+
+
 class Defaults(_Model):
     """Values every account inherits unless it sets its own."""
 
@@ -270,6 +283,11 @@ class Defaults(_Model):
     forget_missing_after: Duration = timedelta(hours=24)
     # Write this account's POP3/IMAP conversation to its own rotating file (secrets redacted).
     protocol_log: bool = False
+
+    @field_validator("retention", "retry")
+    @classmethod
+    def _shared_policy(cls, value: _Policy) -> _Policy:
+        return _shared(value)
 
     @field_validator("poll_interval")
     @classmethod
@@ -943,17 +961,27 @@ def _errors_from(
     return list(dict.fromkeys(lines))  # a file's bad default is one line, not one per row
 
 
-def _merge_defaults(defaults: Defaults, account: object) -> object:
-    if not isinstance(account, Mapping):
-        return account
-    merged: dict[str, Any] = dict(defaults.model_dump())
-    for key, value in account.items():
-        if key == "retry" and isinstance(value, Mapping):
-            # Partial retry tables inherit the rest; a retention mode replaces the whole policy.
-            merged[key] = {**defaults.retry.model_dump(), **value}
-        else:
-            merged[key] = value
-    return merged
+def _merging_defaults(defaults: Defaults) -> Callable[[object], object]:
+    """What turns an ``[[accounts]]`` table or an account file's row into the account's fields: ``defaults``
+    under it. Only the defaults the configuration sets are written into each account (an account's own
+    defaults are the same as ``[defaults]``'s), dumped once, not once per account: 100,000 accounts each
+    holding every default as set cost a dump per account and a large set of names in each account."""
+    inherited = defaults.model_dump(exclude_unset=True)
+    retry = defaults.retry.model_dump()
+
+    def merge(account: object) -> object:
+        if not isinstance(account, Mapping):
+            return account
+        merged: dict[str, Any] = dict(inherited)
+        for key, value in account.items():
+            if key == "retry" and isinstance(value, Mapping):
+                # Partial retry tables inherit the rest; a retention mode replaces the whole policy.
+                merged[key] = {**retry, **value}
+            else:
+                merged[key] = value
+        return merged
+
+    return merge
 
 
 def parse_config(
@@ -971,8 +999,9 @@ def parse_config(
     data = {key: value for key, value in data.items() if key not in ("accounts_file", "account_files")}
     if isinstance(raw_accounts, list):
         first = len(raw_accounts)
-        raw_accounts = [_merge_defaults(defaults, account) for account in raw_accounts]
-        raw_accounts += [_merge_defaults(defaults, row.fields) for row in files.rows]
+        merge = _merging_defaults(defaults)
+        raw_accounts = [merge(account) for account in raw_accounts]
+        raw_accounts += [merge(row.fields) for row in files.rows]
     else:
         first = 0  # pydantic says what is wrong with it
 
@@ -1000,7 +1029,7 @@ def account_rows_errors(files: FileAccounts) -> list[str]:
     errors = list(files.errors)
     for index, row in enumerate(files.rows):
         try:
-            Account.model_validate(_merge_defaults(Defaults(), row.fields))
+            Account.model_validate(row.fields)
         except ValidationError as exc:
             errors += _errors_from(
                 exc, ("accounts", index), Path(), lambda where: files.place(where, 0) or where

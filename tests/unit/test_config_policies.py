@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import tracemalloc
 from datetime import timedelta
 from pathlib import Path
 
@@ -72,3 +74,46 @@ def test_forgetting_missing_messages_defaults_and_overrides(tmp_path: Path) -> N
 )
 def test_bad_forgetting_fields_name_the_path(tmp_path: Path, line: str, expected: str) -> None:
     assert expected in error_of(tmp_path, BASE + line + "\n")
+
+
+def test_accounts_with_the_same_policy_share_one_object(tmp_path: Path) -> None:
+    """Equal policies are one (frozen) object, whether inherited from [defaults] or written per account;
+    what each account's policy says is unchanged, a partial retry table still inheriting the rest."""
+    text = (
+        BASE.replace("[[destinations]]", "[defaults]\nretry = { max_attempts = 3 }\n\n[[destinations]]")
+        + 'retention = "keep"\n'
+    )
+    for name, extra in [("bob", 'retention = "keep"\n'), ("carol", 'retry = { initial_backoff = "2m" }\n')]:
+        text += (
+            f'\n[[accounts]]\nname = "{name}"\nhost = "pop.example.net"\nusername = "{name}"\n'
+            f'password = "pw"\ndestination = "local"\n{extra}'
+        )
+    alice, bob, carol = load_config(write(tmp_path, text)).accounts
+    assert alice.retry is bob.retry and alice.retry.max_attempts == 3
+    assert alice.retention is bob.retention and alice.retention.mode == "keep"
+    assert carol.retry is not alice.retry
+    assert carol.retry.max_attempts == 3 and carol.retry.initial_backoff == timedelta(minutes=2)
+    assert carol.retention.mode == "delete"
+
+
+def test_an_account_of_a_big_accounts_file_holds_a_few_kilobytes(tmp_path: Path) -> None:
+    """100,000 accounts took 722 MB, each holding its own copy of every policy and of every default as
+    set; what one account of a file keeps after loading is bounded (2.0 kB here; 4.6 kB before)."""
+    rows = ["name,host,username,password,destination"]
+    rows += [f"a{n},pop.example.net,u{n},file:pw.txt,local" for n in range(2000)]
+    (tmp_path / "pw.txt").write_text("secret-password\n")
+    (tmp_path / "accounts.csv").write_text("\n".join(rows) + "\n")
+    text = 'accounts_file = "accounts.csv"\n' + BASE[: BASE.index("[[accounts]]")]
+    text = text.replace("[[destinations]]", '[defaults]\npoll_interval = "10m"\n\n[[destinations]]')
+    load_config(write(tmp_path, text))  # imports and caches out of the count
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        config = load_config(write(tmp_path, text))
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(config.accounts) == 2000 and config.accounts[0].poll_interval == timedelta(minutes=10)
+    assert held / 2000 < 3000
