@@ -19,6 +19,7 @@ from __future__ import annotations
 import threading
 import urllib.parse
 from collections.abc import Iterator, Mapping
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -59,7 +60,7 @@ def redact(text: str) -> str:
     return text
 
 
-def secrets_in(value: object) -> Iterator[str]:
+def secrets_in(value: object) -> list[str]:
     # Imported here, not at the top: the command line's parser (and so `--help`) imports this module
     # through the log set-up, and needs none of pydantic. Imported once per walk, not once per value: a
     # configuration of 100,000 accounts has millions of values.
@@ -69,26 +70,31 @@ def secrets_in(value: object) -> Iterator[str]:
 
 
 # Values that never hold a secret, tested by exact type before anything slower (most fields are these).
-_PLAIN = frozenset({type(None), bool, int, float})
+_PLAIN = frozenset({type(None), bool, int, float, timedelta})
 
 
-def _secrets(value: object, model: type[BaseModel], secret: type[SecretStr]) -> Iterator[str]:
-    if type(value) in _PLAIN:
-        return
-    if isinstance(value, str):
-        if "://" in value and "@" in value:
-            yield from _url_password(value)
-    elif isinstance(value, secret):
-        yield value.get_secret_value()
-    elif isinstance(value, model):
-        for name in type(value).model_fields:
-            yield from _secrets(getattr(value, name), model, secret)
-    elif isinstance(value, list | tuple | set | frozenset):
-        for item in value:
-            yield from _secrets(item, model, secret)
-    elif isinstance(value, Mapping):  # an ABC: the slowest test, last
-        for item in value.values():
-            yield from _secrets(item, model, secret)
+def _secrets(root: object, model: type[BaseModel], secret: type[SecretStr]) -> list[str]:
+    # A loop over a stack, not a recursive generator: 100,000 accounts are 4 million values, and a
+    # generator frame per value was most of loading such a configuration (docs/scaling.md).
+    found: list[str] = []
+    stack = [root]
+    while stack:
+        value = stack.pop()
+        kind = type(value)
+        if kind in _PLAIN:
+            continue
+        if isinstance(value, str):
+            if "://" in value and "@" in value:
+                found.extend(_url_password(value))
+        elif isinstance(value, secret):
+            found.append(value.get_secret_value())
+        elif isinstance(value, model):
+            stack.extend(getattr(value, name) for name in type(value).model_fields)
+        elif isinstance(value, list | tuple | set | frozenset):
+            stack.extend(value)
+        elif isinstance(value, Mapping):  # an ABC: the slowest test, last
+            stack.extend(value.values())
+    return found
 
 
 def _url_password(url: str) -> Iterator[str]:
