@@ -177,7 +177,11 @@ class EwsServer:
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self._httpd.daemon_threads = True
         self._httpd.socket = self._context.wrap_socket(self._httpd.socket, server_side=True)
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="ews-test", daemon=True)
+        # serve_forever notices shutdown() only between polls: its default of 0.5 s made every stop (one per
+        # test) wait that long.
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02}, name="ews-test", daemon=True
+        )
 
     # --- lifecycle ---------------------------------------------------------------------------------------
 
