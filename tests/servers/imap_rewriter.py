@@ -110,6 +110,11 @@ class ImapRewriter:
                 client.close()
                 continue
             upstream.settimeout(None)
+            # The proxy writes a command in pieces (line, literal, line): with Nagle's algorithm each piece
+            # after the first waits for the server's delayed ACK, some 40 ms per APPEND, which no real
+            # network adds on loopback.
+            for sock in (client, upstream):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._sockets += [client, upstream]
             link = _Link(self, client, upstream)
             threading.Thread(target=link.up, daemon=True).start()
