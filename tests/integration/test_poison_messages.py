@@ -125,7 +125,10 @@ def test_one_recipient_that_cannot_take_mail_does_not_hold_back_the_others(
 ) -> None:
     full = people["full"]
     if trouble == "dropping":
-        dovecot.add_user(full.name, full.password)  # no quota: instead its sessions drop in each APPEND
+        # No quota: instead its sessions drop in each APPEND. A new user, not the same one replaced:
+        # Dovecot needs a second to see a replaced passwd-file, and add_user waits it out.
+        dovecot.remove_user(full.name)
+        full = people["full"] = dovecot.new_user("full")
         # The master login names the mailbox; 1,000 bytes later the client is inside the APPEND literal.
         imap_proxy.inject(Fault("reset", "up", trigger=f"{full.name}*".encode(), after=1_000, times=1_000))
     messages = [
@@ -156,7 +159,8 @@ def test_one_recipient_that_cannot_take_mail_does_not_hold_back_the_others(
         assert engine.ledger.quarantine.messages(account.name) == []
 
     imap_proxy.heal()
-    dovecot.add_user(full.name, full.password, quota="1M")  # the mailbox can take mail again
+    if trouble == "over quota":
+        dovecot.add_user(full.name, full.password, quota="1M")  # the mailbox can take mail again
     healed = engine.poll(account)
 
     assert healed.ok and healed.delivered == 2, healed
