@@ -30,20 +30,40 @@ MIN_LENGTH = 3
 
 _lock = threading.Lock()
 _known: set[str] = set()
-# Longest first, so that a secret containing another is replaced whole. Replaced as a whole tuple, so
-# that ``redact`` can read it without the lock.
+# While they are few: every secret, longest first, so that a secret containing another is replaced whole.
+# Replaced as a whole tuple, so that ``redact`` can read it without the lock.
 _ordered: tuple[str, ...] = ()
+# Above this many, ``redact`` finds secrets through ``_by_head`` instead of looking for each in turn: a scan
+# costs ~50 ns per secret and line, so 100,000 accounts' passwords made every log line cost 16 ms.
+SCAN_UP_TO = 128
+# Every secret under its first MIN_LENGTH characters: a text is looked up once per position, so the work
+# per line grows with its length, not with the number of secrets. Each entry is replaced whole.
+_by_head: dict[str, tuple[str, ...]] = {}
+# Secrets with a "*" in them: replacing another secret by REDACTED may make one of these appear, so they
+# are looked for after the replacements, as a scan would.
+_starred: tuple[str, ...] = ()
+
+
+def longest_first(secret: str) -> tuple[int, str]:
+    """The order secrets are replaced in: longest first; secrets of one length in a fixed order, so that
+    two that overlap in a line are always resolved alike."""
+    return -len(secret), secret
 
 
 def register(*secrets: str | None) -> None:
     """From now on ``redact`` replaces each of ``secrets`` (None and too short ones are ignored)."""
-    global _ordered
+    global _ordered, _starred
     fresh = {secret for secret in secrets if secret is not None and len(secret) >= MIN_LENGTH}
     if fresh <= _known:
         return
     with _lock:
+        fresh -= _known
         _known.update(fresh)
-        _ordered = tuple(sorted(_known, key=len, reverse=True))
+        for secret in fresh:
+            head = secret[:MIN_LENGTH]
+            _by_head[head] = (*_by_head.get(head, ()), secret)
+        _starred = (*_starred, *(secret for secret in fresh if "*" in secret))
+        _ordered = tuple(sorted(_known, key=longest_first)) if len(_known) <= SCAN_UP_TO else ()
 
 
 def register_config(config: BaseModel) -> None:
@@ -53,11 +73,29 @@ def register_config(config: BaseModel) -> None:
 
 
 def redact(text: str) -> str:
-    """``text`` with every registered secret replaced by ``****``."""
-    for secret in _ordered:
+    """``text`` with every registered secret replaced by ``****``: each secret in turn, longest first, so
+    that a secret containing another is replaced whole."""
+    ordered = _ordered
+    if not ordered:
+        if not _by_head:
+            return text
+        ordered = tuple(sorted(_in(text), key=longest_first))
+    for secret in ordered:
         if secret in text:
             text = text.replace(secret, REDACTED)
     return text
+
+
+def _in(text: str) -> set[str]:
+    """Every registered secret that is in ``text`` (and those with a "*", see ``_starred``), found through
+    the index of heads: what ``redact`` would replace if it looked for every secret in turn."""
+    found = set(_starred)
+    by_head, width = _by_head, MIN_LENGTH
+    for start in range(len(text) - width + 1):
+        candidates = by_head.get(text[start : start + width])
+        if candidates:
+            found.update(secret for secret in candidates if text.startswith(secret, start))
+    return found
 
 
 def secrets_in(value: object) -> list[str]:

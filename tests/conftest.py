@@ -110,7 +110,11 @@ def _redaction_registry() -> Iterator[None]:
     """Each test redacts the secrets it registers itself, as a fresh process would: a password of one test
     must not be cut out of the expected text of another."""
     known, ordered = set(redaction._known), redaction._ordered
+    by_head, starred = dict(redaction._by_head), redaction._starred
     yield
     redaction._known.clear()
     redaction._known.update(known)
     redaction._ordered = ordered
+    redaction._by_head.clear()
+    redaction._by_head.update(by_head)
+    redaction._starred = starred

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from connector import redaction
 from connector.config import load_config
 from connector.errors import SourceAuthError
@@ -65,3 +68,48 @@ def test_every_secret_of_a_loaded_configuration_is_redacted(tmp_path: Path) -> N
 def test_longest_first_and_too_short_ones_left_alone() -> None:
     redaction.register("abcdef", "abc", "xy", None)
     assert redaction.redact("abcdefg abcx xy") == "****g ****x xy"
+
+
+# Secrets of their own alphabet (snowmen, stars and a few letters), unlike any text of the other tests,
+# which share the process's registry.
+_SNOW = "\u2603"
+_many_secrets = st.lists(
+    st.text(st.sampled_from([_SNOW, "*", "a", "b"]), min_size=3, max_size=8).map(lambda s: _SNOW + s),
+    min_size=1,
+    max_size=40,
+)
+
+
+def _scanned(text: str, secrets: set[str]) -> str:
+    """What redaction is defined as: every secret in turn, longest first (``longest_first``)."""
+    for secret in sorted(secrets, key=redaction.longest_first):
+        if secret in text:
+            text = text.replace(secret, redaction.REDACTED)
+    return text
+
+
+def test_many_secrets_are_found_through_their_heads() -> None:
+    """Above ``SCAN_UP_TO`` secrets (100,000 accounts' passwords) a line is looked up once per position
+    instead of once per secret: only the secrets whose head is in the line are tried."""
+    redaction.register(*(f"{_SNOW}{n:06d}-pw" for n in range(redaction.SCAN_UP_TO + 1000)))
+    line = f"account a1: login failed for {_SNOW}000042-pw and {_SNOW}000043-pw, not {_SNOW}x"
+    assert redaction._in(line) <= {f"{_SNOW}000042-pw", f"{_SNOW}000043-pw"} | set(redaction._starred)
+    assert redaction.redact(line) == "account a1: login failed for **** and ****, not " + _SNOW + "x"
+
+
+@settings(max_examples=300)
+@given(
+    secrets=_many_secrets,
+    pieces=st.lists(
+        st.one_of(st.integers(0, 39), st.text(st.sampled_from([_SNOW, "*", "a", "b", " "]))), max_size=12
+    ),
+)
+def test_found_through_heads_the_same_as_one_secret_after_another(
+    secrets: list[str], pieces: list[int | str]
+) -> None:
+    """Whatever the secrets (prefixes of each other, overlapping, with the "*" that REDACTED brings in),
+    finding them through the index redacts exactly what looking for each in turn does."""
+    redaction.register(*(f"{_SNOW}{n:06d}-pw" for n in range(redaction.SCAN_UP_TO + 1)), *secrets)
+    assert not redaction._ordered  # the index is in use
+    text = "".join(secrets[piece % len(secrets)] if isinstance(piece, int) else piece for piece in pieces)
+    assert redaction.redact(text) == _scanned(text, set(redaction._known))
