@@ -73,10 +73,27 @@ class ContextFilter(logging.Filter):
         return True
 
 
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, account, uidl (and the traceback)."""
+class _OncePerRecord(logging.Formatter):
+    """A formatter the console and the log file share: a record is formatted (and redacted) once, not once
+    per handler; redacting is most of a line's cost when the process knows many secrets."""
 
     def format(self, record: logging.LogRecord) -> str:
+        done = record.__dict__.get("_connector_line")
+        if done is not None and done[0] is self:
+            text: str = done[1]
+            return text
+        text = self.format_once(record)
+        record.__dict__["_connector_line"] = (self, text)
+        return text
+
+    def format_once(self, record: logging.LogRecord) -> str:
+        raise NotImplementedError
+
+
+class JsonFormatter(_OncePerRecord):
+    """One JSON object per line: time, level, logger, message, account, uidl (and the traceback)."""
+
+    def format_once(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
@@ -92,14 +109,14 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
-class TextFormatter(logging.Formatter):
+class TextFormatter(_OncePerRecord):
     """The usual one-line format, plus ``[account=.. uidl=..]`` for what the text does not already say."""
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    def format(self, record: logging.LogRecord) -> str:
-        line = redact(super().format(record))
+    def format_once(self, record: logging.LogRecord) -> str:
+        line = redact(logging.Formatter.format(self, record))
         message = record.getMessage()
         tags = [
             f"{key}={value}"
@@ -151,8 +168,9 @@ def setup_logging(level: str, log_format: LogFormat = "text", log_file: Path | N
         root.removeHandler(old)
         if isinstance(old, PrivateFileHandler):  # a second set-up in one process (tests)
             old.close()
+    formatter = make_formatter(log_format)  # one for both: a line is formatted once (``_OncePerRecord``)
     for handler in handlers:
-        handler.setFormatter(make_formatter(log_format))
+        handler.setFormatter(formatter)
         handler.addFilter(ContextFilter())
         root.addHandler(handler)
     root.setLevel(getattr(logging, level))
