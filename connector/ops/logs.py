@@ -116,7 +116,7 @@ class TextFormatter(_OncePerRecord):
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def format_once(self, record: logging.LogRecord) -> str:
-        line = redact(logging.Formatter.format(self, record))
+        line = redact(logging.Formatter.format(self, record))  # the plain format (super()'s is the cache)
         message = record.getMessage()
         tags = [
             f"{key}={value}"
