@@ -374,7 +374,7 @@ class Ledger:
             uidls = joined.split("\n") if joined is not None else []
             if len(uidls) != count:  # a line break after all: never written by this program, read it right
                 uidls = [uidl for (uidl,) in sql.uidls.rows(cursor, params)]
-        return KnownMessages(rows, set(uidls) - rows.keys())
+        return KnownMessages(rows, set(uidls) - rows.keys(), joined=joined)
 
     def record_pending(
         self,
