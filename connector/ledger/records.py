@@ -74,6 +74,9 @@ class KnownMessages:
 
     rows: Mapping[str, KnownMessage] = field(default_factory=dict)
     kept: Set[str] = frozenset()
+    # Every UIDL of ``rows`` and ``kept`` joined by line breaks, as the ledger read them (None: not read so):
+    # a search for a marker in it spares joining 100,000 UIDLs again (policies.uidl.hashed_uidls).
+    joined: str | None = field(default=None, compare=False, repr=False)
 
     def __contains__(self, uidl: object) -> bool:
         return uidl in self.kept or uidl in self.rows

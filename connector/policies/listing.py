@@ -117,4 +117,4 @@ def listed_last_time(known: KnownMessages) -> KnownMessages:
     if not any(row.missing_since is not None for row in known.rows.values()):
         return known
     rows = {uidl: row for uidl, row in known.rows.items() if row.missing_since is None}
-    return KnownMessages(rows, known.kept)
+    return KnownMessages(rows, known.kept, joined=known.joined)

@@ -375,7 +375,8 @@ class Pop3Client:
                 f"{self._peer}: {verb}: reply line longer than {_MAX_LISTING_LINE} bytes"
             )
         block = b"".join(pieces)
-        wire_log.debug("S: <%d lines>", block.count(b"\n"))
+        if wire_log.isEnabledFor(logging.DEBUG):  # counting 100,000 lines is work for nobody otherwise
+            wire_log.debug("S: <%d lines>", block.count(b"\n"))
         return unstuff_block(block)
 
     def _body_piece(self, verb: str, at_line_start: bool) -> tuple[bytes, bool]:

@@ -56,6 +56,17 @@ def test_listing_bench_prints_its_cpu_and_collections(capsys: pytest.CaptureFixt
     assert "listing of 200 kept + 3 new:" in capsys.readouterr().out
 
 
+def test_big_compare_polls_each_side_every_round(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.big_compare import main
+
+    # The same checkout twice under two names: each side's ledger and maildrop are its own.
+    assert main(["one=" + str(ROOT), "two=" + str(ROOT), "--rounds", "2", "--kept", "20", "--new", "2"]) == 0
+    out = capsys.readouterr().out
+    for side in ("baseline", "one", "two"):
+        assert sum(f" {side}: " in line and line.startswith("round ") for line in out.splitlines()) == 2
+        assert f"{side}: median " in out
+
+
 def test_gmail_bench_prints_throughput_against_the_quota(capsys: pytest.CaptureFixture[str]) -> None:
     from bench.gmail import main
 

@@ -17,6 +17,7 @@ from connector.ledger.database import HEAD_REVISION, alembic_config, make_engine
 from connector.ledger.models import Base, RecipientRow
 from connector.ledger.records import KnownMessages, MessageState, PollOutcome, RecipientState
 from connector.ledger.store import Ledger
+from connector.policies.uidl import hashed_uidls
 
 pytestmark = pytest.mark.integration
 
@@ -308,6 +309,26 @@ def test_known_to_plan_reads_a_uidl_with_a_line_break_right(engine: Engine) -> N
         connection.execute(Base.metadata.tables["messages"].insert(), rows)
     assert ledger.known_to_plan(account, None).kept == {"a\nb", "a", "c"}
     assert ledger.known_to_plan(ledger.account_id("empty") or 0, None) == KnownMessages({}, set())
+
+
+def test_known_to_plan_finds_hashed_forms_in_the_string_it_read(engine: Engine) -> None:
+    # policies.uidl.hashed_uidls searches the UIDLs as the ledger read them (one string), not a join of
+    # ``known``: that string must hold every UIDL, kept or read in full.
+    ledger = Ledger(engine)
+    account = ledger.account_id("hashed")
+    assert account is not None
+    now = datetime.now(UTC)
+    digest = "ab" * 32
+    uidls = {"plain": "delivered", f"kept/hdr:{digest}": "delivered", f"failing/hdr:{digest}": "failed"}
+    rows = [_row(account, uidl, state, now, 1) for uidl, state in uidls.items()]
+    with engine.begin() as connection:
+        connection.execute(Base.metadata.tables["messages"].insert(), rows)
+    known = ledger.known_to_plan(account, None)
+    assert known.joined is not None and sorted(known.joined.split("\n")) == sorted(uidls)
+    assert known.kept == {"plain", f"kept/hdr:{digest}"} and set(known.rows) == {f"failing/hdr:{digest}"}
+    assert hashed_uidls(known) == {"kept", "failing"}
+    only_plain = KnownMessages({}, {"plain"}, joined="plain")
+    assert hashed_uidls(only_plain) == set() == hashed_uidls(KnownMessages({}, {"plain"}))
 
 
 def _row(account: int, uidl: str, state: str, now: datetime, age_days: int | None) -> dict[str, object]:
