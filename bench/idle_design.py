@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import baseline, data
-from bench.setup import endpoint, prime_ledger, uidls
+from bench import baseline
+from bench.setup import endpoint, idle_maildrops
 from connector.pop3.replies import parse_capabilities
 from tests.servers.dovecot import Dovecot
 
@@ -220,15 +220,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="idle-design-"))
     with Dovecot(reuse_processes=True) as dovecot:
-        users = [dovecot.new_user("idle") for _ in range(args.accounts)]
-        for user in users:
-            dovecot.seed(user.name, [data.message(0, 2048)])
-        sources = [endpoint(dovecot, user, tls=args.tls) for user in users]
         database = work / "ledger.sqlite3"
-        prime_ledger(
-            f"sqlite:///{database}",
-            {user.name: uidls(endpoint(dovecot, user)) for user in users},
-        )
+        users = idle_maildrops(dovecot, args.accounts, f"sqlite:///{database}")
+        sources = [endpoint(dovecot, user, tls=args.tls) for user in users]
         ledger = sqlite3.connect(database, isolation_level=None)
         ledger.execute("PRAGMA synchronous=NORMAL")  # as the connector's idle write (prepared.py)
         # Every account's lease row, free: the write's compare-and-set then updates one row per account.

@@ -29,8 +29,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 
-from bench import baseline, data
-from bench.setup import connector_config, endpoint, prime_ledger, uidls
+from bench import baseline
+from bench.setup import connector_config, endpoint, idle_maildrops
 from tests.servers.dovecot import Dovecot
 
 _T = TypeVar("_T")
@@ -63,11 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="idle-parts-"))
     with Dovecot(reuse_processes=True) as dovecot:
-        users = [dovecot.new_user("idle") for _ in range(args.accounts)]
-        for user in users:
-            dovecot.seed(user.name, [data.message(0, 2048)])
         database = work / "ledger.sqlite3"
-        prime_ledger(f"sqlite:///{database}", {u.name: uidls(endpoint(dovecot, u)) for u in users})
+        users = idle_maildrops(dovecot, args.accounts, f"sqlite:///{database}")
         config_file = connector_config(
             work / "c.toml",
             f"sqlite:///{database}",

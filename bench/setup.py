@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlalchemy import insert
 
+from bench import data
 from bench.baseline import Endpoint
 from connector.ledger.database import open_database
 from connector.ledger.models import MessageRow
@@ -111,6 +112,16 @@ def ews_connector_config(
     )
     path.write_text(text)
     return path
+
+
+def idle_maildrops(dovecot: Dovecot, count: int, database: str) -> list[MailUser]:
+    """``count`` users with one message each, and the ledger at ``database`` knowing each as delivered:
+    every poll of them is an idle one (scenario 5, bench.idle_parts, bench.idle_design)."""
+    users = [dovecot.new_user("idle") for _ in range(count)]
+    for user in users:
+        dovecot.seed(user.name, [data.message(0, 2048)])
+    prime_ledger(database, {user.name: uidls(endpoint(dovecot, user)) for user in users})
+    return users
 
 
 def prime_ledger(database: str, delivered: Mapping[str, Sequence[str]]) -> None:

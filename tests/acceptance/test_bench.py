@@ -67,6 +67,25 @@ def test_big_compare_polls_each_side_every_round(capsys: pytest.CaptureFixture[s
         assert f"{side}: median " in out
 
 
+@pytest.mark.parametrize("tls", [False, True])
+def test_idle_design_bench_finds_every_account_idle(capsys: pytest.CaptureFixture[str], tls: bool) -> None:
+    from bench.idle_design import main
+
+    # It stops with an AssertionError unless every poll found its account's one message, as the ledger says.
+    assert main(["--accounts", "12", "--batch", "5", "--rounds", "2", *(["--tls"] if tls else [])]) == 0
+    out = capsys.readouterr().out
+    assert f"12 idle accounts, {'POP3S' if tls else 'POP3'}, best of 2 rounds:" in out
+    assert "bare loop" in out and "this design" in out
+
+
+def test_idle_parts_bench_prints_each_part(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.idle_parts import main
+
+    assert main(["--accounts", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "connector idle poll (SyncEngine.poll)" in out and "poplib + CAPA" in out
+
+
 def test_gmail_bench_prints_throughput_against_the_quota(capsys: pytest.CaptureFixture[str]) -> None:
     from bench.gmail import main
 
