@@ -103,7 +103,10 @@ class Listing:
         self._record_listing(plan, recorder, believed=not pop.unlisted)
         for info in plan.oversize:
             recorder.quarantine_unfetched(info.uidl, info.size, self._limits.skip_reason(info.size))
-        log.info(
+        # A poll with nothing to do says so at DEBUG (see ``PollResult.idle``).
+        busy = plan.deliver or plan.delete or plan.deferred or plan.quarantined
+        log.log(
+            logging.INFO if busy else logging.DEBUG,
             "account %s: %d on server, %d to deliver (%d new, %d left for later polls), %d to delete, "
             "%d quarantined",
             self._account.name,

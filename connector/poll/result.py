@@ -56,6 +56,25 @@ class PollResult:
         return self.status in ("ok", "stopped")
 
     @property
+    def idle(self) -> bool:
+        """It succeeded and there was nothing to do: nothing delivered, deleted, quarantined, held back or
+        wrong. Its log lines are DEBUG: at INFO, 100,000 accounts polled every 5 minutes wrote 660 lines a
+        second, twice what journald lets a service log by default (10,000 per 30 s), and it would drop
+        the warnings with them. The status page, `status` and the metrics show every poll."""
+        return self.status == "ok" and not (
+            self.delivered
+            or self.recovered
+            or self.failed
+            or self.not_delivered
+            or self.quarantined
+            or self.deleted
+            or self.skipped
+            or self.short_retrs
+            or self.unidentified
+            or self.problems
+        )
+
+    @property
     def poll_failed(self) -> bool:
         """The poll ran and failed; an account skipped because another process polls it is no failure."""
         return not self.ok and self.status != "busy"

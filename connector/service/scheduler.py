@@ -202,7 +202,8 @@ class Service:
             return
         account = current
         when = result.next_poll_at or self.engine.clock() + account.retry.initial_backoff
-        log.info(
+        log.log(
+            logging.DEBUG if result.idle else logging.INFO,
             "account %s: next poll at %s",
             account.name,
             when.isoformat(timespec="seconds"),

@@ -9,6 +9,7 @@ written, delivered and deleted nothing.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import threading
@@ -87,6 +88,26 @@ def test_an_idle_poll_reads_its_account_once_and_writes_once_without_a_thread(
     assert status.last_poll_started_at is not None and status.last_poll_finished_at is not None
     assert before.last_poll_started_at is not None and before.last_poll_finished_at is not None
     assert before.last_poll_finished_at <= status.last_poll_started_at <= status.last_poll_finished_at
+
+
+def test_an_idle_poll_logs_nothing_at_info_a_delivering_one_does(
+    dovecot: Dovecot, mail_users: MailUsers, make_sync: SyncFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An idle poll's lines are DEBUG (``PollResult.idle``): at INFO, 100,000 idle accounts would log more
+    than journald lets through by default."""
+    dovecot.seed(mail_users.source.name, [simple(1)])
+    config, engine = make_sync(account={"retention": "keep"})
+    account = config.accounts[0]
+    with caplog.at_level(logging.DEBUG, logger="connector"):
+        delivering = engine.poll(account)
+        caplog_delivering = [(r.levelno, r.getMessage()) for r in caplog.records]
+        caplog.clear()
+        idle = engine.poll(account)
+    assert delivering.delivered == 1 and not delivering.idle and idle.idle
+    assert (logging.INFO, f"account {account.name}: 1 on server, 1 to deliver (1 new, 0 left for later "
+            "polls), 0 to delete, 0 quarantined") in caplog_delivering  # fmt: skip
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO] == []
+    assert any("1 on server, 0 to deliver" in r.getMessage() for r in caplog.records)  # at DEBUG
 
 
 @pytest.mark.parametrize("database", ["sqlite"], indirect=True)
