@@ -26,7 +26,8 @@ RESTART_ONLY = ("database", "max_workers", "metrics")
 
 
 def _log_result(result: PollResult) -> None:
-    log.info("%s", poll_line(result), extra={"account": result.account})
+    level = logging.DEBUG if result.idle else logging.INFO  # see PollResult.idle
+    log.log(level, "%s", poll_line(result), extra={"account": result.account})
 
 
 class Runtime:

@@ -258,3 +258,16 @@ def test_an_idle_poll_says_when_the_next_comes_at_debug_any_other_at_info(
         ("account a1", logging.INFO),
         ("account a2", logging.INFO),
     }
+
+
+def test_run_and_each_worker_log_an_idle_polls_result_at_debug(caplog: pytest.LogCaptureFixture) -> None:
+    from connector.service import runtime
+    from connector.service.distributed import _log_result as worker_log_result
+
+    with caplog.at_level(logging.DEBUG):
+        for log_result in (runtime._log_result, worker_log_result):
+            log_result(PollResult("idle1"))
+            log_result(PollResult("busy1", delivered=1))
+            log_result(PollResult("failed1", status="error", error="x"))
+    levels = [(record.getMessage().split(":")[0], record.levelno) for record in caplog.records]
+    assert levels == 2 * [("idle1", logging.DEBUG), ("busy1", logging.INFO), ("failed1", logging.INFO)]

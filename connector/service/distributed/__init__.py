@@ -10,19 +10,29 @@ worker.py        the procrastinate app: the periodic dispatch task and the poll 
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from connector.config import Config
 from connector.service.distributed.queue_schema import ensure_queue_schema
 from connector.service.distributed.registry import SyncSummary, sync_accounts
+
+if TYPE_CHECKING:
+    from connector.poll.result import PollResult
 
 __all__ = ["SyncSummary", "ensure_queue_schema", "run_worker", "sync_accounts"]
 
 log = logging.getLogger(__name__)
 
 
+def _log_result(result: PollResult) -> None:
+    from connector.cli.report import poll_line
+
+    level = logging.DEBUG if result.idle else logging.INFO  # see PollResult.idle
+    log.log(level, "%s", poll_line(result))
+
+
 def run_worker(config: Config) -> bool:
     """``pop-connector run`` in distributed mode. True when stopped by a signal, False on failure."""
-    from connector.cli.report import poll_line
     from connector.service.distributed.worker import DistributedWorker, worker_engine
 
     assert config.service.database is not None
@@ -36,7 +46,7 @@ def run_worker(config: Config) -> bool:
             summary.active,
             summary.inactive,
         )
-        worker = DistributedWorker(config, engine, on_result=lambda r: log.info("%s", poll_line(r)))
+        worker = DistributedWorker(config, engine, on_result=_log_result)
         return worker.run()
     finally:
         engine.dispose()
