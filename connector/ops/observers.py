@@ -1,7 +1,8 @@
 """The observers the services give their polls, and the operations listener that reads them.
 
 ``run`` and each distributed worker build their ``SyncEngine`` with ``standard_observers()``: Prometheus
-metrics and the health monitor, read by the listener of ``connector.ops.web``. ``sync`` serves no listener
+metrics and the health monitor, read by the listener of ``connector.ops.web``, and the quarter-hourly
+summary line (``connector.ops.summary``). ``sync`` serves no listener
 and gives its engine only its progress display (connector/ops/progress.py). The engine adds the
 per-message log lines itself (``PollLog``), so that no engine, whoever builds it, polls without them. The
 listener adds to the metrics the series it reads at each scrape (``ServiceSeries``).
@@ -17,6 +18,7 @@ from connector.config import Config
 from connector.ledger.store import Ledger
 from connector.ops.health import HealthMonitor, overdue_accounts
 from connector.ops.metrics import PollMetrics, ServiceSeries
+from connector.ops.summary import PollSummary
 from connector.ops.web import Operations, OpsServer
 from connector.poll.events import PollObserver
 
@@ -25,14 +27,15 @@ from connector.poll.events import PollObserver
 class StandardObservers:
     metrics: PollMetrics
     health: HealthMonitor
+    summary: PollSummary
 
     def all(self) -> list[PollObserver]:
         """For ``SyncEngine(..., observers=...)``."""
-        return [self.metrics, self.health]
+        return [self.metrics, self.health, self.summary]
 
 
 def standard_observers() -> StandardObservers:
-    return StandardObservers(PollMetrics(), HealthMonitor())
+    return StandardObservers(PollMetrics(), HealthMonitor(), PollSummary())
 
 
 def operations_listener(

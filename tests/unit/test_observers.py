@@ -26,6 +26,7 @@ from connector.ops.logs import ContextFilter, JsonFormatter, log_context, set_me
 from connector.ops.observers import operations_listener, standard_observers
 from connector.ops.poll_log import PollLog
 from connector.ops.progress import LogProgress
+from connector.ops.summary import PollSummary
 from connector.poll.engine import SyncEngine
 from connector.poll.events import Delivered, Fetched, Finished, Planned, PollEvent, Recovered, Started
 from connector.poll.result import PollResult
@@ -213,12 +214,52 @@ def test_a_failed_poll_s_bar_stops_where_its_fetching_did() -> None:
     assert "alice (error)" in out.getvalue() and "1/3 msgs" in out.getvalue()
 
 
+# --- PollSummary --------------------------------------------------------------------------------------
+
+
+def test_a_summary_line_at_info_each_quarter_hour_counts_the_polls_since_the_last(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Idle polls log at DEBUG; this line is what says at INFO that the service is polling."""
+    now = [0.0]
+    summary = PollSummary(clock=lambda: now[0])
+    polls = [
+        PollResult("alice"),
+        PollResult("bob", delivered=2, recovered=1, deleted=3),
+        PollResult("carol", status="error", error="x"),
+        PollResult("dave", quarantined=1),
+        PollResult("alice"),
+    ]
+    with caplog.at_level(logging.DEBUG, logger="connector.ops.summary"):
+        for at, result in enumerate(polls):
+            now[0] = at * 225.0  # the last one 900 s after the start: 15 minutes
+            summary.notify(Started(result.account))
+            summary.notify(finished(result))
+        now[0] = 1000.0
+        summary.notify(finished(PollResult("erin")))  # counted towards the next line
+        now[0] = 1800.0
+        summary.notify(finished(PollResult("frank")))
+    lines = [(record.levelno, record.getMessage()) for record in caplog.records]
+    assert lines == [
+        (
+            logging.INFO,
+            "in the last 15 min: 5 polls of 4 accounts, 2 with nothing to do, 1 failed; 3 messages "
+            "delivered, 3 deleted, 1 quarantined",
+        ),
+        (
+            logging.INFO,
+            "in the last 15 min: 2 polls of 2 accounts, 2 with nothing to do, 0 failed; 0 messages "
+            "delivered, 0 deleted, 0 quarantined",
+        ),
+    ]
+
+
 # --- the standard set and the listener ---------------------------------------------------------------
 
 
 def test_the_standard_observers_of_each_run_mode() -> None:
     plain = standard_observers()
-    assert plain.all() == [plain.metrics, plain.health]
+    assert plain.all() == [plain.metrics, plain.health, plain.summary]
     assert plain.metrics is not standard_observers().metrics  # each run has its own registry
 
 
