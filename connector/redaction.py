@@ -36,9 +36,13 @@ _ordered: tuple[str, ...] = ()
 # Above this many, ``redact`` finds secrets through ``_by_head`` instead of looking for each in turn: a scan
 # costs ~50 ns per secret and line, so 100,000 accounts' passwords made every log line cost 16 ms.
 SCAN_UP_TO = 128
-# Every secret under its first MIN_LENGTH characters: a text is looked up once per position, so the work
-# per line grows with its length, not with the number of secrets. Each entry is replaced whole.
+# Every secret under its first HEAD characters (shorter ones under their first MIN_LENGTH, apart): a text is
+# looked up once per position, so the work per line grows with its length, not with the number of secrets.
+# Eight characters, as many secrets share their first three (100,000 passwords of one pattern made a line
+# with that prefix try each). Each entry is replaced whole.
+HEAD = 8
 _by_head: dict[str, tuple[str, ...]] = {}
+_short_by_head: dict[str, tuple[str, ...]] = {}
 # Secrets with a "*" in them: replacing another secret by REDACTED may make one of these appear, so they
 # are looked for after the replacements, as a scan would.
 _starred: tuple[str, ...] = ()
@@ -59,9 +63,14 @@ def register(*secrets: str | None) -> None:
     with _lock:
         fresh -= _known
         _known.update(fresh)
+        # Grouped first: one new tuple per head, not one per secret (100,000 of a head would be quadratic).
+        added: dict[tuple[int, str], list[str]] = {}
         for secret in fresh:
-            head = secret[:MIN_LENGTH]
-            _by_head[head] = (*_by_head.get(head, ()), secret)
+            width = HEAD if len(secret) >= HEAD else MIN_LENGTH
+            added.setdefault((width, secret[:width]), []).append(secret)
+        for (width, head), secrets_of_head in added.items():
+            table = _by_head if width == HEAD else _short_by_head
+            table[head] = (*table.get(head, ()), *secrets_of_head)
         _starred = (*_starred, *(secret for secret in fresh if "*" in secret))
         _ordered = tuple(sorted(_known, key=longest_first)) if len(_known) <= SCAN_UP_TO else ()
 
@@ -77,7 +86,7 @@ def redact(text: str) -> str:
     that a secret containing another is replaced whole."""
     ordered = _ordered
     if not ordered:
-        if not _by_head:
+        if not _known:
             return text
         ordered = tuple(sorted(_in(text), key=longest_first))
     for secret in ordered:
@@ -88,13 +97,15 @@ def redact(text: str) -> str:
 
 def _in(text: str) -> set[str]:
     """Every registered secret that is in ``text`` (and those with a "*", see ``_starred``), found through
-    the index of heads: what ``redact`` would replace if it looked for every secret in turn."""
+    the indexes of heads: what ``redact`` would replace if it looked for every secret in turn."""
     found = set(_starred)
-    by_head, width = _by_head, MIN_LENGTH
-    for start in range(len(text) - width + 1):
-        candidates = by_head.get(text[start : start + width])
-        if candidates:
-            found.update(secret for secret in candidates if text.startswith(secret, start))
+    for table, width in ((_by_head, HEAD), (_short_by_head, MIN_LENGTH)):
+        if not table:
+            continue
+        for start in range(len(text) - width + 1):
+            candidates = table.get(text[start : start + width])
+            if candidates:
+                found.update(secret for secret in candidates if text.startswith(secret, start))
     return found
 
 

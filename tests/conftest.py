@@ -110,11 +110,14 @@ def _redaction_registry() -> Iterator[None]:
     """Each test redacts the secrets it registers itself, as a fresh process would: a password of one test
     must not be cut out of the expected text of another."""
     known, ordered = set(redaction._known), redaction._ordered
-    by_head, starred = dict(redaction._by_head), redaction._starred
+    by_head, short_by_head = dict(redaction._by_head), dict(redaction._short_by_head)
+    starred = redaction._starred
     yield
     redaction._known.clear()
     redaction._known.update(known)
     redaction._ordered = ordered
     redaction._by_head.clear()
     redaction._by_head.update(by_head)
+    redaction._short_by_head.clear()
+    redaction._short_by_head.update(short_by_head)
     redaction._starred = starred
