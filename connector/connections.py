@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -85,6 +86,37 @@ def _open_source_oauth2(account: Account, providers: TokenProviders) -> Pop3Clie
         error_type = SourceAuthError if isinstance(exc, OAuthRefusedError) else SourceConnectError
         where = f"{account.host}:{account.effective_port}"
         raise error_type(f"{where}: no OAuth token: {exc.message}") from exc
+
+
+@dataclass(frozen=True)
+class ProbeTarget:
+    """Where and as whom the idle probe (connector/poll/probe.py) logs in: what ``open_source`` would use."""
+
+    host: str
+    port: int
+    # None: plaintext (tls = "none"); else implicit TLS with this context, verifying ``host``.
+    context: ssl.SSLContext | None
+    username: str
+    password: str
+    timeout: float
+
+
+def probe_target(account: Account) -> ProbeTarget | None:
+    """The account's POP3 server for the idle probe; None when the probe cannot log in as ``open_source``
+    does (other login methods, STLS: policies/idle.py ``probe_refusal`` says which)."""
+    if account.auth != "user" or account.tls == "starttls" or account.password is None:
+        return None
+    context = None
+    if account.tls == "implicit":
+        context = shared_ssl_context(verify=account.tls_verify, ca_file=account.ca_file)
+    return ProbeTarget(
+        account.host,
+        account.effective_port,
+        context,
+        account.username,
+        account.password.get_secret_value(),
+        account.timeout.total_seconds(),
+    )
 
 
 def _open_imap_as(
@@ -208,3 +240,14 @@ class Connections:
     open_source: Callable[[Account], Pop3Client] = open_source
     open_destination: Callable[[Destination, Account], DestinationSession] = open_destination
     open_recipient: Callable[[Destination, Account, str], DestinationSession] = open_recipient_destination
+    # Where the idle probe connects; None: where ``open_source`` does when that is the real one.
+    probe: Callable[[Account], ProbeTarget | None] | None = None
+
+    def probe_target(self, account: Account) -> ProbeTarget | None:
+        """The idle probe's target for ``account``; None, so that every poll is a full one, when a test
+        replaced ``open_source`` (with a fake server the probe would not reach) and set no ``probe``."""
+        if self.probe is not None:
+            return self.probe(account)
+        if self.open_source is not open_source:
+            return None
+        return probe_target(account)

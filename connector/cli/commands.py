@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -202,6 +203,7 @@ def _sync(config: Config, ledger: Ledger, args: argparse.Namespace) -> int:
     from connector.connections import Connections
     from connector.ops.progress import SyncProgress, print_summary, summary_rows, sync_progress
     from connector.poll.engine import SyncEngine
+    from connector.poll.rounds import poll_round
 
     accounts = _selected_accounts(config, args.account)
     if not accounts:
@@ -215,11 +217,14 @@ def _sync(config: Config, ledger: Ledger, args: argparse.Namespace) -> int:
     # status page's).
     engine = SyncEngine(config, ledger, Connections(), observers=[display])
 
-    def poll(account: Account) -> PollResult:
-        return engine.poll(account, dry_run=args.dry_run, stop=stop)
-
-    with display, ThreadPoolExecutor(max_workers=config.service.max_workers) as pool:
-        results = list(pool.map(poll, accounts))
+    workers = config.service.max_workers
+    with display:
+        if args.dry_run:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                results = list(pool.map(partial(engine.poll, dry_run=True, stop=stop), accounts))
+        else:
+            # Polls with nothing to do are found by the idle probe (connector/poll/probe.py).
+            results = poll_round(engine, accounts, workers=workers, stop=stop)
     for result in results:
         print("\n".join(dry_run_lines(result)) if args.dry_run else poll_line(result))
     if not args.dry_run:

@@ -29,19 +29,19 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from sqlalchemy import Connection, Engine, Executable, and_, bindparam, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError
 
 from connector.errors import LedgerError
 from connector.ledger.models import AccountRow, LeaseRow, UTCDateTime
 from connector.ledger.prepared import Cursor, Prepared, driver_transaction
+from connector.ledger.transactions import translated
 from connector.policies.lease import Claimant, LeaseHeld, LeaseRecord, holder_name, renew_every, take
 
 log = logging.getLogger("connector.lease")
@@ -203,7 +203,7 @@ class Leases:
         insert it: the loser's INSERT fails on the primary key, and it reads the winner's lease instead."""
         for attempt in (1, 2):
             try:
-                with _translated("take the poll lease"), self.engine.begin() as connection:
+                with translated("take the poll lease"), self.engine.begin() as connection:
                     return self._take(connection, account_id, claimant, ttl)
             except LedgerError as exc:
                 if attempt == 2 or not isinstance(exc.__cause__, IntegrityError):
@@ -277,6 +277,28 @@ class Leases:
             return running
         return PollLease(self, fence)
 
+    def pass_through(self, cursor: Cursor, account_id: int, seen: LeaseRecord | None) -> bool:
+        """Take the lease from the row ``seen`` and release it in the same statement (``cursor``: a write
+        transaction's): the whole use a probed idle poll makes of it (connector/ledger/idle.py). False
+        when the row is no longer ``seen`` (another poll took the account since it was read) or a poll of
+        this process holds the account: the caller then writes nothing for it."""
+        if self.fenced(account_id):
+            return False
+        now, claimant = self._clock(), self._claimant()
+        params: dict[str, object] = {
+            "account": account_id,
+            "fence_generation": (seen.generation if seen is not None else 0) + 1,
+            "fence_holder": claimant.holder,
+            "fence_host": claimant.host,
+            "fence_pid": claimant.pid,
+            "acquired": now,
+            "until": now,  # released: it expires as it is taken
+        }
+        if seen is None:
+            return self._sql.insert.first(cursor, params) is not None
+        params.update(seen_generation=seen.generation, seen_expires=seen.expires_at)
+        return self._sql.take_or_renew.rowcount(cursor, params) == 1
+
     def _claimant(self) -> Claimant:
         pid = os.getpid()
         return Claimant(holder_name(self.host, pid, secrets.token_hex(4)), self.host, pid)
@@ -309,7 +331,7 @@ class Leases:
         )
 
     def current(self, account_id: int) -> LeaseRecord | None:
-        with _translated("read the poll lease"), self.engine.connect() as connection:
+        with translated("read the poll lease"), self.engine.connect() as connection:
             row = connection.execute(_CURRENT, {"account": account_id}).one_or_none()
         return LeaseRecord(*row) if row is not None else None
 
@@ -321,7 +343,7 @@ class Leases:
             .join(AccountRow, AccountRow.id == LeaseRow.account_id)
             .where(LeaseRow.expires_at > self._clock())
         )
-        with _translated("read the poll leases"), self.engine.connect() as connection:
+        with translated("read the poll leases"), self.engine.connect() as connection:
             return {name: LeaseHeld(*held) for name, *held in connection.execute(query)}
 
     # --- fencing -------------------------------------------------------------------------------------
@@ -398,7 +420,7 @@ class Leases:
 
     def _confirm(self, fence: _Fence) -> None:
         """A transaction of its own that only checks (and renews or releases) the lease."""
-        with _translated("renew the poll lease"), driver_transaction(self.engine, write=True) as cursor:
+        with translated("renew the poll lease"), driver_transaction(self.engine, write=True) as cursor:
             self._renew(cursor, fence)
 
     # --- the renewer ---------------------------------------------------------------------------------
@@ -513,11 +535,3 @@ class PollLease:
         except LedgerError as exc:  # it expires by itself after lease_ttl
             log.warning("account %s: cannot release the poll lease: %s", self.account, exc.message)
         self._ended = True
-
-
-@contextmanager
-def _translated(what: str) -> Iterator[None]:
-    try:
-        yield
-    except SQLAlchemyError as exc:
-        raise LedgerError(f"ledger: cannot {what}: {exc.__class__.__name__}: {exc}") from exc

@@ -185,3 +185,30 @@ class QuarantinedMessage:
     pop_size: int | None
     message_id: str | None
     updated_at: datetime
+
+
+@dataclass(frozen=True)
+class LedgerView:
+    """What the idle probe's batch read found for one account (connector/ledger/idle.py), for the rules of
+    connector/policies/idle.py."""
+
+    account_id: int
+    suspended: bool
+    # The account's notes that a full poll may change (identity and UIDL-change notes).
+    noted: bool
+    consecutive_failures: int
+    baseline_taken: bool
+    # Messages by state: delivered ones, and every other row (pending, failed, seen, deleted).
+    delivered: int
+    others: int
+    # Rows missing from the last listing, and delivered ones with no delivery time.
+    missing: int
+    undated: int
+    # The delivery time of the oldest delivered message (None: none delivered).
+    oldest_delivery: datetime | None
+    # Every UIDL of the account joined by line breaks, as the ledger keeps them (None: none).
+    joined: str | None
+    # The lease row as read (None: none yet), which the probe's write must still find; whether the lease
+    # policy (policies/lease.py) lets a poll take it now.
+    lease: LeaseRecord | None
+    lease_free: bool

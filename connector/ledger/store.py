@@ -41,11 +41,12 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from connector.errors import LedgerError
 from connector.ledger.database import READ_ONLY
+from connector.ledger.idle import IdlePolls
 from connector.ledger.journal import Journal, JournalStatements, archive_aged, entry_params, poll_counts
 from connector.ledger.lease import LEASE_FIELDS, Leases
 from connector.ledger.models import AccountRow, LeaseRow, MessageRow, UTCDateTime
@@ -64,6 +65,7 @@ from connector.ledger.records import (
     utcnow,
 )
 from connector.ledger.suspensions import Suspensions
+from connector.ledger.transactions import translated
 from connector.policies.lease import LeaseRecord
 
 # A write kept for the account's next transaction: a statement built once, and this write's values.
@@ -129,6 +131,11 @@ class Ledger:
         compiled at the first poll, not by commands that never poll (``status``: about 10 ms)."""
         return _PollStatements(self.engine.dialect)
 
+    @functools.cached_property
+    def idle(self) -> IdlePolls:
+        """The idle probe's batch read and write (connector/ledger/idle.py)."""
+        return IdlePolls(self.engine, self.leases, self._sql.succeeded)
+
     @contextmanager
     def _deferred_writes(self, account_id: int | None) -> Iterator[list[_Write]]:
         """The account's deferred writes, for a transaction to apply; they leave the queue only once that
@@ -153,7 +160,7 @@ class Ledger:
     def _transaction(self, what: str, account_id: int | None = None) -> Iterator[Session]:
         """A committed transaction; with ``account_id``, it first applies that account's deferred writes."""
         with (
-            _translated(what),
+            translated(what),
             self._deferred_writes(account_id) as deferred,
             self._sessions.begin() as session,
         ):
@@ -166,7 +173,7 @@ class Ledger:
         """As ``_transaction`` on a bare connection: the per-message path has no use for an ORM session,
         which costs about as much CPU as the statements themselves."""
         with (
-            _translated(what),
+            translated(what),
             self._deferred_writes(account_id) as deferred,
             self.engine.begin() as connection,
         ):
@@ -177,7 +184,7 @@ class Ledger:
     def _reading(self, what: str, *, snapshot: bool = False) -> Iterator[Connection]:
         """A read-only transaction through Core; with ``snapshot``, all its statements see the same
         committed state."""
-        with _translated(what), (self._snapshots if snapshot else self._reads).begin() as connection:
+        with translated(what), (self._snapshots if snapshot else self._reads).begin() as connection:
             yield connection
 
     # --- accounts ------------------------------------------------------------------------------------
@@ -217,7 +224,7 @@ class Ledger:
     def poll_start(self, name: str) -> AccountState | None:
         """What a poll reads before it starts, in one query: the account's id, suspension, identity note
         and failure count, and its lease row (connector/ledger/lease.py). None: no such account yet."""
-        with _translated("read account"), driver_transaction(self.engine, write=False, single=True) as cursor:
+        with translated("read account"), driver_transaction(self.engine, write=False, single=True) as cursor:
             row = self._sql.poll_start.first(cursor, {"name": name})
         if row is None:
             return None
@@ -280,7 +287,7 @@ class Ledger:
         driver's cursor; a deferred write other than the prepared ones (rare: notes, a deferred delivery)
         goes through SQLAlchemy with it."""
         statement = self._sql.succeeded if succeeded else self._sql.failed
-        with _translated("record poll result"), self._deferred_writes(account_id) as deferred:
+        with translated("record poll result"), self._deferred_writes(account_id) as deferred:
             if deferred:
                 with self.engine.begin() as connection:
                     self._apply_deferred(connection, account_id, deferred)
@@ -363,7 +370,7 @@ class Ledger:
         sql = self._sql
         statement = sql.undelivered if deletable_until is None else sql.unkept
         with (
-            _translated("read messages"),
+            translated("read messages"),
             driver_transaction(self.engine, write=False, snapshot=True) as cursor,
         ):
             rows = _known_from(statement.rows(cursor, params))
@@ -799,16 +806,6 @@ class _PollStatements:
         self.uidls = Prepared(_UIDLS, dialect)
         self.succeeded = Prepared(_POLL_SUCCEEDED, dialect)
         self.failed = Prepared(_POLL_FAILED, dialect)
-
-
-@contextmanager
-def _translated(what: str) -> Iterator[None]:
-    """Driver errors become ``LedgerError`` naming what the ledger was doing (commit failures included:
-    this wraps the transaction)."""
-    try:
-        yield
-    except SQLAlchemyError as exc:
-        raise LedgerError(f"ledger: cannot {what}: {exc.__class__.__name__}: {exc}") from exc
 
 
 def _insert_for(dialect: str) -> Callable[[Table], Any]:

@@ -1,0 +1,165 @@
+"""The idle probe's ledger work: one read and one write for a batch of accounts (connector/poll/probe.py).
+
+A full poll reads its account (``Ledger.poll_start``), the messages it plans with (``known_to_plan``) and
+writes its result with the lease taken and released (``Ledger.poll_finished``): three transactions per idle
+poll, each with its fixed costs (a pooled connection, BEGIN, COMMIT). The probe does the same work for a
+batch (up to ``BATCH`` accounts):
+
+- ``read``: one snapshot with two statements, the accounts with their lease rows, and per account the
+  counts the probe's rules need (policies/idle.py) with its UIDLs joined into one value;
+- ``record``: one transaction; per account the lease taken from the row the read found and released at
+  once (``Leases.pass_through``: the compare-and-set every poll's first write makes), and when that
+  succeeded, the poll's result, the very statement a full idle poll writes. An account whose lease row
+  changed since the read (another poll took it) gets no result: it is ``busy``, as a full poll would be.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Engine, case, func, literal, select, type_coerce
+from sqlalchemy.sql import ColumnElement
+
+from connector.ledger.database import READ_ONLY
+from connector.ledger.lease import LEASE_FIELDS, Leases, process_alive
+from connector.ledger.models import AccountRow, LeaseRow, MessageRow, UTCDateTime
+from connector.ledger.prepared import Prepared, driver_transaction
+from connector.ledger.records import LedgerView, MessageState
+from connector.ledger.transactions import translated
+from connector.policies.lease import LeaseRecord, expired
+
+# Accounts per read and per write: the per-transaction costs shrink to a hundredth, while one batch's
+# results still reach the ledger within moments of their polls.
+BATCH = 100
+
+_DELIVERED = MessageState.DELIVERED.value
+_NO_MESSAGES = (0, 0, 0, 0, None, None)
+
+
+@dataclass(frozen=True)
+class IdlePoll:
+    """One probed poll that found nothing to do, to record."""
+
+    account_id: int
+    lease: LeaseRecord | None
+    started: datetime
+    next_poll_at: datetime
+    listed: int
+
+
+def _joined(dialect: str) -> ColumnElement[Any]:
+    join = func.string_agg if dialect == "postgresql" else func.group_concat
+    return join(MessageRow.uidl, literal("\n"))
+
+
+class IdlePolls:
+    """Batch reads and writes of probed polls; ``succeeded``: the full poll's result statement."""
+
+    def __init__(self, engine: Engine, leases: Leases, succeeded: Prepared) -> None:
+        self._engine = engine
+        self._leases = leases
+        self._succeeded = succeeded
+        delivered = MessageRow.state == _DELIVERED
+        self._accounts = select(
+            AccountRow.name,
+            AccountRow.id,
+            AccountRow.suspended_at,
+            AccountRow.identity_note,
+            AccountRow.consecutive_failures,
+            AccountRow.baseline_at,
+            *LEASE_FIELDS,
+        ).outerjoin(LeaseRow, LeaseRow.account_id == AccountRow.id)
+        self._messages = select(
+            MessageRow.account_id,
+            func.sum(case((delivered, 1), else_=0)),
+            func.count(),
+            func.sum(case((MessageRow.missing_since.is_not(None), 1), else_=0)),
+            func.sum(case((delivered & MessageRow.delivered_at.is_(None), 1), else_=0)),
+            type_coerce(func.min(case((delivered, MessageRow.delivered_at))), UTCDateTime()),
+            _joined(engine.dialect.name),
+        ).group_by(MessageRow.account_id)
+        # Snapshot reads as ``Ledger._snapshots``: both statements see one state of the ledger.
+        self._reads = engine.execution_options(**{READ_ONLY: True})
+        if engine.dialect.name == "postgresql":
+            self._reads = engine.execution_options(isolation_level="REPEATABLE READ")
+
+    def read(self, names: Sequence[str], now: datetime) -> dict[str, LedgerView]:
+        """The ledger's view of each named account that is in it (absent: not in the ledger yet)."""
+        with translated("read accounts for the idle probe"), self._reads.begin() as connection:
+            accounts = connection.execute(self._accounts.where(AccountRow.name.in_(names))).all()
+            ids = [row[1] for row in accounts]
+            counts = {
+                row[0]: row[1:]
+                for row in connection.execute(self._messages.where(MessageRow.account_id.in_(ids)))
+            }
+        views: dict[str, LedgerView] = {}
+        for name, account_id, suspended_at, note, failures, baseline_at, *lease_row in accounts:
+            lease = LeaseRecord(account_id, *lease_row) if lease_row[0] is not None else None
+            delivered, total, missing, undated, oldest, joined = counts.get(
+                account_id, (0, 0, 0, 0, None, None)
+            )
+            views[name] = LedgerView(
+                account_id=account_id,
+                suspended=suspended_at is not None,
+                noted=note is not None,
+                consecutive_failures=failures or 0,
+                baseline_taken=baseline_at is not None,
+                delivered=delivered or 0,
+                others=(total or 0) - (delivered or 0),
+                missing=missing or 0,
+                undated=undated or 0,
+                oldest_delivery=oldest,
+                joined=joined,
+                lease=lease,
+                lease_free=self._free(lease, now),
+            )
+        return views
+
+    def _free(self, lease: LeaseRecord | None, now: datetime) -> bool:
+        """The lease policy's answer (policies/lease.py ``take``), and no poll of this process has it."""
+        if lease is None:
+            return True
+        if self._leases.fenced(lease.account_id):
+            return False
+        gone = lease.host == self._leases.host and not process_alive(lease.pid)
+        return gone or expired(lease, now)
+
+    def record(self, polls: Sequence[IdlePoll], now: datetime) -> set[int]:
+        """Each poll's result with its lease passed through, in one transaction; the account ids whose
+        lease had changed since the read (their polls are ``busy`` and wrote nothing)."""
+        busy: set[int] = set()
+        # Records no message's fate (as a full idle poll's result): no fsync of its own.
+        with (
+            translated("record the idle probe's polls"),
+            driver_transaction(self._engine, write=True, durable=False) as cursor,
+        ):
+            for poll in polls:
+                if not self._leases.pass_through(cursor, poll.account_id, poll.lease):
+                    busy.add(poll.account_id)
+                    continue
+                self._succeeded.execute(cursor, _result(poll, now))
+        return busy
+
+
+def _result(poll: IdlePoll, now: datetime) -> dict[str, Any]:
+    """The parameters of the full poll's result statement (``Ledger.poll_finished``) for an idle poll."""
+    return {
+        "account": poll.account_id,
+        "now": now,
+        "result": "ok",
+        "error": None,
+        "next": poll.next_poll_at,
+        "delivered": 0,
+        "failed": 0,
+        "deleted": 0,
+        "listed": poll.listed,
+        "started": poll.started,
+    }
+
+
+def chunks(items: Sequence[Any], size: int = BATCH) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
