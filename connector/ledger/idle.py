@@ -69,6 +69,7 @@ class IdlePolls:
             AccountRow.suspended_at,
             AccountRow.identity_note,
             AccountRow.consecutive_failures,
+            AccountRow.last_delivered,
             AccountRow.baseline_at,
             *LEASE_FIELDS,
         ).outerjoin(LeaseRow, LeaseRow.account_id == AccountRow.id)
@@ -96,7 +97,8 @@ class IdlePolls:
                 for row in connection.execute(self._messages.where(MessageRow.account_id.in_(ids)))
             }
         views: dict[str, LedgerView] = {}
-        for name, account_id, suspended_at, note, failures, baseline_at, *lease_row in accounts:
+        for row in accounts:
+            name, account_id, suspended_at, note, failures, last_delivered, baseline_at, *lease_row = row
             lease = LeaseRecord(account_id, *lease_row) if lease_row[0] is not None else None
             delivered, total, missing, undated, oldest, joined = counts.get(
                 account_id, (0, 0, 0, 0, None, None)
@@ -106,6 +108,7 @@ class IdlePolls:
                 suspended=suspended_at is not None,
                 noted=note is not None,
                 consecutive_failures=failures or 0,
+                last_delivered=last_delivered or 0,
                 baseline_taken=baseline_at is not None,
                 delivered=delivered or 0,
                 others=(total or 0) - (delivered or 0),

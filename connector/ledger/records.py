@@ -197,6 +197,8 @@ class LedgerView:
     # The account's notes that a full poll may change (identity and UIDL-change notes).
     noted: bool
     consecutive_failures: int
+    # Messages the last poll delivered: an account that just had mail is likely to have more.
+    last_delivered: int
     baseline_taken: bool
     # Messages by state: delivered ones, and every other row (pending, failed, seen, deleted).
     delivered: int

@@ -10,7 +10,7 @@ So the probe decides one thing only, and conservatively: "this poll has nothing 
   plaintext, no protocol log), else the full poll;
 - ``ledger_refusal``: the ledger gives the plan nothing to decide (no row the plan needs in full: nothing
   pending, failed, seen, deleted, missing from the last listing or due for deletion; no note to clear; the
-  last poll did not fail; no baseline still to take; no live lease);
+  last poll neither failed nor delivered anything; no baseline still to take; no live lease);
 - ``listing_is_idle``: the server lists exactly the UIDLs the ledger keeps, each once, and none of them is
   one the ledger knows in its header-hash form.
 
@@ -56,6 +56,10 @@ def ledger_refusal(account: Account, view: LedgerView | None, now: datetime) -> 
         # A failed login tried by both the probe and the full poll would count twice against the server's
         # lockout (fail2ban and the like): a failing account is polled in full until it succeeds again.
         return "the last poll failed"
+    if view.last_delivered:
+        # Mail tends to come in bursts: probing an account that is busy costs one more login than polling
+        # it in full, so one that just had mail is polled in full until a poll finds nothing again.
+        return "the last poll delivered messages"
     if view.noted:
         return "the account has a note a poll may clear"
     if account.start == "new" and not view.baseline_taken:

@@ -7,12 +7,18 @@ Each account is one date-triggered job that, when its poll ends, schedules the n
 engine chose (the interval with jitter after success, the retry back-off after failure). One job per account
 means two polls of one account never overlap; the executor's size is ``max_workers``. Each job knows when
 it was due, so the service reports every poll's scheduling lag (due to started) to ``on_lag``.
+
+A job whose account the idle probe may try (connector/poll/probe.py) only hands the account to the probe's
+thread and returns: that thread probes the accounts handed to it since its last batch together, records
+the idle ones, and hands each of the others back to the executor for a full poll. Either way the poll's
+end schedules the account's next one, and the account counts as running until then.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import threading
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
@@ -22,9 +28,11 @@ from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from connector.config import Account, Config, enabled_by_name
+from connector.ledger.idle import BATCH
 from connector.ledger.store import Ledger
 from connector.policies.schedule import FirstPoll, Waiting, Why, first_polls, polls_per_second, spread
 from connector.poll.engine import SyncEngine
+from connector.poll.probe import IdleProbe
 from connector.poll.result import PollResult
 from connector.service.reload import AccountChanges, account_changes
 
@@ -58,6 +66,10 @@ class Service:
         # Seconds from when a poll was due to when it started (a poll waits for a free worker).
         self._on_lag = on_lag
         self._running: set[str] = set()  # only touched by add/discard, which are atomic
+        # Accounts handed to the idle probe's thread, which is started with the scheduler.
+        self._probe = IdleProbe(engine, at_once=config.service.max_workers)
+        self._probing: queue.SimpleQueue[Account] = queue.SimpleQueue()
+        self._prober = threading.Thread(target=self._probe_loop, name="idle-probe", daemon=True)
         self._scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(config.service.max_workers)},
             # No instance limit: a poll job adds the account's next run before it returns, and when that run
@@ -150,6 +162,7 @@ class Service:
         if len(accounts) > PER_ACCOUNT_LINES:
             log.info("first polls of %s", first_polls_summary(plan.values()))
         self._scheduler.start()
+        self._prober.start()
         log.info(
             "service started: %d accounts, at most %d polled at once",
             len(accounts),
@@ -165,6 +178,8 @@ class Service:
         """Polls in flight finish their current message (they watch ``self.stop``), then QUIT."""
         self.stop.set()
         log.info("stopping: waiting for polls in flight to finish their current message")
+        if self._prober.is_alive():
+            self._prober.join()  # its sessions in flight end; accounts still queued are not polled
         self._scheduler.shutdown(wait=True)
         log.info("service stopped")
 
@@ -188,13 +203,56 @@ class Service:
             except Exception:  # watching the schedule must never break it
                 log.exception("reporting the scheduling lag failed")
         self._running.add(account.name)
+        if self._probe.refusal(account) is None:
+            self._probing.put(account)  # the probe's thread ends this poll (_probe_loop)
+            return
+        self._poll_in_full(account)
+
+    def _poll_in_full(self, account: Account) -> None:
         try:
             result = self.engine.poll(account, stop=self.stop)
         except Exception:  # the schedule must survive a bug in one poll
             log.exception("account %s: poll crashed", account.name, extra={"account": account.name})
             result = PollResult(account=account.name, status="error", error="internal error (see log)")
-        finally:
-            self._running.discard(account.name)
+        self._finished(account, result)
+
+    def _probe_loop(self) -> None:
+        """The idle probe's thread: each batch is what was handed to it meanwhile (up to ``BATCH``)."""
+        while not self.stop.is_set():
+            try:
+                batch = [self._probing.get(timeout=0.2)]
+            except queue.Empty:
+                continue
+            while len(batch) < BATCH:
+                try:
+                    batch.append(self._probing.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                probed = self._probe.run(batch, self.stop)
+            except Exception:  # a bug in the probe costs its batch a full poll, not the service
+                log.exception("idle probe failed; polling %d account(s) in full", len(batch))
+                probed_full, results = batch, []
+            else:
+                probed_full, results = probed.full, probed.results
+            by_name = {account.name: account for account in batch}
+            for result in results:
+                self._finished(by_name[result.account], result)
+            for account in probed_full:
+                if self.stop.is_set():
+                    self._running.discard(account.name)
+                    continue
+                self._scheduler.add_job(
+                    self._poll_in_full,
+                    args=[account],
+                    id=account.name,
+                    name=f"poll {account.name}",
+                    replace_existing=True,
+                )
+
+    def _finished(self, account: Account, result: PollResult) -> None:
+        """The poll of ``account`` is over: report it and schedule the account's next poll."""
+        self._running.discard(account.name)
         if self._on_result is not None:
             self._on_result(result)
         current = self._current(account.name)  # a reload may have changed or removed it meanwhile
