@@ -100,9 +100,7 @@ class IdlePolls:
         for row in accounts:
             name, account_id, suspended_at, note, failures, last_delivered, baseline_at, *lease_row = row
             lease = LeaseRecord(account_id, *lease_row) if lease_row[0] is not None else None
-            delivered, total, missing, undated, oldest, joined = counts.get(
-                account_id, (0, 0, 0, 0, None, None)
-            )
+            delivered, total, missing, undated, oldest, joined = counts.get(account_id, _NO_MESSAGES)
             views[name] = LedgerView(
                 account_id=account_id,
                 suspended=suspended_at is not None,
