@@ -283,7 +283,8 @@ class Bench:
                     notes=[
                         f"{variant}: CPU per poll connector/baseline {conn_cpu / base_cpu:.1f}x "
                         f"(target <= 2x), {conn_rate:.0f} polls/s (target >= 300); {accounts} accounts, "
-                        "max_workers = 8 (the default); baseline polls one at a time"
+                        "max_workers = 8 (the default: the idle probe keeps 8 sessions in flight in one "
+                        "thread); baseline polls one at a time"
                     ],
                 )
             )

@@ -13,7 +13,6 @@ import resource
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ def _connector(job: dict[str, Any]) -> Callable[[], int]:
     from connector.ledger.database import open_database
     from connector.ledger.store import Ledger
     from connector.poll.engine import SyncEngine
+    from connector.poll.rounds import poll_round
 
     config = load_config(Path(job["config"]))
     assert config.service.database is not None
@@ -48,8 +48,8 @@ def _connector(job: dict[str, Any]) -> Callable[[], int]:
             # In this thread, so that cProfile sees it (several accounts are then polled one at a time).
             results = [engine.poll(account) for account in config.accounts]
         else:
-            with ThreadPoolExecutor(max_workers=config.service.max_workers) as pool:
-                results = list(pool.map(engine.poll, config.accounts))
+            # As `sync` polls them: idle ones found by the idle probe, the others polled in full.
+            results = poll_round(engine, config.accounts, workers=config.service.max_workers)
         failed = [f"{r.account}: {r.error or r.problems}" for r in results if not r.ok or r.problems]
         if failed:
             raise SystemExit("connector poll failed: " + "; ".join(failed[:5]))
