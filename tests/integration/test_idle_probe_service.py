@@ -1,0 +1,131 @@
+"""``run``'s scheduler with the idle probe (connector/service/scheduler.py, connector/poll/probe.py).
+
+The scheduler hands accounts the probe may try to the probe's thread; it records the idle ones and hands
+the others back for a full poll. Against a real Dovecot: idle polls are probed (no full poll), a message
+that arrives is delivered exactly once by a full poll the probe handed the account to, and every poll's
+end schedules the next one.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from connector.config import Account, load_config
+from connector.ledger.database import open_database
+from connector.ledger.store import Ledger
+from connector.poll.engine import SyncEngine
+from connector.poll.events import Finished, PollEvent
+from connector.poll.result import PollResult
+from connector.service.scheduler import Service
+from tests.messages import simple
+from tests.servers.dovecot import Dovecot, MailUser
+
+pytestmark = pytest.mark.integration
+
+# A phase that makes no progress for this long is a hang, not slowness (it never bounds a duration).
+STALL_SECONDS = 120.0
+# Polls of all accounts together without reaching what a phase waits for: it is not coming.
+MORE_POLLS = 100
+
+
+class _CountingEngine(SyncEngine):
+    """Counts the full polls (``SyncEngine.poll``); the probe's polls do not go through it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.full: Counter[str] = Counter()
+
+    def poll(self, account: Account, **kwargs: Any) -> PollResult:
+        self.full[account.name] += 1
+        return super().poll(account, **kwargs)
+
+
+class _Finished:
+    """Every poll's Finished event, as the observers get it, probed or full."""
+
+    def __init__(self) -> None:
+        self.polls: Counter[str] = Counter()
+        self.failed: list[PollResult] = []
+        self.changed = threading.Condition()
+
+    def notify(self, event: PollEvent) -> None:
+        if isinstance(event, Finished):
+            with self.changed:
+                self.polls[event.account] += 1
+                if not event.result.ok:
+                    self.failed.append(event.result)
+                self.changed.notify_all()
+
+    def wait(self, what: str, done: Any) -> None:
+        with self.changed:
+            start = self.polls.total()
+            while not done():
+                assert not self.failed, self.failed[:3]
+                # Polls go on every second whatever the probe does: many without ``done`` is a failure.
+                assert self.polls.total() - start < MORE_POLLS, f"{MORE_POLLS} polls without {what}"
+                before = self.polls.total()
+                self.changed.wait(STALL_SECONDS)
+                assert self.polls.total() > before or done(), f"no poll for {STALL_SECONDS}s ({what})"
+            assert not self.failed, self.failed[:3]
+
+
+def _config(tmp_path: Path, dovecot: Dovecot, sources: list[MailUser], sink: MailUser, url: str) -> Path:
+    lines = [
+        f'[service]\ndatabase = "{url}"\nmax_workers = 4\n',
+        '[defaults]\npoll_interval = "1s"\npoll_jitter = 0\nretention = "keep"\n',
+        f'[[destinations]]\nname = "dovecot"\ntype = "imap"\nhost = "{dovecot.host}"\n'
+        f'port = {dovecot.ports.imap}\ntls = "none"\nusername = "{sink.name}"\n'
+        f'password = "{sink.password}"\n',
+    ]
+    for user in sources:
+        lines.append(
+            f'[[accounts]]\nname = "{user.name}"\nhost = "{dovecot.host}"\nport = {dovecot.ports.pop3}\n'
+            f'tls = "none"\nusername = "{user.name}"\npassword = "{user.password}"\ndestination = "dovecot"\n'
+        )
+    path = tmp_path / "config.toml"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def test_run_probes_idle_accounts_and_delivers_new_mail_once(
+    dovecot: Dovecot, sqlite_url: str, tmp_path: Path
+) -> None:
+    sources = [dovecot.new_user("probed") for _ in range(5)]
+    sink = dovecot.new_user("probesink")
+    for index, user in enumerate(sources):
+        dovecot.seed(user.name, [simple(index)])
+    config = load_config(_config(tmp_path, dovecot, sources, sink, sqlite_url))
+    database = open_database(sqlite_url)
+    finished = _Finished()
+    ledger = Ledger(database)
+    engine = _CountingEngine(config, ledger, observers=[finished])
+    service = Service(config, engine, ledger)
+    names = [user.name for user in sources]
+    service.start()
+    try:
+        # The first poll delivers, the second (in full: the last one delivered) finds nothing, and from then
+        # on the probe polls them.
+        finished.wait("probed polls", lambda: all(finished.polls[n] >= engine.full[n] + 2 for n in names))
+        assert all(engine.full[n] >= 2 for n in names)
+        newcomer = sources[0].name
+        dovecot.seed(newcomer, [simple(99)])
+        full_before = engine.full[newcomer]
+        # The probe hands the account over; the full poll delivers; then it is idle (and probed) again.
+        finished.wait(
+            "the new message delivered and the account probed again",
+            lambda: (
+                engine.full[newcomer] >= full_before + 2
+                and finished.polls[newcomer] >= engine.full[newcomer] + 1
+            ),
+        )
+    finally:
+        service.shutdown()
+        database.dispose()
+    assert dovecot.maildir_count(sink.name) == len(sources) + 1  # each message once, none lost
+    assert all(dovecot.maildir_count(user.name) == 1 for user in sources[1:])
+    assert dovecot.maildir_count(newcomer) == 2  # retention keep
