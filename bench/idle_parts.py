@@ -12,7 +12,9 @@ process; the server's is not counted):
   without the commit's fsync (synchronous FULL / NORMAL), alone and around poplib's poll (the floor of a
   poller in Python that keeps a ledger);
 - the connector's ledger part: the start read, the listing's read, the result written with the lease;
-- the connector's whole idle poll (``SyncEngine.poll``).
+- the connector's whole idle poll (``SyncEngine.poll``);
+- the connector's idle probe (connector/poll/probe.py): a batch of accounts, ``max_workers`` sessions in
+  flight in this one thread, one ledger read and one write per batch.
 
 Not a test: nothing asserts a time. ``--tls`` measures POP3S instead.
 """
@@ -36,14 +38,18 @@ from tests.servers.dovecot import Dovecot
 _T = TypeVar("_T")
 
 
-def measure(label: str, part: Callable[[_T], object], items: Sequence[_T], rounds: int = 2) -> None:
+def measure(
+    label: str, part: Callable[[_T], object], items: Sequence[_T], rounds: int = 2, polls: int = 0
+) -> None:
+    """``part`` of each item, ``rounds`` times; the best CPU per poll (``polls``: how many polls the items
+    are, when an item is several)."""
     best = float("inf")
     for _ in range(rounds):
         gc.collect()
         start = time.process_time()
         for item in items:
             part(item)
-        best = min(best, (time.process_time() - start) / len(items))
+        best = min(best, (time.process_time() - start) / (polls or len(items)))
     print(f"  {label:58s} {best * 1000:6.3f} ms CPU/poll", flush=True)
 
 
@@ -56,10 +62,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from connector.config import Account, load_config
     from connector.connections import open_source
     from connector.ledger.database import open_database
+    from connector.ledger.idle import BATCH
     from connector.ledger.lease import PollLease
     from connector.ledger.records import PollOutcome
     from connector.ledger.store import Ledger
     from connector.poll.engine import SyncEngine
+    from connector.poll.probe import IdleProbe
 
     work = Path(tempfile.mkdtemp(prefix="idle-parts-"))
     with Dovecot(reuse_processes=True) as dovecot:
@@ -158,6 +166,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             list(zip(names, ids, strict=True)),
         )
         measure("connector idle poll (SyncEngine.poll)", engine.poll, accounts)
+
+        probe = IdleProbe(engine, at_once=config.service.max_workers)
+
+        def probed(batch: Sequence[Account]) -> None:
+            outcome = probe.run(batch)
+            assert not outcome.full, f"{len(outcome.full)} handed to the full poll"
+
+        batches = [accounts[start : start + BATCH] for start in range(0, len(accounts), BATCH)]
+        label = f"connector idle probe ({config.service.max_workers} at once, batches of {BATCH})"
+        measure(label, probed, batches, polls=len(accounts))
     return 0
 
 
