@@ -73,6 +73,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("connector.poll.probe")
 
 _RECV = 256 * 1024
+# Seconds a handed-over session waits for its QUIT's reply before it is closed anyway.
+QUIT_WAIT = 2.0
 _TERMINATORS = (b"\n.\r\n", b"\n.\n")  # as the client's reader: a bare-LF variant from sloppy servers
 
 
@@ -112,13 +114,16 @@ class _Session:
     scanned: int = 0
     capabilities: Capabilities = field(default_factory=Capabilities)
     listed: int = 0
-    # Set once the session is over: True (nothing to do), or the reason the full poll takes over.
+    # The outcome: True (nothing to do), or the reason the full poll takes over; and whether the session
+    # is over (a handed-over one may still wait for its QUIT's reply).
     idle: bool = False
     reason: str | None = None
+    done: bool = False
 
-    @property
-    def done(self) -> bool:
-        return self.idle or self.reason is not None
+    def expire(self) -> None:
+        """Its time is up: over, handed over (a handed-over one was only waiting for QUIT's reply)."""
+        self.reason = self.reason or f"no reply within the timeout ({self.step.value})"
+        self.done = True
 
     def events(self) -> int:
         """What the selector waits for in this step."""
@@ -177,7 +182,7 @@ class _Session:
                 return
             if not chunk:
                 if self.step is _Step.QUIT:
-                    self.reason = self.reason or "closed"
+                    self.done = True
                     return
                 raise _HandOver(f"the server closed the connection during {self.step.value}")
             self.buffer += chunk
@@ -236,7 +241,7 @@ class _Session:
     def _advance(self, status: bytes, body: bytes | None) -> None:
         step = self.step
         if step is _Step.QUIT:
-            self.reason = self.reason or "QUIT"
+            self.done = True
             return
         reply = parse_status(status)  # a SourceProtocolError hands over
         if step is _Step.GREETING:
@@ -267,7 +272,7 @@ class _Session:
             # needed (a session closed without it deletes nothing either).
             with contextlib.suppress(OSError, _HandOver):
                 self._send(b"QUIT\r\n")
-            self.idle = True
+            self.idle = self.done = True
 
     def _expect(self, condition: bool, reason: str) -> None:
         if not condition:
@@ -278,19 +283,19 @@ class _Session:
         self._send(command)
 
     def _hand_over(self, reason: str) -> None:
-        """End the session so that the full poll's login finds the maildrop unlocked: QUIT, and its reply
-        awaited when the session got as far as a login (a server holds the maildrop's lock until then)."""
-        logged_in = self.step in (_Step.UIDL,)
+        """The full poll takes the account. A session that got as far as a login sends QUIT and waits a
+        moment for its reply (or the server's close), as a server holds the maildrop's lock until then and
+        the full poll's login would find it locked; the loop goes on meanwhile."""
         self.reason = reason
-        if logged_in:
-            try:
-                self.sock.setblocking(True)
-                self.sock.settimeout(max(0.1, self.deadline - time.monotonic()))
-                self.sock.sendall(b"QUIT\r\n")
-                self.sock.recv(_RECV)
-            except OSError:
-                pass  # closed below; the full poll retries a locked maildrop ([IN-USE]) once
-        self.step = _Step.QUIT
+        if self.step is not _Step.UIDL or self.done:
+            self.done = True
+            return
+        self.step, self.buffer = _Step.QUIT, b""
+        self.deadline = min(self.deadline, time.monotonic() + QUIT_WAIT)
+        try:
+            self._send(b"QUIT\r\n")
+        except (OSError, _HandOver):
+            self.done = True  # closed at once; the full poll retries a locked maildrop ([IN-USE]) once
 
 
 @dataclass
@@ -447,7 +452,7 @@ class _Loop:
                 now = time.monotonic()
                 if earliest <= now:
                     for session in [s for s in running.values() if s.deadline <= now]:
-                        session.reason = f"no reply within the timeout ({session.step.value})"
+                        session.expire()
                         del running[id(session)]
                         _close(selector, session)
         return sessions
@@ -462,6 +467,7 @@ class _Loop:
         except Exception as exc:  # a bug must cost this account's probe, not the batch's
             log.exception("account %s: idle probe failed", session.account.name)
             session.reason = f"internal error: {exc.__class__.__name__}"
+            session.done = True
             wanted = None
         if wanted is None:
             del running[id(session)]
