@@ -29,6 +29,7 @@ import contextlib
 import enum
 import errno
 import logging
+import os
 import selectors
 import socket
 import ssl
@@ -37,7 +38,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from connector.config import Account
 from connector.connections import ProbeTarget
@@ -90,6 +91,8 @@ class _Step(enum.Enum):
 
 
 _MULTILINE = (_Step.CAPA, _Step.UIDL)
+# One address of a host, as getaddrinfo gives it: the family and what connect() takes.
+_Address = tuple[socket.AddressFamily, Any]
 
 
 class _HandOver(Exception):
@@ -105,6 +108,8 @@ class _Session:
     target: ProbeTarget
     kept: set[str]
     sock: socket.socket
+    # The host's other addresses, tried in turn when a connection is refused at once (IPv6 unreachable).
+    addresses: list[_Address]
     deadline: float
     started: datetime
     started_at: float
@@ -113,6 +118,7 @@ class _Session:
     # Where the search for a multi-line reply's terminator goes on (the part before was searched).
     scanned: int = 0
     capabilities: Capabilities = field(default_factory=Capabilities)
+    logged_in: bool = False
     listed: int = 0
     # The outcome: True (nothing to do), or the reason the full poll takes over; and whether the session
     # is over (a handed-over one may still wait for its QUIT's reply).
@@ -138,6 +144,8 @@ class _Session:
         try:
             if self.step is _Step.CONNECT:
                 self._connected()
+                if self.step is _Step.CONNECT:  # under way to the next address
+                    return self.events()
             if self.step is _Step.HANDSHAKE:
                 wanted = self._handshake()
                 if wanted is not None:
@@ -152,7 +160,11 @@ class _Session:
     def _connected(self) -> None:
         error = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if error:
-            raise _HandOver(f"cannot connect: {errno.errorcode.get(error, error)}")
+            self.sock.close()
+            if not self.addresses:
+                raise _HandOver(f"cannot connect: {errno.errorcode.get(error, error)}")
+            self.sock = connect(self.addresses)  # the loop registers the new socket
+            return
         context = self.target.context
         if context is None:
             self.step = _Step.GREETING
@@ -260,6 +272,7 @@ class _Session:
         elif step is _Step.PASS:
             # Not the server's text: a server may echo the password in its refusal.
             self._expect(reply.ok, "PASS refused")
+            self.logged_in = True
             self._next(_Step.UIDL, b"UIDL\r\n")
         else:
             self._expect(reply.ok and body is not None, "UIDL refused")
@@ -287,7 +300,7 @@ class _Session:
         moment for its reply (or the server's close), as a server holds the maildrop's lock until then and
         the full poll's login would find it locked; the loop goes on meanwhile."""
         self.reason = reason
-        if self.step is not _Step.UIDL or self.done:
+        if not self.logged_in or self.done:
             self.done = True
             return
         self.step, self.buffer = _Step.QUIT, b""
@@ -305,6 +318,9 @@ class Probed:
 
     results: list[PollResult] = field(default_factory=list)
     full: list[Account] = field(default_factory=list)
+    # Seconds the full poll of a handed-over account must wait before it logs in: the server announced
+    # LOGIN-DELAY to the probe's session, and may refuse a login sooner (RFC 2449).
+    wait: dict[str, float] = field(default_factory=dict)
 
 
 class IdleProbe:
@@ -355,6 +371,9 @@ class IdleProbe:
         for session in sessions:
             if not session.idle:
                 _handed_over(session.account, session.reason or "", probed)
+                delay = session.capabilities.login_delay if session.logged_in else None
+                if delay:
+                    probed.wait[session.account.name] = float(delay)
         for account, reason in loop.unstarted:
             _handed_over(account, reason, probed)
 
@@ -420,7 +439,7 @@ class _Loop:
     def __init__(self, clock: Clock, at_once: int) -> None:
         self._clock = clock
         self._at_once = at_once
-        self._addresses: dict[tuple[str, int], tuple[socket.AddressFamily, tuple[str, int]]] = {}
+        self._addresses: dict[tuple[str, int], list[_Address]] = {}
         # Accounts whose session never started, and why (the full poll takes them).
         self.unstarted: list[tuple[Account, str]] = []
 
@@ -472,21 +491,18 @@ class _Loop:
         if wanted is None:
             del running[id(session)]
             _close(selector, session)
+        elif session.sock.fileno() != key.fd:  # the next address's connection (_Session._connected)
+            selector.unregister(key.fileobj)
+            selector.register(session.sock, wanted, session)
         elif wanted != key.events:
             selector.modify(session.sock, wanted, session)
 
     def _start(self, account: Account, view: LedgerView, target: ProbeTarget) -> _Session | None:
         try:
-            family, address = self._address(target)
-            sock = socket.socket(family, socket.SOCK_STREAM)
+            addresses = list(self._addresses_of(target))
+            sock = connect(addresses)
         except OSError as exc:
             self.unstarted.append((account, f"cannot connect: {exc}"))
-            return None
-        sock.setblocking(False)
-        error = sock.connect_ex(address)
-        if error not in (0, errno.EINPROGRESS):
-            sock.close()
-            self.unstarted.append((account, f"cannot connect: {errno.errorcode.get(error, error)}"))
             return None
         return _Session(
             account=account,
@@ -494,21 +510,36 @@ class _Loop:
             target=target,
             kept=kept_uidls(view),
             sock=sock,
+            addresses=addresses,
             deadline=time.monotonic() + target.timeout,
             started=self._clock(),
             started_at=time.monotonic(),
         )
 
-    def _address(self, target: ProbeTarget) -> tuple[socket.AddressFamily, tuple[str, int]]:
-        """The host's first address, resolved once per batch (the full poll tries the others)."""
+    def _addresses_of(self, target: ProbeTarget) -> list[_Address]:
+        """The host's addresses, resolved once per batch."""
         key = (target.host, target.port)
         found = self._addresses.get(key)
         if found is None:
-            family, _type, _proto, _name, address = socket.getaddrinfo(
-                target.host, target.port, type=socket.SOCK_STREAM
-            )[0]
-            found = self._addresses[key] = (family, (str(address[0]), int(address[1])))
+            resolved = socket.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
+            found = self._addresses[key] = [(family, address) for family, _t, _p, _n, address in resolved]
         return found
+
+
+def connect(addresses: list[_Address]) -> socket.socket:
+    """A non-blocking connection under way to the first of ``addresses`` that does not refuse at once
+    (taken off the list); OSError when all do."""
+    error: OSError | None = None
+    while addresses:
+        family, address = addresses.pop(0)
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        code = sock.connect_ex(address)
+        if code in (0, errno.EINPROGRESS):
+            return sock
+        sock.close()
+        error = OSError(code, os.strerror(code))
+    raise error or OSError(errno.EHOSTUNREACH, "no address")
 
 
 def _close(selector: selectors.BaseSelector, session: _Session) -> None:

@@ -41,8 +41,18 @@ def poll_round(
         for result in outcome.results:
             results[result.account] = result
         for account in outcome.full:
-            results[account.name] = pool.submit(poll, account)
+            wait = outcome.wait.get(account.name, 0.0)
+            results[account.name] = pool.submit(_after, wait, stop, poll, account)
     return [_value(results[account.name]) for account in accounts]
+
+
+def _after(
+    seconds: float, stop: threading.Event, poll: Callable[[Account], PollResult], account: Account
+) -> PollResult:
+    """``poll(account)`` once ``seconds`` have passed (the server's LOGIN-DELAY since the probe's login)."""
+    if seconds and stop.wait(seconds):
+        return PollResult(account=account.name, status="stopped")
+    return poll(account)
 
 
 def _value(entry: PollResult | Future[PollResult]) -> PollResult:

@@ -32,7 +32,7 @@ from connector.ledger.idle import BATCH
 from connector.ledger.store import Ledger
 from connector.policies.schedule import FirstPoll, Waiting, Why, first_polls, polls_per_second, spread
 from connector.poll.engine import SyncEngine
-from connector.poll.probe import IdleProbe
+from connector.poll.probe import IdleProbe, Probed
 from connector.poll.result import PollResult
 from connector.service.reload import AccountChanges, account_changes
 
@@ -232,18 +232,20 @@ class Service:
                 probed = self._probe.run(batch, self.stop)
             except Exception:  # a bug in the probe costs its batch a full poll, not the service
                 log.exception("idle probe failed; polling %d account(s) in full", len(batch))
-                probed_full, results = batch, []
-            else:
-                probed_full, results = probed.full, probed.results
+                probed = Probed(full=batch)
             by_name = {account.name: account for account in batch}
-            for result in results:
+            for result in probed.results:
                 self._finished(by_name[result.account], result)
-            for account in probed_full:
+            for account in probed.full:
                 if self.stop.is_set():
                     self._running.discard(account.name)
                     continue
+                # After the server's LOGIN-DELAY when the probe's login announced one.
+                wait = timedelta(seconds=probed.wait.get(account.name, 0.0))
                 self._scheduler.add_job(
                     self._poll_in_full,
+                    trigger="date",
+                    run_date=self.engine.clock() + wait,
                     args=[account],
                     id=account.name,
                     name=f"poll {account.name}",
