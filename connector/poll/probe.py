@@ -491,7 +491,9 @@ class _Loop:
         if wanted is None:
             del running[id(session)]
             _close(selector, session)
-        elif session.sock.fileno() != key.fd:  # the next address's connection (_Session._connected)
+        elif session.sock is not key.fileobj:
+            # A new socket: the next address's (the last one's was closed, and its number may have been
+            # reused) or the TLS one wrapping it. The selector must know the new one.
             selector.unregister(key.fileobj)
             selector.register(session.sock, wanted, session)
         elif wanted != key.events:

@@ -1,0 +1,100 @@
+"""The idle probe's connections (connector/poll/probe.py): a host's other addresses, and LOGIN-DELAY.
+
+- A host whose first address refuses (an IPv6 address with nothing listening, say) is reached at the next
+  one, as ``socket.create_connection`` does for the full poll: the probe must not hand every poll of such
+  an account to the full poll.
+- A server that announces LOGIN-DELAY may refuse a login sooner than that after the last one (RFC 2449):
+  when the probe logs in, finds new mail and hands the account over, the full poll waits that long.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from connector.config import Account
+from connector.poll.engine import SyncEngine
+from connector.poll.result import PollResult
+from connector.poll.rounds import poll_round
+from tests.integration.conftest import SyncFactory, scripted
+from tests.messages import simple
+from tests.servers.scripted_pop3 import Pop3Session, ScriptedPop3Server, StoredMessage
+
+pytestmark = pytest.mark.integration
+
+
+class _Full:
+    """The full polls of a round, counted (the probe's polls do not go through it)."""
+
+    def __init__(self, engine: SyncEngine) -> None:
+        self.engine = engine
+        self.count: Counter[str] = Counter()
+
+    def __call__(self, account: Account) -> PollResult:
+        self.count[account.name] += 1
+        return self.engine.poll(account)
+
+
+def _idle(engine: SyncEngine, account: Account) -> None:
+    """The first poll delivers; the second finds nothing, so the next one is probed."""
+    assert engine.poll(account).delivered
+    assert engine.poll(account).idle
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_the_next_address_is_tried_when_the_first_refuses(
+    make_sync: SyncFactory, pop3: ScriptedPop3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config, engine = make_sync(account=scripted(pop3), defaults={"retention": "keep"})
+    account = config.accounts[0]
+    _idle(engine, account)
+    refused = _closed_port()
+    real = socket.getaddrinfo
+
+    def two_addresses(host: str, port: int, *args: Any, **kwargs: Any) -> Any:
+        # As "localhost" resolving to ::1 and 127.0.0.1 with the server on the second one only.
+        first = real(host, refused, *args, **kwargs)[0]
+        return [first, *real(host, port, *args, **kwargs)]
+
+    monkeypatch.setattr(socket, "getaddrinfo", two_addresses)
+    full = _Full(engine)
+    [result] = poll_round(engine, [account], workers=2, full_poll=full)
+    assert result.ok and result.idle
+    assert not full.count  # probed at the second address, not handed over
+
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, port, *a, **k: real(host, refused, *a, **k))
+    [result] = poll_round(engine, [account], workers=2, full_poll=full)
+    assert full.count[account.name] == 1  # no address answered: the full poll tried (and reports)
+
+
+def test_the_full_poll_waits_for_login_delay_after_the_probe_logged_in(
+    make_sync: SyncFactory, mail_users: Any
+) -> None:
+    messages = [StoredMessage("uid-0", simple(0))]
+    with ScriptedPop3Server(messages, capabilities=["LOGIN-DELAY 1"]) as server:
+        logins: list[float] = []
+
+        def record_login(session: Pop3Session, argument: str) -> None:
+            logins.append(time.monotonic())
+            session.default("PASS", argument)
+
+        server.on("PASS", record_login)
+        config, engine = make_sync(account=scripted(server), defaults={"retention": "keep"})
+        account = config.accounts[0]
+        _idle(engine, account)
+        server.messages.append(StoredMessage("uid-1", simple(1)))
+        logins.clear()
+        full = _Full(engine)
+        [result] = poll_round(engine, [account], workers=2, full_poll=full)
+    assert result.delivered == 1 and full.count[account.name] == 1
+    probe_login, full_login = logins
+    assert full_login - probe_login >= 1.0  # not sooner than the server's LOGIN-DELAY allows
