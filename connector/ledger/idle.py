@@ -115,16 +115,16 @@ class IdlePolls:
                 oldest_delivery=oldest,
                 joined=joined,
                 lease=lease,
-                lease_free=self._free(lease, now),
+                lease_free=self._free(account_id, lease, now),
             )
         return views
 
-    def _free(self, lease: LeaseRecord | None, now: datetime) -> bool:
+    def _free(self, account_id: int, lease: LeaseRecord | None, now: datetime) -> bool:
         """The lease policy's answer (policies/lease.py ``take``), and no poll of this process has it."""
+        if self._leases.fenced(account_id):  # a poll of this process has it (or takes it at its first write)
+            return False
         if lease is None:
             return True
-        if self._leases.fenced(lease.account_id):
-            return False
         gone = lease.host == self._leases.host and not process_alive(lease.pid)
         return gone or expired(lease, now)
 
