@@ -36,7 +36,8 @@ from connector.policies.lease import LeaseRecord, expired
 BATCH = 100
 
 _DELIVERED = MessageState.DELIVERED.value
-_NO_MESSAGES = (0, 0, 0, 0, None, None)
+_SEEN = MessageState.SEEN.value
+_NO_MESSAGES = (0, 0, 0, 0, 0, None, None)
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ class IdlePolls:
             func.count(),
             func.sum(case((MessageRow.missing_since.is_not(None), 1), else_=0)),
             func.sum(case((delivered & MessageRow.delivered_at.is_(None), 1), else_=0)),
+            func.sum(case((MessageRow.state == _SEEN, 1), else_=0)),
             type_coerce(func.min(case((delivered, MessageRow.delivered_at))), UTCDateTime()),
             _joined(engine.dialect.name),
         ).group_by(MessageRow.account_id)
@@ -100,7 +102,7 @@ class IdlePolls:
         for row in accounts:
             name, account_id, suspended_at, note, failures, last_delivered, baseline_at, *lease_row = row
             lease = LeaseRecord(account_id, *lease_row) if lease_row[0] is not None else None
-            delivered, total, missing, undated, oldest, joined = counts.get(account_id, _NO_MESSAGES)
+            delivered, total, missing, undated, seen, oldest, joined = counts.get(account_id, _NO_MESSAGES)
             views[name] = LedgerView(
                 account_id=account_id,
                 suspended=suspended_at is not None,
@@ -109,7 +111,8 @@ class IdlePolls:
                 last_delivered=last_delivered or 0,
                 baseline_taken=baseline_at is not None,
                 delivered=delivered or 0,
-                others=(total or 0) - (delivered or 0),
+                others=(total or 0) - (delivered or 0) - (seen or 0),
+                seen=seen or 0,
                 missing=missing or 0,
                 undated=undated or 0,
                 oldest_delivery=oldest,

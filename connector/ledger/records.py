@@ -200,7 +200,7 @@ class LedgerView:
     # Messages the last poll delivered: an account that just had mail is likely to have more.
     last_delivered: int
     baseline_taken: bool
-    # Messages by state: delivered ones, and every other row (pending, failed, seen, deleted).
+    # Messages by state: delivered ones, and every other row but ``seen`` ones (pending, failed, deleted).
     delivered: int
     others: int
     # Rows missing from the last listing, and delivered ones with no delivery time.
@@ -214,3 +214,5 @@ class LedgerView:
     # policy (policies/lease.py) lets a poll take it now.
     lease: LeaseRecord | None
     lease_free: bool
+    # Messages a baseline recorded as seen (start = "new"): left on the server, like kept ones.
+    seen: int = 0

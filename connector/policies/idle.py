@@ -9,13 +9,13 @@ So the probe decides one thing only, and conservatively: "this poll has nothing 
 - ``probe_refusal``: the account's settings are ones the probe speaks (USER/PASS over implicit TLS or
   plaintext, no protocol log), else the full poll;
 - ``ledger_refusal``: the ledger gives the plan nothing to decide (no row the plan needs in full: nothing
-  pending, failed, seen, deleted, missing from the last listing or due for deletion; no note to clear; the
+  pending, failed, deleted, missing from the last listing or due for deletion; no note to clear; the
   last poll neither failed nor delivered anything; no baseline still to take; no live lease);
-- ``listing_is_idle``: the server lists exactly the UIDLs the ledger keeps, each once, and none of them is
-  one the ledger knows in its header-hash form.
+- ``listing_is_idle``: the server lists exactly the UIDLs the ledger keeps (delivered, or seen by a
+  ``start = "new"`` baseline), each once, and none of them is one the ledger knows in its header-hash form.
 
-Under those, ``plan.plan_poll`` makes an empty plan (tests/unit/policies/test_idle.py checks it against the
-planner), and the full poll would write its result and nothing else.
+Under those, ``plan.plan_poll`` makes an empty plan but for its count of ``seen`` messages (a property test
+checks it against the planner), and the full poll would write its result and nothing else.
 """
 
 from __future__ import annotations
@@ -73,14 +73,16 @@ def ledger_refusal(account: Account, view: LedgerView | None, now: datetime) -> 
 
 
 def kept_uidls(view: LedgerView) -> set[str]:
-    """The UIDLs the ledger keeps (given ``ledger_refusal`` found none other)."""
+    """The UIDLs the ledger expects on the server: delivered ones it keeps and ones a baseline recorded
+    as seen (given ``ledger_refusal`` found no other row)."""
     return set(view.joined.split("\n")) if view.joined else set()
 
 
 def listing_is_idle(listing: MessageList, unlisted: int, kept: Set[str], view: LedgerView) -> bool:
     """The server lists exactly the kept UIDLs, each once, with no malformed line, and the ledger knows
     none in its header-hash form: the plan is empty."""
-    if unlisted or len(listing) != view.delivered or len(kept) != view.delivered:
+    expected = view.delivered + view.seen
+    if unlisted or len(listing) != expected or len(kept) != expected:
         return False  # a malformed line, a UIDL listed twice (or a line break in one kept: never ours)
     if hashed_uidls(KnownMessages(kept=kept, joined=view.joined)):
         return False
