@@ -64,6 +64,7 @@ class IdlePolls:
         self._leases = leases
         self._succeeded = succeeded
         delivered = MessageRow.state == _DELIVERED
+        deletable = delivered & MessageRow.headers_only.is_not(True)
         self._accounts = select(
             AccountRow.name,
             AccountRow.id,
@@ -81,7 +82,8 @@ class IdlePolls:
             func.sum(case((MessageRow.missing_since.is_not(None), 1), else_=0)),
             func.sum(case((delivered & MessageRow.delivered_at.is_(None), 1), else_=0)),
             func.sum(case((MessageRow.state == _SEEN, 1), else_=0)),
-            type_coerce(func.min(case((delivered, MessageRow.delivered_at))), UTCDateTime()),
+            # The retention never deletes a headers-only delivery (the server has the only whole copy).
+            type_coerce(func.min(case((deletable, MessageRow.delivered_at))), UTCDateTime()),
             _joined(engine.dialect.name),
         ).group_by(MessageRow.account_id)
         # Snapshot reads as ``Ledger._snapshots``: both statements see one state of the ledger.

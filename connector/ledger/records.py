@@ -206,7 +206,7 @@ class LedgerView:
     # Rows missing from the last listing, and delivered ones with no delivery time.
     missing: int
     undated: int
-    # The delivery time of the oldest delivered message (None: none delivered).
+    # The delivery time of the oldest delivered message the retention may delete (None: none).
     oldest_delivery: datetime | None
     # Every UIDL of the account joined by line breaks, as the ledger keeps them (None: none).
     joined: str | None
