@@ -1,7 +1,8 @@
-"""What another design of the idle poll would cost: ``python -m bench.idle_design`` (issue 16, scenario 5).
+"""The floor of the idle probe's design: ``python -m bench.idle_design`` (issue 16, scenario 5).
 
-Not the connector: a measurement of the floor of a design it does not have, to decide whether issue 16's
-goal (an idle poll at most 2 x the bare loop's CPU) is worth a rebuild of the idle path. The design:
+Not the connector: the measurement, made before the idle probe was built (connector/poll/probe.py), of
+the least that design costs, which decided the rebuild of the idle path. Kept as that floor: the probe's
+own cost is scenario 5 of ``python -m bench`` and ``python -m bench.idle_parts``. The design:
 
 - one thread drives up to ``--at-once`` POP3 sessions with non-blocking sockets (``selectors``): no poll
   threads, so no GIL hand-off at every socket call (with ``max_workers = 8`` the connector's threads cost
