@@ -15,6 +15,7 @@ from connector.errors import ConfigError
 from connector.ledger.store import Ledger
 from connector.ops.observers import operations_listener, standard_observers
 from connector.poll.engine import SyncEngine
+from connector.poll.probe import IdleProbe
 from connector.poll.result import PollResult
 from connector.service.reload import service_changes
 from connector.service.scheduler import Service
@@ -47,7 +48,12 @@ class Runtime:
         self.health = observers.health
         engine = SyncEngine(config, ledger, connections, observers=observers.all())
         self.service = Service(
-            config, engine, ledger, on_result=_log_result, on_lag=observers.metrics.observe_lag
+            config,
+            engine,
+            ledger,
+            on_result=_log_result,
+            on_lag=observers.metrics.observe_lag,
+            probe=IdleProbe(engine, at_once=config.service.max_workers),
         )
         self.reload_requested = threading.Event()
         self.server = operations_listener(lambda: self.service.config, ledger, observers)

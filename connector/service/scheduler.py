@@ -8,10 +8,11 @@ engine chose (the interval with jitter after success, the retry back-off after f
 means two polls of one account never overlap; the executor's size is ``max_workers``. Each job knows when
 it was due, so the service reports every poll's scheduling lag (due to started) to ``on_lag``.
 
-A job whose account the idle probe may try (connector/poll/probe.py) only hands the account to the probe's
-thread and returns: that thread probes the accounts handed to it since its last batch together, records
-the idle ones, and hands each of the others back to the executor for a full poll. Either way the poll's
-end schedules the account's next one, and the account counts as running until then.
+With an idle probe (connector/poll/probe.py; `run` has one), a job whose account the probe may try only
+hands the account to the probe's thread and returns: that thread probes the accounts handed to it since
+its last batch together, records the idle ones, and hands each of the others back to the executor for a
+full poll. Either way the poll's end schedules the account's next one, and the account counts as running
+until then.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class Service:
         *,
         on_result: Callable[[PollResult], None] | None = None,
         on_lag: Callable[[float], None] | None = None,
+        probe: IdleProbe | None = None,
     ) -> None:
         self.config = config
         # Each poll looks its account up (a reload may have changed it): by name, not a scan of the list,
@@ -66,8 +68,9 @@ class Service:
         # Seconds from when a poll was due to when it started (a poll waits for a free worker).
         self._on_lag = on_lag
         self._running: set[str] = set()  # only touched by add/discard, which are atomic
-        # Accounts handed to the idle probe's thread, which is started with the scheduler.
-        self._probe = IdleProbe(engine, at_once=config.service.max_workers)
+        # The idle probe (None: every poll is a full one) and the accounts handed to its thread, which is
+        # started with the scheduler.
+        self._probe = probe
         self._probing: queue.SimpleQueue[Account] = queue.SimpleQueue()
         self._prober = threading.Thread(target=self._probe_loop, name="idle-probe", daemon=True)
         self._scheduler = BackgroundScheduler(
@@ -162,7 +165,8 @@ class Service:
         if len(accounts) > PER_ACCOUNT_LINES:
             log.info("first polls of %s", first_polls_summary(plan.values()))
         self._scheduler.start()
-        self._prober.start()
+        if self._probe is not None:
+            self._prober.start()
         log.info(
             "service started: %d accounts, at most %d polled at once",
             len(accounts),
@@ -203,7 +207,7 @@ class Service:
             except Exception:  # watching the schedule must never break it
                 log.exception("reporting the scheduling lag failed")
         self._running.add(account.name)
-        if self._probe.refusal(account) is None:
+        if self._probe is not None and self._probe.refusal(account) is None:
             self._probing.put(account)  # the probe's thread ends this poll (_probe_loop)
             return
         self._poll_in_full(account)
@@ -228,6 +232,7 @@ class Service:
                     batch.append(self._probing.get_nowait())
                 except queue.Empty:
                     break
+            assert self._probe is not None  # the thread runs only with a probe
             try:
                 probed = self._probe.run(batch, self.stop)
             except Exception:  # a bug in the probe costs its batch a full poll, not the service

@@ -20,6 +20,7 @@ from connector.ledger.database import open_database
 from connector.ledger.store import Ledger
 from connector.poll.engine import SyncEngine
 from connector.poll.events import Finished, PollEvent
+from connector.poll.probe import IdleProbe
 from connector.poll.result import PollResult
 from connector.service.scheduler import Service
 from tests.messages import simple
@@ -104,7 +105,7 @@ def test_run_probes_idle_accounts_and_delivers_new_mail_once(
     finished = _Finished()
     ledger = Ledger(database)
     engine = _CountingEngine(config, ledger, observers=[finished])
-    service = Service(config, engine, ledger)
+    service = Service(config, engine, ledger, probe=IdleProbe(engine, at_once=4))
     names = [user.name for user in sources]
     service.start()
     try:

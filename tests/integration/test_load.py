@@ -23,6 +23,7 @@ from connector.config import load_config
 from connector.ledger.database import open_database
 from connector.ledger.store import Ledger
 from connector.poll.engine import SyncEngine
+from connector.poll.probe import IdleProbe
 from connector.poll.result import PollResult
 from connector.service.scheduler import Service
 from tests.messages import simple
@@ -117,7 +118,10 @@ def test_many_accounts_for_several_cycles(
     database = open_database(sqlite_url)
     polls = Polls()
     ledger = Ledger(database)
-    service = Service(config, SyncEngine(config, ledger), ledger, on_result=polls)
+    engine = SyncEngine(config, ledger)
+    # As `run` builds it: idle polls are the idle probe's (connector/poll/probe.py), the others full polls.
+    probe = IdleProbe(engine, at_once=config.service.max_workers)
+    service = Service(config, engine, ledger, on_result=polls, probe=probe)
     names = [user.name for user in sources]
     peaks = []
     service.start()
