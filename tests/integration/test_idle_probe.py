@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
-from sqlalchemy import Engine, select
+from pydantic import SecretStr
+from sqlalchemy import Engine, select, update
 
 from connector.config import Account, Config, load_config
 from connector.ledger.database import open_database
@@ -38,7 +39,7 @@ from connector.poll.events import Finished, Planned, PollEvent, Started
 from connector.poll.result import PollResult
 from connector.poll.rounds import poll_round
 from tests.configs import write_tables
-from tests.delivery import assert_exactly_once
+from tests.delivery import assert_exactly_once, assert_nothing_lost
 from tests.messages import simple
 from tests.servers.courier import Courier, CourierError, CourierUnavailable
 from tests.servers.dovecot import Dovecot, MailUser, MailUsers, make_test_ca
@@ -201,9 +202,7 @@ def _without(row: dict[str, Any] | None, *names: str) -> dict[str, Any]:
 
 
 @pytest.fixture
-def make_rig(
-    tmp_path: Path, dovecot: Dovecot, mail_users: MailUsers, database: str
-) -> Iterator[RigFactory]:
+def make_rig(tmp_path: Path, dovecot: Dovecot, mail_users: MailUsers, database: str) -> Iterator[RigFactory]:
     """``make_rig(count=1, account={...}, clock=None, proxy=False, tls=False, source=None, each=None)``:
     ``count`` accounts on Dovecot's plain POP3 port (POP3S with ``tls``; or ``source``: ``(server, port,
     new_user)``), through a connection-counting proxy with ``proxy``; ``each``: fields per account."""
@@ -301,7 +300,9 @@ def test_a_probed_idle_poll_writes_what_a_full_idle_poll_writes(make_rig: RigFac
     """Two accounts alike, polled at the same instant: one in full, one by the probe. Their account rows
     and lease rows must be the same but for who they are (the lease's holder is random per poll)."""
     clock = Clock(T0)
-    rig = make_rig(count=2, account={"retention": "keep", "poll_jitter": 0, "poll_interval": "7m"}, clock=clock)
+    rig = make_rig(
+        count=2, account={"retention": "keep", "poll_jitter": 0, "poll_interval": "7m"}, clock=clock
+    )
     rig.seed(0)
     rig.seed(1)
     for account in rig.accounts:
@@ -386,7 +387,7 @@ def test_a_new_message_is_handed_over_and_delivered_once(
     # With "delete", the first poll's DELE leaves a ``deleted`` row, which the plan must see once more
     # (gone from the listing: pruned); with "keep" the next round is the probe's at once.
     assert _rounds_until_probed(rig) == (1 if retention == "delete" else 0)
-    (new,) = rig.seed()
+    rig.seed()
     full_before = len(rig.full)
     (result,) = rig.round()
     assert rig.full[full_before:] == [rig.name()]
@@ -488,12 +489,15 @@ def test_an_account_another_process_polls_is_not_probed_and_recorded_busy(make_r
     assert after.status == "ok" and after.idle and rig.full == [rig.name()]
 
 
-@pytest.mark.parametrize("meanwhile", ["taken", "taken and released", "first row inserted"])
+@pytest.mark.parametrize(
+    "meanwhile", ["taken", "taken and released", "first row inserted", "renewed by its stalled holder"]
+)
 def test_an_account_taken_between_the_probes_read_and_write_is_busy_and_unrecorded(
     make_rig: RigFactory, meanwhile: str
 ) -> None:
     """Another process takes the account after the probe read the ledger (and found the lease free) and
-    before its write: the write's compare-and-set fails, the poll is ``busy`` and writes nothing."""
+    before its write: the write's compare-and-set fails, the poll is ``busy`` and writes nothing. The same
+    when a poll whose lease had expired (a stall) wakes up and renews it."""
     rig = make_rig(account={"retention": "keep"})
     if meanwhile == "first row inserted":
         rig.engine.ledger.account_id(rig.name())  # in the ledger, never polled: no lease row, nothing kept
@@ -502,6 +506,18 @@ def test_an_account_taken_between_the_probes_read_and_write_is_busy_and_unrecord
         rig.seed()
         _first_polls(rig)
     other = Ledger(rig.new_engine().ledger.engine)
+    stalled: list[PollLease] = []
+    if meanwhile == "renewed by its stalled holder":
+        lease = other.leases.take_for_poll(rig.account_id(), rig.name(), TTL)
+        assert isinstance(lease, PollLease)
+        lease._stop_renewer()
+        stalled.append(lease)
+        with rig.engine.ledger.engine.begin() as connection:
+            connection.execute(
+                update(LeaseRow)
+                .where(LeaseRow.account_id == rig.account_id())
+                .values(expires_at=datetime.now(UTC) - timedelta(seconds=1))
+            )
     idle = rig.engine.ledger.idle
     original = idle.read
     taken: list[PollLease] = []
@@ -510,6 +526,11 @@ def test_an_account_taken_between_the_probes_read_and_write_is_busy_and_unrecord
     def read_then_take(names: Sequence[str], now: datetime) -> dict[str, LedgerView]:
         views = original(names, now)
         assert views[rig.name()].lease_free
+        if stalled:
+            stalled[0].confirm()  # the stalled poll woke up: its lease is live again
+            taken.append(stalled[0])
+            seen.append(rig.lease_row())
+            return views
         lease = other.leases.take_for_poll(rig.account_id(), rig.name(), TTL)
         assert isinstance(lease, PollLease)
         taken.append(lease)
@@ -736,3 +757,31 @@ def test_retention_by_days_probes_until_a_delivery_is_due_for_deletion(
     assert (due.status, due.deleted) == ("ok", 1), due.error
     assert dovecot.maildir_count(rig.users[0].name) == 0
     assert_exactly_once(rig.seeded, dovecot.imap_messages(rig.destination.name))
+
+
+# --- credentials the full poll refuses to send ----------------------------------------------------------
+
+
+def test_a_password_with_a_line_break_is_never_sent_by_the_probe(
+    make_rig: RigFactory, dovecot: Dovecot
+) -> None:
+    """The full poll refuses to send a USER or PASS argument with a line break (it would be two commands);
+    so must the probe. Here the line after the real password is a DELE of a message not delivered yet:
+    sent, it would be carried out at the QUIT of the probe's hand-over, and the message lost."""
+    rig = make_rig(account={"retention": "keep"}, proxy=True)
+    rig.seed()
+    _first_polls(rig)
+    rig.seed()
+    # As TOML's "\r\n" escape (or an accounts file's quoted field) gives it.
+    password = SecretStr(f"{rig.users[0].password}\r\nDELE 2")
+    account = rig.accounts[0].model_copy(update={"password": password})
+    connections = _connections(rig)
+    (result,) = rig.round([account])
+    assert result.status == "auth_error" and result.error is not None
+    assert "contains a line break" in result.error
+    assert_nothing_lost(
+        rig.seeded, dovecot.imap_messages(rig.destination.name), dovecot.pop3_contents(rig.users[0].name)
+    )
+    assert dovecot.maildir_count(rig.users[0].name) == 2
+    # One connection, the full poll's, which refused to send the credentials (the probe made none).
+    assert _connections(rig) == connections + 1
