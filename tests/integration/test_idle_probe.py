@@ -11,6 +11,7 @@ proxy in front of the server where a test needs them.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -785,3 +786,56 @@ def test_a_password_with_a_line_break_is_never_sent_by_the_probe(
     assert dovecot.maildir_count(rig.users[0].name) == 2
     # One connection, the full poll's, which refused to send the credentials (the probe made none).
     assert _connections(rig) == connections + 1
+
+
+# --- two processes recording the same accounts in opposite orders -----------------------------------------
+
+
+@pytest.mark.parametrize("database", ["postgresql"], indirect=True)
+def test_two_processes_recording_the_same_accounts_in_opposite_orders_do_not_deadlock(
+    make_rig: RigFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each batch write locks its accounts' lease and account rows one after another. Two processes whose
+    batches hold the same accounts in another order (another configuration, ``sync --account``) each held
+    a row the other waited for: PostgreSQL broke the deadlock by failing one write, whose whole batch then
+    went to full polls. Here each write pauses after its first account until the other's has done its
+    first too (or for a second, when the other waits on a row lock)."""
+    rig = make_rig(count=2, account={"retention": "keep"})
+    rig.seed(0)
+    rig.seed(1)
+    _first_polls(rig)
+    engines = [rig.new_engine(), rig.new_engine()]
+    both_first = threading.Barrier(2, timeout=1)
+    for engine in engines:
+        leases = engine.ledger.leases
+        original = leases.pass_through
+        done: list[int] = []
+
+        def pass_through(
+            cursor: Any, account_id: int, seen: Any, original: Any = original, done: list[int] = done
+        ) -> bool:
+            passed: bool = original(cursor, account_id, seen)
+            done.append(account_id)
+            if len(done) == 1:
+                with contextlib.suppress(threading.BrokenBarrierError):
+                    both_first.wait()
+            return passed
+
+        leases.pass_through = pass_through  # type: ignore[method-assign]
+    caplog.set_level(logging.WARNING, logger="connector.poll.probe")
+    results: list[list[PollResult]] = [[], []]
+    orders = [rig.accounts, rig.accounts[::-1]]
+    threads = [
+        threading.Thread(target=lambda i=i: results[i].extend(rig.round(orders[i], engine=engines[i])))
+        for i in (0, 1)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert [r.getMessage() for r in caplog.records if "cannot record" in r.getMessage()] == []
+    assert rig.full == []
+    # Each account recorded once, by one process; the other found it taken and skipped it as busy.
+    for account in rig.accounts:
+        statuses = sorted(r.status for batch in results for r in batch if r.account == account.name)
+        assert statuses == ["busy", "ok"]
