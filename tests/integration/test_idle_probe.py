@@ -102,6 +102,8 @@ class Rig:
     database: str
     build: Callable[[dict[str, Any]], Config]
     clock: Clock | None
+    # In front of the POP3 server when the test counts connections (each one login).
+    proxy: FaultProxy | None = None
     config: Config = field(init=False)
     engine: SyncEngine = field(init=False)
     events: Events = field(default_factory=Events)
@@ -254,8 +256,9 @@ def make_rig(tmp_path: Path, dovecot: Dovecot, mail_users: MailUsers, database: 
             path = tmp_path / f"config-{len(rigs)}-{next(written)}.toml"
             return load_config(write_tables(path, database, [destination], tables))
 
-        rig = Rig(server, sources, mail_users.destination, database, build, clock)
-        rig.proxy = proxies[-1] if proxy else None  # type: ignore[attr-defined]
+        rig = Rig(
+            server, sources, mail_users.destination, database, build, clock, proxies[-1] if proxy else None
+        )
         rigs.append(rig)
         return rig
 
@@ -269,8 +272,8 @@ def make_rig(tmp_path: Path, dovecot: Dovecot, mail_users: MailUsers, database: 
 
 
 def _connections(rig: Rig) -> int:
-    proxy: FaultProxy = rig.proxy  # type: ignore[attr-defined]
-    return proxy.connections
+    assert rig.proxy is not None
+    return rig.proxy.connections
 
 
 def _first_polls(rig: Rig) -> None:
