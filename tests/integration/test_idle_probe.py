@@ -496,6 +496,36 @@ def test_an_account_another_process_polls_is_not_probed_and_recorded_busy(make_r
     assert after.status == "ok" and after.idle and rig.full == [rig.name()]
 
 
+@pytest.mark.parametrize("lease_row", [True, False])
+def test_an_account_a_poll_of_this_process_holds_is_busy_and_unrecorded(
+    make_rig: RigFactory, lease_row: bool
+) -> None:
+    """A poll of this very process (``run``'s scheduler, say) has reserved the account: nothing in the
+    ledger says so before its first write, yet the probe must not record a poll of it (the lease row it
+    read is free, or there is none yet)."""
+    rig = make_rig(account={"retention": "keep"}, proxy=True)
+    if lease_row:
+        rig.seed()
+        _first_polls(rig)
+    else:
+        rig.engine.ledger.account_id(rig.name())  # in the ledger, never polled: no lease row, nothing kept
+    connections = _connections(rig)
+    ledger = rig.engine.ledger
+    seen = ledger.leases.current(rig.account_id())
+    assert (seen is not None) == lease_row
+    reserved = ledger.leases.reserve_for_poll(rig.account_id(), rig.name(), TTL, seen)
+    assert isinstance(reserved, PollLease)
+    row, lease = rig.account_row(), rig.lease_row()
+    try:
+        (result,) = rig.round()
+    finally:
+        reserved.close()
+    assert result.status == "busy", result.error
+    assert rig.account_row() == row and rig.lease_row() == lease
+    if lease_row:  # the read already says so: not probed (nor logged in by the full poll, which is busy)
+        assert _connections(rig) == connections
+
+
 @pytest.mark.parametrize(
     "meanwhile", ["taken", "taken and released", "first row inserted", "renewed by its stalled holder"]
 )
