@@ -25,6 +25,7 @@ from connector.errors import (
 )
 from connector.oauth import DEFAULT_PROVIDERS, TokenProvider, TokenProviders, login_with_token
 from connector.pop3 import Pop3Client, connect_pop3
+from connector.pop3.client import FORBIDDEN_IN_ARGUMENTS
 from connector.tls import shared_ssl_context
 
 if TYPE_CHECKING:
@@ -103,8 +104,13 @@ class ProbeTarget:
 
 def probe_target(account: Account) -> ProbeTarget | None:
     """The account's POP3 server for the idle probe; None when the probe cannot log in as ``open_source``
-    does (other login methods, STLS: policies/idle.py ``probe_refusal`` says which)."""
+    does (other login methods, STLS: policies/idle.py ``probe_refusal`` says which), or would refuse to
+    send its credentials (a line break in one would make it two commands: the second, a DELE say, would
+    be carried out; the full poll reports it)."""
     if account.auth != "user" or account.tls == "starttls" or account.password is None:
+        return None
+    password = account.password.get_secret_value()
+    if any(bad in value for value in (account.username, password) for bad in FORBIDDEN_IN_ARGUMENTS):
         return None
     context = None
     if account.tls == "implicit":
@@ -114,7 +120,7 @@ def probe_target(account: Account) -> ProbeTarget | None:
         account.effective_port,
         context,
         account.username,
-        account.password.get_secret_value(),
+        password,
         account.timeout.total_seconds(),
     )
 

@@ -142,7 +142,10 @@ class IdlePolls:
             translated("record the idle probe's polls"),
             driver_transaction(self._engine, write=True, durable=False) as cursor,
         ):
-            for poll in polls:
+            # In the order of the accounts' ids, as every batch write: two processes writing batches of the
+            # same accounts in other orders (other configurations, `sync --account`) each held a row the
+            # other waited for, and PostgreSQL failed one write (the whole batch then went to full polls).
+            for poll in sorted(polls, key=lambda poll: poll.account_id):
                 if not self._leases.pass_through(cursor, poll.account_id, poll.lease):
                     busy.add(poll.account_id)
                     continue

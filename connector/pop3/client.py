@@ -72,7 +72,7 @@ _MAX_LISTING_LINE = MAX_STATUS_LINE
 # peak RSS of 390 MiB, which is why this is not larger).
 DEFAULT_MAX_LISTING_BYTES = 32 * 1024 * 1024
 _SECRET_COMMANDS = frozenset({"PASS", "APOP", "AUTH"})
-_FORBIDDEN_IN_ARGUMENTS = ("\r", "\n", "\0")
+FORBIDDEN_IN_ARGUMENTS = ("\r", "\n", "\0")
 
 
 class Sink(Protocol):
@@ -281,7 +281,7 @@ class Pop3Client:
 
     def _encode(self, verb: str, args: Sequence[str]) -> bytes:
         for arg in args:
-            if any(bad in arg for bad in _FORBIDDEN_IN_ARGUMENTS):
+            if any(bad in arg for bad in FORBIDDEN_IN_ARGUMENTS):
                 # The argument itself is not quoted: it may be a password.
                 raise SourcePermError(f"{self._peer}: {verb} argument contains a line break or NUL")
         wire_log.debug("C: %s", _trace_line(verb, args))
@@ -487,7 +487,7 @@ class Pop3Client:
     def login(self, username: str, password: str, *, method: Literal["user", "apop"] = "user") -> None:
         """USER/PASS or APOP. The password never appears in an exception or in the wire trace."""
         for what, value in (("username", username), ("password", password)):
-            if any(bad in value for bad in _FORBIDDEN_IN_ARGUMENTS):
+            if any(bad in value for bad in FORBIDDEN_IN_ARGUMENTS):
                 raise SourceAuthError(f"{self._peer}: the {what} contains a line break or NUL")
         self.enable_utf8()
         try:
