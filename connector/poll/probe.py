@@ -84,6 +84,7 @@ class _Step(enum.Enum):
     HANDSHAKE = "TLS handshake"
     GREETING = "greeting"
     CAPA = "CAPA"
+    UTF8 = "UTF8"
     USER = "USER"
     PASS = "PASS"
     UIDL = "UIDL"
@@ -265,7 +266,14 @@ class _Session:
                 self.capabilities = parse_capabilities(split_listing(body))
             conflict = capabilities_refusal(self.capabilities, self.account)
             self._expect(conflict is None, f"CAPA: {conflict}")
-            self._next(_Step.USER, b"USER " + self.target.username.encode("utf-8") + b"\r\n")
+            if self.capabilities.has("UTF8"):
+                # As the full poll (Pop3Client.enable_utf8): a server may take UTF-8 credentials only after
+                # it, and a login that only the probe's session fails would fail at every poll.
+                self._next(_Step.UTF8, b"UTF8\r\n")
+            else:
+                self._user()
+        elif step is _Step.UTF8:
+            self._user()  # refused: the full poll goes on as well (and logs it)
         elif step is _Step.USER:
             self._expect(reply.ok, "USER refused")
             self._next(_Step.PASS, b"PASS " + self.target.password.encode("utf-8") + b"\r\n")
@@ -286,6 +294,9 @@ class _Session:
             with contextlib.suppress(OSError, _HandOver):
                 self._send(b"QUIT\r\n")
             self.idle = self.done = True
+
+    def _user(self) -> None:
+        self._next(_Step.USER, b"USER " + self.target.username.encode("utf-8") + b"\r\n")
 
     def _expect(self, condition: bool, reason: str) -> None:
         if not condition:

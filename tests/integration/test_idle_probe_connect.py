@@ -3,6 +3,8 @@
 - A host whose first address refuses (an IPv6 address with nothing listening, say) is reached at the next
   one, as ``socket.create_connection`` does for the full poll: the probe must not hand every poll of such
   an account to the full poll.
+- A server that offers UTF8 may take UTF-8 credentials only after it: the probe sends it, as the full poll
+  does, or its login would fail at every poll while the full poll's succeeds.
 - A server that announces LOGIN-DELAY may refuse a login sooner than that after the last one (RFC 2449):
   when the probe logs in, finds new mail and hands the account over, the full poll waits that long.
 """
@@ -22,7 +24,12 @@ from connector.poll.result import PollResult
 from connector.poll.rounds import poll_round
 from tests.integration.conftest import SyncFactory, scripted
 from tests.messages import simple
-from tests.servers.scripted_pop3 import Pop3Session, ScriptedPop3Server, StoredMessage
+from tests.servers.scripted_pop3 import (
+    CourierLikePop3Server,
+    Pop3Session,
+    ScriptedPop3Server,
+    StoredMessage,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -98,3 +105,26 @@ def test_the_full_poll_waits_for_login_delay_after_the_probe_logged_in(
     assert result.delivered == 1 and full.count[account.name] == 1
     probe_login, full_login = logins
     assert full_login - probe_login >= 1.0  # not sooner than the server's LOGIN-DELAY allows
+
+
+class _Utf8Logins(CourierLikePop3Server):
+    """Takes a password with non-ASCII characters only after UTF8, as a server whose password database is
+    UTF-8 and which reads credentials as Latin-1 until told otherwise could (RFC 6856 section 3)."""
+
+    def do_PASS(self, session: Pop3Session, argument: str) -> None:
+        if not session.utf8 and not argument.isascii():
+            session.err("[AUTH] invalid login")
+            return
+        super().do_PASS(session, argument)
+
+
+def test_the_probe_sends_utf8_before_logging_in_as_the_full_poll_does(make_sync: SyncFactory) -> None:
+    messages = [StoredMessage("uid-0", simple(0))]
+    with _Utf8Logins(messages, password="pässwörd") as server:
+        config, engine = make_sync(account=scripted(server), defaults={"retention": "keep"})
+        account = config.accounts[0]
+        _idle(engine, account)
+        full = _Full(engine)
+        [result] = poll_round(engine, [account], workers=2, full_poll=full)
+    assert result.ok and result.idle
+    assert not full.count  # the probe's own login succeeded: no hand-over, no failed login counted
