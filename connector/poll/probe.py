@@ -35,7 +35,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -351,12 +351,22 @@ class IdleProbe:
     def run(self, accounts: Sequence[Account], stop: threading.Event | None = None) -> Probed:
         """Probe ``accounts`` (each one once, in batches of connector/ledger/idle.py's ``BATCH``)."""
         probed = Probed()
+        for batch in self.batches(accounts, stop):
+            probed.results += batch.results
+            probed.full += batch.full
+            probed.wait.update(batch.wait)
+        return probed
+
+    def batches(self, accounts: Sequence[Account], stop: threading.Event | None = None) -> Iterator[Probed]:
+        """As ``run``, batch by batch: the caller can start the full polls of one batch's hand-overs while
+        the next batch is probed."""
         for batch in chunks(accounts):
+            probed = Probed()
             if stop is not None and stop.is_set():
                 probed.full.extend(batch)  # the caller's full polls see the stop too
-                continue
-            self._batch(batch, probed, stop)
-        return probed
+            else:
+                self._batch(batch, probed, stop)
+            yield probed
 
     def _batch(self, accounts: Sequence[Account], probed: Probed, stop: threading.Event | None) -> None:
         engine = self._engine

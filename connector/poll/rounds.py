@@ -1,8 +1,8 @@
 """One round of polls of many accounts (``sync``, the benchmarks): each account polled once.
 
-The accounts the idle probe may try (probe.py) are probed first, in this thread, while the others' full
-polls already run in the pool; those the probe hands over are then polled in full too. Results come back
-in the order of the accounts given.
+The accounts the idle probe may try (probe.py) are probed in this thread, batch by batch, while the others'
+full polls already run in the pool; those the probe hands over are polled in full as each batch ends.
+Results come back in the order of the accounts given.
 """
 
 from __future__ import annotations
@@ -37,12 +37,13 @@ def poll_round(
         for account in accounts:
             if account.name not in taken:
                 results[account.name] = pool.submit(poll, account)
-        outcome = probe.run(probed, stop)
-        for result in outcome.results:
-            results[result.account] = result
-        for account in outcome.full:
-            wait = outcome.wait.get(account.name, 0.0)
-            results[account.name] = pool.submit(_after, wait, stop, poll, account)
+        # Each batch's hand-overs start while the next batch is probed.
+        for outcome in probe.batches(probed, stop):
+            for result in outcome.results:
+                results[result.account] = result
+            for account in outcome.full:
+                wait = outcome.wait.get(account.name, 0.0)
+                results[account.name] = pool.submit(_after, wait, stop, poll, account)
     return [_value(results[account.name]) for account in accounts]
 
 
