@@ -15,7 +15,7 @@ batch (up to ``BATCH`` accounts):
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -167,8 +167,3 @@ def _result(poll: IdlePoll, now: datetime) -> dict[str, Any]:
         "listed": poll.listed,
         "started": poll.started,
     }
-
-
-def chunks(items: Sequence[Any], size: int = BATCH) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]

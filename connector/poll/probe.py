@@ -25,6 +25,7 @@ write has committed.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import enum
 import errno
@@ -35,7 +36,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -43,8 +44,8 @@ from typing import TYPE_CHECKING, Any
 from connector.config import Account
 from connector.connections import ProbeTarget
 from connector.errors import ConnectorError, LedgerError
-from connector.ledger.idle import IdlePoll, chunks
-from connector.ledger.records import Clock, LedgerView
+from connector.ledger.idle import BATCH, IdlePoll
+from connector.ledger.records import LedgerView
 from connector.policies.idle import (
     capabilities_refusal,
     kept_uidls,
@@ -322,9 +323,21 @@ class _Session:
             self.done = True  # closed at once; the full poll retries a locked maildrop ([IN-USE]) once
 
 
+# Where the accounts to probe come from: up to ``most`` of them, waiting up to ``timeout`` seconds for the
+# first; an empty list when none came, None when none will come any more.
+Take = Callable[[int, float], Sequence[Account] | None]
+# What became of one account: its poll, recorded (idle, or ``busy``), or None: the full poll must poll it,
+# not sooner than the given seconds (the LOGIN-DELAY the server announced to the probe's login).
+Done = Callable[[Account, PollResult | None, float], None]
+
+# Seconds an idle poll waits for its batch's write at most: the write goes as soon as ``at_once`` idle polls
+# wait, or no session is in flight, or the oldest has waited this long.
+FLUSH_AFTER = 0.05
+
+
 @dataclass
 class Probed:
-    """What the probe did with a batch of accounts: the polls it recorded (idle, or ``busy``: another
+    """What ``IdleProbe.run`` did with a list of accounts: the polls it recorded (idle, or ``busy``: another
     poll took the account meanwhile) and the accounts the full poll must poll."""
 
     results: list[PollResult] = field(default_factory=list)
@@ -332,6 +345,14 @@ class Probed:
     # Seconds the full poll of a handed-over account must wait before it logs in: the server announced
     # LOGIN-DELAY to the probe's session, and may refuse a login sooner (RFC 2449).
     wait: dict[str, float] = field(default_factory=dict)
+
+    def done(self, account: Account, result: PollResult | None, wait: float) -> None:
+        if result is not None:
+            self.results.append(result)
+            return
+        self.full.append(account)
+        if wait:
+            self.wait[account.name] = wait
 
 
 class IdleProbe:
@@ -349,56 +370,208 @@ class IdleProbe:
         return refused
 
     def run(self, accounts: Sequence[Account], stop: threading.Event | None = None) -> Probed:
-        """Probe ``accounts`` (each one once, in batches of connector/ledger/idle.py's ``BATCH``)."""
+        """Probe ``accounts``, each once; what the probe did not get to (a stop) is in ``full``."""
         probed = Probed()
-        for batch in self.batches(accounts, stop):
-            probed.results += batch.results
-            probed.full += batch.full
-            probed.wait.update(batch.wait)
+        self.serve(in_batches(accounts), probed.done, stop)
+        told = {result.account for result in probed.results} | {account.name for account in probed.full}
+        probed.full += [account for account in accounts if account.name not in told]
         return probed
 
-    def batches(self, accounts: Sequence[Account], stop: threading.Event | None = None) -> Iterator[Probed]:
-        """As ``run``, batch by batch: the caller can start the full polls of one batch's hand-overs while
-        the next batch is probed."""
-        for batch in chunks(accounts):
-            probed = Probed()
-            if stop is not None and stop.is_set():
-                probed.full.extend(batch)  # the caller's full polls see the stop too
-            else:
-                self._batch(batch, probed, stop)
-            yield probed
+    def serve(self, take: Take, done: Done, stop: threading.Event | None = None) -> None:
+        """Probe the accounts ``take`` gives until it gives None (or ``stop`` is set), telling ``done`` what
+        became of each as soon as it is known: up to ``at_once`` sessions in flight, each account's ledger
+        read with the others taken with it, each idle poll written with the others that ended near it."""
+        _Stream(self._engine, self._at_once, take, done, stop or threading.Event()).run()
 
-    def _batch(self, accounts: Sequence[Account], probed: Probed, stop: threading.Event | None) -> None:
+
+def in_batches(accounts: Sequence[Account]) -> Take:
+    """``accounts`` as a ``Take`` (``IdleProbe.serve``): as many as asked for each time, then None."""
+    given = 0
+
+    def take(most: int, timeout: float) -> Sequence[Account] | None:
+        nonlocal given
+        if given >= len(accounts):
+            return None
+        batch = accounts[given : given + max(1, most)]
+        given += len(batch)
+        return batch
+
+    return take
+
+
+@dataclass
+class _Waiting:
+    """An account read from the ledger, waiting for a session."""
+
+    account: Account
+    view: LedgerView
+    target: ProbeTarget
+
+
+class _Stream:
+    """The probe's one loop: sessions in flight on one selector, accounts taken as room frees, idle polls
+    written in small batches (see ``IdleProbe.serve``)."""
+
+    def __init__(
+        self, engine: SyncEngine, at_once: int, take: Take, done: Done, stop: threading.Event
+    ) -> None:
+        self._engine = engine
+        self._at_once = at_once
+        self._take = take
+        self._done = done
+        self._stop = stop
+        self._waiting: collections.deque[_Waiting] = collections.deque()
+        self._running: dict[int, _Session] = {}
+        self._unwritten: list[_Session] = []
+        self._unwritten_since = 0.0
+        self._exhausted = False
+        self._addresses: dict[tuple[str, int], list[_Address]] = {}
+        self._selector: selectors.BaseSelector = selectors.DefaultSelector()
+
+    def run(self) -> None:
+        try:
+            while self._step():
+                pass
+        finally:
+            self._write()
+            for session in list(self._running.values()):  # only after an error of the loop itself
+                session.reason = session.reason or "the probe stopped"
+                self._end(session)
+            self._selector.close()
+
+    def _step(self) -> bool:
+        """One turn of the loop; False once there is nothing more to do."""
+        stopping = self._stop.is_set()
+        if stopping:
+            while self._waiting:  # not started: the full poll sees the stop and says so
+                self._hand_over(self._waiting.popleft().account, "stopping", 0.0)
+        elif not self._exhausted and len(self._waiting) < self._at_once:
+            busy = self._running or self._unwritten or self._waiting
+            self._admit(BATCH - len(self._waiting), 0.0 if busy else 0.2)
+        while self._waiting and len(self._running) < self._at_once and not stopping:
+            self._start(self._waiting.popleft())
+        if not self._running:
+            self._write()
+            return not (stopping or (self._exhausted and not self._waiting))
+        now = time.monotonic()
+        until = min(session.deadline for session in self._running.values())
+        if self._unwritten:
+            until = min(until, self._unwritten_since + FLUSH_AFTER)
+        for key, _mask in self._selector.select(max(0.0, until - now)):
+            self._ready(key)
+        now = time.monotonic()
+        for session in [s for s in self._running.values() if s.deadline <= now]:
+            session.expire()
+            self._end(session)
+        if self._unwritten and (
+            len(self._unwritten) >= self._at_once
+            or not self._running
+            or now >= self._unwritten_since + FLUSH_AFTER
+        ):
+            self._write()
+        return True
+
+    # --- accounts in ----------------------------------------------------------------------------------
+
+    def _admit(self, most: int, timeout: float) -> None:
+        """Take more accounts and read them from the ledger in one go; hand over those it refuses."""
+        accounts = self._take(most, timeout)
+        if accounts is None:
+            self._exhausted = True
+            return
+        if not accounts:
+            return
         engine = self._engine
         now = engine.clock()
         try:
             views = engine.ledger.idle.read([account.name for account in accounts], now)
         except LedgerError as exc:
             log.warning("idle probe: %s; polling %d account(s) in full", exc, len(accounts))
-            probed.full.extend(accounts)
+            for account in accounts:
+                self._done(account, None, 0.0)
             return
-        waiting: list[tuple[Account, LedgerView, ProbeTarget]] = []
         for account in accounts:
             view = views.get(account.name)
             target = engine.connections.probe_target(account)
             refused = ledger_refusal(account, view, now) if target is not None else "no probe target"
             if refused is not None or view is None or target is None:
-                _handed_over(account, refused or "", probed)
-                continue
-            waiting.append((account, view, target))
-        loop = _Loop(engine.clock, self._at_once)
-        sessions = loop.run(waiting, stop)
-        self._record([s for s in sessions if s.idle], probed)
-        for session in sessions:
-            if not session.idle:
-                _handed_over(session.account, session.reason or "", probed)
-                delay = session.capabilities.login_delay if session.logged_in else None
-                if delay:
-                    probed.wait[session.account.name] = float(delay)
-        for account, reason in loop.unstarted:
-            _handed_over(account, reason, probed)
+                self._hand_over(account, refused or "", 0.0)
+            else:
+                self._waiting.append(_Waiting(account, view, target))
 
-    def _record(self, sessions: Sequence[_Session], probed: Probed) -> None:
+    def _start(self, waiting: _Waiting) -> None:
+        target = waiting.target
+        try:
+            addresses = list(self._addresses_of(target))
+            sock = connect(addresses)
+        except OSError as exc:
+            self._hand_over(waiting.account, f"cannot connect: {exc}", 0.0)
+            return
+        session = _Session(
+            account=waiting.account,
+            view=waiting.view,
+            target=target,
+            kept=kept_uidls(waiting.view),
+            sock=sock,
+            addresses=addresses,
+            deadline=time.monotonic() + target.timeout,
+            started=self._engine.clock(),
+            started_at=time.monotonic(),
+        )
+        self._selector.register(sock, session.events(), session)
+        self._running[id(session)] = session
+
+    def _addresses_of(self, target: ProbeTarget) -> list[_Address]:
+        """The host's addresses, resolved once per loop (the first poll of each host)."""
+        key = (target.host, target.port)
+        found = self._addresses.get(key)
+        if found is None:
+            resolved = socket.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
+            found = self._addresses[key] = [(family, address) for family, _t, _p, _n, address in resolved]
+        return found
+
+    # --- sessions -------------------------------------------------------------------------------------
+
+    def _ready(self, key: selectors.SelectorKey) -> None:
+        session: _Session = key.data
+        try:
+            wanted = session.ready()
+        except Exception as exc:  # a bug must cost this account's probe, not the loop's
+            log.exception("account %s: idle probe failed", session.account.name)
+            session.reason = f"internal error: {exc.__class__.__name__}"
+            session.done = True
+            wanted = None
+        if wanted is None:
+            self._end(session)
+        elif session.sock is not key.fileobj:
+            # A new socket: the next address's (the last one's was closed, and its number may have been
+            # reused) or the TLS one wrapping it. The selector must know the new one.
+            self._selector.unregister(key.fileobj)
+            self._selector.register(session.sock, wanted, session)
+        elif wanted != key.events:
+            self._selector.modify(session.sock, wanted, session)
+
+    def _end(self, session: _Session) -> None:
+        del self._running[id(session)]
+        self._selector.unregister(session.sock)
+        session.sock.close()
+        if session.idle:
+            if not self._unwritten:
+                self._unwritten_since = time.monotonic()
+            self._unwritten.append(session)
+            return
+        delay = session.capabilities.login_delay if session.logged_in else None
+        self._hand_over(session.account, session.reason or "", float(delay or 0))
+
+    def _hand_over(self, account: Account, reason: str, wait: float) -> None:
+        log.debug("account %s: polled in full: %s", account.name, reason)
+        self._done(account, None, wait)
+
+    # --- idle polls out -------------------------------------------------------------------------------
+
+    def _write(self) -> None:
+        """The idle polls that ended since the last write, in one transaction; then their events."""
+        sessions, self._unwritten = self._unwritten, []
         if not sessions:
             return
         engine = self._engine
@@ -416,137 +589,39 @@ class IdleProbe:
         except LedgerError as exc:
             # Nothing of the batch was written: the full polls record these accounts (or fail as they do).
             log.warning("idle probe: %s; polling %d account(s) in full", exc, len(sessions))
-            probed.full.extend(session.account for session in sessions)
+            for session in sessions:
+                self._done(session.account, None, 0.0)
             return
         ended = time.monotonic()
         for session, poll in zip(sessions, polls, strict=True):
-            result = self._result(session, poll, now, busy=poll.account_id in busy)
+            result = _result(session, poll, now, busy=poll.account_id in busy)
             engine.observers.emit(Started(result.account))
             if result.ok:
                 engine.observers.emit(Planned(result.account, 0, 0, 0))
             planned = 0 if result.ok else None
             engine.observers.emit(Finished(result.account, result, ended - session.started_at, planned))
-            probed.results.append(result)
+            self._done(session.account, result, 0.0)
 
-    def _result(self, session: _Session, poll: IdlePoll, now: datetime, *, busy: bool) -> PollResult:
-        account = session.account
-        result = PollResult(account=account.name, listed=session.listed, next_poll_at=poll.next_poll_at)
-        if busy:
-            result.status = "busy"
-            result.error = (
-                f"account {account.name}: another poll took the account while the idle probe polled it; "
-                "skipped, as busy"
-            )
-            result.next_poll_at = now + account.poll_interval
-            log.warning("%s", result.error)
-            return result
-        log.debug(
-            "account %s: %d on server, nothing new (idle probe); next poll at %s",
-            account.name,
-            session.listed,
-            poll.next_poll_at.isoformat(timespec="seconds"),
+
+def _result(session: _Session, poll: IdlePoll, now: datetime, *, busy: bool) -> PollResult:
+    account = session.account
+    result = PollResult(account=account.name, listed=session.listed, next_poll_at=poll.next_poll_at)
+    if busy:
+        result.status = "busy"
+        result.error = (
+            f"account {account.name}: another poll took the account while the idle probe polled it; "
+            "skipped, as busy"
         )
+        result.next_poll_at = now + account.poll_interval
+        log.warning("%s", result.error)
         return result
-
-
-def _handed_over(account: Account, reason: str, probed: Probed) -> None:
-    log.debug("account %s: polled in full: %s", account.name, reason)
-    probed.full.append(account)
-
-
-class _Loop:
-    """The selector loop: up to ``at_once`` sessions in flight, each started as another ends."""
-
-    def __init__(self, clock: Clock, at_once: int) -> None:
-        self._clock = clock
-        self._at_once = at_once
-        self._addresses: dict[tuple[str, int], list[_Address]] = {}
-        # Accounts whose session never started, and why (the full poll takes them).
-        self.unstarted: list[tuple[Account, str]] = []
-
-    def run(
-        self, waiting: Sequence[tuple[Account, LedgerView, ProbeTarget]], stop: threading.Event | None
-    ) -> list[_Session]:
-        sessions: list[_Session] = []
-        queue = list(reversed(waiting))
-        running: dict[int, _Session] = {}
-        with selectors.DefaultSelector() as selector:
-            while queue or running:
-                if stop is not None and stop.is_set():
-                    # Not started: the full poll sees the stop and says so.
-                    self.unstarted.extend((account, "stopping") for account, _view, _target in queue)
-                    queue.clear()
-                while queue and len(running) < self._at_once:
-                    session = self._start(*queue.pop())
-                    if session is None:
-                        continue
-                    sessions.append(session)
-                    if not session.done:
-                        selector.register(session.sock, session.events(), session)
-                        running[id(session)] = session
-                if not running:
-                    continue
-                earliest = min(session.deadline for session in running.values())
-                for key, _mask in selector.select(max(0.0, earliest - time.monotonic())):
-                    self._ready(selector, key, running)
-                now = time.monotonic()
-                if earliest <= now:
-                    for session in [s for s in running.values() if s.deadline <= now]:
-                        session.expire()
-                        del running[id(session)]
-                        _close(selector, session)
-        return sessions
-
-    @staticmethod
-    def _ready(
-        selector: selectors.BaseSelector, key: selectors.SelectorKey, running: dict[int, _Session]
-    ) -> None:
-        session: _Session = key.data
-        try:
-            wanted = session.ready()
-        except Exception as exc:  # a bug must cost this account's probe, not the batch's
-            log.exception("account %s: idle probe failed", session.account.name)
-            session.reason = f"internal error: {exc.__class__.__name__}"
-            session.done = True
-            wanted = None
-        if wanted is None:
-            del running[id(session)]
-            _close(selector, session)
-        elif session.sock is not key.fileobj:
-            # A new socket: the next address's (the last one's was closed, and its number may have been
-            # reused) or the TLS one wrapping it. The selector must know the new one.
-            selector.unregister(key.fileobj)
-            selector.register(session.sock, wanted, session)
-        elif wanted != key.events:
-            selector.modify(session.sock, wanted, session)
-
-    def _start(self, account: Account, view: LedgerView, target: ProbeTarget) -> _Session | None:
-        try:
-            addresses = list(self._addresses_of(target))
-            sock = connect(addresses)
-        except OSError as exc:
-            self.unstarted.append((account, f"cannot connect: {exc}"))
-            return None
-        return _Session(
-            account=account,
-            view=view,
-            target=target,
-            kept=kept_uidls(view),
-            sock=sock,
-            addresses=addresses,
-            deadline=time.monotonic() + target.timeout,
-            started=self._clock(),
-            started_at=time.monotonic(),
-        )
-
-    def _addresses_of(self, target: ProbeTarget) -> list[_Address]:
-        """The host's addresses, resolved once per batch."""
-        key = (target.host, target.port)
-        found = self._addresses.get(key)
-        if found is None:
-            resolved = socket.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
-            found = self._addresses[key] = [(family, address) for family, _t, _p, _n, address in resolved]
-        return found
+    log.debug(
+        "account %s: %d on server, nothing new (idle probe); next poll at %s",
+        account.name,
+        session.listed,
+        poll.next_poll_at.isoformat(timespec="seconds"),
+    )
+    return result
 
 
 def connect(addresses: list[_Address]) -> socket.socket:
@@ -563,8 +638,3 @@ def connect(addresses: list[_Address]) -> socket.socket:
         sock.close()
         error = OSError(code, os.strerror(code))
     raise error or OSError(errno.EHOSTUNREACH, "no address")
-
-
-def _close(selector: selectors.BaseSelector, session: _Session) -> None:
-    selector.unregister(session.sock)
-    session.sock.close()

@@ -1,7 +1,7 @@
 """One round of polls of many accounts (``sync``, the benchmarks): each account polled once.
 
-The accounts the idle probe may try (probe.py) are probed in this thread, batch by batch, while the others'
-full polls already run in the pool; those the probe hands over are polled in full as each batch ends.
+The accounts the idle probe may try (probe.py) are probed in this thread while the others' full polls
+already run in the pool; each one the probe hands over is polled in full as soon as it does.
 Results come back in the order of the accounts given.
 """
 
@@ -13,7 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from connector.config import Account
 from connector.poll.engine import SyncEngine
-from connector.poll.probe import IdleProbe
+from connector.poll.probe import IdleProbe, in_batches
 from connector.poll.result import PollResult
 
 
@@ -37,13 +37,18 @@ def poll_round(
         for account in accounts:
             if account.name not in taken:
                 results[account.name] = pool.submit(poll, account)
-        # Each batch's hand-overs start while the next batch is probed.
-        for outcome in probe.batches(probed, stop):
-            for result in outcome.results:
-                results[result.account] = result
-            for account in outcome.full:
-                wait = outcome.wait.get(account.name, 0.0)
+
+        def done(account: Account, result: PollResult | None, wait: float) -> None:
+            # A hand-over is polled in full at once, while the probe goes on with the others.
+            if result is not None:
+                results[account.name] = result
+            else:
                 results[account.name] = pool.submit(_after, wait, stop, poll, account)
+
+        probe.serve(in_batches(probed), done, stop)
+        for account in probed:  # not probed (a stop): the full poll sees the stop too
+            if account.name not in results:
+                results[account.name] = pool.submit(poll, account)
     return [_value(results[account.name]) for account in accounts]
 
 

@@ -1,16 +1,15 @@
-"""``poll_round`` (connector/poll/rounds.py): every account once, in order, and a batch's hand-overs
-polled in full while the next batch is still being probed (new mail need not wait for the whole sweep)."""
+"""``poll_round`` (connector/poll/rounds.py): every account once, in order, and a hand-over polled in full
+while the probe is still at work on the others (new mail need not wait for the whole sweep)."""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
 
 from connector.config import Account
-from connector.poll.probe import IdleProbe, Probed
+from connector.poll.probe import Done, IdleProbe, Take
 from connector.poll.result import PollResult
 from connector.poll.rounds import poll_round
 
@@ -20,20 +19,27 @@ class _Account:
         self.name = name
 
 
-def test_a_batch_s_hand_overs_are_polled_while_the_next_batch_is_probed(
+def test_a_hand_over_is_polled_in_full_while_the_probe_goes_on(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     accounts: list[Any] = [_Account(f"a{n}") for n in range(4)]
     first_full_poll_started = threading.Event()
 
-    def batches(self: IdleProbe, probed: Sequence[Account], stop: object = None) -> Iterator[Probed]:
-        # The first batch: one idle, one handed over. The second is probed only once the first's
-        # hand-over is being polled in full (else it never is: the test fails instead of hanging).
-        yield Probed(results=[PollResult(account="a0")], full=[probed[1]])
-        assert first_full_poll_started.wait(10), "the first batch's hand-over waited for the whole sweep"
-        yield Probed(results=[PollResult(account="a2")], full=[probed[3]])
+    def serve(self: IdleProbe, take: Take, done: Done, stop: object = None) -> None:
+        # The first two: one idle, one handed over. The next ones are probed only once that hand-over is
+        # being polled in full (else it never is: the test fails instead of hanging).
+        first = take(2, 0.0)
+        assert first is not None
+        done(first[0], PollResult(account=first[0].name), 0.0)
+        done(first[1], None, 0.0)
+        assert first_full_poll_started.wait(10), "the hand-over waited for the whole sweep"
+        for account in first[2:]:
+            done(account, PollResult(account=account.name) if account.name == "a2" else None, 0.0)
+        rest = take(2, 0.0)
+        for account in rest or ():
+            done(account, PollResult(account=account.name) if account.name == "a2" else None, 0.0)
 
-    monkeypatch.setattr(IdleProbe, "batches", batches)
+    monkeypatch.setattr(IdleProbe, "serve", serve)
     monkeypatch.setattr(IdleProbe, "refusal", lambda self, account: None)
     full: list[str] = []
 
