@@ -12,14 +12,17 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections import Counter
+from datetime import timedelta
 from typing import Any
 
 import pytest
 
 from connector.config import Account
 from connector.poll.engine import SyncEngine
+from connector.poll.probe import IdleProbe, in_batches
 from connector.poll.result import PollResult
 from connector.poll.rounds import poll_round
 from tests.integration.conftest import SyncFactory, scripted
@@ -128,3 +131,39 @@ def test_the_probe_sends_utf8_before_logging_in_as_the_full_poll_does(make_sync:
         [result] = poll_round(engine, [account], workers=2, full_poll=full)
     assert result.ok and result.idle
     assert not full.count  # the probe's own login succeeded: no hand-over, no failed login counted
+
+
+def test_a_server_that_never_answers_holds_back_no_other_account(
+    make_sync: SyncFactory, pop3: ScriptedPop3Server
+) -> None:
+    """The probe tells each account's outcome as soon as it is known: an idle account is recorded while
+    another account's server has not even greeted (before, a batch waited for its slowest session)."""
+    config, engine = make_sync(account=scripted(pop3), defaults={"retention": "keep"})
+    idle = config.accounts[0]
+    _idle(engine, idle)
+    idle_told = threading.Event()
+    waited: list[bool] = []
+    with socket.create_server(("127.0.0.1", 0)) as mute:
+
+        def never_greet() -> None:
+            connection, _address = mute.accept()
+            with connection:
+                # Silent until the idle account's outcome is known (or 10 s, when it never comes first).
+                waited.append(idle_told.wait(10))
+
+        server = threading.Thread(target=never_greet)
+        server.start()
+        port, name = mute.getsockname()[1], f"{idle.name}-mute"
+        silent = idle.model_copy(update={"name": name, "port": port, "timeout": timedelta(seconds=30)})
+        engine.ledger.account_id(silent.name)  # in the ledger, nothing known: a candidate for the probe
+        told: list[tuple[str, bool]] = []
+
+        def done(account: Account, result: PollResult | None, wait: float) -> None:
+            told.append((account.name, result is not None and result.idle))
+            if account.name == idle.name:
+                idle_told.set()
+
+        IdleProbe(engine, at_once=2).serve(in_batches([silent, idle]), done)
+        server.join()
+    assert waited == [True]  # the idle account was recorded while the other server was still silent
+    assert told == [(idle.name, True), (silent.name, False)]  # and the silent one handed over
