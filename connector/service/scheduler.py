@@ -5,14 +5,14 @@ rule: accounts that are due are spread out at the rate the configuration needs, 
 
 Each account is one date-triggered job that, when its poll ends, schedules the next one at the time the
 engine chose (the interval with jitter after success, the retry back-off after failure). One job per account
-means two polls of one account never overlap; the executor's size is ``max_workers``. Each job knows when
-it was due, so the service reports every poll's scheduling lag (due to started) to ``on_lag``.
+means two polls of one account never overlap. A job only hands its poll over: full polls run in the
+service's pool of ``max_workers`` threads. Each job knows when it was due, so the service reports every
+poll's scheduling lag (due to started, the wait for a free worker included) to ``on_lag``.
 
 With an idle probe (connector/poll/probe.py; `run` has one), a job whose account the probe may try only
-hands the account to the probe's thread and returns: that thread probes the accounts handed to it since
-its last batch together, records the idle ones, and hands each of the others back to the executor for a
-full poll. Either way the poll's end schedules the account's next one, and the account counts as running
-until then.
+hands the account to the probe's thread and returns: that thread probes the accounts as they come,
+records the idle ones, and hands each of the others to the pool for a full poll. Either way the poll's end
+schedules the account's next one, and the account counts as running until then.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Iterable
+from concurrent import futures
 from datetime import datetime, timedelta
 
 from apscheduler.executors.pool import ThreadPoolExecutor
@@ -29,11 +30,10 @@ from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from connector.config import Account, Config, enabled_by_name
-from connector.ledger.idle import BATCH
 from connector.ledger.store import Ledger
 from connector.policies.schedule import FirstPoll, Waiting, Why, first_polls, polls_per_second, spread
 from connector.poll.engine import SyncEngine
-from connector.poll.probe import IdleProbe, Probed
+from connector.poll.probe import IdleProbe
 from connector.poll.result import PollResult
 from connector.service.reload import AccountChanges, account_changes
 
@@ -41,6 +41,8 @@ log = logging.getLogger("connector.service.scheduler")
 
 
 _UNLIMITED = 1 << 30
+# The scheduler's own threads: its jobs only hand each poll to the poll pool or to the idle probe.
+_DISPATCHERS = 2
 # Up to this many accounts, start-up logs each one's first poll time at INFO; above, one summary line (each
 # account's line is then DEBUG): a start of 1,000 accounts should stay readable.
 PER_ACCOUNT_LINES = 20
@@ -68,13 +70,18 @@ class Service:
         # Seconds from when a poll was due to when it started (a poll waits for a free worker).
         self._on_lag = on_lag
         self._running: set[str] = set()  # only touched by add/discard, which are atomic
-        # The idle probe (None: every poll is a full one) and the accounts handed to its thread, which is
-        # started with the scheduler.
+        # Every full poll runs here: at most max_workers at a time. The scheduler's jobs only hand polls
+        # to this pool or to the probe, so a poll the probe hands back is polled here too, without going
+        # through the scheduler again.
+        self._polls = futures.ThreadPoolExecutor(config.service.max_workers, thread_name_prefix="poll")
+        # The idle probe (None: every poll is a full one), the accounts handed to its thread (started with
+        # the scheduler) and those it has not told the outcome of yet.
         self._probe = probe
         self._probing: queue.SimpleQueue[Account] = queue.SimpleQueue()
+        self._in_probe: dict[str, Account] = {}
         self._prober = threading.Thread(target=self._probe_loop, name="idle-probe", daemon=True)
         self._scheduler = BackgroundScheduler(
-            executors={"default": ThreadPoolExecutor(config.service.max_workers)},
+            executors={"default": ThreadPoolExecutor(_DISPATCHERS)},
             # No instance limit: a poll job adds the account's next run before it returns, and when that run
             # is already due (a poll longer than the interval, a slow end) a limit makes APScheduler skip it,
             # and a skipped date job is gone: the account would never be polled again. One account is still
@@ -185,6 +192,7 @@ class Service:
         if self._prober.is_alive():
             self._prober.join()  # its sessions in flight end; accounts still queued are not polled
         self._scheduler.shutdown(wait=True)
+        self._polls.shutdown(wait=True)
         log.info("service stopped")
 
     def _schedule(self, account: Account, when: datetime) -> None:
@@ -199,20 +207,31 @@ class Service:
         )
 
     def _poll(self, account: Account, due: datetime) -> None:
+        """The scheduler's job: the account's poll handed to the idle probe or to the poll pool."""
         if self.stop.is_set():
             return
+        self._running.add(account.name)
+        if self._probe is not None and self._probe.refusal(account) is None:
+            self._lag(due)
+            self._in_probe[account.name] = account
+            self._probing.put(account)  # the probe's thread tells what became of it (_probed)
+            return
+        self._polls.submit(self._poll_in_full, account, due)
+
+    def _lag(self, due: datetime) -> None:
         if self._on_lag is not None:
             try:
                 self._on_lag((self.engine.clock() - due).total_seconds())
             except Exception:  # watching the schedule must never break it
                 log.exception("reporting the scheduling lag failed")
-        self._running.add(account.name)
-        if self._probe is not None and self._probe.refusal(account) is None:
-            self._probing.put(account)  # the probe's thread ends this poll (_probe_loop)
-            return
-        self._poll_in_full(account)
 
-    def _poll_in_full(self, account: Account) -> None:
+    def _poll_in_full(self, account: Account, due: datetime | None) -> None:
+        """A full poll, in the pool; ``due``: when it was due (None: handed over by the probe)."""
+        if self.stop.is_set():
+            self._running.discard(account.name)
+            return
+        if due is not None:
+            self._lag(due)  # the wait for a free worker included
         try:
             result = self.engine.poll(account, stop=self.stop)
         except Exception:  # the schedule must survive a bug in one poll
@@ -221,41 +240,54 @@ class Service:
         self._finished(account, result)
 
     def _probe_loop(self) -> None:
-        """The idle probe's thread: each batch is what was handed to it meanwhile (up to ``BATCH``)."""
-        while not self.stop.is_set():
-            try:
-                batch = [self._probing.get(timeout=0.2)]
-            except queue.Empty:
-                continue
-            while len(batch) < BATCH:
+        """The idle probe's thread, until the service stops."""
+        assert self._probe is not None  # the thread runs only with a probe
+        try:
+            self._probe.serve(self._take, self._probed, self.stop)
+        except Exception:  # a bug in the probe must not cost the accounts it had: poll them in full
+            log.exception("idle probe failed: its accounts are polled in full, and all polls from now on")
+            self._probe = None
+            for account in list(self._in_probe.values()):
+                self._probed(account, None, 0.0)
+            while True:
                 try:
-                    batch.append(self._probing.get_nowait())
+                    self._probed(self._probing.get_nowait(), None, 0.0)
                 except queue.Empty:
                     break
-            assert self._probe is not None  # the thread runs only with a probe
+
+    def _take(self, most: int, timeout: float) -> list[Account]:
+        """Up to ``most`` of the accounts handed to the probe, waiting up to ``timeout`` for the first."""
+        try:
+            taken = [self._probing.get(timeout=timeout) if timeout > 0 else self._probing.get_nowait()]
+        except queue.Empty:
+            return []
+        while len(taken) < most:
             try:
-                probed = self._probe.run(batch, self.stop)
-            except Exception:  # a bug in the probe costs its batch a full poll, not the service
-                log.exception("idle probe failed; polling %d account(s) in full", len(batch))
-                probed = Probed(full=batch)
-            by_name = {account.name: account for account in batch}
-            for result in probed.results:
-                self._finished(by_name[result.account], result)
-            for account in probed.full:
-                if self.stop.is_set():
-                    self._running.discard(account.name)
-                    continue
-                # After the server's LOGIN-DELAY when the probe's login announced one.
-                wait = timedelta(seconds=probed.wait.get(account.name, 0.0))
-                self._scheduler.add_job(
-                    self._poll_in_full,
-                    trigger="date",
-                    run_date=self.engine.clock() + wait,
-                    args=[account],
-                    id=account.name,
-                    name=f"poll {account.name}",
-                    replace_existing=True,
-                )
+                taken.append(self._probing.get_nowait())
+            except queue.Empty:
+                break
+        return taken
+
+    def _probed(self, account: Account, result: PollResult | None, wait: float) -> None:
+        """What the probe made of ``account``'s poll: recorded (``result``), or to be polled in full, not
+        sooner than ``wait`` seconds (the server's LOGIN-DELAY since the probe's login)."""
+        self._in_probe.pop(account.name, None)
+        if result is not None:
+            self._finished(account, result)
+        elif self.stop.is_set():
+            self._running.discard(account.name)
+        elif wait:
+            self._scheduler.add_job(
+                self._polls.submit,
+                trigger="date",
+                run_date=self.engine.clock() + timedelta(seconds=wait),
+                args=[self._poll_in_full, account, None],
+                id=account.name,
+                name=f"poll {account.name}",
+                replace_existing=True,
+            )
+        else:
+            self._polls.submit(self._poll_in_full, account, None)
 
     def _finished(self, account: Account, result: PollResult) -> None:
         """The poll of ``account`` is over: report it and schedule the account's next poll."""

@@ -20,7 +20,7 @@ from connector.ledger.database import open_database
 from connector.ledger.store import Ledger
 from connector.poll.engine import SyncEngine
 from connector.poll.events import Finished, PollEvent
-from connector.poll.probe import IdleProbe
+from connector.poll.probe import Done, IdleProbe, Take
 from connector.poll.result import PollResult
 from connector.service.scheduler import Service
 from tests.messages import simple
@@ -130,3 +130,37 @@ def test_run_probes_idle_accounts_and_delivers_new_mail_once(
     assert dovecot.maildir_count(sink.name) == len(sources) + 1  # each message once, none lost
     assert all(dovecot.maildir_count(user.name) == 1 for user in sources[1:])
     assert dovecot.maildir_count(newcomer) == 2  # retention keep
+
+
+class _BrokenProbe(IdleProbe):
+    """Takes the first accounts handed to it, then fails: a bug in the probe."""
+
+    def serve(self, take: Take, done: Done, stop: threading.Event | None = None) -> None:
+        while not take(10, 0.5):
+            pass
+        raise RuntimeError("a bug in the probe")
+
+
+def test_accounts_in_a_probe_that_fails_are_polled_in_full_and_the_service_goes_on(
+    dovecot: Dovecot, sqlite_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    sources = [dovecot.new_user("orphan") for _ in range(3)]
+    sink = dovecot.new_user("orphansink")
+    for index, user in enumerate(sources):
+        dovecot.seed(user.name, [simple(index)])
+    config = load_config(_config(tmp_path, dovecot, sources, sink, sqlite_url))
+    database = open_database(sqlite_url)
+    finished = _Finished()
+    ledger = Ledger(database)
+    engine = _CountingEngine(config, ledger, observers=[finished])
+    service = Service(config, engine, ledger, probe=_BrokenProbe(engine, at_once=4))
+    names = [user.name for user in sources]
+    service.start()
+    try:
+        # Each account is polled again and again although the probe took some of them and died.
+        finished.wait("polls after the probe failed", lambda: all(finished.polls[n] >= 4 for n in names))
+    finally:
+        service.shutdown()
+        database.dispose()
+    assert "idle probe failed" in caplog.text
+    assert dovecot.maildir_count(sink.name) == len(sources)
