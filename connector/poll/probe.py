@@ -312,9 +312,19 @@ class IdleProbe:
     def refusal(self, account: Account) -> str | None:
         """Why ``account``'s polls are all full polls (None: it may be probed)."""
         refused = probe_refusal(account, wire_traced=wire_log.isEnabledFor(logging.DEBUG))
-        if refused is None and self._engine.connections.probe_target(account) is None:
+        if refused is None and self._target(account) is None:
             refused = "its POP3 connection is not one the probe can open"
         return refused
+
+    def _target(self, account: Account) -> ProbeTarget | None:
+        """``Connections.probe_target``, or None when building it fails: a ``ca_file`` removed or rewritten
+        since the configuration was read fails the TLS context. The full poll meets the same failure and
+        reports it as this account's error; raised here, it would end the whole round."""
+        try:
+            return self._engine.connections.probe_target(account)
+        except Exception as exc:
+            log.debug("account %s: no idle probe: %s: %s", account.name, exc.__class__.__name__, exc)
+            return None
 
     def run(self, accounts: Sequence[Account], stop: threading.Event | None = None) -> Probed:
         """Probe ``accounts`` (each one once, in batches of connector/ledger/idle.py's ``BATCH``)."""
@@ -338,7 +348,7 @@ class IdleProbe:
         waiting: list[tuple[Account, LedgerView, ProbeTarget]] = []
         for account in accounts:
             view = views.get(account.name)
-            target = engine.connections.probe_target(account)
+            target = self._target(account)
             refused = ledger_refusal(account, view, now) if target is not None else "no probe target"
             if refused is not None or view is None or target is None:
                 _handed_over(account, refused or "", probed)
