@@ -44,6 +44,7 @@ from tests.servers.scripted_pop3 import (
     tls_contexts,
 )
 from tests.unit.poll.fakes import FakeDestination
+from tests.waiting import wait_until
 
 ACCOUNT = "alice"
 # Unlike any word of a log line: a test looks for it in every record.
@@ -89,6 +90,8 @@ class World:
         result = self.round()
         assert self.full[before:] == [], "handed over to the full poll, expected idle"
         assert (result.status, result.delivered, result.deleted) == ("ok", 0, 0)
+        # The probe's QUIT is not awaited: seen by the server before a test counts the next commands.
+        wait_until(lambda: self.server.recorded.commands[-1:] == ["QUIT"], "the probe's QUIT", timeout=5)
         return result
 
     def handed_over_round(self) -> PollResult:
