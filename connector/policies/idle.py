@@ -14,7 +14,7 @@ So the probe decides one thing only, and conservatively: "this poll has nothing 
 - ``listing_is_idle``: the server lists exactly the UIDLs the ledger keeps, each once, and none of them is
   one the ledger knows in its header-hash form.
 
-Under those, ``plan.plan_poll`` makes an empty plan (tests/unit/policies/test_idle.py checks it against the
+Under those, ``plan.plan_poll`` makes an empty plan (tests/unit/test_idle_policy.py checks it against the
 planner), and the full poll would write its result and nothing else.
 """
 
