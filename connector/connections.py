@@ -88,6 +88,10 @@ def _open_source_oauth2(account: Account, providers: TokenProviders) -> Pop3Clie
         raise error_type(f"{where}: no OAuth token: {exc.message}") from exc
 
 
+# What Pop3Client.login refuses in a username or password (its _FORBIDDEN_IN_ARGUMENTS).
+_NOT_IN_ARGUMENTS = ("\r", "\n", "\0")
+
+
 @dataclass(frozen=True)
 class ProbeTarget:
     """Where and as whom the idle probe (connector/poll/probe.py) logs in: what ``open_source`` would use."""
@@ -106,6 +110,11 @@ def probe_target(account: Account) -> ProbeTarget | None:
     does (other login methods, STLS: policies/idle.py ``probe_refusal`` says which)."""
     if account.auth != "user" or account.tls == "starttls" or account.password is None:
         return None
+    password = account.password.get_secret_value()
+    if any(bad in value for value in (account.username, password) for bad in _NOT_IN_ARGUMENTS):
+        # Sent as it is, the rest after a line break would be commands of their own (a DELE, a QUIT that
+        # carries it out): the full poll's client refuses the login instead, as an authentication error.
+        return None
     context = None
     if account.tls == "implicit":
         context = shared_ssl_context(verify=account.tls_verify, ca_file=account.ca_file)
@@ -114,7 +123,7 @@ def probe_target(account: Account) -> ProbeTarget | None:
         account.effective_port,
         context,
         account.username,
-        account.password.get_secret_value(),
+        password,
         account.timeout.total_seconds(),
     )
 

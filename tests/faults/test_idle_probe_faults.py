@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 
 from connector.config import Account, Config, parse_config
 from connector.connections import Connections
@@ -495,3 +496,18 @@ def test_a_ca_file_gone_since_the_configuration_was_read_costs_the_account_not_t
         result = world.handed_over_round()
         assert result.status == "error" and "internal error" in (result.error or "")
         assert world.destination.uidls == []
+
+
+def test_a_password_with_a_line_break_sends_no_second_command(world: World) -> None:
+    """A password may hold a line break (TOML "\\r\\n", an accounts file): the POP3 client refuses to send
+    it (the rest would be a command of its own). The probe must not send it either: here the rest is a
+    DELE of the message just arrived, and a QUIT that carries it out, before anything delivered it."""
+    world.server.messages.append(StoredMessage("uid-3", simple(3)))
+    password = SecretStr(f"{PASSWORD}\r\nDELE 4\r\nQUIT")
+    injected = world.account.model_copy(update={"password": password})
+    before = len(world.full)
+    [result] = poll_round(world.engine, [injected], workers=2, full_poll=world._full_poll)
+    assert world.full[before:] == [ACCOUNT]
+    assert result.status == "auth_error" and "line break" in (result.error or "")
+    assert world.server.recorded.deleted == []
+    assert "DELE 4" not in world.server.recorded.commands
