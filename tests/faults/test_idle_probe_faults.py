@@ -127,8 +127,10 @@ def _world(
     template: Path,
     messages: list[StoredMessage],
     server_options: dict[str, Any] | None = None,
+    second: ScriptedPop3Server | None = None,
     **account: Any,
 ) -> Iterator[World]:
+    """``second``: a started server for a second account, "bob" (as alice, but for the server)."""
     path = tmp_path / "ledger.db"
     shutil.copyfile(template, path)
     server = ScriptedPop3Server(messages, username=ACCOUNT, password=PASSWORD, **(server_options or {}))
@@ -161,6 +163,9 @@ def _world(
                 }
             ],
         }
+        if second is not None:
+            accounts: list[dict[str, Any]] = data["accounts"]  # type: ignore[assignment]
+            accounts.append({**accounts[0], "name": "bob", "port": second.port, "timeout": "1s"})
         config = parse_config(data, tmp_path / "config.toml")
         database = open_database(f"sqlite:///{path}", migrate=False)
         destination = FakeDestination("archive")
@@ -511,3 +516,46 @@ def test_a_password_with_a_line_break_sends_no_second_command(world: World) -> N
     assert result.status == "auth_error" and "line break" in (result.error or "")
     assert world.server.recorded.deleted == []
     assert "DELE 4" not in world.server.recorded.commands
+
+
+@pytest.mark.xfail(
+    strict=True, reason="a handover's QUIT is awaited blocking, holding up every other session"
+)
+def test_a_server_slow_to_answer_quit_after_a_handover_holds_up_no_other_account(
+    tmp_path: Path, ledger_template: Path
+) -> None:
+    """alice's server refuses UIDL (a handover: the probe sends QUIT and awaits its reply, so that the full
+    poll finds the maildrop unlocked) and answers that QUIT only after 2.5 s. bob's server is well behaved,
+    only a little slow with CAPA; bob's poll is idle, and its timeout (1 s) is far longer than its session.
+    The probe awaits alice's QUIT with a blocking recv in its one thread: bob's session stands still
+    meanwhile, and is handed over for a timeout it never had."""
+    quits = 0
+
+    def slow_quit(session: Pop3Session, argument: str) -> None:
+        nonlocal quits
+        quits += 1
+        if quits == 1:
+            time.sleep(2.5)
+        session.default("QUIT", argument)
+
+    def slow_capa(session: Pop3Session, argument: str) -> None:
+        time.sleep(0.3)  # alice's session reaches its UIDL first
+        session.default("CAPA", argument)
+
+    bobs = ScriptedPop3Server(_messages(UIDLS), username=ACCOUNT, password=PASSWORD)
+    with bobs, _world(tmp_path, ledger_template, _messages(UIDLS), second=bobs, timeout="5s") as world:
+        accounts = world.config.accounts
+        full: list[str] = []
+
+        def full_poll(account: Account) -> PollResult:
+            full.append(account.name)
+            return world.engine.poll(account)
+
+        poll_round(world.engine, accounts, workers=2, full_poll=full_poll)  # both delivered
+        poll_round(world.engine, accounts, workers=2, full_poll=full_poll)  # both idle
+        assert full == ["alice", "bob"]
+        world.server.fail("UIDL", "-ERR [SYS/TEMP] try later", times=1)
+        world.server.on("QUIT", slow_quit)
+        bobs.on("CAPA", slow_capa)
+        poll_round(world.engine, accounts, workers=2, full_poll=full_poll)
+        assert full[2:] == ["alice"]  # bob's poll was idle, recorded by the probe
