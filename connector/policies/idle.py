@@ -14,8 +14,9 @@ So the probe decides one thing only, and conservatively: "this poll has nothing 
 - ``listing_is_idle``: the server lists exactly the UIDLs the ledger keeps (delivered, or seen by a
   ``start = "new"`` baseline), each once, and none of them is one the ledger knows in its header-hash form.
 
-Under those, ``plan.plan_poll`` makes an empty plan but for its count of ``seen`` messages (a property test
-checks it against the planner), and the full poll would write its result and nothing else.
+Under those, ``plan.plan_poll`` makes an empty plan but for its count of ``seen`` messages (the property
+test in tests/unit/test_idle_policy.py checks it against the planner), and the full poll would write its
+result and nothing else.
 """
 
 from __future__ import annotations

@@ -116,7 +116,9 @@ class _Session:
     started: datetime
     started_at: float
     step: _Step = _Step.CONNECT
-    buffer: bytes = b""
+    # Grown in place: ``bytes +=`` copied the whole buffer at every read, quadratic in a long reply (a
+    # 32 MiB CAPA took 4 s of this thread over TLS, every other session of the batch waiting).
+    buffer: bytearray = field(default_factory=bytearray)
     # Where the search for a multi-line reply's terminator goes on (the part before was searched).
     scanned: int = 0
     capabilities: Capabilities = field(default_factory=Capabilities)
@@ -228,9 +230,9 @@ class _Session:
             if len(self.buffer) > MAX_STATUS_LINE:
                 raise _HandOver(f"{self.step.value}: status line longer than {MAX_STATUS_LINE} bytes")
             return None
-        status = self.buffer[: end + 1]
+        status = bytes(self.buffer[: end + 1])
         if self.step not in _MULTILINE or not status.startswith(b"+"):
-            self.buffer = self.buffer[end + 1 :]
+            del self.buffer[: end + 1]
             return status, None
         found = self._terminator(end)
         if found is None:
@@ -238,8 +240,8 @@ class _Session:
                 raise _HandOver(f"{self.step.value}: reply longer than {DEFAULT_MAX_LISTING_BYTES} bytes")
             return None
         at, length = found
-        body = self.buffer[end + 1 : at + 1]
-        self.buffer = self.buffer[at + length :]
+        body = bytes(self.buffer[end + 1 : at + 1])
+        del self.buffer[: at + length]
         self.scanned = 0
         return status, unstuff_block(body)
 
@@ -315,7 +317,8 @@ class _Session:
         if not self.logged_in or self.done:
             self.done = True
             return
-        self.step, self.buffer = _Step.QUIT, b""
+        self.step = _Step.QUIT
+        self.buffer.clear()
         self.deadline = min(self.deadline, time.monotonic() + QUIT_WAIT)
         try:
             self._send(b"QUIT\r\n")
@@ -365,7 +368,7 @@ class IdleProbe:
     def refusal(self, account: Account) -> str | None:
         """Why ``account``'s polls are all full polls (None: it may be probed)."""
         refused = probe_refusal(account, wire_traced=wire_log.isEnabledFor(logging.DEBUG))
-        if refused is None and self._engine.connections.probe_target(account) is None:
+        if refused is None and _target(self._engine, account) is None:
             refused = "its POP3 connection is not one the probe can open"
         return refused
 
@@ -492,7 +495,7 @@ class _Stream:
             return
         for account in accounts:
             view = views.get(account.name)
-            target = engine.connections.probe_target(account)
+            target = _target(engine, account)
             refused = ledger_refusal(account, view, now) if target is not None else "no probe target"
             if refused is not None or view is None or target is None:
                 self._hand_over(account, refused or "", 0.0)
@@ -622,6 +625,17 @@ def _result(session: _Session, poll: IdlePoll, now: datetime, *, busy: bool) -> 
         poll.next_poll_at.isoformat(timespec="seconds"),
     )
     return result
+
+
+def _target(engine: SyncEngine, account: Account) -> ProbeTarget | None:
+    """``Connections.probe_target``, or None when building it fails: a ``ca_file`` removed or rewritten
+    since the configuration was read fails the TLS context. The full poll meets the same failure and
+    reports it as this account's error; raised here, it would end the whole round."""
+    try:
+        return engine.connections.probe_target(account)
+    except Exception as exc:
+        log.debug("account %s: no idle probe: %s: %s", account.name, exc.__class__.__name__, exc)
+        return None
 
 
 def connect(addresses: list[_Address]) -> socket.socket:
