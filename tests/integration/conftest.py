@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -9,12 +10,14 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine
 
-from connector.config import Config
+from connector.config import Account, Config
 from connector.ledger.database import open_database
 from connector.ledger.store import Ledger
 from connector.poll.engine import SyncEngine
+from connector.poll.result import PollResult
 from tests.configs import make_config
 from tests.messages import simple
+from tests.servers.courier import Courier, CourierError, CourierUnavailable
 from tests.servers.dovecot import Dovecot, MailUsers
 from tests.servers.scripted_pop3 import ScriptedPop3Server, StoredMessage
 
@@ -66,3 +69,38 @@ def pop3() -> Iterator[ScriptedPop3Server]:
 def scripted(server: ScriptedPop3Server, **extra: Any) -> dict[str, Any]:
     """Account fields for ``make_sync`` that read from the scripted server instead of Dovecot's POP3."""
     return {"port": server.port, "username": server.username, "password": server.password, **extra}
+
+
+@pytest.fixture(scope="module")
+def courier() -> Iterator[Courier]:
+    """A real Courier POP3/IMAP server for the tests of one module (skipped where it cannot run)."""
+    try:
+        server = Courier().start()
+    except CourierUnavailable as exc:
+        pytest.skip(f"cannot run Courier on this machine: {exc}")
+    except CourierError as exc:
+        pytest.fail(f"cannot run the Courier test server: {exc}", pytrace=False)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+class FullPolls:
+    """A ``full_poll`` for ``poll_round`` that counts the full polls per account (the idle probe's polls do
+    not go through it)."""
+
+    def __init__(self, engine: SyncEngine) -> None:
+        self.engine = engine
+        self.count: Counter[str] = Counter()
+
+    def __call__(self, account: Account) -> PollResult:
+        self.count[account.name] += 1
+        return self.engine.poll(account)
+
+
+def made_idle(engine: SyncEngine, account: Account) -> None:
+    """The first poll delivers; the second, in full since the last one delivered, finds nothing: the next
+    one is the idle probe's."""
+    assert engine.poll(account).delivered
+    assert engine.poll(account).idle

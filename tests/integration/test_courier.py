@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,7 +32,7 @@ from connector.poll.result import PollResult
 from tests.configs import write_tables
 from tests.delivery import assert_exactly_once, normalised
 from tests.messages import simple
-from tests.servers.courier import Courier, CourierError, CourierUnavailable
+from tests.servers.courier import Courier
 from tests.servers.dovecot import Dovecot, MailUser, MailUsers
 from tests.servers.scripted_pop3 import CourierLikePop3Server, StoredMessage
 
@@ -45,20 +45,6 @@ UNICODE = (
     "Date: Tue, 03 Jun 2025 07:58:00 +0000\r\nMessage-ID: <grüße.1@example.net>\r\n\r\nHallo!\r\n"
 ).encode()
 UNICODE_RECEIVED = datetime(2025, 6, 3, 8, 15, 5, tzinfo=UTC)
-
-
-@pytest.fixture(scope="module")
-def courier() -> Iterator[Courier]:
-    try:
-        server = Courier().start()
-    except CourierUnavailable as exc:
-        pytest.skip(f"cannot run Courier on this machine: {exc}")
-    except CourierError as exc:
-        pytest.fail(f"cannot run the Courier test server: {exc}", pytrace=False)
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def _source(server: Courier | Dovecot, user: MailUser) -> dict[str, Any]:

@@ -41,28 +41,16 @@ from connector.poll.rounds import poll_round
 from tests.configs import write_tables
 from tests.delivery import assert_exactly_once, assert_nothing_lost
 from tests.messages import simple
-from tests.servers.courier import Courier, CourierError, CourierUnavailable
+from tests.servers.courier import Courier
 from tests.servers.dovecot import Dovecot, MailUser, MailUsers, make_test_ca
 from tests.servers.fault_proxy import FaultProxy
+from tests.unit.poll.fakes import FakeClock
 
 pytestmark = pytest.mark.integration
 
 TTL = timedelta(minutes=2)
 T0 = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
 _numbers = itertools.count(1)
-
-
-class Clock:
-    """A clock the test moves: with it, a full poll and a probed one write the very same values."""
-
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, delta: timedelta) -> None:
-        self.now += delta
 
 
 class Source(Protocol):
@@ -101,7 +89,7 @@ class Rig:
     destination: MailUser
     database: str
     build: Callable[[dict[str, Any]], Config]
-    clock: Clock | None
+    clock: FakeClock | None
     # In front of the POP3 server when the test counts connections (each one login).
     proxy: FaultProxy | None = None
     config: Config = field(init=False)
@@ -215,7 +203,7 @@ def make_rig(tmp_path: Path, dovecot: Dovecot, mail_users: MailUsers, database: 
     def factory(
         count: int = 1,
         account: dict[str, Any] | None = None,
-        clock: Clock | None = None,
+        clock: FakeClock | None = None,
         proxy: bool = False,
         tls: bool = False,
         source: tuple[Source, int, Callable[[], MailUser]] | None = None,
@@ -306,7 +294,7 @@ def _summary(result: PollResult) -> tuple[object, ...]:
 def test_a_probed_idle_poll_writes_what_a_full_idle_poll_writes(make_rig: RigFactory) -> None:
     """Two accounts alike, polled at the same instant: one in full, one by the probe. Their account rows
     and lease rows must be the same but for who they are (the lease's holder is random per poll)."""
-    clock = Clock(T0)
+    clock = FakeClock(T0)
     rig = make_rig(
         count=2, account={"retention": "keep", "poll_jitter": 0, "poll_interval": "7m"}, clock=clock
     )
@@ -446,7 +434,7 @@ def _dele_first(dovecot: Dovecot, user: MailUser) -> None:
 def test_a_message_removed_by_another_client_is_counted_missing_as_without_the_probe(
     make_rig: RigFactory, dovecot: Dovecot
 ) -> None:
-    clock = Clock(T0)
+    clock = FakeClock(T0)
     rig = make_rig(count=2, account={"retention": "keep", "poll_jitter": 0}, clock=clock)
     for index in (0, 1):
         rig.seed(index, count=2)
@@ -661,20 +649,6 @@ def test_two_processes_polling_the_same_accounts_deliver_every_message_once(
 # --- 7. Courier: LOGIN-DELAY 10 and UTF8 ---------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def courier() -> Iterator[Courier]:
-    try:
-        server = Courier().start()
-    except CourierUnavailable as exc:
-        pytest.skip(f"cannot run Courier on this machine: {exc}")
-    except CourierError as exc:
-        pytest.fail(f"cannot run the Courier test server: {exc}", pytrace=False)
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 def test_courier_idle_polls_are_probed_no_sooner_than_its_login_delay(
     make_rig: RigFactory, courier: Courier
 ) -> None:
@@ -682,7 +656,7 @@ def test_courier_idle_polls_are_probed_no_sooner_than_its_login_delay(
     full poll turns on and the probe does not: the listing is the same, and the next poll is 10 s away
     even with a 1 s interval, as after a full idle poll. (A hand-over's full poll waits out that delay
     after the probe's login: tests/integration/test_idle_probe_connect.py.)"""
-    clock = Clock(T0)
+    clock = FakeClock(T0)
     rig = make_rig(
         account={"retention": "keep", "poll_interval": "1s", "poll_jitter": 0},
         source=(courier, courier.pop3_port, lambda: courier.new_user("src")),
@@ -788,7 +762,7 @@ def test_a_refused_login_costs_the_probes_login_once_then_only_the_full_polls(
 def test_retention_by_days_probes_until_a_delivery_is_due_for_deletion(
     make_rig: RigFactory, dovecot: Dovecot
 ) -> None:
-    clock = Clock(T0)
+    clock = FakeClock(T0)
     rig = make_rig(account={"retention": {"mode": "days", "days": 1}}, clock=clock)
     rig.seed()
     _first_polls(rig)

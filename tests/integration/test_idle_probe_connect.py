@@ -14,18 +14,16 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections import Counter
 from datetime import timedelta
 from typing import Any
 
 import pytest
 
 from connector.config import Account
-from connector.poll.engine import SyncEngine
 from connector.poll.probe import IdleProbe, in_batches
 from connector.poll.result import PollResult
 from connector.poll.rounds import poll_round
-from tests.integration.conftest import SyncFactory, scripted
+from tests.integration.conftest import FullPolls, SyncFactory, made_idle, scripted
 from tests.messages import simple
 from tests.servers.scripted_pop3 import (
     CourierLikePop3Server,
@@ -35,24 +33,6 @@ from tests.servers.scripted_pop3 import (
 )
 
 pytestmark = pytest.mark.integration
-
-
-class _Full:
-    """The full polls of a round, counted (the probe's polls do not go through it)."""
-
-    def __init__(self, engine: SyncEngine) -> None:
-        self.engine = engine
-        self.count: Counter[str] = Counter()
-
-    def __call__(self, account: Account) -> PollResult:
-        self.count[account.name] += 1
-        return self.engine.poll(account)
-
-
-def _idle(engine: SyncEngine, account: Account) -> None:
-    """The first poll delivers; the second finds nothing, so the next one is probed."""
-    assert engine.poll(account).delivered
-    assert engine.poll(account).idle
 
 
 def _closed_port() -> int:
@@ -66,7 +46,7 @@ def test_the_next_address_is_tried_when_the_first_refuses(
 ) -> None:
     config, engine = make_sync(account=scripted(pop3), defaults={"retention": "keep"})
     account = config.accounts[0]
-    _idle(engine, account)
+    made_idle(engine, account)
     refused = _closed_port()
     real = socket.getaddrinfo
 
@@ -76,7 +56,7 @@ def test_the_next_address_is_tried_when_the_first_refuses(
         return [first, *real(host, port, *args, **kwargs)]
 
     monkeypatch.setattr(socket, "getaddrinfo", two_addresses)
-    full = _Full(engine)
+    full = FullPolls(engine)
     [result] = poll_round(engine, [account], workers=2, full_poll=full)
     assert result.ok and result.idle
     assert not full.count  # probed at the second address, not handed over
@@ -100,10 +80,10 @@ def test_the_full_poll_waits_for_login_delay_after_the_probe_logged_in(
         server.on("PASS", record_login)
         config, engine = make_sync(account=scripted(server), defaults={"retention": "keep"})
         account = config.accounts[0]
-        _idle(engine, account)
+        made_idle(engine, account)
         server.messages.append(StoredMessage("uid-1", simple(1)))
         logins.clear()
-        full = _Full(engine)
+        full = FullPolls(engine)
         [result] = poll_round(engine, [account], workers=2, full_poll=full)
     assert result.delivered == 1 and full.count[account.name] == 1
     probe_login, full_login = logins
@@ -126,8 +106,8 @@ def test_the_probe_sends_utf8_before_logging_in_as_the_full_poll_does(make_sync:
     with _Utf8Logins(messages, password="pässwörd") as server:
         config, engine = make_sync(account=scripted(server), defaults={"retention": "keep"})
         account = config.accounts[0]
-        _idle(engine, account)
-        full = _Full(engine)
+        made_idle(engine, account)
+        full = FullPolls(engine)
         [result] = poll_round(engine, [account], workers=2, full_poll=full)
     assert result.ok and result.idle
     assert not full.count  # the probe's own login succeeded: no hand-over, no failed login counted
@@ -140,7 +120,7 @@ def test_a_server_that_never_answers_holds_back_no_other_account(
     another account's server has not even greeted (before, a batch waited for its slowest session)."""
     config, engine = make_sync(account=scripted(pop3), defaults={"retention": "keep"})
     idle = config.accounts[0]
-    _idle(engine, idle)
+    made_idle(engine, idle)
     idle_told = threading.Event()
     waited: list[bool] = []
     with socket.create_server(("127.0.0.1", 0)) as mute:

@@ -4,29 +4,14 @@ that arrives later is delivered once, the seen ones never."""
 
 from __future__ import annotations
 
-from collections import Counter
-
 import pytest
 
-from connector.config import Account
-from connector.poll.engine import SyncEngine
-from connector.poll.result import PollResult
 from connector.poll.rounds import poll_round
-from tests.integration.conftest import SyncFactory
+from tests.integration.conftest import FullPolls, SyncFactory
 from tests.messages import simple
 from tests.servers.dovecot import Dovecot, MailUsers
 
 pytestmark = pytest.mark.integration
-
-
-class _Full:
-    def __init__(self, engine: SyncEngine) -> None:
-        self.engine = engine
-        self.count: Counter[str] = Counter()
-
-    def __call__(self, account: Account) -> PollResult:
-        self.count[account.name] += 1
-        return self.engine.poll(account)
 
 
 def test_seen_messages_are_idle_and_new_ones_delivered_once(
@@ -38,7 +23,7 @@ def test_seen_messages_are_idle_and_new_ones_delivered_once(
     account = config.accounts[0]
     first = engine.poll(account)  # the baseline: both recorded as seen, none delivered
     assert first.ok and not first.delivered
-    full = _Full(engine)
+    full = FullPolls(engine)
     [result] = poll_round(engine, [account], workers=2, full_poll=full)
     assert result.idle and not full.count  # probed: the listing is what the baseline saw
 

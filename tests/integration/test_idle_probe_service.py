@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -93,27 +96,54 @@ def _config(tmp_path: Path, dovecot: Dovecot, sources: list[MailUser], sink: Mai
     return path
 
 
-def test_run_probes_idle_accounts_and_delivers_new_mail_once(
-    dovecot: Dovecot, sqlite_url: str, tmp_path: Path
-) -> None:
-    sources = [dovecot.new_user("probed") for _ in range(5)]
-    sink = dovecot.new_user("probesink")
+@dataclass
+class _Rig:
+    """``count`` accounts with one message each on Dovecot, and a ``Service`` as `run` builds it, with
+    ``probe_type`` as its idle probe; ``finished`` sees every poll, ``engine.full`` counts the full ones."""
+
+    sources: list[MailUser]
+    sink: MailUser
+    engine: _CountingEngine
+    finished: _Finished
+    service: Service
+
+    @property
+    def names(self) -> list[str]:
+        return [user.name for user in self.sources]
+
+
+@contextmanager
+def _running(
+    dovecot: Dovecot, url: str, tmp_path: Path, prefix: str, count: int, probe_type: type[IdleProbe]
+) -> Iterator[_Rig]:
+    sources = [dovecot.new_user(prefix) for _ in range(count)]
+    sink = dovecot.new_user(f"{prefix}sink")
     for index, user in enumerate(sources):
         dovecot.seed(user.name, [simple(index)])
-    config = load_config(_config(tmp_path, dovecot, sources, sink, sqlite_url))
-    database = open_database(sqlite_url)
+    config = load_config(_config(tmp_path, dovecot, sources, sink, url))
+    database = open_database(url)
     finished = _Finished()
     ledger = Ledger(database)
     engine = _CountingEngine(config, ledger, observers=[finished])
-    service = Service(config, engine, ledger, probe=IdleProbe(engine, at_once=4))
-    names = [user.name for user in sources]
+    service = Service(config, engine, ledger, probe=probe_type(engine, at_once=4))
     service.start()
     try:
+        yield _Rig(sources, sink, engine, finished, service)
+    finally:
+        service.shutdown()
+        database.dispose()
+
+
+def test_run_probes_idle_accounts_and_delivers_new_mail_once(
+    dovecot: Dovecot, sqlite_url: str, tmp_path: Path
+) -> None:
+    with _running(dovecot, sqlite_url, tmp_path, "probed", 5, IdleProbe) as rig:
+        engine, finished, names = rig.engine, rig.finished, rig.names
         # The first poll delivers, the second (in full: the last one delivered) finds nothing, and from then
         # on the probe polls them.
         finished.wait("probed polls", lambda: all(finished.polls[n] >= engine.full[n] + 2 for n in names))
         assert all(engine.full[n] >= 2 for n in names)
-        newcomer = sources[0].name
+        newcomer = names[0]
         dovecot.seed(newcomer, [simple(99)])
         full_before = engine.full[newcomer]
         # The probe hands the account over; the full poll delivers; then it is idle (and probed) again.
@@ -124,11 +154,8 @@ def test_run_probes_idle_accounts_and_delivers_new_mail_once(
                 and finished.polls[newcomer] >= engine.full[newcomer] + 1
             ),
         )
-    finally:
-        service.shutdown()
-        database.dispose()
-    assert dovecot.maildir_count(sink.name) == len(sources) + 1  # each message once, none lost
-    assert all(dovecot.maildir_count(user.name) == 1 for user in sources[1:])
+    assert dovecot.maildir_count(rig.sink.name) == len(names) + 1  # each message once, none lost
+    assert all(dovecot.maildir_count(name) == 1 for name in names[1:])
     assert dovecot.maildir_count(newcomer) == 2  # retention keep
 
 
@@ -144,23 +171,9 @@ class _BrokenProbe(IdleProbe):
 def test_accounts_in_a_probe_that_fails_are_polled_in_full_and_the_service_goes_on(
     dovecot: Dovecot, sqlite_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    sources = [dovecot.new_user("orphan") for _ in range(3)]
-    sink = dovecot.new_user("orphansink")
-    for index, user in enumerate(sources):
-        dovecot.seed(user.name, [simple(index)])
-    config = load_config(_config(tmp_path, dovecot, sources, sink, sqlite_url))
-    database = open_database(sqlite_url)
-    finished = _Finished()
-    ledger = Ledger(database)
-    engine = _CountingEngine(config, ledger, observers=[finished])
-    service = Service(config, engine, ledger, probe=_BrokenProbe(engine, at_once=4))
-    names = [user.name for user in sources]
-    service.start()
-    try:
+    with _running(dovecot, sqlite_url, tmp_path, "orphan", 3, _BrokenProbe) as rig:
+        finished = rig.finished
         # Each account is polled again and again although the probe took some of them and died.
-        finished.wait("polls after the probe failed", lambda: all(finished.polls[n] >= 4 for n in names))
-    finally:
-        service.shutdown()
-        database.dispose()
+        finished.wait("polls after the probe failed", lambda: all(finished.polls[n] >= 4 for n in rig.names))
     assert "idle probe failed" in caplog.text
-    assert dovecot.maildir_count(sink.name) == len(sources)
+    assert dovecot.maildir_count(rig.sink.name) == len(rig.names)
