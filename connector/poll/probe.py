@@ -66,6 +66,8 @@ Done = Callable[[Account, PollResult | None, float], None]
 # Seconds an idle poll waits for its batch's write at most: the write goes as soon as ``at_once`` idle polls
 # wait, or no session is in flight, or the oldest has waited this long.
 FLUSH_AFTER = 0.05
+# Seconds a host's resolved addresses are used before it is resolved again.
+RESOLVE_EVERY = 60.0
 
 
 @dataclass
@@ -158,7 +160,8 @@ class _Stream:
         self._unwritten: list[ProbeSession] = []
         self._unwritten_since = 0.0
         self._exhausted = False
-        self._addresses: dict[tuple[str, int], list[Address]] = {}
+        # Each host's addresses and when they were resolved.
+        self._addresses: dict[tuple[str, int], tuple[float, list[Address]]] = {}
         self._selector: selectors.BaseSelector = selectors.DefaultSelector()
 
     def run(self) -> None:
@@ -255,13 +258,16 @@ class _Stream:
         self._running[id(session)] = session
 
     def _addresses_of(self, target: ProbeTarget) -> list[Address]:
-        """The host's addresses, resolved once per loop (the first poll of each host)."""
+        """The host's addresses, resolved again after ``RESOLVE_EVERY`` seconds: `run` serves for as long as
+        it runs, and a host that moves must not be probed at its old address for ever."""
         key = (target.host, target.port)
+        now = time.monotonic()
         found = self._addresses.get(key)
-        if found is None:
+        if found is None or now - found[0] > RESOLVE_EVERY:
             resolved = socket.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
-            found = self._addresses[key] = [(family, address) for family, _t, _p, _n, address in resolved]
-        return found
+            addresses: list[Address] = [(family, address) for family, _t, _p, _n, address in resolved]
+            found = self._addresses[key] = (now, addresses)
+        return found[1]
 
     # --- sessions -------------------------------------------------------------------------------------
 
