@@ -143,9 +143,9 @@ def _with_twins(
         )
     if twins.ambiguous:
         note += (
-            f"; {twins.ambiguous} different message(s) are listed under a UIDL whose message was delivered "
-            "before header hashes were recorded: nothing tells which one was delivered, they stay on the "
-            "server"
+            f"; {twins.ambiguous} different message(s) are listed under a UIDL whose ledger row has no "
+            "header hash (recorded before they were): nothing tells which one the row is about, they stay on "
+            "the server"
         )
     return Identified(
         twins.listing,

@@ -509,7 +509,7 @@ def test_a_uidl_listed_twice_whose_row_has_no_header_hash_leaves_both_on_the_ser
     status = world.status()
     assert status.identity_note is not None
     assert "UIDL 'uid-1' is listed more than once by the server; left on the server" in status.identity_note
-    assert "nothing tells which one was delivered" in status.identity_note
+    assert "nothing tells which one the row is about" in status.identity_note
     assert world.server.recorded.deleted == []
 
 
