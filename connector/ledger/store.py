@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
@@ -353,6 +353,12 @@ class Ledger:
         # makes the poll look in the destination first).
         with self._reading("read messages") as connection:
             return _known_rows(connection, _ALL_ROWS, {"account": account_id})
+
+    def rows_of(self, account_id: int, uidls: Collection[str]) -> dict[str, KnownMessage]:
+        """The rows of ``uidls`` in full (those of them the ledger has): for the few that ``known_to_plan``
+        gives by UIDL only and a poll needs after all (policies.uidl.key_twins)."""
+        with self._reading("read messages") as connection:
+            return _known_rows(connection, _ROWS_OF, {"account": account_id, "uidls": list(uidls)})
 
     def known_to_plan(self, account_id: int, deletable_until: datetime | None) -> KnownMessages:
         """What a poll plans with (see ``KnownMessages``): in full, every message that is not delivered,
@@ -728,6 +734,7 @@ _KNOWN_COLUMNS = select(
     MessageRow.missing_since,
 )
 _ALL_ROWS = _KNOWN_COLUMNS.where(_ACCOUNT)
+_ROWS_OF = _KNOWN_COLUMNS.where(_ACCOUNT, MessageRow.uidl.in_(bindparam("uidls", expanding=True)))
 # "state <> delivered" spelt as two ranges, so that the index on (account, state) serves it.
 _UNDELIVERED = or_(MessageRow.state < _DELIVERED, MessageRow.state > _DELIVERED)
 _UNDELIVERED_ROWS = _KNOWN_COLUMNS.where(_ACCOUNT, _UNDELIVERED)

@@ -7,6 +7,9 @@
 * Identical copies (one such identity listed several times with one size, as popa3d's content-hash UIDLs
   list a message delivered twice): each copy gets a key of its own, ``<identity> #<k>`` for further copies,
   matched to the ledger's rows by count at every poll (``key_twins``).
+* A message recorded under its plain UIDL before that UIDL was listed twice keeps that row: the copy whose
+  header hash is the row's is that message (``key_twins``). A row with no header hash (written before they
+  were recorded) cannot tell which copy it is: every copy listed under that UIDL stays on the server.
 * All UIDLs changing at once (the host migrated): most of the UIDLs the ledger expects on the server have
   vanished while about as many unknown ones appeared. Known messages are re-matched to the new UIDLs by
   header hash (and size, to tell identical headers apart) instead of being delivered again.
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Collection, Mapping, Sequence, Set
+from collections.abc import Collection, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from itertools import repeat
 
@@ -181,6 +184,9 @@ class Twins:
     copies: int = 0
     # Messages listed under one identity whose sizes differ: nothing tells them apart; left on the server.
     unresolved: int = 0
+    # Messages listed under a duplicated UIDL whose row has no header hash: which one the row is about is
+    # unknown; all listed under their plain UIDL, so that the plan leaves them on the server.
+    ambiguous: int = 0
     # Keys of pending copies whose recovery lookup could find an identical sibling's delivery instead.
     doubtful: frozenset[str] = frozenset()
 
@@ -192,7 +198,9 @@ class _Member:
     state: MessageState | None  # None: no ledger row, a copy new to the connector
 
 
-def key_twins(listing: Sequence[MessageInfo], known: KnownMessages) -> Twins:
+def key_twins(
+    listing: Sequence[MessageInfo], known: KnownMessages, recorded: Mapping[str, KnownMessage] | None = None
+) -> Twins:
     """Give each listed copy of identical messages (one header-hash identity listed several times with one
     size: one UIDL, equal headers, equal size) a key of its own, so that each is delivered exactly once.
 
@@ -203,16 +211,24 @@ def key_twins(listing: Sequence[MessageInfo], known: KnownMessages) -> Twins:
     to the copies in listing order, delivered ones first, so that no copy is delivered twice; copies left
     over are new and get fresh keys (never the key of a ``deleted`` row, which would be taken for a deletion
     to repeat); rows left over belong to copies someone else removed and are forgotten as usual.
+
+    ``recorded``: the rows in full of plain UIDLs that ``known`` has by UIDL only (kept ones, see
+    ``plain_uidls_kept``), whose header hashes tell which listed message each row is about.
     """
     groups: dict[str, list[MessageInfo]] = {}
     for info in listing:
         if is_hashed(info.uidl):
             groups.setdefault(info.uidl, []).append(info)
-    members = _members(groups, listing, known)
+    members, ambiguous = _members(groups, listing, known, recorded or {})
     replaced: dict[int, MessageInfo] = {}
     copies = unresolved = 0
     doubtful: set[str] = set()
     for identity, infos in groups.items():
+        plain = _plain_uidl(identity)
+        if plain in ambiguous:
+            # Listed under the plain UIDL again, more than once: the plan leaves them all on the server.
+            replaced.update((info.number, info._replace(uidl=plain)) for info in infos)
+            continue
         rows = members.get(identity, [])
         if len(infos) == 1 and not rows:
             continue
@@ -227,14 +243,33 @@ def key_twins(listing: Sequence[MessageInfo], known: KnownMessages) -> Twins:
     if not replaced:
         return Twins(list(listing), unresolved=unresolved)
     keyed = [replaced.get(info.number, info) for info in listing]
-    return Twins(keyed, copies, unresolved, frozenset(doubtful))
+    left = sum(1 for info in keyed if info.uidl in ambiguous)
+    return Twins(keyed, copies, unresolved, ambiguous=left, doubtful=frozenset(doubtful))
+
+
+def plain_uidls_kept(doubtful: Iterable[MessageInfo], known: KnownMessages) -> set[str]:
+    """The UIDLs of the ``doubtful`` messages (see ``needs_header_hash``) that ``known`` has by UIDL only
+    (kept): their rows are read in full for ``key_twins``, which needs their header hashes."""
+    if not known.kept:
+        return set()
+    return {info.uidl for info in doubtful if info.uidl in known.kept}
+
+
+def _plain_uidl(identity: str) -> str:
+    """The UIDL of a ``<uidl>/hdr:`` identity ("" for ``hdr:``, whose server has no UIDL)."""
+    plain, separator, _ = identity.partition(_DUPLICATE_SEPARATOR + HASH_PREFIX)
+    return plain if separator else ""
 
 
 def _members(
-    groups: Mapping[str, list[MessageInfo]], listing: Sequence[MessageInfo], known: KnownMessages
-) -> dict[str, list[_Member]]:
-    """The ledger rows of each identity in ``groups``: its own key, its further copies' keys and (when every
-    listed message of that UIDL has this one identity) the plain UIDL it had before it was hashed."""
+    groups: Mapping[str, list[MessageInfo]],
+    listing: Sequence[MessageInfo],
+    known: KnownMessages,
+    recorded: Mapping[str, KnownMessage],
+) -> tuple[dict[str, list[_Member]], set[str]]:
+    """The ledger rows of each identity in ``groups``: its own key, its further copies' keys and the plain
+    UIDL it had before it was hashed, when that row is about this message. And the plain UIDLs whose row
+    cannot tell which of the different messages listed under it is its own (``ambiguous``)."""
     members: dict[str, list[_Member]] = {}
 
     def add(identity: str, key: str, copy: int) -> None:
@@ -253,16 +288,28 @@ def _members(
                 add(identity, key, int(copy))
     plain_identities: dict[str, set[str]] = {}
     for info in listing:
-        plain, separator, _ = info.uidl.partition(_DUPLICATE_SEPARATOR + HASH_PREFIX)
-        if separator:
+        if plain := _plain_uidl(info.uidl):
             plain_identities.setdefault(plain, set()).add(info.uidl)
+    ambiguous: set[str] = set()
     for plain, identities in plain_identities.items():
-        identity = next(iter(identities))
-        row = known.rows.get(plain)
-        # Which of several different messages the plain row was is known only from its header hash.
-        if len(identities) == 1 and (row is None or row.header_hash in (None, identity.rpartition(":")[2])):
-            add(identity, plain, 0)
-    return members
+        row = known.rows.get(plain) or recorded.get(plain)
+        if row is None and plain not in known.kept:
+            continue  # no row under the plain UIDL
+        digest = row.header_hash if row is not None else None
+        if digest is not None:
+            # The row's header hash says which listed message it is about, if any (the delivered one may be
+            # gone and every copy new): it joins that identity alone.
+            if (identity := hash_identity(digest, plain)) in identities:
+                add(identity, plain, 0)
+        elif len(identities) == 1:
+            # Every copy listed under the UIDL has one identity (one message, or identical copies of it).
+            add(next(iter(identities)), plain, 0)
+        elif row is None or row.state in _EXPECTED_ON_SERVER:
+            # Different messages under the UIDL, and nothing says which one the row is about: delivering
+            # them all would deliver that one twice, and a size is no identity (the row's message may be
+            # gone and a new one of the same size listed). Left on the server for a person to judge.
+            ambiguous.add(plain)
+    return members, ambiguous
 
 
 def _doubtful(member: _Member, rows: Sequence[_Member]) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from connector.errors import SourceMessageError, SourceNoUidlError
@@ -18,12 +18,16 @@ from connector.policies.uidl import (
     header_hash,
     key_twins,
     needs_header_hash,
+    plain_uidls_kept,
     rematch,
     suspect_migration,
 )
 from connector.pop3 import MessageInfo, PendingListing, Pop3Client
 
 log = logging.getLogger("connector.poll.identity")
+
+# Reads the ledger's rows of some UIDLs in full (``Ledger.rows_of`` for one account).
+RowReader = Callable[[Collection[str]], Mapping[str, KnownMessage]]
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,8 @@ class Identified:
     unresolved: int = 0
     # Pending identical copies whose recovery lookup could find a sibling's delivery (policies.uidl.Twins).
     doubtful: frozenset[str] = frozenset()
+    # Messages under a duplicated UIDL whose row has no header hash to tell which is its own: left alone.
+    ambiguous: int = 0
 
 
 def header_hash_of(pop: Pop3Client, number: int) -> str | None:
@@ -57,12 +63,19 @@ def header_hash_of(pop: Pop3Client, number: int) -> str | None:
 
 
 def identify(
-    pop: Pop3Client, known: KnownMessages, *, quick: bool = False, requested: PendingListing | None = None
+    pop: Pop3Client,
+    known: KnownMessages,
+    *,
+    quick: bool = False,
+    requested: PendingListing | None = None,
+    read_rows: RowReader | None = None,
 ) -> Identified:
     """The listing with every message given an identity the ledger can rely on. With ``quick``, UIDL
     alone when the UIDLs are trustworthy (see ``Identified.sized``). ``requested``: the listing already
     asked for (``Pop3Client.request_listing``, its ``sized`` instead of ``quick``), so that the caller
-    could read ``known`` while the server prepared it."""
+    could read ``known`` while the server prepared it. ``read_rows``: reads the rows that ``known`` has by
+    UIDL only, when a duplicated UIDL needs its row's header hash (without it, such a row is taken as one
+    without a header hash: its copies stay on the server)."""
     if requested is None:
         # UIDL alone (sizes 0): an idle poll sends this one listing command.
         requested = pop.request_listing(sizes=not quick)
@@ -77,7 +90,7 @@ def identify(
     ambiguous = needs_header_hash(listing, known, hashed=hashed)
     if quick and (ambiguous or suspect_migration(listing, known)):
         # Telling these messages apart needs their sizes after all.
-        return identify(pop, known)
+        return identify(pop, known, read_rows=read_rows)
     if not ambiguous:
         return Identified(listing, sized=not quick, migration_checked=quick)
     replaced: dict[int, MessageInfo] = {}
@@ -90,7 +103,11 @@ def identify(
         f"the server lists {uidls} UIDL(s) for more than one message; those messages are identified by "
         "UIDL plus a hash of their headers (TOP n 0)"
     )
-    return _with_twins([replaced.get(info.number, info) for info in listing], known, note)
+    # A message delivered under its plain UIDL is told from the others listed under it by its row's header
+    # hash, which the ledger gives a kept row only when asked (rare: a UIDL listed twice).
+    kept = plain_uidls_kept(ambiguous, known)
+    recorded = read_rows(kept) if kept and read_rows is not None else {}
+    return _with_twins([replaced.get(info.number, info) for info in listing], known, note, recorded=recorded)
 
 
 def _by_header_hash(pop: Pop3Client, known: KnownMessages) -> Identified:
@@ -105,10 +122,15 @@ def _by_header_hash(pop: Pop3Client, known: KnownMessages) -> Identified:
 
 
 def _with_twins(
-    listing: list[MessageInfo], known: KnownMessages, note: str, unidentified: int = 0
+    listing: list[MessageInfo],
+    known: KnownMessages,
+    note: str,
+    unidentified: int = 0,
+    recorded: Mapping[str, KnownMessage] | None = None,
 ) -> Identified:
-    """``listing`` (identified by header hash where needed) with identical copies keyed apart."""
-    twins = key_twins(listing, known)
+    """``listing`` (identified by header hash where needed) with identical copies keyed apart.
+    ``recorded``: kept rows in full (see ``policies.uidl.key_twins``)."""
+    twins = key_twins(listing, known, recorded)
     if twins.copies:
         note += (
             f"; {twins.copies} identical cop(ies) of a listed message (same identity and size) are each "
@@ -119,7 +141,20 @@ def _with_twins(
             f"; {twins.unresolved} message(s) have one UIDL and the same headers but different sizes: "
             "nothing tells them apart, they stay on the server"
         )
-    return Identified(twins.listing, note, unidentified, unresolved=twins.unresolved, doubtful=twins.doubtful)
+    if twins.ambiguous:
+        note += (
+            f"; {twins.ambiguous} different message(s) are listed under a UIDL whose ledger row has no "
+            "header hash (recorded before they were): nothing tells which one the row is about, they stay on "
+            "the server"
+        )
+    return Identified(
+        twins.listing,
+        note,
+        unidentified,
+        unresolved=twins.unresolved,
+        doubtful=twins.doubtful,
+        ambiguous=twins.ambiguous,
+    )
 
 
 def baseline_entries(

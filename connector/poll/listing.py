@@ -13,7 +13,7 @@ cannot be identified, a listing that suddenly lost messages) go to the poll's ``
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -141,7 +141,9 @@ class Listing:
             requested = pop.request_listing(sizes=sizes)
         known = self._known(now)
         baseline = taken is False and needs_baseline(self._account.start, taken, known)
-        identified = identify(pop, known, quick=not (sizes or baseline), requested=requested)
+        identified = identify(
+            pop, known, quick=not (sizes or baseline), requested=requested, read_rows=self._rows_of
+        )
         listing = identified.listing
         if baseline:
             known = KnownMessages(
@@ -157,6 +159,9 @@ class Listing:
         if not self._account_id:
             return KnownMessages()
         return self._ledger.known_to_plan(self._account_id, deletable_until(self._account.retention, now))
+
+    def _rows_of(self, uidls: Collection[str]) -> dict[str, KnownMessage]:
+        return self._ledger.rows_of(self._account_id, uidls) if self._account_id else {}
 
     def _baseline_taken(self) -> bool | None:
         """Whether the ``start = "new"`` baseline was taken; None when the account has no such start."""

@@ -26,10 +26,12 @@ from typing import Any
 
 import pytest
 from pydantic import SecretStr
+from sqlalchemy import update
 
 from connector.config import Account, Config, parse_config
 from connector.connections import Connections
 from connector.ledger.database import open_database
+from connector.ledger.models import MessageRow
 from connector.ledger.records import AccountStatus, MessageState
 from connector.ledger.store import Ledger
 from connector.poll.engine import SyncEngine
@@ -417,9 +419,6 @@ def test_a_uidl_listed_twice_is_handed_over_though_the_count_matches(world: Worl
     # What the full poll delivers here is its business (see the xfail below); the probe only handed over.
 
 
-@pytest.mark.xfail(
-    strict=True, reason="the full poll delivers a known message again once its UIDL is listed twice"
-)
 def test_a_delivered_message_whose_uidl_is_then_listed_twice_is_not_delivered_again(world: World) -> None:
     """Found while writing the test above: the full poll identifies both copies of a duplicated UIDL by
     header hash ("uid-1/hdr:..."), a key the ledger does not have for the message it delivered as "uid-1",
@@ -428,6 +427,90 @@ def test_a_delivered_message_whose_uidl_is_then_listed_twice_is_not_delivered_ag
     world.handed_over_round()
     message_ids = [stored.message_id for stored in world.destination.stored]
     assert message_ids.count("<msg1@example.net>") == 1
+
+
+def _listed_twice(world: World) -> None:
+    """uid-2 gone; uid-0 and uid-1 (delivered) still there, and a new message listed as uid-1 too."""
+    world.server.messages = [*world.server.messages[:2], StoredMessage("uid-1", simple(7))]
+
+
+def _message_ids(world: World) -> list[str]:
+    return sorted(stored.message_id for stored in world.destination.stored)
+
+
+EACH_ONCE = [f"<msg{n}@example.net>" for n in (0, 1, 2, 7)]
+
+
+@pytest.mark.parametrize("removed", ["none", "the delivered one", "the new one"])
+def test_a_uidl_listed_twice_delivers_the_new_message_once_and_nothing_at_the_next_polls(
+    world: World, removed: str
+) -> None:
+    """The new copy under uid-1 is delivered once, keyed by its header hash; the delivered one keeps its
+    row "uid-1". The next polls (handed over: a UIDL listed twice is never idle) deliver nothing, also once
+    one of the two is removed from the server."""
+    _listed_twice(world)
+    result = world.handed_over_round()
+    assert (result.status, result.delivered, result.unidentified) == ("ok", 1, 0)
+    assert _message_ids(world) == EACH_ONCE
+    [new_key] = [stored.uidl for stored in world.destination.stored if stored.message_id == EACH_ONCE[-1]]
+    assert new_key.startswith("uid-1/hdr:")
+    assert world.states()["uid-1"] == world.states()[new_key] == MessageState.DELIVERED
+    result = world.handed_over_round()
+    assert (result.status, result.delivered) == ("ok", 0)
+    if removed == "the delivered one":
+        del world.server.messages[1]
+    elif removed == "the new one":
+        del world.server.messages[2]
+    for _ in range(2):
+        result = world.round()
+        assert (result.status, result.delivered, result.deleted) == ("ok", 0, 0)
+    assert _message_ids(world) == EACH_ONCE
+    assert world.server.recorded.deleted == []
+
+
+def test_a_uidl_listed_twice_with_retention_delete_deletes_each_message_once_delivered(
+    tmp_path: Path, ledger_template: Path
+) -> None:
+    """Delivered and DELEted, but the QUIT that would have removed them failed: the rows stay delivered,
+    due for deletion. Then uid-1 is listed twice: the delivered message is deleted (not delivered again),
+    the new one delivered and deleted; the next poll finds nothing to do."""
+    with _world(tmp_path, ledger_template, _messages(UIDLS), retention="delete") as world:
+        world.server.fail("QUIT", "-ERR [SYS/TEMP] could not expunge", times=1)
+        world.handed_over_round()
+        assert world.server.recorded.deleted == []
+        assert set(world.states().values()) == {MessageState.DELIVERED}
+        _listed_twice(world)
+        result = world.round()
+        assert (result.status, result.delivered, result.deleted) == ("ok", 1, 3)
+        assert sorted(world.server.recorded.deleted) == ["uid-0", "uid-1", "uid-1"]
+        assert world.server.messages == []
+        assert _message_ids(world) == EACH_ONCE
+        result = world.round()
+        assert (result.status, result.delivered, result.deleted) == ("ok", 0, 0)
+        assert _message_ids(world) == EACH_ONCE
+
+
+def test_a_uidl_listed_twice_whose_row_has_no_header_hash_leaves_both_on_the_server(world: World) -> None:
+    """A row written before header hashes were recorded cannot tell which of the two is the delivered one:
+    both stay on the server, reported, at every poll, and the row is not forgotten (it is still listed)."""
+    account_id = world.engine.ledger.account_id(ACCOUNT, create=False)
+    with world.engine.ledger.engine.begin() as connection:
+        connection.execute(
+            update(MessageRow).where(MessageRow.account_id == account_id).values(header_hash=None)
+        )
+    _listed_twice(world)
+    for _ in range(4):
+        result = world.handed_over_round()
+        assert (result.status, result.delivered, result.unidentified) == ("ok", 0, 2)
+    assert _message_ids(world) == EACH_ONCE[:-1]
+    rows = world.engine.ledger.known_messages(account_id or 0)
+    assert (rows["uid-1"].state, rows["uid-1"].missing_polls) == (MessageState.DELIVERED, 0)
+    assert rows["uid-2"].missing_polls == 4  # counted missing, as a message gone is
+    status = world.status()
+    assert status.identity_note is not None
+    assert "UIDL 'uid-1' is listed more than once by the server; left on the server" in status.identity_note
+    assert "nothing tells which one the row is about" in status.identity_note
+    assert world.server.recorded.deleted == []
 
 
 @pytest.mark.parametrize("terminator", ["bare-lf-terminator", "bare-lf-throughout"])

@@ -331,6 +331,32 @@ def test_known_to_plan_finds_hashed_forms_in_the_string_it_read(engine: Engine) 
     assert hashed_uidls(only_plain) == set() == hashed_uidls(KnownMessages({}, {"plain"}))
 
 
+def test_rows_of_reads_the_rows_asked_for_in_full(engine: Engine) -> None:
+    """For kept rows, which ``known_to_plan`` gives by UIDL only: a UIDL listed twice needs its header hash
+    (policies.uidl.key_twins)."""
+    ledger = Ledger(engine)
+    account = ledger.account_id("rows-of")
+    other = ledger.account_id("rows-of-other")
+    assert account is not None and other is not None
+    now = datetime.now(UTC)
+    rows = [
+        {**_row(account, "a", "delivered", now, 1), "header_hash": "ab" * 32, "pop_size": 120},
+        {**_row(account, "b", "delivered", now, 1), "header_hash": None, "pop_size": None},
+        {**_row(other, "a", "delivered", now, 1), "header_hash": "cd" * 32, "pop_size": 120},
+    ]
+    with engine.begin() as connection:
+        connection.execute(Base.metadata.tables["messages"].insert(), rows)
+    found = ledger.rows_of(account, ["a", "b", "unknown"])
+    assert set(found) == {"a", "b"}
+    assert (found["a"].header_hash, found["a"].pop_size, found["a"].state) == (
+        "ab" * 32,
+        120,
+        MessageState.DELIVERED,
+    )
+    assert found["b"].header_hash is None
+    assert ledger.rows_of(account, []) == {}
+
+
 def _row(account: int, uidl: str, state: str, now: datetime, age_days: int | None) -> dict[str, object]:
     delivered_at = None if age_days is None else now - timedelta(days=age_days)
     return {

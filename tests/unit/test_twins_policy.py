@@ -98,9 +98,58 @@ def test_the_plain_uidl_of_the_first_copy_joins() -> None:
     # Whose header hash says it was another message, it does not.
     other = KnownMessages({"x": KnownMessage("x", D, 0, NOW, None, None, None, header_hash="b" * 64)})
     assert keys(key_twins(copies(2), other).listing) == [k(1), k(2)]
-    # Nor when the listed copies of "x" are different messages (which one it was is unknown).
-    listing = [MessageInfo(1, IDENT, 100), MessageInfo(2, "x/hdr:" + "c" * 64, 100)]
-    assert keys(key_twins(listing, ledger(kept=("x",))).listing) == keys(listing)
+
+
+OTHER = "x/hdr:" + "c" * 64
+# "x" listed for two different messages: the one delivered as "x" (IDENT) and a new one (OTHER).
+DIFFERENT = [MessageInfo(1, IDENT, 100), MessageInfo(2, OTHER, 120)]
+
+
+def plain_row(state: MessageState = D, digest: str | None = "a" * 64) -> KnownMessage:
+    return KnownMessage("x", state, 0, NOW, None, None, None, pop_size=100, header_hash=digest)
+
+
+def test_the_plain_row_joins_the_different_message_its_header_hash_names() -> None:
+    """Found by the idle probe's tests: "x" delivered, then a new message listed as "x" too. The row is
+    that copy's, whichever order they are listed in; the other is new and delivered once."""
+    for listing in (DIFFERENT, DIFFERENT[::-1]):
+        known = KnownMessages({"x": plain_row()})
+        twins = key_twins(listing, known)
+        assert {info.number: info.uidl for info in twins.listing} == {1: "x", 2: OTHER}
+        assert twins.ambiguous == 0
+        plan = plan_poll(twins.listing, known, RetentionPolicy(mode="keep"), NOW)
+        assert [d.info.uidl for d in plan.deliver] == [OTHER] and plan.duplicates == []
+    # Kept, the row comes in full through ``recorded`` (the ledger gives kept rows by UIDL only).
+    kept = ledger(kept=("x",))
+    twins = key_twins(DIFFERENT, kept, {"x": plain_row()})
+    assert keys(twins.listing) == ["x", OTHER]
+    assert [
+        d.info.uidl for d in plan_poll(twins.listing, kept, RetentionPolicy(mode="keep"), NOW).deliver
+    ] == [OTHER]
+    # The row's message gone and both listed ones new: both delivered, the row left to go missing.
+    gone = KnownMessages({"x": plain_row(digest="d" * 64)})
+    assert keys(key_twins(DIFFERENT, gone).listing) == keys(DIFFERENT)
+
+
+def test_a_plain_row_without_header_hash_leaves_different_messages_on_the_server() -> None:
+    """A row written before header hashes were recorded cannot tell which of the messages listed under its
+    UIDL it is about: all are left on the server under the plain UIDL (a duplicate to the plan, reported),
+    so that none is delivered twice and the row, listed, is never forgotten."""
+    for known, recorded in (
+        (KnownMessages({"x": plain_row(digest=None)}), None),
+        (ledger(kept=("x",)), {"x": plain_row(digest=None)}),
+        (ledger(kept=("x",)), None),  # a kept row not read in full: its header hash is unknown
+        (KnownMessages({"x": plain_row(P, digest=None)}), None),
+    ):
+        twins = key_twins(DIFFERENT, known, recorded)
+        assert keys(twins.listing) == ["x", "x"] and twins.ambiguous == 2
+        plan = plan_poll(twins.listing, known, RetentionPolicy(mode="delete"), NOW)
+        assert (plan.deliver, plan.delete, plan.duplicates, plan.missing) == ([], [], ["x"], [])
+    # Identical copies (one identity) are the row's message and a copy of it, as before.
+    assert keys(key_twins(copies(2), KnownMessages({"x": plain_row(digest=None)})).listing) == ["x", k(1)]
+    # A row the server confirmed deleted is about none of them: both are new.
+    deleted = KnownMessages({"x": plain_row(X, digest=None)})
+    assert keys(key_twins(DIFFERENT, deleted).listing) == keys(DIFFERENT)
 
 
 def test_copies_of_different_sizes_are_left_alone() -> None:
