@@ -17,7 +17,6 @@ schedules the account's next one, and the account counts as running until then.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import queue
 import threading
@@ -113,8 +112,13 @@ class Service:
         self._enabled = enabled_by_name(config)
         self.engine.config = config
         for name in changes.removed:
-            with contextlib.suppress(JobLookupError):  # it may be running right now
+            try:
                 self._scheduler.remove_job(name)
+            except JobLookupError:  # it may be running right now
+                continue
+            # Its next poll is dropped, one waiting for its server's LOGIN-DELAY (_probed) included: the
+            # account is no longer running, and polled again if a later reload adds it back.
+            self._running.discard(name)
         now = self.engine.clock()
         waiting = {
             account.name: account

@@ -26,6 +26,7 @@ from connector.ops.metrics import ACCOUNT_SERIES_LIMIT, PollMetrics, ServiceSeri
 from connector.ops.progress import SUMMARY_COLUMNS, format_duration, plain_table, summary_rows
 from connector.ops.web import Operations, OpsServer, account_state, render_status_page
 from connector.poll.events import Delivered, Finished, Started
+from connector.poll.probe import Done, IdleProbe, Take
 from connector.poll.result import PollResult
 from connector.service.reload import account_changes, service_changes
 from connector.service.scheduler import Service
@@ -225,6 +226,46 @@ def test_reload_reschedules_added_and_changed_accounts_and_drops_removed_ones(tm
         assert engine.polls["b"] == polls_of_b
     finally:
         service.shutdown()
+
+
+class _DelayingProbe(IdleProbe):
+    """Hands every account to the full poll with an hour's LOGIN-DELAY to wait first."""
+
+    def __init__(self) -> None:
+        self.taken: list[str] = []
+
+    def refusal(self, account: Account) -> str | None:
+        return None
+
+    def serve(self, take: Take, done: Done, stop: threading.Event | None = None) -> None:
+        assert stop is not None
+        while not stop.is_set():
+            for account in take(10, 0.05) or ():
+                self.taken.append(account.name)
+                done(account, None, 3600.0)
+
+
+def test_an_account_removed_while_its_poll_waits_for_login_delay_is_polled_when_added_back(
+    tmp_path: Path,
+) -> None:
+    engine = HourlyEngine()
+    ledger = Ledger(open_database(f"sqlite:///{tmp_path / 'l.db'}"))
+    probe = _DelayingProbe()
+    service = Service(config([{"name": "a"}]), engine, ledger, probe=probe)  # type: ignore[arg-type]
+    service.start()
+    try:
+        deadline = time.monotonic() + 30
+        while probe.taken != ["a"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        service.reload(config([{"name": "other"}]))  # a's full poll was waiting for the server's delay
+        service.reload(config([{"name": "other"}, {"name": "a"}]))
+        while probe.taken.count("a") < 2:
+            assert time.monotonic() < deadline, "a, added back, was never polled again"
+            time.sleep(0.02)
+    finally:
+        service.shutdown()
+    assert engine.polls["a"] == 0  # the delayed full polls never ran
 
 
 # --- metrics -----------------------------------------------------------------------------------------
