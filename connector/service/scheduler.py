@@ -215,10 +215,13 @@ class Service:
         if self.stop.is_set():
             return
         self._running.add(account.name)
-        if self._probe is not None and self._probe.refusal(account) is None:
+        probe = self._probe
+        if probe is not None and probe.refusal(account) is None:
             self._lag(due)
             self._in_probe[account.name] = account
             self._probing.put(account)  # the probe's thread tells what became of it (_probed)
+            if self._probe is None:  # the probe's thread failed meanwhile and may never take it
+                self._probed(account, None, 0.0)
             return
         self._polls.submit(self._poll_in_full, account, due)
 
@@ -251,13 +254,8 @@ class Service:
         except Exception:  # a bug in the probe must not cost the accounts it had: poll them in full
             log.exception("idle probe failed: its accounts are polled in full, and all polls from now on")
             self._probe = None
-            for account in list(self._in_probe.values()):
+            for account in list(self._in_probe.values()):  # those it had, and those still queued for it
                 self._probed(account, None, 0.0)
-            while True:
-                try:
-                    self._probed(self._probing.get_nowait(), None, 0.0)
-                except queue.Empty:
-                    break
 
     def _take(self, most: int, timeout: float) -> list[Account]:
         """Up to ``most`` of the accounts handed to the probe, waiting up to ``timeout`` for the first."""
@@ -274,8 +272,10 @@ class Service:
 
     def _probed(self, account: Account, result: PollResult | None, wait: float) -> None:
         """What the probe made of ``account``'s poll: recorded (``result``), or to be polled in full, not
-        sooner than ``wait`` seconds (the server's LOGIN-DELAY since the probe's login)."""
-        self._in_probe.pop(account.name, None)
+        sooner than ``wait`` seconds (the server's LOGIN-DELAY since the probe's login). Once per poll:
+        after the probe's thread failed, both it and its fallback may tell."""
+        if self._in_probe.pop(account.name, None) is None:
+            return
         if result is not None:
             self._finished(account, result)
         elif self.stop.is_set():
