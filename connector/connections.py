@@ -249,11 +249,14 @@ class Connections:
     # Where the idle probe connects; None: where ``open_source`` does when that is the real one.
     probe: Callable[[Account], ProbeTarget | None] | None = None
 
+    @property
+    def probes(self) -> bool:
+        """False, so that every poll is a full one, when a test replaced ``open_source`` (with a fake server
+        the probe would not reach) and set no ``probe``."""
+        return self.probe is not None or self.open_source is open_source
+
     def probe_target(self, account: Account) -> ProbeTarget | None:
-        """The idle probe's target for ``account``; None, so that every poll is a full one, when a test
-        replaced ``open_source`` (with a fake server the probe would not reach) and set no ``probe``."""
-        if self.probe is not None:
-            return self.probe(account)
-        if self.open_source is not open_source:
+        """The idle probe's target for ``account`` (None: the full poll polls it)."""
+        if not self.probes:
             return None
-        return probe_target(account)
+        return (self.probe or probe_target)(account)

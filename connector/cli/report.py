@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections import Counter
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -48,6 +49,13 @@ def poll_line(result: PollResult) -> str:
     for problem in result.problems:
         line += f"\n  problem: {problem}"
     return line
+
+
+def log_poll_line(log: logging.Logger, result: PollResult) -> None:
+    """A service's line for one finished poll (``run`` and distributed workers): DEBUG for a poll with
+    nothing to do, INFO for any other (see ``PollResult.idle``)."""
+    level = logging.DEBUG if result.idle else logging.INFO
+    log.log(level, "%s", poll_line(result), extra={"account": result.account})
 
 
 def dry_run_lines(result: PollResult) -> list[str]:

@@ -23,13 +23,12 @@ from typing import Any
 from sqlalchemy import Engine, case, func, literal, select, type_coerce
 from sqlalchemy.sql import ColumnElement
 
-from connector.ledger.database import READ_ONLY
-from connector.ledger.lease import LEASE_FIELDS, Leases, process_alive
+from connector.ledger.lease import LEASE_FIELDS, Leases
 from connector.ledger.models import AccountRow, LeaseRow, MessageRow, UTCDateTime
 from connector.ledger.prepared import Prepared, driver_transaction
 from connector.ledger.records import LedgerView, MessageState
 from connector.ledger.transactions import translated
-from connector.policies.lease import LeaseRecord, expired
+from connector.policies.lease import LeaseRecord
 
 # Accounts per read and per write: the per-transaction costs shrink to a hundredth, while one batch's
 # results still reach the ledger within moments of their polls.
@@ -51,7 +50,11 @@ class IdlePoll:
     listed: int
 
 
-def _joined(dialect: str) -> ColumnElement[Any]:
+def joined_uidls(dialect: str) -> ColumnElement[Any]:
+    """An account's UIDLs joined by line breaks in one value, by the database (``Ledger.known_to_plan``,
+    the probe's read): 100,000 rows cost the driver far more than one long string. Spelt per database:
+    ``aggregate_strings`` would render its separator only when the statement runs, and these are compiled
+    once."""
     join = func.string_agg if dialect == "postgresql" else func.group_concat
     return join(MessageRow.uidl, literal("\n"))
 
@@ -59,8 +62,10 @@ def _joined(dialect: str) -> ColumnElement[Any]:
 class IdlePolls:
     """Batch reads and writes of probed polls; ``succeeded``: the full poll's result statement."""
 
-    def __init__(self, engine: Engine, leases: Leases, succeeded: Prepared) -> None:
+    def __init__(self, engine: Engine, snapshots: Engine, leases: Leases, succeeded: Prepared) -> None:
+        """``snapshots``: the ledger's engine for reads of several statements that see one state of it."""
         self._engine = engine
+        self._reads = snapshots
         self._leases = leases
         self._succeeded = succeeded
         delivered = MessageRow.state == _DELIVERED
@@ -84,12 +89,8 @@ class IdlePolls:
             func.sum(case((MessageRow.state == _SEEN, 1), else_=0)),
             # The retention never deletes a headers-only delivery (the server has the only whole copy).
             type_coerce(func.min(case((deletable, MessageRow.delivered_at))), UTCDateTime()),
-            _joined(engine.dialect.name),
+            joined_uidls(engine.dialect.name),
         ).group_by(MessageRow.account_id)
-        # Snapshot reads as ``Ledger._snapshots``: both statements see one state of the ledger.
-        self._reads = engine.execution_options(**{READ_ONLY: True})
-        if engine.dialect.name == "postgresql":
-            self._reads = engine.execution_options(isolation_level="REPEATABLE READ")
 
     def read(self, names: Sequence[str], now: datetime) -> dict[str, LedgerView]:
         """The ledger's view of each named account that is in it (absent: not in the ledger yet)."""
@@ -120,18 +121,9 @@ class IdlePolls:
                 oldest_delivery=oldest,
                 joined=joined,
                 lease=lease,
-                lease_free=self._free(account_id, lease, now),
+                lease_free=self._leases.free(account_id, lease, now),
             )
         return views
-
-    def _free(self, account_id: int, lease: LeaseRecord | None, now: datetime) -> bool:
-        """The lease policy's answer (policies/lease.py ``take``), and no poll of this process has it."""
-        if self._leases.fenced(account_id):  # a poll of this process has it (or takes it at its first write)
-            return False
-        if lease is None:
-            return True
-        gone = lease.host == self._leases.host and not process_alive(lease.pid)
-        return gone or expired(lease, now)
 
     def record(self, polls: Sequence[IdlePoll], now: datetime) -> set[int]:
         """Each poll's result with its lease passed through, in one transaction; the account ids whose

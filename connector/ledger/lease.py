@@ -42,7 +42,15 @@ from connector.errors import LedgerError
 from connector.ledger.models import AccountRow, LeaseRow, UTCDateTime
 from connector.ledger.prepared import Cursor, Prepared, driver_transaction
 from connector.ledger.transactions import translated
-from connector.policies.lease import Claimant, LeaseHeld, LeaseRecord, holder_name, renew_every, take
+from connector.policies.lease import (
+    Claimant,
+    LeaseHeld,
+    LeaseRecord,
+    expired,
+    holder_name,
+    renew_every,
+    take,
+)
 
 log = logging.getLogger("connector.lease")
 
@@ -267,7 +275,7 @@ class Leases:
         ``seen`` at the poll's start; or who holds the lease, when ``seen`` says it is not free. Writes
         nothing and starts no thread."""
         claimant = self._claimant()
-        gone = seen is not None and seen.host == self.host and not process_alive(seen.pid)
+        gone = seen is not None and self._holder_gone(seen)
         outcome = take(seen, account_id, claimant, self._clock(), ttl, holder_gone=gone)
         if isinstance(outcome, LeaseHeld):
             return outcome
@@ -276,6 +284,17 @@ class Leases:
         if running is not None:
             return running
         return PollLease(self, fence)
+
+    def _holder_gone(self, seen: LeaseRecord) -> bool:
+        """The holder of ``seen`` ran on this host and its process is gone: its lease is over."""
+        return seen.host == self.host and not process_alive(seen.pid)
+
+    def free(self, account_id: int, seen: LeaseRecord | None, now: datetime) -> bool:
+        """Whether a poll may take the account's lease at ``now``, given the row ``seen``, as
+        ``reserve_for_poll`` decides it (policies/lease.py ``take``), and no poll of this process has it."""
+        if self.fenced(account_id):
+            return False
+        return seen is None or self._holder_gone(seen) or expired(seen, now)
 
     def pass_through(self, cursor: Cursor, account_id: int, seen: LeaseRecord | None) -> bool:
         """Take the lease from the row ``seen`` and release it in the same statement (``cursor``: a write

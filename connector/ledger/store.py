@@ -46,7 +46,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from connector.errors import LedgerError
 from connector.ledger.database import READ_ONLY
-from connector.ledger.idle import IdlePolls
+from connector.ledger.idle import IdlePolls, joined_uidls
 from connector.ledger.journal import Journal, JournalStatements, archive_aged, entry_params, poll_counts
 from connector.ledger.lease import LEASE_FIELDS, Leases
 from connector.ledger.models import AccountRow, LeaseRow, MessageRow, UTCDateTime
@@ -134,7 +134,7 @@ class Ledger:
     @functools.cached_property
     def idle(self) -> IdlePolls:
         """The idle probe's batch read and write (connector/ledger/idle.py)."""
-        return IdlePolls(self.engine, self.leases, self._sql.succeeded)
+        return IdlePolls(self.engine, self._snapshots, self.leases, self._sql.succeeded)
 
     @contextmanager
     def _deferred_writes(self, account_id: int | None) -> Iterator[list[_Write]]:
@@ -793,10 +793,8 @@ _UIDLS = select(MessageRow.uidl).where(_ACCOUNT)
 
 def _joined_uidls(dialect: str) -> Executable:
     """Every UIDL of the account joined into one value by the database, and their count (see
-    ``known_to_plan``). Spelt per database: ``aggregate_strings`` would render its separator only when
-    the statement runs, and these are compiled once."""
-    join = func.string_agg if dialect == "postgresql" else func.group_concat
-    return select(join(MessageRow.uidl, literal("\n")), func.count()).where(_ACCOUNT)
+    ``known_to_plan``)."""
+    return select(joined_uidls(dialect), func.count()).where(_ACCOUNT)
 
 
 class _PollStatements:

@@ -18,7 +18,7 @@ import logging
 import logging.handlers
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime
@@ -73,27 +73,26 @@ class ContextFilter(logging.Filter):
         return True
 
 
-class _OncePerRecord(logging.Formatter):
-    """A formatter the console and the log file share: a record is formatted (and redacted) once, not once
-    per handler; redacting is most of a line's cost when the process knows many secrets."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        done = record.__dict__.get("_connector_line")
-        if done is not None and done[0] is self:
-            text: str = done[1]
-            return text
-        text = self.format_once(record)
-        record.__dict__["_connector_line"] = (self, text)
+def _once_per_record(formatter: logging.Formatter, record: logging.LogRecord, make: Callable[[], str]) -> str:
+    """``make()``, the line ``formatter`` makes of ``record``, made once: the console and the log file share
+    one formatter, and formatting (redacting above all, when the process knows many secrets) is most of a
+    line's cost."""
+    done = record.__dict__.get("_connector_line")
+    if done is not None and done[0] is formatter:
+        text: str = done[1]
         return text
+    text = make()
+    record.__dict__["_connector_line"] = (formatter, text)
+    return text
 
-    def format_once(self, record: logging.LogRecord) -> str:
-        raise NotImplementedError
 
-
-class JsonFormatter(_OncePerRecord):
+class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, account, uidl (and the traceback)."""
 
-    def format_once(self, record: logging.LogRecord) -> str:
+    def format(self, record: logging.LogRecord) -> str:
+        return _once_per_record(self, record, lambda: self._json(record))
+
+    def _json(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
@@ -109,14 +108,17 @@ class JsonFormatter(_OncePerRecord):
         return json.dumps(entry, ensure_ascii=False)
 
 
-class TextFormatter(_OncePerRecord):
+class TextFormatter(logging.Formatter):
     """The usual one-line format, plus ``[account=.. uidl=..]`` for what the text does not already say."""
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    def format_once(self, record: logging.LogRecord) -> str:
-        line = redact(logging.Formatter.format(self, record))  # the plain format (super()'s is the cache)
+    def format(self, record: logging.LogRecord) -> str:
+        return _once_per_record(self, record, lambda: self._line(record))
+
+    def _line(self, record: logging.LogRecord) -> str:
+        line = redact(super().format(record))
         message = record.getMessage()
         tags = [
             f"{key}={value}"
@@ -168,7 +170,7 @@ def setup_logging(level: str, log_format: LogFormat = "text", log_file: Path | N
         root.removeHandler(old)
         if isinstance(old, PrivateFileHandler):  # a second set-up in one process (tests)
             old.close()
-    formatter = make_formatter(log_format)  # one for both: a line is formatted once (``_OncePerRecord``)
+    formatter = make_formatter(log_format)  # one for both: a line is formatted once (``_once_per_record``)
     for handler in handlers:
         handler.setFormatter(formatter)
         handler.addFilter(ContextFilter())

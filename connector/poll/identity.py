@@ -47,8 +47,6 @@ class Identified:
     unresolved: int = 0
     # Pending identical copies whose recovery lookup could find a sibling's delivery (policies.uidl.Twins).
     doubtful: frozenset[str] = frozenset()
-    # Messages under a duplicated UIDL whose row has no header hash to tell which is its own: left alone.
-    ambiguous: int = 0
 
 
 def header_hash_of(pop: Pop3Client, number: int) -> str | None:
@@ -147,14 +145,7 @@ def _with_twins(
             "header hash (recorded before they were): nothing tells which one the row is about, they stay on "
             "the server"
         )
-    return Identified(
-        twins.listing,
-        note,
-        unidentified,
-        unresolved=twins.unresolved,
-        doubtful=twins.doubtful,
-        ambiguous=twins.ambiguous,
-    )
+    return Identified(twins.listing, note, unidentified, unresolved=twins.unresolved, doubtful=twins.doubtful)
 
 
 def baseline_entries(

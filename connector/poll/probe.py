@@ -100,7 +100,7 @@ class IdleProbe:
     def refusal(self, account: Account) -> str | None:
         """Why ``account``'s polls are all full polls (None: it may be probed)."""
         refused = probe_refusal(account, wire_traced=wire_log.isEnabledFor(logging.DEBUG))
-        if refused is None and _target(self._engine, account) is None:
+        if refused is None and not self._engine.connections.probes:
             refused = "its POP3 connection is not one the probe can open"
         return refused
 
@@ -229,7 +229,11 @@ class _Stream:
         for account in accounts:
             view = views.get(account.name)
             target = _target(engine, account)
-            refused = ledger_refusal(account, view, now) if target is not None else "no probe target"
+            refused = (
+                ledger_refusal(account, view, now)
+                if target is not None
+                else "the probe cannot log in as the full poll would (credentials, TLS context)"
+            )
             if refused is not None or view is None or target is None:
                 self._hand_over(account, refused or "", 0.0)
             else:

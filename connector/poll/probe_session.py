@@ -38,11 +38,11 @@ from connector.pop3 import (
     unstuff_block,
 )
 from connector.pop3.replies import parse_uidl_block_lenient
+from connector.pop3.wire import TERMINATORS  # the client's reader's: a bare-LF variant from sloppy servers
 
 _RECV = 256 * 1024
 # Seconds a handed-over session waits for its QUIT's reply before it is closed anyway.
 QUIT_WAIT = 2.0
-_TERMINATORS = (b"\n.\r\n", b"\n.\n")  # as the client's reader: a bare-LF variant from sloppy servers
 
 
 class Step(enum.Enum):
@@ -213,7 +213,7 @@ class ProbeSession:
     def _terminator(self, status_end: int) -> tuple[int, int] | None:
         """Where the multi-line reply ends (the LF before its "." line) and the terminator's length."""
         start = max(status_end, self.scanned)
-        found = [(at, len(t)) for t in _TERMINATORS if (at := self.buffer.find(t, start)) >= 0]
+        found = [(at, len(t)) for t in TERMINATORS if (at := self.buffer.find(t, start)) >= 0]
         if not found:
             self.scanned = max(status_end, len(self.buffer) - 4)
             return None

@@ -15,7 +15,7 @@ import socket
 # in memory and a sink sees writes of a bounded size.
 BODY_PIECE = 64 * 1024
 _RECV_SIZE = 256 * 1024
-_TERMINATORS = (b"\n.\r\n", b"\n.\n")  # a bare-LF variant is accepted from sloppy servers
+TERMINATORS = (b"\n.\r\n", b"\n.\n")  # a bare-LF variant is accepted from sloppy servers
 _LINE_START_TERMINATORS = (b".\r\n", b".\n")
 
 
@@ -80,8 +80,8 @@ class StreamReader:
             if buf.startswith(b".", pos) and len(buf) - pos < 3:
                 return None  # may be the start of the terminator: wait for more
         window_end = pos + BODY_PIECE
-        ends = [buf.find(t, pos, window_end + len(t)) for t in _TERMINATORS]
-        found = [(end, len(t)) for end, t in zip(ends, _TERMINATORS, strict=True) if end >= 0]
+        ends = [buf.find(t, pos, window_end + len(t)) for t in TERMINATORS]
+        found = [(end, len(t)) for end, t in zip(ends, TERMINATORS, strict=True) if end >= 0]
         if found:
             end, length = min(found)
             piece = buf[pos : end + 1]

@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 from types import FrameType
 
-from connector.cli.report import poll_line
+from connector.cli.report import log_poll_line
 from connector.config import Config, load_config
 from connector.connections import Connections
 from connector.errors import ConfigError
@@ -27,8 +27,7 @@ RESTART_ONLY = ("database", "max_workers", "metrics")
 
 
 def _log_result(result: PollResult) -> None:
-    level = logging.DEBUG if result.idle else logging.INFO  # see PollResult.idle
-    log.log(level, "%s", poll_line(result), extra={"account": result.account})
+    log_poll_line(log, result)
 
 
 class Runtime:

@@ -25,10 +25,9 @@ log = logging.getLogger(__name__)
 
 
 def _log_result(result: PollResult) -> None:
-    from connector.cli.report import poll_line
+    from connector.cli.report import log_poll_line
 
-    level = logging.DEBUG if result.idle else logging.INFO  # see PollResult.idle
-    log.log(level, "%s", poll_line(result))
+    log_poll_line(log, result)
 
 
 def run_worker(config: Config) -> bool:
