@@ -147,3 +147,33 @@ def test_a_server_that_never_answers_holds_back_no_other_account(
         server.join()
     assert waited == [True]  # the idle account was recorded while the other server was still silent
     assert told == [(idle.name, True), (silent.name, False)]  # and the silent one handed over
+
+
+def test_the_probe_keeps_at_most_at_once_sessions_open(
+    make_sync: SyncFactory, pop3: ScriptedPop3Server
+) -> None:
+    """README: the probe's sessions are at most ``max_workers`` at once (on top of the full polls)."""
+    config, engine = make_sync(account=scripted(pop3), defaults={"retention": "keep"})
+    first = config.accounts[0]
+    accounts = [first.model_copy(update={"name": f"{first.name}-{n}"}) for n in range(6)]
+    for account in accounts:
+        engine.ledger.account_id(account.name)  # in the ledger, nothing known: candidates for the probe
+    lock = threading.Lock()
+    open_now, most = 0, 0
+
+    def slow_capa(session: Pop3Session, argument: str) -> None:
+        nonlocal open_now, most
+        with lock:
+            open_now += 1
+            most = max(most, open_now)
+        time.sleep(0.2)  # long enough for every session the probe would open to reach its CAPA
+        with lock:
+            open_now -= 1
+        session.default("CAPA", argument)
+
+    pop3.on("CAPA", slow_capa)
+    told: list[str] = []
+    probe = IdleProbe(engine, at_once=2)
+    probe.serve(in_batches(accounts), lambda account, result, wait: told.append(account.name))
+    assert sorted(told) == sorted(account.name for account in accounts)  # each account's outcome once
+    assert most == 2  # two at once, never more
