@@ -653,3 +653,34 @@ def test_a_server_slow_to_answer_quit_after_a_handover_holds_up_no_other_account
         bobs.on("CAPA", slow_capa)
         poll_round(world.engine, accounts, workers=2, full_poll=full_poll)
         assert full[polled:] == ["alice"]  # bob's poll was idle, recorded by the probe
+
+
+@pytest.mark.parametrize("empty_listings", [1, 2], ids=["probe-only", "probe-and-full-poll"])
+def test_a_listing_empty_once_is_handed_over_and_forgets_nothing(world: World, empty_listings: int) -> None:
+    """The server lists nothing for a moment (a maildrop being repaired, a backend hiccup): the probe hands
+    over; the full poll, whether it sees the empty listing too or the real one, neither forgets nor
+    delivers anything; and once the listing is back (and, after an empty one, confirmed by a full poll),
+    the account is the probe's again."""
+    used = 0
+
+    def empty(session: Pop3Session, argument: str) -> None:
+        nonlocal used
+        if argument or used >= empty_listings:
+            session.default("UIDL", argument)
+            return
+        used += 1
+        session.send_multiline("+OK", [])
+
+    world.server.on("UIDL", empty)
+    result = world.handed_over_round()
+    assert (result.status, result.delivered, result.deleted) == ("ok", 0, 0)
+    assert world.server.recorded.deleted == []
+    world.assert_each_delivered_once(UIDLS)  # every row still delivered, none forgotten
+    wait_until(lambda: world.server.recorded.commands[-1:] == ["QUIT"], "the full poll's QUIT", timeout=5)
+    if empty_listings == 2:
+        # The full poll saw the empty listing too: its rows are marked missing (not counted), and the poll
+        # that finds them listed again is the full poll's.
+        world.handed_over_round()
+        wait_until(lambda: world.server.recorded.commands[-1:] == ["QUIT"], "the full poll's QUIT", timeout=5)
+    world.idle_round()
+    world.assert_each_delivered_once(UIDLS)
