@@ -24,6 +24,7 @@ twice against the server's lockout; mail comes in bursts).
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import selectors
 import socket
@@ -47,7 +48,8 @@ from connector.policies.idle import (
 from connector.policies.retry import success_delay
 from connector.policies.server_limits import login_delay
 from connector.poll.events import Finished, Planned, Started
-from connector.poll.probe_session import Address, ProbeSession, connect
+from connector.poll.probe_session import ProbeSession, connect
+from connector.poll.resolver import Host, HostAddresses
 from connector.poll.result import PollResult
 from connector.pop3.client import wire_log
 
@@ -63,11 +65,12 @@ Take = Callable[[int, float], Sequence[Account] | None]
 # not sooner than the given seconds (the LOGIN-DELAY the server announced to the probe's login).
 Done = Callable[[Account, PollResult | None, float], None]
 
+# Seconds the loop waits on its sessions at most before it asks for more accounts: in `run` they come one by
+# one as they fall due, and a session waiting on a silent server (up to its timeout) must not hold them.
+TAKE_EVERY = 0.05
 # Seconds an idle poll waits for its batch's write at most: the write goes as soon as ``at_once`` idle polls
 # wait, or no session is in flight, or the oldest has waited this long.
 FLUSH_AFTER = 0.05
-# Seconds a host's resolved addresses are used before it is resolved again.
-RESOLVE_EVERY = 60.0
 
 
 @dataclass
@@ -142,6 +145,10 @@ class _Waiting:
     view: LedgerView
     target: ProbeTarget
 
+    @property
+    def host(self) -> Host:
+        return (self.target.host, self.target.port)
+
 
 class _Stream:
     """The probe's one loop: sessions in flight on one selector, accounts taken as room frees, idle polls
@@ -160,9 +167,15 @@ class _Stream:
         self._unwritten: list[ProbeSession] = []
         self._unwritten_since = 0.0
         self._exhausted = False
-        # Each host's addresses and when they were resolved.
-        self._addresses: dict[tuple[str, int], tuple[float, list[Address]]] = {}
         self._selector: selectors.BaseSelector = selectors.DefaultSelector()
+        # Host names are looked up in threads of their own (resolver.py), which wake the loop through this
+        # pair; the accounts of a host whose first lookup runs wait here, each until its own timeout.
+        self._wakeup, self._waker = socket.socketpair()
+        self._wakeup.setblocking(False)
+        self._waker.setblocking(False)
+        self._selector.register(self._wakeup, selectors.EVENT_READ, None)
+        self._hosts = HostAddresses(self._wake)
+        self._looking_up: dict[Host, list[tuple[_Waiting, float]]] = {}
 
     def run(self) -> None:
         try:
@@ -173,7 +186,10 @@ class _Stream:
             for session in list(self._running.values()):  # only after an error of the loop itself
                 session.reason = session.reason or "the probe stopped"
                 self._end(session)
+            self._give_up_lookups(lambda _deadline: True, "the probe stopped")
             self._selector.close()
+            self._wakeup.close()
+            self._waker.close()
 
     def _step(self) -> bool:
         """One turn of the loop; False once there is nothing more to do."""
@@ -181,24 +197,33 @@ class _Stream:
         if stopping:
             while self._waiting:  # not started: the full poll sees the stop and says so
                 self._hand_over(self._waiting.popleft().account, "stopping", 0.0)
+            self._give_up_lookups(lambda _deadline: True, "stopping")
         elif not self._exhausted and len(self._waiting) < self._at_once:
-            busy = self._running or self._unwritten or self._waiting
+            busy = self._running or self._unwritten or self._waiting or self._looking_up
             self._admit(BATCH - len(self._waiting), 0.0 if busy else 0.2)
         while self._waiting and len(self._running) < self._at_once and not stopping:
             self._start(self._waiting.popleft())
-        if not self._running:
+        if not self._running and not self._looking_up:
             self._write()
             return not (stopping or (self._exhausted and not self._waiting))
         now = time.monotonic()
-        until = min(session.deadline for session in self._running.values())
+        deadlines = [session.deadline for session in self._running.values()]
+        deadlines += [deadline for parked in self._looking_up.values() for _waiting, deadline in parked]
+        until = min(deadlines)
         if self._unwritten:
             until = min(until, self._unwritten_since + FLUSH_AFTER)
+        if not self._exhausted and not stopping:
+            until = min(until, now + TAKE_EVERY)
         for key, _mask in self._selector.select(max(0.0, until - now)):
-            self._ready(key)
+            if key.data is None:
+                self._looked_up()
+            else:
+                self._ready(key)
         now = time.monotonic()
         for session in [s for s in self._running.values() if s.deadline <= now]:
             session.expire()
             self._end(session)
+        self._give_up_lookups(lambda deadline: deadline <= now, "its host name was not looked up in time")
         if self._unwritten and (
             len(self._unwritten) >= self._at_once
             or not self._running
@@ -241,8 +266,12 @@ class _Stream:
 
     def _start(self, waiting: _Waiting) -> None:
         target = waiting.target
+        addresses = self._hosts.get(waiting.host)
+        if addresses is None:  # its first lookup runs: the account waits for it, up to its own timeout
+            deadline = time.monotonic() + target.timeout
+            self._looking_up.setdefault(waiting.host, []).append((waiting, deadline))
+            return
         try:
-            addresses = list(self._addresses_of(target))
             sock = connect(addresses)
         except OSError as exc:
             self._hand_over(waiting.account, f"cannot connect: {exc}", 0.0)
@@ -261,17 +290,35 @@ class _Stream:
         self._selector.register(sock, session.events(), session)
         self._running[id(session)] = session
 
-    def _addresses_of(self, target: ProbeTarget) -> list[Address]:
-        """The host's addresses, resolved again after ``RESOLVE_EVERY`` seconds: `run` serves for as long as
-        it runs, and a host that moves must not be probed at its old address for ever."""
-        key = (target.host, target.port)
-        now = time.monotonic()
-        found = self._addresses.get(key)
-        if found is None or now - found[0] > RESOLVE_EVERY:
-            resolved = socket.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
-            addresses: list[Address] = [(family, address) for family, _t, _p, _n, address in resolved]
-            found = self._addresses[key] = (now, addresses)
-        return found[1]
+    # --- host names ---------------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        """From a lookup thread: the loop's ``select`` returns."""
+        with contextlib.suppress(OSError):  # full (it will wake anyway), or closed (the loop is over)
+            self._waker.send(b"x")
+
+    def _looked_up(self) -> None:
+        """Lookups ended: their accounts wait for a session again, or are handed over."""
+        with contextlib.suppress(OSError):
+            while self._wakeup.recv(4096):
+                pass
+        for host, outcome in self._hosts.finished():
+            parked = self._looking_up.pop(host, [])
+            if isinstance(outcome, OSError):
+                for waiting, _deadline in parked:
+                    self._hand_over(waiting.account, f"cannot look up {host[0]}: {outcome}", 0.0)
+            else:
+                self._waiting.extendleft(waiting for waiting, _deadline in reversed(parked))
+
+    def _give_up_lookups(self, due: Callable[[float], bool], reason: str) -> None:
+        """Hand over the accounts waiting for a lookup whose deadline ``due`` says has come."""
+        for host in list(self._looking_up):
+            parked = self._looking_up[host]
+            for waiting, deadline in [entry for entry in parked if due(entry[1])]:
+                parked.remove((waiting, deadline))
+                self._hand_over(waiting.account, reason, 0.0)
+            if not parked:
+                del self._looking_up[host]
 
     # --- sessions -------------------------------------------------------------------------------------
 

@@ -177,3 +177,111 @@ def test_the_probe_keeps_at_most_at_once_sessions_open(
     probe.serve(in_batches(accounts), lambda account, result, wait: told.append(account.name))
     assert sorted(told) == sorted(account.name for account in accounts)  # each account's outcome once
     assert most == 2  # two at once, never more
+
+
+def test_a_host_name_slow_to_look_up_holds_back_no_other_account(
+    make_sync: SyncFactory, pop3: ScriptedPop3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The probe's loop never waits for a name lookup (getaddrinfo has no timeout: a domain whose
+    nameservers are down holds it for their retries): the accounts of other hosts go on meanwhile, and the
+    slow host's account is probed once its lookup ends."""
+    config, engine = make_sync(account=scripted(pop3), defaults={"retention": "keep"})
+    idle = config.accounts[0]
+    slow = idle.model_copy(update={"name": f"{idle.name}-slow", "host": "slow-dns.example"})
+    made_idle(engine, idle)
+    real = socket.getaddrinfo
+    blocking = threading.Event()
+    idle_told = threading.Event()
+    waited: list[bool] = []
+
+    def lookup(host: str, port: int, *args: Any, **kwargs: Any) -> Any:
+        if host == "slow-dns.example":
+            if blocking.is_set():
+                # Unanswered until the other account's outcome is known (or 10 s, when it never comes first).
+                waited.append(idle_told.wait(10))
+            host = "127.0.0.1"
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", lookup)
+    made_idle(engine, slow)
+    told: list[tuple[str, bool]] = []
+
+    def done(account: Account, result: PollResult | None, wait: float) -> None:
+        told.append((account.name, result is not None and result.idle))
+        if account.name == idle.name:
+            idle_told.set()
+
+    blocking.set()
+    IdleProbe(engine, at_once=2).serve(in_batches([slow, idle]), done)
+    assert waited == [True]  # the other account was probed while the slow lookup ran
+    assert told == [(idle.name, True), (slow.name, True)]  # and the slow host's account probed after it
+
+
+def test_a_failed_lookup_hands_its_accounts_over_and_is_tried_again_next_time(
+    make_sync: SyncFactory, pop3: ScriptedPop3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config, engine = make_sync(account=scripted(pop3), defaults={"retention": "keep"})
+    account = config.accounts[0]
+    made_idle(engine, account)
+    real = socket.getaddrinfo
+    lookups: list[str] = []
+
+    def failing(host: str, port: int, *args: Any, **kwargs: Any) -> Any:
+        lookups.append(host)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", failing)
+    told: list[PollResult | None] = []
+    probe = IdleProbe(engine, at_once=2)
+    probe.serve(in_batches([account]), lambda _account, result, wait: told.append(result))
+    assert told == [None]  # handed over: the full poll looks the name up itself and reports the failure
+    monkeypatch.setattr(socket, "getaddrinfo", real)
+    probe.serve(in_batches([account]), lambda _account, result, wait: told.append(result))
+    assert len(lookups) == 1 and told[1] is not None and told[1].idle  # the failure was not remembered
+
+
+def test_accounts_handed_to_the_probe_while_a_server_is_silent_are_taken_at_once(
+    make_sync: SyncFactory, pop3: ScriptedPop3Server
+) -> None:
+    """In ``run`` the scheduler hands accounts over one by one as they fall due. A session waiting on a
+    silent server (up to its timeout) must not keep the probe from taking the ones handed over since."""
+    config, engine = make_sync(account=scripted(pop3), defaults={"retention": "keep"})
+    idle = config.accounts[0]
+    made_idle(engine, idle)
+    accepted, idle_told = threading.Event(), threading.Event()
+    waited: list[bool] = []
+    with socket.create_server(("127.0.0.1", 0)) as mute:
+
+        def never_greet() -> None:
+            connection, _address = mute.accept()
+            accepted.set()
+            with connection:
+                waited.append(idle_told.wait(10))
+
+        server = threading.Thread(target=never_greet)
+        server.start()
+        port, name = mute.getsockname()[1], f"{idle.name}-mute"
+        silent = idle.model_copy(update={"name": name, "port": port, "timeout": timedelta(seconds=30)})
+        engine.ledger.account_id(silent.name)
+        queued = [[silent], [idle]]
+        asked_since_accepted = 0
+
+        def take(most: int, timeout: float) -> list[Account] | None:
+            nonlocal asked_since_accepted
+            if not queued:
+                return None
+            if queued[0] == [idle]:
+                # The idle account falls due once the silent server's session is open and the probe has
+                # asked again a few times since: then it waits for the greeting, not for the connection.
+                asked_since_accepted += accepted.is_set()
+                if asked_since_accepted < 3:
+                    return []
+            return queued.pop(0)
+
+        def done(account: Account, result: PollResult | None, wait: float) -> None:
+            if account.name == idle.name and result is not None and result.idle:
+                idle_told.set()
+
+        IdleProbe(engine, at_once=2).serve(take, done)
+        server.join()
+    assert waited == [True]  # taken and recorded while the silent server's session was still open
