@@ -11,9 +11,9 @@ message stored, its `delivered` record not written, its lease held): see crash_d
 
 After the kill: nothing lost, nothing twice, nothing gone from the POP3 server that is not in the
 destination; the probe's batch is in the ledger whole or not at all; every lease still held is the dead
-process's (free at once on this host, reliability.md "One poll per account") and ends within `lease_ttl`.
-Then `sync` again: no account skipped as busy, each stalled message recovered (found, not appended again),
-everything delivered exactly once; and once more: every account idle.
+process's (free at once on this host: docs/reliability.md, "Two processes on one account") and ends within
+`lease_ttl`. Then `sync` again: no account skipped as busy, each stalled message recovered (found, not
+appended again), everything delivered exactly once; and once more: every account idle.
 """
 
 from __future__ import annotations
@@ -218,7 +218,6 @@ def test_killed_in_the_idle_probe_then_rerun_delivers_exactly_once(
     marker = MARKER.search(crashed.stderr)
     assert marker is not None and marker["point"] == point, crashed.stderr
     found, pid = marker["found"], int(marker["pid"])
-    print(found)
     assert "; a full poll mid-delivery" in found, found
 
     # Nothing lost, nothing twice, nothing gone from the POP3 server that is not in the destination.
@@ -237,7 +236,9 @@ def test_killed_in_the_idle_probe_then_rerun_delivers_exactly_once(
     # The probe's batch: in the ledger whole, or not at all.
     if point == "probe-after-uidl":
         batch: set[str] = set()
-        assert "probe sessions in flight" in found
+        # The first UIDL reply: the sessions started with it (max_workers, 4) have not reached theirs.
+        flight = re.search(r"; (\d+) probe sessions in flight", found)
+        assert flight is not None and int(flight.group(1)) >= 2, found
     else:
         batch = {ids[account_id] for account_id in _ids(found, "accounts")}
         assert batch and batch <= {a.name for a in rig.of("idle")}, found
