@@ -58,10 +58,8 @@ TARGETS: dict[str, tuple[Any, str]] = {
 BATCH_POINTS = ("before-multiappend", "after-multiappend")
 # Exchange: exchangelib is imported only for these.
 EWS_POINTS = ("before-createitem-batch", "after-createitem-batch")
-# The idle probe's: the full polls (in the same process) deliver as they always do.
+# The idle probe's: meanwhile the full polls of the same process stall mid-delivery (_stall_full_polls).
 PROBE_POINTS = ("before-idle-record", "inside-idle-record", "after-idle-record", "probe-after-uidl")
-
-
 # At the probe's points: set once a full poll has stored a message and stalled (see _stall_full_polls).
 FULL_POLL_STALLED = threading.Event()
 
@@ -222,8 +220,8 @@ def main() -> int:
         _kill_before_commit(int(nth))
     elif point == "probe-after-uidl":
         _kill_at_uidl(int(nth))
-    owner, name = TARGETS.get(point, (None, ""))
-    if owner is not None:
+    else:
+        owner, name = TARGETS[point]
         after = point.startswith("after-")
         found = _batch if owner is IdlePolls else None
         killing = _killing(getattr(owner, name), int(nth), after=after, point=point, found=found)
