@@ -107,10 +107,15 @@ def make_config(tmp_path: Path, dovecot: Dovecot, users: MailUsers, database: st
 
 
 def write_tables(
-    path: Path, database: str, destinations: list[dict[str, Any]], accounts: list[dict[str, Any]]
+    path: Path,
+    database: str,
+    destinations: list[dict[str, Any]],
+    accounts: list[dict[str, Any]],
+    service: dict[str, Any] | None = None,
 ) -> Path:
-    """A config file with any servers: one [[destinations]]/[[accounts]] table per dict."""
-    parts = [_table("[service]", {"database": database})]
+    """A config file with any servers: one [[destinations]]/[[accounts]] table per dict; ``service``: more
+    fields of [service]."""
+    parts = [_table("[service]", {"database": database, **(service or {})})]
     parts += [_table("[[destinations]]", fields) for fields in destinations]
     parts += [_table("[[accounts]]", fields) for fields in accounts]
     path.write_text("\n".join(parts))
