@@ -305,3 +305,31 @@ def test_a_stop_ends_the_probe_and_the_jobs_waiting_for_it_without_a_full_poll(
     # Not polled: still due, for the workers that stay.
     with rig.engine.connect() as connection:
         assert connection.scalar(select(AccountRow.next_poll_at).where(AccountRow.name == name)) < utcnow()
+
+
+def _probe_threads() -> set[threading.Thread]:
+    return {thread for thread in threading.enumerate() if thread.name == "idle-probe"}
+
+
+def test_after_a_reload_idle_polls_are_the_new_engines_probes_and_the_old_probe_ends(
+    make_rig: Callable[[int], _Rig],
+) -> None:
+    """A changed configuration file gives the worker a new engine, and the engine a probe thread of its
+    own, which probes the idle polls from then on; the old thread ends once its polls are done."""
+    rig = make_rig(1)
+    others = _probe_threads()  # other tests' workers', ending
+    worker = rig.worker()
+    rig.settle(worker)
+    (name,) = rig.names
+    assert rig.poll(worker, name) == ["ok"]
+    (old,) = _probe_threads() - others
+    rig.config_file.write_text(rig.config_file.read_text() + "\n# changed\n")
+    assert rig.poll(worker, name) == ["ok"]
+    assert rig.poll(worker, name) == ["ok"]
+    assert rig.full == {name: 2}  # both probed, before the reload and after
+    registry = worker.observers.metrics.registry
+    assert registry.get_sample_value("pop_connector_polls_total", {"result": "ok"}) == 5
+    old.join(STALL_SECONDS)
+    assert not old.is_alive()
+    (new,) = _probe_threads() - others - {old}
+    assert new.is_alive()
