@@ -272,6 +272,10 @@ def test_the_accounts_of_a_probe_that_fails_are_polled_in_full_and_so_are_later_
     assert caplog.text.count("idle probe failed") == 1
 
 
+def _probe_threads() -> set[threading.Thread]:
+    return {thread for thread in threading.enumerate() if thread.name == "idle-probe"}
+
+
 class _Held(IdleProbe):
     """Takes the accounts handed to it and tells nothing until the worker stops (a probe whose sessions
     are still in flight)."""
@@ -290,25 +294,21 @@ def test_a_stop_ends_the_probe_and_the_jobs_waiting_for_it_without_a_full_poll(
     make_rig: Callable[[int], _Rig],
 ) -> None:
     rig = make_rig(1)
+    others = _probe_threads()  # other workers' of this process
     worker = rig.worker(_Held)
     (name,) = rig.names
     with ThreadPoolExecutor(1) as jobs:
         job = jobs.submit(rig.poll, worker, name)
         assert _Held.taken.wait(STALL_SECONDS)
+        (probe,) = _probe_threads() - others
         worker.stop.set()  # as SIGTERM does
         assert job.result(timeout=STALL_SECONDS) == ["stopped"]
     assert rig.full == {}
-    for thread in threading.enumerate():  # the probe's thread ends (a hang would be caught here)
-        if thread.name == "idle-probe":
-            thread.join(STALL_SECONDS)
-            assert not thread.is_alive()
+    probe.join(STALL_SECONDS)  # it ends (a hang would be caught here)
+    assert not probe.is_alive()
     # Not polled: still due, for the workers that stay.
     with rig.engine.connect() as connection:
         assert connection.scalar(select(AccountRow.next_poll_at).where(AccountRow.name == name)) < utcnow()
-
-
-def _probe_threads() -> set[threading.Thread]:
-    return {thread for thread in threading.enumerate() if thread.name == "idle-probe"}
 
 
 def test_after_a_reload_idle_polls_are_the_new_engines_probes_and_the_old_probe_ends(
@@ -317,7 +317,7 @@ def test_after_a_reload_idle_polls_are_the_new_engines_probes_and_the_old_probe_
     """A changed configuration file gives the worker a new engine, and the engine a probe thread of its
     own, which probes the idle polls from then on; the old thread ends once its polls are done."""
     rig = make_rig(1)
-    others = _probe_threads()  # other tests' workers', ending
+    others = _probe_threads()  # other workers' of this process
     worker = rig.worker()
     rig.settle(worker)
     (name,) = rig.names
