@@ -10,19 +10,19 @@ service's pool of ``max_workers`` threads. Each job knows when it was due, so th
 poll's scheduling lag (due to started, the wait for a free worker included) to ``on_lag``.
 
 With an idle probe (connector/poll/probe.py; `run` has one), a job whose account the probe may try only
-hands the account to the probe's thread and returns: that thread probes the accounts as they come,
-records the idle ones, and hands each of the others to the pool for a full poll. Either way the poll's end
-schedules the account's next one, and the account counts as running until then.
+hands the account to the probe's thread (connector/poll/feeder.py) and returns: that thread probes the
+accounts as they come, records the idle ones, and hands each of the others to the pool for a full poll.
+Either way the poll's end schedules the account's next one, and the account counts as running until then.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 from collections.abc import Callable, Iterable
 from concurrent import futures
 from datetime import datetime, timedelta
+from functools import partial
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.base import JobLookupError
@@ -32,6 +32,7 @@ from connector.config import Account, Config, enabled_by_name
 from connector.ledger.store import Ledger
 from connector.policies.schedule import FirstPoll, Waiting, Why, first_polls, polls_per_second, spread
 from connector.poll.engine import SyncEngine
+from connector.poll.feeder import ProbeFeeder, Verdict
 from connector.poll.probe import IdleProbe
 from connector.poll.result import PollResult
 from connector.service.reload import AccountChanges, account_changes
@@ -73,12 +74,8 @@ class Service:
         # to this pool or to the probe, so a poll the probe hands back is polled here too, without going
         # through the scheduler again.
         self._polls = futures.ThreadPoolExecutor(config.service.max_workers, thread_name_prefix="poll")
-        # The idle probe (None: every poll is a full one), the accounts handed to its thread (started with
-        # the scheduler) and those it has not told the outcome of yet.
-        self._probe = probe
-        self._probing: queue.SimpleQueue[Account] = queue.SimpleQueue()
-        self._in_probe: dict[str, Account] = {}
-        self._prober = threading.Thread(target=self._probe_loop, name="idle-probe", daemon=True)
+        # The idle probe's thread, started with the scheduler (None: every poll is a full one).
+        self._probe = ProbeFeeder(probe, self.stop) if probe is not None else None
         self._scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(_DISPATCHERS)},
             # No instance limit: a poll job adds the account's next run before it returns, and when that run
@@ -177,7 +174,7 @@ class Service:
             log.info("first polls of %s", first_polls_summary(plan.values()))
         self._scheduler.start()
         if self._probe is not None:
-            self._prober.start()
+            self._probe.start()
         log.info(
             "service started: %d accounts, at most %d polled at once",
             len(accounts),
@@ -193,8 +190,8 @@ class Service:
         """Polls in flight finish their current message (they watch ``self.stop``), then QUIT."""
         self.stop.set()
         log.info("stopping: waiting for polls in flight to finish their current message")
-        if self._prober.is_alive():
-            self._prober.join()  # its sessions in flight end; accounts still queued are not polled
+        if self._probe is not None:
+            self._probe.join()  # its sessions in flight end; accounts still queued are not polled
         self._scheduler.shutdown(wait=True)
         self._polls.shutdown(wait=True)
         log.info("service stopped")
@@ -216,12 +213,10 @@ class Service:
             return
         self._running.add(account.name)
         probe = self._probe
-        if probe is not None and probe.refusal(account) is None:
+        if probe is not None and probe.takes(account):  # not after the probe's thread failed
             self._lag(due)
-            self._in_probe[account.name] = account
-            self._probing.put(account)  # the probe's thread tells what became of it (_probed)
-            if self._probe is None:  # the probe's thread failed meanwhile and may never take it
-                self._probed(account, None, 0.0)
+            # The probe's thread tells what became of it (_probed), once.
+            probe.hand_in(account).add_done_callback(partial(self._probed, account))
             return
         self._polls.submit(self._poll_in_full, account, due)
 
@@ -246,38 +241,14 @@ class Service:
             result = PollResult(account=account.name, status="error", error="internal error (see log)")
         self._finished(account, result)
 
-    def _probe_loop(self) -> None:
-        """The idle probe's thread, until the service stops."""
-        assert self._probe is not None  # the thread runs only with a probe
-        try:
-            self._probe.serve(self._take, self._probed, self.stop)
-        except Exception:  # a bug in the probe must not cost the accounts it had: poll them in full
-            log.exception("idle probe failed: its accounts are polled in full, and all polls from now on")
-            self._probe = None
-            for account in list(self._in_probe.values()):  # those it had, and those still queued for it
-                self._probed(account, None, 0.0)
-
-    def _take(self, most: int, timeout: float) -> list[Account]:
-        """Up to ``most`` of the accounts handed to the probe, waiting up to ``timeout`` for the first."""
-        try:
-            taken = [self._probing.get(timeout=timeout) if timeout > 0 else self._probing.get_nowait()]
-        except queue.Empty:
-            return []
-        while len(taken) < most:
-            try:
-                taken.append(self._probing.get_nowait())
-            except queue.Empty:
-                break
-        return taken
-
-    def _probed(self, account: Account, result: PollResult | None, wait: float) -> None:
+    def _probed(self, account: Account, told: futures.Future[Verdict]) -> None:
         """What the probe made of ``account``'s poll: recorded (``result``), or to be polled in full, not
-        sooner than ``wait`` seconds (the server's LOGIN-DELAY since the probe's login). Once per poll:
-        after the probe's thread failed, both it and its fallback may tell."""
-        if self._in_probe.pop(account.name, None) is None:
-            return
-        if result is not None:
-            self._finished(account, result)
+        sooner than ``wait`` seconds (the server's LOGIN-DELAY since the probe's login); after the probe's
+        thread failed, in full."""
+        verdict = told.result()
+        wait = verdict.wait
+        if verdict.result is not None:
+            self._finished(account, verdict.result)
         elif self.stop.is_set():
             self._running.discard(account.name)
         elif wait:

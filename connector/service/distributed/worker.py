@@ -7,8 +7,10 @@ Every worker runs the same two tasks:
   file when it changed, then queues a ``poll`` job for every active account that is due and has none.
 - ``poll``, one account: its ``queueing_lock`` keeps one waiting job per account and its ``lock`` one
   running job per account; under an advisory lock of its own it checks the account is still due, records
-  this worker as the account's ``last_worker`` and runs ``SyncEngine.poll`` -- the same engine as the
-  single-process service.
+  this worker as the account's ``last_worker`` and polls it as the single-process service does: an
+  account the idle probe may try (connector/poll/probe.py) goes to the worker's probe thread, and the job
+  waits, still holding the lock, for its verdict; an idle poll the probe recorded is the job's result,
+  anything else is polled by ``SyncEngine.poll`` in the job's own thread.
 
 Besides, each worker checks its configuration file every ``dispatch_interval``, busy or idle, and serves
 the operations listener of ``[service] metrics`` (``/metrics``, ``/healthz``, the status page) like ``run``,
@@ -49,6 +51,8 @@ from connector.ledger.store import Ledger
 from connector.ops.logs import log_context
 from connector.ops.observers import operations_listener, standard_observers
 from connector.poll.engine import SyncEngine
+from connector.poll.feeder import ProbeFeeder
+from connector.poll.probe import IdleProbe
 from connector.poll.result import PollResult
 from connector.service.distributed.config_watch import ConfigWatch
 from connector.service.distributed.queue_schema import SEARCH_PATH_OPTION
@@ -96,6 +100,7 @@ class DistributedWorker:
         *,
         connections: Connections | None = None,
         on_result: Callable[[PollResult], None] | None = None,
+        probe_type: type[IdleProbe] = IdleProbe,
     ) -> None:
         assert config.service.database is not None
         self.service = config.service
@@ -115,7 +120,10 @@ class DistributedWorker:
             # The job queue, not this worker, knows which accounts wait: ask the accounts table.
             lambda config: count_overdue(self.engine, utcnow(), config.service.health_grace),
         )
+        self._probe_type = probe_type
+        # The engine of the configuration of the moment and its idle probe's thread (_sync_engine).
         self._engine: SyncEngine | None = None
+        self._probe: ProbeFeeder | None = None
         self._engine_lock = threading.Lock()
         self._polls = ThreadPoolExecutor(config.service.max_workers, thread_name_prefix="poll")
         self._db = ThreadPoolExecutor(1, thread_name_prefix="dispatch")
@@ -147,8 +155,13 @@ class DistributedWorker:
         try:
             return asyncio.run(self._main())
         finally:
-            self._polls.shutdown(wait=True)
+            self._polls.shutdown(wait=True)  # a poll waiting for the probe's verdict gets it: see feeder.py
             self._db.shutdown(wait=True)
+            with self._engine_lock:
+                probe = self._probe
+            if probe is not None:  # a worker that failed on its own has no stop set
+                probe.close()
+                probe.join()
             if self.server is not None:
                 self.server.stop()
 
@@ -252,8 +265,19 @@ class DistributedWorker:
         return result.status
 
     def _run_engine(self, config: Config, account: Account, account_id: int | None) -> PollResult:
+        engine, probe = self._sync_engine(config)
+        if probe is not None and probe.takes(account):  # not after the probe's thread failed
+            # Still under the claim: the probe writes only through the lease (Leases.pass_through), and no
+            # other worker polls the account while this job waits.
+            verdict = probe.hand_in(account).result()
+            if verdict.result is not None:
+                return verdict.result
+            # Handed over: the full poll, once the server's LOGIN-DELAY since the probe's login is over.
+            if self.stop.is_set() or (verdict.wait and self.stop.wait(verdict.wait)):
+                # Left due, as a job fetched just before a stop: a worker that stays polls it.
+                return PollResult(account=account.name, status="stopped")
         try:
-            return self._sync_engine(config).poll(account, stop=self.stop)
+            return engine.poll(account, stop=self.stop)
         except Exception:
             # A bug in one poll: back off like a failed poll instead of being queued again every tick.
             log.exception("account %s: poll crashed", account.name)
@@ -261,15 +285,30 @@ class DistributedWorker:
                 self.ledger.set_next_poll(account_id, utcnow() + account.retry.initial_backoff)
             return PollResult(account=account.name, status="error", error="internal error (see log)")
 
-    def _sync_engine(self, config: Config) -> SyncEngine:
+    def _sync_engine(self, config: Config) -> tuple[SyncEngine, ProbeFeeder | None]:
         """One engine per configuration, shared by the polls that run at once (as in ``run``): one event
-        bus, so the observers get one event at a time; a changed configuration gets a new engine."""
+        bus, so the observers get one event at a time; a changed configuration gets a new engine.
+
+        Each engine gets an idle probe thread of its own, and the old one is closed: it ends once the
+        polls handed to it are done. The probe emits its polls' events on its engine's bus, so a probe
+        kept across a reload would emit on the old engine's bus for ever, beside the new engine's polls;
+        and one switched to the new engine would change engines between two of its batches, with
+        sessions in flight. A probe whose thread failed is kept instead: every poll after it is a full
+        one, as in ``run``, reloads or not."""
         with self._engine_lock:
             if self._engine is None or self._engine.config is not config:
                 self._engine = SyncEngine(
                     config, self.ledger, self.connections, observers=self.observers.all()
                 )
-            return self._engine
+                old = self._probe
+                if old is None or not old.failed:
+                    self._probe = ProbeFeeder(
+                        self._probe_type(self._engine, at_once=self.service.max_workers), self.stop
+                    )
+                    self._probe.start()
+                    if old is not None:
+                        old.close()
+            return self._engine, self._probe
 
     # --- dispatch -----------------------------------------------------------------------------------
 
