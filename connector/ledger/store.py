@@ -134,7 +134,7 @@ class Ledger:
     @functools.cached_property
     def idle(self) -> IdlePolls:
         """The idle probe's batch read and write (connector/ledger/idle.py)."""
-        return IdlePolls(self.engine, self._snapshots, self.leases, self._sql.succeeded)
+        return IdlePolls(self.engine, self.leases, self._sql.succeeded)
 
     @contextmanager
     def _deferred_writes(self, account_id: int | None) -> Iterator[list[_Write]]:

@@ -150,6 +150,10 @@ def _kill_before_commit(nth: int) -> None:
     @contextlib.contextmanager
     def killing(*args: Any, **kwargs: Any) -> Iterator[Cursor]:
         nonlocal calls
+        if not kwargs.get("write"):  # the probe's read (the module's other transaction): not a batch write
+            with driver_transaction(*args, **kwargs) as cursor:
+                yield cursor
+            return
         calls += 1
         waited = _mid_delivery() if calls == nth else ""
         with driver_transaction(*args, **kwargs) as cursor:
@@ -165,7 +169,7 @@ def _kill_before_commit(nth: int) -> None:
                 )
             passed.clear()
 
-    idle.driver_transaction = killing  # type: ignore[attr-defined]  # the name record() looks up
+    idle.driver_transaction = killing  # type: ignore[attr-defined]  # the name read() and record() look up
 
 
 def _kill_at_uidl(nth: int) -> None:

@@ -110,6 +110,19 @@ def test_read_counts_each_accounts_messages_in_one_batch(ledger: Ledger) -> None
     assert all(view.lease is None and view.lease_free for view in views.values())
 
 
+@pytest.mark.parametrize("asked", [1, 2, 4, 5, 16, 17, 100, 101, 250])
+def test_read_gives_each_account_asked_for_whatever_their_number(ledger: Ledger, asked: int) -> None:
+    """The read's IN lists are compiled for a few lengths and padded to the next (connector/ledger/idle.py):
+    every number of accounts up to a batch and beyond reads exactly the accounts asked for, each with its
+    own messages; one asked for twice, or not in the ledger, changes nothing."""
+    for n in range(0, 260, 2):  # every other account is in the ledger, with one message of its own
+        _messages(ledger, _account(ledger, f"a{n}"), {"uidl": f"u{n}", "delivered_at": NOW})
+    names = [f"a{n}" for n in range(asked)]
+    views = ledger.idle.read([*names, names[0]] if asked > 1 else names, NOW)
+    assert sorted(views) == sorted(name for n, name in enumerate(names) if n % 2 == 0)
+    assert all(view.joined == "u" + name[1:] and view.delivered == 1 for name, view in views.items())
+
+
 def test_read_finds_each_lease_and_whether_a_poll_may_take_it(ledger: Ledger) -> None:
     ids = {name: _account(ledger, name) for name in ("held", "expired", "dead", "mine")}
     later, earlier = NOW + timedelta(minutes=1), NOW - timedelta(seconds=1)
