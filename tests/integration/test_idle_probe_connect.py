@@ -11,15 +11,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import pytest
 
 from connector.config import Account
+from connector.poll.engine import SyncEngine
 from connector.poll.probe import IdleProbe, in_batches
 from connector.poll.result import PollResult
 from connector.poll.rounds import poll_round
@@ -39,6 +43,42 @@ def _closed_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+@dataclass
+class _Silent:
+    """A server that accepts one connection and says nothing until ``release`` is set (10 s at most)."""
+
+    account: Account
+    accepted: threading.Event
+    release: threading.Event
+    # Whether ``release`` came before the 10 s were up: the probe told the other account's outcome first.
+    released_in_time: list[bool]
+
+
+@contextlib.contextmanager
+def _silent_server(engine: SyncEngine, idle: Account) -> Iterator[_Silent]:
+    """An account like ``idle`` on a silent server, in the ledger with nothing known (a candidate for the
+    probe); the server's thread is joined when the block ends."""
+    with socket.create_server(("127.0.0.1", 0)) as mute:
+        port, name = mute.getsockname()[1], f"{idle.name}-mute"
+        account = idle.model_copy(update={"name": name, "port": port, "timeout": timedelta(seconds=30)})
+        silent = _Silent(account, threading.Event(), threading.Event(), [])
+
+        def never_greet() -> None:
+            connection, _address = mute.accept()
+            silent.accepted.set()
+            with connection:
+                silent.released_in_time.append(silent.release.wait(10))
+
+        server = threading.Thread(target=never_greet)
+        server.start()
+        engine.ledger.account_id(name)
+        try:
+            yield silent
+        finally:
+            silent.release.set()
+            server.join()
 
 
 def test_the_next_address_is_tried_when_the_first_refuses(
@@ -121,32 +161,18 @@ def test_a_server_that_never_answers_holds_back_no_other_account(
     config, engine = make_sync(account=scripted(pop3), defaults={"retention": "keep"})
     idle = config.accounts[0]
     made_idle(engine, idle)
-    idle_told = threading.Event()
-    waited: list[bool] = []
-    with socket.create_server(("127.0.0.1", 0)) as mute:
-
-        def never_greet() -> None:
-            connection, _address = mute.accept()
-            with connection:
-                # Silent until the idle account's outcome is known (or 10 s, when it never comes first).
-                waited.append(idle_told.wait(10))
-
-        server = threading.Thread(target=never_greet)
-        server.start()
-        port, name = mute.getsockname()[1], f"{idle.name}-mute"
-        silent = idle.model_copy(update={"name": name, "port": port, "timeout": timedelta(seconds=30)})
-        engine.ledger.account_id(silent.name)  # in the ledger, nothing known: a candidate for the probe
-        told: list[tuple[str, bool]] = []
+    told: list[tuple[str, bool]] = []
+    with _silent_server(engine, idle) as silent:
 
         def done(account: Account, result: PollResult | None, wait: float) -> None:
             told.append((account.name, result is not None and result.idle))
             if account.name == idle.name:
-                idle_told.set()
+                silent.release.set()
 
-        IdleProbe(engine, at_once=2).serve(in_batches([silent, idle]), done)
-        server.join()
-    assert waited == [True]  # the idle account was recorded while the other server was still silent
-    assert told == [(idle.name, True), (silent.name, False)]  # and the silent one handed over
+        IdleProbe(engine, at_once=2).serve(in_batches([silent.account, idle]), done)
+    # The idle account was recorded while the other server was still silent.
+    assert silent.released_in_time == [True]
+    assert told == [(idle.name, True), (silent.account.name, False)]  # and the silent one handed over
 
 
 def test_the_probe_keeps_at_most_at_once_sessions_open(
@@ -248,22 +274,8 @@ def test_accounts_handed_to_the_probe_while_a_server_is_silent_are_taken_at_once
     config, engine = make_sync(account=scripted(pop3), defaults={"retention": "keep"})
     idle = config.accounts[0]
     made_idle(engine, idle)
-    accepted, idle_told = threading.Event(), threading.Event()
-    waited: list[bool] = []
-    with socket.create_server(("127.0.0.1", 0)) as mute:
-
-        def never_greet() -> None:
-            connection, _address = mute.accept()
-            accepted.set()
-            with connection:
-                waited.append(idle_told.wait(10))
-
-        server = threading.Thread(target=never_greet)
-        server.start()
-        port, name = mute.getsockname()[1], f"{idle.name}-mute"
-        silent = idle.model_copy(update={"name": name, "port": port, "timeout": timedelta(seconds=30)})
-        engine.ledger.account_id(silent.name)
-        queued = [[silent], [idle]]
+    with _silent_server(engine, idle) as silent:
+        queued = [[silent.account], [idle]]
         asked_since_accepted = 0
 
         def take(most: int, timeout: float) -> list[Account] | None:
@@ -273,15 +285,15 @@ def test_accounts_handed_to_the_probe_while_a_server_is_silent_are_taken_at_once
             if queued[0] == [idle]:
                 # The idle account falls due once the silent server's session is open and the probe has
                 # asked again a few times since: then it waits for the greeting, not for the connection.
-                asked_since_accepted += accepted.is_set()
+                asked_since_accepted += silent.accepted.is_set()
                 if asked_since_accepted < 3:
                     return []
             return queued.pop(0)
 
         def done(account: Account, result: PollResult | None, wait: float) -> None:
             if account.name == idle.name and result is not None and result.idle:
-                idle_told.set()
+                silent.release.set()
 
         IdleProbe(engine, at_once=2).serve(take, done)
-        server.join()
-    assert waited == [True]  # taken and recorded while the silent server's session was still open
+    # Taken and recorded while the silent server's session was still open.
+    assert silent.released_in_time == [True]
