@@ -151,7 +151,7 @@ class IdlePolls:
     ) -> Prepared:
         """``statement`` where ``column`` is one of ``len(values)`` values (padded, ``_padded``), compiled
         once per length."""
-        size = next(size for size in _IN_SIZES if size >= len(values))
+        size = _in_size(len(values))
         prepared = self._prepared.get((kind, size))
         if prepared is None:  # two threads may both compile it: either one serves
             chosen = column.in_([bindparam(f"in{n}") for n in range(size)])
@@ -181,8 +181,12 @@ class IdlePolls:
 def _padded(values: Sequence[Any]) -> dict[str, Any]:
     """The parameters of an IN list of ``values``, the list padded to its compiled length (``_IN_SIZES``)
     with the first value repeated."""
-    size = next(size for size in _IN_SIZES if size >= len(values))
-    return {f"in{n}": values[n] if n < len(values) else values[0] for n in range(size)}
+    return {f"in{n}": values[n] if n < len(values) else values[0] for n in range(_in_size(len(values)))}
+
+
+def _in_size(count: int) -> int:
+    """The compiled length an IN list of ``count`` values is padded to."""
+    return next(size for size in _IN_SIZES if size >= count)
 
 
 def _result(poll: IdlePoll, now: datetime) -> dict[str, Any]:
