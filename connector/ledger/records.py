@@ -89,6 +89,20 @@ class KnownMessages:
         return itertools.chain(self.rows, self.kept)
 
 
+@dataclass(frozen=True)
+class PendingMessage:
+    """A fetched message about to be handed to the destination, as ``Ledger.record_pending`` records it."""
+
+    uidl: str
+    pop_size: int | None
+    size: int
+    message_id: str
+    sha256: str
+    headers_only: bool = False
+    header_hash: str | None = None
+    repairs: str | None = None
+
+
 class AccountState(NamedTuple):
     """What a poll needs to know of its account row before it starts."""
 

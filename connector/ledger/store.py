@@ -1,4 +1,5 @@
-"""The ledger's operations. Every write is its own committed transaction: one message, one transaction.
+"""The ledger's operations. Every write is its own committed transaction: one message, one transaction
+(the ``pending`` records of the messages one destination command carries share theirs).
 
 Two writes may be deferred to the account's next write transaction (or ``flush``), so that a poll
 commits once per message instead of twice, and an idle poll once in all:
@@ -61,6 +62,7 @@ from connector.ledger.records import (
     KnownMessage,
     KnownMessages,
     MessageState,
+    PendingMessage,
     PollOutcome,
     utcnow,
 )
@@ -411,21 +413,22 @@ class Ledger:
         The attempt is counted before delivery so that a message that crashes the process every time
         still ends in quarantine instead of looping forever.
         """
-        params = {
-            "account_id": account_id,
-            "uidl": uidl,
-            "state": MessageState.PENDING.value,
-            "pop_size": pop_size,
-            "size": size,
-            "message_id": message_id,
-            "sha256": sha256,
-            "headers_only": headers_only,
-            "header_hash": header_hash,
-            "repairs": repairs,
-            "updated_at": self._clock(),
-        }
-        with self._core_transaction(f"record message {uidl!r} as pending", account_id) as connection:
-            return int(connection.execute(self._pending_upsert, params).scalar_one())
+        message = PendingMessage(uidl, pop_size, size, message_id, sha256, headers_only, header_hash, repairs)
+        return self.record_batch_pending(account_id, [message])[0]
+
+    def record_batch_pending(self, account_id: int, messages: Sequence[PendingMessage]) -> list[int]:
+        """``record_pending`` for the messages of one destination command (a MULTIAPPEND, a batched
+        CreateItem), in one transaction: one commit (one fsync) for the batch, not one per message; the
+        command goes out after it. Returns each message's attempts, in order."""
+        now = self._clock()
+        what = (
+            f"record message {messages[0].uidl!r} as pending"
+            if len(messages) == 1
+            else f"record {len(messages)} messages ({messages[0].uidl!r} ...) as pending"
+        )
+        with self._core_transaction(what, account_id) as connection:
+            rows = (_pending_params(account_id, message, now) for message in messages)
+            return [int(connection.execute(self._pending_upsert, row).scalar_one()) for row in rows]
 
     def record_delivered(
         self,
@@ -820,6 +823,22 @@ def _insert_for(dialect: str) -> Callable[[Table], Any]:
     if dialect == "sqlite":
         return sqlite.insert
     raise LedgerError(f"ledger: database {dialect!r} is not supported (SQLite or PostgreSQL)")
+
+
+def _pending_params(account_id: int, message: PendingMessage, now: datetime) -> dict[str, Any]:
+    return {
+        "account_id": account_id,
+        "uidl": message.uidl,
+        "state": MessageState.PENDING.value,
+        "pop_size": message.pop_size,
+        "size": message.size,
+        "message_id": message.message_id,
+        "sha256": message.sha256,
+        "headers_only": message.headers_only,
+        "header_hash": message.header_hash,
+        "repairs": message.repairs,
+        "updated_at": now,
+    }
 
 
 def _pending_upsert(dialect: str) -> Executable:

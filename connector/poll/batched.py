@@ -1,13 +1,16 @@
 """Several small messages delivered in one destination command (IMAP MULTIAPPEND, RFC 3502).
 
-The ledger's steps per message are those of a single delivery, each its own transaction:
+The ledger's steps are those of a single delivery, for the batch:
 
-    record each message ``pending`` (one commit each) -> one command carrying all of them -> record each
-    ``delivered`` -> DELE per retention, after the deliveries are committed.
+    record every message ``pending`` (one transaction, one commit) -> one command carrying all of them ->
+    record each ``delivered`` (deferred, committed with the next batch's ``pending``) -> DELE per
+    retention, after the deliveries are committed.
 
-The server stores a batch whole or not at all. A crash while the command is in flight leaves every
-message of the batch ``pending``: the next poll looks for each one in the destination before delivering
-it again, as it does after a crash during a single delivery. A batch the server refuses stored nothing:
+The messages share one ``pending`` commit because they share the command that follows it: a crash before
+the commit leaves none of them recorded and none sent, one after it leaves every message of the batch
+``pending``: the next poll looks for each one in the destination before delivering it again, as it does
+after a crash during a single delivery (the server may have stored all of the batch, or, for Exchange's
+CreateItem, part of it). A batch the server refuses stored nothing:
 its messages then go one at a time (``SingleDelivery.deliver_recorded``), so that the message at fault is
 named and the others go in.
 """
@@ -51,8 +54,7 @@ class BatchedDelivery:
         destination stopped taking mail (the failures are recorded)."""
         pairs = [(item.message, item.delivery.info) for item in items if item.message is not None]
         messages = [message for message, _ in pairs]
-        for message, info in pairs:
-            self._recorder.pending(message, info, headers_only=False)
+        self._recorder.batch_pending(pairs)
         refs = self._destinations.deliver_many(messages)
         if refs is None:  # failed, and recorded as failed for each message
             return

@@ -13,12 +13,12 @@ flush before the DELEs).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 
 from connector.config import Account
 from connector.errors import AuthenticationError, ConnectorError, DestinationRejectedError
-from connector.ledger.records import JournalEntry, MessageState
+from connector.ledger.records import JournalEntry, MessageState, PendingMessage
 from connector.ledger.store import Ledger
 from connector.message import FetchedMessage
 from connector.ops.logs import about_message
@@ -85,17 +85,18 @@ class Recorder:
 
     def pending(self, fetched: FetchedMessage, info: MessageInfo, *, headers_only: bool) -> None:
         """About to hand the message to the destination: committed, with one attempt counted."""
-        self.ledger.record_pending(
-            self.account_id,
-            info.uidl,
-            pop_size=info.size,
-            size=fetched.size,
-            message_id=fetched.message_id,
-            sha256=fetched.sha256,
-            headers_only=headers_only,
-            header_hash=fetched.header_sha256,
-            repairs=fetched.repairs,
+        self.ledger.record_batch_pending(self.account_id, [_pending(fetched, info, headers_only)])
+        self._log_fetched(fetched, info)
+
+    def batch_pending(self, pairs: Sequence[tuple[FetchedMessage, MessageInfo]]) -> None:
+        """``pending`` for the messages of one destination command, in one transaction (one commit)."""
+        self.ledger.record_batch_pending(
+            self.account_id, [_pending(fetched, info, False) for fetched, info in pairs]
         )
+        for fetched, info in pairs:
+            self._log_fetched(fetched, info)
+
+    def _log_fetched(self, fetched: FetchedMessage, info: MessageInfo) -> None:
         with about_message(info.uidl):
             if fetched.repairs:
                 log.info("account %s: message %s repaired: %s", self.account.name, info.uidl, fetched.repairs)
@@ -281,3 +282,16 @@ class Recorder:
     def _emit_about(self, uidl: str, event: Delivered | Recovered | Failed | Quarantined) -> None:
         with about_message(uidl):  # what observers log is about this message
             self._observers.emit(event)
+
+
+def _pending(fetched: FetchedMessage, info: MessageInfo, headers_only: bool) -> PendingMessage:
+    return PendingMessage(
+        info.uidl,
+        pop_size=info.size,
+        size=fetched.size,
+        message_id=fetched.message_id,
+        sha256=fetched.sha256,
+        headers_only=headers_only,
+        header_hash=fetched.header_sha256,
+        repairs=fetched.repairs,
+    )

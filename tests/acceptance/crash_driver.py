@@ -45,7 +45,7 @@ from connector.poll.probe_session import ProbeSession, Step
 from connector.pop3 import Pop3Client
 
 TARGETS: dict[str, tuple[Any, str]] = {
-    "before-pending": (Ledger, "record_pending"),
+    "before-pending": (Ledger, "record_batch_pending"),
     "before-append": (imap.ImapSession, "deliver"),
     "before-delivered-record": (Ledger, "record_delivered"),
     "before-quit": (Pop3Client, "quit"),

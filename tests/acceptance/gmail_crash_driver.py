@@ -21,7 +21,7 @@ from connector.destinations import gmail
 from connector.ledger.store import Ledger
 
 TARGETS: dict[str, tuple[Any, str]] = {
-    "before-pending": (Ledger, "record_pending"),
+    "before-pending": (Ledger, "record_batch_pending"),
     "before-import": (gmail.GmailSession, "deliver"),
     "after-import": (gmail.GmailSession, "deliver"),
 }

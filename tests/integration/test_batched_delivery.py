@@ -21,6 +21,7 @@ from connector.errors import DestinationConnectError
 from connector.ledger.records import MessageState
 from connector.message import FetchedMessage
 from tests.integration.conftest import SyncFactory
+from tests.ledger_statements import counted
 from tests.messages import simple
 from tests.servers.dovecot import Dovecot, MailUsers
 
@@ -81,6 +82,26 @@ def test_small_messages_go_in_batches_in_order_once(
     ledger = engine.ledger
     rows = ledger.known_messages(ledger.account_id(account.name))
     assert {row.state for row in rows.values()} == {MessageState.DELETED}
+
+
+def test_a_batch_is_recorded_pending_in_one_transaction(
+    dovecot: Dovecot, mail_users: MailUsers, make_sync: SyncFactory
+) -> None:
+    """The messages of one MULTIAPPEND are stored together or not at all, so they share one ``pending``
+    commit: one fsync per batch, not one per message (issue 16's 100,000-kept poll paid 30 ms each)."""
+    messages = [simple(n) for n in range(40)]
+    dovecot.seed(mail_users.source.name, messages)
+    recorder = Recorder()
+    account, engine = _engine_with(make_sync, recorder, account={"retention": "keep"})
+    with counted(engine.ledger.engine) as seen:
+        result = engine.poll(account)
+    assert (result.status, result.delivered) == ("ok", 40)
+    pending = [
+        sum(statement.startswith("INSERT INTO messages") for statement in transaction)
+        for transaction in seen.writes()
+    ]
+    assert [n for n in pending if n] == recorder.batches, (pending, recorder.batches)
+    assert max(recorder.batches) > 1
 
 
 def test_a_refused_batch_goes_one_by_one_and_names_the_message_at_fault(
