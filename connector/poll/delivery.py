@@ -68,6 +68,8 @@ class DeliveryPhase:
         """Deliver in plan order; returns early when the destination is down or a stop was requested."""
         # Whatever a server with EXPIRE 0 has sent is gone at QUIT: it gets nothing fetched ahead.
         simple_only = deletes_retrieved(pop.capabilities)
+        if deliveries and self._routed is None:
+            self._destinations.pool.open_ahead()
         for simple, group in itertools.groupby(deliveries, lambda d: simple_only or d.headers_only):
             run = list(group)
             go_on = self._one_at_a_time(pop, run) if simple else self._overlapped(pop, run)

@@ -10,9 +10,12 @@ session cleanly.
 
 from __future__ import annotations
 
+import contextvars
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import TypeVar
 
 from connector.destinations.base import DestinationSession, look_up
@@ -43,19 +46,41 @@ class DestinationPool:
         self._sessions: OrderedDict[str | None, DestinationSession] = OrderedDict()
         # Recipient mailboxes that cannot take mail in this poll (over quota, busy): left out until the next.
         self._held: set[str] = set()
+        # The account's own session while ``open_ahead`` opens it (or after it failed, until ``get``).
+        self._opening: _Opening | None = None
+
+    def open_ahead(self) -> None:
+        """Start opening the account's own session in a thread, so that connecting and logging in to the
+        destination (a TLS handshake, an OAuth token, several round trips) overlap the first message's
+        RETR instead of following it. ``get`` then waits for it, and raises what opening it raised."""
+        if None not in self._sessions and self._opening is None:
+            self._opening = _Opening(partial(self._open, None))
 
     def get(self, mailbox: str | None = None) -> DestinationSession:
+        if mailbox is None and self._opening is not None:
+            opening, self._opening = self._opening, None
+            self._add(None, opening.result())
         session = self._sessions.get(mailbox)
         if session is not None:
             self._sessions.move_to_end(mailbox)
             return session
+        return self._add(mailbox, self._open(mailbox))
+
+    def _add(self, mailbox: str | None, session: DestinationSession) -> DestinationSession:
         while len(self._sessions) >= self._limit:
             _close_quietly(self._sessions.popitem(last=False)[1])
-        session = self._sessions[mailbox] = self._open(mailbox)
+        self._sessions[mailbox] = session
         return session
 
     def opened(self, mailbox: str | None = None) -> DestinationSession | None:
-        """The session for ``mailbox`` if one is open (without opening one)."""
+        """The session for ``mailbox`` if one is open, or being opened ahead (waited for; None if that
+        failed: ``get`` raises its failure); never opens one."""
+        if mailbox is None and self._opening is not None:
+            session = self._opening.session()
+            if session is None:
+                return None
+            self._opening = None
+            self._add(None, session)
         return self._sessions.get(mailbox)
 
     def hold(self, mailbox: str) -> None:
@@ -73,8 +98,65 @@ class DestinationPool:
             _close_quietly(session)
 
     def close_all(self) -> None:
+        if self._opening is not None:
+            # Not waited for: a poll that ends early must not wait for a destination's connect timeout.
+            self._opening.abandon()
+            self._opening = None
         while self._sessions:
             _close_quietly(self._sessions.popitem(last=False)[1])
+
+
+class _Opening:
+    """A destination session being opened in a thread of its own (``DestinationPool.open_ahead``)."""
+
+    def __init__(self, open_session: Callable[[], DestinationSession]) -> None:
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._session: DestinationSession | None = None
+        self._error: BaseException | None = None
+        self._abandoned = False
+        # In a copy of the poll's context: the destination's log lines and protocol log name the account.
+        context = contextvars.copy_context()
+        thread = threading.Thread(
+            target=context.run, args=(self._run, open_session), name="destination open", daemon=True
+        )
+        thread.start()
+
+    def _run(self, open_session: Callable[[], DestinationSession]) -> None:
+        try:
+            session = open_session()
+        except BaseException as exc:  # handed to the poll's thread, which decides (Destinations._call)
+            self._error = exc
+            self._done.set()
+            return
+        with self._lock:
+            abandoned = self._abandoned
+            if not abandoned:
+                self._session = session
+        if abandoned:
+            _close_quietly(session)
+        self._done.set()
+
+    def session(self) -> DestinationSession | None:
+        """The session once it is open; None if opening it failed."""
+        self._done.wait()
+        return self._session
+
+    def result(self) -> DestinationSession:
+        """The session once it is open; raises what opening it raised."""
+        session = self.session()
+        if session is None:
+            assert self._error is not None
+            raise self._error
+        return session
+
+    def abandon(self) -> None:
+        """The poll no longer wants the session: closed now if it is open, else once it is."""
+        with self._lock:
+            self._abandoned = True
+            session, self._session = self._session, None
+        if session is not None:
+            _close_quietly(session)
 
 
 def _close_quietly(session: DestinationSession) -> None:

@@ -69,12 +69,10 @@ CASES = {
     "imap-cut-after-100-bytes": Case("imap", Fault("cut", after=100), delivered=0),
     "imap-stall-at-greeting": Case("imap", Fault("stall"), delivered=0),
     "imap-reset-sending-login": Case("imap", Fault("reset", "up", b"LOGIN"), delivered=0),
-    "imap-reset-in-append-literal": Case(
-        "imap", Fault("reset", "up", b"APPEND", after=5000, occurrence=2), delivered=1
-    ),
-    "imap-stall-in-append-literal": Case(
-        "imap", Fault("stall", "up", b"APPEND", after=5000, occurrence=2), delivered=1
-    ),
+    # The destination is opened while the first message is fetched (DestinationPool.open_ahead), so the
+    # first APPEND is a MULTIAPPEND of every message fetched by then: the fault is in the first one.
+    "imap-reset-in-append-literal": Case("imap", Fault("reset", "up", b"APPEND", after=5000), delivered=0),
+    "imap-stall-in-append-literal": Case("imap", Fault("stall", "up", b"APPEND", after=5000), delivered=0),
     # The server stores the 2nd message but its OK never arrives: the next poll must find it, not re-send.
     # The connection was lost in one message's APPEND on a working session, so the poll goes on with a new
     # one for the 3rd and 4th (connector/policies/blame.py), and still reports the error.
@@ -85,9 +83,9 @@ CASES = {
         recovered=1,
         multiappend=False,
     ),
-    # The same for a MULTIAPPEND batch (messages 2 to 3 or 4, as many as had been fetched): all are found.
+    # The same for a MULTIAPPEND batch (the first: as many messages as had been fetched): all are found.
     "imap-stall-after-multiappend-stored": Case(
-        "imap", Fault("stall", "down", b"APPEND", after=6, occurrence=2), delivered=1, recovered=None
+        "imap", Fault("stall", "down", b"APPEND", after=6), delivered=0, recovered=None
     ),
     "imaps-stall-in-tls-handshake": Case("imap", Fault("stall"), delivered=0, tls=True),
     "imap-trickle": Case("imap", Fault("trickle", "up", trickle_bytes=2048, trickle_pause=0.002), ok=True),

@@ -4,7 +4,9 @@ through the sync engine with the real Dovecot as the POP3 side."""
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -12,8 +14,10 @@ from exchangelib.errors import ErrorNameResolutionNoResults, MalformedResponseEr
 from sqlalchemy import select
 
 from connector.cli.check import run_checks
-from connector.config import EwsDestination
+from connector.config import Account, Destination, EwsDestination
+from connector.connections import open_destination
 from connector.destinations import ews as ews_module
+from connector.destinations.base import DestinationSession
 from connector.destinations.ews import EwsSession, open_ews
 from connector.destinations.ews_connection import CONFIGURATIONS
 from connector.errors import (
@@ -26,6 +30,7 @@ from connector.errors import (
 from connector.ledger.models import MessageRow
 from connector.ledger.records import MessageState
 from connector.message import FetchedMessage, MessageSpool
+from connector.poll.engine import SyncEngine
 from tests.configs import EWS_MAILBOX as MAILBOX
 from tests.configs import EWS_SERVICE as SERVICE
 from tests.configs import EWS_SERVICE_PASSWORD as SERVICE_PASSWORD
@@ -405,8 +410,19 @@ def test_catch_all_delivers_into_each_impersonated_mailbox(
 
 SHA256_PROPERTY = ("6f2c6c2e-8f57-4a35-9b0e-5c1a3f0e7d41", "PopConnectorSha256")
 # Each CreateItem waits this long on the server (a far Exchange): meanwhile the fetching thread has the
-# next messages ready, so every batch after the poll's first, single delivery is full.
+# next messages ready, so every batch is full.
 SLOW_CREATE = 0.15
+# Opening the session takes this long (a far Exchange's TLS and login): the poll opens it while the first
+# messages are fetched (DestinationPool.open_ahead), so its first batch is full too.
+SLOW_OPEN = 0.3
+
+
+def slow_to_open(engine: SyncEngine) -> None:
+    def opened(destination: Destination, account: Account) -> DestinationSession:
+        time.sleep(SLOW_OPEN)
+        return open_destination(destination, account)
+
+    engine.connections = replace(engine.connections, open_destination=opened)
 
 
 def spooled(n: int, *, size: int = 0) -> FetchedMessage:
@@ -516,10 +532,11 @@ def test_a_migration_goes_in_batches_of_create_batch(
     dovecot.seed(mail_users.source.name, messages)
     exchange.delays["CreateItem"] = SLOW_CREATE
     config, engine = make_sync(account={"mailbox": MAILBOX}, destination=destination(exchange))
+    slow_to_open(engine)
     result = engine.poll(config.accounts[0])
     assert (result.status, result.delivered, result.deleted) == ("ok", 25, 25), result
-    # The poll's first message opens the session alone; then whole batches of create_batch (10).
-    assert exchange.batches() == [1, 10, 10, 4]
+    # Whole batches of create_batch (10).
+    assert exchange.batches() == [10, 10, 5]
     assert [item.mime for item in exchange.items(MAILBOX)] == messages
     assert_stamped_once(exchange, messages)
     with engine.ledger.engine.connect() as db:
@@ -569,23 +586,23 @@ def test_a_partly_created_batch_stops_the_poll_and_the_next_recovers_it(
     messages = [simple(n) for n in range(25)]
     dovecot.seed(mail_users.source.name, messages)
     exchange.delays["CreateItem"] = SLOW_CREATE
-    # The batch of messages 1-10 (after message 0 alone): items 1-4 created, item 5 fails, the rest is not
-    # processed.
+    # The first batch, messages 0-9: items 1-4 created, item 5 fails, the rest is not processed.
     exchange.fail("CreateItem", "item_error", item=5, stop=True, code="ErrorInternalServerError", text="oops")
     config, engine = make_sync(account={"mailbox": MAILBOX}, destination=destination(exchange))
+    slow_to_open(engine)
     account = config.accounts[0]
     first = engine.poll(account)
-    assert (first.status, first.delivered, first.recovered) == ("error", 1, 0), first
+    assert (first.status, first.delivered, first.recovered) == ("error", 0, 0), first
     assert first.error is not None and "4 of 10 items created" in first.error
-    assert exchange.batches() == [1, 10]  # the poll stopped delivering
-    assert [item.mime for item in exchange.items(MAILBOX)] == messages[:5]
+    assert exchange.batches() == [10]  # the poll stopped delivering
+    assert [item.mime for item in exchange.items(MAILBOX)] == messages[:4]
     account_id = engine.ledger.account_id(account.name) or 0
     rows = engine.ledger.known_messages(account_id)
-    assert len(rows) == 11  # the batch's ten are recorded (not delivered), with no attempt spent
-    assert sum(row.attempts for row in rows.values() if row.state is not MessageState.DELETED) == 0
-    assert dovecot.maildir_count(mail_users.source.name) == 24
+    assert len(rows) == 10  # the batch's ten are recorded (not delivered), with no attempt spent
+    assert sum(row.attempts for row in rows.values()) == 0
+    assert dovecot.maildir_count(mail_users.source.name) == 25
 
     second = engine.poll(account)
-    assert (second.status, second.recovered, second.delivered) == ("ok", 4, 20), second
+    assert (second.status, second.recovered, second.delivered) == ("ok", 4, 21), second
     assert_stamped_once(exchange, messages)  # messages 1-4 were looked up, not created again
     assert dovecot.maildir_count(mail_users.source.name) == 0

@@ -385,11 +385,12 @@ def test_a_connection_dropped_during_one_delivery_lets_the_poll_go_on_and_charge
 
 
 def wait_for_every_fetch(rig: Rig) -> Callable[[str], None]:
-    """A ``before`` hook: the first delivery waits until the fetch thread has read every message, so that
-    the rest are ready for one batch (what is ready is otherwise up to the threads' timing)."""
+    """A ``before`` hook: the destination's login (opened while the first message is fetched) waits until
+    the fetch thread has read every message, so that they are all ready for the first batch (what is ready
+    is otherwise up to the threads' timing)."""
 
     def hook(call: str) -> None:
-        if call == "deliver uid-1":
+        if call == "open":
             assert rig.maildrop.sessions[-1].fetched_all.wait(5)
 
     return hook
@@ -411,10 +412,10 @@ def test_a_batch_is_delivered_in_one_command_each_message_recorded_pending_first
     result = rig.poll()
 
     assert (result.status, result.delivered, result.deleted) == ("ok", 3, 3)
-    # The first goes alone (the session's batch size is known once it is open), the rest together.
-    assert rig.destination.deliveries == ["deliver uid-1", "deliver_many uid-2 uid-3"]
-    rows = at_batch["deliver_many uid-2 uid-3"]
-    assert rows["uid-2"].state is PENDING and rows["uid-3"].state is PENDING
+    # All together: the session was opened (and its batch size known) while they were fetched.
+    assert rig.destination.deliveries == ["deliver_many uid-1 uid-2 uid-3"]
+    rows = at_batch["deliver_many uid-1 uid-2 uid-3"]
+    assert all(rows[uidl].state is PENDING for uidl in ("uid-1", "uid-2", "uid-3"))
     assert rig.destination.uidls == ["uid-1", "uid-2", "uid-3"]
     assert rig.states() == {"uid-1": DELETED, "uid-2": DELETED, "uid-3": DELETED}
 
@@ -428,8 +429,8 @@ def test_a_refused_batch_goes_again_one_message_at_a_time(make_rig: RigFactory) 
 
     assert (result.status, result.delivered, result.failed) == ("ok", 2, 1)
     assert rig.destination.deliveries == [
+        "deliver_many uid-1 uid-2 uid-3",
         "deliver uid-1",
-        "deliver_many uid-2 uid-3",
         "deliver uid-2",
         "deliver uid-3",
     ]
