@@ -85,6 +85,8 @@ NEVER_FOR_STATUS_OR_IDLE_SYNC = (
     "connector.ops.status_page",
     "connector.ops.web",
     "connector.service",
+    # A SQLite ledger builds no PostgreSQL statement (connector/ledger/postgresql_dml.py).
+    "sqlalchemy.dialects.postgresql",
 )
 
 
