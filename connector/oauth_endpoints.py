@@ -1,7 +1,7 @@
 """What the configuration needs of OAuth 2.0 to validate itself: the Microsoft endpoints' defaults and the
 check of a token URL. Apart from ``connector.oauth`` (the token providers and fetchers, urllib.request, the
 Gmail token files), which a command that gets no token, ``status`` among them, does not load (issue 16's
-start-up goal: about 45 M instructions of each command that reads the configuration)."""
+start-up goal: about 50 M instructions of each command that reads the configuration)."""
 
 from __future__ import annotations
 

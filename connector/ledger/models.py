@@ -97,7 +97,7 @@ class MessageRow(Base):
         # Partial: only rows missing from the last listing (few), so that the planner never prefers it for
         # the per-state reads of every poll. On PostgreSQL it is partial too (migration 0005 creates it
         # with postgresql_where; test_ledger checks it), but not declared so here: a postgresql_ option
-        # loads SQLAlchemy's PostgreSQL dialect to check it, in every process, also on SQLite (150 M
+        # loads SQLAlchemy's PostgreSQL dialect to check it, in every process, also on SQLite (120 M
         # instructions of `status`, issue 16). These models create no tables (the migrations do), and
         # Alembic's comparison does not look at an index's WHERE.
         Index("ix_messages_account_missing", "account_id", sqlite_where=text("missing_since IS NOT NULL")),

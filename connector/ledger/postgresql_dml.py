@@ -1,11 +1,11 @@
 """PostgreSQL's ``INSERT ... ON CONFLICT``, with SQLAlchemy's PostgreSQL dialect imported when the first such
 statement is built: only by a ledger on PostgreSQL.
 
-``from sqlalchemy.dialects import postgresql`` loads the whole dialect package (its four drivers' modules,
-asyncio's connector among them): about 150 M instructions, 7% of ``pop-connector status`` on a SQLite ledger,
-which never builds a PostgreSQL statement (issue 16's start-up goal). The ledger's modules import this one
-in its place (``from connector.ledger import postgresql_dml as postgresql``), so that ``postgresql.insert``
-reads as before.
+``from sqlalchemy.dialects import postgresql`` loads the whole dialect package and its four drivers' modules:
+about 120 M instructions, 6% of ``pop-connector status`` on a SQLite ledger, which never builds a PostgreSQL
+statement (issue 16's start-up goal). The ledger's modules import this one in its place
+(``from connector.ledger import postgresql_dml as postgresql``), so that ``postgresql.insert`` reads as
+before.
 """
 
 from __future__ import annotations
