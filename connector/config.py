@@ -13,7 +13,7 @@ import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -37,16 +37,13 @@ from connector.accounts_file import (
     read_files,
 )
 from connector.errors import ConfigError
-from connector.oauth import (
-    ENTRA_AUTHORITY_HOST,
-    EXCHANGE_ONLINE_SCOPE,
-    Credentials,
-    EntraCredentials,
-    GoogleConsentCredentials,
-    TokenEndpointCredentials,
-    check_token_url,
-)
+from connector.oauth_endpoints import ENTRA_AUTHORITY_HOST, EXCHANGE_ONLINE_SCOPE, check_token_url
 from connector.tls import TlsMode, check_ca_file
+
+if TYPE_CHECKING:
+    # connector.oauth (its token fetchers, urllib.request) loads when credentials are made, not with the
+    # configuration: a command that gets no token does not need it (connector/oauth_endpoints.py).
+    from connector.oauth import Credentials
 
 CONFIG_ENV = "POP_CONNECTOR_CONFIG"
 
@@ -386,6 +383,8 @@ class OAuthSettings(_Model):
     def credentials(self) -> Credentials:
         """The provider's key: equal settings share one token cache."""
         # A Google consent depends on the destination and the user: ImapDestination.oauth_credentials.
+        from connector.oauth import EntraCredentials, TokenEndpointCredentials
+
         assert self.client_id is not None, "no credentials() for client_secrets"
         secret = self.client_secret.get_secret_value() if self.client_secret else None
         timeout = self.timeout.total_seconds()
@@ -501,6 +500,8 @@ class ImapDestination(_Model):
     def oauth_credentials(self, user: str) -> Credentials:
         """Where the XOAUTH2 token of ``user`` comes from: the destination's app, or ``user``'s own
         consent kept by ``authorize`` (Gmail over IMAP)."""
+        from connector.oauth import GoogleConsentCredentials
+
         assert self.oauth is not None  # validated: auth = "oauth2"
         if not self.oauth.google:
             return self.oauth.credentials()

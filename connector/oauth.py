@@ -22,30 +22,27 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
-import ipaddress
 import json
 import logging
 import re
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 from connector import redaction
-from connector.destinations import gmail_tokens
 from connector.errors import OAuthError, OAuthRefusedError, OAuthUnavailableError
-from connector.tls import shared_ssl_context
+from connector.oauth_endpoints import ENTRA_AUTHORITY_HOST, EXCHANGE_ONLINE_SCOPE, check_token_url
+
+if TYPE_CHECKING:
+    from connector.destinations.gmail_tokens import StoredToken
 
 log = logging.getLogger("connector.oauth")
 
-EXCHANGE_ONLINE_SCOPE = "https://outlook.office365.com/.default"
-ENTRA_AUTHORITY_HOST = "https://login.microsoftonline.com"
 DEFAULT_REFRESH_MARGIN = 300.0
 DEFAULT_TIMEOUT = 30.0
 _MAX_RESPONSE = 1024 * 1024
@@ -335,35 +332,6 @@ def _lifetime(where: str, answer: Mapping[str, Any]) -> tuple[str, float]:
     return token, max(lifetime, 0.0)
 
 
-def _is_loopback(host: str | None) -> bool:
-    if host is None:
-        return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def check_token_url(url: str) -> str:
-    """https, or http to a loopback address only (a secret must not cross a network in clear text)."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme == "https" and parts.hostname:
-        return url
-    if parts.scheme == "http" and _is_loopback(parts.hostname):
-        return url
-    raise ValueError("must be an https:// URL (http:// only for a loopback address such as 127.0.0.1)")
-
-
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    """A token endpoint has no business redirecting, and urllib would carry the Authorization header
-    along (even to http://): a redirect is answered as the error it is."""
-
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-
 class TokenEndpointFetcher:
     """POSTs the grant to a token endpoint with the standard library (TLS verified)."""
 
@@ -372,7 +340,8 @@ class TokenEndpointFetcher:
         self._refresh_token = credentials.refresh_token
         self._where = f"token endpoint {credentials.token_url}"
 
-    def _request(self) -> urllib.request.Request:
+    def _request(self) -> tuple[bytes, dict[str, str]]:
+        """The form to POST and its headers."""
         creds = self._credentials
         form: dict[str, str] = {}
         if self._refresh_token:
@@ -390,21 +359,24 @@ class TokenEndpointFetcher:
             form["client_id"] = creds.client_id
             if creds.client_secret:
                 form["client_secret"] = creds.client_secret
-        body = urllib.parse.urlencode(form).encode()
-        return urllib.request.Request(creds.token_url, data=body, headers=headers, method="POST")
+        return urllib.parse.urlencode(form).encode(), headers
 
     def __call__(self) -> tuple[str, float]:
+        # urllib.request loads here, at the first token fetched (connector/oauth_http.py).
+        from connector import oauth_http
+
         creds = self._credentials
-        handlers: list[urllib.request.BaseHandler] = [_NoRedirects()]
-        if creds.token_url.startswith("https:"):
-            handlers.append(urllib.request.HTTPSHandler(context=shared_ssl_context(ca_file=creds.ca_file)))
-        opener = urllib.request.build_opener(*handlers)
+        body, headers = self._request()
         try:
-            with opener.open(self._request(), timeout=creds.timeout) as response:
-                status, raw = response.status, response.read(_MAX_RESPONSE)
-        except urllib.error.HTTPError as exc:
-            status, raw = exc.code, exc.read(_MAX_RESPONSE)
-        except (urllib.error.URLError, OSError) as exc:
+            status, raw = oauth_http.post(
+                creds.token_url,
+                body,
+                headers,
+                ca_file=creds.ca_file,
+                timeout=creds.timeout,
+                limit=_MAX_RESPONSE,
+            )
+        except OSError as exc:  # urllib's URLError included
             reason = getattr(exc, "reason", exc)
             text = _redact(str(reason), creds.client_secret, self._refresh_token)
             raise OAuthUnavailableError(f"{self._where}: cannot connect: {text}") from None
@@ -516,7 +488,10 @@ class GoogleConsentFetcher:
         self._credentials = credentials
         self._where = credentials.description
 
-    def _stored(self) -> tuple[Path, gmail_tokens.StoredToken]:
+    def _stored(self) -> tuple[Path, StoredToken]:
+        # Loaded at the first token of a consent: a poll of an account that has none does not need it.
+        from connector.destinations import gmail_tokens
+
         creds = self._credentials
         try:
             path = gmail_tokens.token_file(creds.token_dir, creds.address)
@@ -539,6 +514,8 @@ class GoogleConsentFetcher:
     def __call__(self) -> tuple[str, float]:
         import google.auth.exceptions
         import google.oauth2.credentials
+
+        from connector.destinations import gmail_tokens
 
         path, stored = self._stored()
         user = google.oauth2.credentials.Credentials(

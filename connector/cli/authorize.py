@@ -51,7 +51,8 @@ from connector.config import Config, EwsDestination, GmailDestination, ImapDesti
 from connector.destinations import gmail_tokens
 from connector.destinations.gmail_tokens import GMAIL_SCOPES, DesktopClient, StoredToken, TokenFileError
 from connector.errors import ConfigError, OAuthUnavailableError
-from connector.oauth import GMAIL_IMAP_SCOPE, check_token_url
+from connector.oauth import GMAIL_IMAP_SCOPE
+from connector.oauth_endpoints import check_token_url
 
 log = logging.getLogger("connector.authorize")
 

@@ -33,8 +33,9 @@ from sqlalchemy import (
     func,
     select,
 )
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import sqlite
 
+from connector.ledger import postgresql_dml as postgresql
 from connector.ledger.models import AccountRow, AccountTotalsRow, DeliveryRow, UTCDateTime
 from connector.ledger.records import AccountTotals, Clock, JournalEntry
 from connector.ledger.transactions import Transaction

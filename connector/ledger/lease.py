@@ -34,11 +34,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from sqlalchemy import Connection, Engine, Executable, and_, bindparam, insert, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import IntegrityError
 
 from connector.errors import LedgerError
+from connector.ledger import postgresql_dml as postgresql
 from connector.ledger.models import AccountRow, LeaseRow, UTCDateTime
 from connector.ledger.prepared import Cursor, Prepared, driver_transaction
 from connector.ledger.transactions import translated

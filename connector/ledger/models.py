@@ -95,13 +95,12 @@ class MessageRow(Base):
         UniqueConstraint("account_id", "uidl", name="uq_messages_account_uidl"),
         Index("ix_messages_account_state", "account_id", "state"),
         # Partial: only rows missing from the last listing (few), so that the planner never prefers it for
-        # the per-state reads of every poll.
-        Index(
-            "ix_messages_account_missing",
-            "account_id",
-            sqlite_where=text("missing_since IS NOT NULL"),
-            postgresql_where=text("missing_since IS NOT NULL"),
-        ),
+        # the per-state reads of every poll. On PostgreSQL it is partial too (migration 0005 creates it
+        # with postgresql_where; test_ledger checks it), but not declared so here: a postgresql_ option
+        # loads SQLAlchemy's PostgreSQL dialect to check it, in every process, also on SQLite (120 M
+        # instructions of `status`, issue 16). These models create no tables (the migrations do), and
+        # Alembic's comparison does not look at an index's WHERE.
+        Index("ix_messages_account_missing", "account_id", sqlite_where=text("missing_since IS NOT NULL")),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

@@ -40,12 +40,13 @@ from sqlalchemy import (
     union_all,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from connector.errors import LedgerError
+from connector.ledger import postgresql_dml as postgresql
 from connector.ledger.database import READ_ONLY
 from connector.ledger.idle import IdlePolls, joined_uidls
 from connector.ledger.journal import Journal, JournalStatements, archive_aged, entry_params, poll_counts

@@ -12,16 +12,15 @@ import pytest
 from connector.config import parse_config
 from connector.errors import ConfigError, OAuthRefusedError
 from connector.oauth import (
-    EXCHANGE_ONLINE_SCOPE,
     CachingTokenProvider,
     EntraCredentials,
     TokenEndpointCredentials,
     TokenProviders,
-    check_token_url,
     describe_sasl_error,
     login_with_token,
     xoauth2_response,
 )
+from connector.oauth_endpoints import EXCHANGE_ONLINE_SCOPE, check_token_url
 
 
 class FakeClock:

@@ -85,6 +85,8 @@ NEVER_FOR_STATUS_OR_IDLE_SYNC = (
     "connector.ops.status_page",
     "connector.ops.web",
     "connector.service",
+    # A SQLite ledger builds no PostgreSQL statement (connector/ledger/postgresql_dml.py).
+    "sqlalchemy.dialects.postgresql",
 )
 
 
@@ -150,7 +152,15 @@ def test_status_loads_neither_the_poll_nor_the_services(tmp_path: Path) -> None:
     done, modules = modules_loaded_by(["--config", str(config), "status"], tmp_path)
     assert done.returncode == 0, done.stderr
     assert "1 account" in done.stdout and modules
-    assert not loaded_of(modules, [*NEVER_FOR_STATUS_OR_IDLE_SYNC, "connector.poll", "connector.pop3"])
+    # Nor the OAuth token fetchers (urllib.request): the configuration validates with oauth_endpoints alone.
+    never = [
+        *NEVER_FOR_STATUS_OR_IDLE_SYNC,
+        "connector.poll",
+        "connector.pop3",
+        "connector.oauth",
+        "urllib.request",
+    ]
+    assert not loaded_of(modules, never)
 
 
 def test_an_idle_sync_loads_no_destination_and_none_of_the_services(tmp_path: Path) -> None:
@@ -165,3 +175,5 @@ def test_an_idle_sync_loads_no_destination_and_none_of_the_services(tmp_path: Pa
     )
     assert "connector.poll.engine" in modules  # it did poll
     assert not loaded_of(modules, NEVER_FOR_STATUS_OR_IDLE_SYNC)
+    # A login without a token fetches none: no HTTP client, no Gmail token files (connector/oauth_http.py).
+    assert not loaded_of(modules, ["urllib.request", "connector.destinations.gmail_tokens"])
