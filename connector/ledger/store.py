@@ -131,7 +131,7 @@ class Ledger:
     @functools.cached_property
     def _sql(self) -> _PollStatements:
         """Every poll's reads and an idle poll's write, on the driver's cursor (connector/ledger/prepared.py);
-        compiled at the first poll, not by commands that never poll (``status``: about 10 ms)."""
+        each compiled at its first use, none by commands that never poll (``status``: about 10 ms)."""
         return _PollStatements(self.engine.dialect)
 
     @functools.cached_property
@@ -802,19 +802,43 @@ def _joined_uidls(dialect: str) -> Executable:
 
 
 class _PollStatements:
-    """The statements above that every poll runs, compiled once for the ledger's database."""
+    """The statements above that every poll runs, each compiled once for the ledger's database, at its first
+    use: the listing's reads compile while the server prepares the listing (``Listing._read``), not before
+    the first poll may connect (about 3 ms each on a slow machine)."""
 
     def __init__(self, dialect: Dialect) -> None:
-        self.poll_start = Prepared(_POLL_START, dialect)
+        self._dialect = dialect
+
+    @functools.cached_property
+    def poll_start(self) -> Prepared:
+        return Prepared(_POLL_START, self._dialect)
+
+    @functools.cached_property
+    def undelivered(self) -> Prepared:
         # The rows the plan needs in full and those missing from the last listing, in one statement:
         # UNION ALL plans each part with its own index (an OR would read every row of the account); a row
         # in both comes twice, the same.
-        self.undelivered = Prepared(union_all(_UNDELIVERED_ROWS, _MISSING_ROWS), dialect)
-        self.unkept = Prepared(union_all(_UNKEPT_ROWS, _MISSING_ROWS), dialect)
-        self.joined_uidls = Prepared(_joined_uidls(dialect.name), dialect)
-        self.uidls = Prepared(_UIDLS, dialect)
-        self.succeeded = Prepared(_POLL_SUCCEEDED, dialect)
-        self.failed = Prepared(_POLL_FAILED, dialect)
+        return Prepared(union_all(_UNDELIVERED_ROWS, _MISSING_ROWS), self._dialect)
+
+    @functools.cached_property
+    def unkept(self) -> Prepared:
+        return Prepared(union_all(_UNKEPT_ROWS, _MISSING_ROWS), self._dialect)
+
+    @functools.cached_property
+    def joined_uidls(self) -> Prepared:
+        return Prepared(_joined_uidls(self._dialect.name), self._dialect)
+
+    @functools.cached_property
+    def uidls(self) -> Prepared:
+        return Prepared(_UIDLS, self._dialect)
+
+    @functools.cached_property
+    def succeeded(self) -> Prepared:
+        return Prepared(_POLL_SUCCEEDED, self._dialect)
+
+    @functools.cached_property
+    def failed(self) -> Prepared:
+        return Prepared(_POLL_FAILED, self._dialect)
 
 
 def _insert_for(dialect: str) -> Callable[[Table], Any]:
