@@ -5,8 +5,9 @@ POINT is one of: before-pending, before-append, before-delivered-record, before-
 accounts before-recipient-record (the Nth recipient's copy is in its mailbox, its ledger row not yet);
 these run with one message per APPEND, so that the Nth call is the Nth message. before-multiappend and
 after-multiappend kill around the Nth MULTIAPPEND of several messages (after: they are stored, their
-``delivered`` records not written); the first single delivery then waits a moment, so that the fetching
-thread has the next messages ready and they go as a batch. before-createitem-batch and
+``delivered`` records not written); the first ``max_batch`` call (once the destination session, opened
+while the first message is fetched, is open) then waits a moment, so that the fetching thread has every
+message ready and they all go in the first batch. before-createitem-batch and
 after-createitem-batch do the same around the Nth CreateItem of several messages into Exchange (EWS).
 
 The idle probe's points (connector/poll/probe.py, test_crash_probe.py): before-idle-record kills before the
@@ -218,7 +219,7 @@ def main() -> int:
 
         deliver_many = _killing(ews.EwsSession.deliver_many, int(nth), after=point.startswith("after-"))
         ews.EwsSession.deliver_many = deliver_many  # type: ignore[method-assign]
-        ews.EwsSession.deliver = _first_call_waits(ews.EwsSession.deliver)  # type: ignore[method-assign]
+        ews.EwsSession.max_batch = _first_call_waits(ews.EwsSession.max_batch)  # type: ignore[method-assign]
         return cli.main(cli_args)
     if point == "inside-idle-record":
         _kill_before_commit(int(nth))
@@ -237,7 +238,7 @@ def main() -> int:
         # A session that sent no DELE (retention "keep") ends with the QUIT it does not wait for.
         Pop3Client.quit_unawaited = _killing(Pop3Client.quit_unawaited, int(nth))  # type: ignore[method-assign]
     if point in BATCH_POINTS:
-        imap.ImapSession.deliver = _first_call_waits(imap.ImapSession.deliver)  # type: ignore[method-assign]
+        imap.ImapSession.max_batch = _first_call_waits(imap.ImapSession.max_batch)  # type: ignore[method-assign]
     else:
         imap.ImapSession.max_batch = lambda self: 1  # type: ignore[method-assign]
     return cli.main(cli_args)
