@@ -14,7 +14,10 @@ The idle probe's points (connector/poll/probe.py, test_crash_probe.py): before-i
 probe's Nth batch write of idle polls (``IdlePolls.record``: its transaction not begun), inside-idle-record
 inside it (every statement of the batch executed, the commit not made), after-idle-record once it committed
 (before the observers hear of its polls); probe-after-uidl at the Nth UIDL reply a probe session gets (read,
-not acted on: no QUIT sent), with the probe's other sessions in flight.
+not acted on: no QUIT sent), with the probe's other sessions in flight. They serve ``sync`` and ``run`` alike
+(test_crash_probe_run.py kills the service after some of its cycles): the marker says how many idle polls of
+each account the earlier batch writes committed (``recorded 3:2,4:1``, account id: polls; or ``none``), the
+killed batch's not counted.
 
 Each kill first writes one line to stderr, ``crash_driver: killed at POINT`` and what it found there, so
 that a test knows the point was reached. The kill is a real SIGKILL of this process: no finally block, no
@@ -23,6 +26,7 @@ atexit, no flush runs.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import os
@@ -63,6 +67,8 @@ EWS_POINTS = ("before-createitem-batch", "after-createitem-batch")
 PROBE_POINTS = ("before-idle-record", "inside-idle-record", "after-idle-record", "probe-after-uidl")
 # At the probe's points: set once a full poll has stored a message and stalled (see _stall_full_polls).
 FULL_POLL_STALLED = threading.Event()
+# At the probe's points: per account id, the idle polls this process committed (see _count_recorded).
+RECORDED: collections.Counter[int] = collections.Counter()
 
 
 def kill(point: str, found: str = "") -> None:
@@ -71,6 +77,8 @@ def kill(point: str, found: str = "") -> None:
     its transaction begins: on SQLite, the full poll's next write waits for that transaction's lock)."""
     if point in PROBE_POINTS and point != "inside-idle-record":
         found += _mid_delivery()
+    if point in PROBE_POINTS:
+        found += "; recorded " + (",".join(f"{i}:{n}" for i, n in sorted(RECORDED.items())) or "none")
     os.write(2, f"crash_driver: killed at {point}: pid {os.getpid()}{found}\n".encode())
     os.kill(os.getpid(), signal.SIGKILL)
 
@@ -97,6 +105,20 @@ def _stall_full_polls() -> None:
 
     imap.ImapSession.deliver = stalling(imap.ImapSession.deliver)  # type: ignore[method-assign]
     imap.ImapSession.deliver_many = stalling(imap.ImapSession.deliver_many)  # type: ignore[method-assign]
+
+
+def _count_recorded() -> None:
+    """At the probe's points, ``IdlePolls.record`` counts the polls it committed (not ``busy``) in
+    ``RECORDED``: a kill in `run` then tells how many of its cycles went before."""
+    record = IdlePolls.record
+
+    @functools.wraps(record)
+    def counting(self: IdlePolls, polls: Any, now: Any) -> set[int]:
+        busy = record(self, polls, now)
+        RECORDED.update(poll.account_id for poll in polls if poll.account_id not in busy)
+        return busy
+
+    IdlePolls.record = counting  # type: ignore[method-assign]
 
 
 def _killing(
@@ -135,7 +157,8 @@ def _batch(args: tuple[Any, ...], busy: set[int] | None) -> str:
 def _kill_before_commit(nth: int) -> None:
     """inside-idle-record: the Nth batch write's transaction gets all its statements, then the kill comes
     where its commit would. The lease rows that the batch's compare-and-sets took (and released) are read
-    back in that transaction, so the marker says what the commit would have written."""
+    back in that transaction, so the marker says what the commit would have written (and each lease's
+    generation there: ``generations 3:7``, one more than the ledger keeps if the batch is not committed)."""
     passed: list[int] = []
     pass_through = Leases.pass_through
 
@@ -165,8 +188,12 @@ def _kill_before_commit(nth: int) -> None:
                     f"SELECT count(*) FROM leases WHERE pid = {os.getpid()} AND account_id IN ({ids})"
                 )
                 (taken,) = cursor.fetchone()
+                cursor.execute(f"SELECT account_id, generation FROM leases WHERE account_id IN ({ids})")
+                generations = ",".join(f"{i}:{g}" for i, g in sorted(cursor.fetchall()))
                 kill(
-                    "inside-idle-record", f"; accounts {ids}; {taken} lease rows taken, not committed{waited}"
+                    "inside-idle-record",
+                    f"; accounts {ids}; {taken} lease rows taken, not committed; generations {generations}"
+                    + waited,
                 )
             passed.clear()
 
@@ -232,6 +259,7 @@ def main() -> int:
         killing = _killing(getattr(owner, name), int(nth), after=after, point=point, found=found)
         setattr(owner, name, killing)
     if point in PROBE_POINTS:
+        _count_recorded()  # around the kill's wrapper: the killed batch is not counted, even after its commit
         _stall_full_polls()
         return cli.main(cli_args)
     if point == "before-quit":
