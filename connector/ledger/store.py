@@ -421,6 +421,8 @@ class Ledger:
         """``record_pending`` for the messages of one destination command (a MULTIAPPEND, a batched
         CreateItem), in one transaction: one commit (one fsync) for the batch, not one per message; the
         command goes out after it. Returns each message's attempts, in order."""
+        if not messages:
+            return []
         now = self._clock()
         what = (
             f"record message {messages[0].uidl!r} as pending"

@@ -85,13 +85,14 @@ class Recorder:
 
     def pending(self, fetched: FetchedMessage, info: MessageInfo, *, headers_only: bool) -> None:
         """About to hand the message to the destination: committed, with one attempt counted."""
-        self.ledger.record_batch_pending(self.account_id, [_pending(fetched, info, headers_only)])
-        self._log_fetched(fetched, info)
+        self.batch_pending([(fetched, info)], headers_only=headers_only)
 
-    def batch_pending(self, pairs: Sequence[tuple[FetchedMessage, MessageInfo]]) -> None:
+    def batch_pending(
+        self, pairs: Sequence[tuple[FetchedMessage, MessageInfo]], *, headers_only: bool = False
+    ) -> None:
         """``pending`` for the messages of one destination command, in one transaction (one commit)."""
         self.ledger.record_batch_pending(
-            self.account_id, [_pending(fetched, info, False) for fetched, info in pairs]
+            self.account_id, [_pending(fetched, info, headers_only) for fetched, info in pairs]
         )
         for fetched, info in pairs:
             self._log_fetched(fetched, info)
