@@ -227,6 +227,45 @@ def check_after_kill(
     return after, unrecorded
 
 
+@dataclass
+class Killed:
+    """A command the crash driver killed at a point, and the state right after (``check_after_kill``)."""
+
+    before: dict[str, dict[str, Any]]  # the ledger's rows before the command
+    started: datetime
+    killed_at: datetime
+    found: str  # what the driver found at its point (see crash_driver.py)
+    pid: int
+    after: dict[str, dict[str, Any]]  # the ledger's rows after the kill
+    unrecorded: dict[str, int]  # per account, its messages in the destination with no `delivered` record
+
+    @property
+    def names(self) -> dict[int, str]:
+        """Account names by their ledger id (the driver's markers name accounts by id)."""
+        return {row["id"]: name for name, row in self.after.items()}
+
+
+def kill_at(run_cli: RunCli, rig: Rig, point: str, nth: int, command: str) -> Killed:
+    """``prepare``, then ``command`` (sync or run) killed by crash_driver.py the ``nth`` time it reaches
+    ``point``, then ``check_after_kill``."""
+    before, stored_before = prepare(run_cli, rig)
+    started = datetime.now(UTC)
+    crashed = run_cli(
+        point,
+        str(nth),
+        "--",
+        "--config",
+        str(rig.config),
+        command,
+        module="tests.acceptance.crash_driver",
+        timeout=60,
+    )
+    killed_at = datetime.now(UTC)
+    found, pid = killed(crashed, point)
+    after, unrecorded = check_after_kill(rig, stored_before, pid, killed_at)
+    return Killed(before, started, killed_at, found, pid, after, unrecorded)
+
+
 def check_reruns(
     run_cli: RunCli, rig: Rig, unrecorded: dict[str, int], killed_at: datetime, *, once_more: bool = True
 ) -> None:

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from tests.acceptance.conftest import RunCli
-from tests.acceptance.probe_rig import Rig, check_after_kill, check_reruns, ids, killed, prepare, probe_rig
+from tests.acceptance.probe_rig import Rig, check_reruns, ids, kill_at, probe_rig
 from tests.servers.dovecot import Dovecot, MailUsers
 
 pytestmark = pytest.mark.acceptance
@@ -57,23 +56,8 @@ def rig(
 def test_killed_in_the_idle_probe_then_rerun_delivers_exactly_once(
     rig: Rig, run_cli: RunCli, point: str
 ) -> None:
-    before, stored_before = prepare(run_cli, rig)
-
-    started = datetime.now(UTC)
-    crashed = run_cli(
-        point,
-        "1",
-        "--",
-        "--config",
-        str(rig.config),
-        "sync",
-        module="tests.acceptance.crash_driver",
-        timeout=60,
-    )
-    killed_at = datetime.now(UTC)
-    found, pid = killed(crashed, point)
-    after, unrecorded = check_after_kill(rig, stored_before, pid, killed_at)
-    names = {row["id"]: name for name, row in after.items()}
+    done = kill_at(run_cli, rig, point, 1, "sync")
+    before, found, after, names = done.before, done.found, done.after, done.names
 
     # The probe's batch: in the ledger whole, or not at all.
     if point == "probe-after-uidl":
@@ -92,11 +76,12 @@ def test_killed_in_the_idle_probe_then_rerun_delivers_exactly_once(
     for name in batch:
         row, was = after[name], before[name]
         if name in committed:
-            assert row["last_poll_finished_at"] >= started and row["last_result"] == "ok"
+            assert row["last_poll_finished_at"] >= done.started and row["last_result"] == "ok"
             assert row["lease"]["generation"] == was["lease"]["generation"] + 1
-            assert row["lease"]["pid"] == pid and row["lease"]["expires_at"] == row["lease"]["acquired_at"]
+            lease = row["lease"]
+            assert lease["pid"] == done.pid and lease["expires_at"] == lease["acquired_at"]
         else:
             assert row["last_poll_finished_at"] == was["last_poll_finished_at"]
             assert row["lease"] == was["lease"]
 
-    check_reruns(run_cli, rig, unrecorded, killed_at)
+    check_reruns(run_cli, rig, done.unrecorded, done.killed_at)

@@ -19,22 +19,12 @@ mail delivered exactly once, every lease released.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from tests.acceptance.conftest import RunCli
-from tests.acceptance.probe_rig import (
-    Rig,
-    check_after_kill,
-    check_reruns,
-    ids,
-    killed,
-    numbers,
-    prepare,
-    probe_rig,
-)
+from tests.acceptance.probe_rig import Rig, check_reruns, ids, kill_at, numbers, probe_rig
 from tests.servers.dovecot import Dovecot, MailUsers
 
 pytestmark = pytest.mark.acceptance
@@ -67,23 +57,9 @@ def rig(
 def test_run_killed_in_the_idle_probe_then_sync_delivers_exactly_once(
     rig: Rig, run_cli: RunCli, point: str, nth: int
 ) -> None:
-    before, stored_before = prepare(run_cli, rig)
-
-    started = datetime.now(UTC)
-    crashed = run_cli(
-        point,
-        str(nth),
-        "--",
-        "--config",
-        str(rig.config),
-        "run",
-        module="tests.acceptance.crash_driver",
-        timeout=60,
-    )
-    killed_at = datetime.now(UTC)
-    found, pid = killed(crashed, point)
-    after, unrecorded = check_after_kill(rig, stored_before, pid, killed_at)
-    names = {row["id"]: name for name, row in after.items()}
+    done = kill_at(run_cli, rig, point, nth, "run")
+    before, found, pid, after, names = done.before, done.found, done.pid, done.after, done.names
+    unrecorded = done.unrecorded
     idle = {account.name for account in rig.of("idle")}
 
     # Every account with new mail is mid-delivery: the probe handed the fresh ones over, and each full poll
@@ -91,7 +67,7 @@ def test_run_killed_in_the_idle_probe_then_sync_delivers_exactly_once(
     with_mail = {account.name for account in rig.of("fresh") + rig.of("busy")}
     assert {name for name, count in unrecorded.items() if count} == with_mail, unrecorded
     for name in with_mail:
-        assert after[name]["lease"]["pid"] == pid and after[name]["lease"]["expires_at"] > killed_at
+        assert after[name]["lease"]["pid"] == pid and after[name]["lease"]["expires_at"] > done.killed_at
 
     # The service's cycles went round before the kill: only idle accounts recorded, one of them twice.
     recorded = {names[account_id]: count for account_id, count in numbers(found, "recorded").items()}
@@ -103,7 +79,7 @@ def test_run_killed_in_the_idle_probe_then_sync_delivers_exactly_once(
         row, was, count = after[name], before[name], recorded.get(name, 0)
         assert row["lease"]["generation"] == was["lease"]["generation"] + count, (name, count, row)
         if count:
-            assert row["last_poll_finished_at"] >= started and row["last_result"] == "ok", (name, row)
+            assert row["last_poll_finished_at"] >= done.started and row["last_result"] == "ok", (name, row)
             assert row["lease"]["pid"] == pid and row["lease"]["expires_at"] == row["lease"]["acquired_at"]
         else:
             assert row["last_poll_finished_at"] == was["last_poll_finished_at"], (name, row)
@@ -119,4 +95,4 @@ def test_run_killed_in_the_idle_probe_then_sync_delivers_exactly_once(
 
     # (The sync after that, every account idle, is test_crash_probe.py's: nothing of it is `run`'s, and it
     # would cost each test here two seconds.)
-    check_reruns(run_cli, rig, unrecorded, killed_at, once_more=False)
+    check_reruns(run_cli, rig, unrecorded, done.killed_at, once_more=False)
