@@ -72,6 +72,24 @@ class KillStats:
     terms: int = 0
 
 
+@dataclass
+class Aim:
+    """How long after a sync's start, or after its listing is planned, a signal may come (seconds): at
+    first guesses, then the time the last sync that ended before its signal took. A signal aimed past
+    the end of a sync tests nothing and costs a round; syncs got quicker (pipelined and batched), so a
+    fixed window missed most of them."""
+
+    from_start: float = 1.5
+    from_planned: float = 0.6
+
+    def learn(self, started: float, planned: float | None, ended: float) -> None:
+        """A sync started at ``started``, planned at ``planned`` (None: not seen) and ended at ``ended``
+        (``time.monotonic``) before its signal came."""
+        self.from_start = max(ended - started, 0.01)
+        if planned is not None:
+            self.from_planned = max(ended - planned, 0.01)
+
+
 class CrashRun:
     """One mailbox, one config file, one ledger; repeatedly started and killed."""
 
@@ -95,7 +113,9 @@ class CrashRun:
         self._gone: set[int] = set()  # originals already off the server at the previous check
         self.stdout = config.with_name("stdout.txt")
 
-    def start(self) -> tuple[subprocess.Popen[str], threading.Event, list[str]]:
+    def start(self) -> tuple[subprocess.Popen[str], threading.Event, list[str], list[float]]:
+        """The sync's process, set once its listing is planned; its stderr lines; and when its stderr
+        closed (``time.monotonic``; empty until then): the process ended."""
         process = subprocess.Popen(
             [sys.executable, "-m", "connector", "--config", str(self.config), "sync"],
             cwd=ROOT,
@@ -105,6 +125,7 @@ class CrashRun:
         )
         planned = threading.Event()
         lines: list[str] = []
+        ended: list[float] = []
 
         def read() -> None:
             assert process.stderr is not None
@@ -112,24 +133,30 @@ class CrashRun:
                 lines.append(line)
                 if PLANNED in line:
                     planned.set()
+            ended.append(time.monotonic())
 
         threading.Thread(target=read, daemon=True).start()
-        return process, planned, lines
+        return process, planned, lines, ended
 
-    def interrupt(self, stats: KillStats, sig: signal.Signals) -> None:
-        """Start a sync and send ``sig`` at a random moment: a third of the time counted from the start
-        (start-up, login, listing), otherwise from the moment deliveries begin."""
+    def interrupt(self, stats: KillStats, sig: signal.Signals, aim: Aim) -> None:
+        """Start a sync and send ``sig`` at a random moment within ``aim``: a third of the time counted
+        from the start (start-up, login, listing), otherwise from the moment deliveries begin."""
         # Pending rows an earlier SIGKILL left: a graceful stop may come before the poll reaches them.
         left_pending = self._pending() if sig == signal.SIGTERM else set()
-        process, planned, lines = self.start()
+        started = time.monotonic()
+        process, planned, lines, ended = self.start()
+        planned_at: float | None = None
         early = sig == signal.SIGKILL and self.rng.random() < 1 / 3
         if early:
-            time.sleep(self.rng.uniform(0, 1.5))
+            time.sleep(self.rng.uniform(0, aim.from_start))
         else:
             planned.wait(60)
-            time.sleep(self.rng.uniform(0, 0.6))
+            planned_at = time.monotonic()
+            time.sleep(self.rng.uniform(0, aim.from_planned))
         if process.poll() is not None:
+            process.wait(60)
             stats.finished_early += 1
+            self._learn(aim, started, planned_at, process, ended)
             self.check_invariants()
             return
         process.send_signal(sig)
@@ -137,6 +164,7 @@ class CrashRun:
         if sig == signal.SIGKILL and code in (0, 1) and "delivered=" in self.stdout.read_text():
             # The sync ended between the check above and the signal (pipelined runs are quick).
             stats.finished_early += 1
+            self._learn(aim, started, planned_at, process, ended)
         elif sig == signal.SIGKILL:
             assert code == -signal.SIGKILL, "".join(lines[-20:])
             stats.kills += 1
@@ -155,6 +183,17 @@ class CrashRun:
             stats.terms += 1
             self.check_graceful(left_pending)
         self.check_invariants()
+
+    @staticmethod
+    def _learn(
+        aim: Aim, started: float, planned_at: float | None, process: subprocess.Popen[str], ended: list[float]
+    ) -> None:
+        """The sync ended before its signal: the next signals aim within the time it took."""
+        assert process.stderr is not None
+        deadline = time.monotonic() + 10
+        while not ended and time.monotonic() < deadline:  # the reader sees the end of stderr
+            time.sleep(0.01)
+        aim.learn(started, planned_at, ended[0] if ended else time.monotonic())
 
     def finish(self) -> None:
         """A run to the end (checked against both servers), then one more that finds nothing to do."""
@@ -262,13 +301,14 @@ def interrupt_repeatedly(
     """Rounds of (fresh mailbox, the next signals until it is all delivered, finish and check) until
     every signal in ``signals`` has interrupted a running sync."""
     pending = list(signals)
+    aim = Aim()
     round_number = 0
     while pending:
         run = make_run(round_number)
         round_number += 1
         while pending:
             before = stats.kills + stats.terms
-            run.interrupt(stats, pending[0])
+            run.interrupt(stats, pending[0], aim)
             if stats.kills + stats.terms > before:
                 pending.pop(0)
             elif run.all_delivered():
