@@ -251,6 +251,11 @@ class Service:
             self._finished(account, verdict.result)
         elif self.stop.is_set():
             self._running.discard(account.name)
+        elif wait and self._current(account.name) is None:
+            # Removed by a reload while the probe had it: a poll that would wait for the server's
+            # LOGIN-DELAY is dropped, as reload drops one already waiting; a later reload that adds the
+            # account back polls it then.
+            self._running.discard(account.name)
         elif wait:
             self._scheduler.add_job(
                 self._polls.submit,

@@ -255,10 +255,11 @@ def test_an_account_removed_while_its_poll_waits_for_login_delay_is_polled_when_
     service.start()
     try:
         deadline = time.monotonic() + 30
-        while probe.taken != ["a"]:
+        # a's full poll waits for the server's delay (the probe's "taken" comes before its verdict).
+        while "a" not in service.scheduled():
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        service.reload(config([{"name": "other"}]))  # a's full poll was waiting for the server's delay
+        service.reload(config([{"name": "other"}]))
         service.reload(config([{"name": "other"}, {"name": "a"}]))
         while probe.taken.count("a") < 2:
             assert time.monotonic() < deadline, "a, added back, was never polled again"
@@ -506,3 +507,52 @@ def test_an_occupied_listener_port_is_a_clear_error() -> None:
         ops = Operations(lambda: config([]), None, PollMetrics(), HealthMonitor())  # type: ignore[arg-type]
         with pytest.raises(ConfigError, match=rf"cannot listen on 127.0.0.1:{port}: Address"):
             OpsServer(("127.0.0.1", port), ops)
+
+
+class _HeldProbe(_DelayingProbe):
+    """_DelayingProbe that gives its verdict on each account only once the test releases it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.holding = threading.Event()
+        self.release = threading.Event()
+
+    def serve(self, take: Take, done: Done, stop: threading.Event | None = None) -> None:
+        assert stop is not None
+        while not stop.is_set():
+            for account in take(10, 0.05) or ():
+                self.taken.append(account.name)
+                self.holding.set()
+                self.release.wait(30)
+                self.release.clear()
+                done(account, None, 3600.0)  # the scheduler's callback runs in this call
+                self.holding.clear()
+
+
+def test_an_account_removed_while_the_probe_has_it_gets_no_delayed_poll_and_is_polled_when_added_back(
+    tmp_path: Path,
+) -> None:
+    engine = HourlyEngine()
+    ledger = Ledger(open_database(f"sqlite:///{tmp_path / 'l.db'}"))
+    probe = _HeldProbe()
+    service = Service(config([{"name": "a"}]), engine, ledger, probe=probe)  # type: ignore[arg-type]
+    service.start()
+    try:
+        assert probe.holding.wait(30)
+        service.reload(config([{"name": "other"}]))  # a is removed while the probe has it
+        probe.release.set()  # its verdict: a full poll after an hour's LOGIN-DELAY
+        deadline = time.monotonic() + 30
+        while probe.holding.is_set() or "other" not in probe.taken:
+            assert time.monotonic() < deadline
+            probe.release.set()
+            time.sleep(0.02)
+        assert "a" not in service.scheduled()  # no poll of a removed account, an hour later
+        service.reload(config([{"name": "other"}, {"name": "a"}]))
+        while probe.taken.count("a") < 2:
+            assert time.monotonic() < deadline, "a, added back, was never polled again"
+            probe.release.set()
+            time.sleep(0.02)
+    finally:
+        probe.release.set()
+        service.shutdown()
+    assert engine.polls["a"] == 0
