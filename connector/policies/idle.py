@@ -31,6 +31,11 @@ from connector.policies.server_limits import retention_conflict
 from connector.policies.uidl import hashed_uidls
 from connector.pop3 import Capabilities, MessageList
 
+# Seconds of LOGIN-DELAY (RFC 2449) up to which an account is probed: Courier announces 10 by default, and
+# a new message then waits 10 s more for the full poll; the servers that announce more tend to announce
+# 300 or 900, which the probe leaves to the full poll (``capabilities_refusal``).
+PROBE_MAX_LOGIN_DELAY = 60
+
 
 def probe_refusal(account: Account, *, wire_traced: bool) -> str | None:
     """Why ``account``'s polls are full polls whatever the ledger says (None: the probe may try)."""
@@ -91,5 +96,13 @@ def listing_is_idle(listing: MessageList, unlisted: int, kept: Set[str], view: L
 
 
 def capabilities_refusal(capabilities: Capabilities, account: Account) -> str | None:
-    """Why the full poll must run after CAPA: it logs the retention conflict (CAPA EXPIRE) at every poll."""
+    """Why the full poll must run after CAPA, before the probe logs in: it logs the retention conflict
+    (CAPA EXPIRE) at every poll; and a LOGIN-DELAY longer than ``PROBE_MAX_LOGIN_DELAY``."""
+    delay = capabilities.login_delay
+    if delay is not None and delay > PROBE_MAX_LOGIN_DELAY:
+        # After a probe's login the server refuses the next one for that long, so mail the probe finds
+        # would wait that long for the full poll (and a distributed job would hold its thread meanwhile):
+        # a login delay of 15 minutes would double the latency of every new message. Such a server lets
+        # no client in more often anyway, so the idle polls the probe would save are few.
+        return f"the server announces LOGIN-DELAY {delay} (over {PROBE_MAX_LOGIN_DELAY} s: polled in full)"
     return retention_conflict(capabilities, account.retention)

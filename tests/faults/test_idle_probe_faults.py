@@ -34,6 +34,7 @@ from connector.ledger.database import open_database
 from connector.ledger.models import MessageRow
 from connector.ledger.records import AccountStatus, MessageState
 from connector.ledger.store import Ledger
+from connector.policies.idle import PROBE_MAX_LOGIN_DELAY
 from connector.poll.engine import SyncEngine
 from connector.poll.result import PollResult
 from connector.poll.rounds import poll_round
@@ -254,10 +255,24 @@ def test_capa_expire_against_retention_keep_is_handed_over_and_logged(
     world.assert_each_delivered_once(UIDLS)
 
 
-def test_login_delay_is_idle_and_the_next_poll_waits_for_it(world: World) -> None:
+def test_a_login_delay_up_to_a_minute_is_probed(world: World) -> None:
+    world.server.extra_capabilities = ["USER", "UIDL", f"LOGIN-DELAY {PROBE_MAX_LOGIN_DELAY}"]
+    world.idle_round()
+
+
+def test_a_longer_login_delay_is_polled_in_full_without_a_probe_login_and_the_next_poll_waits(
+    world: World,
+) -> None:
+    """LOGIN-DELAY 900: after a probe's login, new mail would wait 15 minutes for the full poll's."""
     world.server.extra_capabilities = ["USER", "UIDL", "LOGIN-DELAY 900"]
-    before = world.engine.clock()
-    result = world.idle_round()
+
+    def logins() -> int:
+        return sum(command.startswith("PASS ") for command in world.server.recorded.commands)
+
+    before_logins, before = logins(), world.engine.clock()
+    result = world.handed_over_round()
+    assert (result.status, result.delivered) == ("ok", 0)
+    assert logins() == before_logins + 1  # the full poll's only
     assert result.next_poll_at is not None
     assert result.next_poll_at >= before + timedelta(seconds=900)  # not the 5-minute interval
     assert world.status().next_poll_at == result.next_poll_at

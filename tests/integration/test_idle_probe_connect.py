@@ -15,7 +15,7 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from connector.config import Account
+from connector.policies.idle import PROBE_MAX_LOGIN_DELAY
 from connector.poll.engine import SyncEngine
 from connector.poll.probe import IdleProbe, in_batches
 from connector.poll.result import PollResult
@@ -128,6 +129,40 @@ def test_the_full_poll_waits_for_login_delay_after_the_probe_logged_in(
     assert result.delivered == 1 and full.count[account.name] == 1
     probe_login, full_login = logins
     assert full_login - probe_login >= 1.0  # not sooner than the server's LOGIN-DELAY allows
+
+
+def test_a_login_delay_over_a_minute_is_left_to_the_full_poll_without_a_probe_login(
+    make_sync: SyncFactory,
+) -> None:
+    """A server that announces LOGIN-DELAY 900 would refuse the full poll's login for 15 minutes after the
+    probe's: the probe reads CAPA, does not log in, and the full poll delivers the new message at once."""
+    messages = [StoredMessage("uid-0", simple(0))]
+    delay = PROBE_MAX_LOGIN_DELAY + 1  # before the change, this test waited that long, then failed
+    with ScriptedPop3Server(messages, capabilities=[f"LOGIN-DELAY {delay}"]) as server:
+        logins: list[float] = []
+        capas: list[float] = []
+
+        def record(verb: str, times: list[float]) -> Callable[[Pop3Session, str], None]:
+            def handler(session: Pop3Session, argument: str) -> None:
+                times.append(time.monotonic())
+                session.default(verb, argument)
+
+            return handler
+
+        server.on("PASS", record("PASS", logins))
+        server.on("CAPA", record("CAPA", capas))
+        config, engine = make_sync(account=scripted(server), defaults={"retention": "keep"})
+        account = config.accounts[0]
+        made_idle(engine, account)
+        server.messages.append(StoredMessage("uid-1", simple(1)))
+        logins.clear()
+        capas.clear()
+        full = FullPolls(engine)
+        started = time.monotonic()
+        [result] = poll_round(engine, [account], workers=2, full_poll=full)
+    assert result.delivered == 1 and full.count[account.name] == 1, result.error
+    assert len(capas) == 2 and len(logins) == 1  # the probe's CAPA, then the full poll's session
+    assert logins[0] - started < delay
 
 
 class _Utf8Logins(CourierLikePop3Server):

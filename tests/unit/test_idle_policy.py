@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from connector.config import Account, RetentionPolicy
 from connector.ledger.records import KnownMessage, KnownMessages, LedgerView, MessageState
 from connector.policies.idle import (
+    PROBE_MAX_LOGIN_DELAY,
     capabilities_refusal,
     kept_uidls,
     ledger_refusal,
@@ -196,6 +197,16 @@ def test_capa_expire_shorter_than_the_retention_needs_the_full_poll() -> None:
     assert refused is not None and "CAPA EXPIRE" in refused
     assert capabilities_refusal(expire, account(retention="delete")) is None
     assert capabilities_refusal(Capabilities(), account()) is None
+
+
+def test_a_login_delay_over_a_minute_needs_the_full_poll() -> None:
+    """The probe's login would make a new message wait that long for the full poll's."""
+    assert capabilities_refusal(Capabilities({"LOGIN-DELAY": ("10",)}), account()) is None  # Courier's
+    assert (
+        capabilities_refusal(Capabilities({"LOGIN-DELAY": (str(PROBE_MAX_LOGIN_DELAY),)}), account()) is None
+    )
+    refused = capabilities_refusal(Capabilities({"LOGIN-DELAY": ("900",)}), account(retention="delete"))
+    assert refused is not None and "LOGIN-DELAY 900" in refused
 
 
 # --- the property: idle means an empty plan ----------------------------------------------------------------
