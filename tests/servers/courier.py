@@ -38,7 +38,7 @@ from typing import Any
 
 from imapclient import IMAPClient
 
-from tests.servers.dovecot import HOST, MailUser, _free_ports
+from tests.servers.dovecot import HOST, MailUser, _free_ports, maildir_count
 from tests.servers.readiness import unanswered
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -334,8 +334,7 @@ class Courier:
         return [(data[uid][b"INTERNALDATE"], data[uid][b"BODY[]"]) for uid in uids]
 
     def maildir_count(self, user: str) -> int:
-        maildir = self.maildir(user)
-        return sum(1 for sub in ("new", "cur") for _ in (maildir / sub).iterdir())
+        return maildir_count(self.maildir(user))
 
     def folders(self, user: str) -> list[str]:
         with self.imap(user) as client:

@@ -42,6 +42,27 @@ _seed_counter = itertools.count(1)
 _user_counter = itertools.count(1)
 
 
+def maildir_count(maildir: Path) -> int:
+    """The messages in a Maildir's new/ and cur/: the same names (before their flags) in two listings
+    running. A server's session still ending (a QUIT not awaited) moves files from new/ to cur/ and
+    renames them in cur/ to set flags; a file renamed while a directory is read may be listed twice or not
+    at all (POSIX readdir), and stat-ing a name that was just renamed finds nothing: one such count gave 1
+    of 2 messages."""
+    listed: set[str] | None = None
+    for _ in range(50):
+        names = {
+            entry.name.split(":", 1)[0]
+            for sub in ("new", "cur")
+            for entry in (maildir / sub).iterdir()
+            if not entry.name.startswith(".")
+        }
+        if names == listed:
+            return len(names)
+        listed = names
+        time.sleep(0.005)
+    raise DovecotError(f"{maildir} keeps changing")
+
+
 class DovecotError(RuntimeError):
     """The test server could not be started or a helper could not talk to it."""
 
@@ -589,8 +610,7 @@ class Dovecot:
 
     def maildir_count(self, user: str) -> int:
         """Messages left in the user's INBOX (the POP3 maildrop), read from disk."""
-        maildir = self.maildir(user)
-        return sum(1 for sub in ("new", "cur") for entry in (maildir / sub).iterdir() if entry.is_file())
+        return maildir_count(self.maildir(user))
 
     def maildir_messages(self, user: str) -> list[bytes]:
         """The raw files of the user's INBOX (LF line endings, as Dovecot stores them)."""
