@@ -15,6 +15,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from concurrent import futures
 from functools import partial
 from typing import TypeVar
 
@@ -110,11 +111,7 @@ class _Opening:
     """A destination session being opened in a thread of its own (``DestinationPool.open_ahead``)."""
 
     def __init__(self, open_session: Callable[[], DestinationSession]) -> None:
-        self._done = threading.Event()
-        self._lock = threading.Lock()
-        self._session: DestinationSession | None = None
-        self._error: BaseException | None = None
-        self._abandoned = False
+        self._future: futures.Future[DestinationSession] = futures.Future()
         # In a copy of the poll's context: the destination's log lines and protocol log name the account.
         context = contextvars.copy_context()
         thread = threading.Thread(
@@ -124,39 +121,26 @@ class _Opening:
 
     def _run(self, open_session: Callable[[], DestinationSession]) -> None:
         try:
-            session = open_session()
+            self._future.set_result(open_session())
         except BaseException as exc:  # handed to the poll's thread, which decides (Destinations._call)
-            self._error = exc
-            self._done.set()
-            return
-        with self._lock:
-            abandoned = self._abandoned
-            if not abandoned:
-                self._session = session
-        if abandoned:
-            _close_quietly(session)
-        self._done.set()
+            self._future.set_exception(exc)
 
     def session(self) -> DestinationSession | None:
         """The session once it is open; None if opening it failed."""
-        self._done.wait()
-        return self._session
+        return None if self._future.exception() is not None else self._future.result()
 
     def result(self) -> DestinationSession:
         """The session once it is open; raises what opening it raised."""
-        session = self.session()
-        if session is None:
-            assert self._error is not None
-            raise self._error
-        return session
+        return self._future.result()
 
     def abandon(self) -> None:
         """The poll no longer wants the session: closed now if it is open, else once it is."""
-        with self._lock:
-            self._abandoned = True
-            session, self._session = self._session, None
-        if session is not None:
-            _close_quietly(session)
+        self._future.add_done_callback(_close_opened)
+
+
+def _close_opened(opened: futures.Future[DestinationSession]) -> None:
+    if opened.exception() is None:
+        _close_quietly(opened.result())
 
 
 def _close_quietly(session: DestinationSession) -> None:
