@@ -90,6 +90,26 @@ class Aim:
             self.from_planned = max(ended - planned, 0.01)
 
 
+class _Stderr(threading.Thread):
+    """Reads a sync's stderr: its lines, set ``planned`` once its listing is planned, and when it closed
+    (``ended_at``, ``time.monotonic``): the process ended."""
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        super().__init__(daemon=True)
+        self._process = process
+        self.lines: list[str] = []
+        self.planned = threading.Event()
+        self.ended_at: float | None = None
+
+    def run(self) -> None:
+        assert self._process.stderr is not None
+        for line in self._process.stderr:
+            self.lines.append(line)
+            if PLANNED in line:
+                self.planned.set()
+        self.ended_at = time.monotonic()
+
+
 class CrashRun:
     """One mailbox, one config file, one ledger; repeatedly started and killed."""
 
@@ -113,9 +133,8 @@ class CrashRun:
         self._gone: set[int] = set()  # originals already off the server at the previous check
         self.stdout = config.with_name("stdout.txt")
 
-    def start(self) -> tuple[subprocess.Popen[str], threading.Event, list[str], list[float]]:
-        """The sync's process, set once its listing is planned; its stderr lines; and when its stderr
-        closed (``time.monotonic``; empty until then): the process ended."""
+    def start(self) -> tuple[subprocess.Popen[str], _Stderr]:
+        """A sync, and the reader of its stderr."""
         process = subprocess.Popen(
             [sys.executable, "-m", "connector", "--config", str(self.config), "sync"],
             cwd=ROOT,
@@ -123,20 +142,9 @@ class CrashRun:
             stderr=subprocess.PIPE,
             text=True,
         )
-        planned = threading.Event()
-        lines: list[str] = []
-        ended: list[float] = []
-
-        def read() -> None:
-            assert process.stderr is not None
-            for line in process.stderr:
-                lines.append(line)
-                if PLANNED in line:
-                    planned.set()
-            ended.append(time.monotonic())
-
-        threading.Thread(target=read, daemon=True).start()
-        return process, planned, lines, ended
+        stderr = _Stderr(process)
+        stderr.start()
+        return process, stderr
 
     def interrupt(self, stats: KillStats, sig: signal.Signals, aim: Aim) -> None:
         """Start a sync and send ``sig`` at a random moment within ``aim``: a third of the time counted
@@ -144,7 +152,8 @@ class CrashRun:
         # Pending rows an earlier SIGKILL left: a graceful stop may come before the poll reaches them.
         left_pending = self._pending() if sig == signal.SIGTERM else set()
         started = time.monotonic()
-        process, planned, lines, ended = self.start()
+        process, stderr = self.start()
+        planned, lines = stderr.planned, stderr.lines
         planned_at: float | None = None
         early = sig == signal.SIGKILL and self.rng.random() < 1 / 3
         if early:
@@ -154,9 +163,8 @@ class CrashRun:
             planned_at = time.monotonic()
             time.sleep(self.rng.uniform(0, aim.from_planned))
         if process.poll() is not None:
-            process.wait(60)
             stats.finished_early += 1
-            self._learn(aim, started, planned_at, process, ended)
+            self._learn(aim, started, planned_at, stderr)
             self.check_invariants()
             return
         process.send_signal(sig)
@@ -164,7 +172,7 @@ class CrashRun:
         if sig == signal.SIGKILL and code in (0, 1) and "delivered=" in self.stdout.read_text():
             # The sync ended between the check above and the signal (pipelined runs are quick).
             stats.finished_early += 1
-            self._learn(aim, started, planned_at, process, ended)
+            self._learn(aim, started, planned_at, stderr)
         elif sig == signal.SIGKILL:
             assert code == -signal.SIGKILL, "".join(lines[-20:])
             stats.kills += 1
@@ -185,15 +193,10 @@ class CrashRun:
         self.check_invariants()
 
     @staticmethod
-    def _learn(
-        aim: Aim, started: float, planned_at: float | None, process: subprocess.Popen[str], ended: list[float]
-    ) -> None:
+    def _learn(aim: Aim, started: float, planned_at: float | None, stderr: _Stderr) -> None:
         """The sync ended before its signal: the next signals aim within the time it took."""
-        assert process.stderr is not None
-        deadline = time.monotonic() + 10
-        while not ended and time.monotonic() < deadline:  # the reader sees the end of stderr
-            time.sleep(0.01)
-        aim.learn(started, planned_at, ended[0] if ended else time.monotonic())
+        stderr.join(10)  # it ends with the process's stderr
+        aim.learn(started, planned_at, stderr.ended_at or time.monotonic())
 
     def finish(self) -> None:
         """A run to the end (checked against both servers), then one more that finds nothing to do."""

@@ -242,7 +242,15 @@ class _DelayingProbe(IdleProbe):
         while not stop.is_set():
             for account in take(10, 0.05) or ():
                 self.taken.append(account.name)
-                done(account, None, 3600.0)
+                self.before_verdict()
+                done(account, None, 3600.0)  # the scheduler's callback runs in this call
+                self.after_verdict()
+
+    def before_verdict(self) -> None:
+        pass
+
+    def after_verdict(self) -> None:
+        pass
 
 
 def test_an_account_removed_while_its_poll_waits_for_login_delay_is_polled_when_added_back(
@@ -517,16 +525,13 @@ class _HeldProbe(_DelayingProbe):
         self.holding = threading.Event()
         self.release = threading.Event()
 
-    def serve(self, take: Take, done: Done, stop: threading.Event | None = None) -> None:
-        assert stop is not None
-        while not stop.is_set():
-            for account in take(10, 0.05) or ():
-                self.taken.append(account.name)
-                self.holding.set()
-                self.release.wait(30)
-                self.release.clear()
-                done(account, None, 3600.0)  # the scheduler's callback runs in this call
-                self.holding.clear()
+    def before_verdict(self) -> None:
+        self.holding.set()
+        self.release.wait(30)
+        self.release.clear()
+
+    def after_verdict(self) -> None:
+        self.holding.clear()
 
 
 def test_an_account_removed_while_the_probe_has_it_gets_no_delayed_poll_and_is_polled_when_added_back(
